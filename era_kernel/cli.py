@@ -1,0 +1,132 @@
+"""The ``era`` command: run, serve, doctor, kernelspecs, images.
+
+Imports stay inside the subcommands: ``era serve`` must bind its port within 100 ms,
+before jupyter_client and the store are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import Settings
+    from .errors import EraError
+    from .sessions import SessionManager
+
+    code = sys.stdin.read() if args.code == "-" else args.code
+
+    def show(event: dict) -> None:
+        if event["type"] == "stdout":
+            sys.stdout.write(event["content"])
+            sys.stdout.flush()
+        elif event["type"] == "stderr":
+            sys.stderr.write(event["content"])
+            sys.stderr.flush()
+        elif event["type"] == "display" and "text/plain" in event.get("data", {}):
+            print(event["data"]["text/plain"])
+
+    async def main() -> int:
+        engine = SessionManager(Settings.from_env())
+        await engine.start()
+        try:
+            body = {"code": code, "language": args.language}
+            if args.timeout:
+                body["timeout"] = args.timeout
+            if args.provisioner:
+                body["provisioner"] = args.provisioner
+            result = await engine.execute(body, on_event=show)
+        except EraError as exc:
+            print(f"era: {exc.message}", file=sys.stderr)
+            return 2
+        finally:
+            await engine.shutdown()
+        if result["error"]:
+            err = result["error"]
+            tb = "\n".join(err.get("traceback") or []) or f"{err['ename']}: {err['evalue']}"
+            print(tb, file=sys.stderr)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        return int(result["exit_code"])
+
+    return asyncio.run(main())
+
+
+def _cmd_kernelspecs(args: argparse.Namespace) -> int:
+    from .kernelspecs import install
+
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    for path in install(user=args.user, prefix=prefix):
+        print(f"installed {path}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_checks
+
+    ok = True
+    for name, status, detail in run_checks():
+        ok = ok and status != "FAIL"
+        print(f"{status:5} {name}: {detail}")
+    return 0 if ok else 1
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from era_server import main as serve_main
+
+    argv = []
+    if args.host:
+        argv += ["--host", args.host]
+    if args.port:
+        argv += ["--port", str(args.port)]
+    return serve_main(argv) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="era", description="ERA Kernel: code execution in sandboxed Jupyter kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run code once in a fresh sandboxed kernel")
+    run.add_argument("code", help="the code, or - to read it from stdin")
+    run.add_argument("--language", "-l", default="python")
+    run.add_argument("--timeout", type=float, default=None)
+    run.add_argument("--provisioner", choices=["local", "docker"], default=None)
+    run.add_argument("--json", action="store_true", help="also print the full run result as JSON")
+    run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve.add_argument("--host", default=None, help="default ERA_HOST or 127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help="default ERA_PORT or 8787")
+    serve.set_defaults(func=_cmd_serve)
+
+    ks = sub.add_parser("kernelspecs", help="manage ERA's Jupyter kernelspecs")
+    ks_sub = ks.add_subparsers(dest="action", required=True)
+    install = ks_sub.add_parser("install", help="install them where Jupyter finds them")
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true")
+    where.add_argument("--sys-prefix", action="store_true")
+    where.add_argument("--prefix", default=None)
+    install.set_defaults(func=_cmd_kernelspecs)
+
+    doctor = sub.add_parser("doctor", help="check what this machine can do")
+    doctor.set_defaults(func=_cmd_doctor)
+
+    try:
+        from .images.cli import add_images_parser
+    except ImportError:
+        pass
+    else:
+        add_images_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

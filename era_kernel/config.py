@@ -1,0 +1,141 @@
+"""Settings: one declarative table, read from the environment when asked, never at import.
+
+Every setting is an ``ERA_*`` environment variable with a default that works on a fresh
+machine. ``Settings.from_env()`` is called by whoever starts the engine (CLI, server,
+tests); nothing in the package reads ``os.environ`` for configuration at import time.
+A test checks that every row here is documented in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "era")
+
+
+def _default_runtime_dir() -> str:
+    # Short on purpose: IPC socket paths must fit libzmq's 107-byte limit.
+    return f"/tmp/era-{os.getuid()}"
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _size(value: str) -> int:
+    """Parse ``10485760``, ``10MiB``, ``512M``, ``1G`` into bytes."""
+    text = value.strip().lower().replace("ib", "").replace("b", "")
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Callable[[], Any] | Any
+    help: str
+    parse: Callable[[str], Any] = str
+
+    def default_value(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("ERA_DATA_DIR", _default_data_dir, "Where the store, workspaces and logs live."),
+    Setting("ERA_RUNTIME_DIR", _default_runtime_dir, "Short directory for kernel IPC sockets and pid files."),
+    Setting("ERA_STORE_URL", "", "Metadata store URL; default `sqlite:///$ERA_DATA_DIR/era.db`."),
+    Setting("ERA_WORKSPACE_URL", "", "fsspec URL of the workspace store; default `file://$ERA_DATA_DIR/workspaces`."),
+    Setting("ERA_WORKSPACE_OPTIONS", "", "JSON storage options passed to fsspec (e.g. S3 endpoint and keys)."),
+    Setting("ERA_PROVISIONER", "local", "Default kernel provisioner for new sessions: `local` or `docker`."),
+    Setting("ERA_SANDBOX", "auto", "Local sandbox: `auto` (bubblewrap when present), `bwrap` (required) or `none`."),
+    Setting("ERA_DEFAULT_TIMEOUT", 30.0, "Default run timeout in seconds for new sessions.", float),
+    Setting("ERA_OUTPUT_LIMIT", 10 * 1024**2, "Per-run output cap in bytes; past it output is dropped and `truncated` set.", _size),
+    Setting("ERA_INTERRUPT_GRACE", 2.0, "Seconds a timed-out run waits for the interrupt before the kernel is restarted.", float),
+    Setting("ERA_KERNEL_MEMORY", 2 * 1024**3, "Address-space (RLIMIT_AS) limit of a local kernel (bytes, `512M`, `2G`).", _size),
+    Setting("ERA_KERNEL_PIDS", 256, "Process limit of a local kernel.", int),
+    Setting("ERA_KERNEL_START_TIMEOUT", 60.0, "Seconds a kernel may take to become ready.", float),
+    Setting("ERA_MAX_KERNELS", 64, "Live kernels at once; past it, creates and cold runs answer 429.", int),
+    Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
+    Setting("ERA_HOST", "127.0.0.1", "Address `era serve` binds."),
+    Setting("ERA_PORT", 8787, "Port `era serve` binds.", int),
+    Setting("ERA_API_KEY", "", "When set, every /api route and WebSocket needs `Authorization: Bearer <key>`."),
+    Setting("ERA_ALLOWED_ORIGINS", "", "Comma-separated WebSocket Origins allowed (exact match)."),
+    Setting("ERA_MAX_BODY", 64 * 1024**2, "Largest HTTP request body in bytes.", _size),
+    Setting("ERA_DOCKER_IMAGE_PREFIX", "era", "Repository prefix of the language images (`era/python`)."),
+    Setting("ERA_LOG_LEVEL", "INFO", "Log level of the server and engine."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. Build with ``Settings.from_env()`` or ``Settings.from_env({...})``."""
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.name)
+            if raw is None or raw == "":
+                values[setting.name] = setting.default_value()
+            else:
+                try:
+                    values[setting.name] = setting.parse(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{setting.name}={raw!r} is not valid: {exc}") from None
+        for key, value in overrides.items():
+            name = key if key.startswith("ERA_") else "ERA_" + key.upper()
+            if name not in _BY_NAME:
+                raise KeyError(f"unknown setting {name}")
+            values[name] = value
+        data_dir = Path(values["ERA_DATA_DIR"]).expanduser()
+        values["ERA_DATA_DIR"] = str(data_dir)
+        if not values["ERA_STORE_URL"]:
+            values["ERA_STORE_URL"] = f"sqlite:///{data_dir / 'era.db'}"
+        if not values["ERA_WORKSPACE_URL"]:
+            values["ERA_WORKSPACE_URL"] = f"file://{data_dir / 'workspaces'}"
+        return cls(values)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.values["ERA_DATA_DIR"])
+
+    @property
+    def runtime_dir(self) -> Path:
+        return Path(self.values["ERA_RUNTIME_DIR"])
+
+    def replace(self, **overrides: Any) -> "Settings":
+        merged = dict(self.values)
+        for key, value in overrides.items():
+            merged[key if key.startswith("ERA_") else "ERA_" + key.upper()] = value
+        return Settings(merged)
+
+
+def markdown_table() -> str:
+    """The README's configuration table (``python -m era_kernel.config``)."""
+    rows = ["| variable | default | what it does |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        default = s.default_value()
+        shown = {"ERA_DATA_DIR": "`~/.local/share/era`", "ERA_RUNTIME_DIR": "`/tmp/era-<uid>`"}.get(
+            s.name, f"`{default}`" if default != "" else "(unset)")
+        rows.append(f"| `{s.name}` | {shown} | {s.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

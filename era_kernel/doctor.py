@@ -1,0 +1,83 @@
+"""``era doctor``: what this machine can do, checked for real rather than guessed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from typing import Iterator
+
+from .config import Settings
+
+Check = tuple[str, str, str]  # name, OK|WARN|FAIL, detail
+
+
+def _bwrap() -> Check:
+    path = shutil.which("bwrap")
+    if not path:
+        return ("sandbox", "WARN", "bubblewrap not installed: local kernels run UNSANDBOXED "
+                                   "(apt-get install bubblewrap)")
+    probe = subprocess.run([path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-all",
+                            "--die-with-parent", "--", "true"], capture_output=True, text=True, timeout=10)
+    if probe.returncode != 0:
+        return ("sandbox", "FAIL", f"bubblewrap at {path} cannot create namespaces: {probe.stderr.strip()}")
+    return ("sandbox", "OK", f"bubblewrap at {path}; kernels run sandboxed")
+
+
+def _limits() -> Check:
+    for tool in ("prlimit", "setpriv"):
+        if not shutil.which(tool):
+            return ("limits", "FAIL", f"{tool} (util-linux) not found: memory/process limits cannot be applied")
+    who = "per-session uids" if os.getuid() == 0 else f"uid {os.getuid()} (run as root for per-session uids)"
+    return ("limits", "OK", f"prlimit and setpriv present; kernels run as {who}")
+
+
+def _runtime(settings: Settings) -> Check:
+    longest = len(str(settings.runtime_dir / "k" / ("0" * 10) / "kernel-5").encode())
+    if longest > 107:
+        return ("ipc", "FAIL", f"socket paths under {settings.runtime_dir} would be {longest} bytes (> 107)")
+    return ("ipc", "OK", f"socket paths under {settings.runtime_dir} are {longest} bytes (limit 107)")
+
+
+def _data(settings: Settings) -> Check:
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.data_dir / ".doctor"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        return ("data", "FAIL", f"{settings.data_dir} is not writable: {exc}")
+    return ("data", "OK", f"{settings.data_dir} (store {settings['ERA_STORE_URL']})")
+
+
+def _docker() -> Check:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        version = client.version().get("Version", "?")
+    except Exception as exc:
+        return ("docker", "WARN", f"no Docker engine answers ({type(exc).__name__}); the docker provisioner "
+                                  "is unavailable (scripts/bootstrap-docker.sh starts one)")
+    return ("docker", "OK", f"engine {version} at {os.environ.get('DOCKER_HOST', 'the default socket')}")
+
+
+def _kernel() -> Check:
+    try:
+        import ipykernel
+        import jupyter_client
+    except ImportError as exc:
+        return ("kernel", "FAIL", str(exc))
+    return ("kernel", "OK", f"python {sys.version.split()[0]}, ipykernel {ipykernel.__version__}, "
+                            f"jupyter_client {jupyter_client.__version__}")
+
+
+def run_checks(settings: Settings | None = None) -> Iterator[Check]:
+    settings = settings or Settings.from_env()
+    yield _kernel()
+    yield _bwrap()
+    yield _limits()
+    yield _runtime(settings)
+    yield _data(settings)
+    yield _docker()

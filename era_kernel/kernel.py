@@ -1,0 +1,267 @@
+"""One live Jupyter kernel of a session: start, execute, interrupt, restart, stop.
+
+``SessionKernel`` owns a jupyter_client ``AsyncKernelManager`` (which owns the
+provisioner) and a client. Three pump tasks read the shell, IOPub and stdin channels
+for the kernel's whole life and route each message by its parent id to the execution
+waiting for it, so no read is ever cancelled half-way and no message is lost between
+runs. It knows nothing of sessions: the caller hands it the launch options and the
+startup cells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from jupyter_client import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+
+from .errors import KernelFailed
+from .outputs import OutputCollector
+
+log = logging.getLogger("era.kernel")
+
+EventSink = Callable[[dict[str, Any]], None]
+InputHandler = Callable[[str, bool], Awaitable[str]]
+
+ALIVE_POLL = 0.5  # seconds between liveness checks while a run waits for output
+
+
+@dataclass
+class ExecOutcome:
+    collector: OutputCollector
+    status: str = "ok"  # ok | error | aborted | timeout | dead
+    duration: float = 0.0
+    dead_status: int | None = None  # the kernel process's exit status when it died
+    restarted: bool = False
+
+
+@dataclass
+class _Pending:
+    collector: OutputCollector
+    on_event: EventSink | None
+    on_input: InputHandler | None
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    reply: dict[str, Any] | None = None
+    replied: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SessionKernel:
+    def __init__(self, spec_manager: KernelSpecManager, kernel_name: str, launch: dict[str, Any],
+                 startup_cells: list[str], *, start_timeout: float = 60.0, max_message: int = 0):
+        self.spec_manager = spec_manager
+        self.kernel_name = kernel_name
+        self.launch = launch
+        self.startup_cells = startup_cells
+        self.start_timeout = start_timeout
+        self.max_message = max_message
+        self.km: AsyncKernelManager | None = None
+        self.kc = None
+        self.state = "none"
+        self.execution_count = 0
+        self._pending: dict[str, _Pending] = {}
+        self._pumps: list[asyncio.Task] = []
+
+    # ---- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the kernel, wait until it answers, run the startup cells."""
+        self.state = "starting"
+        km = AsyncKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=self.spec_manager)
+        self.km = km
+        try:
+            await km.start_kernel(era=self.launch)
+            kc = km.client()
+            if self.max_message:
+                # A kernel sending one huge message (a 1 GiB display) must not make us
+                # allocate it: ZeroMQ drops the connection past this size instead.
+                import zmq
+
+                kc.context.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+            kc.start_channels()
+            self.kc = kc
+            await asyncio.wait_for(kc.wait_for_ready(timeout=self.start_timeout), self.start_timeout + 5)
+            self._pumps = [asyncio.create_task(self._pump(ch), name=f"era-pump-{name}")
+                           for name, ch in (("shell", kc.shell_channel), ("iopub", kc.iopub_channel),
+                                            ("stdin", kc.stdin_channel))]
+            for cell in self.startup_cells:
+                outcome = await self.execute(cell, timeout=self.start_timeout, silent=True)
+                if outcome.status != "ok":
+                    err = outcome.collector.error or {}
+                    raise KernelFailed(f"startup cell failed: {err.get('ename', outcome.status)}: {err.get('evalue', '')}")
+        except BaseException as exc:
+            await self.stop(now=True)
+            self.state = "dead"
+            if isinstance(exc, KernelFailed):
+                raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise KernelFailed(f"kernel {self.kernel_name} failed to start: {exc}{self._log_tail}") from exc
+        self.state = "idle"
+
+    _log_tail = ""
+
+    async def stop(self, now: bool = False) -> None:
+        """Stop the kernel and release everything; safe to call twice."""
+        for task in self._pumps:
+            task.cancel()
+        self._pumps = []
+        for pending in self._pending.values():
+            pending.idle.set()
+            pending.replied.set()
+        if self.kc is not None:
+            self.kc.stop_channels()
+            self.kc = None
+        km, self.km = self.km, None
+        if km is not None:
+            kernel_log = getattr(km.provisioner, "kernel_log", None)
+            if self.state == "starting" and kernel_log is not None:
+                tail = kernel_log().strip()
+                self._log_tail = f"\nkernel output:\n{tail}" if tail else ""
+            try:
+                if km.has_kernel:
+                    await km.shutdown_kernel(now=now)
+                else:
+                    await km.cleanup_resources()
+            except Exception as exc:  # the process may already be gone
+                log.debug("shutdown of %s: %s", self.kernel_name, exc)
+                try:
+                    if km.provisioner is not None:
+                        await km.provisioner.kill()
+                        await km.provisioner.cleanup(restart=False)
+                except Exception:
+                    pass
+        self.state = "none"
+
+    async def is_alive(self) -> bool:
+        return self.km is not None and await self.km.is_alive()
+
+    async def exit_status(self) -> int | None:
+        if self.km is None or self.km.provisioner is None:
+            return None
+        try:
+            status = await self.km.provisioner.poll()
+        except Exception:
+            return None
+        if status is not None and status < 0:
+            return 128 - status  # killed by signal -status, shell convention
+        return status
+
+    async def interrupt(self) -> None:
+        if self.km is not None and self.km.has_kernel:
+            await self.km.interrupt_kernel()
+
+    # ---- message routing -----------------------------------------------------------
+    async def _pump(self, channel) -> None:
+        while True:
+            try:
+                msg = await channel.get_msg()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # socket closed or a malformed message: keep going
+                log.debug("pump %s: %s", channel, exc)
+                await asyncio.sleep(0.05)
+                continue
+            parent = msg.get("parent_header", {}).get("msg_id")
+            pending = self._pending.get(parent)
+            if pending is None:
+                continue
+            try:
+                self._route(msg, pending)
+            except Exception:
+                log.exception("routing a %s message failed", msg.get("msg_type"))
+
+    def _route(self, msg: dict[str, Any], pending: _Pending) -> None:
+        msg_type = msg["header"]["msg_type"]
+        content = msg.get("content", {})
+        if msg_type == "status":
+            state = content.get("execution_state")
+            if state == "idle":
+                pending.idle.set()
+            return
+        if msg_type == "execute_reply":
+            pending.reply = content
+            pending.replied.set()
+            return
+        if msg_type == "input_request":
+            asyncio.ensure_future(self._answer_input(content, pending))
+            return
+        event = pending.collector.add(msg_type, content)
+        if event is not None and pending.on_event is not None:
+            pending.on_event(event)
+
+    async def _answer_input(self, content: dict[str, Any], pending: _Pending) -> None:
+        prompt, password = content.get("prompt", ""), bool(content.get("password", False))
+        if pending.on_event is not None:
+            pending.on_event({"type": "input_request", "prompt": prompt, "password": password})
+        try:
+            value = await pending.on_input(prompt, password) if pending.on_input else ""
+        except Exception:
+            value = ""
+        if self.kc is not None:
+            self.kc.input(str(value))
+
+    # ---- execution -------------------------------------------------------------------
+    async def execute(self, code: str, *, timeout: float, on_event: EventSink | None = None,
+                      on_input: InputHandler | None = None, output_limit: int = 10 * 1024**2,
+                      silent: bool = False, interrupt_grace: float = 2.0) -> ExecOutcome:
+        """Run one cell; never raises for anything the code does."""
+        if self.kc is None:
+            raise KernelFailed("kernel is not running")
+        collector = OutputCollector(output_limit)
+        pending = _Pending(collector, on_event, on_input)
+        started = time.perf_counter()
+        msg_id = self.kc.execute(code, silent=silent, store_history=not silent,
+                                 allow_stdin=on_input is not None, stop_on_error=False)
+        self._pending[msg_id] = pending
+        outcome = ExecOutcome(collector)
+        if not silent:
+            self.state = "busy"
+        try:
+            finished = await self._wait(pending, started + timeout)
+            if finished == "dead":
+                outcome.status = "dead"
+                outcome.dead_status = await self.exit_status()
+            elif finished == "timeout":
+                outcome.status = "timeout"
+                await self.interrupt()
+                after = await self._wait(pending, time.perf_counter() + interrupt_grace)
+                if after != "done":  # the interrupt did not take: start over
+                    outcome.restarted = True
+            else:
+                reply = pending.reply or {}
+                outcome.status = reply.get("status", "ok")
+                if reply.get("execution_count") is not None and not silent:
+                    self.execution_count = reply["execution_count"]
+                    collector.execution_count = collector.execution_count or reply["execution_count"]
+                if outcome.status == "error" and collector.error is None:
+                    collector.error = {k: reply.get(k, "") for k in ("ename", "evalue")}
+                    collector.error["traceback"] = reply.get("traceback", [])
+        finally:
+            self._pending.pop(msg_id, None)
+            outcome.duration = time.perf_counter() - started
+            if self.state == "busy":
+                self.state = "idle"
+        if outcome.status == "dead" or outcome.restarted:
+            self.state = "dead"
+        return outcome
+
+    async def _wait(self, pending: _Pending, deadline: float) -> str:
+        """Wait for reply + idle. Returns done, timeout or dead."""
+        loop_wait = asyncio.gather(pending.idle.wait(), pending.replied.wait())
+        try:
+            while True:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    return "timeout"
+                try:
+                    await asyncio.wait_for(asyncio.shield(loop_wait), min(remaining, ALIVE_POLL))
+                    return "done" if self.kc is not None else "dead"
+                except asyncio.TimeoutError:
+                    if not await self.is_alive():
+                        return "dead"
+        finally:
+            if not loop_wait.done():
+                loop_wait.cancel()

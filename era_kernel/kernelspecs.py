@@ -1,0 +1,60 @@
+"""Our kernelspecs (``kernelspecs/`` in the repository) for the engine and for Jupyter.
+
+The engine reads them straight from the repository through ``EraKernelSpecManager``,
+so a fresh checkout needs no install step; ``era kernelspecs install`` copies them
+where JupyterLab's kernel picker looks. In both cases an argv that starts with bare
+``python`` is pinned to the interpreter running ERA, whose environment has ipykernel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+
+KERNELSPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs"
+
+
+def _pin_python(spec: dict) -> dict:
+    argv = list(spec.get("argv", []))
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return dict(spec, argv=argv)
+
+
+def available() -> list[str]:
+    if not KERNELSPECS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in KERNELSPECS_DIR.iterdir() if (p / "kernel.json").is_file())
+
+
+class EraKernelSpecManager(KernelSpecManager):
+    """Serves only ERA's kernelspecs, from the repository, with argv pinned."""
+
+    def find_kernel_specs(self) -> dict[str, str]:
+        return {name: str(KERNELSPECS_DIR / name) for name in available()}
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        path = KERNELSPECS_DIR / kernel_name
+        if kernel_name not in available():
+            raise NoSuchKernel(kernel_name)
+        spec = _pin_python(json.loads((path / "kernel.json").read_text()))
+        return KernelSpec(resource_dir=str(path), **spec)
+
+
+def install(user: bool = False, prefix: str | None = None, names: list[str] | None = None) -> list[str]:
+    """Install ERA's kernelspecs for Jupyter; returns the installed paths."""
+    ksm = KernelSpecManager()
+    installed = []
+    for name in names or available():
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / name
+            shutil.copytree(KERNELSPECS_DIR / name, staged)
+            spec = _pin_python(json.loads((staged / "kernel.json").read_text()))
+            (staged / "kernel.json").write_text(json.dumps(spec, indent=2))
+            installed.append(ksm.install_kernel_spec(str(staged), kernel_name=name, user=user, prefix=prefix))
+    return installed

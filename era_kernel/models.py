@@ -1,0 +1,193 @@
+"""Request and response schemas: the one source of truth for validation and OpenAPI.
+
+The engine validates every request body with these models (so the CLI, the server and
+tests get the same errors), and the server builds ``/api/openapi.json`` from them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import BadRequest
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+LANGUAGES = ("python", "node", "typescript", "deno", "go", "bash")
+LANGUAGE_ALIASES = {"javascript": "node", "js": "node", "py": "python", "python3": "python", "ts": "typescript"}
+PROVISIONERS = ("local", "docker")
+
+
+def normalize_language(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    name = LANGUAGE_ALIASES.get(value.strip().lower(), value.strip().lower())
+    if name not in LANGUAGES:
+        raise ValueError(f"unknown language {value[:40]!r}; expected one of {', '.join(LANGUAGES)} (or javascript)")
+    return name
+
+
+def check_session_id(value: Any) -> str:
+    if not isinstance(value, str) or not SESSION_ID_RE.match(value):
+        raise ValueError("must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return value
+
+
+def check_env(value: dict[str, str]) -> dict[str, str]:
+    for key, val in value.items():
+        if not ENV_NAME_RE.match(key):
+            raise ValueError(f"invalid variable name {key[:40]!r}")
+        if "\x00" in val:
+            raise ValueError(f"value of {key} contains a NUL byte")
+    return value
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored (ERA clients send extras); types are strict so that
+    # `code: 123` is an error rather than silently "123".
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+
+class SetupSpec(_Strict):
+    pip: list[str] = Field(default_factory=list, description="pip requirement strings")
+    npm: list[str] = Field(default_factory=list, description="npm package specs")
+    go: list[str] = Field(default_factory=list, description="Go module paths")
+    commands: list[str] = Field(default_factory=list, description="shell commands run in order")
+
+    def is_empty(self) -> bool:
+        return not (self.pip or self.npm or self.go or self.commands)
+
+
+class CreateSession(_Strict):
+    id: Optional[str] = Field(None, validation_alias=AliasChoices("id", "session_id"),
+                              description="custom id; auto `sess_<ms>_<random>` when absent")
+    language: str = Field("python", description="python, node (javascript), typescript, deno, go, bash")
+    persistent: bool = False
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict, description="reaches the code as .session_data.json")
+    setup: Optional[SetupSpec] = None
+    default_timeout: Optional[float] = Field(None, description="seconds, > 0")
+    allowInternetAccess: bool = False
+    env: dict[str, str] = Field(default_factory=dict)
+    provisioner: Optional[Literal["local", "docker"]] = None
+    startup: Optional[str] = Field(None, description="code run after the startup cells at every kernel start")
+
+    _check_id = field_validator("id")(lambda v: None if v is None else check_session_id(v))
+    _check_lang = field_validator("language", mode="before")(normalize_language)
+    _check_env = field_validator("env")(check_env)
+
+    @field_validator("default_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        return _positive_timeout(v)
+
+
+class PatchSession(_Strict):
+    metadata: Optional[dict[str, Any]] = None
+    data: Optional[dict[str, Any]] = None
+    default_timeout: Optional[float] = None
+    allowInternetAccess: Optional[bool] = None
+    env: Optional[dict[str, str]] = None
+
+    @field_validator("default_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        return _positive_timeout(v)
+
+    _check_env = field_validator("env")(lambda v: None if v is None else check_env(v))
+
+
+class RunRequest(_Strict):
+    code: Optional[str] = Field(None, description="code to run; the stored default program when absent")
+    timeout: Optional[float] = Field(None, description="seconds, > 0; the session's default_timeout when absent")
+    env: dict[str, str] = Field(default_factory=dict, description="applies to this run only")
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        return _positive_timeout(v)
+
+    _check_env = field_validator("env")(check_env)
+
+
+class ExecuteRequest(RunRequest):
+    code: str
+    language: str = "python"
+    files: dict[str, str] = Field(default_factory=dict, description="path -> text content written before the run")
+    provisioner: Optional[Literal["local", "docker"]] = None
+    allowInternetAccess: bool = False
+
+    _check_lang = field_validator("language", mode="before")(normalize_language)
+
+
+class DuplicateRequest(_Strict):
+    id: Optional[str] = Field(None, validation_alias=AliasChoices("id", "session_id"))
+    _check_id = field_validator("id")(lambda v: None if v is None else check_session_id(v))
+
+
+class BulkDelete(_Strict):
+    ids: Optional[list[str]] = None
+    prefix: Optional[str] = None
+
+
+class CodeBody(_Strict):
+    code: str
+
+
+class ErrorInfo(BaseModel):
+    ename: str
+    evalue: str
+    traceback: list[str]
+
+
+class RunResult(BaseModel):
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration: str
+    duration_ms: float
+    session_id: Optional[str]
+    data: Optional[dict[str, Any]] = None
+    outputs: list[dict[str, Any]]
+    execution_count: Optional[int] = None
+    error: Optional[ErrorInfo] = None
+    timed_out: bool = False
+    truncated: bool = False
+    run_id: Optional[str] = None
+
+
+class ErrorBody(BaseModel):
+    error: str
+    status_code: int
+    field: Optional[str] = None
+
+
+def _positive_timeout(v: Any) -> Any:
+    if v is None:
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be a number of seconds")
+    if not v > 0 or v != v or v == float("inf"):
+        raise ValueError("must be greater than 0")
+    return float(v)
+
+
+def parse(model: type[BaseModel], body: Any):
+    """Validate ``body`` into ``model``; a failure is a ``BadRequest`` naming the field."""
+    if isinstance(body, model):
+        return body
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "body"
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"].endswith("_type") or first["type"] == "string_type":
+            msg = f"{msg} (got {type(first.get('input')).__name__})"
+        raise BadRequest(f"invalid field '{loc}': {msg}", field=loc) from None

@@ -1,0 +1,449 @@
+"""``era-docker``: one Docker container per kernel, talking to the host over IPC sockets.
+
+Any Jupyter application can launch it from a kernelspec whose
+``metadata.kernel_provisioner.provisioner_name`` is ``era-docker``; the kernelspec's argv
+is run inside the container (name the interpreter as the image sees it, e.g. ``python``,
+and prefer ``"interrupt_mode": "message"``). The ERA engine adds per-session options
+through the ``era`` keyword of ``KernelManager.start_kernel``: ``workspace``,
+``runtime_dir``, ``allow_network``, ``memory``, ``pids``, ``cpus``, ``env``, ``uid``,
+``image``, ``labels``. Without them, defaults come from this provisioner's traitlets
+config (``metadata.kernel_provisioner.config`` in kernel.json), then from
+``Settings.from_env()`` read at launch, then from the built-in values below.
+
+The container, exactly (nothing in it comes from a request except validated values):
+- image ``<prefix>/<language>:latest`` unless given; names checked against Docker's
+  reference grammar, so ``--privileged`` or ``-v /:/host`` are refused;
+- network ``none``; with ``allow_network``, the Docker network named by
+  ``egress_network`` when the operator created one (it should reach out but drop the
+  host's addresses and 169.254.0.0/16, e.g. DOCKER-USER iptables rules). An engine
+  with no bridge (as started by scripts/bootstrap-docker.sh) has no such network, and
+  the fallback is host networking, which EXPOSES the host's loopback services (the ERA
+  server itself included), the cloud metadata address, and abstract unix sockets of the
+  host's network namespace. Set ``host_network_fallback=False`` to refuse instead;
+- read-only root filesystem, tmpfs ``/tmp`` (HOME and IPython's directory live there),
+  the workspace read-write at ``/workspace`` as the working directory, the kernel's IPC
+  directory read-write at its host path, and nothing else of the host;
+- a non-root uid:gid (the workspace owner's; uid 0 is refused), ``cap_drop=ALL``,
+  ``no-new-privileges``, Docker's default seccomp profile, an init process (so signals
+  reach the kernel and zombies are reaped);
+- memory (swap included) 512 MiB, 1 CPU, 256 processes unless configured;
+- environment: the image's, plus only what we pass (never the server's own variables).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+from jupyter_client.provisioning import KernelProvisionerBase
+from traitlets import Bool, Float, Int, Unicode
+
+from ..config import Settings
+from ..errors import BadRequest, KernelFailed
+from ..images.reference import validate_image_ref, validate_language
+from .ipc import format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir, write_connection_file
+
+log = logging.getLogger("era.provisioning.docker")
+
+LABEL_MANAGED = "era.managed"
+LABEL_KERNEL = "era.kernel"
+LABEL_KERNEL_ID = "era.kernel_id"
+CONTAINER_WORKSPACE = "/workspace"
+# The venv of the era/<language> images; what {prefix} in a kernelspec argv means inside.
+IMAGE_PREFIX = "/opt/era/venv"
+
+DEFAULT_MEMORY = 512 * 1024**2
+DEFAULT_CPUS = 1.0
+DEFAULT_PIDS = 256
+DEFAULT_UID = 1000
+DEFAULT_EGRESS_NETWORK = "era-egress"
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}", re.ASCII)
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", re.ASCII)
+_HOST_FALLBACK_WARNED = False
+
+_client_lock = threading.Lock()
+_clients: dict[str, Any] = {}
+
+
+def shared_docker_client() -> Any:
+    """One Docker client per DOCKER_HOST for the whole process (read when first needed)."""
+    import docker
+
+    key = os.environ.get("DOCKER_HOST", "")
+    with _client_lock:
+        if key not in _clients:
+            _clients[key] = docker.from_env(timeout=60, max_pool_size=32)
+        return _clients[key]
+
+
+def _setting(settings: Settings, name: str, default: Any) -> Any:
+    # Settings rows for the docker provisioner may not exist (yet): fall back quietly.
+    value = settings.values.get(name)
+    return default if value in (None, "") else value
+
+
+def _check_env(env: Any) -> dict[str, str]:
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise BadRequest("env must be an object of strings", field="env")
+    for key, value in env.items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            raise BadRequest(f"invalid environment variable name {str(key)[:64]!r}", field="env")
+        if not isinstance(value, str) or "\0" in value:
+            raise BadRequest(f"environment variable {key} must be a string without NUL", field="env")
+    return dict(env)
+
+
+def _check_labels(labels: Any) -> dict[str, str]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict):
+        raise BadRequest("labels must be an object of strings", field="labels")
+    out = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key) or key in (LABEL_MANAGED, LABEL_KERNEL, LABEL_KERNEL_ID):
+            raise BadRequest(f"invalid label {str(key)[:64]!r}", field="labels")
+        if not isinstance(value, str) or len(value) > 1024 or any(ord(c) < 32 for c in value):
+            raise BadRequest(f"label {key} must be a short printable string", field="labels")
+        out[key] = value
+    return out
+
+
+def _positive(value: Any, name: str, kind: type) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be a number", field=name) from None
+    if number <= 0:
+        raise BadRequest(f"{name} must be positive", field=name)
+    return number
+
+
+class EraDockerProvisioner(KernelProvisionerBase):
+    """Runs the kernelspec's argv in a locked-down container; the host talks to it over IPC."""
+
+    image = Unicode("", config=True, help="image to run; default <ERA_DOCKER_IMAGE_PREFIX>/<language>:latest")
+    memory_limit = Int(0, config=True, help="memory limit in bytes (swap included); default 512 MiB")
+    cpus = Float(0.0, config=True, help="CPU limit in cores; default 1")
+    pids_limit = Int(0, config=True, help="process limit; default 256")
+    allow_network = Bool(False, config=True, help="give the kernel outbound network access")
+    egress_network = Unicode("", config=True, help="Docker network for allow_network; default era-egress")
+    host_network_fallback = Bool(True, config=True,
+                                 help="with allow_network and no egress network, use host networking (see module doc)")
+    uid = Int(DEFAULT_UID, config=True, help="uid:gid the kernel runs as when the session gives none")
+    tmp_size = Unicode("256m", config=True, help="size of the /tmp tmpfs (counts against the memory limit)")
+    runtime = Unicode("", config=True, help="OCI runtime, e.g. runsc for gVisor; default the engine's")
+
+    container_id: str | None = None
+    kernel_dir: Path | None = None
+    _exit_code: int | None = None
+    _ipc_info: dict[str, Any] | None = None
+    oom_killed: bool = False  # set by poll(): lets the engine say "out of memory" (SECURITY.md 8)
+    _waited: bool = False
+    _container_spec: dict[str, Any] | None = None
+    _docker: Any = None
+
+    @property
+    def docker(self) -> Any:
+        return self._docker if self._docker is not None else shared_docker_client()
+
+    @docker.setter
+    def docker(self, client: Any) -> None:  # tests and embedders may bring their own client
+        self._docker = client
+
+    @property
+    def has_process(self) -> bool:
+        """Asserted by the KernelManager right after launch_kernel; False once wait() saw the exit."""
+        return self.container_id is not None and not self._waited
+
+    # ------------------------------------------------------------------ launch
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Called by the KernelManager before launch: resolve options, make the IPC dir.
+
+        Does not call the base class: its environment handling starts from the host's
+        ``os.environ``, and none of it may reach the container. The connection file is
+        ours (IPC); ``launch_kernel`` returns its info and the manager adopts it.
+        """
+        era: dict[str, Any] = dict(kwargs.pop("era", None) or {})
+        incoming_env: dict[str, str] = kwargs.pop("env", None) or {}
+        extra_arguments = kwargs.pop("extra_arguments", None) or []
+        kwargs.pop("transport_encryption", None)
+        settings = Settings.from_env()
+
+        workspace = Path(era.get("workspace") or kwargs.pop("cwd", None) or os.getcwd()).resolve()
+        kwargs.pop("cwd", None)
+        if not workspace.is_dir():
+            raise BadRequest(f"workspace {workspace} is not a directory", field="workspace")
+        uid = int(era["uid"]) if era.get("uid") is not None else int(self.uid)
+        if uid <= 0:
+            raise BadRequest("kernels in containers never run as root (uid 0)", field="uid")
+        memory = _positive(era.get("memory") or self.memory_limit or _setting(settings, "ERA_DOCKER_MEMORY", DEFAULT_MEMORY), "memory", int)
+        cpus = _positive(era.get("cpus") or self.cpus or _setting(settings, "ERA_DOCKER_CPUS", DEFAULT_CPUS), "cpus", float)
+        pids = _positive(era.get("pids") or self.pids_limit or _setting(settings, "ERA_DOCKER_PIDS", DEFAULT_PIDS), "pids", int)
+        allow_network = bool(era.get("allow_network", self.allow_network))
+        image = self._image(era, settings)
+        labels = _check_labels(era.get("labels"))
+        env = self._kernel_env(incoming_env, _check_env(era.get("env")))
+        network = await self._network_mode(allow_network, settings)
+
+        if self.kernel_dir is not None and self._ipc_info is not None and self.kernel_dir.is_dir():
+            # A restart: same directory, socket paths and key, so that clients connected
+            # to the old kernel reach the new one (as TCP kernels keep their ports).
+            info = self._ipc_info
+        else:
+            self.kernel_dir = make_kernel_dir(era.get("runtime_dir") or settings.runtime_dir)
+            info = ipc_connection_info(self.kernel_dir)
+            info["kernel_name"] = self.kernel_spec.language or ""
+        self._ipc_info = info
+        try:
+            connection_file = write_connection_file(self.kernel_dir, info, uid=uid)
+        except PermissionError:
+            self._discard_kernel_dir()
+            raise KernelFailed(f"cannot give the IPC directory to uid {uid}: run the server as root, "
+                               f"or set the kernel uid to {os.getuid()}") from None
+        argv = format_argv(list(self.kernel_spec.argv) + list(extra_arguments), connection_file=str(connection_file),
+                           resource_dir="", prefix=IMAGE_PREFIX)
+        from docker.types import LogConfig, Mount
+
+        self._container_spec = dict(
+            image=image,
+            entrypoint=argv[:1],
+            command=argv[1:],
+            name=f"era-{self.kernel_dir.name}",
+            hostname="era",
+            user=f"{uid}:{uid}",
+            working_dir=CONTAINER_WORKSPACE,
+            environment=env,
+            labels={**labels, LABEL_MANAGED: "1", LABEL_KERNEL: self.kernel_dir.name,
+                    LABEL_KERNEL_ID: str(self.kernel_id or "")},
+            mounts=[Mount(target=CONTAINER_WORKSPACE, source=str(workspace), type="bind", read_only=False),
+                    Mount(target=str(self.kernel_dir), source=str(self.kernel_dir), type="bind", read_only=False)],
+            tmpfs={"/tmp": f"rw,nosuid,nodev,mode=1777,size={self.tmp_size}"},
+            read_only=True,
+            network_mode=network,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            init=True,
+            mem_limit=memory,
+            memswap_limit=memory,  # no swap beyond the limit
+            nano_cpus=int(cpus * 1e9),
+            pids_limit=pids,
+            log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
+            detach=True,
+        )
+        if self.runtime:
+            self._container_spec["runtime"] = self.runtime
+        self.connection_info = host_connection_info(info, self.kernel_dir)
+        self._exit_code, self._waited, self.oom_killed = None, False, False
+        return {"cmd": argv, **kwargs}
+
+    def _image(self, era: dict[str, Any], settings: Settings) -> str:
+        if era.get("image"):
+            return validate_image_ref(era["image"])
+        if self.image:
+            return validate_image_ref(self.image)
+        language = validate_language((self.kernel_spec.language or "").lower())
+        return validate_image_ref(f"{settings['ERA_DOCKER_IMAGE_PREFIX']}/{language}:latest")
+
+    def _kernel_env(self, incoming: dict[str, str], requested: dict[str, str]) -> dict[str, str]:
+        # The kernelspec's env stanza is trusted config; JPY_* are Jupyter's session hints.
+        # Nothing else of the server's environment crosses into the container.
+        env = {k: str(v) for k, v in (self.kernel_spec.env or {}).items()}
+        env.update({k: v for k, v in incoming.items() if k.startswith("JPY_")})
+        env.update(requested)
+        env.update({"HOME": "/tmp", "IPYTHONDIR": "/tmp/.ipython", "MPLCONFIGDIR": "/tmp/.mpl", "PYTHONUNBUFFERED": "1"})
+        return _check_env(env)
+
+    async def _network_mode(self, allow_network: bool, settings: Settings) -> str:
+        if not allow_network:
+            return "none"
+        import docker.errors
+
+        name = self.egress_network or _setting(settings, "ERA_DOCKER_EGRESS_NETWORK", DEFAULT_EGRESS_NETWORK)
+        try:
+            await asyncio.to_thread(self.docker.networks.get, name)
+            return name
+        except docker.errors.NotFound:
+            pass
+        if not self.host_network_fallback:
+            raise KernelFailed(f"network access requested but Docker network {name!r} does not exist")
+        global _HOST_FALLBACK_WARNED
+        if not _HOST_FALLBACK_WARNED:
+            _HOST_FALLBACK_WARNED = True
+            log.warning("Docker network %r not found: kernels with network access use HOST networking and can reach "
+                        "the host's loopback services and link-local metadata; create %r to restrict them", name, name)
+        return "host"
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+        """Called by the KernelManager after pre_launch: create and start the container.
+
+        Returns the IPC connection info (host-side socket paths), which the manager adopts.
+        """
+        import docker.errors
+
+        assert self._container_spec is not None, "pre_launch must run first"
+        spec, self._container_spec = self._container_spec, None
+        try:
+            container = await asyncio.to_thread(self.docker.containers.create, **spec)
+        except docker.errors.ImageNotFound:
+            self._discard_kernel_dir()
+            raise KernelFailed(f"image {spec['image']} not found; build it with `era images build`") from None
+        except docker.errors.APIError as exc:
+            self._discard_kernel_dir()
+            raise KernelFailed(f"cannot create the kernel container: {exc.explanation or exc}") from None
+        try:
+            await asyncio.to_thread(container.start)
+        except docker.errors.APIError as exc:
+            await asyncio.to_thread(self._remove_container, container.id)
+            self._discard_kernel_dir()
+            raise KernelFailed(f"cannot start the kernel container: {exc.explanation or exc}") from None
+        self.container_id = container.id
+        (self.kernel_dir / "container").write_text(container.id)  # for humans and reapers
+        return self.connection_info
+
+    # ------------------------------------------------------------------ process-like control
+
+    async def poll(self) -> int | None:
+        """Called by KernelManager.is_alive (and the restarter, every few seconds).
+
+        None while the container runs; its exit code once it stopped.
+        """
+        if self._exit_code is not None:
+            return self._exit_code
+        if self.container_id is None:
+            return 0
+        import docker.errors
+
+        try:
+            state = (await asyncio.to_thread(self.docker.api.inspect_container, self.container_id))["State"]
+        except docker.errors.NotFound:
+            self._exit_code = -1  # removed behind our back
+            return self._exit_code
+        if state.get("Status") in ("created", "running", "restarting", "paused"):
+            return None
+        self._exit_code = int(state.get("ExitCode", -1))
+        self.oom_killed = bool(state.get("OOMKilled"))
+        if self.oom_killed:
+            log.warning("kernel container %s was killed by the out-of-memory killer", self.container_id[:12])
+        return self._exit_code
+
+    async def wait(self) -> int | None:
+        """Called by KernelManager.finish_shutdown / kill_kernel once the kernel should be gone."""
+        while (code := await self.poll()) is None:
+            await asyncio.sleep(0.1)
+        self._waited = True
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        """Called by KernelManager.signal_kernel (interrupts in "signal" mode send SIGINT).
+
+        Delivered to the container's init, which forwards it to the kernel.
+        """
+        if signum == 0:
+            await self.poll()
+            return
+        await self._kill(signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        """Called by KernelManager.kill_kernel (shutdown with now=True, or after a timeout): SIGKILL."""
+        await self._kill(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        """Called by KernelManager.finish_shutdown when the kernel ignored the shutdown request."""
+        await self._kill(signal.SIGTERM)
+
+    async def _kill(self, signum: int) -> None:
+        if self.container_id is None or self._exit_code is not None:
+            return
+        import docker.errors
+
+        try:
+            await asyncio.to_thread(self.docker.api.kill, self.container_id, int(signum))
+        except docker.errors.NotFound:
+            self._exit_code = -1
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: not running any more, which is what we wanted
+                raise
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Called by KernelManager.cleanup_resources after the kernel stopped (or failed to start).
+
+        Removes the container (killing whatever is left in it, forked children included)
+        and, unless this precedes a restart, the IPC directory. A restart launches a fresh
+        container through pre_launch, reusing the directory and connection info.
+        """
+        if self.container_id is not None:
+            await asyncio.to_thread(self._remove_container, self.container_id)
+        self.container_id, self._waited = None, False
+        if not restart:
+            self._discard_kernel_dir()
+
+    def _discard_kernel_dir(self) -> None:
+        remove_kernel_dir(self.kernel_dir)
+        self.kernel_dir, self._ipc_info = None, None
+
+    def _remove_container(self, container_id: str) -> None:
+        import docker.errors
+
+        try:
+            self.docker.api.remove_container(container_id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: removal already in progress
+                raise
+
+    # ------------------------------------------------------------------ persistence
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """Called by applications that persist kernels, to re-attach from another process."""
+        info = await super().get_provisioner_info()
+        info.update(container_id=self.container_id, kernel_dir=str(self.kernel_dir) if self.kernel_dir else None)
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        """The inverse of get_provisioner_info."""
+        await super().load_provisioner_info(provisioner_info)
+        self.container_id = provisioner_info.get("container_id")
+        kernel_dir = provisioner_info.get("kernel_dir")
+        self.kernel_dir = Path(kernel_dir) if kernel_dir else None
+
+
+async def reap_orphan_containers(client: Any = None, keep: Iterable[str] = ()) -> int:
+    """Remove containers labelled ``era.managed=1`` left by a server that died.
+
+    Called by the engine at start, before it launches kernels. Running, exited and
+    never-started (``created``) containers are all removed, except those whose id, name
+    or ``era.kernel`` label is in ``keep``. Returns how many were removed.
+    """
+    keep_set = set(keep)
+
+    def reap() -> int:
+        import docker.errors
+
+        docker_client = client or shared_docker_client()
+        removed = 0
+        for item in docker_client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=1"}):
+            names = {n.lstrip("/") for n in item.get("Names") or []}
+            kernel = (item.get("Labels") or {}).get(LABEL_KERNEL)
+            if item["Id"] in keep_set or kernel in keep_set or names & keep_set:
+                continue
+            try:
+                docker_client.api.remove_container(item["Id"], force=True, v=True)
+                removed += 1
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                log.warning("cannot remove orphan container %s: %s", item["Id"][:12], exc)
+        return removed
+
+    return await asyncio.to_thread(reap)

@@ -1,0 +1,114 @@
+"""Per-kernel IPC directories and connection files, shared by the ERA provisioners.
+
+Kernels talk to the host over ZeroMQ IPC sockets in a per-kernel directory: no TCP port
+is opened, so a kernel with no network (bubblewrap's ``--unshare-net``, Docker's
+``--network none``) still reaches the host. The directory name is a short random hex
+string, never the session id, so socket paths stay under libzmq's 107-byte limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+IPC_PATH_LIMIT = 107  # bytes, including the "-N" port suffix libzmq adds
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+
+
+def kernels_root(runtime_dir: str | os.PathLike) -> Path:
+    root = Path(runtime_dir) / "k"
+    root.mkdir(parents=True, exist_ok=True)
+    # Search-only for others: a sandboxed kernel running as its own uid must traverse
+    # to its own directory (bubblewrap copies this mode) but cannot list its siblings.
+    os.chmod(root, 0o711)
+    return root
+
+
+def make_kernel_dir(runtime_dir: str | os.PathLike) -> Path:
+    """Create ``<runtime_dir>/k/<10 hex>`` (mode 0700) and check the socket path fits."""
+    root = kernels_root(runtime_dir)
+    path = root / secrets.token_hex(5)
+    path.mkdir(mode=0o700)
+    longest = str(path / "kernel-5")
+    if len(longest.encode()) > IPC_PATH_LIMIT:
+        shutil.rmtree(path, ignore_errors=True)
+        raise RuntimeError(f"IPC socket path {longest!r} exceeds {IPC_PATH_LIMIT} bytes; set a shorter ERA_RUNTIME_DIR")
+    return path
+
+
+def ipc_connection_info(kernel_dir: Path, *, ip_dir: Path | None = None) -> dict[str, Any]:
+    """Connection info for IPC sockets named ``<ip_dir>/kernel-<port>``.
+
+    ``ip_dir`` is the directory as the kernel sees it (inside a container it may be
+    mounted elsewhere); it defaults to ``kernel_dir``.
+    """
+    return {
+        "transport": "ipc",
+        "ip": str((ip_dir or kernel_dir) / "kernel"),
+        "shell_port": 1,
+        "iopub_port": 2,
+        "stdin_port": 3,
+        "control_port": 4,
+        "hb_port": 5,
+        "key": secrets.token_hex(32),
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": "",
+    }
+
+
+def write_connection_file(kernel_dir: Path, info: dict[str, Any], *, uid: int | None = None) -> Path:
+    path = kernel_dir / "connection.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(info, fh)
+    if uid is not None:
+        os.chown(path, uid, uid)
+        os.chown(kernel_dir, uid, uid)
+    return path
+
+
+def host_connection_info(info: dict[str, Any], kernel_dir: Path) -> dict[str, Any]:
+    """What the host's KernelManager should use: same key and ports, host-side socket path."""
+    host = dict(info)
+    host["ip"] = str(kernel_dir / "kernel")
+    host["key"] = info["key"].encode() if isinstance(info["key"], str) else info["key"]
+    return host
+
+
+def format_argv(argv: list[str], *, connection_file: str, resource_dir: str = "", prefix: str = "") -> list[str]:
+    """Substitute the kernelspec argv placeholders jupyter_client knows."""
+    values = {"connection_file": connection_file, "resource_dir": resource_dir, "prefix": prefix}
+    out = []
+    for arg in argv:
+        for key, value in values.items():
+            arg = arg.replace("{" + key + "}", value)
+        out.append(arg)
+    return out
+
+
+def write_pid_record(kernel_dir: Path, pid: int) -> None:
+    """Record ``<pid> <owner pid>`` beside (not inside) the kernel's directory.
+
+    The kernel can write to its own directory, so what the reaper trusts lives in the
+    root-owned parent, where the kernel cannot plant a symlink or a forged pid.
+    """
+    (kernel_dir.parent / f"{kernel_dir.name}.pid").write_text(f"{pid} {os.getpid()}")
+
+
+def read_pid_record(kernel_dir: Path) -> tuple[int, int] | None:
+    try:
+        pid, owner = (kernel_dir.parent / f"{kernel_dir.name}.pid").read_text().split()
+        return int(pid), int(owner)
+    except (OSError, ValueError):
+        return None
+
+
+def remove_kernel_dir(kernel_dir: Path | None) -> None:
+    if kernel_dir is not None:
+        shutil.rmtree(kernel_dir, ignore_errors=True)
+        for suffix in (".pid", ".log"):
+            (kernel_dir.parent / f"{kernel_dir.name}{suffix}").unlink(missing_ok=True)

@@ -1,0 +1,228 @@
+"""``era-local``: a kernel as a local process, inside bubblewrap when it is installed.
+
+Any Jupyter application can launch it from a kernelspec whose
+``metadata.kernel_provisioner.provisioner_name`` is ``era-local``. The ERA engine adds
+per-session options through the ``era`` keyword of ``KernelManager.start_kernel``
+(working directory, network, limits, uid); a plain Jupyter app gets the defaults.
+
+Isolation, in layers:
+- the kernel runs as an unprivileged uid (the session's own uid when the server is
+  root, so sessions cannot read each other's files; the caller's uid otherwise);
+- bubblewrap: host root read-only, private ``/tmp``, ``/root``, ``/home``, the ERA data
+  and runtime directories masked, the workspace and the kernel's IPC directory
+  read-write, new pid/ipc/uts/net namespaces (``--share-net`` only when the session
+  allows internet access), and ``--die-with-parent``;
+- ``prlimit`` sets RLIMIT_AS (memory) and RLIMIT_NPROC (processes), which bubblewrap
+  does not; the pid namespace means killing the sandbox kills every descendant.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.provisioning import KernelProvisionerBase, LocalProvisioner
+from traitlets import Bool, Int, Unicode
+
+from ..config import Settings
+from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
+                  write_connection_file, write_pid_record)
+
+log = logging.getLogger("era.provisioning.local")
+
+# Variables a kernel may inherit from the host; everything else (API keys, cloud
+# credentials, the server's own settings) stays out of the sandbox.
+_INHERITED_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONIOENCODING", "SSL_CERT_FILE")
+_UNSANDBOXED_WARNED = False
+_NOBODY = 65534
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def sandbox_mode(requested: str) -> str:
+    """Resolve ``auto|bwrap|none`` to what will actually be used."""
+    if requested == "none":
+        return "none"
+    if bwrap_path():
+        return "bwrap"
+    if requested == "bwrap":
+        raise RuntimeError("ERA_SANDBOX=bwrap but bubblewrap (bwrap) is not installed")
+    return "none"
+
+
+def kernel_env(base: dict[str, str] | None, extra: dict[str, str], home: Path) -> dict[str, str]:
+    source = base if base is not None else os.environ
+    env = {k: v for k, v in source.items() if k in _INHERITED_ENV or k.startswith(("LC_", "JPY_"))}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(extra)
+    env.update({"HOME": str(home), "IPYTHONDIR": str(home / ".ipython"), "MPLCONFIGDIR": str(home / ".mpl"),
+                "PYTHONUNBUFFERED": "1",
+                # glibc reserves 64 MiB of address space per thread arena; under an
+                # RLIMIT_AS cap that reservation, not real use, would run out first.
+                "MALLOC_ARENA_MAX": "2"})
+    return env
+
+
+def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path, hidden: list[str], allow_network: bool,
+               readonly: list[str]) -> list[str]:
+    """The bubblewrap command line around ``argv`` (which already drops privileges)."""
+    cmd = [bwrap_path() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    masked = [p for p in ["/tmp", "/root", "/home", "/run", *hidden] if os.path.isdir(p)]
+    for path in masked:
+        cmd += ["--tmpfs", path]
+    made: set[str] = set()
+
+    def parents(path: str) -> list[str]:
+        # bubblewrap creates missing mount points mode 0700 (root-owned): make the
+        # ancestors inside a masked directory traversable for the kernel's uid.
+        out = []
+        for parent in reversed(Path(path).parents):
+            p = str(parent)
+            if p not in made and any(p.startswith(m.rstrip("/") + "/") for m in masked):
+                made.add(p)
+                out += ["--perms", "0755", "--dir", p]
+        return out
+
+    for path in readonly:  # Python prefixes may live under a masked directory
+        if os.path.isdir(path):
+            cmd += parents(path) + ["--ro-bind", path, path]
+    for path in (str(kernel_dir), str(workspace)):
+        cmd += parents(path) + ["--bind", path, path]
+    if os.getuid() == 0:
+        # As root, bubblewrap sets up the mounts with root's view (so a Python under
+        # /root can be bound) and setpriv then drops to the kernel's uid; a user
+        # namespace would leave the process owning root's files.
+        cmd += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        if not allow_network:
+            cmd += ["--unshare-net"]
+    else:
+        cmd += ["--unshare-all"]
+        if allow_network:
+            cmd += ["--share-net"]
+    cmd += ["--die-with-parent", "--new-session", "--chdir", str(workspace)]
+    return cmd + ["--", *argv]
+
+
+class EraLocalProvisioner(LocalProvisioner):
+    """Launches the kernelspec's argv as a sandboxed local process talking over IPC."""
+
+    sandbox = Unicode("", config=True, help="auto, bwrap or none; default ERA_SANDBOX")
+    memory_limit = Int(0, config=True, help="address-space limit in bytes; default ERA_KERNEL_MEMORY")
+    pids_limit = Int(0, config=True, help="process limit; default ERA_KERNEL_PIDS")
+    allow_network = Bool(False, config=True, help="let the kernel use the host's network")
+
+    kernel_dir: Path | None = None
+    sandboxed: bool = False
+    _log_fd: int = -1
+
+    def kernel_log(self, limit: int = 2000) -> str:
+        """The tail of the kernel process's own output (for start-up failures)."""
+        if self.kernel_dir is None:
+            return ""
+        try:
+            with open(self.kernel_dir.parent / f"{self.kernel_dir.name}.log", "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - limit))
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Called by the KernelManager before launch: build the sandboxed command line.
+
+        Deliberately does not call ``LocalProvisioner.pre_launch``: that one writes a TCP
+        connection file through the manager. We choose IPC here and hand the connection
+        info back from ``launch_kernel``; the manager adopts it.
+        """
+        era: dict[str, Any] = dict(kwargs.pop("era", None) or {})
+        settings = Settings.from_env()
+        extra_arguments = kwargs.pop("extra_arguments", [])
+        kwargs.pop("transport_encryption", None)
+
+        workspace = Path(era.get("workspace") or kwargs.get("cwd") or os.getcwd()).resolve()
+        runtime_dir = era.get("runtime_dir") or settings.runtime_dir
+        memory = int(era.get("memory") or self.memory_limit or settings["ERA_KERNEL_MEMORY"])
+        pids = int(era.get("pids") or self.pids_limit or settings["ERA_KERNEL_PIDS"])
+        allow_network = bool(era.get("allow_network", self.allow_network))
+        mode = sandbox_mode(era.get("sandbox") or self.sandbox or settings["ERA_SANDBOX"])
+        uid = int(era["uid"]) if era.get("uid") is not None else (_NOBODY if os.getuid() == 0 else os.getuid())
+        gid = uid if os.getuid() == 0 else os.getgid()
+
+        self.kernel_dir = make_kernel_dir(runtime_dir)
+        home = self.kernel_dir / "home"
+        home.mkdir(mode=0o700)
+        info = ipc_connection_info(self.kernel_dir)
+        info["kernel_name"] = self.kernel_spec.language or ""
+        connection_file = write_connection_file(self.kernel_dir, info)
+        if os.getuid() == 0 and uid != 0:
+            for path in (self.kernel_dir, home, connection_file):
+                os.chown(path, uid, gid)
+
+        argv = format_argv(self.kernel_spec.argv + list(extra_arguments), connection_file=str(connection_file),
+                           resource_dir=self.kernel_spec.resource_dir or "", prefix=sys.prefix)
+        if os.getuid() == 0 and uid != 0:
+            argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+                    "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+        if mode == "bwrap":
+            hidden = [settings["ERA_DATA_DIR"], str(Path(runtime_dir))]
+            readonly = sorted({sys.prefix, sys.base_prefix, *era.get("readonly", [])})
+            argv = bwrap_argv(argv, workspace=workspace, kernel_dir=self.kernel_dir, hidden=hidden,
+                              allow_network=allow_network, readonly=readonly)
+            self.sandboxed = True
+        else:
+            _warn_unsandboxed()
+            # Without bubblewrap, at least die with the server.
+            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+        # bubblewrap sets no resource limits: prlimit does, before anything else runs.
+        argv = ["prlimit", f"--as={memory}", f"--nproc={pids}", "--core=0", "--", *argv]
+
+        env = kernel_env(kwargs.pop("env", None), era.get("env", {}), home)
+        kwargs.update(env=env, cwd=str(workspace))
+        # The kernel's own stdout/stderr (banners, crashes) go to a log beside its
+        # directory, not into the server's output; kernel_log() reads its tail.
+        log_fd = os.open(self.kernel_dir.parent / f"{self.kernel_dir.name}.log",
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        kwargs.update(stdout=log_fd, stderr=log_fd)
+        self._log_fd = log_fd
+        if self.sandboxed:
+            # In its own pid namespace the kernel cannot see our pid, and ipykernel's
+            # parent poller would shut it down; --die-with-parent does that job.
+            kwargs["independent"] = True
+        self.connection_info = host_connection_info(info, self.kernel_dir)
+        return await KernelProvisionerBase.pre_launch(self, cmd=argv, **kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any):
+        """Called by the KernelManager to start the process; returns IPC connection info."""
+        try:
+            info = await super().launch_kernel(cmd, **kwargs)
+        finally:
+            os.close(self._log_fd)  # the child has its copy
+        if self.kernel_dir is not None and self.pid:
+            write_pid_record(self.kernel_dir, self.pid)
+        return info
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Called by the KernelManager after the kernel stopped: remove sockets and home."""
+        await super().cleanup(restart=restart)
+        remove_kernel_dir(self.kernel_dir)
+        self.kernel_dir = None
+
+    def _finalize_env(self, env: dict[str, str]) -> None:
+        # The base class would set PYTHONEXECUTABLE-style hints from the host; our env
+        # is built explicitly in pre_launch.
+        pass
+
+
+def _warn_unsandboxed() -> None:
+    global _UNSANDBOXED_WARNED
+    if not _UNSANDBOXED_WARNED:
+        _UNSANDBOXED_WARNED = True
+        log.warning("bubblewrap (bwrap) not found or ERA_SANDBOX=none: local kernels run UNSANDBOXED as user %s; "
+                    "install bubblewrap for filesystem and network isolation", getpass.getuser())

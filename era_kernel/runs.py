@@ -1,0 +1,92 @@
+"""Turning a kernel's ``ExecOutcome`` into ERA's run result, and runs into a notebook."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from .kernel import ExecOutcome
+from .languages import Language
+from .outputs import format_duration
+
+EXIT_TIMEOUT = 124
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def new_run_id() -> str:
+    return f"run_{int(time.time() * 1000)}_{secrets.token_hex(4)}"
+
+
+def exit_code_and_error(outcome: ExecOutcome, language: Language, timeout: float) -> tuple[int, dict | None]:
+    """ERA's exit code: 0 ok, 1 exception, n for sys.exit(n), 124 timeout."""
+    error = outcome.collector.error
+    if outcome.status == "timeout":
+        detail = " (the interrupt did not take; the kernel was restarted)" if outcome.restarted else ""
+        return EXIT_TIMEOUT, {"ename": "TimeoutError", "evalue": f"run exceeded its {timeout:g}s timeout{detail}",
+                              "traceback": []}
+    if outcome.status == "dead":
+        status = outcome.dead_status
+        how = f"exit status {status}" if status is not None else "unknown exit status"
+        return (status if status else 1), {
+            "ename": "KernelDied",
+            "evalue": f"the kernel died during the run ({how}); the next run starts a fresh kernel",
+            "traceback": []}
+    if outcome.status in ("error", "aborted") and error is not None:
+        code = language.exit_code(error.get("ename", ""), error.get("evalue", ""))
+        if code == 0:
+            return 0, None
+        return (1 if code is None else code), error
+    if outcome.status != "ok":
+        return 1, error
+    return 0, None
+
+
+def run_result(outcome: ExecOutcome, *, language: Language, timeout: float, session_id: str | None,
+               data: dict | None, run_id: str) -> dict[str, Any]:
+    exit_code, error = exit_code_and_error(outcome, language, timeout)
+    c = outcome.collector
+    return {
+        "exit_code": exit_code,
+        "stdout": "".join(c.stdout),
+        "stderr": "".join(c.stderr),
+        "duration": format_duration(outcome.duration),
+        "duration_ms": round(outcome.duration * 1000, 3),
+        "session_id": session_id,
+        "data": data,
+        "outputs": c.nbformat_outputs(),
+        "execution_count": c.execution_count,
+        "error": error,
+        "timed_out": outcome.status == "timeout",
+        "truncated": c.truncated,
+        "run_id": run_id,
+    }
+
+
+def notebook_from_runs(runs: list[dict[str, Any]], language: str, session_id: str) -> dict[str, Any]:
+    """The run history as an nbformat v4 notebook."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": f"era-{language}-local", "display_name": f"{language} (ERA)",
+                                 "language": language}
+    nb.metadata["language_info"] = {"name": language}
+    nb.metadata["era"] = {"session_id": session_id}
+    for run in runs:
+        cell = nbformat.v4.new_code_cell(source=run.get("code", ""))
+        cell.execution_count = run.get("execution_count")
+        cell.outputs = [nbformat.from_dict(_clean_output(o)) for o in run.get("outputs", [])]
+        cell.metadata["era"] = {"run_id": run.get("run_id"), "exit_code": run.get("exit_code"),
+                                "started_at": run.get("started_at"), "duration_ms": run.get("duration_ms")}
+        nb.cells.append(cell)
+    return nb
+
+
+def _clean_output(output: dict[str, Any]) -> dict[str, Any]:
+    if output.get("output_type") == "error":
+        return {k: output[k] for k in ("output_type", "ename", "evalue", "traceback")}
+    return output

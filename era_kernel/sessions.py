@@ -1,0 +1,451 @@
+"""The engine: sessions = a kernel + a workspace + a record in the store.
+
+``SessionManager`` is what the server and the CLI call (docs/engine-api.md). It keeps
+live kernels in memory and everything else in the store and the workspace, so a
+restarted process finds every session, its data, files and history, and starts kernels
+lazily on the next run. Runs on one session are serialized in arrival order (a FIFO
+lock per session); different sessions run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import models
+from .config import Settings
+from .errors import BadRequest, Conflict, KernelFailed, NotFound, TooLarge, Unprocessable
+from .kernel import EventSink, InputHandler, SessionKernel
+from .kernelspecs import EraKernelSpecManager
+from .languages import get_language
+from .orphans import reap_orphans
+from .runs import new_run_id, notebook_from_runs, run_result, utc_now
+from .slots import KernelSlots
+from .store.base import SessionExists, store_for_url
+from .workspaces.local import Workspace
+
+log = logging.getLogger("era.sessions")
+
+DATA_FILE = ".session_data.json"
+UID_BASE = 100_000  # sandbox uids when running as root: UID_BASE + the session's seq
+EPHEMERAL_UID_BASE = 900_000_000
+_FIELDS_COPIED_BY_DUPLICATE = ("language", "persistent", "provisioner", "metadata", "data", "setup",
+                               "default_timeout", "allowInternetAccess", "env", "startup", "code")
+
+
+class SessionManager:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings.from_env()
+        self.store = store_for_url(self.settings["ERA_STORE_URL"])
+        self.spec_manager = EraKernelSpecManager()
+        self.slots = KernelSlots(self.settings["ERA_MAX_KERNELS"])
+        self.kernels: dict[str, SessionKernel] = {}
+        self._starting: dict[str, asyncio.Task] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._subscribers: dict[str, set[Callable[[dict], None]]] = {}
+        self._ephemeral = 0
+        self._started = False
+
+    # ---- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the store and reap what a previous process left (kernels, sockets)."""
+        await asyncio.to_thread(self._make_dirs)
+        await self.store.open()
+        reaped = await reap_orphans(self.settings)
+        if reaped:
+            log.info("reaped %d orphaned kernel(s) from a previous process", reaped)
+        self._started = True
+
+    def _make_dirs(self) -> None:
+        for path in (self.settings.data_dir / "sessions", self.settings.data_dir / "scratch"):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o711)  # kernels traverse to their own dir; nobody lists
+        self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+
+    async def shutdown(self) -> None:
+        """Interrupt running code, stop every kernel, close the store."""
+        for task in list(self._starting.values()):
+            task.cancel()
+        kernels = list(self.kernels.items())
+        await asyncio.gather(*(k.interrupt() for _, k in kernels if k.state == "busy"), return_exceptions=True)
+        await asyncio.gather(*(self._stop_kernel(sid) for sid, _ in kernels), return_exceptions=True)
+        if self._started:
+            await self.store.close()
+            self._started = False
+
+    # ---- records and documents ----------------------------------------------------------
+    def workspace_dir(self, session_id: str) -> Path:
+        return self.settings.data_dir / "sessions" / session_id
+
+    def _uid(self, seq: int) -> int:
+        return UID_BASE + seq if os.getuid() == 0 else os.getuid()
+
+    async def _record(self, session_id: str) -> dict[str, Any]:
+        if not isinstance(session_id, str) or not models.SESSION_ID_RE.match(session_id):
+            raise NotFound("session not found")
+        record = await self.store.get_session(session_id)
+        if record is None:
+            raise NotFound(f"session {session_id} not found")
+        return record
+
+    async def _document(self, record: dict[str, Any]) -> dict[str, Any]:
+        file_count, total = await Workspace(self.workspace_dir(record["id"])).usage()
+        kernel = self.kernels.get(record["id"])
+        state = "starting" if record["id"] in self._starting else (kernel.state if kernel else "none")
+        return {
+            "id": record["id"], "created_at": record["created_at"], "last_run_at": record.get("last_run_at"),
+            "language": record["language"], "persistent": record["persistent"],
+            "provisioner": record["provisioner"], "file_count": file_count, "total_size_bytes": total,
+            "metadata": record["metadata"], "data": record["data"], "default_timeout": record["default_timeout"],
+            "allowInternetAccess": record["allowInternetAccess"], "setup_status": record.get("setup_status"),
+            "setup_result": record.get("setup_result"), "kernel": {"state": state},
+        }
+
+    def _check_data(self, data: dict[str, Any]) -> None:
+        size = len(json.dumps(data).encode())
+        if size > self.settings["ERA_MAX_DATA_BYTES"]:
+            raise TooLarge(f"field 'data' is {size} bytes; the limit is {self.settings['ERA_MAX_DATA_BYTES']}",
+                           field="data")
+
+    # ---- sessions -------------------------------------------------------------------------
+    async def create(self, body: Any) -> dict[str, Any]:
+        req = models.parse(models.CreateSession, body)
+        get_language(req.language)
+        self._check_data(req.data)
+        if req.setup is not None and not req.setup.is_empty():
+            raise Unprocessable("package setup (pip/npm/go/commands) is not available on this server yet",
+                                       field="setup")
+        record = {
+            "id": req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
+            "created_at": utc_now(), "last_run_at": None, "language": req.language,
+            "persistent": req.persistent, "provisioner": req.provisioner or self.settings["ERA_PROVISIONER"],
+            "metadata": req.metadata, "data": req.data, "setup": None, "setup_status": None, "setup_result": None,
+            "default_timeout": req.default_timeout or self.settings["ERA_DEFAULT_TIMEOUT"],
+            "allowInternetAccess": req.allowInternetAccess, "env": req.env, "startup": req.startup, "code": None,
+        }
+        return await self._insert(record)
+
+    async def _insert(self, record: dict[str, Any], copy_from: str | None = None) -> dict[str, Any]:
+        """Reserve a kernel slot, store the record, make the workspace; all or nothing."""
+        self.slots.acquire()  # 429 before anything is written
+        try:
+            try:
+                record = await self.store.insert_session(record)
+            except SessionExists:
+                raise Conflict(f"session {record['id']} already exists", field="id") from None
+            try:
+                ws = Workspace(self.workspace_dir(record["id"]))
+                await ws.create(uid=self._uid(record["seq"]))
+                if copy_from is not None:
+                    await Workspace(self.workspace_dir(copy_from)).copy_to(ws.root, uid=self._uid(record["seq"]))
+            except BaseException:
+                await self.store.delete_session(record["id"])
+                await Workspace(self.workspace_dir(record["id"])).remove()
+                raise
+        except BaseException:
+            self.slots.release()
+            raise
+        self._starting[record["id"]] = asyncio.create_task(self._start_kernel(record, slot_held=True))
+        return await self._document(record)
+
+    async def get(self, session_id: str) -> dict[str, Any]:
+        return await self._document(await self._record(session_id))
+
+    async def list(self) -> list[dict[str, Any]]:
+        return [await self._document(r) for r in await self.store.list_sessions()]
+
+    async def patch(self, session_id: str, body: Any) -> dict[str, Any]:
+        await self._record(session_id)
+        req = models.parse(models.PatchSession, body)
+        changes = req.model_dump(exclude_unset=True, exclude_none=True)
+        if "data" in changes:
+            self._check_data(changes["data"])
+        record = await self.store.update_session(session_id, changes)
+        if record is None:
+            raise NotFound(f"session {session_id} not found")
+        if {"allowInternetAccess", "env"} & changes.keys() and session_id in self.kernels:
+            await self._stop_kernel(session_id)  # takes effect at the next kernel start
+        return await self._document(record)
+
+    async def delete(self, session_id: str) -> None:
+        await self._record(session_id)
+        await self._stop_kernel(session_id)
+        await self.store.delete_session(session_id)
+        await Workspace(self.workspace_dir(session_id)).remove()
+        self._locks.pop(session_id, None)
+        self._subscribers.pop(session_id, None)
+
+    async def delete_many(self, ids: list[str] | None = None, prefix: str | None = None) -> list[str]:
+        records = await self.store.list_sessions()
+        targets = [r["id"] for r in records
+                   if (ids is None or r["id"] in ids) and (prefix is None or r["id"].startswith(prefix))]
+        for sid in targets:
+            try:
+                await self.delete(sid)
+            except NotFound:
+                pass
+        return targets
+
+    async def duplicate(self, session_id: str, body: Any = None) -> dict[str, Any]:
+        source = await self._record(session_id)
+        req = models.parse(models.DuplicateRequest, body)
+        record = {k: source.get(k) for k in _FIELDS_COPIED_BY_DUPLICATE}
+        record.update(id=req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
+                      created_at=utc_now(), last_run_at=None, setup_status=source.get("setup_status"),
+                      setup_result=source.get("setup_result"))
+        return await self._insert(record, copy_from=session_id)
+
+    # ---- kernels --------------------------------------------------------------------------
+    def _launch_options(self, record: dict[str, Any], workspace: Path, uid: int) -> dict[str, Any]:
+        return {"workspace": str(workspace), "runtime_dir": str(self.settings.runtime_dir), "uid": uid,
+                "allow_network": record["allowInternetAccess"], "env": {},
+                "labels": {"era.session": record["id"]} if record.get("id") else {}}
+
+    def _startup_cells(self, record: dict[str, Any], workspace: Path) -> list[str]:
+        language = get_language(record["language"])
+        env = {"ERA_SESSION": "true", "ERA_SESSION_ID": record.get("id") or "", "ERA_LANGUAGE": record["language"],
+               **record.get("env", {})}
+        return language.startup_cells(str(workspace), env, record.get("startup"))
+
+    def _new_kernel(self, record: dict[str, Any], workspace: Path, uid: int) -> SessionKernel:
+        language = get_language(record["language"])
+        return SessionKernel(self.spec_manager, language.kernelspec_name(record["provisioner"]),
+                             self._launch_options(record, workspace, uid), self._startup_cells(record, workspace),
+                             start_timeout=self.settings["ERA_KERNEL_START_TIMEOUT"],
+                             max_message=max(256 * 1024**2, 2 * self.settings["ERA_OUTPUT_LIMIT"]))
+
+    async def _start_kernel(self, record: dict[str, Any], slot_held: bool = False) -> SessionKernel | None:
+        """Start the session's kernel (background task on create; inline on a cold run)."""
+        sid = record["id"]
+        if not slot_held:
+            self.slots.acquire()
+        kernel = self._new_kernel(record, self.workspace_dir(sid), self._uid(record["seq"]))
+        self.kernels[sid] = kernel
+        self._emit(sid, {"type": "status", "state": "starting"})
+        try:
+            await kernel.start()
+        except BaseException as exc:
+            self.kernels.pop(sid, None)
+            self.slots.release()
+            if isinstance(exc, KernelFailed):
+                log.warning("session %s: %s", sid, exc.message)
+            if not isinstance(exc, Exception):
+                raise
+            raise
+        finally:
+            self._starting.pop(sid, None)
+        self._emit(sid, {"type": "status", "state": "idle"})
+        return kernel
+
+    async def _ensure_kernel(self, record: dict[str, Any]) -> SessionKernel:
+        sid = record["id"]
+        task = self._starting.get(sid)
+        if task is not None:
+            try:
+                await asyncio.shield(task)
+            except Exception:
+                pass  # the background start failed: try once more below, reporting that error
+        kernel = self.kernels.get(sid)
+        if kernel is not None and kernel.state != "dead":
+            return kernel
+        if kernel is not None:
+            await self._stop_kernel(sid)
+        kernel = await self._start_kernel(record)
+        assert kernel is not None
+        return kernel
+
+    async def _stop_kernel(self, session_id: str) -> None:
+        task = self._starting.pop(session_id, None)
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+        kernel = self.kernels.pop(session_id, None)
+        if kernel is not None:
+            await kernel.stop(now=True)
+            self.slots.release()
+
+    async def interrupt(self, session_id: str) -> None:
+        await self._record(session_id)
+        kernel = self.kernels.get(session_id)
+        if kernel is not None:
+            await kernel.interrupt()
+
+    async def restart(self, session_id: str) -> None:
+        record = await self._record(session_id)
+        await self._stop_kernel(session_id)
+        self._emit(session_id, {"type": "status", "state": "restarting"})
+        self.slots.acquire()
+        self._starting[session_id] = asyncio.create_task(self._start_kernel(record, slot_held=True))
+
+    # ---- runs -----------------------------------------------------------------------------
+    def subscribe(self, session_id: str, callback: Callable[[dict], None]) -> Callable[[], None]:
+        subs = self._subscribers.setdefault(session_id, set())
+        subs.add(callback)
+        return lambda: subs.discard(callback)
+
+    def _emit(self, session_id: str, event: dict[str, Any], on_event: EventSink | None = None) -> None:
+        if on_event is not None:
+            on_event(event)
+        for callback in list(self._subscribers.get(session_id, ())):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("event subscriber failed")
+
+    async def run(self, session_id: str, body: Any, *, on_event: EventSink | None = None,
+                  on_input: InputHandler | None = None, run_id: str | None = None) -> dict[str, Any]:
+        req = models.parse(models.RunRequest, body)
+        run_id = run_id or new_run_id()
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        async with lock:
+            record = await self._record(session_id)  # read under the lock: a patch may have just landed
+            code = req.code if req.code is not None else record.get("code")
+            if code is None:
+                raise BadRequest("field 'code' is required (no default program is stored for this session)",
+                                 field="code")
+            kernel = await self._ensure_kernel(record)
+            return await self._run_locked(record, kernel, code, req, on_event, on_input, run_id)
+
+    async def _run_locked(self, record, kernel: SessionKernel, code: str, req: models.RunRequest,
+                          on_event, on_input, run_id: str) -> dict[str, Any]:
+        sid = record["id"]
+        language = get_language(record["language"])
+        timeout = req.timeout or record["default_timeout"]
+        ws = Workspace(self.workspace_dir(sid))
+        uid = self._uid(record["seq"])
+        await ws.write(DATA_FILE, json.dumps(record["data"]).encode(), uid=uid)
+        emit: EventSink = lambda ev: self._emit(sid, dict(ev, run_id=run_id), on_event)  # noqa: E731
+        started_at = utc_now()
+        emit({"type": "status", "state": "busy"})
+        if req.env and language.env_apply:
+            await kernel.execute(language.env_apply(req.env), timeout=10, silent=True)
+        outcome = await kernel.execute(code, timeout=timeout, on_event=emit, on_input=on_input,
+                                       output_limit=self.settings["ERA_OUTPUT_LIMIT"],
+                                       interrupt_grace=self.settings["ERA_INTERRUPT_GRACE"])
+        if outcome.status in ("dead",) or outcome.restarted:
+            await self._stop_kernel(sid)  # the next run starts a fresh kernel
+        elif req.env and language.env_restore:
+            await kernel.execute(language.env_restore(req.env), timeout=10, silent=True)
+        data = await self._read_back_data(ws, record)
+        changes = {"last_run_at": utc_now()}
+        if data != record["data"]:
+            changes["data"] = data
+        result = run_result(outcome, language=language, timeout=timeout, session_id=sid, data=data, run_id=run_id)
+        await self.store.add_run(sid, {"run_id": run_id, "code": code, "started_at": started_at,
+                                       **{k: result[k] for k in ("exit_code", "outputs", "stdout", "stderr",
+                                                                 "duration_ms", "execution_count", "error",
+                                                                 "timed_out", "truncated")}},
+                                 session_changes=changes)
+        emit({"type": "done", "exit_code": result["exit_code"], "duration": result["duration"],
+              "duration_ms": result["duration_ms"], "timed_out": result["timed_out"],
+              "truncated": result["truncated"]})
+        emit({"type": "status", "state": self.kernels[sid].state if sid in self.kernels else "dead"})
+        log.info("run", extra={"session_id": sid, "exit_code": result["exit_code"],
+                               "duration_ms": result["duration_ms"]})
+        return result
+
+    async def _read_back_data(self, ws: Workspace, record: dict[str, Any]) -> dict[str, Any]:
+        """What the code left in .session_data.json; the old data if it is gone or invalid."""
+        try:
+            raw = await ws.read(DATA_FILE, max_bytes=self.settings["ERA_MAX_DATA_BYTES"])
+            data = json.loads(raw)
+        except (NotFound, BadRequest, TooLarge, ValueError):
+            return record["data"]
+        return data if isinstance(data, dict) else record["data"]
+
+    async def execute(self, body: Any, *, on_event: EventSink | None = None) -> dict[str, Any]:
+        """One-shot: a fresh kernel in a scratch workspace, discarded afterwards."""
+        req = models.parse(models.ExecuteRequest, body)
+        language = get_language(req.language)
+        self._ephemeral += 1
+        uid = EPHEMERAL_UID_BASE + self._ephemeral % 1_000_000 if os.getuid() == 0 else os.getuid()
+        ws = Workspace(self.settings.data_dir / "scratch" / secrets.token_hex(8))
+        record = {"id": None, "language": req.language, "provisioner": req.provisioner or self.settings["ERA_PROVISIONER"],
+                  "allowInternetAccess": req.allowInternetAccess, "env": {}, "startup": None}
+        self.slots.acquire()
+        kernel = None
+        try:
+            await ws.create(uid=uid)
+            for path, content in req.files.items():
+                await ws.write(path, content.encode(), uid=uid)
+            kernel = self._new_kernel(record, ws.root, uid)
+            await kernel.start()
+            env_code = language.env_apply(req.env) if req.env and language.env_apply else None
+            if env_code:
+                await kernel.execute(env_code, timeout=10, silent=True)
+            run_id = new_run_id()
+            emit: EventSink | None = (lambda ev: on_event(dict(ev, run_id=run_id))) if on_event else None
+            timeout = req.timeout or self.settings["ERA_DEFAULT_TIMEOUT"]
+            outcome = await kernel.execute(req.code, timeout=timeout, on_event=emit,
+                                           output_limit=self.settings["ERA_OUTPUT_LIMIT"],
+                                           interrupt_grace=self.settings["ERA_INTERRUPT_GRACE"])
+            result = run_result(outcome, language=language, timeout=timeout, session_id=None, data=None,
+                                run_id=run_id)
+            if emit:
+                emit({"type": "done", "exit_code": result["exit_code"], "duration": result["duration"],
+                      "duration_ms": result["duration_ms"], "timed_out": result["timed_out"],
+                      "truncated": result["truncated"]})
+            return result
+        finally:
+            if kernel is not None:
+                await kernel.stop(now=True)
+            self.slots.release()
+            await ws.remove()
+
+    async def runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        await self._record(session_id)
+        return await self.store.list_runs(session_id, limit)
+
+    async def notebook(self, session_id: str) -> dict[str, Any]:
+        record = await self._record(session_id)
+        return notebook_from_runs(await self.store.list_runs(session_id, 10_000), record["language"], session_id)
+
+    async def set_code(self, session_id: str, code: Any) -> None:
+        await self._record(session_id)
+        req = models.parse(models.CodeBody, {"code": code})
+        await self.store.update_session(session_id, {"code": req.code})
+
+    async def get_code(self, session_id: str) -> str | None:
+        return (await self._record(session_id)).get("code")
+
+    # ---- files ----------------------------------------------------------------------------
+    async def list_files(self, session_id: str) -> list[dict[str, Any]]:
+        await self._record(session_id)
+        return await Workspace(self.workspace_dir(session_id)).list()
+
+    async def read_file(self, session_id: str, path: str) -> bytes:
+        await self._record(session_id)
+        return await Workspace(self.workspace_dir(session_id)).read(path)
+
+    async def write_file(self, session_id: str, path: str, data: bytes) -> dict[str, Any]:
+        record = await self._record(session_id)
+        return await Workspace(self.workspace_dir(session_id)).write(path, data, uid=self._uid(record["seq"]))
+
+    async def delete_file(self, session_id: str, path: str) -> None:
+        await self._record(session_id)
+        await Workspace(self.workspace_dir(session_id)).delete(path)
+
+    async def stats(self) -> dict[str, Any]:
+        import resource
+
+        records = await self.store.list_sessions()
+        states: dict[str, int] = {}
+        for kernel in self.kernels.values():
+            states[kernel.state] = states.get(kernel.state, 0) + 1
+        return {
+            "sessions": len(records),
+            "live_kernels": len(self.kernels),
+            "kernel_states": states,
+            "kernel_slots": {"used": self.slots.used, "max": self.slots.limit},
+            "memory": {"server_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+            "pool": {"size": 0, "note": "kernels start on create and on cold runs; no pre-warmed pool yet"},
+        }

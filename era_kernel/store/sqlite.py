@@ -1,0 +1,142 @@
+"""SQLite metadata store: WAL mode, schema versioned by ``PRAGMA user_version``.
+
+All SQLite calls run on one dedicated thread (a single-worker executor), so the event
+loop never blocks on disk and the connection is only ever used from one thread.
+Records are kept as JSON documents beside the few columns we query by; a migration is
+one more entry in ``MIGRATIONS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from .base import MetadataStore, SessionExists
+
+T = TypeVar("T")
+
+MIGRATIONS: list[str] = [
+    # 1: sessions and runs
+    """
+    CREATE TABLE sessions (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        doc TEXT NOT NULL
+    );
+    CREATE TABLE runs (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        started_at TEXT NOT NULL,
+        exit_code INTEGER,
+        doc TEXT NOT NULL
+    );
+    CREATE INDEX runs_by_session ON runs(session_id, n);
+    """,
+]
+
+
+class SQLiteStore(MetadataStore):
+    def __init__(self, url: str):
+        path = url.removeprefix("sqlite://")
+        self.path = ":memory:" if path in ("", "/:memory:", ":memory:") else path
+        self._db: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="era-sqlite")
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._with_db, fn)
+
+    def _with_db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._db is not None, "store not opened"
+        with self._db:  # one transaction per call
+            return fn(self._db)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL survives SIGKILL
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise RuntimeError(f"store schema version {version} is newer than this ERA ({len(MIGRATIONS)})")
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                db.executescript("BEGIN;" + script + f"; PRAGMA user_version={number}; COMMIT;")
+            db.isolation_level = ""  # back to implicit transactions for `with db:`
+            self._db = db
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._executor.shutdown(wait=False)
+
+    async def schema_version(self) -> int:
+        return await self._call(lambda db: db.execute("PRAGMA user_version").fetchone()[0])
+
+    async def insert_session(self, record: dict[str, Any]) -> dict[str, Any]:
+        def insert(db: sqlite3.Connection) -> dict[str, Any]:
+            try:
+                cur = db.execute("INSERT INTO sessions (id, created_at, doc) VALUES (?, ?, ?)",
+                                 (record["id"], record["created_at"], "{}"))
+            except sqlite3.IntegrityError:
+                raise SessionExists(record["id"]) from None
+            stored = dict(record, seq=cur.lastrowid)
+            db.execute("UPDATE sessions SET doc = ? WHERE seq = ?", (json.dumps(stored), cur.lastrowid))
+            return stored
+
+        return await self._call(insert)
+
+    async def get_session(self, session_id: str) -> dict[str, Any] | None:
+        row = await self._call(lambda db: db.execute("SELECT doc FROM sessions WHERE id = ?", (session_id,)).fetchone())
+        return json.loads(row[0]) if row else None
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        rows = await self._call(lambda db: db.execute("SELECT doc FROM sessions ORDER BY seq").fetchall())
+        return [json.loads(r[0]) for r in rows]
+
+    @staticmethod
+    def _update(db: sqlite3.Connection, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+        row = db.execute("SELECT doc FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            return None
+        doc = json.loads(row[0])
+        doc.update(changes)
+        db.execute("UPDATE sessions SET doc = ? WHERE id = ?", (json.dumps(doc), session_id))
+        return doc
+
+    async def update_session(self, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+        return await self._call(lambda db: self._update(db, session_id, changes))
+
+    async def delete_session(self, session_id: str) -> bool:
+        def delete(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM runs WHERE session_id = ?", (session_id,))
+            return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
+
+        return await self._call(delete)
+
+    async def add_run(self, session_id: str, run: dict[str, Any],
+                      session_changes: dict[str, Any] | None = None) -> None:
+        def add(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO runs (session_id, started_at, exit_code, doc) VALUES (?, ?, ?, ?)",
+                       (session_id, run["started_at"], run.get("exit_code"), json.dumps(run)))
+            if session_changes:
+                self._update(db, session_id, session_changes)
+
+        await self._call(add)
+
+    async def list_runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self._call(lambda db: db.execute(
+            "SELECT doc FROM (SELECT n, doc FROM runs WHERE session_id = ? ORDER BY n DESC LIMIT ?) ORDER BY n",
+            (session_id, limit)).fetchall())
+        return [json.loads(r[0]) for r in rows]

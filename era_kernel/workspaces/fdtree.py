@@ -1,0 +1,352 @@
+"""Blocking, descriptor-relative file operations that never follow a symbolic link.
+
+The kernel that owns a workspace can create, rename and replace anything in it at any
+moment, including swapping a directory for a symlink to ``/`` between our check and our
+use. So nothing here resolves a path string: every step opens the next name relative to
+the already-open parent directory with ``O_NOFOLLOW`` (``openat``-style walking), and a
+symlink anywhere ends the walk with ``ELOOP``. Callers get built-in ``OSError``
+subclasses; mapping them to HTTP errors is the async layer's job.
+
+Everything here blocks; the async classes run it in an executor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from typing import Callable, Iterator
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO the kernel left in place of a file must not hang us.
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Prefix of our temporary files (atomic writes). Entries with it are never listed,
+# pushed or copied: they are either in flight or debris of a killed process.
+TEMP_PREFIX = ".era-tmp-"
+CHUNK = 1024 * 1024
+
+FileEntry = tuple[str, os.stat_result]
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX)
+
+
+def owner_for(uid: int | None) -> int | None:
+    """The uid to chown new files to: only when asked and only when we can (root)."""
+    if uid is None or os.geteuid() != 0:
+        return None
+    return uid
+
+
+def open_root(path: str | os.PathLike, *, create: bool = False, uid: int | None = None, mode: int = 0o700) -> int:
+    """Open the workspace directory itself (created ``mode`` and chowned when asked).
+
+    Its parents belong to the server, so they are resolved normally; its own name must
+    not be a symlink.
+    """
+    path = os.fspath(path)
+    made = False
+    if create:
+        parent = os.path.dirname(path.rstrip("/"))
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(path, mode)
+            made = True
+        except FileExistsError:
+            pass
+    fd = os.open(path, DIR_FLAGS)
+    try:
+        if made:
+            os.fchmod(fd, mode)  # the umask must not widen or narrow what we chose
+            owner = owner_for(uid)
+            if owner is not None:
+                os.fchown(fd, owner, owner)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_dir(root_fd: int, names: list[str], *, create: bool = False, uid: int | None = None) -> int:
+    """Open ``root/names...`` one name at a time; symlinked components raise ``ELOOP``."""
+    owner = owner_for(uid)
+    fd = os.dup(root_fd)
+    try:
+        for name in names:
+            made = False
+            try:
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                    made = True
+                except FileExistsError:
+                    pass  # raced with the kernel: the open below decides what it is
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            if made and owner is not None:
+                os.fchown(fd, owner, owner)  # on the open descriptor: a swap cannot redirect it
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def scan(dir_fd: int) -> list[FileEntry]:
+    """Names and ``lstat`` results of one directory, sorted; vanished entries skipped."""
+    out = []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            try:
+                out.append((entry.name, entry.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue
+    out.sort(key=lambda item: item[0])
+    return out
+
+
+def walk(root_fd: int, *, descend: Callable[[str], bool] | None = None) -> Iterator[tuple[str, os.stat_result, int, str]]:
+    """Yield ``(relpath, lstat, parent_fd, name)`` for every entry, parents first.
+
+    Directories are entered (with ``O_NOFOLLOW``) when ``descend(relpath)`` is true or
+    no predicate is given; one that became a symlink or vanished meanwhile is skipped.
+    ``parent_fd`` is valid only until the next item, which lets callers open or unlink
+    the entry without walking again. Iterative, so depth is bounded by descriptors, not
+    by Python's recursion limit.
+    """
+    stack: list[tuple[int, str, Iterator[FileEntry]]] = []
+    first = os.dup(root_fd)
+    try:
+        stack.append((first, "", iter(scan(first))))
+    except BaseException:
+        os.close(first)
+        raise
+    try:
+        while stack:
+            fd, prefix, entries = stack[-1]
+            item = next(entries, None)
+            if item is None:
+                os.close(fd)
+                stack.pop()
+                continue
+            name, st = item
+            rel = prefix + name
+            yield rel, st, fd, name
+            if not stat.S_ISDIR(st.st_mode) or (descend is not None and not descend(rel)):
+                continue
+            try:
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    continue
+                raise
+            try:
+                stack.append((child, rel + "/", iter(scan(child))))
+            except BaseException:
+                os.close(child)
+                raise
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def iter_files(root_fd: int) -> Iterator[tuple[str, os.stat_result, int, str]]:
+    """Regular files only (no symlinks, FIFOs, devices, sockets, temp files)."""
+    for rel, st, parent_fd, name in walk(root_fd):
+        if stat.S_ISREG(st.st_mode) and not is_temp_name(name):
+            yield rel, st, parent_fd, name
+
+
+def open_regular(dir_fd: int, name: str) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading; anything else is ``FileNotFoundError``.
+
+    The ``lstat`` first avoids even opening a device; the ``fstat`` after closes the race
+    where the name was replaced between the two.
+    """
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", name)
+    fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", name)
+    return fd, st
+
+
+def open_file(root_fd: int, rel: str) -> tuple[int, os.stat_result]:
+    """Open ``rel`` (already checked by ``safe_relpath``) for reading, no link followed."""
+    *parents, leaf = rel.split("/")
+    dir_fd = open_dir(root_fd, parents)
+    try:
+        return open_regular(dir_fd, leaf)
+    finally:
+        os.close(dir_fd)
+
+
+def read_fd(fd: int, limit: int | None = None) -> bytes:
+    """Read to the end; past ``limit`` bytes raise ``EFBIG`` (the file grew while read)."""
+    chunks = []
+    total = 0
+    while True:
+        chunk = os.read(fd, CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if limit is not None and total > limit:
+            raise OSError(errno.EFBIG, "file is larger than allowed")
+        chunks.append(chunk)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> int:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    return len(data)
+
+
+def copy_fd(src_fd: int, dst_fd: int) -> int:
+    """Copy from the current offset to the end (in-kernel when the filesystem allows)."""
+    total = 0
+    while True:
+        try:
+            count = os.copy_file_range(src_fd, dst_fd, 64 * CHUNK)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            break
+        if count == 0:
+            return total
+        total += count
+    while True:  # plain read/write fallback, from where the fast path stopped
+        chunk = os.read(src_fd, CHUNK)
+        if not chunk:
+            return total
+        total += write_all(dst_fd, chunk)
+
+
+def write_atomic(
+    root_fd: int,
+    rel: str,
+    fill: Callable[[int], int],
+    *,
+    uid: int | None = None,
+    mtime_ns: int | None = None,
+    durable: bool = False,
+) -> int:
+    """Create ``rel`` through a temporary file and ``rename``; returns ``fill``'s size.
+
+    Parents are created as needed (never through a symlink). A reader, the kernel or a
+    crash sees the old file or the new one, never a half-written one. Replacing a symlink
+    replaces the link itself (``rename`` does not follow its target).
+    """
+    *parents, leaf = rel.split("/")
+    owner = owner_for(uid)
+    dir_fd = open_dir(root_fd, parents, create=True, uid=uid)
+    try:
+        try:
+            existing = os.stat(leaf, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", rel)
+        temp = TEMP_PREFIX + secrets.token_hex(8)
+        fd = os.open(temp, _TEMP_FLAGS, 0o644, dir_fd=dir_fd)
+        try:
+            try:
+                size = fill(fd)
+                if owner is not None:
+                    os.fchown(fd, owner, owner)
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, leaf, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(temp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+        if durable:
+            os.fsync(dir_fd)
+        return size
+    finally:
+        os.close(dir_fd)
+
+
+def remove_entry(dir_fd: int, name: str) -> bool:
+    """Remove a file, link or whole directory tree at ``dir_fd/name`` without following
+    links; returns False when there was nothing. Iterative: depth costs descriptors only."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        _unlink_quiet(dir_fd, name)
+        return True
+    # Stack of (parent_fd, name_in_parent, own_fd, remaining child names).
+    stack: list[tuple[int, str, int, list[str]]] = []
+    try:
+        top = _open_subdir(dir_fd, name)
+        if top is None:
+            return True
+        stack.append((dir_fd, name, top, [n for n, _ in scan(top)]))
+        while stack:
+            parent_fd, own_name, fd, names = stack[-1]
+            if not names:
+                stack.pop()
+                os.close(fd)
+                try:
+                    os.rmdir(own_name, dir_fd=parent_fd)
+                except FileNotFoundError:
+                    pass
+                continue
+            child_name = names.pop()
+            try:
+                child_st = os.stat(child_name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(child_st.st_mode):
+                _unlink_quiet(fd, child_name)
+                continue
+            child = _open_subdir(fd, child_name)
+            if child is not None:
+                stack.append((fd, child_name, child, [n for n, _ in scan(child)]))
+    finally:
+        for _, _, fd, _ in stack:
+            os.close(fd)
+    return True
+
+
+def _open_subdir(dir_fd: int, name: str) -> int | None:
+    """Open a directory about to be removed; if it became a link or file, unlink that."""
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            _unlink_quiet(dir_fd, name)
+            return None
+        raise
+
+
+def _unlink_quiet(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass

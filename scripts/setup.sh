@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up ERA Kernel on a fresh Debian/Ubuntu machine: system packages (as root) and a
+# Python virtual environment in .venv with the project installed editable.
+#
+#   bash scripts/setup.sh            # runtime only
+#   bash scripts/setup.sh --test     # plus the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+# bubblewrap sandboxes local kernels; util-linux gives prlimit and setpriv.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    missing=()
+    command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+    command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
+    python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        say "installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    fi
+elif ! command -v bwrap >/dev/null 2>&1; then
+    say "bubblewrap is not installed and we are not root: local kernels will run UNSANDBOXED"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    python3 -m venv .venv
+fi
+say "installing era-kernel${extras} into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >&2
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" >&2
+say "done: $(.venv/bin/era --help >/dev/null && echo 'era is at .venv/bin/era')"

@@ -1,0 +1,176 @@
+"""The route table, the tornado Application, and the server's lifecycle.
+
+``ROUTES`` is the one route table: OpenAPI, the auth test and the error-shape test all
+walk it, so a new route cannot skip them. Templates use ``{id}`` (a session id) and
+``{path}`` (a file path, may contain ``/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
+from tornado.web import Application, RequestHandler
+
+from .handlers.base import NotFoundHandler
+from .handlers.files import FileHandler, FilesHandler
+from .handlers.meta import HealthHandler, OpenApiHandler, StatsHandler
+from .handlers.runs import ExecuteHandler, RunHandler, StreamHandler
+from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
+                                RestartHandler, RunsHandler, SessionHandler, SessionsHandler)
+from .logs import log, log_request, setup_logging
+from .services import Services
+from .ws import SessionSocket
+
+ROUTES: list[tuple[str, type[RequestHandler]]] = [
+    ("/health", HealthHandler),
+    ("/api/openapi.json", OpenApiHandler),
+    ("/api/resources/stats", StatsHandler),
+    ("/api/execute", ExecuteHandler),
+    ("/api/sessions", SessionsHandler),
+    ("/api/sessions/{id}", SessionHandler),
+    ("/api/sessions/{id}/run", RunHandler),
+    ("/api/sessions/{id}/stream", StreamHandler),
+    ("/api/sessions/{id}/ws", SessionSocket),
+    ("/api/sessions/{id}/duplicate", DuplicateHandler),
+    ("/api/sessions/{id}/code", CodeHandler),
+    ("/api/sessions/{id}/runs", RunsHandler),
+    ("/api/sessions/{id}/notebook", NotebookHandler),
+    ("/api/sessions/{id}/interrupt", InterruptHandler),
+    ("/api/sessions/{id}/restart", RestartHandler),
+    ("/api/sessions/{id}/files", FilesHandler),
+    ("/api/sessions/{id}/files/{path}", FileHandler),
+]
+
+PARAM_PATTERNS = {"id": "([^/]+)", "path": "(.+)"}
+SHUTDOWN_TIMEOUT_SECONDS = 30.0
+WS_PING_SECONDS = 30.0
+
+
+def route_pattern(template: str) -> str:
+    """``/api/sessions/{id}`` -> ``/api/sessions/([^/]+)$`` (tornado anchors the end itself)."""
+    return re.sub(r"\{(\w+)\}", lambda m: PARAM_PATTERNS[m.group(1)], template)
+
+
+def make_routes(services: Services) -> list[tuple[str, type[RequestHandler], dict[str, Any]]]:
+    return [(route_pattern(template), handler, {"services": services}) for template, handler in ROUTES]
+
+
+def make_app(services: Services) -> Application:
+    return Application(
+        make_routes(services),
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"services": services},
+        log_function=log_request,
+        websocket_max_message_size=services.max_body,  # larger frames: close code 1009
+        websocket_ping_interval=WS_PING_SECONDS,
+        websocket_ping_timeout=WS_PING_SECONDS,
+        compress_response=False,
+        serve_traceback=False,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(settings: Any, listener: socket.socket, responder: Any, boot: dict[str, Any]) -> int:
+    """Run until SIGTERM/SIGINT. ``listener`` is bound and ``responder`` answering /health."""
+    setup_logging(settings["ERA_LOG_LEVEL"], settings["ERA_API_KEY"])
+    if not settings["ERA_API_KEY"] and not is_loopback(settings["ERA_HOST"]):
+        log.warning("!!! NO API KEY: the server is bound to %s, reachable from other hosts, and anyone "
+                    "who can reach it can run code. Set ERA_API_KEY or bind 127.0.0.1. !!!",
+                    settings["ERA_HOST"], extra={"event": "insecure"})
+    try:
+        return asyncio.run(_serve(settings, listener, responder, boot))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(settings: Any, listener: socket.socket, responder: Any, boot: dict[str, Any]) -> int:
+    services = Services(settings)
+    server = HTTPServer(make_app(services), max_body_size=services.drain_limit, idle_connection_timeout=300)
+    handoff = responder.stop()
+    server.add_sockets([listener])
+    for conn, address in handoff:  # requests that arrived before tornado: served now, bytes intact
+        server.handle_stream(IOStream(conn, max_buffer_size=server.max_buffer_size), address)
+    _log_listening(listener, responder, boot)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(services.start_engine())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if starting.done() and starting.exception() is not None:
+        services.state = "failed"
+        log.error("the engine failed to start; exiting", exc_info=starting.exception(), extra={"event": "failed"})
+        exit_code = 1
+    else:
+        await stopping
+    await _shutdown(services, server, starting)
+    return exit_code
+
+
+async def _shutdown(services: Services, server: HTTPServer, starting: asyncio.Future) -> None:
+    """Stop accepting, stop kernels (which ends running code), let answers go out, close."""
+    t0 = time.monotonic()
+    log.info("shutting down", extra={"event": "shutdown"})
+    services.state = "stopping"
+    server.stop()
+    for hub in list(services.hubs.values()):
+        hub.close_sockets(1001, "server shutting down")
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+    try:
+        await asyncio.wait_for(services.shutdown_engine(), SHUTDOWN_TIMEOUT_SECONDS)
+    except Exception:
+        log.exception("engine shutdown failed", extra={"event": "error"})
+    # Runs cut short by the shutdown still answer their callers; give them a moment.
+    deadline = time.monotonic() + 2.0
+    while services.tasks and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(server.close_all_connections(), 5.0)
+    except asyncio.TimeoutError:
+        pass
+    log.info("stopped", extra={"event": "stopped", "duration_ms": round((time.monotonic() - t0) * 1000, 1)})
+
+
+def _log_listening(listener: socket.socket, responder: Any, boot: dict[str, Any]) -> None:
+    host, port = listener.getsockname()[:2]
+    now = time.monotonic()
+    age_at_main = boot.get("age_at_main_ms")
+
+    def since_process_start(moment: float) -> float | None:
+        if age_at_main is None:
+            return None
+        return round(age_at_main + (moment - boot["main_started"]) * 1000, 1)
+
+    log.info("listening on %s:%s", host, port, extra={
+        "event": "listening", "host": host, "port": port,
+        "bound_ms": since_process_start(boot["bound"]),  # /health answers from here on
+        "tornado_ms": since_process_start(now),
+        "bound_after_main_ms": round((boot["bound"] - boot["main_started"]) * 1000, 1),
+        "early_health_answers": responder.answered,
+    })

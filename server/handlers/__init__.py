@@ -1,0 +1,1 @@
+"""HTTP handlers, one module per area; routes live in ``era_server.app``."""

@@ -1,0 +1,152 @@
+"""Session routes: create/list/bulk delete, one session, duplicate, stored code, history,
+notebook export, interrupt and restart. Each method: parse, call the engine, frame."""
+
+from __future__ import annotations
+
+from era_kernel.errors import BadRequest
+
+from ..apidoc import Op
+from .base import BaseHandler, dumps
+
+SESSION_ERRORS = (400, 404)
+
+
+class SessionsHandler(BaseHandler):
+    API = {
+        "get": Op("List sessions", response="SessionList", errors=()),
+        "post": Op("Create a session", body="CreateSession", response="SessionDocument", status=201,
+                   errors=(400, 409, 413, 422, 429),
+                   description="`id` or `session_id` names the session; auto `sess_<ms>_<random>` otherwise. "
+                               "The kernel starts in the background."),
+        "delete": Op("Delete sessions in bulk", body="BulkDelete", response="BulkDeleted",
+                     query={"prefix": "only ids starting with this"},
+                     description="All sessions when neither `?prefix=` nor body `ids`/`prefix` is given."),
+    }
+
+    async def get(self) -> None:
+        sessions = await self.engine.list()
+        self.send_json({"sessions": sessions, "count": len(sessions)})
+
+    async def post(self) -> None:
+        doc = await self.engine.create(self.json_body())
+        self.session_id = doc.get("id")
+        self.set_header("Location", f"/api/sessions/{doc.get('id')}")
+        self.send_json(doc, 201)
+
+    async def delete(self) -> None:
+        from era_kernel import models
+
+        req = models.parse(models.BulkDelete, self.json_body())
+        prefix = self.query("prefix")
+        if prefix is not None and req.prefix is not None and prefix != req.prefix:
+            raise BadRequest("'prefix' given in both the query and the body, with different values", field="prefix")
+        deleted = await self.engine.delete_many(ids=req.ids, prefix=prefix if prefix is not None else req.prefix)
+        self.services.sessions_deleted(deleted)
+        self.send_json({"deleted": deleted, "count": len(deleted)})
+
+
+class SessionHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {
+        "get": Op("Get a session", response="SessionDocument", errors=SESSION_ERRORS),
+        "patch": Op("Update metadata, data, default_timeout, allowInternetAccess, env", body="PatchSession",
+                    response="SessionDocument", errors=(400, 404, 413)),
+        "delete": Op("Delete a session: kernel, files, metadata, history", response="Deleted",
+                     errors=SESSION_ERRORS),
+    }
+
+    async def get(self, sid: str) -> None:
+        self.send_json(await self.engine.get(sid))
+
+    async def patch(self, sid: str) -> None:
+        self.send_json(await self.engine.patch(sid, self.json_body()))
+
+    async def delete(self, sid: str) -> None:
+        await self.engine.delete(sid)
+        self.services.sessions_deleted([sid])
+        self.send_json({"deleted": sid})
+
+
+class DuplicateHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {"post": Op("Duplicate a session (data, files, language, metadata, setup; not history)",
+                      body="DuplicateRequest", response="SessionDocument", status=201,
+                      errors=(400, 404, 409, 429))}
+
+    async def post(self, sid: str) -> None:
+        doc = await self.engine.duplicate(sid, self.json_body())
+        self.set_header("Location", f"/api/sessions/{doc.get('id')}")
+        self.send_json(doc, 201)
+
+
+class CodeHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {
+        "get": Op("Get the stored default program", response="StoredCode", errors=SESSION_ERRORS),
+        "put": Op("Store the default program (`run` with no `code` runs it)", body="code",
+                  response="StoredCode", errors=(400, 404, 413),
+                  description="JSON `{\"code\": ...}`, or the program itself as `text/plain`."),
+    }
+
+    async def get(self, sid: str) -> None:
+        self.send_json({"session_id": sid, "code": await self.engine.get_code(sid)})
+
+    async def put(self, sid: str) -> None:
+        content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type == "text/plain":
+            try:
+                code = self.body_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("request body is not valid UTF-8") from None
+        else:
+            body = self.json_body()
+            if not isinstance(body, dict):
+                raise BadRequest("request body must be a JSON object with a 'code' field", field="code")
+            if "code" not in body:
+                raise BadRequest("field 'code' is required", field="code")
+            code = body["code"]
+        await self.engine.set_code(sid, code)
+        self.send_json({"session_id": sid, "code": code})
+
+
+class RunsHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {"get": Op("Run history, oldest first", response="RunList", errors=SESSION_ERRORS,
+                     query={"limit": "most recent runs to return, 1-10000 (default 100)"})}
+
+    async def get(self, sid: str) -> None:
+        limit = self.int_query("limit", 100, 1, 10_000)
+        runs = await self.engine.runs(sid, limit=limit)
+        self.send_json({"session_id": sid, "runs": runs, "count": len(runs)})
+
+
+class NotebookHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {"get": Op("The run history as a Jupyter notebook (nbformat 4)", response="Notebook",
+                     errors=SESSION_ERRORS)}
+
+    async def get(self, sid: str) -> None:
+        notebook = await self.engine.notebook(sid)
+        self.set_header("Content-Type", "application/x-ipynb+json")
+        self.set_header("Content-Disposition", f'attachment; filename="{sid}.ipynb"')
+        self.finish(dumps(notebook))
+
+
+class InterruptHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {"post": Op("Interrupt the running code (KeyboardInterrupt / SIGINT)", response="Interrupted",
+                      errors=SESSION_ERRORS)}
+
+    async def post(self, sid: str) -> None:
+        await self.engine.interrupt(sid)
+        self.send_json({"session_id": sid, "interrupted": True})
+
+
+class RestartHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {"post": Op("Restart the kernel: variables are lost; files and data stay", response="Restarted",
+                      errors=(400, 404, 429))}
+
+    async def post(self, sid: str) -> None:
+        await self.engine.restart(sid)
+        self.send_json({"session_id": sid, "restarted": True})

@@ -1,0 +1,130 @@
+"""``/api/openapi.json``: built from the route table and the pydantic models.
+
+Request schemas come from ``era_kernel.models`` (what the engine validates with), so the
+document cannot drift from validation; responses from ``era_kernel.models.RunResult`` and
+``server/schemas.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from era_kernel import models
+
+from . import schemas
+from .apidoc import Op
+
+RAW = {"bytes", "code", "sse", "websocket"}
+PARAMETERS = {
+    "id": {"type": "string", "pattern": models.SESSION_ID_RE.pattern, "description": "session id"},
+    "path": {"type": "string", "description": "file path inside the workspace, percent-encoded; may contain '/'"},
+}
+
+
+def _model(name: str) -> type[BaseModel]:
+    found = getattr(schemas, name, None) or getattr(models, name, None)
+    if not (isinstance(found, type) and issubclass(found, BaseModel)):
+        raise LookupError(f"no model named {name}")
+    return found
+
+
+def _ops(routes) -> list[tuple[str, str, Op]]:
+    return [(template, method, op) for template, handler in routes for method, op in handler.API.items()]
+
+
+def build_openapi(routes) -> dict[str, Any]:
+    ops = _ops(routes)
+    wanted: list[tuple[type[BaseModel], str]] = [(models.ErrorBody, "serialization")]
+    for _, _, op in ops:
+        if op.body and op.body not in RAW:
+            wanted.append((_model(op.body), "validation"))
+        if op.response and op.response not in RAW:
+            wanted.append((_model(op.response), "serialization"))
+    wanted.append((models.CodeBody, "validation"))
+    wanted += [(m, "serialization") for m in schemas.WS_SERVER_MESSAGES]
+    wanted += [(m, "validation") for m in schemas.WS_CLIENT_MESSAGES]
+    wanted = list(dict.fromkeys(wanted))
+    refs, top = models_json_schema(wanted, ref_template="#/components/schemas/{model}")
+
+    def ref(model: type[BaseModel], mode: str) -> dict[str, Any]:
+        return refs[(model, mode)]
+
+    def one_of(models_: tuple, mode: str) -> dict[str, Any]:
+        return {"oneOf": [ref(m, mode) for m in models_]}
+
+    error_content = {"application/json": {"schema": ref(models.ErrorBody, "serialization")}}
+    paths: dict[str, Any] = {}
+    for template, method, op in ops:
+        is_api = template.startswith("/api/")
+        params = [{"name": name, "in": "path", "required": True, "schema": PARAMETERS[name]}
+                  for name in re.findall(r"\{(\w+)\}", template)]
+        params += [{"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+                    "description": text} for name, text in op.query.items()]
+        operation: dict[str, Any] = {
+            "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', template).strip('_')}",
+            "summary": op.summary,
+            "tags": list(op.tags) or [template.split("/")[2] if is_api else "server"],
+            "responses": {},
+        }
+        if op.description:
+            operation["description"] = op.description
+        if params:
+            operation["parameters"] = params
+        if not is_api:
+            operation["security"] = []
+        if op.body == "bytes":
+            operation["requestBody"] = {"required": True, "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+        elif op.body == "code":
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": ref(models.CodeBody, "validation")},
+                "text/plain": {"schema": {"type": "string"}}}}
+        elif op.body:
+            operation["requestBody"] = {"required": False, "content": {
+                "application/json": {"schema": ref(_model(op.body), "validation")}}}
+        responses = operation["responses"]
+        description = HTTPStatus(op.status).phrase
+        if op.response == "bytes":
+            responses[str(op.status)] = {"description": "the file's bytes, as an attachment", "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+        elif op.response == "sse":
+            responses[str(op.status)] = {"description": "Server-Sent Events; `event:` is the `type` field",
+                                         "content": {"text/event-stream": {
+                                             "schema": one_of(schemas.STREAM_EVENTS, "serialization")}}}
+        elif op.response == "websocket":
+            responses["101"] = {"description": "Switching Protocols (WebSocket)"}
+            operation["x-websocket"] = {
+                "client-messages": one_of(schemas.WS_CLIENT_MESSAGES, "validation"),
+                "server-messages": one_of(schemas.WS_SERVER_MESSAGES, "serialization"),
+            }
+        elif op.response:
+            responses[str(op.status)] = {"description": description, "content": {
+                "application/json": {"schema": ref(_model(op.response), "serialization")}}}
+        else:
+            responses[str(op.status)] = {"description": description}
+        codes = set(op.errors)
+        if is_api:
+            codes |= {401, 503}
+        if op.body:
+            codes |= {400, 413}
+        for code in sorted(codes):
+            responses[str(code)] = {"description": HTTPStatus(code).phrase, "content": error_content}
+        paths.setdefault(template, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ERA Kernel", "version": "1",
+                 "description": "Code execution in stateful sessions on Jupyter kernels; "
+                                "compatible with the ERA agent's REST API, plus extensions."},
+        "paths": paths,
+        "components": {
+            "schemas": top.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "ERA_API_KEY, when the server has one"}},
+        },
+        "security": [{"bearer": []}],
+    }

@@ -1,0 +1,223 @@
+"""Response and extension models for the OpenAPI document.
+
+Request models and the run result come from ``era_kernel.models`` (the one source the
+engine validates with); this module only adds what the server answers with beyond
+them. Imported by ``openapi`` only, never on the request path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from era_kernel.models import ErrorInfo, RunResult
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    ready: bool
+    state: Literal["starting", "ready", "failed", "stopping"]
+    uptime_s: float
+    version: str
+
+
+class KernelInfo(BaseModel):
+    state: Literal["idle", "busy", "starting", "dead", "none", "restarting"]
+
+
+class SetupResult(_Open):
+    logs: Optional[str] = None
+    duration: Optional[str] = None
+    error: Optional[str] = None
+
+
+class SessionDocument(_Open):
+    id: str
+    created_at: str = Field(description="ISO-8601 UTC with Z")
+    last_run_at: Optional[str]
+    language: str
+    persistent: bool
+    file_count: int
+    total_size_bytes: int
+    metadata: dict[str, Any]
+    data: dict[str, Any]
+    default_timeout: float
+    allowInternetAccess: bool
+    setup_status: Optional[Literal["pending", "running", "completed", "failed"]]
+    setup_result: Optional[SetupResult]
+    kernel: KernelInfo
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionDocument]
+    count: int
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+class BulkDeleted(BaseModel):
+    deleted: list[str]
+    count: int
+
+
+class FileInfo(_Open):
+    path: str
+    size: int
+    uploaded: Optional[str] = None
+
+
+class FileList(BaseModel):
+    files: list[FileInfo]
+    count: int
+
+
+class FileWritten(_Open):
+    path: str
+    size: int
+
+
+class FileDeleted(BaseModel):
+    deleted: str
+    session_id: str
+
+
+class StoredCode(BaseModel):
+    session_id: str
+    code: Optional[str]
+
+
+class RunRecord(_Open):
+    run_id: Optional[str] = None
+    code: str
+    started_at: Optional[str] = None
+    exit_code: int
+    outputs: list[dict[str, Any]]
+    stdout: str
+    stderr: str
+    duration_ms: float
+    execution_count: Optional[int] = None
+    error: Optional[ErrorInfo] = None
+    timed_out: bool = False
+    truncated: bool = False
+
+
+class RunList(BaseModel):
+    session_id: str
+    runs: list[RunRecord]
+    count: int
+
+
+class Notebook(_Open):
+    nbformat: Literal[4]
+    nbformat_minor: int
+    metadata: dict[str, Any]
+    cells: list[dict[str, Any]]
+
+
+class Interrupted(BaseModel):
+    session_id: str
+    interrupted: bool
+
+
+class Restarted(BaseModel):
+    session_id: str
+    restarted: bool
+
+
+class Stats(_Open):
+    sessions: int
+    live_kernels: int
+    server: dict[str, Any]
+
+
+class OpenAPI(_Open):
+    openapi: str
+    info: dict[str, Any]
+    paths: dict[str, Any]
+
+
+# ---- streaming events (SSE `data:` and WebSocket messages) -------------------------------
+class OutputEvent(BaseModel):
+    type: Literal["stdout", "stderr"]
+    content: str
+    id: Optional[str] = Field(None, description="run id (WebSocket)")
+
+
+class DisplayEvent(BaseModel):
+    type: Literal["display"]
+    data: dict[str, Any]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    id: Optional[str] = None
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"]
+    ename: str
+    evalue: str
+    traceback: list[str]
+    id: Optional[str] = None
+
+
+class DoneEvent(BaseModel):
+    type: Literal["done"]
+    exit_code: int
+    duration: str
+    duration_ms: Optional[float] = None
+    timed_out: Optional[bool] = None
+    truncated: Optional[bool] = None
+    id: Optional[str] = None
+
+
+class InputRequestEvent(BaseModel):
+    type: Literal["input_request"]
+    prompt: str
+    password: bool
+    id: Optional[str] = None
+
+
+class StatusEvent(BaseModel):
+    type: Literal["status"]
+    state: str
+    id: Optional[str] = None
+
+
+class WsResult(BaseModel):
+    type: Literal["result"]
+    id: str
+    result: RunResult
+
+
+class WsProtocolError(BaseModel):
+    type: Literal["error"]
+    id: Optional[str]
+    error: str
+    status_code: int
+    field: Optional[str] = None
+
+
+class WsRun(BaseModel):
+    type: Literal["run"]
+    code: Optional[str] = None
+    timeout: Optional[float] = None
+    env: dict[str, str] = Field(default_factory=dict)
+    id: Optional[str] = Field(None, description="run id echoed on every event of the run; generated if absent")
+
+
+class WsInterrupt(BaseModel):
+    type: Literal["interrupt"]
+
+
+class WsInputReply(BaseModel):
+    type: Literal["input_reply"]
+    value: str
+
+
+STREAM_EVENTS = (OutputEvent, DisplayEvent, ErrorEvent, DoneEvent)
+WS_SERVER_MESSAGES = STREAM_EVENTS + (InputRequestEvent, StatusEvent, WsResult, WsProtocolError)
+WS_CLIENT_MESSAGES = (WsRun, WsInterrupt, WsInputReply)

@@ -1,0 +1,86 @@
+"""What handlers are given through ``initialize(services=...)``: settings, the engine once
+it is ready, the WebSocket hubs, and the limits derived from the settings."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger("era.server")
+
+# Bodies declared larger than the limit are still drained (up to this multiple of it) so
+# that the client reads our 413 instead of a reset connection; past it we hang up.
+DRAIN_FACTOR = 4
+
+
+class Services:
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.engine: Any = None
+        self.state = "starting"  # starting | ready | failed | stopping
+        self.ready = asyncio.Event()
+        self.started = time.monotonic()
+        self.max_body = int(settings["ERA_MAX_BODY"])
+        self.drain_limit = self.max_body * DRAIN_FACTOR
+        key = settings["ERA_API_KEY"] or ""
+        self.api_key: bytes | None = key.encode() if key else None
+        self.allowed_origins = frozenset(
+            o.strip().rstrip("/") for o in (settings["ERA_ALLOWED_ORIGINS"] or "").split(",") if o.strip())
+        self.hubs: dict[str, Any] = {}  # session id -> ws.SessionHub
+        self.tasks: set[asyncio.Task] = set()  # runs that outlive their request or socket
+        self.openapi: dict | None = None  # built on first request
+        self.version = "unknown"
+
+    def spawn(self, coro) -> asyncio.Task:
+        """A background task that outlives the request or socket that started it."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(_retrieve)
+        return task
+
+    def sessions_deleted(self, ids: list[str]) -> None:
+        """Close the sockets of deleted sessions: their event subscription died with them."""
+        for sid in ids:
+            hub = self.hubs.get(sid)
+            if hub is not None:
+                hub.close_sockets(4404, "session deleted")
+
+    async def start_engine(self) -> None:
+        """Import the engine off the event loop (so /health keeps answering), then start it."""
+        t0 = time.monotonic()
+        sessions, self.version = await asyncio.to_thread(_import_engine)
+        engine = sessions.SessionManager(self.settings)
+        await engine.start()
+        self.engine = engine
+        if self.state == "starting":
+            self.state = "ready"
+        self.ready.set()
+        log.info("engine ready", extra={"event": "ready", "duration_ms": round((time.monotonic() - t0) * 1000, 1)})
+
+    async def shutdown_engine(self) -> None:
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Whoever awaited the task reported its error; this only keeps asyncio from warning."""
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        if getattr(exc, "status", 500) >= 500:
+            log.warning("background run failed: %s", type(exc).__name__, extra={"event": "error"})
+
+
+def _import_engine():
+    # models too: the first request that needs them should not pay for the import.
+    from importlib.metadata import PackageNotFoundError, version
+
+    importlib.import_module("era_kernel.models")
+    try:
+        dist_version = version("era-kernel")
+    except PackageNotFoundError:
+        dist_version = "unknown"
+    return importlib.import_module("era_kernel.sessions"), dist_version

@@ -1,0 +1,61 @@
+"""Shared fixtures: a real engine on real kernels, in throwaway directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from era_kernel.config import Settings
+from era_kernel.sessions import SessionManager
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def short_tmpdir(prefix: str = "era") -> Path:
+    # IPC socket paths must stay under 107 bytes: pytest's tmp_path is too deep.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture
+def era_settings(tmp_path):
+    runtime = short_tmpdir("ert")
+    settings = Settings.from_env({}, data_dir=str(tmp_path / "data"), runtime_dir=str(runtime))
+    yield settings
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+async def engine(era_settings):
+    manager = SessionManager(era_settings)
+    await manager.start()
+    yield manager
+    await manager.shutdown()
+
+
+@pytest.fixture
+async def session(engine):
+    """A ready Python session on the default (local) provisioner."""
+    doc = await engine.create({"language": "python"})
+    yield doc["id"]
+    try:
+        await engine.delete(doc["id"])
+    except Exception:
+        pass
+
+
+def kernel_processes(marker: str) -> list[int]:
+    """Pids whose command line mentions ``marker`` (a runtime or kernel dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmd and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+    return pids

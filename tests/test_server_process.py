@@ -1,0 +1,138 @@
+"""The server as a process: /health before the engine is ready, SIGTERM/SIGINT with no
+orphaned kernels, the no-key warning, bind failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from tests.test_server_harness import ServerProcess
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, dict]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_health_answers_before_the_engine_is_ready():
+    probe = ServerProcess()
+    port = free_port()
+    env = dict(probe.env)
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "era_server", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = None
+        while time.perf_counter() - started < 10:
+            try:
+                first = raw_get(port, "/health", timeout=2)
+                break
+            except (ConnectionRefusedError, ConnectionResetError):
+                time.sleep(0.002)
+        elapsed = time.perf_counter() - started
+        assert first is not None and first[0] == 200 and first[1]["status"] == "ok"
+        assert first[1]["ready"] is False  # answered before the engine (or even tornado) was up
+        # The goal is 100 ms on an idle machine (about 75 ms measured); the bound is generous for CI.
+        assert elapsed < 0.5, f"first /health after {elapsed * 1000:.0f} ms"
+        # A request sent now is held until the engine is ready, not refused.
+        status, body = raw_get(port, "/api/sessions")
+        assert status == 200 and body["count"] == 0
+        assert raw_get(port, "/health")[1]["ready"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        probe.cleanup()
+    assert proc.returncode == 0
+    listening = [json.loads(line) for line in err.splitlines() if '"event": "listening"' in line][0]
+    assert listening["port"] == port and listening["bound_after_main_ms"] < 200
+
+
+def test_sigterm_stops_every_kernel_and_exits_zero():
+    server = ServerProcess().start()
+    try:
+        for sid in ("term-a", "term-b"):
+            server.json("POST", "/api/sessions", {"id": sid}, expect=201)
+            assert server.json("POST", f"/api/sessions/{sid}/run", {"code": "print('up')"})["stdout"] == "up\n"
+        answered: dict = {}
+
+        def long_run() -> None:
+            try:
+                answered["status"] = server.request("POST", "/api/sessions/term-a/run",
+                                                    {"code": "import time\ntime.sleep(120)"}, timeout=60)[0]
+            except OSError as exc:
+                answered["error"] = exc
+
+        thread = threading.Thread(target=long_run)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while server.json("GET", "/api/sessions/term-a")["kernel"]["state"] != "busy":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        kernels = server.descendants()
+        assert kernels, "no kernel processes found under the server"
+        started = time.monotonic()
+        code = server.stop(signal.SIGTERM)
+        assert code == 0
+        assert time.monotonic() - started < 30
+        thread.join(30)
+        assert answered, "the running request was left hanging"
+        time.sleep(0.2)
+        alive = [pid for pid in kernels if _alive(pid)]
+        assert not alive, f"orphaned processes: {alive}"
+        assert any('"event": "stopped"' in line for line in server.lines)
+    finally:
+        server.cleanup()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigint_exits_zero():
+    server = ServerProcess().start()
+    try:
+        assert server.stop(signal.SIGINT) == 0
+    finally:
+        server.cleanup()
+
+
+def test_no_key_on_a_public_address_warns_loudly():
+    server = ServerProcess(args=["--host", "0.0.0.0"]).start(wait_ready=False)
+    try:
+        warnings = [e for e in server.logs() if e.get("event") == "insecure"]
+        assert warnings and warnings[0]["level"] == "WARNING" and "NO API KEY" in warnings[0]["msg"]
+    finally:
+        server.cleanup()
+
+
+def test_bind_failure_is_a_clean_exit():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, ERA_DATA_DIR="/tmp/era-unused-bind-test")
+        proc = subprocess.run([sys.executable, "-m", "era_server", "--port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "cannot bind" in proc.stderr and "Traceback" not in proc.stderr

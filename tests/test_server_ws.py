@@ -1,0 +1,174 @@
+"""WebSocket /api/sessions/{id}/ws against a real server and kernel: fan-out to every
+client, input() round trip, run ids, interrupt, disconnects, bad messages, 1009."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.websocket import websocket_connect
+
+from tests.test_server_harness import MAIN_ENV, shared_server
+
+SID = "ws-main"
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = shared_server()
+    status, _ = srv.request("GET", f"/api/sessions/{SID}")
+    if status == 404:
+        srv.json("POST", "/api/sessions", {"id": SID}, expect=201)
+    return srv
+
+
+async def connect(server, sid=SID):
+    conn = await websocket_connect(f"{server.ws_base}/api/sessions/{sid}/ws")
+    hello = json.loads(await conn.read_message())
+    assert hello["type"] == "status" and hello["session_id"] == sid
+    return conn
+
+
+async def read_until(conn, predicate, timeout=30.0):
+    """Messages up to and including the first that satisfies ``predicate``."""
+    seen = []
+    while True:
+        raw = await asyncio.wait_for(conn.read_message(), timeout)
+        assert raw is not None, f"closed after {seen}"
+        message = json.loads(raw)
+        seen.append(message)
+        if predicate(message):
+            return seen
+
+
+def done_of(run_id):
+    return lambda m: m["type"] == "done" and m["id"] == run_id
+
+
+async def test_every_client_sees_every_run(server):
+    a, b = await connect(server), await connect(server)
+    a.write_message(json.dumps({"type": "run", "id": "fan-1", "code": "print('to all')"}))
+    for conn in (a, b):
+        messages = await read_until(conn, done_of("fan-1"))
+        assert {"type": "stdout", "content": "to all\n", "id": "fan-1"} in messages
+        assert all(m.get("id") == "fan-1" for m in messages if m["type"] in ("stdout", "done"))
+    assert (await read_until(a, lambda m: m["type"] == "result"))[-1]["result"]["stdout"] == "to all\n"
+    # A REST run on the same session reaches the sockets too.
+    result = await asyncio.to_thread(server.json, "POST", f"/api/sessions/{SID}/run", {"code": "print('rest')"})
+    for conn in (a, b):
+        messages = await read_until(conn, done_of(result["run_id"]))
+        assert any(m["type"] == "stdout" and m["content"] == "rest\n" for m in messages)
+    a.close()
+    b.close()
+
+
+async def test_input_round_trip_answered_by_any_client(server):
+    asker, answerer = await connect(server), await connect(server)
+    asker.write_message(json.dumps({"type": "run", "id": "ask-1",
+                                    "code": "name = input('name? ')\nprint('hello', name)"}))
+    request = (await read_until(answerer, lambda m: m["type"] == "input_request"))[-1]
+    assert request == {"type": "input_request", "prompt": "name? ", "password": False, "id": "ask-1"}
+    answerer.write_message(json.dumps({"type": "input_reply", "value": "ada"}))
+    messages = await read_until(asker, done_of("ask-1"))
+    assert any(m["type"] == "input_request" for m in messages)  # the asker was asked too
+    assert {"type": "stdout", "content": "hello ada\n", "id": "ask-1"} in messages
+    assert messages[-1]["exit_code"] == 0
+    asker.close()
+    answerer.close()
+
+
+async def test_run_ids_are_generated_and_results_go_to_the_requester(server):
+    conn = await connect(server)
+    conn.write_message(json.dumps({"type": "run", "code": "1 + 1"}))
+    messages = await read_until(conn, lambda m: m["type"] == "result")
+    run_id = messages[-1]["id"]
+    assert run_id.startswith("run_")
+    assert messages[-1]["result"]["outputs"][0]["data"]["text/plain"] == "2"
+    assert any(m["type"] == "done" and m["id"] == run_id for m in messages)
+    conn.close()
+
+
+async def test_a_client_leaving_mid_run_does_not_stop_the_run(server):
+    leaver, watcher = await connect(server), await connect(server)
+    leaver.write_message(json.dumps({"type": "run", "id": "leave-1",
+                                     "code": "import time\ntime.sleep(0.5)\nprint('finished anyway')"}))
+    await read_until(leaver, lambda m: m["type"] == "status" and m.get("state") == "busy")
+    leaver.close()
+    messages = await read_until(watcher, done_of("leave-1"))
+    assert {"type": "stdout", "content": "finished anyway\n", "id": "leave-1"} in messages
+    watcher.close()
+
+
+async def test_interrupt_over_the_socket(server):
+    conn = await connect(server)
+    conn.write_message(json.dumps({"type": "run", "id": "long-1",
+                                   "code": "import time\nprint('go', flush=True)\ntime.sleep(60)"}))
+    await read_until(conn, lambda m: m["type"] == "stdout")
+    conn.write_message(json.dumps({"type": "interrupt"}))
+    messages = await read_until(conn, done_of("long-1"), timeout=20)
+    assert any(m["type"] == "error" and m.get("ename") == "KeyboardInterrupt" for m in messages)
+    assert messages[-1]["exit_code"] == 1
+    conn.close()
+
+
+@pytest.mark.parametrize("raw, status", [
+    ("not json", 400), ("[1]", 400), ('{"type": 5}', 400), ('{"type": "dance"}', 400),
+    ('{"type": "input_reply", "value": "x"}', 409), ('{"type": "input_reply", "value": 5}', 400),
+    ('{"type": "run", "id": "bad id!", "code": "1"}', 400), ('{"type": "run", "code": 5, "id": "typed"}', 400),
+    ('{"type": "run", "code": "1", "timeout": -1}', 400), ("[" * 20000 + "]" * 20000, 400),
+])
+async def test_bad_messages_get_errors_in_the_api_shape(server, raw, status):
+    conn = await connect(server)
+    conn.write_message(raw)
+    message = (await read_until(conn, lambda m: m["type"] == "error" and "status_code" in m))[-1]
+    assert message["status_code"] == status and isinstance(message["error"], str)
+    assert set(message) <= {"type", "id", "error", "status_code", "field"}
+    if '"id": "typed"' in raw:
+        assert message["id"] == "typed" and message["field"] == "code"
+    # the socket still works after an error
+    conn.write_message(json.dumps({"type": "run", "id": f"after-{status}", "code": "print('ok')"}))
+    await read_until(conn, done_of(f"after-{status}"))
+    conn.close()
+
+
+async def test_binary_frames_are_refused(server):
+    conn = await connect(server)
+    conn.write_message(b"\x00\x01", binary=True)
+    message = (await read_until(conn, lambda m: m["type"] == "error"))[-1]
+    assert message["status_code"] == 400
+    conn.close()
+
+
+async def test_oversized_frame_closes_with_1009(server):
+    conn = await connect(server)
+    conn.write_message("x" * (int(MAIN_ENV["ERA_MAX_BODY"]) + 1))
+    while await asyncio.wait_for(conn.read_message(), 10) is not None:
+        pass
+    assert conn.close_code == 1009
+
+
+async def test_handshake_refusals_are_json(server):
+    with pytest.raises(HTTPClientError) as info:
+        await websocket_connect(f"{server.ws_base}/api/sessions/absent-ws/ws")
+    assert info.value.code == 404
+    body = json.loads(info.value.response.body)
+    assert body["status_code"] == 404
+    # Without ERA_ALLOWED_ORIGINS, a browser Origin must be the server's own host.
+    evil = HTTPRequest(f"{server.ws_base}/api/sessions/{SID}/ws", headers={"Origin": "http://evil.example"})
+    with pytest.raises(HTTPClientError) as info:
+        await websocket_connect(evil)
+    assert info.value.code == 403 and json.loads(info.value.response.body)["status_code"] == 403
+    own = HTTPRequest(f"{server.ws_base}/api/sessions/{SID}/ws",
+                      headers={"Origin": f"http://127.0.0.1:{server.port}"})
+    (await websocket_connect(own)).close()
+
+
+async def test_deleting_a_session_closes_its_sockets(server):
+    await asyncio.to_thread(server.json, "POST", "/api/sessions", {"id": "ws-gone"}, expect=201)
+    conn = await connect(server, "ws-gone")
+    await asyncio.to_thread(server.json, "DELETE", "/api/sessions/ws-gone")
+    while await asyncio.wait_for(conn.read_message(), 10) is not None:
+        pass
+    assert conn.close_code == 4404

@@ -1,0 +1,319 @@
+"""Workspace: the local directory, as the server sees it while untrusted code owns it
+(SECURITY.md cases 11-13, 16, 22)."""
+
+import asyncio
+import errno
+import os
+import re
+import resource
+import stat
+import threading
+import time
+from urllib.parse import unquote
+
+import pytest
+
+from era_kernel.errors import BadRequest, NotFound, TooLarge
+from era_kernel.workspaces import Workspace, fdtree
+
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+TRAVERSALS = ["../x", unquote("%2e%2e/x"), "/etc/passwd", "..\\x", "a\x00b", "../ws1evil/x", "a/../../x"]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """``ws1`` (the workspace), a sibling ``ws1evil`` and an ``outside`` directory with a secret."""
+    (tmp_path / "ws1evil").mkdir()
+    (tmp_path / "ws1evil" / "x").write_bytes(b"sibling secret")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_bytes(b"outside secret")
+    return tmp_path
+
+
+@pytest.fixture
+async def ws(tree):
+    workspace = Workspace(tree / "ws1")
+    await workspace.create()
+    return workspace
+
+
+async def test_create_is_private(ws):
+    assert stat.S_IMODE(os.stat(ws.root).st_mode) == 0o700
+
+
+async def test_write_read_list_delete_usage(ws):
+    assert await ws.list() == []
+    assert await ws.write("a.txt", b"hello") == {"path": "a.txt", "size": 5}
+    assert await ws.write("./dir//sub/b.bin", bytes(range(256))) == {"path": "dir/sub/b.bin", "size": 256}
+    assert await ws.write("empty", b"") == {"path": "empty", "size": 0}
+    assert await ws.read("a.txt") == b"hello"
+    assert await ws.read("dir/sub/b.bin") == bytes(range(256))
+    listing = await ws.list()
+    assert [f["path"] for f in listing] == ["a.txt", "dir/sub/b.bin", "empty"]
+    assert [f["size"] for f in listing] == [5, 256, 0]
+    assert all(ISO_Z.match(f["uploaded"]) for f in listing)
+    assert await ws.usage() == (3, 261)
+    assert (await ws.stat("a.txt"))["size"] == 5
+
+    assert (await ws.write("a.txt", b"replaced"))["size"] == 8
+    assert await ws.read("a.txt") == b"replaced"
+    await ws.delete("a.txt")
+    with pytest.raises(NotFound):
+        await ws.read("a.txt")
+    with pytest.raises(NotFound):
+        await ws.delete("a.txt")
+    await ws.delete("dir")  # a directory path removes the tree
+    assert [f["path"] for f in await ws.list()] == ["empty"]
+    assert not [n for n in os.listdir(ws.root) if n.startswith(fdtree.TEMP_PREFIX)]
+
+
+async def test_missing_workspace_reads_as_empty(tmp_path):
+    ws = Workspace(tmp_path / "never-created")
+    assert await ws.list() == []
+    assert await ws.usage() == (0, 0)
+    with pytest.raises(NotFound):
+        await ws.read("a")
+
+
+@pytest.mark.parametrize("bad", TRAVERSALS)
+async def test_traversal_is_refused_everywhere(ws, tree, bad):
+    for call in (ws.read(bad), ws.write(bad, b"pwned"), ws.delete(bad), ws.stat(bad)):
+        with pytest.raises(BadRequest) as info:
+            await call
+        assert info.value.status == 400 and info.value.field == "path"
+    assert (tree / "ws1evil" / "x").read_bytes() == b"sibling secret"
+    assert not (tree / "x").exists() and not (tree / "pwned").exists()
+
+
+async def test_symlinks_are_never_followed(ws, tree):
+    os.symlink("/etc/passwd", ws.root / "p")
+    os.symlink("/", ws.root / "r")
+    os.symlink(tree / "outside", ws.root / "d")
+    os.symlink(tree / "outside" / "missing", ws.root / "dangling")
+    await ws.write("real.txt", b"ok")
+
+    # Listing: links are neither listed nor walked into.
+    assert [f["path"] for f in await ws.list()] == ["real.txt"]
+    assert await ws.usage() == (1, 2)
+
+    # Reading through or at a link: the same "not found", whether the target exists or not.
+    messages = set()
+    for path in ("p", "r/etc/passwd", "d/secret", "dangling", "d/missing"):
+        with pytest.raises(NotFound) as info:
+            await ws.read(path)
+        messages.add(info.value.message.replace(path, "<path>"))
+    assert messages == {"file not found: <path>"}
+
+    # Writing through a linked directory is refused and creates nothing outside.
+    for path in ("r/tmp/era-pwned", "d/new", "d/secret"):
+        with pytest.raises(BadRequest):
+            await ws.write(path, b"pwned")
+    assert not os.path.exists("/tmp/era-pwned")
+    assert sorted(os.listdir(tree / "outside")) == ["secret"]
+    assert (tree / "outside" / "secret").read_bytes() == b"outside secret"
+
+    # Writing *at* a link replaces the link itself, never its target.
+    os.symlink(tree / "outside" / "secret", ws.root / "leaf")
+    await ws.write("leaf", b"mine")
+    assert not os.path.islink(ws.root / "leaf")
+    assert (tree / "outside" / "secret").read_bytes() == b"outside secret"
+
+    # Deleting a link removes the link; deleting through one is "not found".
+    await ws.delete("d")
+    assert (tree / "outside" / "secret").exists()
+    os.symlink(tree / "outside", ws.root / "d")
+    with pytest.raises(NotFound):
+        await ws.delete("d/secret")
+    assert (tree / "outside" / "secret").exists()
+
+
+async def test_fifo_and_special_files_do_not_hang(ws):
+    os.mkfifo(ws.root / "fifo")
+    with pytest.raises(NotFound):
+        await asyncio.wait_for(ws.read("fifo"), 5)
+    assert await asyncio.wait_for(ws.list(), 5) == []
+    await ws.write("dir/f", b"x")
+    with pytest.raises(NotFound):
+        await ws.read("dir")  # a directory is not a file
+
+
+async def test_write_conflicts(ws):
+    await ws.write("file", b"x")
+    await ws.write("dir/inner", b"y")
+    with pytest.raises(BadRequest):
+        await ws.write("file/child", b"z")  # a parent is a file
+    with pytest.raises(BadRequest):
+        await ws.write("dir", b"z")  # it is a directory
+    assert await ws.read("dir/inner") == b"y"
+
+
+async def test_quotas(tree):
+    ws = Workspace(tree / "q", max_file_bytes=10, max_total_bytes=25, max_files=3, max_read_bytes=12)
+    await ws.create()
+    with pytest.raises(TooLarge) as info:
+        await ws.write("big", b"x" * 11)
+    assert info.value.status == 413
+    await ws.write("a", b"x" * 10)
+    await ws.write("b", b"x" * 10)
+    with pytest.raises(TooLarge):
+        await ws.write("c", b"x" * 6)  # 26 > 25
+    await ws.write("a", b"x" * 5)  # replacing counts the difference: 15 + 5 fits
+    await ws.write("c", b"x" * 10)
+    with pytest.raises(TooLarge):
+        await ws.write("d", b"")  # a fourth file
+    assert await ws.usage() == (3, 25)
+    # Downloads of files the kernel made bigger than the read cap.
+    (ws.root / "made-by-kernel").write_bytes(b"y" * 13)
+    with pytest.raises(TooLarge):
+        await ws.read("made-by-kernel")
+    assert await ws.read("made-by-kernel", max_bytes=13) == b"y" * 13
+
+
+async def test_disk_full_is_413_and_leaves_no_temp(ws, monkeypatch):
+    # ENOSPC cannot be produced for real without root (a tiny tmpfs): inject it.
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fdtree, "write_all", full)
+    with pytest.raises(TooLarge):
+        await ws.write("a", b"data")
+    assert os.listdir(ws.root) == []
+
+
+async def test_chown_when_root(tree):
+    ws = Workspace(tree / "owned", uid=54321)
+    await ws.create()
+    await ws.write("d/e/f.txt", b"x")
+    await ws.write("g.txt", b"y", uid=54322)
+    expected = (54321, 54322) if os.geteuid() == 0 else (os.geteuid(), os.geteuid())
+    for path in ("", "d", "d/e", "d/e/f.txt"):
+        assert os.stat(ws.root / path).st_uid == expected[0]
+    assert os.stat(ws.root / "g.txt").st_uid == expected[1]
+
+
+async def test_temp_files_are_not_listed(ws):
+    (ws.root / (fdtree.TEMP_PREFIX + "deadbeef")).write_bytes(b"partial")
+    await ws.write("a", b"x")
+    assert [f["path"] for f in await ws.list()] == ["a"]
+
+
+async def test_unaddressable_names_are_not_listed(ws):
+    (ws.root / "bad\nname").write_bytes(b"x")
+    (ws.root / "ok").write_bytes(b"y")
+    assert [f["path"] for f in await ws.list()] == ["ok"]
+
+
+async def test_copy_to(ws, tree):
+    await ws.write("a.txt", b"A")
+    await ws.write("sub/b.txt", b"B")
+    os.symlink("/etc/passwd", ws.root / "p")
+    os.symlink("/", ws.root / "r")
+    os.symlink(tree / "outside", ws.root / "sub" / "d")
+    os.mkfifo(ws.root / "fifo")
+    mtime = os.stat(ws.root / "a.txt").st_mtime_ns
+    other = Workspace(tree / "copy", uid=4242)
+    assert await ws.copy_to(other) == (2, 2)
+    assert sorted(f["path"] for f in await other.list()) == ["a.txt", "sub/b.txt"]
+    assert await other.read("sub/b.txt") == b"B"
+    assert os.stat(other.root / "a.txt").st_mtime_ns == mtime
+    assert sorted(os.listdir(other.root)) == ["a.txt", "sub"]
+    assert sorted(os.listdir(other.root / "sub")) == ["b.txt"]
+    if os.geteuid() == 0:
+        assert os.stat(other.root / "sub" / "b.txt").st_uid == 4242
+
+
+async def test_copy_skips_a_directory_swapped_for_a_link(ws, tree, monkeypatch):
+    """Deterministic race: the walk has seen ``sub`` as a directory; before it is opened,
+    the kernel replaces it with a link to ``outside``. The copy must not follow it."""
+    await ws.write("sub/ok.txt", b"ok")
+    real_scan = fdtree.scan
+    swapped = []
+
+    def scan_then_swap(dir_fd):
+        entries = real_scan(dir_fd)
+        if not swapped and any(name == "sub" for name, _ in entries):
+            os.rename(ws.root / "sub", ws.root / "sub.old")
+            os.symlink(tree / "outside", ws.root / "sub")
+            swapped.append(True)
+        return entries
+
+    monkeypatch.setattr(fdtree, "scan", scan_then_swap)
+    await ws.copy_to(tree / "copy")
+    assert swapped
+    found = [os.path.join(d, f) for d, _, fs in os.walk(tree / "copy") for f in fs]
+    assert not any(f.endswith("secret") for f in found), found
+
+
+async def test_copy_under_a_racing_swapper(ws, tree):
+    """The kernel flips ``sub`` between a directory and a link to ``outside`` as fast as
+    it can while copies run: no copy ever contains the outside secret."""
+    await ws.write("sub/ok.txt", b"ok")
+    (ws.root / "sub_dir").mkdir()
+    stop = threading.Event()
+
+    def swapper():
+        sub = ws.root / "sub"
+        while not stop.is_set():
+            try:
+                os.rename(sub, ws.root / "sub_dir_tmp")
+                os.symlink(tree / "outside", sub)
+                os.unlink(sub)
+                os.rename(ws.root / "sub_dir_tmp", sub)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=swapper, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        runs = 0
+        while time.monotonic() < deadline:
+            target = tree / f"copy{runs}"
+            await ws.copy_to(target)
+            found = [f for _, _, fs in os.walk(target) for f in fs]
+            assert "secret" not in found
+            runs += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert runs > 3
+
+
+async def test_remove_does_not_follow_links(ws, tree):
+    await ws.write("deep/er/file", b"x")
+    os.symlink(tree / "outside", ws.root / "deep" / "link")
+    os.symlink("/", ws.root / "root-link")
+    await ws.remove()
+    assert not ws.root.exists()
+    assert (tree / "outside" / "secret").read_bytes() == b"outside secret"
+    await ws.remove()  # idempotent
+
+
+async def test_deep_tree_is_walked_and_removed_iteratively(ws):
+    # Deeper than Python's recursion limit would allow with naive recursion. The walk
+    # holds one descriptor per level, so make sure the soft limit allows it.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard) if hard != resource.RLIM_INFINITY else 4096, hard))
+    fd = os.open(ws.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1200):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    assert await ws.usage() == (1, 0)
+    assert await ws.list() == []  # the path is longer than any addressable one
+    await ws.remove()
+    assert not ws.root.exists()
+
+
+async def test_concurrent_writes_respect_total_quota(tree):
+    ws = Workspace(tree / "c", max_total_bytes=100)
+    await ws.create()
+    results = await asyncio.gather(*(ws.write(f"f{i}", b"x" * 30) for i in range(6)), return_exceptions=True)
+    assert sum(isinstance(r, TooLarge) for r in results) == 3
+    assert (await ws.usage())[1] == 90
