@@ -44,7 +44,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 2
         finally:
             await engine.shutdown()
-        if result["error"]:
+        if result["error"] and result["error"]["ename"] != "SystemExit":
             err = result["error"]
             tb = "\n".join(err.get("traceback") or []) or f"{err['ename']}: {err['evalue']}"
             print(tb, file=sys.stderr)

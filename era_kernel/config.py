@@ -70,6 +70,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_ALLOWED_ORIGINS", "", "Comma-separated WebSocket Origins allowed (exact match)."),
     Setting("ERA_MAX_BODY", 64 * 1024**2, "Largest HTTP request body in bytes.", _size),
     Setting("ERA_DOCKER_IMAGE_PREFIX", "era", "Repository prefix of the language images (`era/python`)."),
+    Setting("ERA_DOCKER_MEMORY", 512 * 1024**2, "Memory limit (swap included) of a Docker kernel.", _size),
+    Setting("ERA_DOCKER_CPUS", 1.0, "CPUs of a Docker kernel.", float),
+    Setting("ERA_DOCKER_PIDS", 256, "Process (and thread) limit of a Docker kernel.", int),
+    Setting("ERA_DOCKER_EGRESS_NETWORK", "era-egress", "Docker network for sessions with internet access; "
+            "without it, host networking (see Known limits)."),
     Setting("ERA_LOG_LEVEL", "INFO", "Log level of the server and engine."),
 )
 

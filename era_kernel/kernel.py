@@ -36,6 +36,7 @@ class ExecOutcome:
     status: str = "ok"  # ok | error | aborted | timeout | dead
     duration: float = 0.0
     dead_status: int | None = None  # the kernel process's exit status when it died
+    out_of_memory: bool = False  # the kernel was killed for exceeding its memory limit
     restarted: bool = False
 
 
@@ -224,6 +225,7 @@ class SessionKernel:
             if finished == "dead":
                 outcome.status = "dead"
                 outcome.dead_status = await self.exit_status()
+                outcome.out_of_memory = bool(getattr(self.km.provisioner, "oom_killed", False)) if self.km else False
             elif finished == "timeout":
                 outcome.status = "timeout"
                 await self.interrupt()
@@ -250,18 +252,21 @@ class SessionKernel:
 
     async def _wait(self, pending: _Pending, deadline: float) -> str:
         """Wait for reply + idle. Returns done, timeout or dead."""
-        loop_wait = asyncio.gather(pending.idle.wait(), pending.replied.wait())
+
+        async def both() -> None:
+            await pending.replied.wait()
+            await pending.idle.wait()
+
+        waiter = asyncio.ensure_future(both())
         try:
             while True:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     return "timeout"
-                try:
-                    await asyncio.wait_for(asyncio.shield(loop_wait), min(remaining, ALIVE_POLL))
+                done, _ = await asyncio.wait({waiter}, timeout=min(remaining, ALIVE_POLL))
+                if done:
                     return "done" if self.kc is not None else "dead"
-                except asyncio.TimeoutError:
-                    if not await self.is_alive():
-                        return "dead"
+                if not await self.is_alive():
+                    return "dead"
         finally:
-            if not loop_wait.done():
-                loop_wait.cancel()
+            waiter.cancel()

@@ -20,8 +20,10 @@ KERNELSPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs"
 
 
 def _pin_python(spec: dict) -> dict:
+    """Local kernels only: a container's argv names the interpreter as the image sees it."""
+    provisioner = spec.get("metadata", {}).get("kernel_provisioner", {}).get("provisioner_name")
     argv = list(spec.get("argv", []))
-    if argv and argv[0] in ("python", "python3"):
+    if provisioner in (None, "era-local", "local-provisioner") and argv and argv[0] in ("python", "python3"):
         argv[0] = sys.executable
     return dict(spec, argv=argv)
 

@@ -19,10 +19,12 @@ from .errors import BadRequest
 
 def _py_startup(workspace: str, env: dict[str, str], startup: str | None) -> list[str]:
     cells = [
-        "import os as _era_os\n"
+        "import os as _era_os, warnings as _era_warnings\n"
         f"_era_os.chdir({json.dumps(workspace)})\n"
         f"_era_os.environ.update({json.dumps(env)})\n"
-        "del _era_os"
+        # sys.exit(n) is how scripts end; IPython's "To exit: use 'exit'" hint is noise here.
+        "_era_warnings.filterwarnings('ignore', message='To exit: use')\n"
+        "del _era_os, _era_warnings"
     ]
     if startup:
         cells.append(startup)

@@ -64,6 +64,20 @@ def reap_kernel_dirs(runtime_dir: Path) -> int:
     return reaped
 
 
+def _containers_of_live_owners() -> list[str]:
+    """ERA containers whose launching process is still alive (another engine, or a
+    Jupyter server using our kernelspec): not orphans."""
+    from .provisioning.docker import LABEL_KERNEL, LABEL_MANAGED, LABEL_OWNER, shared_docker_client
+
+    keep = []
+    for item in shared_docker_client().api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=1"}):
+        labels = item.get("Labels") or {}
+        owner = labels.get(LABEL_OWNER, "")
+        if owner.isdigit() and _alive(int(owner)):
+            keep.append(labels.get(LABEL_KERNEL) or item["Id"])
+    return keep
+
+
 async def reap_orphans(settings: Settings) -> int:
     reaped = await asyncio.to_thread(reap_kernel_dirs, settings.runtime_dir)
     try:
@@ -71,7 +85,8 @@ async def reap_orphans(settings: Settings) -> int:
     except ImportError:
         return reaped
     try:
-        reaped += await reap_orphan_containers()
+        keep = await asyncio.to_thread(_containers_of_live_owners)
+        reaped += await reap_orphan_containers(keep=keep)
     except Exception as exc:  # no engine here: nothing of ours can be running in it
         log.debug("container reaping skipped: %s", exc)
     return reaped

@@ -29,6 +29,11 @@ def exit_code_and_error(outcome: ExecOutcome, language: Language, timeout: float
         detail = " (the interrupt did not take; the kernel was restarted)" if outcome.restarted else ""
         return EXIT_TIMEOUT, {"ename": "TimeoutError", "evalue": f"run exceeded its {timeout:g}s timeout{detail}",
                               "traceback": []}
+    if outcome.status == "dead" and outcome.out_of_memory:
+        return (outcome.dead_status or 137), {
+            "ename": "MemoryError",
+            "evalue": "the kernel ran out of memory (its memory limit) and was killed; the next run starts a fresh kernel",
+            "traceback": []}
     if outcome.status == "dead":
         status = outcome.dead_status
         how = f"exit status {status}" if status is not None else "unknown exit status"

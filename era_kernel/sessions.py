@@ -33,6 +33,7 @@ from .workspaces.local import Workspace
 log = logging.getLogger("era.sessions")
 
 DATA_FILE = ".session_data.json"
+CONTAINER_WORKSPACE = "/workspace"
 UID_BASE = 100_000  # sandbox uids when running as root: UID_BASE + the session's seq
 EPHEMERAL_UID_BASE = 900_000_000
 _FIELDS_COPIED_BY_DUPLICATE = ("language", "persistent", "provisioner", "metadata", "data", "setup",
@@ -49,6 +50,7 @@ class SessionManager:
         self._starting: dict[str, asyncio.Task] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._subscribers: dict[str, set[Callable[[dict], None]]] = {}
+        self._data_on_disk: dict[str, str] = {}  # session id -> JSON known to be in its data file
         self._ephemeral = 0
         self._started = False
 
@@ -180,6 +182,7 @@ class SessionManager:
         await Workspace(self.workspace_dir(session_id)).remove()
         self._locks.pop(session_id, None)
         self._subscribers.pop(session_id, None)
+        self._data_on_disk.pop(session_id, None)
 
     async def delete_many(self, ids: list[str] | None = None, prefix: str | None = None) -> list[str]:
         records = await self.store.list_sessions()
@@ -211,7 +214,9 @@ class SessionManager:
         language = get_language(record["language"])
         env = {"ERA_SESSION": "true", "ERA_SESSION_ID": record.get("id") or "", "ERA_LANGUAGE": record["language"],
                **record.get("env", {})}
-        return language.startup_cells(str(workspace), env, record.get("startup"))
+        # The working directory as the kernel sees it: containers mount it at /workspace.
+        cwd = CONTAINER_WORKSPACE if record["provisioner"] == "docker" else str(workspace)
+        return language.startup_cells(cwd, env, record.get("startup"))
 
     def _new_kernel(self, record: dict[str, Any], workspace: Path, uid: int) -> SessionKernel:
         language = get_language(record["language"])
@@ -321,8 +326,9 @@ class SessionManager:
         language = get_language(record["language"])
         timeout = req.timeout or record["default_timeout"]
         ws = Workspace(self.workspace_dir(sid))
-        uid = self._uid(record["seq"])
-        await ws.write(DATA_FILE, json.dumps(record["data"]).encode(), uid=uid)
+        data_json = json.dumps(record["data"])
+        if self._data_on_disk.get(sid) != data_json:  # skip the write when the file already says it
+            await ws.write(DATA_FILE, data_json.encode(), uid=self._uid(record["seq"]))
         emit: EventSink = lambda ev: self._emit(sid, dict(ev, run_id=run_id), on_event)  # noqa: E731
         started_at = utc_now()
         emit({"type": "status", "state": "busy"})
@@ -355,12 +361,17 @@ class SessionManager:
 
     async def _read_back_data(self, ws: Workspace, record: dict[str, Any]) -> dict[str, Any]:
         """What the code left in .session_data.json; the old data if it is gone or invalid."""
+        self._data_on_disk.pop(record["id"], None)
         try:
             raw = await ws.read(DATA_FILE, max_bytes=self.settings["ERA_MAX_DATA_BYTES"])
             data = json.loads(raw)
         except (NotFound, BadRequest, TooLarge, ValueError):
             return record["data"]
-        return data if isinstance(data, dict) else record["data"]
+        if not isinstance(data, dict):
+            return record["data"]
+        if raw == json.dumps(data).encode():
+            self._data_on_disk[record["id"]] = raw.decode()
+        return data
 
     async def execute(self, body: Any, *, on_event: EventSink | None = None) -> dict[str, Any]:
         """One-shot: a fresh kernel in a scratch workspace, discarded afterwards."""
@@ -428,10 +439,12 @@ class SessionManager:
 
     async def write_file(self, session_id: str, path: str, data: bytes) -> dict[str, Any]:
         record = await self._record(session_id)
+        self._data_on_disk.pop(session_id, None)
         return await Workspace(self.workspace_dir(session_id)).write(path, data, uid=self._uid(record["seq"]))
 
     async def delete_file(self, session_id: str, path: str) -> None:
         await self._record(session_id)
+        self._data_on_disk.pop(session_id, None)
         await Workspace(self.workspace_dir(session_id)).delete(path)
 
     async def stats(self) -> dict[str, Any]:

@@ -54,6 +54,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
     say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update >&2
+    # No recommends: they bring git, perl and needrestart (which restarts services on
+    # later upgrades); docker.io already depends on tini, its docker-init.
     apt-get install -y --no-install-recommends "${missing[@]}" >&2
 fi
 command -v dockerd >/dev/null 2>&1 || die "dockerd not found after installing docker.io"
@@ -74,9 +76,12 @@ if [ -z "$running_pid" ]; then
     mkdir -p "$DATA_ROOT" "$(dirname "$SOCKET")" "$(dirname "$LOG_FILE")"
     say "starting dockerd on ${SOCKET} (data root ${DATA_ROOT}, log ${LOG_FILE})"
     # setsid + nohup: the engine outlives this script and the caller's terminal.
+    # Own containerd namespaces: on a machine whose system dockerd shares the system
+    # containerd, the two engines never see each other's containers.
     setsid nohup dockerd \
         --iptables=false --ip-masq=false --bridge=none \
         --data-root "$DATA_ROOT" --exec-root "$EXEC_ROOT" --pidfile "$PID_FILE" \
+        --containerd-namespace era-docker --containerd-plugins-namespace era-docker-plugins \
         --host "$HOST_URL" \
         >>"$LOG_FILE" 2>&1 </dev/null &
     running_pid=$!

@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from era_kernel.errors import BadRequest, EraError
+from era_kernel.errors import EraError, Unprocessable
 from tornado.web import HTTPError
 
 log = logging.getLogger("era.server")
@@ -64,7 +64,9 @@ def as_era_error(exc: BaseException | None, method: str, path: str, allowed: lis
     if isinstance(exc, HTTPError):
         return _from_http_error(exc, method, path, allowed)
     if isinstance(exc, RecursionError):
-        return BadRequest("the request is nested too deeply")
+        # Request bodies are depth-checked on parsing; this is a document met later (e.g.
+        # session data the code wrote), still caused by input rather than by the server.
+        return Unprocessable("a JSON document in this request or its result is nested too deeply")
     err = EraError(_SENTENCES.get(status_code, "the request failed"))
     err.status = status_code if exc is None else 500
     return err

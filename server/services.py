@@ -76,8 +76,10 @@ def _retrieve(task: asyncio.Task) -> None:
 
 def _import_engine():
     # models too: the first request that needs them should not pay for the import.
+    import mimetypes
     from importlib.metadata import PackageNotFoundError, version
 
+    mimetypes.init()  # reads the system's MIME tables once, here rather than on a download
     importlib.import_module("era_kernel.models")
     try:
         dist_version = version("era-kernel")

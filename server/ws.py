@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
-import time
 from functools import partial
 from typing import Any
 
@@ -99,10 +97,6 @@ class SessionHub:
     def close_sockets(self, code: int, reason: str) -> None:
         for socket in list(self.sockets):
             socket.close(code, reason)
-
-
-def new_run_id() -> str:
-    return f"run_{int(time.time() * 1000)}_{secrets.token_hex(4)}"
 
 
 class SessionSocket(JsonErrors, WebSocketHandler):
@@ -210,6 +204,8 @@ class SessionSocket(JsonErrors, WebSocketHandler):
         assert hub is not None and self.session_id is not None
         run_id = msg.get("id")
         if run_id is None:
+            from era_kernel.runs import new_run_id  # loaded with the engine
+
             run_id = new_run_id()
         elif not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
             raise BadRequest("field 'id' must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-'",

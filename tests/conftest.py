@@ -20,12 +20,35 @@ def short_tmpdir(prefix: str = "era") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def require_docker() -> None:
+    """Skip without a Docker engine and the era/python image, fail under ERA_REQUIRE_DOCKER=1."""
+    try:
+        from era_kernel.images.build import current_image
+
+        if current_image("python") is None:
+            raise RuntimeError("the era/python image is not built (era images build)")
+    except Exception as exc:
+        message = f"Docker provisioner unavailable: {exc}"
+        if os.environ.get("ERA_REQUIRE_DOCKER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture
-def era_settings(tmp_path):
+def era_settings(request, tmp_path):
+    """Engine settings in throwaway directories. Parametrize indirectly with a
+    provisioner name ("local", "docker") to run a module on both."""
+    provisioner = getattr(request, "param", "local")
+    if provisioner == "docker":
+        require_docker()
     runtime = short_tmpdir("ert")
-    settings = Settings.from_env({}, data_dir=str(tmp_path / "data"), runtime_dir=str(runtime))
+    settings = Settings.from_env({}, data_dir=str(tmp_path / "data"), runtime_dir=str(runtime),
+                                 provisioner=provisioner)
     yield settings
     shutil.rmtree(runtime, ignore_errors=True)
+
+
+both_provisioners = pytest.mark.parametrize("era_settings", ["local", "docker"], indirect=True)
 
 
 @pytest.fixture

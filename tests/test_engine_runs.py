@@ -9,6 +9,11 @@ import pytest
 
 from era_kernel.errors import BadRequest
 
+from .conftest import both_provisioners
+
+# Every session behaviour holds in Docker exactly as locally.
+pytestmark = both_provisioners
+
 
 async def run(engine, sid, code, **extra):
     return await engine.run(sid, {"code": code, **extra})
@@ -54,7 +59,7 @@ async def test_era_env_session_env_and_run_env(engine):
     code = "import os; print(os.environ['ERA_SESSION'], os.environ['ERA_SESSION_ID'], os.environ['ERA_LANGUAGE'], " \
            "os.environ['GREETING'], os.environ.get('ONLY_THIS_RUN'), os.getcwd())"
     r = await run(engine, doc["id"], code, env={"ONLY_THIS_RUN": "yes"})
-    ws = str(engine.workspace_dir("envtest"))
+    ws = "/workspace" if engine.settings["ERA_PROVISIONER"] == "docker" else str(engine.workspace_dir("envtest"))
     assert r["stdout"].split() == ["true", "envtest", "python", "hi", "$(touch", "/tmp/pwned)", "yes", ws]
     r = await run(engine, doc["id"], code)
     assert "None" in r["stdout"].split(), "a run's env does not leak into the next run"
@@ -144,7 +149,9 @@ async def test_sessions_run_concurrently(engine):
 
 async def test_output_cap_truncates_and_bounds_memory(engine, session):
     engine.settings = engine.settings.replace(ERA_OUTPUT_LIMIT=1024 * 1024)
-    r = await run(engine, session, "for _ in range(200):\n    print('x' * 1_000_000)", timeout=60)
+    # 60 MB in 1 MB prints: well past the cap, within a Docker kernel's 512 MiB.
+    r = await run(engine, session, "import time\nfor _ in range(60):\n    print('x' * 1_000_000)\n    time.sleep(0.01)",
+                  timeout=60)
     assert r["exit_code"] == 0 and r["truncated"] is True
     assert len(r["stdout"]) <= 1024 * 1024
     r = await run(engine, session, "print('small')")

@@ -24,6 +24,9 @@ def installed_specs(tmp_path, monkeypatch):
     install(prefix=str(tmp_path), names=["era-python-local"])
     share = tmp_path / "share" / "jupyter"
     monkeypatch.setenv("JUPYTER_PATH", str(share))
+    # Launched from a kernelspec by a Jupyter app running as root, the kernel runs as
+    # nobody: its working directory must be usable by that uid.
+    tmp_path.chmod(0o777)
     monkeypatch.chdir(tmp_path)
     return share
 

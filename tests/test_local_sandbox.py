@@ -69,6 +69,27 @@ async def test_privileges_are_gone(engine, session):
     assert r["stdout"].split() == ["True", "ro", "30"], "non-root, and the host's root is read-only (EROFS)"
 
 
+async def test_escape_syscalls_are_refused(engine, session):
+    code = """
+import ctypes, os, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+def errno_of(rc):
+    return 'ok' if rc == 0 else os.strerror(ctypes.get_errno())
+print('unshare', subprocess.run(['unshare', '-U', 'true'], capture_output=True).returncode != 0)
+print('unshare-syscall', errno_of(libc.unshare(0x10000000)))
+print('mount', errno_of(libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)))
+print('ptrace', errno_of(libc.ptrace(0, 0, 0, 0)))
+print('keyctl', errno_of(libc.syscall(250, 0, 0, 0, 0)) if os.uname().machine == 'x86_64' else 'Operation not permitted')
+print('fork still works', os.fork() and os.wait()[1] == 0 or os._exit(0))
+"""
+    r = await run(engine, session, code)
+    lines = dict(line.split(" ", 1) for line in r["stdout"].splitlines())
+    assert lines["unshare"] == "True"
+    for call in ("unshare-syscall", "mount", "ptrace", "keyctl"):
+        assert lines[call] == "Operation not permitted", (call, lines[call])
+    assert lines["fork"] == "still works True"
+
+
 async def test_fork_bomb_is_contained(engine, session):
     code = ("import os, time\nkids = 0\ntry:\n    for _ in range(5000):\n        if os.fork() == 0:\n"
             "            time.sleep(30); os._exit(0)\n        kids += 1\nexcept OSError as e:\n    print('stopped at', kids, e.errno)")

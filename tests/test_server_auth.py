@@ -48,6 +48,13 @@ def test_every_route_needs_the_key(server, template, method):
     assert status != 401
 
 
+@pytest.mark.parametrize("template", [t for t, _ in ROUTES if t != "/health"])
+def test_methods_a_route_lacks_are_401_before_405(server, template):
+    handler = dict(ROUTES)[template]
+    for method in [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if m.lower() not in handler.API]:
+        assert_error_shape(*server.request(method, sample_path(template, "auth-s")), 401)
+
+
 def test_unknown_api_routes_do_not_reveal_themselves_without_the_key(server):
     assert_error_shape(*server.request("GET", "/api/no-such-route"), 401)
     assert_error_shape(*server.request("GET", "/api/no-such-route", None, {"Authorization": f"Bearer {KEY}"}), 404)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import sys
+import time
 
 import pytest
 from tornado.web import HTTPError, RequestHandler
@@ -15,7 +17,7 @@ from era_kernel.errors import BadRequest, EraError, Unauthorized
 from era_server import auth, boot
 from era_server.app import PARAM_PATTERNS, ROUTES, route_pattern
 from era_server.errors import Forbidden, as_era_error, error_json
-from era_server.handlers.base import MAX_JSON_DEPTH, parse_json
+from era_server.handlers.base import MAX_JSON_DEPTH, BaseHandler, parse_json
 from era_server.handlers.files import attachment_header, guess_type
 from era_server.logs import JsonFormatter, redact
 
@@ -86,8 +88,9 @@ def test_origin_is_an_exact_match():
 
 
 def implemented_methods(handler: type[RequestHandler]) -> set[str]:
+    base = BaseHandler if issubclass(handler, BaseHandler) else RequestHandler
     return {m.lower() for m in handler.SUPPORTED_METHODS
-            if getattr(handler, m.lower()) is not getattr(RequestHandler, m.lower())}
+            if getattr(handler, m.lower()) is not getattr(base, m.lower())}
 
 
 def test_every_route_declares_exactly_the_methods_it_implements():
@@ -100,7 +103,7 @@ def test_every_route_declares_exactly_the_methods_it_implements():
         if template.endswith("/ws"):
             implemented = {"get"}
         assert set(handler.API) == implemented, (template, set(handler.API), implemented)
-        assert all(p in PARAM_PATTERNS for p in __import__("re").findall(r"\{(\w+)\}", template))
+        assert all(p in PARAM_PATTERNS for p in re.findall(r"\{(\w+)\}", template))
         assert "{" not in route_pattern(template)
 
 
@@ -132,7 +135,7 @@ def test_errors_map_to_one_shape_without_internals():
     err = as_era_error(HTTPError(400, "Invalid unicode in %s: %r", "url", b"\xff"), "GET", "/x", [], 400)
     assert err.status == 400 and "UTF-8" in err.message
     err = as_era_error(RecursionError("deep"), "POST", "/x", [], 500)
-    assert err.status == 400
+    assert err.status == 422
     err = as_era_error(KeyError("/etc/secret path"), "POST", "/x", [], 500)
     assert err.status == 500 and "secret" not in error_json(err)
     assert json.loads(error_json(BadRequest("bad", field="code"))) == {
@@ -212,8 +215,6 @@ def test_early_responder_answers_health_and_hands_off_the_rest_unread():
         other = socket.create_connection(("127.0.0.1", port), timeout=5)
         request = b"POST /api/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
         other.sendall(request)
-        import time
-
         deadline = time.monotonic() + 5
         while not responder.handoff and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -227,3 +228,10 @@ def test_early_responder_answers_health_and_hands_off_the_rest_unread():
     conn.close()
     other.close()
     listener.close()
+
+
+def test_main_refuses_bad_arguments_without_starting(capsys):
+    import era_server
+
+    assert era_server.main(["--port", "not-a-port"]) == 2
+    assert "--port must be an integer" in capsys.readouterr().err

@@ -4,7 +4,11 @@ client, input() round trip, run ids, interrupt, disconnects, bad messages, 1009.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
+import time
 
 import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
@@ -172,3 +176,36 @@ async def test_deleting_a_session_closes_its_sockets(server):
     while await asyncio.wait_for(conn.read_message(), 10) is not None:
         pass
     assert conn.close_code == 4404
+
+
+def _silent_ws(port: int, sid: str) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: small window
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /api/sessions/{sid}/ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def test_a_client_that_stops_reading_is_dropped_not_buffered(server):
+    server.json("POST", "/api/sessions", {"id": "ws-flood"}, expect=201)
+    silent = _silent_ws(server.port, "ws-flood")
+    try:
+        flood = "for _ in range(6):\n    print('x' * 1_000_000)"
+        for _ in range(4):  # 24 MB of events for a client that reads none of them
+            assert server.json("POST", "/api/sessions/ws-flood/run", {"code": flood})["exit_code"] == 0
+        deadline = time.monotonic() + 20
+        while server.json("GET", "/api/resources/stats")["server"]["websocket_clients"] > 0:
+            assert time.monotonic() < deadline, "the silent client was never dropped"
+            time.sleep(0.2)
+        assert server.json("GET", "/health")["ready"] is True
+        assert server.json("POST", "/api/sessions/ws-flood/run", {"code": "print('fine')"})["stdout"] == "fine\n"
+    finally:
+        silent.close()
+        server.json("DELETE", "/api/sessions/ws-flood")

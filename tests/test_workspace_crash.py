@@ -21,7 +21,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from era_kernel.workspaces import WorkspaceStore, fdtree, snapshots
+from era_kernel.workspaces import WorkspaceStore, fdtree, manifest
 
 BUCKET = "era-crash"
 
@@ -32,7 +32,7 @@ from era_kernel.workspaces.objects import ObjectStore
 
 args = json.loads(sys.argv[1])
 mode, n = args["mode"], args.get("n", 0)
-snapshots.BATCH_COUNT = 8          # many batches, so "mid-way" has many places to be
+snapshots.PACK_FILES = 4           # many packs, so "mid-way" has many places to be
 snapshots.SMALL_FILE = args["small_file"]
 calls = [0]
 
@@ -44,7 +44,7 @@ if mode == "mid-write":            # file://: the n-th object write (-1: the man
     real_local_write = ObjectStore._local_write
     def local_write(self, key, fill):
         calls[0] += 1
-        armed[0] = calls[0] == n or (n == -1 and key.endswith("/" + snapshots.MANIFEST))
+        armed[0] = calls[0] == n or (n == -1 and key.endswith("/manifest.json"))
         return real_local_write(self, key, fill)
     real_write_all = fdtree.write_all
     def write_all(fd, data):
@@ -66,34 +66,49 @@ elif mode == "s3-call":            # s3://: die as the n-th request of one kind 
     s3fs.core.S3FileSystem._call_s3 = call_s3
     from fsspec.asyn import sync_wrapper
     s3fs.core.S3FileSystem.call_s3 = sync_wrapper(call_s3)  # what S3File's multipart uses
-elif mode == "external":           # report each batch and dawdle: the parent kills us
-    real_put_many = ObjectStore.put_many
-    def put_many(self, items):
-        real_put_many(self, items)
-        print("batch", flush=True)
-        time.sleep(0.05)
-    ObjectStore.put_many = put_many
+elif mode == "external":           # report each pack stored and dawdle: the parent kills us
+    real_put = ObjectStore.put
+    def put(self, key, data):
+        real_put(self, key, data)
+        if "/blobs/" in key:
+            print("pack", flush=True)
+            time.sleep(0.05)
+    ObjectStore.put = put
 
 store = WorkspaceStore.from_url(args["url"], args["options"])
-asyncio.run(store.push(args["sid"], args["dir"]))
-print("done", flush=True)
+print(json.dumps(asyncio.run(store.push(args["sid"], args["dir"]))), flush=True)
 """
 
 SMALL_FILE = 64 * 1024
-V1 = {f"f{i:03d}.txt": f"v1 {i} ".encode() * (i + 1) for i in range(60)}
+V1 = {f"f{i:03d}.txt": f"v1 {i} ".encode() * (i + 1) for i in range(40)}
 V1["big.bin"] = b"B1" * 150_000  # streamed (over SMALL_FILE)
 
 
 def v2() -> dict:
-    files = {k: v for k, v in V1.items() if not ("f040" <= k < "f050")}  # 10 deleted
-    files.update({f"f{i:03d}.txt": f"v2 {i} ".encode() * (i + 3) for i in range(40)})  # 40 changed
-    files.update({f"new/n{i}.txt": f"new {i}".encode() for i in range(10)})  # 10 added
+    files = {k: v for k, v in V1.items() if not ("f030" <= k < "f035")}  # 5 deleted
+    files.update({f"f{i:03d}.txt": f"v2 {i} ".encode() * (i + 3) for i in range(25)})  # 25 changed
+    files.update({f"new/n{i}.txt": f"new {i}".encode() for i in range(5)})  # 5 added
     files["big.bin"] = b"B2" * (5 * 2**20)  # 10 MiB: a multipart upload on S3 (8 MiB parts)
     return files
 
 
 V2 = v2()
-ALLOWED_SHAS = {hashlib.sha256(v).hexdigest() for v in [*V1.values(), *V2.values()]}
+CONTENTS = sorted({*V1.values(), *V2.values()}, key=len, reverse=True)
+
+
+def is_whole_files(blob: bytes) -> bool:
+    """True when ``blob`` is a concatenation of complete V1/V2 file contents, i.e. a
+    complete pack (or a complete large file): a partial write would end mid-file."""
+    reachable = {0}
+    for position in range(len(blob) + 1):
+        if position not in reachable:
+            continue
+        if position == len(blob):
+            return True
+        for content in CONTENTS:
+            if blob.startswith(content, position):
+                reachable.add(position + len(content))
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +170,7 @@ def run_child_and_kill(spec, sid, src, after_batches: int) -> int:
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE)
     try:
         for _ in range(after_batches):
-            assert child.stdout.readline() == b"batch\n"
+            assert child.stdout.readline() == b"pack\n"
         child.send_signal(signal.SIGKILL)
         return child.wait(timeout=60)
     finally:
@@ -178,10 +193,10 @@ async def check_store_after_crash(spec, sid, tmp_path) -> str:
         if fdtree.is_temp_name(name):
             continue  # a temporary name is not a real name: the next push collects it
         data = objects.get(key)
-        if name == snapshots.MANIFEST:
-            snapshots.decode_manifest(data)
+        if name == manifest.MANIFEST:
+            manifest.decode(data)
         else:
-            assert hashlib.sha256(data).hexdigest() in ALLOWED_SHAS, f"partial object {key}"
+            assert is_whole_files(data), f"partial object {key}"
     return "old" if state == V1 else "new"
 
 
@@ -192,28 +207,22 @@ async def check_recovery(spec, sid, src, tmp_path) -> None:
     await store.restore(sid, dst)
     assert read_tree(dst) == V2
     strip = store.objects.fs._strip_protocol
-    wanted = {strip(store.objects.key(sid, e["blob"])) for e in snapshots.load_manifest(store.objects, sid).values()}
-    wanted.add(strip(store.objects.key(sid, snapshots.MANIFEST)))
+    wanted = {strip(store.objects.key(sid, blob)) for blob in manifest.load(store.objects, sid).blobs}
+    wanted.add(strip(store.objects.key(sid, manifest.MANIFEST)))
     assert {strip(k) for k in store.objects.find(store.objects.key(sid))} == wanted  # no debris left
 
 
 async def prepare(spec, sid, tmp_path):
     src = tmp_path / "src"
     write_tree(src, V1)
-    store = WorkspaceStore.from_url(*spec)
-    snapshots_small = snapshots.SMALL_FILE
-    snapshots.SMALL_FILE = SMALL_FILE
-    try:
-        await store.push(sid, src)
-    finally:
-        snapshots.SMALL_FILE = snapshots_small
+    await WorkspaceStore.from_url(*spec).push(sid, src)
     set_tree(src, V2)
     return src
 
 
-# The push walks big.bin first (streamed, object write 1), then batches of small files,
-# then writes the manifest: cut each kind of write in half.
-@pytest.mark.parametrize("nth_write", [1, 2, 30, -1], ids=["big-stream", "first-small", "middle", "manifest"])
+# The push walks big.bin first (streamed, object write 1), then stores packs of 4 small
+# files (about 10), then the manifest: cut each kind of write in half.
+@pytest.mark.parametrize("nth_write", [1, 2, 6, -1], ids=["big-stream", "first-pack", "middle-pack", "manifest"])
 async def test_file_push_killed_half_way_through_a_write(tmp_path, request, nth_write):
     spec = spec_for("file", tmp_path, request)
     src = await prepare(spec, "s", tmp_path)
@@ -225,7 +234,7 @@ async def test_file_push_killed_half_way_through_a_write(tmp_path, request, nth_
 
 @pytest.mark.parametrize("method, nth, expected", [
     ("put_object", 1, "old"),
-    ("put_object", 25, "old"),
+    ("put_object", 5, "old"),
     ("upload_part", 2, "old"),           # the big file's multipart upload, never completed
     ("complete_multipart_upload", 1, "old"),
     ("delete_objects", 1, "new"),        # after the manifest: garbage collection

@@ -90,3 +90,17 @@ def test_error_message_does_not_echo_the_path():
 def test_iso_utc():
     assert iso_utc(0) == "1970-01-01T00:00:00.000Z"
     assert iso_utc(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123Z"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["a", "a/b", "a b/c-d_e.f", "...", ".a/..b", "x" * 255, "a/" * 511 + "b",
+     "", ".", "..", "a/.", "./a", "a/../b", "a//b", "/a", "a/", "x" * 256, "a\\b", "a\x7fb",
+     "a/" * 512 + "b", "é", "a\x00"],
+)
+def test_is_safe_relpath_fast_path_agrees_with_the_full_check(path):
+    try:
+        full = safe_relpath(path) == path
+    except BadRequest:
+        full = False
+    assert is_safe_relpath(path) is full

@@ -17,7 +17,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from era_kernel.errors import BadRequest, NotFound, TooLarge
-from era_kernel.workspaces import WorkspaceStore, snapshots
+from era_kernel.workspaces import WorkspaceStore, manifest, snapshots
 from era_kernel.workspaces.store import parse_options
 
 BUCKET = "era-workspaces"
@@ -87,13 +87,16 @@ def store_objects(store, sid) -> dict:
 
 
 def referenced_blobs(store, sid) -> set:
+    """Blobs the manifest owns, each used by at least one file."""
     strip = store.objects.fs._strip_protocol
-    return {strip(store.objects.key(sid, e["blob"])) for e in snapshots.load_manifest(store.objects, sid).values()}
+    snap = manifest.load(store.objects, sid)
+    assert {e["blob"] for e in snap.files.values()} == set(snap.blobs)
+    return {strip(store.objects.key(sid, blob)) for blob in snap.blobs}
 
 
 def blob_keys(store, sid) -> set:
     strip = store.objects.fs._strip_protocol
-    return {strip(k) for k in store.objects.find(store.objects.key(sid, snapshots.BLOBS))}
+    return {strip(k) for k in store.objects.find(store.objects.key(sid, manifest.BLOBS))}
 
 
 SAMPLE = {
@@ -319,11 +322,16 @@ async def test_invalid_session_ids(store, tmp_path, bad_id):
 
 
 async def test_tampered_manifest_cannot_escape(store, tmp_path):
-    evil = {"format": snapshots.FORMAT, "files": {"../escaped": {
-        "size": 1, "mtime_ns": 0, "sha256": "0" * 64, "blob": "blobs/" + "0" * 32}}}
-    store.objects.put(store.objects.key("s", snapshots.MANIFEST), json.dumps(evil).encode())
-    with pytest.raises(ValueError):
-        await store.restore("s", tmp_path / "dst")
+    blob = "blobs/" + "0" * 32
+    entry = {"size": 1, "mtime_ns": 0, "sha256": "0" * 64, "blob": blob, "offset": 0}
+    for files, blobs in [({"../escaped": entry}, {blob: 1}),
+                         ({"ok": entry}, {"../../other-session/blobs/x": 1}),
+                         ({"ok": {**entry, "offset": 5}}, {blob: 1}),          # past the blob's end
+                         ({"a": entry, "a/b": entry}, {blob: 1})]:             # a file under a file
+        evil = {"format": manifest.FORMAT, "files": files, "blobs": blobs}
+        store.objects.put(store.objects.key("s", manifest.MANIFEST), json.dumps(evil).encode())
+        with pytest.raises(ValueError):
+            await store.restore("s", tmp_path / "dst")
     assert not (tmp_path / "escaped").exists()
 
 
@@ -373,7 +381,7 @@ async def test_s3_settings_from_aws_environment(s3_endpoint, tmp_path, monkeypat
     await store.push("s", tmp_path / "src")
     client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
                           aws_secret_access_key="testing", region_name="us-east-1")
-    key = store.objects.key("s", snapshots.MANIFEST).split("/", 1)[1]
-    manifest = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-    assert list(manifest["files"]) == ["a"]
-    assert manifest["files"]["a"]["sha256"] == hashlib.sha256(b"env").hexdigest()
+    key = store.objects.key("s", manifest.MANIFEST).split("/", 1)[1]
+    doc = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    assert list(doc["files"]) == ["a"]
+    assert doc["files"]["a"]["sha256"] == hashlib.sha256(b"env").hexdigest()

@@ -8,6 +8,9 @@ import sys
 import threading
 from typing import Any, TextIO
 
+import docker
+import docker.errors
+
 from ..config import Settings
 from .builders import BuildError, build_debootstrap, build_script
 from .progress import BuildProgress
@@ -17,7 +20,7 @@ from .reference import validate_image_ref, validate_language
 log = logging.getLogger("era.images")
 
 # Relative cost of each stage, for the progress bar.
-_WEIGHTS = {"debootstrap": 60.0, "import": 10.0, "pull": 10.0, "install": 25.0, "commit": 3.0}
+_WEIGHTS = {"debootstrap": 60.0, "import": 10.0, "install": 25.0, "commit": 3.0}
 # One build at a time in this process: concurrent kernel starts asking for the same
 # missing image must not run debootstrap twice.
 _BUILD_LOCK = threading.Lock()
@@ -25,8 +28,6 @@ _BUILD_LOCK = threading.Lock()
 
 def docker_client(timeout: int = 600) -> Any:
     """A client for the engine named by DOCKER_HOST (read now, not at import)."""
-    import docker
-
     return docker.from_env(timeout=timeout)
 
 
@@ -36,8 +37,6 @@ def image_prefix(settings: Settings | None = None) -> str:
 
 
 def _image_or_none(client: Any, ref: str) -> Any:
-    import docker.errors
-
     try:
         return client.images.get(ref)
     except docker.errors.ImageNotFound:
@@ -83,11 +82,14 @@ def build_image(language: str, *, client: Any = None, from_image: str | None = N
         progress = BuildProgress(_stages(todo), stream or sys.stderr, enabled=show_progress)
         for step in todo:
             log.info("building %s (%s)", step.ref, step.recipe.kind)
+            replaced = _image_or_none(client, step.ref)  # only with --force
             if step.recipe.kind == "debootstrap":
                 build_debootstrap(client, step, progress, workdir=workdir, mirror=mirror, verbose=verbose)
             else:
                 build_script(client, step, progress, verbose=verbose)
             _point_latest(client, step)
+            if replaced is not None:
+                _remove_if_unused(client, replaced.id)
         progress.finish(f"built {chain[-1].ref}")
         return chain[-1].ref
 
@@ -98,6 +100,14 @@ def _stages(steps: list[BuildStep]) -> list[tuple[str, float]]:
         parts = ("debootstrap", "import") if step.recipe.kind == "debootstrap" else ("install", "commit")
         stages += [(f"{step.recipe.name}: {part}", _WEIGHTS[part]) for part in parts]
     return stages
+
+
+def _remove_if_unused(client: Any, image_id: str) -> None:
+    """Drop the image a forced rebuild replaced, unless a container or child still uses it."""
+    try:
+        client.api.remove_image(image_id, noprune=False)
+    except docker.errors.APIError:
+        pass
 
 
 def _point_latest(client: Any, step: BuildStep) -> None:

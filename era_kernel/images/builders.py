@@ -17,6 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
 
+import docker.errors
 from docker.types import Mount
 
 from ..errors import EraError
@@ -232,8 +233,6 @@ def build_script(client: Any, step: BuildStep, progress: BuildProgress, *, verbo
     The script runs through ``exec`` with the registry settings in the exec's own
     environment, so neither the CA path nor a proxy is committed into the image's config.
     """
-    import docker.errors
-
     stage = f"{step.recipe.name}: install"
     parent = client.images.get(step.parent_ref)
     name = f"era-build-{step.recipe.name}-{step.tag}"
@@ -258,8 +257,9 @@ def build_script(client: Any, step: BuildStep, progress: BuildProgress, *, verbo
         network_mode="host", mounts=mounts, working_dir="/", detach=True)
     try:
         container.start()
-        exec_id = client.api.exec_create(container.id, ["/bin/sh", f"{BUILD_MOUNT}/recipe/{step.recipe.spec['script']}"],
-                                         user="0:0", environment=build_env, workdir="/")["Id"]
+        script = f"{BUILD_MOUNT}/recipe/{step.recipe.spec['script']}"
+        exec_id = client.api.exec_create(container.id, ["/bin/sh", script], user="0:0", environment=build_env,
+                                         workdir="/")["Id"]
         tail: deque[str] = deque(maxlen=40)
         fraction = 0.0
         for line in _lines(client.api.exec_start(exec_id, stream=True)):

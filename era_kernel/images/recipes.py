@@ -129,7 +129,8 @@ def plan_chain(name: str, *, prefix: str, from_image: str | None = None, from_im
     return [*parents, _step(recipe, prefix, tag, parent.ref, source, None)]
 
 
-def _step(recipe: Recipe, prefix: str, tag: str, parent_ref: str | None, source: str, from_image: str | None) -> BuildStep:
+def _step(recipe: Recipe, prefix: str, tag: str, parent_ref: str | None, source: str,
+          from_image: str | None) -> BuildStep:
     labels = {LABEL_RECIPE: recipe.name, LABEL_HASH: tag, LABEL_SOURCE: source}
     if parent_ref:
         labels[LABEL_PARENT] = parent_ref

@@ -8,7 +8,9 @@ through the ``era`` keyword of ``KernelManager.start_kernel``: ``workspace``,
 ``runtime_dir``, ``allow_network``, ``memory``, ``pids``, ``cpus``, ``env``, ``uid``,
 ``image``, ``labels``. Without them, defaults come from this provisioner's traitlets
 config (``metadata.kernel_provisioner.config`` in kernel.json), then from
-``Settings.from_env()`` read at launch, then from the built-in values below.
+``Settings.from_env()`` read at launch (``ERA_DOCKER_MEMORY``, ``ERA_DOCKER_CPUS``,
+``ERA_DOCKER_PIDS``, ``ERA_DOCKER_EGRESS_NETWORK``, ``ERA_DOCKER_IMAGE_PREFIX``), then
+from the built-in values below.
 
 The container, exactly (nothing in it comes from a request except validated values):
 - image ``<prefix>/<language>:latest`` unless given; names checked against Docker's
@@ -18,12 +20,14 @@ The container, exactly (nothing in it comes from a request except validated valu
   host's addresses and 169.254.0.0/16, e.g. DOCKER-USER iptables rules). An engine
   with no bridge (as started by scripts/bootstrap-docker.sh) has no such network, and
   the fallback is host networking, which EXPOSES the host's loopback services (the ERA
-  server itself included), the cloud metadata address, and abstract unix sockets of the
-  host's network namespace. Set ``host_network_fallback=False`` to refuse instead;
+  server itself included, and a Docker API if one listens on TCP), the cloud metadata
+  address, and abstract unix sockets of the host's network namespace; the filesystem,
+  users and process isolation stay. Set ``host_network_fallback=False`` to refuse instead;
 - read-only root filesystem, tmpfs ``/tmp`` (HOME and IPython's directory live there),
   the workspace read-write at ``/workspace`` as the working directory, the kernel's IPC
   directory read-write at its host path, and nothing else of the host;
-- a non-root uid:gid (the workspace owner's; uid 0 is refused), ``cap_drop=ALL``,
+- a non-root uid:gid (the session's ``uid``, who owns the workspace; else 1000 when the
+  server runs as root, or the server's own uid; uid 0 is refused), ``cap_drop=ALL``,
   ``no-new-privileges``, Docker's default seccomp profile, an init process (so signals
   reach the kernel and zombies are reaped);
 - memory (swap included) 512 MiB, 1 CPU, 256 processes unless configured;
@@ -41,24 +45,30 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
+import docker
+import docker.errors
+from docker.types import LogConfig, Mount
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, Float, Int, Unicode
 
 from ..config import Settings
 from ..errors import BadRequest, KernelFailed
 from ..images.reference import validate_image_ref, validate_language
-from .ipc import format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir, write_connection_file
+from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
+                  write_connection_file)
 
 log = logging.getLogger("era.provisioning.docker")
 
 LABEL_MANAGED = "era.managed"
 LABEL_KERNEL = "era.kernel"
 LABEL_KERNEL_ID = "era.kernel_id"
+LABEL_OWNER = "era.owner"  # pid of the process that launched it: reapers leave live owners alone
 CONTAINER_WORKSPACE = "/workspace"
 # The venv of the era/<language> images; what {prefix} in a kernelspec argv means inside.
 IMAGE_PREFIX = "/opt/era/venv"
 
 DEFAULT_MEMORY = 512 * 1024**2
+MIN_MEMORY = 16 * 1024**2  # below this the engine refuses, or the kernel cannot even start
 DEFAULT_CPUS = 1.0
 DEFAULT_PIDS = 256
 DEFAULT_UID = 1000
@@ -74,8 +84,6 @@ _clients: dict[str, Any] = {}
 
 def shared_docker_client() -> Any:
     """One Docker client per DOCKER_HOST for the whole process (read when first needed)."""
-    import docker
-
     key = os.environ.get("DOCKER_HOST", "")
     with _client_lock:
         if key not in _clients:
@@ -87,6 +95,10 @@ def _setting(settings: Settings, name: str, default: Any) -> Any:
     # Settings rows for the docker provisioner may not exist (yet): fall back quietly.
     value = settings.values.get(name)
     return default if value in (None, "") else value
+
+
+def _default_uid() -> int:
+    return DEFAULT_UID if os.getuid() == 0 else os.getuid()
 
 
 def _check_env(env: Any) -> dict[str, str]:
@@ -109,7 +121,8 @@ def _check_labels(labels: Any) -> dict[str, str]:
         raise BadRequest("labels must be an object of strings", field="labels")
     out = {}
     for key, value in labels.items():
-        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key) or key in (LABEL_MANAGED, LABEL_KERNEL, LABEL_KERNEL_ID):
+        reserved = key in (LABEL_MANAGED, LABEL_KERNEL, LABEL_KERNEL_ID, LABEL_OWNER)
+        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key) or reserved:
             raise BadRequest(f"invalid label {str(key)[:64]!r}", field="labels")
         if not isinstance(value, str) or len(value) > 1024 or any(ord(c) < 32 for c in value):
             raise BadRequest(f"label {key} must be a short printable string", field="labels")
@@ -119,10 +132,12 @@ def _check_labels(labels: Any) -> dict[str, str]:
 
 def _positive(value: Any, name: str, kind: type) -> Any:
     try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise TypeError
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadRequest(f"{name} must be a number", field=name) from None
-    if number <= 0:
+    if number <= 0 or number > 2**62:
         raise BadRequest(f"{name} must be positive", field=name)
     return number
 
@@ -138,7 +153,8 @@ class EraDockerProvisioner(KernelProvisionerBase):
     egress_network = Unicode("", config=True, help="Docker network for allow_network; default era-egress")
     host_network_fallback = Bool(True, config=True,
                                  help="with allow_network and no egress network, use host networking (see module doc)")
-    uid = Int(DEFAULT_UID, config=True, help="uid:gid the kernel runs as when the session gives none")
+    uid = Int(0, config=True, help="uid the kernel runs as when the session gives none; default 1000 when the "
+                                   "server runs as root, else the server's own uid (it must own the IPC directory)")
     tmp_size = Unicode("256m", config=True, help="size of the /tmp tmpfs (counts against the memory limit)")
     runtime = Unicode("", config=True, help="OCI runtime, e.g. runsc for gVisor; default the engine's")
 
@@ -152,11 +168,11 @@ class EraDockerProvisioner(KernelProvisionerBase):
     _docker: Any = None
 
     @property
-    def docker(self) -> Any:
+    def client(self) -> Any:
         return self._docker if self._docker is not None else shared_docker_client()
 
-    @docker.setter
-    def docker(self, client: Any) -> None:  # tests and embedders may bring their own client
+    @client.setter
+    def client(self, client: Any) -> None:  # tests and embedders may bring their own client
         self._docker = client
 
     @property
@@ -183,12 +199,18 @@ class EraDockerProvisioner(KernelProvisionerBase):
         kwargs.pop("cwd", None)
         if not workspace.is_dir():
             raise BadRequest(f"workspace {workspace} is not a directory", field="workspace")
-        uid = int(era["uid"]) if era.get("uid") is not None else int(self.uid)
-        if uid <= 0:
-            raise BadRequest("kernels in containers never run as root (uid 0)", field="uid")
-        memory = _positive(era.get("memory") or self.memory_limit or _setting(settings, "ERA_DOCKER_MEMORY", DEFAULT_MEMORY), "memory", int)
-        cpus = _positive(era.get("cpus") or self.cpus or _setting(settings, "ERA_DOCKER_CPUS", DEFAULT_CPUS), "cpus", float)
-        pids = _positive(era.get("pids") or self.pids_limit or _setting(settings, "ERA_DOCKER_PIDS", DEFAULT_PIDS), "pids", int)
+        uid = era["uid"] if era.get("uid") is not None else (self.uid or _default_uid())
+        uid = _positive(uid, "uid", int)  # never root
+        # As root we pick the group too; otherwise it must be one of ours to chown to it.
+        gid = uid if os.getuid() == 0 else os.getgid()
+        memory = _positive(era.get("memory") or self.memory_limit
+                           or _setting(settings, "ERA_DOCKER_MEMORY", DEFAULT_MEMORY), "memory", int)
+        if memory < MIN_MEMORY:
+            raise BadRequest(f"memory must be at least {MIN_MEMORY} bytes", field="memory")
+        cpus = _positive(era.get("cpus") or self.cpus
+                         or _setting(settings, "ERA_DOCKER_CPUS", DEFAULT_CPUS), "cpus", float)
+        pids = _positive(era.get("pids") or self.pids_limit
+                         or _setting(settings, "ERA_DOCKER_PIDS", DEFAULT_PIDS), "pids", int)
         allow_network = bool(era.get("allow_network", self.allow_network))
         image = self._image(era, settings)
         labels = _check_labels(era.get("labels"))
@@ -204,27 +226,27 @@ class EraDockerProvisioner(KernelProvisionerBase):
             info = ipc_connection_info(self.kernel_dir)
             info["kernel_name"] = self.kernel_spec.language or ""
         self._ipc_info = info
-        try:
-            connection_file = write_connection_file(self.kernel_dir, info, uid=uid)
+        connection_file = write_connection_file(self.kernel_dir, info)
+        try:  # the kernel's uid must create its sockets here and read the connection file
+            for path in (self.kernel_dir, connection_file):
+                os.chown(path, uid, gid)
         except PermissionError:
             self._discard_kernel_dir()
             raise KernelFailed(f"cannot give the IPC directory to uid {uid}: run the server as root, "
                                f"or set the kernel uid to {os.getuid()}") from None
         argv = format_argv(list(self.kernel_spec.argv) + list(extra_arguments), connection_file=str(connection_file),
                            resource_dir="", prefix=IMAGE_PREFIX)
-        from docker.types import LogConfig, Mount
-
         self._container_spec = dict(
             image=image,
             entrypoint=argv[:1],
             command=argv[1:],
             name=f"era-{self.kernel_dir.name}",
             hostname="era",
-            user=f"{uid}:{uid}",
+            user=f"{uid}:{gid}",
             working_dir=CONTAINER_WORKSPACE,
             environment=env,
             labels={**labels, LABEL_MANAGED: "1", LABEL_KERNEL: self.kernel_dir.name,
-                    LABEL_KERNEL_ID: str(self.kernel_id or "")},
+                    LABEL_KERNEL_ID: str(self.kernel_id or ""), LABEL_OWNER: str(os.getpid())},
             mounts=[Mount(target=CONTAINER_WORKSPACE, source=str(workspace), type="bind", read_only=False),
                     Mount(target=str(self.kernel_dir), source=str(self.kernel_dir), type="bind", read_only=False)],
             tmpfs={"/tmp": f"rw,nosuid,nodev,mode=1777,size={self.tmp_size}"},
@@ -260,17 +282,16 @@ class EraDockerProvisioner(KernelProvisionerBase):
         env = {k: str(v) for k, v in (self.kernel_spec.env or {}).items()}
         env.update({k: v for k, v in incoming.items() if k.startswith("JPY_")})
         env.update(requested)
-        env.update({"HOME": "/tmp", "IPYTHONDIR": "/tmp/.ipython", "MPLCONFIGDIR": "/tmp/.mpl", "PYTHONUNBUFFERED": "1"})
+        env.update({"HOME": "/tmp", "IPYTHONDIR": "/tmp/.ipython", "MPLCONFIGDIR": "/tmp/.mpl",
+                    "PYTHONUNBUFFERED": "1"})
         return _check_env(env)
 
     async def _network_mode(self, allow_network: bool, settings: Settings) -> str:
         if not allow_network:
             return "none"
-        import docker.errors
-
         name = self.egress_network or _setting(settings, "ERA_DOCKER_EGRESS_NETWORK", DEFAULT_EGRESS_NETWORK)
         try:
-            await asyncio.to_thread(self.docker.networks.get, name)
+            await asyncio.to_thread(self.client.networks.get, name)
             return name
         except docker.errors.NotFound:
             pass
@@ -288,12 +309,10 @@ class EraDockerProvisioner(KernelProvisionerBase):
 
         Returns the IPC connection info (host-side socket paths), which the manager adopts.
         """
-        import docker.errors
-
         assert self._container_spec is not None, "pre_launch must run first"
         spec, self._container_spec = self._container_spec, None
         try:
-            container = await asyncio.to_thread(self.docker.containers.create, **spec)
+            container = await asyncio.to_thread(self.client.containers.create, **spec)
         except docker.errors.ImageNotFound:
             self._discard_kernel_dir()
             raise KernelFailed(f"image {spec['image']} not found; build it with `era images build`") from None
@@ -321,10 +340,8 @@ class EraDockerProvisioner(KernelProvisionerBase):
             return self._exit_code
         if self.container_id is None:
             return 0
-        import docker.errors
-
         try:
-            state = (await asyncio.to_thread(self.docker.api.inspect_container, self.container_id))["State"]
+            state = (await asyncio.to_thread(self.client.api.inspect_container, self.container_id))["State"]
         except docker.errors.NotFound:
             self._exit_code = -1  # removed behind our back
             return self._exit_code
@@ -364,10 +381,8 @@ class EraDockerProvisioner(KernelProvisionerBase):
     async def _kill(self, signum: int) -> None:
         if self.container_id is None or self._exit_code is not None:
             return
-        import docker.errors
-
         try:
-            await asyncio.to_thread(self.docker.api.kill, self.container_id, int(signum))
+            await asyncio.to_thread(self.client.api.kill, self.container_id, int(signum))
         except docker.errors.NotFound:
             self._exit_code = -1
         except docker.errors.APIError as exc:
@@ -392,10 +407,8 @@ class EraDockerProvisioner(KernelProvisionerBase):
         self.kernel_dir, self._ipc_info = None, None
 
     def _remove_container(self, container_id: str) -> None:
-        import docker.errors
-
         try:
-            self.docker.api.remove_container(container_id, force=True, v=True)
+            self.client.api.remove_container(container_id, force=True, v=True)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
@@ -428,8 +441,6 @@ async def reap_orphan_containers(client: Any = None, keep: Iterable[str] = ()) -
     keep_set = set(keep)
 
     def reap() -> int:
-        import docker.errors
-
         docker_client = client or shared_docker_client()
         removed = 0
         for item in docker_client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=1"}):

@@ -12,6 +12,8 @@ Isolation, in layers:
   and runtime directories masked, the workspace and the kernel's IPC directory
   read-write, new pid/ipc/uts/net namespaces (``--share-net`` only when the session
   allows internet access), and ``--die-with-parent``;
+- a seccomp filter (``seccomp.py``) denies namespaces, mounts, ptrace, keyrings, eBPF
+  and the like, as Docker's default profile does for containers;
 - ``prlimit`` sets RLIMIT_AS (memory) and RLIMIT_NPROC (processes), which bubblewrap
   does not; the pid namespace means killing the sandbox kills every descendant.
 """
@@ -30,6 +32,7 @@ from jupyter_client.provisioning import KernelProvisionerBase, LocalProvisioner
 from traitlets import Bool, Int, Unicode
 
 from ..config import Settings
+from .seccomp import filter_fd
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
                   write_connection_file, write_pid_record)
 
@@ -71,12 +74,14 @@ def kernel_env(base: dict[str, str] | None, extra: dict[str, str], home: Path) -
 
 
 def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path, hidden: list[str], allow_network: bool,
-               readonly: list[str]) -> list[str]:
+               readonly: list[str], seccomp_fd: int | None = None) -> list[str]:
     """The bubblewrap command line around ``argv`` (which already drops privileges)."""
     cmd = [bwrap_path() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     masked = [p for p in ["/tmp", "/root", "/home", "/run", *hidden] if os.path.isdir(p)]
     for path in masked:
-        cmd += ["--tmpfs", path]
+        # /tmp must be writable by the kernel's uid (sticky, like the real one); the
+        # others are empty placeholders.
+        cmd += ["--perms", "1777" if path == "/tmp" else "0755", "--tmpfs", path]
     made: set[str] = set()
 
     def parents(path: str) -> list[str]:
@@ -107,6 +112,8 @@ def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path, hidden: li
         if allow_network:
             cmd += ["--share-net"]
     cmd += ["--die-with-parent", "--new-session", "--chdir", str(workspace)]
+    if seccomp_fd is not None:
+        cmd += ["--seccomp", str(seccomp_fd)]
     return cmd + ["--", *argv]
 
 
@@ -117,10 +124,13 @@ class EraLocalProvisioner(LocalProvisioner):
     memory_limit = Int(0, config=True, help="address-space limit in bytes; default ERA_KERNEL_MEMORY")
     pids_limit = Int(0, config=True, help="process limit; default ERA_KERNEL_PIDS")
     allow_network = Bool(False, config=True, help="let the kernel use the host's network")
+    kernel_uid = Int(-1, config=True, help="uid the kernel runs as when Jupyter runs as root; default nobody")
 
     kernel_dir: Path | None = None
     sandboxed: bool = False
     _log_fd: int = -1
+    _info: dict[str, Any] = {}
+    _seccomp_fd: int | None = None
 
     def kernel_log(self, limit: int = 2000) -> str:
         """The tail of the kernel process's own output (for start-up failures)."""
@@ -152,14 +162,23 @@ class EraLocalProvisioner(LocalProvisioner):
         pids = int(era.get("pids") or self.pids_limit or settings["ERA_KERNEL_PIDS"])
         allow_network = bool(era.get("allow_network", self.allow_network))
         mode = sandbox_mode(era.get("sandbox") or self.sandbox or settings["ERA_SANDBOX"])
-        uid = int(era["uid"]) if era.get("uid") is not None else (_NOBODY if os.getuid() == 0 else os.getuid())
+        if era.get("uid") is not None:
+            uid = int(era["uid"])
+        elif os.getuid() == 0:
+            uid = self.kernel_uid if self.kernel_uid >= 0 else _NOBODY
+        else:
+            uid = os.getuid()
         gid = uid if os.getuid() == 0 else os.getgid()
 
-        self.kernel_dir = make_kernel_dir(runtime_dir)
+        if self.kernel_dir is None or not self.kernel_dir.is_dir():
+            self.kernel_dir = make_kernel_dir(runtime_dir)
+            self._info = ipc_connection_info(self.kernel_dir)
+            self._info["kernel_name"] = self.kernel_spec.language or ""
+        # else: a restart (cleanup(restart=True) kept the directory): same sockets and
+        # key, so clients connected to the old kernel reach the new one.
         home = self.kernel_dir / "home"
-        home.mkdir(mode=0o700)
-        info = ipc_connection_info(self.kernel_dir)
-        info["kernel_name"] = self.kernel_spec.language or ""
+        home.mkdir(mode=0o700, exist_ok=True)
+        info = self._info
         connection_file = write_connection_file(self.kernel_dir, info)
         if os.getuid() == 0 and uid != 0:
             for path in (self.kernel_dir, home, connection_file):
@@ -173,8 +192,9 @@ class EraLocalProvisioner(LocalProvisioner):
         if mode == "bwrap":
             hidden = [settings["ERA_DATA_DIR"], str(Path(runtime_dir))]
             readonly = sorted({sys.prefix, sys.base_prefix, *era.get("readonly", [])})
+            self._seccomp_fd = filter_fd()
             argv = bwrap_argv(argv, workspace=workspace, kernel_dir=self.kernel_dir, hidden=hidden,
-                              allow_network=allow_network, readonly=readonly)
+                              allow_network=allow_network, readonly=readonly, seccomp_fd=self._seccomp_fd)
             self.sandboxed = True
         else:
             _warn_unsandboxed()
@@ -191,6 +211,8 @@ class EraLocalProvisioner(LocalProvisioner):
                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         kwargs.update(stdout=log_fd, stderr=log_fd)
         self._log_fd = log_fd
+        if self._seccomp_fd is not None:
+            kwargs["pass_fds"] = (self._seccomp_fd,)
         if self.sandboxed:
             # In its own pid namespace the kernel cannot see our pid, and ipykernel's
             # parent poller would shut it down; --die-with-parent does that job.
@@ -203,16 +225,21 @@ class EraLocalProvisioner(LocalProvisioner):
         try:
             info = await super().launch_kernel(cmd, **kwargs)
         finally:
-            os.close(self._log_fd)  # the child has its copy
+            for fd in (self._log_fd, self._seccomp_fd):  # the child has its copies
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+            self._seccomp_fd = None
         if self.kernel_dir is not None and self.pid:
             write_pid_record(self.kernel_dir, self.pid)
         return info
 
     async def cleanup(self, restart: bool = False) -> None:
-        """Called by the KernelManager after the kernel stopped: remove sockets and home."""
+        """Called by the KernelManager after the kernel stopped: remove sockets and home,
+        unless this is a restart, which reuses them."""
         await super().cleanup(restart=restart)
-        remove_kernel_dir(self.kernel_dir)
-        self.kernel_dir = None
+        if not restart:
+            remove_kernel_dir(self.kernel_dir)
+            self.kernel_dir = None
 
     def _finalize_env(self, env: dict[str, str]) -> None:
         # The base class would set PYTHONEXECUTABLE-style hints from the host; our env

@@ -10,6 +10,7 @@ path gets here ``%2e%2e`` is already ``..``.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import datetime, timezone
 
@@ -65,8 +66,16 @@ def safe_relpath(path: str) -> str:
     return "/".join(names)
 
 
+# Printable ASCII names without backslash, joined by single slashes: the common case,
+# checked with one regex instead of a Unicode lookup per character.
+_PLAIN_ASCII = re.compile(r"[\x20-\x2e\x30-\x5b\x5d-\x7e]{1,255}(?:/[\x20-\x2e\x30-\x5b\x5d-\x7e]{1,255})*")
+
+
 def is_safe_relpath(path: str) -> bool:
     """True when ``path`` is already in the normal form ``safe_relpath`` returns."""
+    if len(path) <= MAX_PATH_BYTES and _PLAIN_ASCII.fullmatch(path):
+        wrapped = f"/{path}/"
+        return "/./" not in wrapped and "/../" not in wrapped
     try:
         return safe_relpath(path) == path
     except BadRequest:

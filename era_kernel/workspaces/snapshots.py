@@ -2,111 +2,42 @@
 
 Layout of one session under the store root::
 
-    <session_id>/manifest.json       {"format", "updated", "files": {path: entry}}
-    <session_id>/blobs/<random hex>  file contents, immutable once written
+    <session_id>/manifest.json       which file is where (see ``manifest``)
+    <session_id>/blobs/<random hex>  packs of small files, or one large file; immutable
 
-An entry is ``{"size", "mtime_ns", "sha256", "blob"}``. Blobs are never overwritten and
-the manifest is replaced in one atomic write *after* every blob it names is complete,
-so at any instant, including after a SIGKILL mid-push, the store holds exactly one
-complete snapshot: the previous one or the new one. Blobs no manifest names any more
-(replaced files, debris of a killed push) are deleted after the new manifest is in
-place. Blob names are random rather than content hashes so a large file can be hashed
-while it streams up; identical contents still share one blob through the sha256.
+Crash safety: blobs get fresh random names and are never overwritten, and the manifest
+is replaced in one atomic write *after* every blob it names is complete. So at any
+instant, including after a SIGKILL mid-push, the store holds exactly one complete
+snapshot: the previous one or the new one. Blobs no manifest uses any more (replaced
+files, debris of a killed push) are deleted after the new manifest is in place.
 
-Change detection: a file whose size and mtime match its manifest entry is unchanged
-without being read; otherwise it is hashed and uploaded only if its sha256 is new.
+Change detection: a file whose size and mtime match its entry is unchanged without being
+read; otherwise it is hashed, and uploaded only if its sha256 is not already stored.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import secrets
 import stat
 import time
 
 from ..errors import TooLarge
 from . import fdtree
+from .manifest import BLOBS, MANIFEST, Snapshot, load, parent_dirs, save
 from .objects import ObjectStore
-from .paths import is_safe_relpath, iso_utc
+from .paths import is_safe_relpath
 
-FORMAT = "era-workspace/1"
-MANIFEST = "manifest.json"
-BLOBS = "blobs"
-SMALL_FILE = 8 * 1024 * 1024      # read whole and sent in batches; larger files stream
-BATCH_BYTES = 64 * 1024 * 1024    # memory bound of one batch of small files
-BATCH_COUNT = 256
-_BLOB_RE = re.compile(r"^blobs/[0-9a-f]{32}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
-Files = dict[str, dict]
+SMALL_FILE = 8 * 1024 * 1024     # up to this, files are read whole and packed; larger stream
+PACK_BYTES = 32 * 1024 * 1024    # a pack is uploaded once it holds this much...
+PACK_FILES = 4096                # ...or this many files
+REPACK_BELOW = 0.5               # a pack less than half used is rewritten on the next push
+FETCH_BYTES = 64 * 1024 * 1024   # memory bound of one round of downloads
 
 
 def new_blob() -> str:
     return f"{BLOBS}/{secrets.token_hex(16)}"
-
-
-# --- manifest -----------------------------------------------------------------------
-
-
-def encode_manifest(files: Files) -> bytes:
-    doc = {"format": FORMAT, "updated": iso_utc(time.time_ns()), "files": files}
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
-
-
-def decode_manifest(data: bytes) -> Files:
-    """Parse and check a manifest: a tampered one must not steer a restore outside the
-    workspace (``..`` names) or to another session's objects."""
-    doc = json.loads(data)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("files"), dict):
-        raise ValueError("not an era workspace manifest")
-    files: Files = {}
-    for path, entry in doc["files"].items():
-        if not is_safe_relpath(path):
-            raise ValueError(f"manifest names an invalid path: {path!r}")
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("size"), int) and entry["size"] >= 0
-            and isinstance(entry.get("mtime_ns"), int)
-            and isinstance(entry.get("sha256"), str) and _SHA_RE.match(entry["sha256"])
-            and isinstance(entry.get("blob"), str) and _BLOB_RE.match(entry["blob"])
-        ):
-            raise ValueError(f"manifest entry for {path!r} is malformed")
-        files[path] = {k: entry[k] for k in ("size", "mtime_ns", "sha256", "blob")}
-    for path in files:
-        if any(parent in files for parent in parent_dirs(path)):
-            raise ValueError(f"manifest has {path!r} under a file")
-    return files
-
-
-def parent_dirs(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def load_manifest(objects: ObjectStore, sid: str) -> Files:
-    try:
-        data = objects.get(objects.key(sid, MANIFEST))
-    except FileNotFoundError:
-        return {}
-    return decode_manifest(data)
-
-
-def save_manifest(objects: ObjectStore, sid: str, files: Files) -> None:
-    objects.put(objects.key(sid, MANIFEST), encode_manifest(files))
-
-
-def collect_garbage(objects: ObjectStore, sid: str, files: Files) -> int:
-    """Delete every object of the session but the manifest and the blobs it names:
-    replaced contents, and debris of a killed push (orphan blobs, temporary files)."""
-    strip = objects.fs._strip_protocol
-    wanted = {strip(objects.key(sid, entry["blob"])) for entry in files.values()}
-    wanted.add(strip(objects.key(sid, MANIFEST)))
-    unused = [key for key in objects.find(objects.key(sid)) if strip(key) not in wanted]
-    objects.remove_many(unused)
-    return len(unused)
 
 
 def check_limits(count: int, total: int, max_files: int | None, max_total_bytes: int | None) -> None:
@@ -116,15 +47,60 @@ def check_limits(count: int, total: int, max_files: int | None, max_total_bytes:
         raise TooLarge(f"the workspace holds {total} bytes, over the limit of {max_total_bytes}")
 
 
+def delete_blobs(objects: ObjectStore, sid: str, blobs) -> int:
+    keys = [objects.key(sid, blob) for blob in blobs]
+    objects.remove_many(keys)
+    return len(keys)
+
+
+def sweep(objects: ObjectStore, sid: str, snapshot: Snapshot) -> int:
+    """Delete every object of the session but the manifest and its blobs: debris a
+    killed process left (orphan blobs, temporary files). Costs one listing."""
+    strip = objects.fs._strip_protocol
+    wanted = {strip(objects.key(sid, blob)) for blob in snapshot.blobs}
+    wanted.add(strip(objects.key(sid, MANIFEST)))
+    unused = [key for key in objects.find(objects.key(sid)) if strip(key) not in wanted]
+    objects.remove_many(unused)
+    return len(unused)
+
+
 # --- push ---------------------------------------------------------------------------
 
 
-def push(objects: ObjectStore, sid: str, local_dir, *, max_files=None, max_total_bytes=None) -> dict:
-    """Make the store's snapshot of ``sid`` equal to the regular files of ``local_dir``."""
+class _Packer:
+    """Collects small files into packs and uploads each pack as one object."""
+
+    def __init__(self, objects: ObjectStore, sid: str, snapshot: Snapshot, stats: dict):
+        self.objects, self.sid, self.snapshot, self.stats = objects, sid, snapshot, stats
+        self.blob, self.parts, self.size = new_blob(), [], 0
+
+    def add(self, data: bytes) -> tuple[str, int]:
+        offset = self.size
+        self.parts.append(data)
+        self.size += len(data)
+        self.stats["uploaded"] += 1
+        self.stats["uploaded_bytes"] += len(data)
+        placed = (self.blob, offset)
+        if self.size >= PACK_BYTES or len(self.parts) >= PACK_FILES:
+            self.flush()
+        return placed
+
+    def flush(self) -> None:
+        if self.parts:
+            self.objects.put(self.objects.key(self.sid, self.blob), b"".join(self.parts))
+            self.snapshot.blobs[self.blob] = self.size
+            self.stats["packs"] += 1
+            self.blob, self.parts, self.size = new_blob(), [], 0
+
+
+def push(objects: ObjectStore, sid: str, local_dir, *, full_sweep: bool = False,
+         max_files: int | None = None, max_total_bytes: int | None = None) -> dict:
+    """Make the store's snapshot of ``sid`` equal to the regular files of ``local_dir``.
+    ``full_sweep`` also lists the session's objects to delete debris of a killed push."""
     started = time.perf_counter()
-    old = load_manifest(objects, sid)
+    old = load(objects, sid)
     stats = {"files": 0, "bytes": 0, "unchanged": 0, "hashed": 0, "uploaded": 0, "uploaded_bytes": 0,
-             "deleted": 0, "skipped": 0, "removed_blobs": 0, "manifest_written": False}
+             "packs": 0, "repacked": 0, "deleted": 0, "skipped": 0, "removed_blobs": 0, "manifest_written": False}
     root_fd = fdtree.open_root(local_dir)
     try:
         found: list[tuple[str, os.stat_result]] = []
@@ -136,69 +112,109 @@ def push(objects: ObjectStore, sid: str, local_dir, *, max_files=None, max_total
             else:  # links, FIFOs, sockets; names the API cannot address
                 stats["skipped"] += 1
         check_limits(len(found), sum(st.st_size for _, st in found), max_files, max_total_bytes)
-        new = _snapshot(objects, sid, root_fd, found, old, stats)
+        new = _upload_changes(objects, sid, root_fd, found, old, stats)
     finally:
         os.close(root_fd)
-    stats["deleted"] = len(old.keys() - new.keys())
-    stats["files"] = len(new)
-    stats["bytes"] = sum(entry["size"] for entry in new.values())
-    if new != old:
-        save_manifest(objects, sid, new)  # the commit point
+    dead = new.prune()
+    stats["deleted"] = len(old.files.keys() - new.files.keys())
+    stats["files"], stats["bytes"] = len(new.files), new.total_bytes()
+    if new.files != old.files or new.blobs != old.blobs:
+        save(objects, sid, new)
         stats["manifest_written"] = True
-    # Also after a no-op push: that is how debris of a killed push (or of a killed
-    # collection) goes away without anything else changing. One listing.
-    stats["removed_blobs"] = collect_garbage(objects, sid, new)
+        stats["removed_blobs"] = delete_blobs(objects, sid, dead)
+    if full_sweep:
+        stats["removed_blobs"] += sweep(objects, sid, new)
     stats["seconds"] = round(time.perf_counter() - started, 6)
     return stats
 
 
-def _snapshot(objects, sid, root_fd, found, old: Files, stats: dict) -> Files:
-    blob_by_sha = {entry["sha256"]: entry["blob"] for entry in old.values()}
-    new: Files = {}
-    batch: dict[str, bytes] = {}
-    batch_bytes = 0
+class _Stored:
+    """Contents already in the store, by sha256 (and which sizes occur, to tell when a
+    large file is worth hashing before it is sent)."""
+
+    def __init__(self, entries, exclude: set[str] = frozenset()):
+        self.by_sha: dict[str, dict] = {}
+        self.sizes: set[int] = set()
+        for entry in entries:
+            if entry["blob"] not in exclude:
+                self.add(entry)
+
+    def add(self, entry: dict) -> None:
+        self.by_sha.setdefault(entry["sha256"], entry)
+        self.sizes.add(entry["size"])
+
+    def get(self, sha: str) -> dict | None:
+        return self.by_sha.get(sha)
+
+
+def _upload_changes(objects, sid, root_fd, found, old: Snapshot, stats: dict) -> Snapshot:
+    new = Snapshot(files={}, blobs=dict(old.blobs))
+    stored = _Stored(old.files.values())
+    packer = _Packer(objects, sid, new, stats)
     for rel, st in found:
-        prev = old.get(rel)
-        if prev is not None and prev["size"] == st.st_size and prev["mtime_ns"] == st.st_mtime_ns:
-            new[rel] = prev
+        prev = old.files.get(rel)
+        if _same(prev, st):
+            new.files[rel] = prev
             stats["unchanged"] += 1
             continue
-        try:
-            fd, fst = fdtree.open_file(root_fd, rel)
-        except OSError:
-            continue  # removed or replaced by a link since the walk: not a file any more
-        try:
-            stats["hashed"] += 1
-            if fst.st_size <= SMALL_FILE:
-                data = fdtree.read_fd(fd)
-                size, sha = len(data), hashlib.sha256(data).hexdigest()
-                blob = blob_by_sha.get(sha)
-                if blob is None:
-                    blob = blob_by_sha[sha] = new_blob()
-                    batch[objects.key(sid, blob)] = data
-                    batch_bytes += size
-                    stats["uploaded"] += 1
-                    stats["uploaded_bytes"] += size
+        entry = _read_and_place(objects, sid, root_fd, rel, stored, packer, new, stats)
+        if entry is not None:
+            new.files[rel] = entry
+            stored.add(entry)
+    # Packs less than half used now: their files are packed again so the old pack can
+    # go (otherwise one surviving file could pin a 32 MiB pack forever).
+    live = new.live_bytes()
+    weak = {blob for blob, size in old.blobs.items() if size and live.get(blob, 0) < REPACK_BELOW * size}
+    if weak:
+        stored = _Stored(new.files.values(), exclude=weak)
+        for rel in [rel for rel, entry in new.files.items() if entry["blob"] in weak]:
+            entry = _read_and_place(objects, sid, root_fd, rel, stored, packer, new, stats)
+            if entry is None:
+                del new.files[rel]  # gone meanwhile
             else:
-                size, sha = fst.st_size, _hash_fd(fd)
-                blob = blob_by_sha.get(sha)
-                if blob is None:
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    blob = new_blob()
-                    # What was sent is what the entry describes, even if the file changed.
-                    size, sha = objects.put_stream(objects.key(sid, blob), fd)
-                    blob_by_sha.setdefault(sha, blob)
-                    stats["uploaded"] += 1
-                    stats["uploaded_bytes"] += size
-        finally:
-            os.close(fd)
-        # mtime from before the read: a write during the read shows up as a change next time.
-        new[rel] = {"size": size, "mtime_ns": fst.st_mtime_ns, "sha256": sha, "blob": blob}
-        if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_COUNT:
-            objects.put_many(batch)
-            batch, batch_bytes = {}, 0
-    objects.put_many(batch)
+                new.files[rel] = entry
+                stored.add(entry)
+                stats["repacked"] += 1
+    packer.flush()
     return new
+
+
+def _read_and_place(objects, sid, root_fd, rel, stored: _Stored, packer: _Packer, new: Snapshot, stats: dict):
+    """Hash ``rel`` and find its bytes a place: an already stored copy, the current pack,
+    or (large files) a blob of its own. None when it is no longer a regular file."""
+    try:
+        fd, fst = fdtree.open_file(root_fd, rel)
+    except OSError:
+        return None  # removed or replaced by a link since the walk
+    try:
+        stats["hashed"] += 1
+        if fst.st_size <= SMALL_FILE:
+            data = fdtree.read_fd(fd)
+            size, sha = len(data), hashlib.sha256(data).hexdigest()
+            same = stored.get(sha)
+            blob, offset = (same["blob"], same["offset"]) if same else packer.add(data)
+        else:
+            # Hash first only when a stored file has this size (a touched or copied file):
+            # otherwise send it in one pass, hashing as it goes.
+            same = stored.get(_hash_fd(fd)) if fst.st_size in stored.sizes else None
+            if same:
+                size, sha, blob, offset = same["size"], same["sha256"], same["blob"], same["offset"]
+            else:
+                os.lseek(fd, 0, os.SEEK_SET)
+                blob, offset = new_blob(), 0
+                # What was sent is what the entry describes, even if the file changed.
+                size, sha = objects.put_stream(objects.key(sid, blob), fd)
+                new.blobs[blob] = size
+                stats["uploaded"] += 1
+                stats["uploaded_bytes"] += size
+    finally:
+        os.close(fd)
+    # mtime from before the read: a write during the read shows up as a change next time.
+    return {"size": size, "mtime_ns": fst.st_mtime_ns, "sha256": sha, "blob": blob, "offset": offset}
+
+
+def _same(entry: dict | None, st: os.stat_result) -> bool:
+    return entry is not None and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns
 
 
 def _hash_fd(fd: int) -> str:
@@ -217,10 +233,11 @@ def restore(objects: ObjectStore, sid: str, local_dir, *, uid: int | None = None
     """Make ``local_dir`` an exact mirror of the snapshot: missing or stale files are
     fetched, everything else (files, links, directories, debris) removed."""
     started = time.perf_counter()
-    files = load_manifest(objects, sid)
+    snapshot = load(objects, sid)
+    files = snapshot.files
     wanted_dirs = {parent for path in files for parent in parent_dirs(path)}
-    stats = {"files": len(files), "bytes": sum(e["size"] for e in files.values()), "kept": 0,
-             "downloaded": 0, "downloaded_bytes": 0, "removed": 0}
+    stats = {"files": len(files), "bytes": snapshot.total_bytes(), "kept": 0, "downloaded": 0,
+             "downloaded_bytes": 0, "requests": 0, "removed": 0}
     root_fd = fdtree.open_root(local_dir, create=True, uid=uid)
     try:
         current: set[str] = set()
@@ -235,39 +252,76 @@ def restore(objects: ObjectStore, sid: str, local_dir, *, uid: int | None = None
             fdtree.remove_entry(parent_fd, name)
             stats["removed"] += 1
         stats["kept"] = len(current)
-        _fetch(objects, sid, root_fd, {p: e for p, e in files.items() if p not in current}, uid, stats)
+        todo = {path: entry for path, entry in files.items() if path not in current}
+        _fetch(objects, sid, root_fd, snapshot, todo, uid, stats)
     finally:
         os.close(root_fd)
     stats["seconds"] = round(time.perf_counter() - started, 6)
     return stats
 
 
-def _fetch(objects, sid, root_fd, todo: Files, uid, stats: dict) -> None:
-    small = [(p, e) for p, e in sorted(todo.items()) if e["size"] <= SMALL_FILE]
-    large = [(p, e) for p, e in sorted(todo.items()) if e["size"] > SMALL_FILE]
-    start = 0
-    while start < len(small):
-        end, total = start, 0
-        while end < len(small) and end - start < BATCH_COUNT and total < BATCH_BYTES:
-            total += small[end][1]["size"]
-            end += 1
-        chunk = small[start:end]
-        contents = objects.get_many(sorted({objects.key(sid, e["blob"]) for _, e in chunk}))
-        for path, entry in chunk:
-            data = contents[objects.key(sid, entry["blob"])]
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise OSError(f"store object for {path!r} does not match its checksum")
-            fdtree.write_atomic(root_fd, path, lambda fd: fdtree.write_all(fd, data),
-                                uid=uid, mtime_ns=entry["mtime_ns"])
-            stats["downloaded"] += 1
-            stats["downloaded_bytes"] += len(data)
-        start = end
-    for path, entry in large:
-        def fill(fd: int, key=objects.key(sid, entry["blob"]), entry=entry, path=path) -> int:
-            size, sha = objects.get_stream(key, fd)
-            if sha != entry["sha256"]:
-                raise OSError(f"store object for {path!r} does not match its checksum")
-            return size
-
-        stats["downloaded_bytes"] += fdtree.write_atomic(root_fd, path, fill, uid=uid, mtime_ns=entry["mtime_ns"])
+def _fetch(objects, sid, root_fd, snapshot: Snapshot, todo: dict, uid, stats: dict) -> None:
+    def write(path: str, entry: dict, data: bytes) -> None:
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise OSError(f"store object for {path!r} does not match its checksum")
+        fdtree.write_atomic(root_fd, path, lambda fd: fdtree.write_all(fd, data), uid=uid, mtime_ns=entry["mtime_ns"])
         stats["downloaded"] += 1
+        stats["downloaded_bytes"] += len(data)
+
+    by_blob: dict[str, list[tuple[str, dict]]] = {}
+    for path, entry in sorted(todo.items()):
+        by_blob.setdefault(entry["blob"], []).append((path, entry))
+    whole: list[str] = []      # packs mostly needed: one GET each
+    ranged: list[tuple[str, dict]] = []  # a few files out of a big pack: one ranged GET each
+    for blob, entries in by_blob.items():
+        blob_size = snapshot.blobs[blob]
+        if blob_size > SMALL_FILE and all(e["offset"] == 0 and e["size"] == blob_size for _, e in entries):
+            for path, entry in entries:  # a large file's own blob: streamed straight to disk
+                _fetch_large(objects, sid, root_fd, path, entry, uid, stats)
+            continue
+        needed = sum(size for _, _, size in {(e["blob"], e["offset"], e["size"]) for _, e in entries})
+        if 2 * needed >= blob_size:
+            whole.append(blob)
+        else:
+            ranged.extend(entries)
+
+    start = 0
+    while start < len(whole):  # whole packs, a bounded amount of memory at a time
+        end, total = start, 0
+        while end < len(whole) and (end == start or total + snapshot.blobs[whole[end]] <= FETCH_BYTES):
+            total += snapshot.blobs[whole[end]]
+            end += 1
+        keys = [objects.key(sid, blob) for blob in whole[start:end]]
+        contents = objects.get_many(keys)
+        stats["requests"] += len(keys)
+        for blob, key in zip(whole[start:end], keys):
+            pack = memoryview(contents.pop(key))
+            for path, entry in by_blob[blob]:
+                write(path, entry, bytes(pack[entry["offset"]:entry["offset"] + entry["size"]]))
+        start = end
+
+    start = 0
+    while start < len(ranged):
+        end, total = start, 0
+        while end < len(ranged) and (end == start or total + ranged[end][1]["size"] <= FETCH_BYTES):
+            total += ranged[end][1]["size"]
+            end += 1
+        chunk = ranged[start:end]
+        datas = objects.get_ranges([(objects.key(sid, e["blob"]), e["offset"], e["offset"] + e["size"])
+                                    for _, e in chunk])
+        stats["requests"] += len(chunk)
+        for (path, entry), data in zip(chunk, datas):
+            write(path, entry, data)
+        start = end
+
+
+def _fetch_large(objects, sid, root_fd, path, entry, uid, stats) -> None:
+    def fill(fd: int) -> int:
+        size, sha = objects.get_stream(objects.key(sid, entry["blob"]), fd)
+        if size != entry["size"] or sha != entry["sha256"]:
+            raise OSError(f"store object for {path!r} does not match its checksum")
+        return size
+
+    stats["downloaded_bytes"] += fdtree.write_atomic(root_fd, path, fill, uid=uid, mtime_ns=entry["mtime_ns"])
+    stats["downloaded"] += 1
+    stats["requests"] += 1

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import fsspec
 
 from ..errors import BadRequest, NotFound
-from . import snapshots
+from . import manifest, snapshots
 from .local import map_os_error, run_blocking
 from .objects import ObjectStore
 from .paths import iso_utc, safe_relpath
@@ -75,6 +75,9 @@ class WorkspaceStore:
         self.max_files = max_files
         self.max_total_bytes = max_total_bytes
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Sessions whose objects this process has listed once and found free of debris
+        # (see ``push``): later pushes delete what they replace without listing.
+        self._swept: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, options: str | Mapping[str, Any] | None = None, **kwargs: Any) -> "WorkspaceStore":
@@ -107,17 +110,24 @@ class WorkspaceStore:
         uploaded_bytes, deleted, skipped (links and unaddressable names), seconds."""
         sid = check_session_id(session_id)
         async with self._locks[sid]:
+            # A killed process may have left orphan blobs: the first push of a session in
+            # this process, and the one after a failed push, lists and deletes them.
+            full_sweep = sid not in self._swept
+            self._swept.discard(sid)
             try:
-                return await run_blocking(snapshots.push, self.objects, sid, os.fspath(local_dir),
-                                          max_files=self.max_files, max_total_bytes=self.max_total_bytes)
+                stats = await run_blocking(snapshots.push, self.objects, sid, os.fspath(local_dir),
+                                           full_sweep=full_sweep, max_files=self.max_files,
+                                           max_total_bytes=self.max_total_bytes)
             except (FileNotFoundError, NotADirectoryError):
                 # Never read a vanished directory as "everything was deleted".
                 raise NotFound(f"workspace directory of session {sid} is missing") from None
+            self._swept.add(sid)
+            return stats
 
     async def exists(self, session_id: str) -> bool:
         """True when the session has a snapshot."""
         sid = check_session_id(session_id)
-        key = self.objects.key(sid, snapshots.MANIFEST)
+        key = self.objects.key(sid, manifest.MANIFEST)
         return await run_blocking(self.objects.fs.exists, key)
 
     async def delete(self, session_id: str) -> None:
@@ -126,6 +136,7 @@ class WorkspaceStore:
         sid = check_session_id(session_id)
         async with self._locks[sid]:
             await run_blocking(self._delete_sync, sid)
+        self._swept.discard(sid)
         lock = self._locks.get(sid)
         if lock is not None and not lock.locked():  # ids come and go: do not keep a lock per id forever
             del self._locks[sid]
@@ -144,8 +155,8 @@ class WorkspaceStore:
     async def list(self, session_id: str) -> list[dict]:
         """``[{path, size, uploaded}]`` from the snapshot, sorted by path."""
         sid = check_session_id(session_id)
-        files = await run_blocking(snapshots.load_manifest, self.objects, sid)
-        return [{"path": p, "size": e["size"], "uploaded": iso_utc(e["mtime_ns"])} for p, e in sorted(files.items())]
+        snap = await run_blocking(manifest.load, self.objects, sid)
+        return [{"path": p, "size": e["size"], "uploaded": iso_utc(e["mtime_ns"])} for p, e in sorted(snap.files.items())]
 
     async def usage(self, session_id: str) -> tuple[int, int]:
         files = await self.list(session_id)
@@ -203,58 +214,60 @@ class WorkspaceStore:
     # --- blocking halves -----------------------------------------------------------------
 
     def _delete_sync(self, sid: str) -> None:
-        self.objects.remove_many([self.objects.key(sid, snapshots.MANIFEST)])
+        self.objects.remove_many([self.objects.key(sid, manifest.MANIFEST)])
+        manifest.forget(self.objects, sid)
         self.objects.remove_prefix(self.objects.key(sid))
 
     def _copy_sync(self, src: str, dst: str) -> dict:
-        files = snapshots.load_manifest(self.objects, src)
+        snap = manifest.load(self.objects, src)
         self._delete_sync(dst)
-        blobs = sorted({entry["blob"] for entry in files.values()})
-        self.objects.copy_many([(self.objects.key(src, b), self.objects.key(dst, b)) for b in blobs])
-        snapshots.save_manifest(self.objects, dst, files)  # last: the copy exists only once complete
-        return {"files": len(files), "bytes": sum(e["size"] for e in files.values())}
+        self.objects.copy_many([(self.objects.key(src, b), self.objects.key(dst, b)) for b in sorted(snap.blobs)])
+        manifest.save(self.objects, dst, snap)  # last: the copy exists only once complete
+        return {"files": len(snap.files), "bytes": snap.total_bytes()}
 
     def _read_sync(self, sid: str, rel: str) -> bytes:
-        entry = snapshots.load_manifest(self.objects, sid).get(rel)
+        entry = manifest.load(self.objects, sid).files.get(rel)
         if entry is None:
             raise FileNotFoundError(errno.ENOENT, "not in the snapshot", rel)
         try:
-            data = self.objects.get(self.objects.key(sid, entry["blob"]))
+            [data] = self.objects.get_ranges(
+                [(self.objects.key(sid, entry["blob"]), entry["offset"], entry["offset"] + entry["size"])])
         except FileNotFoundError:
             raise _BlobGone(rel) from None
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise OSError(errno.EIO, f"store object for {rel!r} does not match its checksum")
         return data
 
     def _write_sync(self, sid: str, rel: str, data: bytes) -> None:
-        files = snapshots.load_manifest(self.objects, sid)
-        if any(parent in files for parent in snapshots.parent_dirs(rel)):
+        snap = manifest.load(self.objects, sid)
+        if any(parent in snap.files for parent in manifest.parent_dirs(rel)):
             raise NotADirectoryError(errno.ENOTDIR, "a parent is a file", rel)
-        if any(path.startswith(rel + "/") for path in files):
+        if any(path.startswith(rel + "/") for path in snap.files):
             raise IsADirectoryError(errno.EISDIR, "is a directory", rel)
-        others = [e for p, e in files.items() if p != rel]
+        others = [e for p, e in snap.files.items() if p != rel]
         snapshots.check_limits(len(others) + 1, sum(e["size"] for e in others) + len(data),
                                self.max_files, self.max_total_bytes)
         sha = hashlib.sha256(data).hexdigest()
-        blob = next((e["blob"] for e in files.values() if e["sha256"] == sha), None)
-        if blob is None:
-            blob = snapshots.new_blob()
+        same = next((e for e in snap.files.values() if e["sha256"] == sha), None)
+        if same is not None:
+            blob, offset = same["blob"], same["offset"]
+        else:
+            blob, offset = snapshots.new_blob(), 0
             self.objects.put(self.objects.key(sid, blob), data)
-        old = files.get(rel)
-        files[rel] = {"size": len(data), "mtime_ns": time.time_ns(), "sha256": sha, "blob": blob}
-        snapshots.save_manifest(self.objects, sid, files)
-        self._drop_unused(sid, files, [old])
+            snap.blobs[blob] = len(data)
+        snap.files[rel] = {"size": len(data), "mtime_ns": time.time_ns(), "sha256": sha, "blob": blob, "offset": offset}
+        self._commit(sid, snap)
 
     def _delete_file_sync(self, sid: str, rel: str) -> None:
-        files = snapshots.load_manifest(self.objects, sid)
-        gone = [p for p in files if p == rel or p.startswith(rel + "/")]
+        snap = manifest.load(self.objects, sid)
+        gone = [p for p in snap.files if p == rel or p.startswith(rel + "/")]
         if not gone:
             raise FileNotFoundError(errno.ENOENT, "not in the snapshot", rel)
-        removed = [files.pop(p) for p in gone]
-        snapshots.save_manifest(self.objects, sid, files)
-        self._drop_unused(sid, files, removed)
+        for path in gone:
+            del snap.files[path]
+        self._commit(sid, snap)
 
-    def _drop_unused(self, sid: str, files: snapshots.Files, candidates: list[dict | None]) -> None:
-        used = {e["blob"] for e in files.values()}
-        unused = {e["blob"] for e in candidates if e is not None} - used
-        self.objects.remove_many([self.objects.key(sid, b) for b in unused])
+    def _commit(self, sid: str, snap: manifest.Snapshot) -> None:
+        dead = snap.prune()
+        manifest.save(self.objects, sid, snap)
+        snapshots.delete_blobs(self.objects, sid, dead)

@@ -2,7 +2,8 @@
 
 Bodies are streamed (``stream_request_body``) so the size limit is enforced by us, with
 a JSON 413, instead of tornado dropping the connection; ``prepare`` runs before the body
-is read, so an unauthenticated or oversized request is refused before it is buffered.
+is read, so an unauthenticated or oversized request is refused without buffering its
+body (see ``BaseHandler`` for why the refusal waits until the body is drained).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import PurePath
 from typing import Any
 
 from era_kernel.errors import BadRequest, NotFound, TooLarge
-from tornado.web import RequestHandler, stream_request_body
+from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from ..apidoc import Op
 from ..auth import require_api_key
@@ -110,6 +111,13 @@ def _refuse_first(method):
     return wrapper
 
 
+def _wrap_methods(cls: type) -> None:
+    for name in HTTP_METHODS:
+        method = cls.__dict__.get(name)
+        if method is not None and not getattr(method, "__wrapped__", None):
+            setattr(cls, name, _refuse_first(method))
+
+
 @stream_request_body
 class BaseHandler(JsonErrors, RequestHandler):
     """Routes inject ``services``; subclasses declare ``API`` (see ``apidoc.Op``).
@@ -126,10 +134,13 @@ class BaseHandler(JsonErrors, RequestHandler):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name in HTTP_METHODS:
-            method = cls.__dict__.get(name)
-            if method is not None and not getattr(method, "__wrapped__", None):
-                setattr(cls, name, _refuse_first(method))
+        _wrap_methods(cls)
+
+    def _not_allowed(self, *args: Any, **kwargs: Any) -> None:
+        raise HTTPError(405)
+
+    # Methods a route lacks are wrapped too, so a refusal (401) comes before the 405.
+    get = post = put = patch = delete = head = options = _not_allowed
 
     def initialize(self, services: Services) -> None:
         self.services = services
@@ -206,6 +217,9 @@ class BaseHandler(JsonErrors, RequestHandler):
         if not raw.strip().isdigit() or not low <= int(raw) <= high:
             raise BadRequest(f"query parameter '{name}' must be an integer from {low} to {high}", field=name)
         return int(raw)
+
+
+_wrap_methods(BaseHandler)
 
 
 class NotFoundHandler(BaseHandler):

@@ -3,6 +3,7 @@ statistics and the OpenAPI document."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from ..apidoc import Op
@@ -47,5 +48,6 @@ class OpenApiHandler(BaseHandler):
             from ..app import ROUTES
             from ..openapi import build_openapi
 
-            self.services.openapi = build_openapi(ROUTES)
+            # Schema generation takes tens of ms of CPU: off the event loop, once.
+            self.services.openapi = await asyncio.to_thread(build_openapi, ROUTES)
         self.send_json(self.services.openapi)
