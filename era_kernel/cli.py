@@ -6,13 +6,12 @@ before jupyter_client and the store are imported.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import sys
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_run(args) -> int:
+    import asyncio
+
     from .config import Settings
     from .errors import EraError
     from .sessions import SessionManager
@@ -49,13 +48,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             tb = "\n".join(err.get("traceback") or []) or f"{err['ename']}: {err['evalue']}"
             print(tb, file=sys.stderr)
         if args.json:
+            import json
+
             print(json.dumps(result, indent=2))
         return int(result["exit_code"])
 
     return asyncio.run(main())
 
 
-def _cmd_kernelspecs(args: argparse.Namespace) -> int:
+def _cmd_kernelspecs(args) -> int:
     from .kernelspecs import install
 
     prefix = sys.prefix if args.sys_prefix else args.prefix
@@ -64,7 +65,7 @@ def _cmd_kernelspecs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_doctor(args: argparse.Namespace) -> int:
+def _cmd_doctor(args) -> int:
     from .doctor import run_checks
 
     ok = True
@@ -74,18 +75,20 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(args) -> int:
     from era_server import main as serve_main
 
     argv = []
-    if args.host:
+    if args.host is not None:
         argv += ["--host", args.host]
-    if args.port:
+    if args.port is not None:
         argv += ["--port", str(args.port)]
     return serve_main(argv) or 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_images: bool = True):
+    import argparse
+
     parser = argparse.ArgumentParser(prog="era", description="ERA Kernel: code execution in sandboxed Jupyter kernels")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -114,16 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check what this machine can do")
     doctor.set_defaults(func=_cmd_doctor)
 
-    try:
+    if with_images:  # imports the Docker SDK: not on `era serve`'s path to listening
         from .images.cli import add_images_parser
-    except ImportError:
-        pass
-    else:
+
         add_images_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"] and not {"-h", "--help"} & set(argv):
+        # Fast path to a listening socket: era_server parses --host/--port itself with
+        # the standard library only (argparse and the Docker SDK cost tens of ms).
+        from era_server import main as serve_main
+
+        return serve_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

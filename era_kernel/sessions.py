@@ -355,8 +355,6 @@ class SessionManager:
               "duration_ms": result["duration_ms"], "timed_out": result["timed_out"],
               "truncated": result["truncated"]})
         emit({"type": "status", "state": self.kernels[sid].state if sid in self.kernels else "dead"})
-        log.info("run", extra={"session_id": sid, "exit_code": result["exit_code"],
-                               "duration_ms": result["duration_ms"]})
         return result
 
     async def _read_back_data(self, ws: Workspace, record: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +363,7 @@ class SessionManager:
         try:
             raw = await ws.read(DATA_FILE, max_bytes=self.settings["ERA_MAX_DATA_BYTES"])
             data = json.loads(raw)
-        except (NotFound, BadRequest, TooLarge, ValueError):
+        except (NotFound, BadRequest, TooLarge, ValueError, RecursionError):  # deep nesting: not data
             return record["data"]
         if not isinstance(data, dict):
             return record["data"]

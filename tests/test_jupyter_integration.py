@@ -15,13 +15,15 @@ from nbclient import NotebookClient
 
 from era_kernel.kernelspecs import install
 
+from .conftest import require_docker
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.fixture
 def installed_specs(tmp_path, monkeypatch):
-    install(prefix=str(tmp_path), names=["era-python-local"])
+    install(prefix=str(tmp_path), names=["era-python-local", "era-python"])
     share = tmp_path / "share" / "jupyter"
     monkeypatch.setenv("JUPYTER_PATH", str(share))
     # Launched from a kernelspec by a Jupyter app running as root, the kernel runs as
@@ -58,11 +60,14 @@ async def test_plain_jupyter_client_launches_era_local(installed_specs, tmp_path
         await km.shutdown_kernel(now=True)
 
 
+@pytest.mark.parametrize("kernel_name", ["era-python", "era-python-local"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-async def test_notebooks_execute_on_era_kernel(installed_specs, path, tmp_path):
+async def test_notebooks_execute_on_era_kernel(installed_specs, path, tmp_path, kernel_name):
+    if kernel_name == "era-python":
+        require_docker()
     nb = nbformat.read(path, as_version=4)
     ksm = KernelSpecManager(kernel_dirs=[str(installed_specs / "kernels")])
-    client = NotebookClient(nb, kernel_name="era-python-local", timeout=60, allow_errors=False,
+    client = NotebookClient(nb, kernel_name=kernel_name, timeout=60, allow_errors=False,
                             kernel_manager_class=AsyncKernelManager, resources={"metadata": {"path": str(tmp_path)}})
     client.km = client.create_kernel_manager()
     client.km.kernel_spec_manager = ksm

@@ -8,7 +8,6 @@ out), or by this process at whatever moment it reaches.
 """
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+import era_kernel
 from era_kernel.workspaces import WorkspaceStore, fdtree, manifest
 
 BUCKET = "era-crash"
@@ -158,16 +158,23 @@ def read_tree(root) -> dict:
     return out
 
 
+def child_env() -> dict:
+    """The child imports this checkout's era_kernel even when it is not installed."""
+    source_root = os.path.dirname(os.path.dirname(os.path.abspath(era_kernel.__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))}
+
+
 def run_child(spec, sid, src, mode, **extra) -> subprocess.CompletedProcess:
     args = {"url": spec[0], "options": spec[1], "sid": sid, "dir": str(src), "mode": mode,
             "small_file": SMALL_FILE, **extra}
-    return subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, timeout=120,
+                          env=child_env())
 
 
 def run_child_and_kill(spec, sid, src, after_batches: int) -> int:
     args = {"url": spec[0], "options": spec[1], "sid": sid, "dir": str(src), "mode": "external",
             "small_file": SMALL_FILE}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE, env=child_env())
     try:
         for _ in range(after_batches):
             assert child.stdout.readline() == b"pack\n"

@@ -314,6 +314,8 @@ async def test_deep_tree_is_walked_and_removed_iteratively(ws):
 async def test_concurrent_writes_respect_total_quota(tree):
     ws = Workspace(tree / "c", max_total_bytes=100)
     await ws.create()
-    results = await asyncio.gather(*(ws.write(f"f{i}", b"x" * 30) for i in range(6)), return_exceptions=True)
+    # A new Workspace object per request, as a server handler may build them.
+    writes = (Workspace(tree / "c", max_total_bytes=100).write(f"f{i}", b"x" * 30) for i in range(6))
+    results = await asyncio.gather(*writes, return_exceptions=True)
     assert sum(isinstance(r, TooLarge) for r in results) == 3
     assert (await ws.usage())[1] == 90

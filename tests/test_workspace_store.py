@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import uuid
 
 import boto3
@@ -385,3 +386,117 @@ async def test_s3_settings_from_aws_environment(s3_endpoint, tmp_path, monkeypat
     doc = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
     assert list(doc["files"]) == ["a"]
     assert doc["files"]["a"]["sha256"] == hashlib.sha256(b"env").hexdigest()
+
+
+async def test_sibling_session_ids_stay_apart(store, tmp_path):
+    make_files(tmp_path / "one", {"a": b"one"})
+    make_files(tmp_path / "ten", {"a": b"ten"})
+    await store.push("s10", tmp_path / "ten")
+    await store.push("s1", tmp_path / "one")  # its first push lists "s1": must not see "s10"
+    await store.delete("s1")
+    assert await store.read_file("s10", "a") == b"ten"
+    await store.restore("s10", tmp_path / "dst")
+    assert read_tree(tmp_path / "dst") == {"a": b"ten"}
+
+
+async def test_small_files_travel_in_packs(store, tmp_path):
+    src = tmp_path / "src"
+    make_files(src, {f"d{i % 3}/f{i}": os.urandom(100) for i in range(50)})
+    stats = await store.push("s", src)
+    assert (stats["uploaded"], stats["packs"]) == (50, 1)
+    assert len(blob_keys(store, "s")) == 1
+    dst = tmp_path / "dst"
+    stats = await store.restore("s", dst)
+    assert (stats["downloaded"], stats["requests"]) == (50, 1)
+    assert read_tree(dst) == read_tree(src)
+
+
+async def test_a_mostly_replaced_pack_is_repacked(store, tmp_path):
+    src = tmp_path / "src"
+    make_files(src, {f"f{i}": bytes([i]) * 100 for i in range(10)})
+    await store.push("s", src)
+    make_files(src, {"f0": b"new" * 10})  # 9 of 10 still in the pack: left alone
+    assert (await store.push("s", src))["repacked"] == 0
+    make_files(src, {f"f{i}": b"v3-%d" % i for i in range(1, 7)})  # 3 of 10 left: repacked
+    stats = await store.push("s", src)
+    assert stats["repacked"] == 3
+    snap = manifest.load(store.objects, "s")
+    stored = sum(snap.blobs.values())
+    assert stored == sum(e["size"] for e in snap.files.values())  # no dead bytes kept
+    assert blob_keys(store, "s") == referenced_blobs(store, "s")
+    dst = tmp_path / "dst"
+    await store.restore("s", dst)
+    assert read_tree(dst) == read_tree(src)
+
+
+async def test_touching_every_file_uploads_nothing(store, tmp_path):
+    src = tmp_path / "src"
+    make_files(src, {f"f{i}": os.urandom(64) for i in range(20)})
+    await store.push("s", src)
+    for i in range(20):
+        os.utime(src / f"f{i}", ns=(10**18 + i, 10**18 + i))
+    stats = await store.push("s", src)
+    assert (stats["hashed"], stats["uploaded"], stats["repacked"]) == (20, 0, 0)
+
+
+async def test_restoring_a_few_files_of_a_big_pack_reads_ranges(store, tmp_path):
+    src = tmp_path / "src"
+    make_files(src, {f"f{i:02d}": os.urandom(1000) for i in range(20)})
+    await store.push("s", src)
+    dst = tmp_path / "dst"
+    await store.restore("s", dst)
+    (dst / "f03").unlink()
+    (dst / "f07").write_bytes(b"local edit")
+    stats = await store.restore("s", dst)
+    assert (stats["kept"], stats["downloaded"], stats["requests"]) == (18, 2, 2)
+    assert read_tree(dst) == read_tree(src)
+
+
+async def test_debris_is_swept_by_the_next_process(store_spec, tmp_path):
+    src = tmp_path / "src"
+    make_files(src, {"a": b"a"})
+    first = WorkspaceStore.from_url(*store_spec)
+    await first.push("s", src)
+    orphan = first.objects.key("s", "blobs/" + "f" * 32)  # as a killed push leaves it
+    first.objects.put(orphan, b"orphan")
+    restarted = WorkspaceStore.from_url(*store_spec)
+    stats = await restarted.push("s", src)
+    assert (stats["manifest_written"], stats["removed_blobs"]) == (False, 1)
+    assert blob_keys(restarted, "s") == referenced_blobs(restarted, "s")
+
+
+async def test_two_store_objects_see_each_others_commits(store_spec):
+    one, two = WorkspaceStore.from_url(*store_spec), WorkspaceStore.from_url(*store_spec)
+    await one.write_file("s", "x", b"1")
+    assert [f["path"] for f in await two.list("s")] == ["x"]
+    await two.write_file("s", "y", b"2")
+    assert [f["path"] for f in await one.list("s")] == ["x", "y"]  # the cached manifest is not trusted
+    assert await one.read_file("s", "y") == b"2"
+
+
+async def test_a_cancelled_push_keeps_the_session_locked_until_its_work_ends(store, tmp_path, monkeypatch):
+    """Cancelling the caller (a client gone) cannot stop the thread doing the push, so
+    the session lock must stay held until that thread is done."""
+    src = tmp_path / "src"
+    make_files(src, {"a": b"a"})
+    started, release = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+    real_push = snapshots.push
+
+    def slow_push(*args, **kwargs):
+        loop.call_soon_threadsafe(started.set)
+        release.wait(10)
+        return real_push(*args, **kwargs)
+
+    monkeypatch.setattr(snapshots, "push", slow_push)
+    first = asyncio.create_task(store.push("s", src))
+    await started.wait()
+    first.cancel()
+    second = asyncio.create_task(store.write_file("s", "b", b"b"))
+    await asyncio.sleep(0.2)
+    assert not first.done() and not second.done()  # both wait for the thread
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await second
+    assert [f["path"] for f in await store.list("s")] == ["a", "b"]

@@ -17,6 +17,7 @@ import errno
 import functools
 import os
 import stat
+import weakref
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -33,9 +34,25 @@ _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 async def run_blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run blocking file work in the default executor, keeping the event loop free."""
+    """Run blocking file work in the default executor, keeping the event loop free.
+
+    A thread cannot be stopped: if the caller is cancelled, the cancellation takes effect
+    only once the work is over, so a lock the caller holds is never released while its
+    work still runs (a second push would otherwise interleave with the first).
+    """
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, functools.partial(func, *args, **kwargs))
+    future = loop.run_in_executor(None, functools.partial(func, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                continue
+            except BaseException:
+                break
+        raise
 
 
 def not_found(rel: str) -> NotFound:
@@ -85,8 +102,6 @@ class Workspace:
         self.max_total_bytes = max_total_bytes
         self.max_files = max_files
         self.max_read_bytes = max_read_bytes
-        # Serializes the server's own writes so two uploads cannot both pass a quota check.
-        self._write_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
@@ -139,7 +154,7 @@ class Workspace:
         if self.max_file_bytes is not None and len(data) > self.max_file_bytes:
             raise TooLarge(f"file is larger than the limit of {self.max_file_bytes} bytes")
         owner = self._uid(uid)
-        async with self._write_lock:
+        async with _write_lock(self.root):
             try:
                 size = await run_blocking(self._write_sync, rel, data, owner)
             except OSError as exc:
@@ -268,6 +283,20 @@ class Workspace:
             return count, total
         finally:
             os.close(root_fd)
+
+
+# One lock per directory, shared by every Workspace object on it (callers may build a
+# new one per request): the server's own writes are serialized so that two uploads
+# cannot both pass a quota check. Weak values: a lock lives while someone holds it.
+_WRITE_LOCKS: "weakref.WeakValueDictionary[str, asyncio.Lock]" = weakref.WeakValueDictionary()
+
+
+def _write_lock(root: Path) -> asyncio.Lock:
+    key = os.path.abspath(root)
+    lock = _WRITE_LOCKS.get(key)
+    if lock is None:
+        lock = _WRITE_LOCKS[key] = asyncio.Lock()
+    return lock
 
 
 def _remove_root(root: Path) -> None:

@@ -24,8 +24,8 @@ from .paths import is_safe_relpath, iso_utc
 FORMAT = "era-workspace/2"
 MANIFEST = "manifest.json"
 BLOBS = "blobs"
-_BLOB_RE = re.compile(r"^blobs/[0-9a-f]{32}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_BLOB_RE = re.compile(r"blobs/[0-9a-f]{32}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 _CACHE_SIZE = 256
 
 
@@ -73,7 +73,7 @@ def decode(data: bytes) -> Snapshot:
     if not isinstance(files, dict) or not isinstance(blobs, dict):
         raise ValueError("manifest is malformed")
     for blob, size in blobs.items():
-        if not (_BLOB_RE.match(blob) and type(size) is int and size >= 0):
+        if not (isinstance(blob, str) and _BLOB_RE.fullmatch(blob) and type(size) is int and size >= 0):
             raise ValueError(f"manifest names an invalid blob: {blob!r}")
     for path, entry in files.items():
         if not is_safe_relpath(path):
@@ -93,7 +93,7 @@ def _valid_entry(entry, blobs: dict) -> bool:
         and type(entry.get("size")) is int and entry["size"] >= 0
         and type(entry.get("offset")) is int and entry["offset"] >= 0
         and type(entry.get("mtime_ns")) is int
-        and isinstance(entry.get("sha256"), str) and _SHA_RE.match(entry["sha256"]) is not None
+        and isinstance(entry.get("sha256"), str) and _SHA_RE.fullmatch(entry["sha256"]) is not None
         and entry.get("blob") in blobs
         and entry["offset"] + entry["size"] <= blobs[entry["blob"]]
     )

@@ -9,8 +9,8 @@ real name or not at all:
 - ``memory://``: a single in-process assignment.
 
 Everything here blocks (s3fs runs its requests on its own event loop thread); the store
-calls it from an executor. Batch calls use s3fs's concurrency (``pipe``/``cat`` of many
-keys at once) and degrade to loops elsewhere.
+calls it from an executor. Batch reads use s3fs's concurrency (``cat`` of many keys or
+ranges at once) and degrade to loops elsewhere.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import os
 import shutil
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 from fsspec.implementations.local import LocalFileSystem
@@ -53,19 +52,6 @@ class ObjectStore:
             self._local_write(key, lambda fd: fdtree.write_all(fd, data))
         else:
             self.fs.pipe_file(key, data)
-
-    def put_many(self, items: dict[str, bytes]) -> None:
-        if not items:
-            return
-        if self.local and len(items) > 1:
-            # fsyncs in parallel: the filesystem commits them together.
-            with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
-                list(pool.map(lambda item: self.put(*item), items.items()))
-        elif self.local or not getattr(self.fs, "async_impl", False):
-            for key, data in items.items():
-                self.put(key, data)
-        else:
-            self.fs.pipe(items)  # concurrent PUTs
 
     def put_stream(self, key: str, src_fd: int) -> tuple[int, str]:
         """Upload from ``src_fd``'s offset to its end; returns ``(size, sha256)`` of what

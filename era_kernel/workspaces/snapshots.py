@@ -12,7 +12,8 @@ snapshot: the previous one or the new one. Blobs no manifest uses any more (repl
 files, debris of a killed push) are deleted after the new manifest is in place.
 
 Change detection: a file whose size and mtime match its entry is unchanged without being
-read; otherwise it is hashed, and uploaded only if its sha256 is not already stored.
+read; otherwise it is hashed, and uploaded only if its sha256 is not already stored (a
+large file of a size nothing stored has is sent at once, hashed on the way).
 """
 
 from __future__ import annotations

@@ -24,18 +24,18 @@ from typing import Any, Mapping
 
 import fsspec
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, NotFound, TooLarge
 from . import manifest, snapshots
 from .local import map_os_error, run_blocking
 from .objects import ObjectStore
 from .paths import iso_utc, safe_relpath
 
-_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 ARCHIVES = ".archives"  # '.' cannot start a session id, so no session can collide with it
 
 
 def check_session_id(session_id: str) -> str:
-    if not isinstance(session_id, str) or not _SESSION_ID.match(session_id):
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
         raise BadRequest("invalid session id: use 1-128 of A-Z a-z 0-9 _ -", field="id")
     return session_id
 
@@ -102,12 +102,19 @@ class WorkspaceStore:
         empty directory when there is none). Files are chowned to ``uid`` when root."""
         sid = check_session_id(session_id)
         async with self._locks[sid]:
-            return await run_blocking(snapshots.restore, self.objects, sid, os.fspath(local_dir), uid=uid)
+            try:
+                return await run_blocking(snapshots.restore, self.objects, sid, os.fspath(local_dir), uid=uid)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise TooLarge("no space left to restore the session's files") from None
+                raise
 
     async def push(self, session_id: str, local_dir: str | os.PathLike) -> dict:
         """Upload what changed in ``local_dir`` (deletions included) and commit it as the
-        session's snapshot. Returns counts: files, bytes, unchanged, hashed, uploaded,
-        uploaded_bytes, deleted, skipped (links and unaddressable names), seconds."""
+        session's snapshot; ``NotFound`` if the directory is gone, ``TooLarge`` over the
+        limits (nothing committed). Returns counts: files, bytes, unchanged, hashed,
+        uploaded, uploaded_bytes, packs, repacked, deleted, skipped (links, FIFOs and
+        unaddressable names), removed_blobs, manifest_written, seconds."""
         sid = check_session_id(session_id)
         async with self._locks[sid]:
             # A killed process may have left orphan blobs: the first push of a session in

@@ -1,0 +1,110 @@
+"""What JupyterLab sees: a real jupyter_server lists our kernelspecs, starts one of ours
+through its sessions API, and runs code over its channels WebSocket."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+from tornado.websocket import websocket_connect
+
+from era_kernel.kernelspecs import install
+
+from .conftest import require_docker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def jupyter_server(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("jupyter-prefix")
+    root = tmp_path_factory.mktemp("notebooks")
+    root.chmod(0o777)  # kernels run as an unprivileged uid
+    install(prefix=str(prefix))
+    port, token = _free_port(), secrets.token_hex(16)
+    env = dict(os.environ, JUPYTER_PATH=str(prefix / "share" / "jupyter"), JUPYTER_RUNTIME_DIR=str(prefix / "rt"))
+    proc = subprocess.Popen([sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
+                             f"--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+                             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+                             "--KernelSpecManager.ensure_native_kernel=False"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"jupyter_server did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+    yield base, token
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _api(base: str, token: str, path: str, body: dict | None = None, method: str | None = None) -> dict:
+    request = urllib.request.Request(f"{base}{path}", method=method or ("POST" if body is not None else "GET"),
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        raw = response.read()
+        return json.loads(raw) if raw else {}
+
+
+def test_kernel_picker_lists_era_kernelspecs(jupyter_server):
+    base, token = jupyter_server
+    specs = _api(base, token, "/api/kernelspecs")["kernelspecs"]
+    assert specs["era-python"]["spec"]["display_name"] == "Python 3 (ERA sandbox)"
+    assert specs["era-python-local"]["spec"]["display_name"] == "Python 3 (ERA local sandbox)"
+    assert specs["era-python"]["spec"]["metadata"]["kernel_provisioner"]["provisioner_name"] == "era-docker"
+
+
+@pytest.mark.parametrize("kernel_name", ["era-python-local", "era-python"])
+async def test_jupyter_server_session_runs_code_on_our_kernel(jupyter_server, kernel_name):
+    if kernel_name == "era-python":
+        require_docker()
+    base, token = jupyter_server
+    session = _api(base, token, "/api/sessions", {"path": f"t-{kernel_name}.ipynb", "type": "notebook",
+                                                  "kernel": {"name": kernel_name}})
+    kernel_id = session["kernel"]["id"]
+    try:
+        ws = await websocket_connect(f"{base.replace('http', 'ws')}/api/kernels/{kernel_id}/channels?token={token}")
+        msg_id = uuid.uuid4().hex
+        ws.write_message(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": uuid.uuid4().hex,
+                       "version": "5.3", "date": ""},
+            "parent_header": {}, "metadata": {}, "channel": "shell",
+            "content": {"code": "import os; print('answer', 6 * 7, os.getuid() != 0)", "silent": False,
+                        "store_history": True, "user_expressions": {}, "allow_stdin": False},
+        }))
+        texts = []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            message = json.loads(await ws.read_message())
+            if message.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if message["msg_type"] == "stream":
+                texts.append(message["content"]["text"])
+            if message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+                break
+        ws.close()
+        assert "".join(texts) == "answer 42 True\n"
+    finally:
+        _api(base, token, f"/api/sessions/{session['id']}", method="DELETE")
