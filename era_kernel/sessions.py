@@ -28,7 +28,7 @@ from .orphans import reap_orphans
 from .runs import new_run_id, notebook_from_runs, run_result, utc_now
 from .slots import KernelSlots
 from .store.base import SessionExists, store_for_url
-from .workspaces.local import Workspace
+from .session_files import SessionFiles
 
 log = logging.getLogger("era.sessions")
 
@@ -45,6 +45,7 @@ class SessionManager:
         self.settings = settings or Settings.from_env()
         self.store = store_for_url(self.settings["ERA_STORE_URL"])
         self.spec_manager = EraKernelSpecManager()
+        self.files = SessionFiles(self.settings)
         self.slots = KernelSlots(self.settings["ERA_MAX_KERNELS"])
         self.kernels: dict[str, SessionKernel] = {}
         self._starting: dict[str, asyncio.Task] = {}
@@ -83,7 +84,7 @@ class SessionManager:
 
     # ---- records and documents ----------------------------------------------------------
     def workspace_dir(self, session_id: str) -> Path:
-        return self.settings.data_dir / "sessions" / session_id
+        return self.files.path(session_id)
 
     def _uid(self, seq: int) -> int:
         return UID_BASE + seq if os.getuid() == 0 else os.getuid()
@@ -97,7 +98,7 @@ class SessionManager:
         return record
 
     async def _document(self, record: dict[str, Any]) -> dict[str, Any]:
-        file_count, total = await Workspace(self.workspace_dir(record["id"])).usage()
+        file_count, total = await self.files.of(record["id"]).usage()
         kernel = self.kernels.get(record["id"])
         state = "starting" if record["id"] in self._starting else (kernel.state if kernel else "none")
         return {
@@ -133,7 +134,7 @@ class SessionManager:
         }
         return await self._insert(record)
 
-    async def _insert(self, record: dict[str, Any], copy_from: str | None = None) -> dict[str, Any]:
+    async def _insert(self, record: dict[str, Any], copy_from: dict[str, Any] | None = None) -> dict[str, Any]:
         """Reserve a kernel slot, store the record, make the workspace; all or nothing."""
         self.slots.acquire()  # 429 before anything is written
         try:
@@ -142,13 +143,11 @@ class SessionManager:
             except SessionExists:
                 raise Conflict(f"session {record['id']} already exists", field="id") from None
             try:
-                ws = Workspace(self.workspace_dir(record["id"]))
-                await ws.create(uid=self._uid(record["seq"]))
-                if copy_from is not None:
-                    await Workspace(self.workspace_dir(copy_from)).copy_to(ws.root, uid=self._uid(record["seq"]))
+                await self.files.create(record, self._uid(record["seq"]), copy_from,
+                                        self._uid(copy_from["seq"]) if copy_from else None)
             except BaseException:
                 await self.store.delete_session(record["id"])
-                await Workspace(self.workspace_dir(record["id"])).remove()
+                await self.files.remove(record)
                 raise
         except BaseException:
             self.slots.release()
@@ -176,10 +175,10 @@ class SessionManager:
         return await self._document(record)
 
     async def delete(self, session_id: str) -> None:
-        await self._record(session_id)
+        record = await self._record(session_id)
         await self._stop_kernel(session_id)
         await self.store.delete_session(session_id)
-        await Workspace(self.workspace_dir(session_id)).remove()
+        await self.files.remove(record)
         self._locks.pop(session_id, None)
         self._subscribers.pop(session_id, None)
         self._data_on_disk.pop(session_id, None)
@@ -202,7 +201,7 @@ class SessionManager:
         record.update(id=req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
                       created_at=utc_now(), last_run_at=None, setup_status=source.get("setup_status"),
                       setup_result=source.get("setup_result"))
-        return await self._insert(record, copy_from=session_id)
+        return await self._insert(record, copy_from=source)
 
     # ---- kernels --------------------------------------------------------------------------
     def _launch_options(self, record: dict[str, Any], workspace: Path, uid: int) -> dict[str, Any]:
@@ -234,6 +233,7 @@ class SessionManager:
         self.kernels[sid] = kernel
         self._emit(sid, {"type": "status", "state": "starting"})
         try:
+            await self.files.ensure_restored(record, self._uid(record["seq"]))
             await kernel.start()
         except BaseException as exc:
             self.kernels.pop(sid, None)
@@ -325,7 +325,7 @@ class SessionManager:
         sid = record["id"]
         language = get_language(record["language"])
         timeout = req.timeout or record["default_timeout"]
-        ws = Workspace(self.workspace_dir(sid))
+        ws = self.files.of(sid)
         data_json = json.dumps(record["data"])
         if self._data_on_disk.get(sid) != data_json:  # skip the write when the file already says it
             await ws.write(DATA_FILE, data_json.encode(), uid=self._uid(record["seq"]))
@@ -342,6 +342,9 @@ class SessionManager:
         elif req.env and language.env_restore:
             await kernel.execute(language.env_restore(req.env), timeout=10, silent=True)
         data = await self._read_back_data(ws, record)
+        sync_error = await self.files.sync(record)
+        if sync_error:
+            outcome.collector.note("stderr", f"\n[era] {sync_error}\n")
         changes = {"last_run_at": utc_now()}
         if data != record["data"]:
             changes["data"] = data
@@ -357,7 +360,7 @@ class SessionManager:
         emit({"type": "status", "state": self.kernels[sid].state if sid in self.kernels else "dead"})
         return result
 
-    async def _read_back_data(self, ws: Workspace, record: dict[str, Any]) -> dict[str, Any]:
+    async def _read_back_data(self, ws, record: dict[str, Any]) -> dict[str, Any]:
         """What the code left in .session_data.json; the old data if it is gone or invalid."""
         self._data_on_disk.pop(record["id"], None)
         try:
@@ -377,7 +380,7 @@ class SessionManager:
         language = get_language(req.language)
         self._ephemeral += 1
         uid = EPHEMERAL_UID_BASE + self._ephemeral % 1_000_000 if os.getuid() == 0 else os.getuid()
-        ws = Workspace(self.settings.data_dir / "scratch" / secrets.token_hex(8))
+        ws = self.files.workspace(self.settings.data_dir / "scratch" / secrets.token_hex(8))
         record = {"id": None, "language": req.language, "provisioner": req.provisioner or self.settings["ERA_PROVISIONER"],
                   "allowInternetAccess": req.allowInternetAccess, "env": {}, "startup": None}
         self.slots.acquire()
@@ -428,22 +431,22 @@ class SessionManager:
 
     # ---- files ----------------------------------------------------------------------------
     async def list_files(self, session_id: str) -> list[dict[str, Any]]:
-        await self._record(session_id)
-        return await Workspace(self.workspace_dir(session_id)).list()
+        record = await self._record(session_id)
+        return await self.files.list(record, self._uid(record["seq"]))
 
     async def read_file(self, session_id: str, path: str) -> bytes:
-        await self._record(session_id)
-        return await Workspace(self.workspace_dir(session_id)).read(path)
+        record = await self._record(session_id)
+        return await self.files.read(record, self._uid(record["seq"]), path)
 
     async def write_file(self, session_id: str, path: str, data: bytes) -> dict[str, Any]:
         record = await self._record(session_id)
         self._data_on_disk.pop(session_id, None)
-        return await Workspace(self.workspace_dir(session_id)).write(path, data, uid=self._uid(record["seq"]))
+        return await self.files.write(record, self._uid(record["seq"]), path, data)
 
     async def delete_file(self, session_id: str, path: str) -> None:
-        await self._record(session_id)
+        record = await self._record(session_id)
         self._data_on_disk.pop(session_id, None)
-        await Workspace(self.workspace_dir(session_id)).delete(path)
+        await self.files.delete(record, self._uid(record["seq"]), path)
 
     async def stats(self) -> dict[str, Any]:
         import resource

@@ -1,0 +1,122 @@
+"""A session's files: the local workspace directory, and for persistent sessions its
+snapshot in the workspace store (``ERA_WORKSPACE_URL``: file://, s3://, memory://).
+
+The local directory is what the kernel works in. A persistent session's directory is
+restored from the store the first time this process needs it (kernel start, or a files
+API call), and pushed back after every run and every change made through the files
+API, so the store always holds the last complete state and a session can be picked up
+on another machine. Non-persistent sessions keep their directory for the session's life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .workspaces import Workspace, WorkspaceStore
+
+log = logging.getLogger("era.files")
+
+
+class SessionFiles:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._store: WorkspaceStore | None = None
+        self._restored: set[str] = set()
+        self._restore_locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def store(self) -> WorkspaceStore:
+        if self._store is None:  # no I/O until a persistent session needs it
+            s = self.settings
+            self._store = WorkspaceStore.from_url(s["ERA_WORKSPACE_URL"], s["ERA_WORKSPACE_OPTIONS"] or None,
+                                                  max_files=s["ERA_WORKSPACE_MAX_FILES"],
+                                                  max_total_bytes=s["ERA_WORKSPACE_MAX_BYTES"],
+                                                  durable=s["ERA_WORKSPACE_FSYNC"])
+        return self._store
+
+    def path(self, session_id: str) -> Path:
+        return self.settings.data_dir / "sessions" / session_id
+
+    def workspace(self, root: Path | str) -> Workspace:
+        s = self.settings
+        return Workspace(root, max_file_bytes=s["ERA_WORKSPACE_MAX_FILE"], max_total_bytes=s["ERA_WORKSPACE_MAX_BYTES"],
+                         max_files=s["ERA_WORKSPACE_MAX_FILES"], max_read_bytes=s["ERA_WORKSPACE_MAX_READ"])
+
+    def of(self, session_id: str) -> Workspace:
+        return self.workspace(self.path(session_id))
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def create(self, record: dict[str, Any], uid: int, copy_from: dict[str, Any] | None = None,
+                     copy_from_uid: int | None = None) -> None:
+        """A new session's directory (and store snapshot, when persistent)."""
+        sid = record["id"]
+        ws = self.of(sid)
+        await ws.create(uid=uid)
+        if copy_from is not None:
+            await self.ensure_restored(copy_from, copy_from_uid)
+            await self.of(copy_from["id"]).copy_to(ws.root, uid=uid)
+        if record.get("persistent"):
+            if copy_from is not None and copy_from.get("persistent"):
+                await self.store.copy(copy_from["id"], sid)
+            elif copy_from is not None:
+                await self.store.push(sid, ws.root)
+            self._restored.add(sid)  # the local directory is the truth for a new session
+
+    async def remove(self, record: dict[str, Any]) -> None:
+        sid = record["id"]
+        await self.of(sid).remove()
+        if record.get("persistent"):
+            await self.store.delete(sid)
+        self._restored.discard(sid)
+        self._restore_locks.pop(sid, None)
+
+    async def ensure_restored(self, record: dict[str, Any], uid: int | None) -> None:
+        """Bring a persistent session's directory up to its last snapshot, once per process."""
+        sid = record["id"]
+        if not record.get("persistent") or sid in self._restored:
+            return
+        async with self._restore_locks.setdefault(sid, asyncio.Lock()):
+            if sid in self._restored:
+                return
+            stats = await self.store.restore(sid, self.path(sid), uid=uid)
+            self._restored.add(sid)
+            log.info("restored %s from the workspace store: %s", sid, stats)
+
+    async def sync(self, record: dict[str, Any]) -> str | None:
+        """Push a persistent session's changes; returns an error sentence, or None."""
+        if not record.get("persistent"):
+            return None
+        try:
+            await self.store.push(record["id"], self.path(record["id"]))
+        except Exception as exc:  # the run itself succeeded; say what did not persist
+            log.warning("workspace push of %s failed: %s", record["id"], exc)
+            return f"the workspace could not be saved to the store: {getattr(exc, 'message', exc)}"
+        return None
+
+    # ---- the files API ---------------------------------------------------------------
+    async def list(self, record: dict[str, Any], uid: int) -> list[dict[str, Any]]:
+        await self.ensure_restored(record, uid)
+        return await self.of(record["id"]).list()
+
+    async def read(self, record: dict[str, Any], uid: int, path: str) -> bytes:
+        await self.ensure_restored(record, uid)
+        return await self.of(record["id"]).read(path)
+
+    async def write(self, record: dict[str, Any], uid: int, path: str, data: bytes) -> dict[str, Any]:
+        await self.ensure_restored(record, uid)
+        result = await self.of(record["id"]).write(path, data, uid=uid)
+        await self._push_or_raise(record)
+        return result
+
+    async def delete(self, record: dict[str, Any], uid: int, path: str) -> None:
+        await self.ensure_restored(record, uid)
+        await self.of(record["id"]).delete(path)
+        await self._push_or_raise(record)
+
+    async def _push_or_raise(self, record: dict[str, Any]) -> None:
+        if record.get("persistent"):
+            await self.store.push(record["id"], self.path(record["id"]))

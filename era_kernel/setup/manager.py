@@ -1,0 +1,358 @@
+"""``SetupManager``: what the engine calls to give sessions their packages.
+
+A session's setup runs as a background task: it resolves the runtime (the local
+interpreter, or the session's image by id), hashes (language, runtime, canonical spec)
+into an environment key, and then takes the first of
+1. the local environment directory of that key (a second session: instant),
+2. the key's archive in the workspace store (another host built it: one GET),
+3. a build: pip, npm, go, commands in the session's sandbox with network, sealed,
+   archived to the store, published under the key.
+Sessions asking for the same key at once share one build and all see its log. Each
+session's on_status hears ``running`` then ``completed`` or ``failed`` with its
+``setup_result`` ``{logs, duration, duration_ms, error, env, source}``; on_log hears
+every line as it comes. A failure publishes nothing, so the next attempt starts clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from ..config import Settings
+from ..errors import EraError
+from ..outputs import format_duration
+from .cache import EnvCache
+from .layout import EnvLayout
+from .logs import LogTail, error_message
+from .runner_local import LocalRunner, setting
+from .spec import FORMAT, env_key, normalize
+from .steps import SetupFailed, Toolchain, plan, step_env
+
+log = logging.getLogger("era.setup")
+
+LogSink = Callable[[str], None]
+StatusSink = Callable[[str, "dict[str, Any] | None"], "Awaitable[None] | None"]
+
+DEFAULT_SETUP_TIMEOUT = 900.0
+DEFAULT_COMMAND_TIMEOUT = 300.0
+DEFAULT_MAX_BYTES = 2 * 1024**3
+LIVE_LOG_CHARS = 1024 * 1024  # per session setup; past it the live stream stops, the tail goes on
+STEP_ERROR_LINES = 50
+
+
+@dataclass(frozen=True)
+class Runtime:
+    provisioner: str
+    identity: str
+    tools: Toolchain
+    image: Any = None  # docker: ImageFacts
+
+
+class _Build:
+    """One environment being made; every session that needs it listens to its log."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.task: asyncio.Task | None = None
+        self.listeners: list[LogSink] = []
+        self.backlog = LogTail()
+
+    def emit(self, line: str) -> None:
+        self.backlog.add(line)
+        for listener in list(self.listeners):
+            listener(line)
+
+    def attach(self, listener: LogSink) -> None:
+        for line in self.backlog.lines():  # a late joiner first sees what it missed
+            listener(line)
+        self.listeners.append(listener)
+
+    def detach(self, listener: LogSink) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+
+class SetupManager:
+    """See docs in the module; the engine's wiring is in the package README (__init__)."""
+
+    def __init__(self, settings: Settings, store: Any = None):
+        self.settings = settings
+        self.store = store
+        self.cache = EnvCache(settings.data_dir / "envs", store,
+                              max_bytes=int(setting(settings, "ERA_SETUP_MAX_BYTES", DEFAULT_MAX_BYTES)))
+        self.setup_timeout = float(setting(settings, "ERA_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT))
+        self.command_timeout = float(setting(settings, "ERA_SETUP_COMMAND_TIMEOUT", DEFAULT_COMMAND_TIMEOUT))
+        self.local = LocalRunner(settings)
+        self._docker = None  # DockerRunner, made on first use (imports the Docker SDK)
+        self._images: dict[str, Any] = {}  # language -> ImageFacts last seen (docker)
+        self._sessions: dict[str, asyncio.Task] = {}
+        self._builds: dict[str, _Build] = {}
+
+    # ---- the engine's interface -----------------------------------------------------------
+    @staticmethod
+    def normalize(setup: Any) -> dict[str, list[str]] | None:
+        """Validated canonical spec, or None when it asks for nothing (BadRequest otherwise)."""
+        return normalize(setup)
+
+    async def start(self, session_id: str, language: str, provisioner: str, uid: int, spec: Any,
+                    on_log: LogSink | None = None, on_status: StatusSink | None = None) -> None:
+        """Start (or restart) the session's setup in the background and return at once.
+        The record should already say ``pending``; on_status reports what follows."""
+        spec = normalize(spec)
+        await self.cancel(session_id)
+        if spec is None:
+            return
+        task = asyncio.create_task(self._session_setup(session_id, language, provisioner, uid, spec,
+                                                       on_log, on_status), name=f"era-setup-{session_id}")
+        self._sessions[session_id] = task
+        task.add_done_callback(lambda t: self._sessions.pop(session_id, None)
+                               if self._sessions.get(session_id) is t else None)
+
+    async def wait(self, session_id: str, timeout: float | None = None) -> None:
+        """Return once the session's setup is over (or it has none running); raise
+        ``TimeoutError`` if it is still running after ``timeout`` seconds."""
+        task = self._sessions.get(session_id)
+        if task is None or task.done():
+            return
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            raise TimeoutError(f"the session's setup is still running after {timeout:g}s")
+
+    def running(self, session_id: str) -> bool:
+        task = self._sessions.get(session_id)
+        return task is not None and not task.done()
+
+    def launch_extras(self, language: str, provisioner: str, spec: Any) -> dict[str, Any]:
+        """What a kernel of this session needs to see its environment: ``readonly`` paths
+        for the provisioner to bind, ``env`` for the kernel process, ``startup`` cells to
+        run first. Empty when there is no setup or its environment is not here (a failed
+        setup: the session works without it)."""
+        extras: dict[str, Any] = {"readonly": [], "env": {}, "startup": []}
+        spec = normalize(spec)
+        if spec is None:
+            return extras
+        key = env_key(language, self._identity_now(language, provisioner), spec)
+        if not self.cache.present(key):
+            return extras
+        layout = EnvLayout(str(self.cache.final(key)))
+        extras.update(readonly=[layout.root], env=layout.kernel_env(spec),
+                      startup=[layout.python_startup_cell()] if language == "python" else [])
+        return extras
+
+    async def ensure(self, language: str, provisioner: str, spec: Any) -> bool:
+        """Make a completed setup's environment present locally (restoring it from the
+        store on a host that never built it) before a kernel starts. Never builds.
+        True when the environment is here, or none is needed."""
+        spec = normalize(spec)
+        if spec is None:
+            return True
+        runtime = await self._runtime(language, provisioner)
+        key = env_key(language, runtime.identity, spec)
+        if await asyncio.to_thread(self.cache.present, key):
+            return True
+        return await self.cache.restore(key, os.getuid(), asyncio.to_thread, lambda line: log.info("%s", line))
+
+    async def cancel(self, session_id: str) -> None:
+        """Stop the session's setup (its build too, unless another session waits for it).
+        Reports no status: the caller is deleting or restarting the session."""
+        task = self._sessions.pop(session_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def shutdown(self) -> None:
+        for session_id in list(self._sessions):
+            await self.cancel(session_id)
+        builds = [b.task for b in self._builds.values() if b.task is not None and not b.task.done()]
+        for task in builds:
+            task.cancel()
+        if builds:
+            await asyncio.wait(builds)
+
+    # ---- one session's setup ----------------------------------------------------------------
+    async def _session_setup(self, session_id: str, language: str, provisioner: str, uid: int,
+                             spec: dict[str, list[str]], on_log: LogSink | None, on_status: StatusSink | None) -> None:
+        started = time.perf_counter()
+        tail = LogTail()
+        budget = LIVE_LOG_CHARS
+
+        def emit(line: str) -> None:
+            nonlocal budget
+            tail.add(line)
+            if on_log is None or budget <= 0:
+                return
+            budget -= len(line) + 1
+            if budget <= 0:
+                line = "(setup output continues; the live log stops here, the result keeps its tail)"
+            try:
+                on_log(line)
+            except Exception:
+                log.exception("setup log callback failed")
+
+        await _report(on_status, "running", None)
+        key = source = error = None
+        try:
+            runtime = await self._runtime(language, provisioner)
+            key = env_key(language, runtime.identity, spec)
+            source = await self._obtain(key, runtime, uid, spec, emit)
+        except asyncio.CancelledError:
+            raise
+        except SetupFailed as exc:
+            error = str(exc)
+        except EraError as exc:
+            error = exc.message
+        except Exception as exc:  # a bug or an unreachable Docker engine: say so, keep the session
+            log.exception("setup of session %s failed", session_id)
+            error = f"setup failed: {type(exc).__name__}: {exc}"
+        duration = time.perf_counter() - started
+        if error:
+            for line in ("setup failed: " + error).splitlines():
+                emit(line)
+        result = {"logs": tail.text(), "duration": format_duration(duration), "duration_ms": round(duration * 1000, 1),
+                  "error": error, "env": key, "source": source}
+        log.info("setup of session %s %s in %.2fs (environment %s, %s)", session_id,
+                 "failed" if error else "completed", duration, key, source)
+        await _report(on_status, "failed" if error else "completed", result)
+
+    async def _obtain(self, key: str, runtime: Runtime, uid: int, spec: dict[str, list[str]], emit: LogSink) -> str:
+        """The environment ``key`` present locally; returns where it came from."""
+        if await asyncio.to_thread(self.cache.present, key):
+            emit(f"using cached environment {key}")
+            return "cache"
+        build = self._builds.get(key)
+        if build is None:
+            build = _Build(key)
+            self._builds[key] = build
+            build.task = asyncio.create_task(self._build(build, runtime, uid, spec), name=f"era-env-{key}")
+            build.task.add_done_callback(lambda _t: self._builds.pop(key, None)
+                                         if self._builds.get(key) is build else None)
+        else:
+            emit(f"joining the setup of environment {key} already under way")
+        build.attach(emit)
+        try:
+            return await asyncio.shield(build.task)
+        except asyncio.CancelledError:
+            build.detach(emit)
+            if not build.listeners and build.task is not None:
+                build.task.cancel()  # nobody waits for it any more
+            raise
+        finally:
+            build.detach(emit)
+
+    async def _build(self, build: _Build, runtime: Runtime, uid: int, spec: dict[str, list[str]]) -> str:
+        key, emit = build.key, build.emit
+        if await self.cache.restore(key, uid, asyncio.to_thread, emit):
+            return "store"
+        started = time.perf_counter()
+        staging, home = await asyncio.to_thread(self.cache.make_staging, key, uid)
+        try:
+            final = self.cache.final(key)
+            runner = self._runner(runtime)
+            layout = EnvLayout(str(runner.build_path(final, staging)))
+            steps = plan(spec, layout, runtime.tools, setup_timeout=self.setup_timeout,
+                         command_timeout=self.command_timeout)
+            env = step_env(layout, runtime.tools, home=str(home), ca_bundle=self.ca_bundle())
+            deadline = time.monotonic() + self.setup_timeout
+            for step in steps:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SetupFailed(f"setup timed out after {self.setup_timeout:g}s (ERA_SETUP_TIMEOUT)")
+                emit(step.title if step.kind == "command" else f"$ {step.title}")
+                output = LogTail(max_lines=STEP_ERROR_LINES)
+
+                def on_line(line: str) -> None:
+                    output.add(line)
+                    emit(line)
+
+                kwargs = dict(final=final, staging=staging, home=home, uid=uid, env=env,
+                              timeout=min(step.timeout, remaining), on_line=on_line)
+                if runtime.image is not None:
+                    kwargs["facts"] = runtime.image
+                code = await runner.run(step, **kwargs)
+                if code != 0:
+                    raise SetupFailed(error_message(step.title.removeprefix("$ "), code, output.lines()))
+            manifest = {"key": key, "format": FORMAT, "runtime": runtime.identity, "spec": spec,
+                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "build_seconds": round(time.perf_counter() - started, 3)}
+            sealed = await asyncio.to_thread(self.cache.seal, staging, manifest, emit)
+            emit(f"environment {key}: {sealed['files']} files, {sealed['bytes']} bytes, "
+                 f"built in {time.perf_counter() - started:.1f}s")
+            if self.store is not None:
+                try:
+                    size = await self.cache.upload(key, staging, asyncio.to_thread)
+                    emit(f"saved environment {key} to the store ({size} bytes)")
+                except Exception as exc:  # the environment still serves this host
+                    log.warning("could not save environment %s to the store: %s", key, exc)
+                    emit(f"could not save environment {key} to the store: {exc}")
+            await asyncio.to_thread(self.cache.promote, key, staging)
+            return "built"
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self.cache.discard, staging))
+            raise
+        finally:
+            await asyncio.shield(asyncio.to_thread(self.cache.discard, home))
+
+    # ---- runtimes ---------------------------------------------------------------------------
+    def _docker_runner(self):
+        if self._docker is None:
+            from .runner_docker import DockerRunner
+
+            self._docker = DockerRunner(self.settings)
+        return self._docker
+
+    def _runner(self, runtime: Runtime):
+        if runtime.provisioner == "docker":
+            runner = self._docker_runner()
+            runner.ca_bundle = self.ca_bundle()
+            return runner
+        return self.local
+
+    async def _runtime(self, language: str, provisioner: str) -> Runtime:
+        if provisioner == "docker":
+            runner = self._docker_runner()
+            facts = await asyncio.to_thread(runner.inspect_image, language)
+            self._images[language] = facts
+            return Runtime("docker", runner.identity(facts), runner.toolchain(facts), facts)
+        if provisioner != "local":
+            raise SetupFailed(f"unknown provisioner {provisioner!r}")
+        return Runtime("local", LocalRunner.identity(), LocalRunner.toolchain())
+
+    def _identity_now(self, language: str, provisioner: str) -> str:
+        if provisioner != "docker":
+            return LocalRunner.identity()
+        facts = self._images.get(language)
+        if facts is None:
+            # Only when no start/ensure ran for this language in this process: one quick
+            # call to the local Docker engine (the engine calls ensure() first).
+            facts = self._docker_runner().inspect_image(language)
+            self._images[language] = facts
+        return self._docker_runner().identity(facts)
+
+    def ca_bundle(self) -> str | None:
+        """The host's CA bundle, through which setups reach registries (ERA_SETUP_CA_BUNDLE,
+        else the file OpenSSL trusts by default here, which SSL_CERT_FILE can name)."""
+        configured = setting(self.settings, "ERA_SETUP_CA_BUNDLE", "")
+        if configured:
+            return str(configured)
+        paths = ssl.get_default_verify_paths()
+        for candidate in (paths.cafile, paths.openssl_cafile):
+            if candidate and os.path.isfile(candidate):
+                return candidate
+        return None
+
+
+async def _report(on_status: StatusSink | None, status: str, result: dict[str, Any] | None) -> None:
+    if on_status is None:
+        return
+    try:
+        outcome = on_status(status, result)
+        if inspect.isawaitable(outcome):
+            await outcome
+    except Exception:
+        log.exception("setup status callback failed")

@@ -1,0 +1,118 @@
+"""Setup steps as local processes, in the same sandbox as a local kernel, with network.
+
+The command line is built by ``provisioning.local.bwrap_argv`` (one definition of the
+sandbox: read-only host, masked data/runtime/home directories, private /tmp, new pid
+namespace, the seccomp filter) with ``allow_network=True``, plus one change: the
+staging directory is bound read-write at the environment's final path, so whatever
+records absolute paths records the path kernels will see. ``setpriv`` drops to the
+session's uid; ``prlimit`` caps address space and processes. Without bubblewrap
+(``ERA_SANDBOX=none``) steps run unsandboxed, like kernels do then, and build at the
+staging path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..config import Settings
+from ..provisioning.local import bwrap_argv, sandbox_mode
+from ..provisioning.seccomp import filter_fd
+from .logs import LineSplitter
+from .steps import Step, StepTimeout, Toolchain
+
+DEFAULT_MEMORY = 4 * 1024**3  # address space: node reserves far more than it uses
+DEFAULT_PIDS = 512
+READ_CHUNK = 64 * 1024
+
+
+def setting(settings: Settings, name: str, default):
+    # The ERA_SETUP_* rows may not be in the settings table yet: fall back quietly.
+    value = settings.values.get(name)
+    return default if value in (None, "") else value
+
+
+class LocalRunner:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.memory = int(setting(settings, "ERA_SETUP_MEMORY", DEFAULT_MEMORY))
+        self.pids = int(setting(settings, "ERA_SETUP_PIDS", DEFAULT_PIDS))
+
+    @property
+    def sandboxed(self) -> bool:
+        return sandbox_mode(self.settings["ERA_SANDBOX"]) == "bwrap"
+
+    @staticmethod
+    def identity() -> str:
+        # What installed packages depend on: the kernel's interpreter ABI and the machine.
+        return f"local:{sys.implementation.cache_tag}:{platform.machine()}"
+
+    @staticmethod
+    def toolchain() -> Toolchain:
+        # The kernel's own interpreter (python_kernel_argv uses it), so wheels match it.
+        return Toolchain(python=sys.executable, base_path=os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+
+    def build_path(self, final: Path, staging: Path) -> Path:
+        """Where a step sees the environment: its final path when sandboxed."""
+        return final if self.sandboxed else staging
+
+    def command(self, step: Step, *, final: Path, staging: Path, home: Path, uid: int,
+                seccomp_fd: int | None) -> list[str]:
+        argv = list(step.argv)
+        if os.getuid() == 0 and uid != 0:
+            argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+                    "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+        if self.sandboxed:
+            hidden = [self.settings["ERA_DATA_DIR"], str(self.settings.runtime_dir)]
+            full = bwrap_argv(argv, workspace=staging, kernel_dir=home, hidden=hidden, allow_network=True,
+                              readonly=sorted({sys.prefix, sys.base_prefix}), seccomp_fd=seccomp_fd)
+            split = len(full) - len(argv) - 1  # bwrap's options end at the "--" before argv
+            assert full[split] == "--", "bwrap_argv must end with -- and the command"
+            full[split:split] = ["--bind", str(staging), str(final), "--chdir", str(final)]
+        else:
+            full = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+        return ["prlimit", f"--as={self.memory}", f"--nproc={self.pids}", "--core=0", "--", *full]
+
+    async def run(self, step: Step, *, final: Path, staging: Path, home: Path, uid: int, env: dict[str, str],
+                  timeout: float, on_line: Callable[[str], None]) -> int:
+        """Run one step; its output goes to ``on_line`` as it comes. Returns the exit status
+        (negative: killed by that signal). Raises ``StepTimeout`` past ``timeout``."""
+        seccomp_fd = filter_fd() if self.sandboxed else None
+        try:
+            argv = self.command(step, final=final, staging=staging, home=home, uid=uid, seccomp_fd=seccomp_fd)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=env, cwd=str(staging),
+                pass_fds=(seccomp_fd,) if seccomp_fd is not None else (), start_new_session=True)
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)  # the child has its copy
+        splitter = LineSplitter()
+
+        async def pump() -> int:
+            assert proc.stdout is not None
+            while chunk := await proc.stdout.read(READ_CHUNK):
+                for line in splitter.feed(chunk):
+                    on_line(line)
+            for line in splitter.flush():
+                on_line(line)
+            return await proc.wait()
+
+        try:
+            return await asyncio.wait_for(pump(), timeout)
+        except asyncio.TimeoutError:
+            raise StepTimeout(f"{step.title} timed out after {timeout:g}s") from None
+        finally:
+            if proc.returncode is None:
+                # bwrap leads its own process group; killing it kills the sandbox's pid
+                # namespace (--die-with-parent), so nothing of the step survives.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await proc.wait()
