@@ -87,12 +87,15 @@ async def test_schema_is_versioned_and_reopens(tmp_path):
 
 
 def test_orphan_reaper_leaves_other_live_engines_alone(era_settings):
-    from era_kernel.orphans import reap_kernel_dirs
+    from era_kernel.orphans import _cmdline, reap_kernel_dirs
     from era_kernel.provisioning.ipc import make_kernel_dir, read_pid_record
 
     kernel_dir = make_kernel_dir(era_settings.runtime_dir)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(kernel_dir)],
                                start_new_session=True)
+    deadline = time.time() + 5
+    while str(kernel_dir) not in _cmdline(sleeper.pid) and time.time() < deadline:
+        time.sleep(0.01)  # /proc/<pid>/cmdline can read empty for a moment right after exec
     try:
         # Owned by a live process (this test runner): not ours to reap.
         (kernel_dir.parent / f"{kernel_dir.name}.pid").write_text(f"{sleeper.pid} {os.getppid()}")

@@ -50,7 +50,9 @@ class EnvLayout:
         """Variables every setup step sees: later steps (and commands) can use what earlier
         ones installed, and know where to put their own output."""
         return {"ERA_SETUP_DIR": self.root, "PYTHONPATH": self.python, "NODE_PATH": self.node_modules,
-                "GOMODCACHE": self.go_modcache}
+                "GOMODCACHE": self.go_modcache,
+                # `pip install x` in a command lands in the environment, not the read-only venv.
+                "PIP_TARGET": self.python}
 
     def kernel_env(self, spec: dict[str, list[str]]) -> dict[str, str]:
         """Variables set at kernel launch: seen by the kernel process and its children."""

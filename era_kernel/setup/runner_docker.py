@@ -128,8 +128,12 @@ class DockerRunner:
             splitter = LineSplitter()
             loop = asyncio.get_running_loop()
 
+            seen: list[str] = []  # the first lines: where an init reports a failed exec
+
             def feed(chunk: bytes) -> None:
                 for line in splitter.feed(chunk):
+                    if len(seen) < 5:
+                        seen.append(line)
                     on_line(line)
 
             def follow() -> None:  # ends when the container exits (or is killed)
@@ -141,12 +145,18 @@ class DockerRunner:
             except asyncio.TimeoutError:
                 raise StepTimeout(f"{step.title} timed out after {timeout:g}s") from None
             for line in splitter.flush():
+                seen.append(line)
                 on_line(line)
             state = (await asyncio.to_thread(self.client.api.inspect_container, container.id))["State"]
             if state.get("OOMKilled"):
                 on_line(f"(the step was killed: it went past the setup memory limit of {self.memory} bytes)")
             result = await asyncio.to_thread(self.client.api.wait, container.id)
-            return int(result.get("StatusCode", -1))
+            code = int(result.get("StatusCode", -1))
+            if code == 127 and f"exec {step.argv[0]} failed" in "\n".join(seen):
+                # The container's init could not run the tool at all.
+                raise SetupFailed(f"{step.argv[0]} is not installed in image {facts.ref}; "
+                                  f"{step.kind} setup needs an image that has it")
+            return code
         finally:
             # Kills whatever still runs (a timeout, a cancelled setup) and frees the name.
             await asyncio.shield(asyncio.to_thread(self._remove, container.id))

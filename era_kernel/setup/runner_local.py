@@ -54,8 +54,11 @@ class LocalRunner:
 
     @staticmethod
     def toolchain() -> Toolchain:
-        # The kernel's own interpreter (python_kernel_argv uses it), so wheels match it.
-        return Toolchain(python=sys.executable, base_path=os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin")
+        # The kernel's own interpreter (python_kernel_argv uses it), so wheels match it;
+        # its directory first on PATH, so `python` in a command is that one too (as the
+        # image's PATH makes it in a container).
+        host_path = os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin"
+        return Toolchain(python=sys.executable, base_path=f"{os.path.dirname(sys.executable)}:{host_path}")
 
     def build_path(self, final: Path, staging: Path) -> Path:
         """Where a step sees the environment: its final path when sandboxed."""
@@ -73,7 +76,9 @@ class LocalRunner:
                               readonly=sorted({sys.prefix, sys.base_prefix}), seccomp_fd=seccomp_fd)
             split = len(full) - len(argv) - 1  # bwrap's options end at the "--" before argv
             assert full[split] == "--", "bwrap_argv must end with -- and the command"
-            full[split:split] = ["--bind", str(staging), str(final), "--chdir", str(final)]
+            chdir = full.index("--chdir", 0, split)
+            full[chdir + 1] = str(final)  # mounts come first, then the working directory
+            full[split:split] = ["--bind", str(staging), str(final)]
         else:
             full = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         return ["prlimit", f"--as={self.memory}", f"--nproc={self.pids}", "--core=0", "--", *full]

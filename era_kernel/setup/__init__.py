@@ -1,0 +1,17 @@
+"""Package setup for sessions: pip, npm, go and commands, run once per distinct spec into
+a shared, content-addressed environment that kernels see read-only.
+
+- ``spec``: validation, canonical form and hash of a ``setup`` body;
+- ``steps`` / ``layout``: what runs, and where its output goes in an environment;
+- ``runner_local`` / ``runner_docker``: a step in bubblewrap or in a container, with network;
+- ``cache``: environment directories and their single-object archives in the store;
+- ``manager``: ``SetupManager``, the engine's interface (background setups, live logs,
+  status transitions, launch extras for kernels);
+- ``cli``: ``era setup`` (build or warm an environment with live progress).
+"""
+
+from .manager import SetupManager
+from .spec import normalize
+from .steps import SetupFailed
+
+__all__ = ["SetupFailed", "SetupManager", "normalize"]
