@@ -152,7 +152,7 @@ class SessionManager:
         except BaseException:
             self.slots.release()
             raise
-        self._starting[record["id"]] = asyncio.create_task(self._start_kernel(record, slot_held=True))
+        self._start_in_background(record)
         return await self._document(record)
 
     async def get(self, session_id: str) -> dict[str, Any]:
@@ -240,13 +240,18 @@ class SessionManager:
             self.slots.release()
             if isinstance(exc, KernelFailed):
                 log.warning("session %s: %s", sid, exc.message)
-            if not isinstance(exc, Exception):
-                raise
             raise
         finally:
             self._starting.pop(sid, None)
         self._emit(sid, {"type": "status", "state": "idle"})
         return kernel
+
+    def _start_in_background(self, record: dict[str, Any]) -> None:
+        """Start the kernel without waiting (the slot is already held); a failure is
+        logged, and the next run tries again and reports it."""
+        task = asyncio.create_task(self._start_kernel(record, slot_held=True))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" noise
+        self._starting[record["id"]] = task
 
     async def _ensure_kernel(self, record: dict[str, Any]) -> SessionKernel:
         sid = record["id"]
@@ -289,7 +294,7 @@ class SessionManager:
         await self._stop_kernel(session_id)
         self._emit(session_id, {"type": "status", "state": "restarting"})
         self.slots.acquire()
-        self._starting[session_id] = asyncio.create_task(self._start_kernel(record, slot_held=True))
+        self._start_in_background(record)
 
     # ---- runs -----------------------------------------------------------------------------
     def subscribe(self, session_id: str, callback: Callable[[dict], None]) -> Callable[[], None]:
