@@ -121,6 +121,9 @@ def build_parser(with_images: bool = True):
         from .images.cli import add_images_parser
 
         add_images_parser(sub)
+    from .setup.cli import add_setup_parser
+
+    add_setup_parser(sub)
     return parser
 
 

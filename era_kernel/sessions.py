@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from . import models
 from .config import Settings
-from .errors import BadRequest, Conflict, KernelFailed, NotFound, TooLarge, Unprocessable
+from .errors import BadRequest, Conflict, KernelFailed, NotFound, TooLarge
 from .kernel import EventSink, InputHandler, SessionKernel
 from .kernelspecs import EraKernelSpecManager
 from .languages import get_language
@@ -29,6 +29,7 @@ from .runs import new_run_id, notebook_from_runs, run_result, utc_now
 from .slots import KernelSlots
 from .store.base import SessionExists, store_for_url
 from .session_files import SessionFiles
+from .setup import SetupManager
 
 log = logging.getLogger("era.sessions")
 
@@ -46,6 +47,8 @@ class SessionManager:
         self.store = store_for_url(self.settings["ERA_STORE_URL"])
         self.spec_manager = EraKernelSpecManager()
         self.files = SessionFiles(self.settings)
+        # Package setups into shared environments, archived in the workspace store (built lazily).
+        self.setups = SetupManager(self.settings, lambda: self.files.store)
         self.slots = KernelSlots(self.settings["ERA_MAX_KERNELS"])
         self.kernels: dict[str, SessionKernel] = {}
         self._starting: dict[str, asyncio.Task] = {}
@@ -63,6 +66,9 @@ class SessionManager:
         reaped = await reap_orphans(self.settings)
         if reaped:
             log.info("reaped %d orphaned kernel(s) from a previous process", reaped)
+        for record in await self.store.list_sessions():  # setups a previous process did not finish
+            if record.get("setup") and record.get("setup_status") in ("pending", "running"):
+                await self._start_setup(record)
         self._started = True
 
     def _make_dirs(self) -> None:
@@ -73,6 +79,7 @@ class SessionManager:
 
     async def shutdown(self) -> None:
         """Interrupt running code, stop every kernel, close the store."""
+        await self.setups.shutdown()
         for task in list(self._starting.values()):
             task.cancel()
         kernels = list(self.kernels.items())
@@ -121,14 +128,13 @@ class SessionManager:
         req = models.parse(models.CreateSession, body)
         get_language(req.language)
         self._check_data(req.data)
-        if req.setup is not None and not req.setup.is_empty():
-            raise Unprocessable("package setup (pip/npm/go/commands) is not available on this server yet",
-                                       field="setup")
+        setup = self.setups.normalize(req.setup)
         record = {
             "id": req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
             "created_at": utc_now(), "last_run_at": None, "language": req.language,
             "persistent": req.persistent, "provisioner": req.provisioner or self.settings["ERA_PROVISIONER"],
-            "metadata": req.metadata, "data": req.data, "setup": None, "setup_status": None, "setup_result": None,
+            "metadata": req.metadata, "data": req.data, "setup": setup,
+            "setup_status": "pending" if setup else None, "setup_result": None,
             "default_timeout": req.default_timeout or self.settings["ERA_DEFAULT_TIMEOUT"],
             "allowInternetAccess": req.allowInternetAccess, "env": req.env, "startup": req.startup, "code": None,
         }
@@ -152,6 +158,8 @@ class SessionManager:
         except BaseException:
             self.slots.release()
             raise
+        if record.get("setup"):
+            await self._start_setup(record)  # before the kernel task, which waits for it
         self._start_in_background(record)
         return await self._document(record)
 
@@ -176,6 +184,7 @@ class SessionManager:
 
     async def delete(self, session_id: str) -> None:
         record = await self._record(session_id)
+        await self.setups.cancel(session_id)
         await self._stop_kernel(session_id)
         await self.store.delete_session(session_id)
         await self.files.remove(record)
@@ -199,8 +208,8 @@ class SessionManager:
         req = models.parse(models.DuplicateRequest, body)
         record = {k: source.get(k) for k in _FIELDS_COPIED_BY_DUPLICATE}
         record.update(id=req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
-                      created_at=utc_now(), last_run_at=None, setup_status=source.get("setup_status"),
-                      setup_result=source.get("setup_result"))
+                      created_at=utc_now(), last_run_at=None,
+                      setup_status="pending" if source.get("setup") else None, setup_result=None)
         return await self._insert(record, copy_from=source)
 
     # ---- kernels --------------------------------------------------------------------------
@@ -217,10 +226,24 @@ class SessionManager:
         cwd = CONTAINER_WORKSPACE if record["provisioner"] == "docker" else str(workspace)
         return language.startup_cells(cwd, env, record.get("startup"))
 
+    async def _start_setup(self, record: dict[str, Any]) -> None:
+        sid = record["id"]
+
+        async def on_status(status: str, result: dict[str, Any] | None) -> None:
+            await self.store.update_session(sid, {"setup_status": status, "setup_result": result})
+
+        await self.setups.start(sid, record["language"], record["provisioner"], self._uid(record["seq"]),
+                                record["setup"], on_log=lambda line: self._emit(sid, {"type": "setup", "content": line}),
+                                on_status=on_status)
+
     def _new_kernel(self, record: dict[str, Any], workspace: Path, uid: int) -> SessionKernel:
         language = get_language(record["language"])
+        extras = self.setups.launch_extras(record["language"], record["provisioner"], record.get("setup"))
+        launch = self._launch_options(record, workspace, uid)
+        launch["readonly"] = extras["readonly"]
+        launch["env"].update(extras["env"])
         return SessionKernel(self.spec_manager, language.kernelspec_name(record["provisioner"]),
-                             self._launch_options(record, workspace, uid), self._startup_cells(record, workspace),
+                             launch, extras["startup"] + self._startup_cells(record, workspace),
                              start_timeout=self.settings["ERA_KERNEL_START_TIMEOUT"],
                              max_message=max(256 * 1024**2, 2 * self.settings["ERA_OUTPUT_LIMIT"]))
 
@@ -229,6 +252,14 @@ class SessionManager:
         sid = record["id"]
         if not slot_held:
             self.slots.acquire()
+        if record.get("setup"):
+            try:  # the environment must exist before a kernel is launched with it bound
+                await self.setups.wait(sid)
+                await self.setups.ensure(record["language"], record["provisioner"], record["setup"])
+            except BaseException:
+                self._starting.pop(sid, None)
+                self.slots.release()
+                raise
         kernel = self._new_kernel(record, self.workspace_dir(sid), self._uid(record["seq"]))
         self.kernels[sid] = kernel
         self._emit(sid, {"type": "status", "state": "starting"})
@@ -322,6 +353,12 @@ class SessionManager:
             if code is None:
                 raise BadRequest("field 'code' is required (no default program is stored for this session)",
                                  field="code")
+            timeout = req.timeout or record["default_timeout"]
+            try:
+                await self.setups.wait(session_id, timeout)
+            except TimeoutError:
+                raise KernelFailed(f"package setup still running after {timeout:g}s (the run's timeout); "
+                                   "retry when setup_status is completed or failed") from None
             kernel = await self._ensure_kernel(record)
             return await self._run_locked(record, kernel, code, req, on_event, on_input, run_id)
 

@@ -188,6 +188,23 @@ def test_seal_pack_unpack_round_trip(tmp_path):
     assert (restored / MANIFEST).is_file()
 
 
+def test_seal_never_writes_through_links_the_sandbox_planted(tmp_path):
+    cache = EnvCache(tmp_path / "envs", max_bytes=10**6)
+    victim = tmp_path / "host-file"
+    victim.write_text("host data")
+    built = tmp_path / "built"
+    built.mkdir()
+    os.symlink(victim, built / MANIFEST)  # a command's attempt to make root write a host file
+    (built / "a").write_text("a")
+    os.link(built / "a", built / "b")  # hard link: gets broken into a copy ...
+    os.symlink(victim, built / "b.era-copy")  # ... next to a link named like an obvious temp file
+    cache.seal(built, {"key": "k"}, lambda line: None)
+    assert victim.read_text() == "host data"
+    assert not (built / MANIFEST).is_symlink() and '"key": "k"' in (built / MANIFEST).read_text()
+    assert (built / "b").read_text() == "a" and os.stat(built / "b").st_nlink == 1
+    assert not [p for p in os.listdir(built) if p.startswith(".era-tmp-")]
+
+
 def test_seal_enforces_the_size_limit(tmp_path):
     cache = EnvCache(tmp_path / "envs", max_bytes=100)
     built = tmp_path / "built"

@@ -61,36 +61,81 @@ def ipc_address(info: dict[str, Any], channel: str) -> str:
     return f"ipc://{info['ip']}-{info[channel]}"
 
 
-def relay(context: zmq.Context, ipc_info: dict[str, Any], tcp_info: dict[str, Any]) -> list[zmq.Socket]:
-    """Bind the IPC side, connect the TCP side, and relay each channel in a daemon thread.
+class Relay:
+    """Relays every channel between the IPC side (clients) and the TCP side (the kernel).
 
-    ROUTER in front keeps each client's identity on the envelope; the kernel's replies
-    carry it back. The shell and stdin relays share one identity towards the kernel,
-    because a kernel sends ``input_request`` on stdin to the identity it saw on shell.
+    Deno's kernel answers on the connection a request came in on but drops the routing
+    frames in front of ``<IDS|MSG>``, so a plain ROUTER/DEALER proxy would lose track of
+    who asked. Instead each client gets its own connection to the kernel per channel,
+    with the client's identity, and whatever comes back on it goes to that client.
+    IOPub is a plain XPUB/XSUB pair (subscriptions up, broadcasts down). One thread,
+    one poller.
     """
-    identity = os.urandom(8)
-    sockets = []
-    for channel in CHANNELS:
-        if channel == "iopub_port":
-            front, back = context.socket(zmq.XPUB), context.socket(zmq.XSUB)
-        else:
-            front, back = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
-            if channel in ("shell_port", "stdin_port"):
-                back.setsockopt(zmq.IDENTITY, identity)
-        for sock in (front, back):
-            sock.setsockopt(zmq.LINGER, 0)
-        front.bind(ipc_address(ipc_info, channel))
-        back.connect(f"tcp://{LOOPBACK}:{tcp_info[channel]}")
-        sockets += [front, back]
-        threading.Thread(target=_proxy, args=(front, back), name=f"relay-{channel}", daemon=True).start()
-    return sockets
+
+    def __init__(self, context: zmq.Context, ipc_info: dict[str, Any], tcp_info: dict[str, Any]):
+        self.context = context
+        self.tcp_info = tcp_info
+        self.poller = zmq.Poller()
+        self.fronts: dict[zmq.Socket, str] = {}
+        self.backs: dict[zmq.Socket, tuple[zmq.Socket, bytes]] = {}  # kernel side -> (front, client id)
+        self.by_client: dict[tuple[str, bytes], zmq.Socket] = {}
+        for channel in CHANNELS:
+            front = self._socket(zmq.XPUB if channel == "iopub_port" else zmq.ROUTER)
+            front.bind(ipc_address(ipc_info, channel))
+            self.fronts[front] = channel
+            self.poller.register(front, zmq.POLLIN)
+        self.iopub_front = next(f for f, c in self.fronts.items() if c == "iopub_port")
+        self.iopub_back = self._socket(zmq.XSUB)
+        self.iopub_back.connect(self._tcp("iopub_port"))
+        self.poller.register(self.iopub_back, zmq.POLLIN)
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    def _tcp(self, channel: str) -> str:
+        return f"tcp://{LOOPBACK}:{self.tcp_info[channel]}"
+
+    def _kernel_side(self, front: zmq.Socket, channel: str, client: bytes) -> zmq.Socket:
+        back = self.by_client.get((channel, client))
+        if back is None:
+            back = self._socket(zmq.DEALER)
+            back.setsockopt(zmq.IDENTITY, client)
+            back.connect(self._tcp(channel))
+            self.by_client[(channel, client)] = back
+            self.backs[back] = (front, client)
+            self.poller.register(back, zmq.POLLIN)
+        return back
+
+    def run(self) -> None:
+        try:
+            while True:
+                for sock, _ in self.poller.poll():
+                    frames = sock.recv_multipart()
+                    if sock is self.iopub_front:
+                        self.iopub_back.send_multipart(frames)
+                    elif sock is self.iopub_back:
+                        self.iopub_front.send_multipart(frames)
+                    elif sock in self.fronts:
+                        client, *message = frames
+                        self._kernel_side(sock, self.fronts[sock], client).send_multipart(message)
+                    else:
+                        front, client = self.backs[sock]
+                        front.send_multipart([client, *frames])
+        except zmq.ZMQError:
+            pass  # sockets went away: we are exiting
 
 
-def _proxy(front: zmq.Socket, back: zmq.Socket) -> None:
+def _die_with_parent() -> None:
+    # Started outside ERA's sandboxes (a plain Jupyter), the kernel must not outlive
+    # a bridge that was killed: PR_SET_PDEATHSIG, as the sandboxes' pid namespaces do.
     try:
-        zmq.proxy(front, back)
-    except zmq.ZMQError:
-        pass  # the context was terminated: we are exiting
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def main(argv: list[str]) -> int:
@@ -109,8 +154,9 @@ def main(argv: list[str]) -> int:
     fd = os.open(tcp_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(tcp_info, fh)
-    relay(zmq.Context(), ipc_info, tcp_info)
-    kernel = subprocess.Popen([a.replace(PLACEHOLDER, tcp_file) for a in kernel_argv])
+    relay = Relay(zmq.Context(), ipc_info, tcp_info)
+    threading.Thread(target=relay.run, name="era-relay", daemon=True).start()
+    kernel = subprocess.Popen([a.replace(PLACEHOLDER, tcp_file) for a in kernel_argv], preexec_fn=_die_with_parent)
 
     def forward(signum: int, _frame: Any) -> None:
         if kernel.poll() is None:
@@ -138,6 +184,6 @@ if __name__ == "__main__":
     code = main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
-    # Not sys.exit: terminating the ZeroMQ context would wait for the relay threads,
-    # which block in zmq.proxy for as long as their sockets are open.
+    # Not sys.exit: terminating the ZeroMQ context would wait for the relay thread,
+    # which blocks in poll for as long as its sockets are open.
     os._exit(code)

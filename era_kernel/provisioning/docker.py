@@ -6,7 +6,7 @@ is run inside the container (name the interpreter as the image sees it, e.g. ``p
 and prefer ``"interrupt_mode": "message"``). The ERA engine adds per-session options
 through the ``era`` keyword of ``KernelManager.start_kernel``: ``workspace``,
 ``runtime_dir``, ``allow_network``, ``memory``, ``pids``, ``cpus``, ``env``, ``uid``,
-``image``, ``labels``. Without them, defaults come from this provisioner's traitlets
+``image``, ``labels``, ``readonly``. Without them, defaults come from this provisioner's traitlets
 config (``metadata.kernel_provisioner.config`` in kernel.json), then from
 ``Settings.from_env()`` read at launch (``ERA_DOCKER_MEMORY``, ``ERA_DOCKER_CPUS``,
 ``ERA_DOCKER_PIDS``, ``ERA_DOCKER_EGRESS_NETWORK``, ``ERA_DOCKER_IMAGE_PREFIX``), then
@@ -25,7 +25,8 @@ The container, exactly (nothing in it comes from a request except validated valu
   users and process isolation stay. Set ``host_network_fallback=False`` to refuse instead;
 - read-only root filesystem, tmpfs ``/tmp`` (HOME and IPython's directory live there),
   the workspace read-write at ``/workspace`` as the working directory, the kernel's IPC
-  directory read-write at its host path, and nothing else of the host;
+  directory read-write at its host path, the ``readonly`` directories (a session's package
+  environment) read-only at their host paths, and nothing else of the host;
 - a non-root uid:gid (the session's ``uid``, who owns the workspace; else 1000 when the
   server runs as root, or the server's own uid; uid 0 is refused), ``cap_drop=ALL``,
   ``no-new-privileges``, Docker's default seccomp profile, an init process (so signals
@@ -130,6 +131,21 @@ def _check_labels(labels: Any) -> dict[str, str]:
     return out
 
 
+def _check_readonly(paths: Any) -> list[str]:
+    """``readonly``: existing host directories, bound read-only at the same path."""
+    if paths is None:
+        return []
+    if not isinstance(paths, (list, tuple)):
+        raise BadRequest("readonly must be a list of absolute directory paths", field="readonly")
+    out = []
+    for path in paths:
+        if (not isinstance(path, str) or "\0" in path or not os.path.isabs(path) or os.path.normpath(path) != path
+                or path in ("/", CONTAINER_WORKSPACE) or not os.path.isdir(path)):
+            raise BadRequest(f"readonly path {str(path)[:80]!r} is not an absolute directory path", field="readonly")
+        out.append(path)
+    return out
+
+
 def _positive(value: Any, name: str, kind: type) -> Any:
     try:
         if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
@@ -214,6 +230,7 @@ class EraDockerProvisioner(KernelProvisionerBase):
         allow_network = bool(era.get("allow_network", self.allow_network))
         image = self._image(era, settings)
         labels = _check_labels(era.get("labels"))
+        readonly = _check_readonly(era.get("readonly"))
         env = self._kernel_env(incoming_env, _check_env(era.get("env")))
         network = await self._network_mode(allow_network, settings)
 
@@ -248,7 +265,8 @@ class EraDockerProvisioner(KernelProvisionerBase):
             labels={**labels, LABEL_MANAGED: "1", LABEL_KERNEL: self.kernel_dir.name,
                     LABEL_KERNEL_ID: str(self.kernel_id or ""), LABEL_OWNER: str(os.getpid())},
             mounts=[Mount(target=CONTAINER_WORKSPACE, source=str(workspace), type="bind", read_only=False),
-                    Mount(target=str(self.kernel_dir), source=str(self.kernel_dir), type="bind", read_only=False)],
+                    Mount(target=str(self.kernel_dir), source=str(self.kernel_dir), type="bind", read_only=False),
+                    *(Mount(target=path, source=path, type="bind", read_only=True) for path in readonly)],
             tmpfs={"/tmp": f"rw,nosuid,nodev,mode=1777,size={self.tmp_size}"},
             read_only=True,
             network_mode=network,

@@ -62,6 +62,30 @@ def _is_regular_file(path: Path) -> bool:
         return False
 
 
+def _write_new(directory: str, name: str, fill: Callable[[Any], None]) -> None:
+    """Create ``directory/name`` afresh (replacing a file of that name) without ever
+    following a link the sandbox may have planted: a random temporary sibling made with
+    O_EXCL|O_NOFOLLOW, then a rename over the name (rename replaces links, never follows)."""
+    temp = os.path.join(directory, f".era-tmp-{os.urandom(6).hex()}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
+        os.replace(temp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        raise
+
+
+def _copy_of(path: str) -> Callable[[Any], None]:
+    def fill(out) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as src:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+    return fill
+
+
 def rmtree(path: Path) -> None:
     """Remove a tree even where a tool left directories read-only (go's module cache)."""
     def retry(func, failed, _exc):
@@ -81,9 +105,17 @@ def rmtree(path: Path) -> None:
 class EnvCache:
     def __init__(self, root: Path, store: Any = None, *, max_bytes: int):
         self.root = Path(root)
-        self.store = store  # a WorkspaceStore, or None: local directories only
+        # A WorkspaceStore; or a function returning one (the engine builds its store lazily);
+        # or None: local directories only.
+        self._store = store
         self.max_bytes = max_bytes
         self._swept = False
+
+    @property
+    def store(self) -> Any:
+        if callable(self._store) and not hasattr(self._store, "get_archive"):
+            self._store = self._store()
+        return self._store
 
     def final(self, key: str) -> Path:
         return self.root / key
@@ -144,8 +176,7 @@ class EnvCache:
                     continue
                 if stat.S_ISREG(st.st_mode):
                     if st.st_nlink > 1:  # one inode in two places: keep a private copy
-                        shutil.copyfile(path, path + ".era-copy", follow_symlinks=False)
-                        os.replace(path + ".era-copy", path)
+                        _write_new(dirpath, name, _copy_of(path))
                     files += 1
                     total += st.st_size
                     if total > self.max_bytes:
@@ -165,8 +196,9 @@ class EnvCache:
             os.chown(staging, *owner)
         os.chmod(staging, 0o755)
         manifest = dict(manifest, files=files, bytes=total)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        os.chmod(staging / MANIFEST, 0o644)
+        # Replaces whatever a command may have put under that name (a link included).
+        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        _write_new(str(staging), MANIFEST, lambda out: out.write(body))
         return manifest
 
     def promote(self, key: str, staging: Path) -> None:
@@ -183,9 +215,10 @@ class EnvCache:
 
     @staticmethod
     def pack(staging: Path) -> bytes:
-        """The environment as one tar.gz, entries sorted, names relative."""
+        """The environment as one tar.gz, entries sorted, names relative. GNU format and
+        whole-second times: no per-entry PAX header, so reading it back parses half as much."""
         buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=COMPRESS_LEVEL) as tar:
+        with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=COMPRESS_LEVEL, format=tarfile.GNU_FORMAT) as tar:
             for dirpath, dirnames, filenames in os.walk(staging, followlinks=False):
                 dirnames.sort()
                 for name in sorted([*dirnames, *filenames]):
@@ -193,6 +226,7 @@ class EnvCache:
                     info = tar.gettarinfo(path, arcname=os.path.relpath(path, staging))
                     info.uid = info.gid = 0
                     info.uname = info.gname = ""
+                    info.mtime = int(info.mtime)
                     if info.isreg():
                         with open(path, "rb") as fh:
                             tar.addfile(info, fh)
@@ -201,46 +235,47 @@ class EnvCache:
         return buf.getvalue()
 
     def unpack(self, data: bytes, staging: Path) -> None:
-        """Extract an archive from the store into an empty staging directory, refusing
-        anything a packed environment cannot contain."""
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            members = tar.getmembers()
-            if len(members) > MAX_ARCHIVE_MEMBERS:
-                raise CacheError(f"archive has {len(members)} entries (limit {MAX_ARCHIVE_MEMBERS})")
-            if sum(m.size for m in members if m.isreg()) > self.max_bytes:
-                raise CacheError(f"archive unpacks to more than {self.max_bytes} bytes")
-            seen: set[str] = set()
-            links: set[str] = set()
-            for member in members:
+        """Extract an archive from the store into an empty staging directory, in one
+        streaming pass, refusing anything a packed environment cannot contain. A refusal
+        part-way leaves a partial staging directory, which the caller discards."""
+        seen: set[str] = set()
+        links: set[str] = set()
+        dirs: list[Path] = []
+        total = 0
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz") as tar:
+            for count, member in enumerate(tar, 1):
                 name = PurePosixPath(member.name)
                 rel = str(name)
+                if count > MAX_ARCHIVE_MEMBERS:
+                    raise CacheError(f"archive has more than {MAX_ARCHIVE_MEMBERS} entries")
                 if name.is_absolute() or ".." in name.parts or rel in ("", ".") or "\0" in rel:
                     raise CacheError(f"archive entry {member.name[:80]!r} is outside the environment")
                 if rel in seen:
                     raise CacheError(f"archive entry {rel[:80]!r} appears twice")
                 if any(str(parent) in links for parent in name.parents):
                     raise CacheError(f"archive entry {rel[:80]!r} lies under a symlink")
-                if not (member.isreg() or member.isdir() or member.issym()):
-                    raise CacheError(f"archive entry {rel[:80]!r} is not a file, directory or symlink")
                 seen.add(rel)
-                if member.issym():
-                    links.add(rel)
-            for member in members:
-                target = staging / member.name
+                target = staging / rel
                 if member.isdir():
-                    target.mkdir(mode=0o755, exist_ok=True)
+                    target.mkdir(mode=0o755)
+                    dirs.append(target)
                 elif member.issym():
-                    os.symlink(member.linkname, target)
-                else:
+                    links.add(rel)
+                    os.symlink(member.linkname, target)  # never followed here: nothing goes under it
+                elif member.isreg():
+                    total += member.size
+                    if total > self.max_bytes:
+                        raise CacheError(f"archive unpacks to more than {self.max_bytes} bytes")
                     source = tar.extractfile(member)
                     assert source is not None
                     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  0o755 if member.mode & 0o111 else 0o644)
                     with os.fdopen(fd, "wb") as out:
                         shutil.copyfileobj(source, out, 1024 * 1024)
-            for member in members:  # directory modes last: a 0o555 one would block its children
-                if member.isdir():
-                    os.chmod(staging / member.name, 0o755)
+                else:
+                    raise CacheError(f"archive entry {rel[:80]!r} is not a file, directory or symlink")
+        for path in dirs:  # the umask may have narrowed them
+            os.chmod(path, 0o755)
         os.chmod(staging, 0o755)
 
     async def upload(self, key: str, staging: Path, run_blocking) -> int:
@@ -275,4 +310,9 @@ class EnvCache:
             raise
         on_line(f"restored environment {key} from the store ({len(data)} bytes) in "
                 f"{time.perf_counter() - started:.2f}s")
+        built_at = (self.manifest(key) or {}).get("path")
+        if built_at and built_at != str(self.final(key)):
+            # pip and npm output is relocatable; absolute paths a command wrote may not be.
+            on_line(f"note: this environment was built at {built_at} (another ERA_DATA_DIR); "
+                    "absolute paths written by its commands may not resolve here")
         return True

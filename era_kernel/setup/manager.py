@@ -79,11 +79,13 @@ class _Build:
 
 
 class SetupManager:
-    """See docs in the module; the engine's wiring is in the package README (__init__)."""
+    """Background setups per session, shared builds per environment key, and what a
+    kernel needs to see a finished environment (``launch_extras``)."""
 
     def __init__(self, settings: Settings, store: Any = None):
+        """``store``: the workspace store (a ``WorkspaceStore``), a function returning it
+        (called on first use), or None to keep environments in local directories only."""
         self.settings = settings
-        self.store = store
         self.cache = EnvCache(settings.data_dir / "envs", store,
                               max_bytes=int(setting(settings, "ERA_SETUP_MAX_BYTES", DEFAULT_MAX_BYTES)))
         self.setup_timeout = float(setting(settings, "ERA_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT))
@@ -137,7 +139,11 @@ class SetupManager:
         spec = normalize(spec)
         if spec is None:
             return extras
-        key = env_key(language, self._identity_now(language, provisioner), spec)
+        try:
+            key = env_key(language, self._identity_now(language, provisioner), spec)
+        except Exception as exc:  # no Docker engine: that kernel will not start either; say why there
+            log.warning("cannot tell the environment of a %s/%s session: %s", language, provisioner, exc)
+            return extras
         if not self.cache.present(key):
             return extras
         layout = EnvLayout(str(self.cache.final(key)))
@@ -147,16 +153,21 @@ class SetupManager:
 
     async def ensure(self, language: str, provisioner: str, spec: Any) -> bool:
         """Make a completed setup's environment present locally (restoring it from the
-        store on a host that never built it) before a kernel starts. Never builds.
+        store on a host that never built it) before a kernel starts. Never builds, never
+        raises (but for cancellation): a kernel without its environment beats no kernel.
         True when the environment is here, or none is needed."""
-        spec = normalize(spec)
-        if spec is None:
-            return True
-        runtime = await self._runtime(language, provisioner)
-        key = env_key(language, runtime.identity, spec)
-        if await asyncio.to_thread(self.cache.present, key):
-            return True
-        return await self.cache.restore(key, os.getuid(), asyncio.to_thread, lambda line: log.info("%s", line))
+        try:
+            spec = normalize(spec)
+            if spec is None:
+                return True
+            runtime = await self._runtime(language, provisioner)
+            key = env_key(language, runtime.identity, spec)
+            if await asyncio.to_thread(self.cache.present, key):
+                return True
+            return await self.cache.restore(key, os.getuid(), asyncio.to_thread, lambda line: log.info("%s", line))
+        except Exception as exc:
+            log.warning("environment for a %s/%s session is not available: %s", language, provisioner, exc)
+            return False
 
     async def cancel(self, session_id: str) -> None:
         """Stop the session's setup (its build too, unless another session waits for it).
@@ -240,7 +251,8 @@ class SetupManager:
         except asyncio.CancelledError:
             build.detach(emit)
             if not build.listeners and build.task is not None:
-                build.task.cancel()  # nobody waits for it any more
+                build.task.cancel()  # nobody waits for it any more: stop it, and let it clean up
+                await asyncio.wait({build.task})  # so that cancel() returns with nothing left running
             raise
         finally:
             build.detach(emit)
@@ -259,11 +271,12 @@ class SetupManager:
                          command_timeout=self.command_timeout)
             env = step_env(layout, runtime.tools, home=str(home), ca_bundle=self.ca_bundle())
             deadline = time.monotonic() + self.setup_timeout
-            for step in steps:
+            for number, step in enumerate(steps, 1):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise SetupFailed(f"setup timed out after {self.setup_timeout:g}s (ERA_SETUP_TIMEOUT)")
-                emit(step.title if step.kind == "command" else f"$ {step.title}")
+                # "[2/3] $ npm install ms": the progress a client shows is in the log itself.
+                emit(f"[{number}/{len(steps)}] " + (step.title if step.kind == "command" else f"$ {step.title}"))
                 output = LogTail(max_lines=STEP_ERROR_LINES)
 
                 def on_line(line: str) -> None:
@@ -277,13 +290,13 @@ class SetupManager:
                 code = await runner.run(step, **kwargs)
                 if code != 0:
                     raise SetupFailed(error_message(step.title.removeprefix("$ "), code, output.lines()))
-            manifest = {"key": key, "format": FORMAT, "runtime": runtime.identity, "spec": spec,
+            manifest = {"key": key, "format": FORMAT, "runtime": runtime.identity, "spec": spec, "path": str(final),
                         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "build_seconds": round(time.perf_counter() - started, 3)}
             sealed = await asyncio.to_thread(self.cache.seal, staging, manifest, emit)
             emit(f"environment {key}: {sealed['files']} files, {sealed['bytes']} bytes, "
                  f"built in {time.perf_counter() - started:.1f}s")
-            if self.store is not None:
+            if self.cache.store is not None:
                 try:
                     size = await self.cache.upload(key, staging, asyncio.to_thread)
                     emit(f"saved environment {key} to the store ({size} bytes)")
@@ -304,14 +317,11 @@ class SetupManager:
             from .runner_docker import DockerRunner
 
             self._docker = DockerRunner(self.settings)
+            self._docker.ca_bundle = self.ca_bundle()
         return self._docker
 
     def _runner(self, runtime: Runtime):
-        if runtime.provisioner == "docker":
-            runner = self._docker_runner()
-            runner.ca_bundle = self.ca_bundle()
-            return runner
-        return self.local
+        return self._docker_runner() if runtime.provisioner == "docker" else self.local
 
     async def _runtime(self, language: str, provisioner: str) -> Runtime:
         if provisioner == "docker":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..config import Settings
 from ..provisioning.local import bwrap_argv, sandbox_mode
 from ..provisioning.seccomp import filter_fd
 from .logs import LineSplitter
-from .steps import Step, StepTimeout, Toolchain
+from .steps import SetupFailed, Step, StepTimeout, Toolchain
 
 DEFAULT_MEMORY = 4 * 1024**3  # address space: node reserves far more than it uses
 DEFAULT_PIDS = 512
@@ -87,6 +88,9 @@ class LocalRunner:
                   timeout: float, on_line: Callable[[str], None]) -> int:
         """Run one step; its output goes to ``on_line`` as it comes. Returns the exit status
         (negative: killed by that signal). Raises ``StepTimeout`` past ``timeout``."""
+        # The sandbox sees the host's root read-only, so the host's PATH lookup holds there.
+        if shutil.which(step.argv[0], path=env.get("PATH")) is None:
+            raise SetupFailed(f"{step.argv[0]} is not installed on this server; {step.kind} setup needs it")
         seccomp_fd = filter_fd() if self.sandboxed else None
         try:
             argv = self.command(step, final=final, staging=staging, home=home, uid=uid, seccomp_fd=seccomp_fd)
