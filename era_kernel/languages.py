@@ -3,13 +3,15 @@
 A language contributes code snippets, never engine logic: the cell that sets the working
 directory and environment at kernel start, the cells that apply and then undo a run's
 own ``env``, and how an error reply maps to an exit code (``sys.exit(n)`` -> n).
-Values are embedded as JSON literals, which are valid Python, JavaScript and Go
-expressions, so nothing from a request is ever spliced into code unquoted.
+Values are embedded as JSON literals, which are valid Python and JavaScript expressions
+and the argument syntax of the Go kernel's directives, or single-quoted for bash, so
+nothing from a request is ever spliced into code unquoted.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -60,6 +62,111 @@ def _py_exit_code(ename: str, evalue: str) -> int | None:
         return 1  # sys.exit("message"), as Python itself does
 
 
+# ---- JavaScript and TypeScript (tslab, through era_kernel/kernels/tslab.py) -----------------
+# tslab type-checks every cell, JavaScript included: these cells declare nothing at top
+# level (a declaration would become a session variable) and end in `void 0` (tslab
+# prints a cell's last value). process.exit(n) in a cell is SystemExit(n), by the launcher.
+_JS_SAVED = 'globalThis["__era_saved_env"]'
+
+
+def _node_startup(workspace: str, env: dict[str, str], startup: str | None) -> list[str]:
+    cells = [f"process.chdir({json.dumps(workspace)});\n"
+             f"Object.assign(process.env, {json.dumps(env)});\n"
+             "void 0;"]
+    return cells + ([startup] if startup else [])
+
+
+def _node_env_apply(env: dict[str, str]) -> str:
+    return (f"{_JS_SAVED} = Object.fromEntries({json.dumps(sorted(env))}.map((k) => [k, process.env[k]]));\n"
+            f"Object.assign(process.env, {json.dumps(env)});\n"
+            "void 0;")
+
+
+def _node_env_restore(env: dict[str, str]) -> str:
+    return (f"for (const [k, v] of Object.entries({_JS_SAVED} || {{}})) {{\n"
+            "  if (v === undefined) delete process.env[k]; else process.env[k] = v;\n"
+            "}\n"
+            f"delete {_JS_SAVED};\n"
+            "void 0;")
+
+
+# ---- Deno (its own kernel, behind era_kernel/kernels/ipc_bridge.py) ------------------------
+def _deno_startup(workspace: str, env: dict[str, str], startup: str | None) -> list[str]:
+    cells = [f"Deno.chdir({json.dumps(workspace)});\n"
+             f"for (const [k, v] of Object.entries({json.dumps(env)})) Deno.env.set(k, v);\n"
+             # Deno.exit (and node:process's exit, which calls it) ends the cell, not the
+             # kernel, as sys.exit does in IPython: the session keeps its state and output.
+             "Deno.exit = (code) => {\n"
+             "  const exit = new Error(String(code ?? 0));\n"
+             '  exit.name = "SystemExit";\n'
+             "  throw exit;\n"
+             "};"]
+    return cells + ([startup] if startup else [])
+
+
+def _deno_env_apply(env: dict[str, str]) -> str:
+    return (f"{_JS_SAVED} = Object.fromEntries({json.dumps(sorted(env))}.map((k) => [k, Deno.env.get(k)]));\n"
+            f"for (const [k, v] of Object.entries({json.dumps(env)})) Deno.env.set(k, v);")
+
+
+def _deno_env_restore(env: dict[str, str]) -> str:
+    return (f"for (const [k, v] of Object.entries({_JS_SAVED} ?? {{}})) {{\n"
+            "  if (v === undefined) Deno.env.delete(k); else Deno.env.set(k, v);\n"
+            "}\n"
+            f"delete {_JS_SAVED};")
+
+
+# ---- Bash (era_kernel/kernels/bash_kernel.py) -----------------------------------------------
+_SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+
+
+def _sh_quote(value: str) -> str:
+    """Single-quoted: bash expands nothing inside. (JSON is not bash syntax.)"""
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def _sh_names(env: dict[str, str]) -> list[str]:
+    names = sorted(env)
+    bad = [n for n in names if not _SH_NAME.fullmatch(n)]
+    if bad:  # the API validates names; this guards the splice below all the same
+        raise BadRequest(f"invalid environment variable name {bad[0][:40]!r}", field="env")
+    return names
+
+
+def _sh_exports(env: dict[str, str]) -> str:
+    return "export " + " ".join(f"{name}={_sh_quote(env[name])}" for name in _sh_names(env))
+
+
+def _bash_startup(workspace: str, env: dict[str, str], startup: str | None) -> list[str]:
+    cells = [f"cd {_sh_quote(workspace)}" + (f"\n{_sh_exports(env)}" if env else "")]
+    return cells + ([startup] if startup else [])
+
+
+def _bash_env_apply(env: dict[str, str]) -> str:
+    # `declare -p` prints the old definitions (nothing for unset names) for restore to eval.
+    return f"__era_saved_env=$(declare -p {' '.join(_sh_names(env))} 2>/dev/null)\n{_sh_exports(env)}"
+
+
+def _bash_env_restore(env: dict[str, str]) -> str:
+    return f"unset {' '.join(_sh_names(env))}\neval \"$__era_saved_env\"\nunset __era_saved_env"
+
+
+# ---- Go (era_kernel/kernels/go_kernel.py) ----------------------------------------------------
+# Go programs cannot change the kernel's state, so these cells are the kernel's own
+# directives (%cd, %env, %env_push, %env_pop), with JSON arguments.
+def _go_startup(workspace: str, env: dict[str, str], startup: str | None) -> list[str]:
+    cells = [f"%cd {json.dumps(workspace)}\n%env {json.dumps(env)}"]
+    return cells + ([startup] if startup else [])
+
+
+def _go_env_apply(env: dict[str, str]) -> str:
+    return f"%env_push {json.dumps(env)}"
+
+
+def _go_env_restore(env: dict[str, str]) -> str:
+    return "%env_pop"
+
+
 @dataclass(frozen=True)
 class Language:
     name: str
@@ -73,8 +180,16 @@ class Language:
         return f"era-{self.kernel}" if provisioner == "docker" else f"era-{self.kernel}-local"
 
 
+# Every ERA kernel reports an exit as an error named SystemExit whose value is the
+# status, as IPython does for sys.exit(n): one mapping serves all of them.
 LANGUAGES: dict[str, Language] = {
     "python": Language("python", "python", _py_startup, _py_env_apply, _py_env_restore, _py_exit_code),
+    "node": Language("node", "node", _node_startup, _node_env_apply, _node_env_restore, _py_exit_code),
+    "typescript": Language("typescript", "typescript", _node_startup, _node_env_apply, _node_env_restore,
+                           _py_exit_code),
+    "deno": Language("deno", "deno", _deno_startup, _deno_env_apply, _deno_env_restore, _py_exit_code),
+    "bash": Language("bash", "bash", _bash_startup, _bash_env_apply, _bash_env_restore, _py_exit_code),
+    "go": Language("go", "go", _go_startup, _go_env_apply, _go_env_restore, _py_exit_code),
 }
 
 

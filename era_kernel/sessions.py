@@ -354,11 +354,16 @@ class SessionManager:
                 raise BadRequest("field 'code' is required (no default program is stored for this session)",
                                  field="code")
             timeout = req.timeout or record["default_timeout"]
+            # While the run waits for package setup, its caller sees the setup log too.
+            forward = self.subscribe(session_id, lambda ev: on_event(ev) if ev["type"] == "setup" else None) \
+                if on_event is not None and self.setups.running(session_id) else (lambda: None)
             try:
                 await self.setups.wait(session_id, timeout)
             except TimeoutError:
                 raise KernelFailed(f"package setup still running after {timeout:g}s (the run's timeout); "
                                    "retry when setup_status is completed or failed") from None
+            finally:
+                forward()
             kernel = await self._ensure_kernel(record)
             return await self._run_locked(record, kernel, code, req, on_event, on_input, run_id)
 

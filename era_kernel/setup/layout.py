@@ -57,6 +57,10 @@ class EnvLayout:
     def kernel_env(self, spec: dict[str, list[str]]) -> dict[str, str]:
         """Variables set at kernel launch: seen by the kernel process and its children."""
         env = {"ERA_SETUP_DIR": self.root, "NODE_PATH": self.node_modules}
+        if spec.get("pip") or spec.get("commands"):
+            # From interpreter start, so a requested version wins even over a module the
+            # kernel itself imports before any startup cell runs (six, via dateutil).
+            env["PYTHONPATH"] = self.python
         if spec.get("go"):
             # The kernel has no network: resolve modules from the environment's cache
             # only; their checksums were verified when the setup downloaded them.

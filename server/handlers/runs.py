@@ -18,7 +18,7 @@ from ..errors import NotReady
 from ..logs import log_run
 from .base import BaseHandler, dumps
 
-SSE_EVENTS = frozenset({"stdout", "stderr", "display", "error", "done"})
+SSE_EVENTS = frozenset({"setup", "stdout", "stderr", "display", "error", "done"})
 KEEPALIVE_SECONDS = 15.0  # a comment line keeps proxies from closing a quiet stream
 _END = object()
 _GONE = object()
