@@ -84,7 +84,7 @@ def _node_env_apply(env: dict[str, str]) -> str:
 
 def _node_env_restore(env: dict[str, str]) -> str:
     return (f"for (const [k, v] of Object.entries({_JS_SAVED} || {{}})) {{\n"
-            "  if (v === undefined) delete process.env[k]; else process.env[k] = v;\n"
+            "  if (v === undefined) delete process.env[k]; else process.env[k] = String(v);\n"
             "}\n"
             f"delete {_JS_SAVED};\n"
             "void 0;")

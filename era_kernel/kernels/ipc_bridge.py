@@ -11,6 +11,9 @@ kernel's own network namespace (bubblewrap's ``--unshare-net``, Docker's network
 ``none``); with network access it is the host's loopback, where the HMAC key still
 guards the kernel as it does any TCP Jupyter kernel.
 
+Deno publishes part of a cell's output after its "idle" status; the bridge holds that
+status back until the output has stopped (``IdleHold``).
+
 Signals: SIGINT (Jupyter's "signal" interrupt) and SIGTERM are passed to the kernel. The
 bridge exits with the kernel's exit status, so a kernel that exits mid-run is reported
 with its own status.
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -88,6 +92,7 @@ class Relay:
         self.iopub_back = self._socket(zmq.XSUB)
         self.iopub_back.connect(self._tcp("iopub_port"))
         self.poller.register(self.iopub_back, zmq.POLLIN)
+        self.held = IdleHold()
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self.context.socket(kind)
@@ -111,20 +116,74 @@ class Relay:
     def run(self) -> None:
         try:
             while True:
-                for sock, _ in self.poller.poll():
+                timeout = self.held.next_timeout()
+                for sock, _ in self.poller.poll(timeout):
                     frames = sock.recv_multipart()
                     if sock is self.iopub_front:
                         self.iopub_back.send_multipart(frames)
                     elif sock is self.iopub_back:
-                        self.iopub_front.send_multipart(frames)
+                        for out in self.held.offer(frames):
+                            self.iopub_front.send_multipart(out)
                     elif sock in self.fronts:
                         client, *message = frames
                         self._kernel_side(sock, self.fronts[sock], client).send_multipart(message)
                     else:
                         front, client = self.backs[sock]
                         front.send_multipart([client, *frames])
+                for out in self.held.due():
+                    self.iopub_front.send_multipart(out)
         except zmq.ZMQError:
             pass  # sockets went away: we are exiting
+
+
+class IdleHold:
+    """Holds a request's "idle" status until the kernel has been quiet on it for a moment.
+
+    Deno's kernel (2.x) publishes some of a cell's output a few milliseconds *after*
+    the idle status, and clients stop collecting at idle, so the tail of the output was
+    lost. Messages are forwarded as they come; only idle waits, until no message of
+    the same request came for ``QUIET`` seconds (at most ``LIMIT``). Frames are passed
+    on untouched (their signatures stay valid); only the header is read.
+    """
+
+    QUIET = 0.03
+    LIMIT = 2.0
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, tuple[list[bytes], float, float]] = {}  # request id -> idle, quiet until, limit
+
+    def offer(self, frames: list[bytes]) -> list[list[bytes]]:
+        parent, is_idle = _parent_and_idle(frames)
+        now = time.monotonic()
+        if is_idle and parent:
+            self.waiting[parent] = (frames, now + self.QUIET, now + self.LIMIT)
+            return []
+        if parent in self.waiting:
+            idle, _, limit = self.waiting[parent]
+            self.waiting[parent] = (idle, now + self.QUIET, limit)
+        return [frames]
+
+    def next_timeout(self) -> int | None:
+        """Milliseconds until the next held idle is due (poll's timeout), or None."""
+        if not self.waiting:
+            return None
+        soonest = min(min(quiet, limit) for _, quiet, limit in self.waiting.values())
+        return max(0, int((soonest - time.monotonic()) * 1000) + 1)
+
+    def due(self) -> list[list[bytes]]:
+        now = time.monotonic()
+        ready = [p for p, (_, quiet, limit) in self.waiting.items() if min(quiet, limit) <= now]
+        return [self.waiting.pop(p)[0] for p in ready]
+
+
+def _parent_and_idle(frames: list[bytes]) -> tuple[str | None, bool]:
+    try:
+        at = frames.index(b"<IDS|MSG>")
+        header, parent, content = (json.loads(frames[at + i]) for i in (2, 3, 5))
+    except (ValueError, IndexError):
+        return None, False
+    is_idle = header.get("msg_type") == "status" and content.get("execution_state") == "idle"
+    return parent.get("msg_id") if isinstance(parent, dict) else None, is_idle
 
 
 def _die_with_parent() -> None:

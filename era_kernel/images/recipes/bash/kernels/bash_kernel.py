@@ -1,0 +1,1 @@
+../../../../kernels/bash_kernel.py

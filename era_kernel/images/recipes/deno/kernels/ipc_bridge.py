@@ -1,0 +1,1 @@
+../../../../kernels/ipc_bridge.py

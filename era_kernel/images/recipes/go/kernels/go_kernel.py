@@ -1,0 +1,1 @@
+../../../../kernels/go_kernel.py
