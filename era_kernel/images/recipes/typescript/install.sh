@@ -1,0 +1,8 @@
+#!/bin/sh
+# Runs as root inside era/node; committed as era/typescript. tslab (in era/node) is the
+# TypeScript kernel too: this only checks that its compiler is there, so the image
+# exists under the name the era-typescript kernelspec asks for.
+set -eu
+echo "era-progress 50 checking tslab's TypeScript compiler"
+node -e "require(require.resolve('@tslab/typescript-for-tslab', {paths: ['$(readlink -f /usr/local/bin/tslab | xargs dirname)']}))" 
+echo "era-progress 100 done"
