@@ -23,7 +23,8 @@ from .provisioning.ipc import read_pid_record, remove_kernel_dir
 log = logging.getLogger("era.orphans")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (ours to signal or not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -49,9 +50,9 @@ def reap_kernel_dirs(runtime_dir: Path) -> int:
         if kernel_dir.is_symlink() or not kernel_dir.is_dir():
             continue
         pid, owner = read_pid_record(kernel_dir) or (None, None)
-        if owner is not None and owner != os.getpid() and _alive(owner):
+        if owner is not None and owner != os.getpid() and pid_alive(owner):
             continue  # another live engine's kernel
-        if pid is not None and _alive(pid) and str(kernel_dir) in _cmdline(pid):
+        if pid is not None and pid_alive(pid) and str(kernel_dir) in _cmdline(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)  # the kernel leads its own session
             except OSError:
@@ -73,7 +74,7 @@ def _containers_of_live_owners() -> list[str]:
     for item in shared_docker_client().api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=1"}):
         labels = item.get("Labels") or {}
         owner = labels.get(LABEL_OWNER, "")
-        if owner.isdigit() and _alive(int(owner)):
+        if owner.isdigit() and pid_alive(int(owner)):
             keep.append(labels.get(LABEL_KERNEL) or item["Id"])
     return keep
 

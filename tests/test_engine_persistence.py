@@ -4,9 +4,7 @@ the code agree; delete and duplicate reach the store."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import uuid
 
 import pytest
 
@@ -15,27 +13,16 @@ from era_kernel.errors import BadRequest, NotFound
 from era_kernel.sessions import SessionManager
 
 from .conftest import short_tmpdir
-from .test_workspace_store import BUCKET, s3_endpoint, s3_options  # noqa: F401  (fixture)
-
-
-@pytest.fixture(params=["file", "memory", "s3"])
-def store_url(request, tmp_path):
-    unique = uuid.uuid4().hex[:12]
-    if request.param == "file":
-        return f"file://{tmp_path}/store", ""
-    if request.param == "memory":
-        return f"memory://era-engine-{unique}", ""
-    endpoint = request.getfixturevalue("s3_endpoint")
-    return f"s3://{BUCKET}/{unique}", json.dumps(s3_options(endpoint))
+from .test_workspace_store import s3_endpoint, store_spec  # noqa: F401  (fixtures: file, memory, s3)
 
 
 class Machine:
     """An engine with its own data directory: a second one is another machine."""
 
-    def __init__(self, tmp_path, name: str, store_url: tuple[str, str]):
+    def __init__(self, tmp_path, name: str, store_spec: tuple[str, str]):
         self.runtime = short_tmpdir("erp")
         self.settings = Settings.from_env({}, data_dir=str(tmp_path / name), runtime_dir=str(self.runtime),
-                                          workspace_url=store_url[0], workspace_options=store_url[1],
+                                          workspace_url=store_spec[0], workspace_options=store_spec[1],
                                           store_url=f"sqlite:///{tmp_path / 'shared.db'}")
         self.engine = SessionManager(self.settings)
 
@@ -48,8 +35,8 @@ class Machine:
         shutil.rmtree(self.runtime, ignore_errors=True)
 
 
-async def test_files_follow_the_session_to_another_machine(tmp_path, store_url):
-    async with Machine(tmp_path, "a", store_url) as a:
+async def test_files_follow_the_session_to_another_machine(tmp_path, store_spec):
+    async with Machine(tmp_path, "a", store_spec) as a:
         await a.create({"id": "p1", "persistent": True})
         await a.write_file("p1", "data/in.csv", b"x,y\n1,2\n")
         r = await a.run("p1", {"code": "import os\nprint(open('data/in.csv').read().splitlines()[1])\n"
@@ -61,7 +48,7 @@ async def test_files_follow_the_session_to_another_machine(tmp_path, store_url):
         assert listed["out.txt"]["size"] == 12 and listed["out.txt"]["uploaded"].endswith("Z")
         doc = await a.get("p1")
         assert doc["file_count"] == len(listed) and doc["total_size_bytes"] == sum(f["size"] for f in listed.values())
-    async with Machine(tmp_path, "b", store_url) as b:  # same store and database, empty disk
+    async with Machine(tmp_path, "b", store_spec) as b:  # same store and database, empty disk
         r = await b.run("p1", {"code": "import os; print(sorted(os.listdir('.')))"})
         assert "'out.txt'" in r["stdout"] and "in.csv" not in r["stdout"]
         assert await b.read_file("p1", "out.txt") == b"made by code"
@@ -78,8 +65,8 @@ async def test_files_follow_the_session_to_another_machine(tmp_path, store_url):
         assert r["stdout"] == "False\n"
 
 
-async def test_non_persistent_sessions_never_touch_the_store(tmp_path, store_url):
-    async with Machine(tmp_path, "a", store_url) as a:
+async def test_non_persistent_sessions_never_touch_the_store(tmp_path, store_spec):
+    async with Machine(tmp_path, "a", store_spec) as a:
         await a.create({"id": "scratch"})
         await a.run("scratch", {"code": "open('f.txt', 'w').write('x')"})
         assert await a.read_file("scratch", "f.txt") == b"x"

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from ..errors import NotFound
+from ..orphans import pid_alive
 from .layout import MANIFEST
 from .steps import SetupFailed
 
@@ -43,16 +44,6 @@ class CacheError(SetupFailed):
 
 def archive_key(key: str) -> str:
     return f"envs/{key}.tar.gz"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_regular_file(path: Path) -> bool:
@@ -152,7 +143,7 @@ class EnvCache:
         """Remove what dead processes left mid-build; a live engine's builds stay."""
         for entry in staging_root.iterdir():
             parts = entry.name.split("-")
-            if len(parts) >= 3 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            if len(parts) >= 3 and parts[1].isdigit() and not pid_alive(int(parts[1])):
                 rmtree(entry)
 
     def discard(self, *paths: Path | None) -> None:
