@@ -72,6 +72,12 @@ def run_result(outcome: ExecOutcome, *, language: Language, timeout: float, sess
     }
 
 
+def done_event(result: dict[str, Any]) -> dict[str, Any]:
+    """The last event of a run's stream."""
+    return {"type": "done", **{k: result[k] for k in ("exit_code", "duration", "duration_ms", "timed_out",
+                                                        "truncated")}}
+
+
 def notebook_from_runs(runs: list[dict[str, Any]], language: str, session_id: str) -> dict[str, Any]:
     """The run history as an nbformat v4 notebook."""
     import nbformat

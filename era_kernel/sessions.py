@@ -25,7 +25,7 @@ from .kernel import EventSink, InputHandler, SessionKernel
 from .kernelspecs import EraKernelSpecManager
 from .languages import get_language
 from .orphans import reap_orphans
-from .runs import new_run_id, notebook_from_runs, run_result, utc_now
+from .runs import done_event, new_run_id, notebook_from_runs, run_result, utc_now
 from .slots import KernelSlots
 from .store.base import SessionExists, store_for_url
 from .session_files import SessionFiles
@@ -354,24 +354,28 @@ class SessionManager:
                 raise BadRequest("field 'code' is required (no default program is stored for this session)",
                                  field="code")
             timeout = req.timeout or record["default_timeout"]
-            # While the run waits for package setup, its caller sees the setup log too.
-            forward = self.subscribe(session_id, lambda ev: on_event(ev) if ev["type"] == "setup" else None) \
-                if on_event is not None and self.setups.running(session_id) else (lambda: None)
-            try:
-                await self.setups.wait(session_id, timeout)
-            except TimeoutError:
-                raise KernelFailed(f"package setup still running after {timeout:g}s (the run's timeout); "
-                                   "retry when setup_status is completed or failed") from None
-            finally:
-                forward()
+            await self._wait_for_setup(session_id, timeout, on_event)
             kernel = await self._ensure_kernel(record)
-            return await self._run_locked(record, kernel, code, req, on_event, on_input, run_id)
+            return await self._run_locked(record, kernel, code, timeout, req.env, on_event, on_input, run_id)
 
-    async def _run_locked(self, record, kernel: SessionKernel, code: str, req: models.RunRequest,
+    async def _wait_for_setup(self, session_id: str, timeout: float, on_event: EventSink | None) -> None:
+        """A run sent before package setup finishes waits for it, up to its own timeout;
+        meanwhile its caller sees the setup log too."""
+        unsubscribe = lambda: None  # noqa: E731
+        if on_event is not None and self.setups.running(session_id):
+            unsubscribe = self.subscribe(session_id, lambda ev: ev["type"] == "setup" and on_event(ev))
+        try:
+            await self.setups.wait(session_id, timeout)
+        except TimeoutError:
+            raise KernelFailed(f"package setup still running after {timeout:g}s (the run's timeout); "
+                               "retry when setup_status is completed or failed") from None
+        finally:
+            unsubscribe()
+
+    async def _run_locked(self, record, kernel: SessionKernel, code: str, timeout: float, env: dict[str, str],
                           on_event, on_input, run_id: str) -> dict[str, Any]:
         sid = record["id"]
         language = get_language(record["language"])
-        timeout = req.timeout or record["default_timeout"]
         ws = self.files.of(sid)
         data_json = json.dumps(record["data"])
         if self._data_on_disk.get(sid) != data_json:  # skip the write when the file already says it
@@ -379,15 +383,15 @@ class SessionManager:
         emit: EventSink = lambda ev: self._emit(sid, dict(ev, run_id=run_id), on_event)  # noqa: E731
         started_at = utc_now()
         emit({"type": "status", "state": "busy"})
-        if req.env and language.env_apply:
-            await kernel.execute(language.env_apply(req.env), timeout=10, silent=True)
+        if env and language.env_apply:
+            await kernel.execute(language.env_apply(env), timeout=10, silent=True)
         outcome = await kernel.execute(code, timeout=timeout, on_event=emit, on_input=on_input,
                                        output_limit=self.settings["ERA_OUTPUT_LIMIT"],
                                        interrupt_grace=self.settings["ERA_INTERRUPT_GRACE"])
-        if outcome.status in ("dead",) or outcome.restarted:
+        if outcome.status == "dead" or outcome.restarted:
             await self._stop_kernel(sid)  # the next run starts a fresh kernel
-        elif req.env and language.env_restore:
-            await kernel.execute(language.env_restore(req.env), timeout=10, silent=True)
+        elif env and language.env_restore:
+            await kernel.execute(language.env_restore(env), timeout=10, silent=True)
         data = await self._read_back_data(ws, record)
         sync_error = await self.files.sync(record)
         if sync_error:
@@ -401,9 +405,7 @@ class SessionManager:
                                                                  "duration_ms", "execution_count", "error",
                                                                  "timed_out", "truncated")}},
                                  session_changes=changes)
-        emit({"type": "done", "exit_code": result["exit_code"], "duration": result["duration"],
-              "duration_ms": result["duration_ms"], "timed_out": result["timed_out"],
-              "truncated": result["truncated"]})
+        emit(done_event(result))
         emit({"type": "status", "state": self.kernels[sid].state if sid in self.kernels else "dead"})
         return result
 
@@ -450,9 +452,7 @@ class SessionManager:
             result = run_result(outcome, language=language, timeout=timeout, session_id=None, data=None,
                                 run_id=run_id)
             if emit:
-                emit({"type": "done", "exit_code": result["exit_code"], "duration": result["duration"],
-                      "duration_ms": result["duration_ms"], "timed_out": result["timed_out"],
-                      "truncated": result["truncated"]})
+                emit(done_event(result))
             return result
         finally:
             if kernel is not None:
