@@ -24,6 +24,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq >&2
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
     fi
+    # Node, TypeScript, Deno and Go kernels for local sessions (idempotent; fast when done).
+    bash scripts/install-languages.sh >&2
 elif ! command -v bwrap >/dev/null 2>&1; then
     say "bubblewrap is not installed and we are not root: local kernels will run UNSANDBOXED"
 fi

@@ -12,7 +12,9 @@ if [ "$(id -u)" -eq 0 ]; then
     eval "$(bash scripts/bootstrap-docker.sh)"
     export DOCKER_HOST
     # Images are tagged by a hash of their recipe: unchanged recipes are not rebuilt.
-    .venv/bin/era images build --language python
+    for language in python node typescript deno bash go; do
+        .venv/bin/era images build --language "$language"
+    done
 fi
 
 exec .venv/bin/python -m pytest -q "$@"

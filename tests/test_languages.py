@@ -207,7 +207,8 @@ async def test_stdout_and_stderr_stream_apart(sessions, provisioner, language):
     assert (result["exit_code"], result["error"]) == (0, None), result
     assert result["stdout"] == "out\n" and result["stderr"] == "err\n", result
     streamed = [(e["type"], e["content"]) for e in events if e["type"] in ("stdout", "stderr")]
-    assert streamed == [("stdout", "out\n"), ("stderr", "err\n")]
+    # Two pipes read by two threads (bash, go) keep each stream's order, not their interleaving.
+    assert sorted(streamed) == [("stderr", "err\n"), ("stdout", "out\n")]
 
 
 @cases()
@@ -306,3 +307,46 @@ async def test_go_build_errors_and_missing_modules(sessions, provisioner, langua
                        'package main\n\nimport "github.com/google/uuid"\n\nfunc main() { _ = uuid.New() }\n')
     assert result["exit_code"] == 1 and result["error"]["ename"] == "CompileError", result
     assert "module proxy" in result["error"]["evalue"]
+
+
+def go_module_cache(root: str) -> dict[str, bytes]:
+    """A module cache holding example.com/greet v1.0.0, as `go mod download` leaves one."""
+    import io
+    import zipfile
+
+    mod = b"module example.com/greet\n\ngo 1.19\n"
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("example.com/greet@v1.0.0/go.mod", mod)
+        zf.writestr("example.com/greet@v1.0.0/greet.go",
+                    'package greet\n\nfunc Hello(name string) string { return "hello " + name }\n')
+    at = f"{root}/cache/download/example.com/greet/@v"
+    return {f"{at}/list": b"v1.0.0\n", f"{at}/v1.0.0.mod": mod, f"{at}/v1.0.0.zip": archive.getvalue(),
+            f"{at}/v1.0.0.info": b'{"Version":"v1.0.0","Time":"2024-01-01T00:00:00Z"}'}
+
+
+@cases("go")
+async def test_go_modules_from_the_setup_cache_without_network(sessions, provisioner, language):
+    """A session's setup points GOMODCACHE at the modules it downloaded, with GOPROXY=off."""
+    engine, sid = await sessions.session(provisioner, language)
+    for path, content in go_module_cache("gomod").items():
+        await engine.write_file(sid, path, content)
+    cwd = "/workspace" if provisioner == "docker" else str(engine.workspace_dir(sid))
+    code = 'package main\n\nimport (\n\t"fmt"\n\n\t"example.com/greet"\n)\n\nfunc main() { fmt.Println(greet.Hello("go")) }\n'
+    result = await run(sessions, provisioner, language, code,
+                       env={"GOMODCACHE": f"{cwd}/gomod", "GOPROXY": "off", "GOSUMDB": "off", "GOFLAGS": "-mod=mod"})
+    assert (result["exit_code"], result["stdout"]) == (0, "hello go\n"), result
+
+
+async def test_deno_npm_imports_with_internet_access(sessions):
+    """Locally only: a container's CA bundle is Debian's, which a TLS-inspecting proxy
+    (CI's network has one) does not sign, while the local sandbox sees the host's."""
+    require_language("local", "deno")
+    engine = await sessions.engine("local")
+    doc = await engine.create({"language": "deno", "allowInternetAccess": True})
+    try:
+        result = await engine.run(doc["id"], {"code": 'import leftPad from "npm:left-pad@1.3.0";\n'
+                                                      'console.log(leftPad("x", 3, "-"))', "timeout": 60})
+        assert (result["exit_code"], result["stdout"]) == (0, "--x\n"), result
+    finally:
+        await engine.delete(doc["id"])

@@ -233,14 +233,26 @@ def build_script(client: Any, step: BuildStep, progress: BuildProgress, *, verbo
     The script runs through ``exec`` with the registry settings in the exec's own
     environment, so neither the CA path nor a proxy is committed into the image's config.
     """
-    stage = f"{step.recipe.name}: install"
-    parent = client.images.get(step.parent_ref)
     name = f"era-build-{step.recipe.name}-{step.tag}"
     try:  # a build killed earlier leaves its container behind
         client.api.remove_container(name, force=True)
     except docker.errors.NotFound:
         pass
-    mounts = [Mount(target=f"{BUILD_MOUNT}/recipe", source=str(step.recipe.path), type="bind", read_only=True)]
+    # A recipe's kernels/ links to era_kernel/kernels/: the container gets a copy with the
+    # links resolved (the recipe hash already follows them).
+    staged = Path(tempfile.mkdtemp(prefix="era-recipe-"))
+    try:
+        shutil.copytree(step.recipe.path, staged / "recipe", symlinks=False)
+        _build_in_container(client, step, progress, staged / "recipe", name, verbose=verbose)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _build_in_container(client: Any, step: BuildStep, progress: BuildProgress, recipe_dir: Path, name: str, *,
+                        verbose: bool) -> None:
+    stage = f"{step.recipe.name}: install"
+    parent = client.images.get(step.parent_ref)
+    mounts = [Mount(target=f"{BUILD_MOUNT}/recipe", source=str(recipe_dir), type="bind", read_only=True)]
     build_env = {"DEBIAN_FRONTEND": "noninteractive", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}
     ca_bundle = host_ca_bundle()
     if ca_bundle:

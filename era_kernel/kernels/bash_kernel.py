@@ -82,8 +82,11 @@ class BashKernel(Kernel):
         if not code.strip():
             return self._ok()
         assert self.bash is not None
-        with open(self.cell_file, "w") as fh:
-            fh.write(code if code.endswith("\n") else code + "\n")
+        try:
+            with open(self.cell_file, "w") as fh:
+                fh.write(code if code.endswith("\n") else code + "\n")
+        except OSError as exc:  # a full /tmp
+            return self._error(type(exc).__name__, str(exc))
         mark = _quote(self.marker)
         try:
             self._send(f". {_quote(self.cell_file)} </dev/null\n"

@@ -14,7 +14,9 @@ What a run reports (``era_kernel.languages`` maps it to an exit code):
 - a panic (status 2 and Go's panic report on stderr): ename ``panic``, exit code 1 as
   for an uncaught exception in any language;
 - a build failure: ename ``CompileError``; a missing module with no module proxy
-  reachable says so (modules are fetched at build time: ``GOFLAGS=-mod=mod``).
+  reachable says so (modules are fetched at build time: ``GOFLAGS=-mod=mod``). With
+  ``GOPROXY=off`` and a ``GOMODCACHE`` (a session's setup), modules resolve from that
+  cache alone.
 
 Nothing persists between cells except files and the environment. Lines at the top of
 a cell that start with ``%`` are directives to the kernel, with JSON arguments (the
@@ -58,10 +60,20 @@ class GoKernel(Kernel):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self.go = shutil.which("go") or "go"
-        self.build_dir = tempfile.mkdtemp(prefix="era-go-")
+        self.build_dir = tempfile.mkdtemp(prefix="era-go-", dir=self._executable_dir())
         self.env_stack: list[dict[str, str | None]] = []
         self.module_ready = False
         _default_go_env(self.build_dir)
+
+    def _executable_dir(self) -> str | None:
+        """Where a built program may run: /tmp, unless it is mounted noexec (Docker's
+        tmpfs is), then the kernel's own directory (beside its connection file), which
+        the provisioner made for this kernel and removes after it."""
+        tmp = tempfile.gettempdir()
+        if not os.statvfs(tmp).f_flag & os.ST_NOEXEC:
+            return None
+        connection_file = getattr(self.parent, "abs_connection_file", "") or ""
+        return os.path.dirname(connection_file) or None
 
     # ---- directives ------------------------------------------------------------------
     def _directives(self, code: str) -> str:
@@ -99,16 +111,18 @@ class GoKernel(Kernel):
             return self._ok()
         if not _PACKAGE_CLAUSE.search(program):
             program = "package main\n\n" + program
-        with open(os.path.join(self.build_dir, "main.go"), "w") as fh:
-            fh.write(program)
         try:
+            with open(os.path.join(self.build_dir, "main.go"), "w") as fh:
+                fh.write(program)
             self._ensure_module()
-            built, build_log = self._run([self.go, "build", "-o", "cell", "."], cwd=self.build_dir)
+            built, build_log = self._run([self.go, "build", "-o", "cell", "."], cwd=self.build_dir, env=_build_env())
             if built != 0:
                 return self._error("CompileError", _compile_summary(build_log))
             status, stderr_tail = self._run([os.path.join(self.build_dir, "cell")], cwd=os.getcwd())
         except KeyboardInterrupt:
             return self._error("KeyboardInterrupt", "interrupted")
+        except OSError as exc:  # no go, no space, a directory we cannot run programs from
+            return self._error(type(exc).__name__, str(exc))
         if status == 0:
             return self._ok()
         panic = _PANIC.search(stderr_tail)
@@ -123,10 +137,10 @@ class GoKernel(Kernel):
             subprocess.run([self.go, "mod", "init", "era.cell"], cwd=self.build_dir, capture_output=True, check=False)
             self.module_ready = True
 
-    def _run(self, argv: list[str], cwd: str) -> tuple[int, str]:
+    def _run(self, argv: list[str], cwd: str, env: dict[str, str] | None = None) -> tuple[int, str]:
         """Run ``argv``, streaming its output; return its status and the tail of its stderr."""
         out: queue.Queue = queue.Queue()
-        process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, start_new_session=True)
         readers = [start_reader(process.stdout, "stdout", out), start_reader(process.stderr, "stderr", out)]
         closed: set[str] = set()
@@ -204,6 +218,16 @@ def _default_go_env(scratch: str) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+
+
+def _build_env() -> dict[str, str]:
+    """The environment of ``go build``: the kernel's, except that "no proxy" with a
+    module cache (what a session's setup sets) means "resolve from that cache": with
+    GOPROXY=off go cannot even pick the version of a module the cache holds."""
+    env = dict(os.environ)
+    if env.get("GOPROXY") == "off" and env.get("GOMODCACHE"):
+        env["GOPROXY"] = "file://" + os.path.join(env["GOMODCACHE"], "cache", "download")
+    return env
 
 
 def _compile_summary(log: str) -> str:

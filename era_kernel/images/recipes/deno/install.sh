@@ -19,10 +19,15 @@ install -m 0755 "$binary" /usr/local/bin/deno
 echo "era-progress 80 removing npm and Node.js"
 apt-get purge -y -qq npm nodejs >/dev/null
 apt-get autoremove -y -qq --purge >/dev/null
-rm -rf /tmp/deno-npm /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /root/.npm /usr/share/doc/* /usr/share/man/*
+apt-get clean
+rm -rf /tmp/deno-npm /var/lib/apt/lists/* /root/.npm /usr/share/doc/* /usr/share/man/*
 
 echo "era-progress 90 installing ERA's kernel helpers"
-sh "$RECIPE/install-kernels.sh" "$RECIPE/kernels"
+if [ ! -f "$RECIPE/kernels/install-into-image.sh" ]; then
+    echo "kernels/ links to era_kernel/kernels/: the builder must mount the recipe with links resolved" >&2
+    exit 1
+fi
+sh "$RECIPE/kernels/install-into-image.sh"
 
 deno --version
 echo "era-progress 100 done"

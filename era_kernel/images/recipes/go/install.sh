@@ -11,14 +11,19 @@ apt-get install -y -qq --no-install-recommends golang-go >/dev/null
 echo "era-progress 70 trimming"
 # Tests and test data of the standard library are never built by a kernel; the sources
 # themselves stay (go build checks them against the precompiled packages).
-GOROOT="$(go env GOROOT)"
-find "$GOROOT/src" -name '*_test.go' -delete
-find "$GOROOT/src" -depth -type d -name testdata -exec rm -rf {} +
-rm -rf "$GOROOT/test" "$GOROOT/api" "$GOROOT/doc" /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
-    /usr/share/doc/* /usr/share/man/*
+SRC="$(readlink -f "$(go env GOROOT)/src")"  # Debian keeps it under /usr/share
+find "$SRC" -name '*_test.go' -delete
+find "$SRC" -depth -type d -name testdata -exec rm -rf {} +
+rm -rf "$SRC/../test" "$SRC/../api"
+apt-get clean
+rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/*
 
 echo "era-progress 85 installing ERA's kernel helpers"
-sh "$RECIPE/install-kernels.sh" "$RECIPE/kernels"
+if [ ! -f "$RECIPE/kernels/install-into-image.sh" ]; then
+    echo "kernels/ links to era_kernel/kernels/: the builder must mount the recipe with links resolved" >&2
+    exit 1
+fi
+sh "$RECIPE/kernels/install-into-image.sh"
 
 # A program using the standard library builds without a C compiler or network.
 mkdir -p /tmp/era-go-check && cd /tmp/era-go-check

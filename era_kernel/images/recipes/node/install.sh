@@ -19,10 +19,15 @@ echo "era-progress 80 removing npm"
 # and its hundreds of Debian packages stay out of the image.
 apt-get purge -y -qq npm >/dev/null
 apt-get autoremove -y -qq --purge >/dev/null
-rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /root/.npm /usr/share/doc/* /usr/share/man/*
+apt-get clean
+rm -rf /var/lib/apt/lists/* /root/.npm /usr/share/doc/* /usr/share/man/*
 
 echo "era-progress 90 installing ERA's kernel helpers"
-sh "$RECIPE/install-kernels.sh" "$RECIPE/kernels"
+if [ ! -f "$RECIPE/kernels/install-into-image.sh" ]; then
+    echo "kernels/ links to era_kernel/kernels/: the builder must mount the recipe with links resolved" >&2
+    exit 1
+fi
+sh "$RECIPE/kernels/install-into-image.sh"
 
 node --version
 /opt/era/venv/bin/python -c "from era_kernel.kernels.tslab import tslab_package_dir; print('tslab at', tslab_package_dir())"

@@ -4,5 +4,6 @@
 # exists under the name the era-typescript kernelspec asks for.
 set -eu
 echo "era-progress 50 checking tslab's TypeScript compiler"
-node -e "require(require.resolve('@tslab/typescript-for-tslab', {paths: ['$(readlink -f /usr/local/bin/tslab | xargs dirname)']}))" 
+package="$(/opt/era/venv/bin/python -c 'from era_kernel.kernels.tslab import tslab_package_dir; print(tslab_package_dir())')"
+node -e "require(require.resolve('@tslab/typescript-for-tslab', {paths: [process.argv[1] + '/dist']}))" "$package"
 echo "era-progress 100 done"

@@ -1,9 +1,10 @@
 #!/bin/sh
-# Copies ERA's in-kernel helpers (the files linked from era_kernel/kernels/ in this
-# recipe's kernels/ directory) into the image's venv as the package era_kernel.kernels,
-# so kernelspec argvs are the same in Docker as locally: python -m era_kernel.kernels.X
+# Run by the language image recipes: copies the files beside it (ERA's in-kernel
+# helpers, which a recipe's kernels/ directory links to) into the image's venv as the
+# package era_kernel.kernels, so kernelspec argvs are the same in Docker as locally:
+# python -m era_kernel.kernels.<module>.
 set -eu
-SOURCE="$1"
+SOURCE="$(dirname "$0")"
 if [ ! -f "$SOURCE/__init__.py" ]; then
     echo "$SOURCE has no files: the image builder must mount the recipe with its symlinks resolved" >&2
     exit 1
@@ -14,7 +15,9 @@ if [ ! -f "$SITE/era_kernel/__init__.py" ]; then
     printf '"""ERA Kernel, image edition: only era_kernel.kernels, the helpers kernels run."""\n' \
         > "$SITE/era_kernel/__init__.py"
 fi
-cp "$SOURCE"/* "$SITE/era_kernel/kernels/"
+for file in "$SOURCE"/*.py "$SOURCE"/*.js; do
+    if [ -f "$file" ]; then cp "$file" "$SITE/era_kernel/kernels/"; fi
+done
 chmod -R a+rX "$SITE/era_kernel"
 # The root filesystem is read-only at run time: compile now.
 /opt/era/venv/bin/python -m compileall -q "$SITE/era_kernel" >/dev/null

@@ -1,0 +1,1 @@
+../../../../kernels/install-into-image.sh
