@@ -14,11 +14,9 @@ echo "era-progress 45 installing tslab ${TSLAB_VERSION}"
 npm install --global --prefix /opt/era/node --no-fund --no-audit --loglevel=error "tslab@${TSLAB_VERSION}"
 ln -sfn /opt/era/node/bin/tslab /usr/local/bin/tslab
 
-echo "era-progress 80 removing npm"
-# Kernels never install packages themselves (a session's setup does, elsewhere): npm
-# and its hundreds of Debian packages stay out of the image.
-apt-get purge -y -qq npm >/dev/null
-apt-get autoremove -y -qq --purge >/dev/null
+echo "era-progress 80 cleaning up"
+# npm stays: a session's package setup runs in a container of this image (with network)
+# and installs `setup.npm` with it; the kernel itself never gets network to use it.
 apt-get clean
 rm -rf /var/lib/apt/lists/* /root/.npm /usr/share/doc/* /usr/share/man/*
 
