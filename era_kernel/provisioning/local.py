@@ -191,7 +191,10 @@ class EraLocalProvisioner(LocalProvisioner):
                     "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
         if mode == "bwrap":
             hidden = [settings["ERA_DATA_DIR"], str(Path(runtime_dir))]
-            readonly = sorted({sys.prefix, sys.base_prefix, *era.get("readonly", [])})
+            # The kernels of other languages run modules of this package (era_kernel.kernels),
+            # which an editable install imports from the source tree: that may be masked too.
+            package_dir = str(Path(__file__).resolve().parents[1])
+            readonly = sorted({sys.prefix, sys.base_prefix, package_dir, *era.get("readonly", [])})
             self._seccomp_fd = filter_fd()
             argv = bwrap_argv(argv, workspace=workspace, kernel_dir=self.kernel_dir, hidden=hidden,
                               allow_network=allow_network, readonly=readonly, seccomp_fd=self._seccomp_fd)
