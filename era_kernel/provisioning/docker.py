@@ -425,13 +425,7 @@ class EraDockerProvisioner(KernelProvisionerBase):
         self.kernel_dir, self._ipc_info = None, None
 
     def _remove_container(self, container_id: str) -> None:
-        try:
-            self.client.api.remove_container(container_id, force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # 409: removal already in progress
-                raise
+        remove_container(self.client, container_id)
 
     # ------------------------------------------------------------------ persistence
 
@@ -447,6 +441,17 @@ class EraDockerProvisioner(KernelProvisionerBase):
         self.container_id = provisioner_info.get("container_id")
         kernel_dir = provisioner_info.get("kernel_dir")
         self.kernel_dir = Path(kernel_dir) if kernel_dir else None
+
+
+def remove_container(client: Any, container_id: str) -> None:
+    """Blocking: force-remove a container (and its anonymous volumes); gone already is fine."""
+    try:
+        client.api.remove_container(container_id, force=True, v=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: removal already in progress
+            raise
 
 
 async def reap_orphan_containers(client: Any = None, keep: Iterable[str] = ()) -> int:

@@ -25,7 +25,7 @@ from docker.types import LogConfig, Mount
 
 from ..config import Settings
 from ..images.reference import validate_image_ref, validate_language
-from ..provisioning.docker import IMAGE_PREFIX, LABEL_MANAGED, LABEL_OWNER, shared_docker_client
+from ..provisioning.docker import IMAGE_PREFIX, LABEL_MANAGED, LABEL_OWNER, remove_container, shared_docker_client
 from .logs import LineSplitter
 from .runner_local import DEFAULT_MEMORY, DEFAULT_PIDS, setting
 from .steps import SetupFailed, Step, StepTimeout, Toolchain
@@ -159,13 +159,4 @@ class DockerRunner:
             return code
         finally:
             # Kills whatever still runs (a timeout, a cancelled setup) and frees the name.
-            await asyncio.shield(asyncio.to_thread(self._remove, container.id))
-
-    def _remove(self, container_id: str) -> None:
-        try:
-            self.client.api.remove_container(container_id, force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:
-                raise
+            await asyncio.shield(asyncio.to_thread(remove_container, self.client, container.id))
