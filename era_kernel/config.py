@@ -68,7 +68,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_KERNEL_MEMORY", 2 * 1024**3, "Address-space (RLIMIT_AS) limit of a local kernel (bytes, `512M`, `2G`).", _size),
     Setting("ERA_KERNEL_PIDS", 256, "Process limit of a local kernel.", int),
     Setting("ERA_KERNEL_START_TIMEOUT", 60.0, "Seconds a kernel may take to become ready.", float),
-    Setting("ERA_MAX_KERNELS", 64, "Live kernels at once; past it, creates and cold runs answer 429.", int),
+    Setting("ERA_MAX_KERNELS", 100, "Live kernels at once (pooled ones included); past it the least recently used "
+            "idle kernel is shut down, and with none idle the request answers 429.", int),
+    Setting("ERA_POOL_SIZE", 2, "Pre-started kernels kept ready per pool; 0 turns pooling off.", int),
+    Setting("ERA_POOL_KERNELS", "python", "Comma-separated pools warmed at start, `language[:provisioner]` "
+            "(provisioner defaults to `ERA_PROVISIONER`), e.g. `python,python:docker`."),
+    Setting("ERA_KERNEL_IDLE_TIMEOUT", 1800.0, "Seconds since a session's last run (or creation) after which its "
+            "kernel is shut down; the session stays and its next run starts a kernel. 0 = never.", float),
+    Setting("ERA_SESSION_MAX_AGE", 0.0, "Seconds after creation a session is deleted with its files; 0 = never. "
+            "A session's own `max_age` overrides it.", float),
+    Setting("ERA_CULL_INTERVAL", 30.0, "Seconds between culling passes (idle kernels, expired sessions).", float),
     Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
     Setting("ERA_SETUP_TIMEOUT", 900.0, "Seconds a whole package setup may take.", float),
     Setting("ERA_SETUP_COMMAND_TIMEOUT", 300.0, "Seconds each setup `commands` item may take.", float),

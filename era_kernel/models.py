@@ -73,12 +73,14 @@ class CreateSession(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     provisioner: Optional[Literal["local", "docker"]] = None
     startup: Optional[str] = Field(None, description="code run after the startup cells at every kernel start")
+    max_age: Optional[float] = Field(None, description="seconds after creation the session is deleted "
+                                     "(default `ERA_SESSION_MAX_AGE`; absent = never)")
 
     _check_id = field_validator("id")(lambda v: None if v is None else check_session_id(v))
     _check_lang = field_validator("language", mode="before")(normalize_language)
     _check_env = field_validator("env")(check_env)
 
-    @field_validator("default_timeout", mode="before")
+    @field_validator("default_timeout", "max_age", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> Any:
         return _positive_timeout(v)

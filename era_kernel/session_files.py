@@ -38,27 +38,29 @@ class SessionFiles:
                                                   durable=s["ERA_WORKSPACE_FSYNC"])
         return self._store
 
-    def path(self, session_id: str) -> Path:
-        return self.settings.data_dir / "sessions" / session_id
+    def path(self, record: dict[str, Any]) -> Path:
+        """The session's local directory: named after the session, or after the pooled
+        kernel it claimed (whose sandbox already has that directory mounted)."""
+        return self.settings.data_dir / "sessions" / (record.get("workdir") or record["id"])
 
     def workspace(self, root: Path | str) -> Workspace:
         s = self.settings
         return Workspace(root, max_file_bytes=s["ERA_WORKSPACE_MAX_FILE"], max_total_bytes=s["ERA_WORKSPACE_MAX_BYTES"],
                          max_files=s["ERA_WORKSPACE_MAX_FILES"], max_read_bytes=s["ERA_WORKSPACE_MAX_READ"])
 
-    def of(self, session_id: str) -> Workspace:
-        return self.workspace(self.path(session_id))
+    def of(self, record: dict[str, Any]) -> Workspace:
+        return self.workspace(self.path(record))
 
     # ---- lifecycle -------------------------------------------------------------------
     async def create(self, record: dict[str, Any], uid: int, copy_from: dict[str, Any] | None = None,
                      copy_from_uid: int | None = None) -> None:
         """A new session's directory (and store snapshot, when persistent)."""
         sid = record["id"]
-        ws = self.of(sid)
+        ws = self.of(record)
         await ws.create(uid=uid)
         if copy_from is not None:
             await self.ensure_restored(copy_from, copy_from_uid)
-            await self.of(copy_from["id"]).copy_to(ws.root, uid=uid)
+            await self.of(copy_from).copy_to(ws.root, uid=uid)
         if record.get("persistent"):
             if copy_from is not None and copy_from.get("persistent"):
                 await self.store.copy(copy_from["id"], sid)
@@ -68,7 +70,7 @@ class SessionFiles:
 
     async def remove(self, record: dict[str, Any]) -> None:
         sid = record["id"]
-        await self.of(sid).remove()
+        await self.of(record).remove()
         if record.get("persistent"):
             await self.store.delete(sid)
         self._restored.discard(sid)
@@ -82,7 +84,7 @@ class SessionFiles:
         async with self._restore_locks.setdefault(sid, asyncio.Lock()):
             if sid in self._restored:
                 return
-            stats = await self.store.restore(sid, self.path(sid), uid=uid)
+            stats = await self.store.restore(sid, self.path(record), uid=uid)
             self._restored.add(sid)
             log.info("restored %s from the workspace store: %s", sid, stats)
 
@@ -91,7 +93,7 @@ class SessionFiles:
         if not record.get("persistent"):
             return None
         try:
-            await self.store.push(record["id"], self.path(record["id"]))
+            await self.store.push(record["id"], self.path(record))
         except Exception as exc:  # the run itself succeeded; say what did not persist
             log.warning("workspace push of %s failed: %s", record["id"], exc)
             return f"the workspace could not be saved to the store: {getattr(exc, 'message', exc)}"
@@ -100,23 +102,23 @@ class SessionFiles:
     # ---- the files API ---------------------------------------------------------------
     async def list(self, record: dict[str, Any], uid: int) -> list[dict[str, Any]]:
         await self.ensure_restored(record, uid)
-        return await self.of(record["id"]).list()
+        return await self.of(record).list()
 
     async def read(self, record: dict[str, Any], uid: int, path: str) -> bytes:
         await self.ensure_restored(record, uid)
-        return await self.of(record["id"]).read(path)
+        return await self.of(record).read(path)
 
     async def write(self, record: dict[str, Any], uid: int, path: str, data: bytes) -> dict[str, Any]:
         await self.ensure_restored(record, uid)
-        result = await self.of(record["id"]).write(path, data, uid=uid)
+        result = await self.of(record).write(path, data, uid=uid)
         await self._push_or_raise(record)
         return result
 
     async def delete(self, record: dict[str, Any], uid: int, path: str) -> None:
         await self.ensure_restored(record, uid)
-        await self.of(record["id"]).delete(path)
+        await self.of(record).delete(path)
         await self._push_or_raise(record)
 
     async def _push_or_raise(self, record: dict[str, Any]) -> None:
         if record.get("persistent"):
-            await self.store.push(record["id"], self.path(record["id"]))
+            await self.store.push(record["id"], self.path(record))

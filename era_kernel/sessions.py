@@ -23,8 +23,10 @@ from .config import Settings
 from .errors import BadRequest, Conflict, KernelFailed, NotFound, TooLarge
 from .kernel import EventSink, InputHandler, SessionKernel
 from .kernelspecs import EraKernelSpecManager
-from .languages import get_language
+from .languages import LANGUAGES, get_language
 from .orphans import reap_orphans
+from .culling import plan_cull
+from .pool import KernelPool, PoolKey, WarmKernel, parse_pool_keys, reserve_uids
 from .runs import done_event, new_run_id, notebook_from_runs, run_result, utc_now
 from .slots import KernelSlots
 from .store.base import SessionExists, store_for_url
@@ -36,6 +38,9 @@ log = logging.getLogger("era.sessions")
 DATA_FILE = ".session_data.json"
 CONTAINER_WORKSPACE = "/workspace"
 UID_BASE = 100_000  # sandbox uids when running as root: UID_BASE + the session's seq
+POOL_UID_BASE = 400_000_000  # pooled kernels' uids: reserved in blocks (POOL_UID_FILE), never reused
+POOL_UID_FILE = "pool-uids"
+POOL_UID_BLOCK = 1000
 EPHEMERAL_UID_BASE = 900_000_000
 _FIELDS_COPIED_BY_DUPLICATE = ("language", "persistent", "provisioner", "metadata", "data", "setup",
                                "default_timeout", "allowInternetAccess", "env", "startup", "code")
@@ -55,8 +60,20 @@ class SessionManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._subscribers: dict[str, set[Callable[[dict], None]]] = {}
         self._data_on_disk: dict[str, str] = {}  # session id -> JSON known to be in its data file
+        self._workdirs: dict[str, str] = {}  # session id -> its directory name, when not the id
+        self._active_at: dict[str, float] = {}  # session id -> wall time its kernel last started or ran
         self._ephemeral = 0
+        self._pool_uids: list[int] = []
+        pool_keys = parse_pool_keys(self.settings["ERA_POOL_KERNELS"], self.settings["ERA_PROVISIONER"])
+        for language, _ in pool_keys:
+            get_language(language)  # a typo in ERA_POOL_KERNELS fails at start, not at the first request
+        self.pool = KernelPool(pool_keys, self.settings["ERA_POOL_SIZE"], self.slots, self._spawn_warm,
+                               self._discard_warm)
+        self.culled = {"idle": 0, "max_age": 0, "lru": 0}
+        self._culler: asyncio.Task | None = None
+        self._cleanups: set[asyncio.Task] = set()  # one-shot kernels being stopped
         self._started = False
+        self._started_at = time.monotonic()
 
     # ---- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -66,10 +83,22 @@ class SessionManager:
         reaped = await reap_orphans(self.settings)
         if reaped:
             log.info("reaped %d orphaned kernel(s) from a previous process", reaped)
-        for record in await self.store.list_sessions():  # setups a previous process did not finish
+        records = await self.store.list_sessions()
+        for record in records:  # setups a previous process did not finish
             if record.get("setup") and record.get("setup_status") in ("pending", "running"):
                 await self._start_setup(record)
+        await self._remove_unclaimed_workdirs({r["workdir"] for r in records if r.get("workdir")})
         self._started = True
+        self._started_at = time.monotonic()
+        self.pool.start()
+        self._culler = asyncio.create_task(self._cull_loop(), name="era-culler")
+
+    async def _remove_unclaimed_workdirs(self, claimed: set[str]) -> None:
+        """Pooled kernels' directories a previous process left unclaimed."""
+        names = await asyncio.to_thread(lambda: [p.name for p in (self.settings.data_dir / "sessions").iterdir()
+                                                 if p.name.startswith("pool-")])
+        for name in set(names) - claimed:
+            await self.files.workspace(self.settings.data_dir / "sessions" / name).remove()
 
     def _make_dirs(self) -> None:
         for path in (self.settings.data_dir / "sessions", self.settings.data_dir / "scratch"):
@@ -80,6 +109,10 @@ class SessionManager:
     async def shutdown(self) -> None:
         """Interrupt running code, stop every kernel, close the store."""
         await self.setups.shutdown()
+        if self._culler is not None:
+            self._culler.cancel()
+        await self.pool.shutdown()
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         for task in list(self._starting.values()):
             task.cancel()
         kernels = list(self.kernels.items())
@@ -91,10 +124,12 @@ class SessionManager:
 
     # ---- records and documents ----------------------------------------------------------
     def workspace_dir(self, session_id: str) -> Path:
-        return self.files.path(session_id)
+        return self.files.path({"id": session_id, "workdir": self._workdirs.get(session_id)})
 
-    def _uid(self, seq: int) -> int:
-        return UID_BASE + seq if os.getuid() == 0 else os.getuid()
+    def _uid(self, record: dict[str, Any]) -> int:
+        if os.getuid() != 0:
+            return os.getuid()
+        return record["uid"] if record.get("uid") else UID_BASE + record["seq"]
 
     async def _record(self, session_id: str) -> dict[str, Any]:
         if not isinstance(session_id, str) or not models.SESSION_ID_RE.match(session_id):
@@ -102,10 +137,12 @@ class SessionManager:
         record = await self.store.get_session(session_id)
         if record is None:
             raise NotFound(f"session {session_id} not found")
+        if record.get("workdir"):
+            self._workdirs[session_id] = record["workdir"]
         return record
 
     async def _document(self, record: dict[str, Any]) -> dict[str, Any]:
-        file_count, total = await self.files.of(record["id"]).usage()
+        file_count, total = await self.files.of(record).usage()
         kernel = self.kernels.get(record["id"])
         state = "starting" if record["id"] in self._starting else (kernel.state if kernel else "none")
         return {
@@ -137,30 +174,40 @@ class SessionManager:
             "setup_status": "pending" if setup else None, "setup_result": None,
             "default_timeout": req.default_timeout or self.settings["ERA_DEFAULT_TIMEOUT"],
             "allowInternetAccess": req.allowInternetAccess, "env": req.env, "startup": req.startup, "code": None,
+            "max_age": req.max_age,
         }
         return await self._insert(record)
 
     async def _insert(self, record: dict[str, Any], copy_from: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Reserve a kernel slot, store the record, make the workspace; all or nothing."""
-        self.slots.acquire()  # 429 before anything is written
+        """Take a kernel (a pooled one, or a slot for a new one), store the record, make
+        the workspace; all or nothing."""
+        warm = self._take_warm(record)
+        if warm is not None:  # its directory and uid become the session's
+            record.update(workdir=warm.workdir.name, uid=warm.uid)
+        else:
+            self._admit()  # 429 before anything is written
         try:
             try:
                 record = await self.store.insert_session(record)
             except SessionExists:
                 raise Conflict(f"session {record['id']} already exists", field="id") from None
             try:
-                await self.files.create(record, self._uid(record["seq"]), copy_from,
-                                        self._uid(copy_from["seq"]) if copy_from else None)
+                await self.files.create(record, self._uid(record), copy_from,
+                                        self._uid(copy_from) if copy_from else None)
             except BaseException:
                 await self.store.delete_session(record["id"])
                 await self.files.remove(record)
                 raise
         except BaseException:
+            if warm is not None:
+                await self._discard_warm(warm)
             self.slots.release()
             raise
+        if record.get("workdir"):
+            self._workdirs[record["id"]] = record["workdir"]
         if record.get("setup"):
             await self._start_setup(record)  # before the kernel task, which waits for it
-        self._start_in_background(record)
+        self._start_in_background(record, warm)
         return await self._document(record)
 
     async def get(self, session_id: str) -> dict[str, Any]:
@@ -188,9 +235,8 @@ class SessionManager:
         await self._stop_kernel(session_id)
         await self.store.delete_session(session_id)
         await self.files.remove(record)
-        self._locks.pop(session_id, None)
-        self._subscribers.pop(session_id, None)
-        self._data_on_disk.pop(session_id, None)
+        for per_session in (self._locks, self._subscribers, self._data_on_disk, self._workdirs, self._active_at):
+            per_session.pop(session_id, None)
 
     async def delete_many(self, ids: list[str] | None = None, prefix: str | None = None) -> list[str]:
         records = await self.store.list_sessions()
@@ -208,7 +254,7 @@ class SessionManager:
         req = models.parse(models.DuplicateRequest, body)
         record = {k: source.get(k) for k in _FIELDS_COPIED_BY_DUPLICATE}
         record.update(id=req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
-                      created_at=utc_now(), last_run_at=None,
+                      created_at=utc_now(), last_run_at=None, max_age=source.get("max_age"),
                       setup_status="pending" if source.get("setup") else None, setup_result=None)
         return await self._insert(record, copy_from=source)
 
@@ -232,18 +278,20 @@ class SessionManager:
         async def on_status(status: str, result: dict[str, Any] | None) -> None:
             await self.store.update_session(sid, {"setup_status": status, "setup_result": result})
 
-        await self.setups.start(sid, record["language"], record["provisioner"], self._uid(record["seq"]),
+        await self.setups.start(sid, record["language"], record["provisioner"], self._uid(record),
                                 record["setup"], on_log=lambda line: self._emit(sid, {"type": "setup", "content": line}),
                                 on_status=on_status)
 
-    def _new_kernel(self, record: dict[str, Any], workspace: Path, uid: int) -> SessionKernel:
+    def _new_kernel(self, record: dict[str, Any], workspace: Path, uid: int, cells: bool = True) -> SessionKernel:
+        """A kernel for this record; ``cells=False`` for a pooled one (its user's startup
+        cells run when it is claimed)."""
         language = get_language(record["language"])
         extras = self.setups.launch_extras(record["language"], record["provisioner"], record.get("setup"))
         launch = self._launch_options(record, workspace, uid)
         launch["readonly"] = extras["readonly"]
         launch["env"].update(extras["env"])
         return SessionKernel(self.spec_manager, language.kernelspec_name(record["provisioner"]),
-                             launch, extras["startup"] + self._startup_cells(record, workspace),
+                             launch, extras["startup"] + self._startup_cells(record, workspace) if cells else [],
                              start_timeout=self.settings["ERA_KERNEL_START_TIMEOUT"],
                              max_message=max(256 * 1024**2, 2 * self.settings["ERA_OUTPUT_LIMIT"]))
 
@@ -251,7 +299,7 @@ class SessionManager:
         """Start the session's kernel (background task on create; inline on a cold run)."""
         sid = record["id"]
         if not slot_held:
-            self.slots.acquire()
+            self._admit()
         if record.get("setup"):
             try:  # the environment must exist before a kernel is launched with it bound
                 await self.setups.wait(sid)
@@ -260,11 +308,11 @@ class SessionManager:
                 self._starting.pop(sid, None)
                 self.slots.release()
                 raise
-        kernel = self._new_kernel(record, self.workspace_dir(sid), self._uid(record["seq"]))
+        kernel = self._new_kernel(record, self.files.path(record), self._uid(record))
         self.kernels[sid] = kernel
         self._emit(sid, {"type": "status", "state": "starting"})
         try:
-            await self.files.ensure_restored(record, self._uid(record["seq"]))
+            await self.files.ensure_restored(record, self._uid(record))
             await kernel.start()
         except BaseException as exc:
             self.kernels.pop(sid, None)
@@ -274,13 +322,31 @@ class SessionManager:
             raise
         finally:
             self._starting.pop(sid, None)
+        self._active_at[sid] = time.time()
         self._emit(sid, {"type": "status", "state": "idle"})
         return kernel
 
-    def _start_in_background(self, record: dict[str, Any]) -> None:
-        """Start the kernel without waiting (the slot is already held); a failure is
-        logged, and the next run tries again and reports it."""
-        task = asyncio.create_task(self._start_kernel(record, slot_held=True))
+    async def _claim_kernel(self, record: dict[str, Any], warm: WarmKernel) -> SessionKernel:
+        """Make a pooled kernel the session's: its startup cells run now."""
+        sid = record["id"]
+        self.kernels[sid] = warm.kernel
+        try:
+            await warm.kernel.claim(self._startup_cells(record, warm.workdir))
+        except BaseException:
+            self.kernels.pop(sid, None)
+            await warm.kernel.stop(now=True)
+            self.slots.release()
+            raise
+        finally:
+            self._starting.pop(sid, None)
+        self._active_at[sid] = time.time()
+        return warm.kernel
+
+    def _start_in_background(self, record: dict[str, Any], warm: WarmKernel | None = None) -> None:
+        """Start (or claim) the kernel without waiting (the slot is already held); a
+        failure is logged, and the next run tries again and reports it."""
+        start = self._claim_kernel(record, warm) if warm else self._start_kernel(record, slot_held=True)
+        task = asyncio.create_task(start)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" noise
         self._starting[record["id"]] = task
 
@@ -324,7 +390,7 @@ class SessionManager:
         record = await self._record(session_id)
         await self._stop_kernel(session_id)
         self._emit(session_id, {"type": "status", "state": "restarting"})
-        self.slots.acquire()
+        self._admit()
         self._start_in_background(record)
 
     # ---- runs -----------------------------------------------------------------------------
@@ -376,12 +442,13 @@ class SessionManager:
                           on_event, on_input, run_id: str) -> dict[str, Any]:
         sid = record["id"]
         language = get_language(record["language"])
-        ws = self.files.of(sid)
+        ws = self.files.of(record)
         data_json = json.dumps(record["data"])
         if self._data_on_disk.get(sid) != data_json:  # skip the write when the file already says it
-            await ws.write(DATA_FILE, data_json.encode(), uid=self._uid(record["seq"]))
+            await ws.write(DATA_FILE, data_json.encode(), uid=self._uid(record))
         emit: EventSink = lambda ev: self._emit(sid, dict(ev, run_id=run_id), on_event)  # noqa: E731
         started_at = utc_now()
+        self._active_at[sid] = time.time()
         emit({"type": "status", "state": "busy"})
         if env and language.env_apply:
             await kernel.execute(language.env_apply(env), timeout=10, silent=True)
@@ -397,6 +464,7 @@ class SessionManager:
         if sync_error:
             outcome.collector.note("stderr", f"\n[era] {sync_error}\n")
         changes = {"last_run_at": utc_now()}
+        self._active_at[sid] = time.time()
         if data != record["data"]:
             changes["data"] = data
         result = run_result(outcome, language=language, timeout=timeout, session_id=sid, data=data, run_id=run_id)
@@ -427,19 +495,27 @@ class SessionManager:
         """One-shot: a fresh kernel in a scratch workspace, discarded afterwards."""
         req = models.parse(models.ExecuteRequest, body)
         language = get_language(req.language)
-        self._ephemeral += 1
-        uid = EPHEMERAL_UID_BASE + self._ephemeral % 1_000_000 if os.getuid() == 0 else os.getuid()
-        ws = self.files.workspace(self.settings.data_dir / "scratch" / secrets.token_hex(8))
         record = {"id": None, "language": req.language, "provisioner": req.provisioner or self.settings["ERA_PROVISIONER"],
                   "allowInternetAccess": req.allowInternetAccess, "env": {}, "startup": None}
-        self.slots.acquire()
-        kernel = None
+        warm = self._take_warm(record)
+        if warm is not None:
+            uid, ws, kernel = warm.uid, self.files.workspace(warm.workdir), warm.kernel
+        else:
+            self._admit()
+            self._ephemeral += 1
+            uid = EPHEMERAL_UID_BASE + self._ephemeral % 1_000_000 if os.getuid() == 0 else os.getuid()
+            ws, kernel = self.files.workspace(self.settings.data_dir / "scratch" / secrets.token_hex(8)), None
         try:
-            await ws.create(uid=uid)
-            for path, content in req.files.items():
+            if warm is None:
+                await ws.create(uid=uid)
+            for path, content in req.files.items():  # before any code runs, pooled or not
                 await ws.write(path, content.encode(), uid=uid)
-            kernel = self._new_kernel(record, ws.root, uid)
-            await kernel.start()
+            if warm is not None:
+                if warm.cells != self._startup_cells(record, ws.root):
+                    await kernel.claim(self._startup_cells(record, ws.root))
+            else:
+                kernel = self._new_kernel(record, ws.root, uid)
+                await kernel.start()
             env_code = language.env_apply(req.env) if req.env and language.env_apply else None
             if env_code:
                 await kernel.execute(env_code, timeout=10, silent=True)
@@ -454,11 +530,18 @@ class SessionManager:
             if emit:
                 emit(done_event(result))
             return result
-        finally:
+        finally:  # the answer does not wait for the kernel's shutdown; shutdown() does
+            task = asyncio.create_task(self._discard_oneshot(kernel, ws))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def _discard_oneshot(self, kernel: SessionKernel | None, ws) -> None:
+        try:
             if kernel is not None:
                 await kernel.stop(now=True)
-            self.slots.release()
             await ws.remove()
+        finally:
+            self.slots.release()
 
     async def runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
         await self._record(session_id)
@@ -479,34 +562,144 @@ class SessionManager:
     # ---- files ----------------------------------------------------------------------------
     async def list_files(self, session_id: str) -> list[dict[str, Any]]:
         record = await self._record(session_id)
-        return await self.files.list(record, self._uid(record["seq"]))
+        return await self.files.list(record, self._uid(record))
 
     async def read_file(self, session_id: str, path: str) -> bytes:
         record = await self._record(session_id)
-        return await self.files.read(record, self._uid(record["seq"]), path)
+        return await self.files.read(record, self._uid(record), path)
 
     async def write_file(self, session_id: str, path: str, data: bytes) -> dict[str, Any]:
         record = await self._record(session_id)
         self._data_on_disk.pop(session_id, None)
-        return await self.files.write(record, self._uid(record["seq"]), path, data)
+        return await self.files.write(record, self._uid(record), path, data)
 
     async def delete_file(self, session_id: str, path: str) -> None:
         record = await self._record(session_id)
         self._data_on_disk.pop(session_id, None)
-        await self.files.delete(record, self._uid(record["seq"]), path)
+        await self.files.delete(record, self._uid(record), path)
+
+    # ---- the pool, admission and culling -------------------------------------------------
+    def _take_warm(self, record: dict[str, Any]) -> WarmKernel | None:
+        """A pooled kernel for this record, when one of its kind is ready. Sessions with a
+        package setup or network access need a kernel launched for them, so never pool."""
+        if record.get("setup") or record.get("allowInternetAccess"):
+            return None
+        return self.pool.take((record["language"], record["provisioner"]))
+
+    async def _spawn_warm(self, key: PoolKey) -> WarmKernel:
+        """Start a kernel for the pool (its slot is held): its own directory and uid."""
+        language, provisioner = key
+        if os.getuid() == 0:
+            if not self._pool_uids:
+                self._pool_uids = await asyncio.to_thread(reserve_uids, self.settings.data_dir / POOL_UID_FILE,
+                                                          POOL_UID_BASE, POOL_UID_BLOCK)
+            uid = self._pool_uids.pop()
+        else:
+            uid = os.getuid()
+        ws = self.files.workspace(self.settings.data_dir / "sessions" / f"pool-{secrets.token_hex(8)}")
+        record = {"id": None, "language": language, "provisioner": provisioner, "allowInternetAccess": False}
+        kernel = self._new_kernel(record, ws.root, uid, cells=False)
+        kernel.launch["labels"] = {"era.pool": f"{language}-{provisioner}"}
+        await ws.create(uid=uid)
+        try:
+            await kernel.start()
+            # A kernel's first cell pays for lazy imports and caches; pay it here, not in the
+            # claiming user's first request (silent: the user's execution count starts at 1).
+            cells = self._startup_cells(record | {"env": {}, "startup": None}, ws.root)
+            for cell in cells:
+                await kernel.execute(cell, timeout=self.settings["ERA_KERNEL_START_TIMEOUT"], silent=True)
+        except BaseException:
+            await ws.remove()
+            raise
+        return WarmKernel(kernel, key, ws.root, uid, cells)
+
+    async def _discard_warm(self, warm: WarmKernel) -> None:
+        await warm.kernel.stop(now=True)
+        await self.files.workspace(warm.workdir).remove()
+
+    def _admit(self) -> None:
+        """Take a slot for a new kernel: a free one; else a pooled kernel's; else the least
+        recently used idle session kernel's (culled, its session stays); else 429. No await
+        from the check to the transfer, so concurrent requests cannot overshoot the limit."""
+        if self.slots.try_acquire() or self.pool.evict():
+            return
+        idle = [sid for sid, k in self.kernels.items()
+                if k.state == "idle" and sid not in self._starting and not self._lock_held(sid)]
+        if not idle:
+            self.slots.acquire()  # raises TooManyKernels: 429 with Retry-After
+        victim = min(idle, key=lambda sid: self._active_at.get(sid, 0.0))
+        kernel = self.kernels.pop(victim)  # its slot is now the caller's
+        self.culled["lru"] += 1
+        log.info("session %s: kernel shut down to admit a new one (kernel limit %d)", victim, self.slots.limit)
+        self._emit(victim, {"type": "status", "state": "culled", "reason": "kernel limit"})
+        task = asyncio.create_task(kernel.stop(now=True))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _lock_held(self, session_id: str) -> bool:
+        lock = self._locks.get(session_id)
+        return lock is not None and lock.locked()
+
+    async def _cull_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings["ERA_CULL_INTERVAL"])
+            try:
+                await self.cull()
+            except Exception:
+                log.exception("culling pass failed")
+
+    async def cull(self) -> dict[str, list[str]]:
+        """One culling pass (every ``ERA_CULL_INTERVAL``): delete sessions past their max
+        age, shut down kernels idle past ``ERA_KERNEL_IDLE_TIMEOUT`` (era_kernel.culling)."""
+        idle_now = {sid for sid, k in self.kernels.items()
+                    if k.state == "idle" and sid not in self._starting and not self._lock_held(sid)}
+        plan = plan_cull(await self.store.list_sessions(), idle_now, self._active_at, time.time(),
+                         idle_timeout=self.settings["ERA_KERNEL_IDLE_TIMEOUT"],
+                         default_max_age=self.settings["ERA_SESSION_MAX_AGE"])
+        for sid in plan.expired:
+            try:
+                await self.delete(sid)
+            except NotFound:
+                continue
+            self.culled["max_age"] += 1
+            log.info("session %s deleted: older than its max age", sid)
+        for sid in plan.idle:
+            kernel = self.kernels.get(sid)
+            if kernel is None or kernel.state != "idle" or self._lock_held(sid):
+                continue  # a run arrived meanwhile
+            await self._stop_kernel(sid)
+            self.culled["idle"] += 1
+            log.info("session %s: idle kernel shut down", sid)
+            self._emit(sid, {"type": "status", "state": "culled", "reason": "idle"})
+        return {"expired": plan.expired, "idle": plan.idle}
 
     async def stats(self) -> dict[str, Any]:
-        import resource
+        from .resources import kernel_memory_bytes, process_rss_bytes
 
-        records = await self.store.list_sessions()
+        now = time.time()
+        listed = [(sid, k) for sid, k in self.kernels.items()] + [(None, w.kernel) for w in self.pool.waiting()]
+        memory = await asyncio.gather(*(kernel_memory_bytes(k.km) for _, k in listed), return_exceptions=True)
+        kinds = {lang.kernelspec_name(prov): (name, prov) for name, lang in LANGUAGES.items()
+                 for prov in ("local", "docker")}
+        kernels = []
+        for (sid, kernel), mem in zip(listed, memory):
+            language, provisioner = kinds.get(kernel.kernel_name, (kernel.kernel_name, ""))
+            kernels.append({"session_id": sid, "language": language, "provisioner": provisioner,
+                            "state": "pooled" if sid is None else kernel.state,
+                            "idle_s": round(now - self._active_at[sid], 3) if sid in self._active_at else None,
+                            "memory_bytes": mem if isinstance(mem, int) else None})
         states: dict[str, int] = {}
-        for kernel in self.kernels.values():
-            states[kernel.state] = states.get(kernel.state, 0) + 1
+        for entry in kernels:
+            states[entry["state"]] = states.get(entry["state"], 0) + 1
         return {
-            "sessions": len(records),
-            "live_kernels": len(self.kernels),
+            "sessions": len(await self.store.list_sessions()),
+            "live_kernels": len(kernels),
             "kernel_states": states,
             "kernel_slots": {"used": self.slots.used, "max": self.slots.limit},
-            "memory": {"server_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-            "pool": {"size": 0, "note": "kernels start on create and on cold runs; no pre-warmed pool yet"},
+            "pool": self.pool.stats(),
+            "culled": dict(self.culled),
+            "kernels": kernels,
+            "memory": {"server_rss_bytes": await asyncio.to_thread(process_rss_bytes),
+                       "kernels_bytes": sum(k["memory_bytes"] or 0 for k in kernels)},
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
         }
+

@@ -14,6 +14,12 @@ class KernelSlots:
         self.limit = limit
         self.used = 0
 
+    def try_acquire(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
     def acquire(self) -> None:
         if self.used >= self.limit:
             raise TooManyKernels(f"kernel limit reached ({self.limit} live kernels); retry later", retry_after=2)

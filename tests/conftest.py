@@ -42,8 +42,10 @@ def era_settings(request, tmp_path):
     if provisioner == "docker":
         require_docker()
     runtime = short_tmpdir("ert")
+    # No warm pool by default: each test's engine would start kernels nobody uses.
+    # tests/test_engine_pool.py turns it on.
     settings = Settings.from_env({}, data_dir=str(tmp_path / "data"), runtime_dir=str(runtime),
-                                 provisioner=provisioner)
+                                 provisioner=provisioner, pool_size=0)
     yield settings
     shutil.rmtree(runtime, ignore_errors=True)
 

@@ -196,6 +196,10 @@ async def test_run_without_code_uses_the_stored_program(engine, session):
 async def test_one_shot_execute_is_discarded(engine):
     r = await engine.execute({"code": "print(open('in.txt').read())", "files": {"in.txt": "payload"}})
     assert r["exit_code"] == 0 and r["stdout"] == "payload\n" and r["session_id"] is None
+    for _ in range(100):  # the kernel is stopped after the answer, not before it
+        if engine.slots.used == 0:
+            break
+        await asyncio.sleep(0.05)
     assert not list((engine.settings.data_dir / "scratch").iterdir()), "scratch workspace removed"
     assert not [p for p in (engine.settings.runtime_dir / "k").iterdir()], "kernel dir removed"
     assert engine.slots.used == 0

@@ -1,0 +1,199 @@
+"""Warm kernels: started ahead of demand per (language, provisioner), each used once.
+
+A pooled kernel is launched with no session: a fresh working directory of its own, a
+uid of its own, no network, and no startup cells. The engine takes one when a new
+session or a one-shot ``/api/execute`` needs a kernel of that kind, runs that user's
+startup cells in it (``SessionKernel.claim``), and the directory becomes the session's
+workspace. A kernel is never returned to the pool, so no kernel is ever handed to a
+second user. Every taken kernel is replaced in the background.
+
+Pooled kernels count against the kernel limit (``KernelSlots``) like any other live
+kernel: a refill only starts when a slot is free, and admission may take a ready
+kernel's slot back (``evict``) before it culls anybody's session kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from .kernel import SessionKernel
+from .slots import KernelSlots
+
+log = logging.getLogger("era.pool")
+
+PoolKey = tuple[str, str]  # (language, provisioner); the provisioner picks the image
+RETRY_MAX = 60.0  # seconds between attempts while a pool cannot start kernels
+
+
+@dataclass
+class WarmKernel:
+    kernel: SessionKernel
+    key: PoolKey
+    workdir: Path  # mounted in the kernel's sandbox; becomes the claiming session's workspace
+    uid: int
+    cells: list[str]  # the startup cells it already ran: a claim with the same ones skips them
+    ready_at: float = 0.0
+
+
+# Starts a kernel for a pool key (the slot is already held); the pool owns the result.
+Spawner = Callable[[PoolKey], Awaitable[WarmKernel]]
+# Stops a kernel that was never claimed and removes its directory.
+Discarder = Callable[[WarmKernel], Awaitable[None]]
+
+
+def parse_pool_keys(spec: str, default_provisioner: str) -> list[PoolKey]:
+    """``"python,python:docker"`` -> ``[("python", "local"), ("python", "docker")]``."""
+    keys: list[PoolKey] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        language, _, provisioner = item.partition(":")
+        key = (language.strip(), provisioner.strip() or default_provisioner)
+        if key[1] not in ("local", "docker"):
+            raise ValueError(f"ERA_POOL_KERNELS: unknown provisioner {key[1]!r} in {item!r}")
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+class KernelPool:
+    def __init__(self, keys: list[PoolKey], size: int, slots: KernelSlots, spawn: Spawner, discard: Discarder):
+        self.keys = keys if size > 0 else []
+        self.size = max(0, size)
+        self.slots = slots
+        self._spawn = spawn
+        self._discard = discard
+        self._ready: dict[PoolKey, deque[WarmKernel]] = {key: deque() for key in self.keys}
+        self._starting: dict[PoolKey, int] = {key: 0 for key in self.keys}
+        self._wake: dict[PoolKey, asyncio.Event] = {key: asyncio.Event() for key in self.keys}
+        self._loops: list[asyncio.Task] = []
+        self._spawns: set[asyncio.Task] = set()
+        self.claimed = 0
+        self.misses = 0  # requests for a pooled kind that found the pool empty
+
+    # ---- lifecycle (the engine calls these at its start and shutdown) -------------------
+    def start(self) -> None:
+        """Begin filling every pool in the background; returns at once."""
+        self._loops = [asyncio.create_task(self._fill(key), name=f"era-pool-{key[0]}-{key[1]}")
+                       for key in self.keys]
+
+    async def shutdown(self) -> None:
+        """Stop refilling and stop every kernel still waiting in the pool."""
+        for task in [*self._loops, *self._spawns]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._spawns, return_exceptions=True)
+        self._loops, self._spawns = [], set()
+        waiting = [warm for queue in self._ready.values() for warm in queue]
+        for queue in self._ready.values():
+            queue.clear()
+        await asyncio.gather(*(self._drop(warm) for warm in waiting), return_exceptions=True)
+
+    # ---- the engine's side --------------------------------------------------------------
+    def pooled(self, key: PoolKey) -> bool:
+        return key in self._ready
+
+    def take(self, key: PoolKey) -> WarmKernel | None:
+        """A ready kernel of this kind, now the caller's (its slot with it), or None.
+        Synchronous, so two callers can never get the same kernel."""
+        queue = self._ready.get(key)
+        if queue is None:
+            return None
+        while queue:
+            warm = queue.popleft()
+            self._wake[key].set()  # refill
+            if warm.kernel.state == "idle":
+                self.claimed += 1
+                return warm
+            asyncio.create_task(self._drop(warm))  # died while waiting
+        self.misses += 1
+        return None
+
+    def evict(self) -> bool:
+        """Give up one ready kernel so the caller can have its slot (admission under the
+        kernel limit prefers this to culling a session's kernel). True when one was given up;
+        the slot then belongs to the caller, and the kernel is stopped in the background."""
+        for queue in self._ready.values():
+            if queue:
+                warm = queue.pop()  # the newest: the oldest stays, first to be claimed
+                task = asyncio.create_task(self._discard(warm))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                return True
+        return False
+
+    def stats(self) -> dict:
+        return {
+            "size": self.size,
+            "pools": {f"{lang}:{prov}": {"ready": len(self._ready[(lang, prov)]),
+                                        "starting": self._starting[(lang, prov)], "target": self.size}
+                      for lang, prov in self.keys},
+            "claimed": self.claimed,
+            "misses": self.misses,
+        }
+
+    def waiting(self) -> list[WarmKernel]:
+        return [warm for queue in self._ready.values() for warm in queue]
+
+    # ---- refilling ----------------------------------------------------------------------
+    async def _fill(self, key: PoolKey) -> None:
+        """Keep ``size`` kernels of this kind ready or starting, as slots allow; back off
+        while kernels of this kind fail to start (no Docker engine, no image)."""
+        delay = 1.0
+        while True:
+            self._wake[key].clear()
+            failed = False
+            while len(self._ready[key]) + self._starting[key] < self.size and self.slots.try_acquire():
+                self._starting[key] += 1
+                task = asyncio.create_task(self._spawn(key))
+                self._spawns.add(task)
+                try:
+                    warm = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.slots.release()
+                    log.warning("pool %s:%s: a kernel failed to start (retry in %.0fs): %s",
+                                key[0], key[1], delay, exc)
+                    failed = True
+                    break
+                finally:
+                    self._spawns.discard(task)
+                    self._starting[key] -= 1
+                warm.ready_at = time.monotonic()
+                self._ready[key].append(warm)
+                delay = 1.0
+            if failed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            try:  # woken by a take; the timeout retries when slots were all in use
+                await asyncio.wait_for(self._wake[key].wait(), timeout=2.0)
+            except TimeoutError:
+                pass
+
+    async def _drop(self, warm: WarmKernel) -> None:
+        try:
+            await self._discard(warm)
+        finally:
+            self.slots.release()
+
+
+def reserve_uids(counter: Path, base: int, block: int) -> list[int]:
+    """The next ``block`` never-used uids from ``base`` up (blocking; run it in a thread).
+    The counter file survives restarts, so a uid a claimed kernel gave its session is
+    never handed out again."""
+    start = int(counter.read_text()) if counter.exists() else 0
+    tmp = counter.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(start + block))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, counter)
+    return list(range(base + start + block - 1, base + start - 1, -1))

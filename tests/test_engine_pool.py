@@ -1,0 +1,279 @@
+"""The warm pool, admission under the kernel limit, and culling, on real kernels.
+
+Pooled kernels are used once (a kernel is never handed to a second user), take their
+user's startup cells at claim time, and are replaced in the background; past
+``ERA_MAX_KERNELS`` the least recently used idle kernel is shut down, and with none
+idle the request gets 429; idle kernels and sessions past their max age are culled,
+with ages read from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+
+import pytest
+
+from era_kernel.errors import NotFound, TooManyKernels
+from era_kernel.sessions import POOL_UID_BASE, SessionManager
+
+from .conftest import both_provisioners
+
+
+def pool_key(engine: SessionManager) -> str:
+    return f"python:{engine.settings['ERA_PROVISIONER']}"
+
+
+async def wait_pool_full(engine: SessionManager, timeout: float = 60) -> None:
+    key = pool_key(engine)
+    for _ in range(int(timeout / 0.05)):
+        pool = engine.pool.stats()["pools"][key]
+        if pool["ready"] == pool["target"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"pool never filled: {engine.pool.stats()}")
+
+
+@pytest.fixture
+async def pooled(era_settings):
+    engine = SessionManager(era_settings.replace(
+        ERA_POOL_SIZE=2, ERA_POOL_KERNELS=f"python:{era_settings['ERA_PROVISIONER']}"))
+    await engine.start()
+    await wait_pool_full(engine)
+    yield engine
+    await engine.shutdown()
+
+
+@both_provisioners
+async def test_session_claims_a_warm_kernel_with_its_own_startup(pooled):
+    engine = pooled
+    claimed = engine.pool.stats()["claimed"]
+    warm_dirs = {w.workdir.name for w in engine.pool.waiting()}
+    doc = await engine.create({"env": {"GREETING": "hi"}, "data": {"n": 3}, "startup": "started = 'yes'"})
+    sid = doc["id"]
+    assert engine.pool.stats()["claimed"] == claimed + 1
+    assert engine.workspace_dir(sid).name in warm_dirs  # the warm kernel's directory is the workspace
+    await engine.write_file(sid, "in.txt", b"from the files API")
+    r = await engine.run(sid, {"code": "import os, json\n"
+                                       "print(os.getcwd(), os.environ['GREETING'], os.environ['ERA_SESSION_ID'], started,"
+                                       " json.load(open('.session_data.json'))['n'], open('in.txt').read())\n"
+                                       "open('out.txt', 'w').write('from the kernel')"})
+    cwd = "/workspace" if engine.settings["ERA_PROVISIONER"] == "docker" else str(engine.workspace_dir(sid))
+    assert r["exit_code"] == 0, r
+    assert r["stdout"] == f"{cwd} hi {sid} yes 3 from the files API\n"
+    assert r["execution_count"] == 1  # the warm-up cells were silent
+    assert await engine.read_file(sid, "out.txt") == b"from the kernel"
+    if os.getuid() == 0:
+        record = await engine.store.get_session(sid)
+        assert record["uid"] >= POOL_UID_BASE
+    await wait_pool_full(engine)  # replaced in the background
+
+
+@both_provisioners
+async def test_a_pooled_kernel_is_never_handed_to_a_second_user(pooled):
+    engine = pooled
+    seen: set[int] = set()
+    mark = secrets.token_hex(4)
+    for _ in range(3):
+        doc = await engine.create({})
+        await engine.run(doc["id"], {"code": "1"})
+        kernel = engine.kernels[doc["id"]]
+        assert id(kernel) not in seen
+        seen.add(id(kernel))
+        r = await engine.run(doc["id"], {"code": f"import builtins\nprint(getattr(builtins, 'era_mark', None))\n"
+                                                 f"builtins.era_mark = '{mark}'"})
+        assert r["stdout"] == "None\n"  # nothing left by an earlier user
+        await engine.delete(doc["id"])
+        one_shot = await engine.execute({"code": "import builtins; print(getattr(builtins, 'era_mark', None))",
+                                         "provisioner": engine.settings["ERA_PROVISIONER"]})
+        assert one_shot["stdout"] == "None\n"
+        await wait_pool_full(engine)
+    assert all(id(w.kernel) not in seen for w in engine.pool.waiting())
+
+
+@both_provisioners
+async def test_one_shot_execute_uses_the_pool_and_leaves_nothing(pooled):
+    engine = pooled
+    claimed = engine.pool.stats()["claimed"]
+    warm_dirs = [w.workdir for w in engine.pool.waiting()]
+    r = await engine.execute({"code": "import os; print(open('data.csv').read(), len(os.listdir('.')))",
+                              "files": {"data.csv": "a,b"}, "provisioner": engine.settings["ERA_PROVISIONER"]})
+    assert r["stdout"] == "a,b 1\n" and r["exit_code"] == 0
+    assert engine.pool.stats()["claimed"] == claimed + 1
+    await asyncio.gather(*engine._cleanups)
+    used = [d for d in warm_dirs if not d.exists()]
+    assert len(used) == 1  # the claimed kernel's directory is gone with it
+    await wait_pool_full(engine)
+    assert engine.slots.used == 2  # the one-shot kernel gave its slot back; only the pool holds any
+
+
+async def test_sessions_with_setup_or_network_never_take_a_warm_kernel(pooled):
+    engine = pooled
+    claimed = engine.pool.stats()["claimed"]
+    doc = await engine.create({"allowInternetAccess": True})
+    assert engine.pool.stats()["claimed"] == claimed
+    assert engine.workspace_dir(doc["id"]).name == doc["id"]
+
+
+async def test_warm_directories_a_dead_process_left_are_removed_but_claimed_ones_stay(era_settings):
+    settings = era_settings.replace(ERA_POOL_SIZE=1)
+    first = SessionManager(settings)
+    await first.start()
+    await wait_pool_full(first)
+    sid = (await first.create({}))["id"]
+    await first.run(sid, {"code": "open('keep.txt', 'w').write('kept'); x = 1"})
+    workspace = first.workspace_dir(sid)
+    await first.shutdown()
+    stray = settings.data_dir / "sessions" / "pool-0123456789abcdef"
+    stray.mkdir()
+    (stray / "left.txt").write_text("x")
+
+    second = SessionManager(settings.replace(ERA_POOL_SIZE=0))
+    await second.start()
+    try:
+        assert not stray.exists()
+        r = await second.run(sid, {"code": "import os; print(open('keep.txt').read(), os.getcwd())"})
+        assert r["stdout"] == f"kept {workspace}\n"  # a fresh kernel, in the same directory
+        assert second.workspace_dir(sid) == workspace
+    finally:
+        await second.shutdown()
+
+
+async def test_pool_uids_are_never_reused_across_restarts(era_settings):
+    if os.getuid() != 0:
+        pytest.skip("per-session uids exist only when the engine runs as root")
+    settings = era_settings.replace(ERA_POOL_SIZE=1)
+    uids = []
+    for _ in range(2):
+        engine = SessionManager(settings)
+        await engine.start()
+        await wait_pool_full(engine)
+        doc = await engine.create({})
+        uids.append((await engine.store.get_session(doc["id"]))["uid"])
+        await engine.shutdown()
+    assert len(set(uids)) == 2 and all(u >= POOL_UID_BASE for u in uids)
+
+
+# ---- admission ----------------------------------------------------------------------------
+async def test_at_the_limit_the_least_recently_used_idle_kernel_is_culled(era_settings):
+    engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=2))
+    await engine.start()
+    try:
+        a = (await engine.create({}))["id"]
+        b = (await engine.create({}))["id"]
+        await engine.run(a, {"code": "x = 'a'"})
+        await engine.run(b, {"code": "x = 'b'"})
+        await engine.run(a, {"code": "x"})  # b is now the least recently used
+        c = (await engine.create({}))["id"]
+        await engine.run(c, {"code": "1"})
+        assert set(engine.kernels) == {a, c} and engine.culled["lru"] == 1
+        r = await engine.run(b, {"code": "print(globals().get('x'))"})  # the session stays; a new kernel
+        assert r["stdout"] == "None\n" and engine.culled["lru"] == 2
+        assert len(engine.kernels) == 2 and engine.slots.used == 2
+    finally:
+        await engine.shutdown()
+
+
+async def test_at_the_limit_with_every_kernel_busy_the_answer_is_429(era_settings):
+    engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=1))
+    await engine.start()
+    try:
+        a = (await engine.create({}))["id"]
+        busy = asyncio.create_task(engine.run(a, {"code": "import time; time.sleep(2); print('done')"}))
+        await asyncio.sleep(0.5)
+        with pytest.raises(TooManyKernels) as refused:
+            await engine.create({})
+        assert refused.value.status == 429 and refused.value.headers["Retry-After"]
+        with pytest.raises(TooManyKernels):
+            await engine.execute({"code": "1"})
+        assert (await busy)["stdout"] == "done\n"  # the running code was never touched
+        assert len(await engine.list()) == 1
+        b = (await engine.create({}))["id"]  # idle now: a's kernel makes room
+        assert (await engine.run(b, {"code": "print(2)"}))["stdout"] == "2\n"
+    finally:
+        await engine.shutdown()
+
+
+async def test_the_pool_gives_its_slots_back_before_any_session_kernel_is_culled(era_settings):
+    engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=3, ERA_POOL_SIZE=2))
+    await engine.start()
+    try:
+        a = (await engine.create({"allowInternetAccess": True}))["id"]  # never pooled: takes the free slot
+        await engine.run(a, {"code": "1"})
+        await wait_pool_full(engine)
+        b = (await engine.create({"allowInternetAccess": True}))["id"]
+        await engine.run(b, {"code": "1"})
+        assert set(engine.kernels) == {a, b} and engine.culled["lru"] == 0
+        assert len(engine.pool.waiting()) == 1 and engine.slots.used == 3
+    finally:
+        await engine.shutdown()
+
+
+# ---- culling -------------------------------------------------------------------------------
+async def test_idle_kernels_are_shut_down_and_the_session_stays(era_settings):
+    engine = SessionManager(era_settings.replace(ERA_KERNEL_IDLE_TIMEOUT=1.0))
+    await engine.start()
+    try:
+        idle = (await engine.create({}))["id"]
+        busy = (await engine.create({}))["id"]
+        await engine.run(idle, {"code": "x = 1"})
+        running = asyncio.create_task(engine.run(busy, {"code": "import time; time.sleep(2.5); print('ok')"}))
+        await asyncio.sleep(1.5)
+        culled = await engine.cull()
+        assert culled["idle"] == [idle] and idle not in engine.kernels and busy in engine.kernels
+        assert (await running)["stdout"] == "ok\n"
+        doc = await engine.get(idle)
+        assert doc["kernel"]["state"] == "none"
+        r = await engine.run(idle, {"code": "print(globals().get('x'))"})
+        assert r["stdout"] == "None\n" and engine.culled["idle"] == 1
+        assert (await engine.cull())["idle"] == []  # it just ran
+    finally:
+        await engine.shutdown()
+
+
+async def test_sessions_past_their_max_age_are_deleted_with_their_files(era_settings):
+    engine = SessionManager(era_settings.replace(ERA_SESSION_MAX_AGE=3600.0))
+    await engine.start()
+    try:
+        short = (await engine.create({"max_age": 1}))["id"]
+        default = (await engine.create({}))["id"]
+        await engine.write_file(short, "f.txt", b"x")
+        workspace = engine.workspace_dir(short)
+        await asyncio.sleep(1.2)
+        culled = await engine.cull()
+        assert culled["expired"] == [short] and engine.culled["max_age"] == 1
+        with pytest.raises(NotFound):
+            await engine.get(short)
+        assert not workspace.exists()
+        assert (await engine.get(default))["id"] == default
+    finally:
+        await engine.shutdown()
+
+
+async def test_max_age_is_counted_from_the_store_across_restarts(era_settings):
+    first = SessionManager(era_settings)
+    await first.start()
+    sid = (await first.create({"max_age": 1.5}))["id"]
+    await first.shutdown()
+    await asyncio.sleep(1.6)
+    second = SessionManager(era_settings.replace(ERA_CULL_INTERVAL=0.2))
+    await second.start()
+    try:
+        for _ in range(50):  # the background pass, not a direct call
+            if second.culled["max_age"]:
+                break
+            await asyncio.sleep(0.1)
+        with pytest.raises(NotFound):
+            await second.get(sid)
+    finally:
+        await second.shutdown()
+
+
+async def test_bad_max_age_is_refused_with_the_field_named(engine):
+    from era_kernel.errors import BadRequest
+
+    for bad in (-1, 0, "soon"):
+        with pytest.raises(BadRequest) as err:
+            await engine.create({"max_age": bad})
+        assert err.value.field == "max_age"
