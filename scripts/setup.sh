@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+[ "${1:-}" = "--test" ] && extras="[test,bench]"  # the tests check the bench report writers too
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 

@@ -22,16 +22,18 @@ from tornado.web import Application, RequestHandler
 
 from .handlers.base import NotFoundHandler
 from .handlers.files import FileHandler, FilesHandler
-from .handlers.meta import HealthHandler, OpenApiHandler, StatsHandler
+from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunHandler, StreamHandler
 from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
                                 RestartHandler, RunsHandler, SessionHandler, SessionsHandler)
 from .logs import log, log_request, setup_logging
+from .metrics import HttpMetrics
 from .services import Services
 from .ws import SessionSocket
 
 ROUTES: list[tuple[str, type[RequestHandler]]] = [
     ("/health", HealthHandler),
+    ("/metrics", MetricsHandler),
     ("/api/openapi.json", OpenApiHandler),
     ("/api/resources/stats", StatsHandler),
     ("/api/execute", ExecuteHandler),
@@ -65,11 +67,19 @@ def make_routes(services: Services) -> list[tuple[str, type[RequestHandler], dic
 
 
 def make_app(services: Services) -> Application:
+    # Counted where each request is logged; labelled by route template, never by path.
+    http_metrics = HttpMetrics({handler: template for template, handler in ROUTES})
+
+    def log_function(handler: RequestHandler) -> None:
+        log_request(handler)
+        http_metrics.observe(handler)
+
     return Application(
         make_routes(services),
         default_handler_class=NotFoundHandler,
         default_handler_args={"services": services},
-        log_function=log_request,
+        log_function=log_function,
+        era_http_metrics=http_metrics,
         websocket_max_message_size=services.max_body,  # larger frames: close code 1009
         websocket_ping_interval=WS_PING_SECONDS,
         websocket_ping_timeout=WS_PING_SECONDS,

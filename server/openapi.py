@@ -19,7 +19,7 @@ from era_kernel import models
 from . import schemas
 from .apidoc import Op
 
-RAW = {"bytes", "code", "sse", "websocket"}
+RAW = {"bytes", "code", "sse", "websocket", "text"}
 PARAMETERS = {
     "id": {"type": "string", "pattern": models.SESSION_ID_RE.pattern, "description": "session id"},
     "path": {"type": "string", "description": "file path inside the workspace, percent-encoded; may contain '/'"},
@@ -75,7 +75,7 @@ def build_openapi(routes) -> dict[str, Any]:
             operation["description"] = op.description
         if params:
             operation["parameters"] = params
-        if not is_api:
+        if not op.auth:
             operation["security"] = []
         if op.body == "bytes":
             operation["requestBody"] = {"required": True, "content": {
@@ -96,6 +96,9 @@ def build_openapi(routes) -> dict[str, Any]:
             responses[str(op.status)] = {"description": "Server-Sent Events; `event:` is the `type` field",
                                          "content": {"text/event-stream": {
                                              "schema": one_of(schemas.STREAM_EVENTS, "serialization")}}}
+        elif op.response == "text":
+            responses[str(op.status)] = {"description": "Prometheus text exposition format 0.0.4", "content": {
+                "text/plain; version=0.0.4": {"schema": {"type": "string"}}}}
         elif op.response == "websocket":
             responses["101"] = {"description": "Switching Protocols (WebSocket)"}
             operation["x-websocket"] = {
@@ -108,8 +111,10 @@ def build_openapi(routes) -> dict[str, Any]:
         else:
             responses[str(op.status)] = {"description": description}
         codes = set(op.errors)
+        if op.auth:
+            codes.add(401)
         if is_api:
-            codes |= {401, 503}
+            codes.add(503)
         if op.body:
             codes |= {400, 413}
         for code in sorted(codes):

@@ -17,12 +17,27 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class PoolFill(BaseModel):
+    ready: int
+    target: int
+
+
+class HealthMemory(BaseModel):
+    server_rss_bytes: int
+    kernels_bytes: Optional[int] = Field(description="all live kernels; null when not measured")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     ready: bool
     state: Literal["starting", "ready", "failed", "stopping"]
     uptime_s: float
     version: str
+    # Once the engine is ready (aggregates only: /health is open, so never session ids).
+    sessions: Optional[int] = None
+    kernels: Optional[dict[str, int]] = Field(None, description="live kernels by state")
+    pool: Optional[dict[str, PoolFill]] = Field(None, description="per pool, e.g. `python:local`")
+    memory: Optional[HealthMemory] = None
 
 
 class KernelInfo(BaseModel):
@@ -130,9 +145,25 @@ class Restarted(BaseModel):
     restarted: bool
 
 
+class KernelStat(_Open):
+    session_id: Optional[str]
+    language: str
+    provisioner: str
+    state: str
+    idle_s: float
+    memory_bytes: Optional[int] = Field(description="process-tree RSS (local) or container cgroup usage (docker)")
+
+
 class Stats(_Open):
     sessions: int
     live_kernels: int
+    kernel_states: Optional[dict[str, int]] = None
+    kernel_slots: Optional[dict[str, int]] = None
+    pool: Optional[dict[str, Any]] = None
+    culled: Optional[dict[str, int]] = None
+    kernels: Optional[list[KernelStat]] = None
+    memory: Optional[dict[str, Any]] = None
+    uptime_s: Optional[float] = None
     server: dict[str, Any]
 
 

@@ -1,30 +1,88 @@
 """Server-level routes: health (open, answers before the engine is ready), usage
-statistics and the OpenAPI document."""
+statistics, Prometheus metrics and the OpenAPI document."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import weakref
+from typing import Any
+
+from era_kernel.errors import TooLarge
 
 from ..apidoc import Op
+from ..auth import require_api_key
+from ..services import Services
 from .base import BaseHandler
+
+log = logging.getLogger("era.server")
+
+HEALTH_DETAIL_TIMEOUT = 2.0  # past this, /health answers without the detail
+_health_details: "weakref.WeakKeyDictionary[Services, asyncio.Future]" = weakref.WeakKeyDictionary()
+
+
+def health_detail(stats: dict[str, Any]) -> dict[str, Any]:
+    """The aggregate part of the stats, for the open /health: counts only, no session ids."""
+    from era_kernel.resources import process_rss_bytes
+
+    pools = (stats.get("pool") or {}).get("pools") or {}
+    memory = stats.get("memory") or {}
+    kernels_bytes = memory.get("kernels_bytes")
+    if kernels_bytes is None and stats.get("kernels") is not None:
+        known = [k.get("memory_bytes") for k in stats["kernels"] if k.get("memory_bytes") is not None]
+        kernels_bytes = sum(known) if known else None
+    return {
+        "sessions": stats.get("sessions"),
+        "kernels": {str(state): int(n) for state, n in (stats.get("kernel_states") or {}).items()},
+        "pool": {str(name): {"ready": fill.get("ready", 0), "target": fill.get("target", 0)}
+                 for name, fill in pools.items() if isinstance(fill, dict)},
+        "memory": {"server_rss_bytes": memory.get("server_rss_bytes") or process_rss_bytes(),
+                   "kernels_bytes": kernels_bytes},
+    }
+
+
+async def _fresh_health_detail(services: Services) -> dict[str, Any]:
+    return health_detail(await services.engine.stats())
+
+
+async def shared_health_detail(services: Services) -> dict[str, Any] | None:
+    """The detail; probes arriving while one is computed share it (an open route must not
+    multiply engine work by its request rate). None when it fails or takes too long."""
+    future = _health_details.get(services)
+    if future is None or future.done():
+        future = _health_details[services] = asyncio.ensure_future(_fresh_health_detail(services))
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if nobody waits
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), HEALTH_DETAIL_TIMEOUT)
+    except Exception as exc:
+        log.warning("health detail unavailable: %s", type(exc).__name__, extra={"event": "error"})
+        return None
 
 
 class HealthHandler(BaseHandler):
-    API = {"get": Op("Liveness; `ready` tells whether the engine has started", response="Health", errors=())}
+    API = {"get": Op("Liveness; `ready` tells whether the engine has started", response="Health", errors=(),
+                     auth=False, description="Open (no API key). Once the engine is ready it adds aggregate counts: "
+                                 "sessions, live kernels by state, pool fill per pool, and memory (server RSS, "
+                                 "all kernels); never session ids. Before that only the liveness fields.")}
 
     async def admit(self) -> None:
         pass  # open (no API key) and never waits for the engine: that is what it reports on
 
     async def get(self) -> None:
         services = self.services
-        self.send_json({
+        doc: dict[str, Any] = {
             "status": "ok",
             "ready": services.state == "ready",
             "state": services.state,
             "uptime_s": round(time.monotonic() - services.started, 3),
             "version": services.version,
-        })
+        }
+        if doc["ready"] and services.engine is not None:
+            detail = await shared_health_detail(services)
+            if detail is not None:
+                doc.update(detail)
+        self.send_json(doc)
 
 
 class StatsHandler(BaseHandler):
@@ -38,6 +96,35 @@ class StatsHandler(BaseHandler):
             "background_runs": len(self.services.tasks),
         }
         self.send_json(stats)
+
+
+class MetricsHandler(BaseHandler):
+    API = {"get": Op("Prometheus metrics (text format 0.0.4)", response="text", errors=(),
+                     description="Sessions, kernels by state, kernel slots, pool fill, culls, kernel and server "
+                                 "memory, uptime, and HTTP requests by method, route template and status with "
+                                 "their latency. Needs the API key when one is set; answers before the engine "
+                                 "is ready (`era_ready 0`, without the engine's metrics).")}
+
+    async def admit(self) -> None:
+        # Not under /api/, so the base class would leave it open: metrics need the key too.
+        require_api_key(self.services.api_key, self.request.headers.get("Authorization"))
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.services.max_body:
+            raise TooLarge(f"request body is {int(declared)} bytes; the limit is {self.services.max_body}")
+
+    async def get(self) -> None:
+        from era_kernel.resources import process_rss_bytes
+
+        from ..metrics import content_type, render
+
+        services = self.services
+        ready = services.state == "ready" and services.engine is not None
+        stats = await services.engine.stats() if ready else None
+        server = {"ready": ready, "uptime_s": round(time.monotonic() - services.started, 3),
+                  "rss_bytes": ((stats or {}).get("memory") or {}).get("server_rss_bytes") or process_rss_bytes()}
+        body = render(stats, self.application.settings.get("era_http_metrics"), server)
+        self.set_header("Content-Type", content_type())
+        self.finish(body)
 
 
 class OpenApiHandler(BaseHandler):
