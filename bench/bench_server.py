@@ -5,11 +5,17 @@
 Rows (p50; the samples of all contenders are interleaved, one of each per round, so a
 busy machine slows them alike and the ratios stay meaningful):
 - REST run round trip (POST /run on a keep-alive connection) vs a raw jupyter_client
-  execute (execute_request -> reply + idle, blocking client) on a local ipykernel.
-  Goal: <= 1.3x. Split into the engine's share (``SessionManager.run`` in-process) and
-  the server's.
+  execute (execute_request -> reply + idle, blocking client, TCP transport) on a local
+  ipykernel launched with the SAME argv as ERA's local Python kernel
+  (``languages.python_kernel_argv()``: same interpreter, same ipykernel flags), without
+  our sandbox or server. So the ratio is our overhead alone. Goal: <= 1.3x. Split into
+  the engine's share (``SessionManager.run`` in-process) and the server's.
+- "raw default kernel vs raw ERA-argv kernel": the same raw client on a stock
+  ``python3`` kernel (no ERA flags) against the ERA-argv one: what the kernel tuning saves.
 - WebSocket run round trip (run -> done) vs Jupyter Kernel Gateway's WebSocket execute
-  (execute_request -> reply + idle) on loopback. Goal: <= 0.15x.
+  (execute_request -> reply + idle) on loopback, twice: the gateway running the same
+  ERA-argv kernel (a temporary kernelspec on JUPYTER_PATH) -- the row the goal
+  (<= 0.15x) is judged on -- and the gateway's default ``python3`` kernel (informative).
 - First streamed byte after a print (SSE and WebSocket) vs the raw kernel's first
   stream message.
 - Time to listen: process start to the first /health answer (goal 100 ms), and to ready.
@@ -165,11 +171,33 @@ async def ws_probes(port: int, sid: str) -> tuple[Probe, Probe]:
 
 
 # ---- the floor: raw jupyter_client --------------------------------------------------------------
-def raw_probes() -> tuple[Probe, Probe, Callable[[], None]]:
-    """The blocking client: the fastest plain jupyter_client round trip (reply + idle)."""
-    from jupyter_client.manager import start_new_kernel
+TUNED_KERNEL = "era-python-bench"  # a kernelspec running ERA's local Python kernel argv
 
-    km, kc = start_new_kernel(kernel_name="python3")
+
+def write_tuned_kernelspec(root: str) -> str:
+    """``<root>/kernels/era-python-bench/kernel.json``: ERA's local Python kernel argv with
+    jupyter_client's own provisioner (no sandbox). ``root`` works as a JUPYTER_PATH entry."""
+    from era_kernel.languages import python_kernel_argv
+
+    spec_dir = Path(root) / "kernels" / TUNED_KERNEL
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": python_kernel_argv(), "display_name": "Python 3 (ERA argv, bench)", "language": "python"}))
+    return str(spec_dir.parent)
+
+
+def raw_probes(kernel_dirs: list[str] | None = None,
+               kernel_name: str = "python3") -> tuple[Probe, Probe, Callable[[], None]]:
+    """The blocking client: the fastest plain jupyter_client round trip (reply + idle)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    ksm = KernelSpecManager(kernel_dirs=kernel_dirs) if kernel_dirs else KernelSpecManager()
+    km = KernelManager(kernel_name=kernel_name, kernel_spec_manager=ksm)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
 
     def run(code: str, want_first: bool) -> float:
         t0 = time.perf_counter()
@@ -225,6 +253,8 @@ async def engine_probe() -> tuple[Probe, Callable[[], Awaitable[None]]]:
 
 # ---- the peer: Jupyter Kernel Gateway ----------------------------------------------------------
 class KernelGateway:
+    """One gateway process; ``start`` opens a kernel of each name asked for, one probe each."""
+
     def __init__(self) -> None:
         exe = shutil.which("jupyter-kernelgateway", path=str(Path(sys.executable).parent)) or \
             shutil.which("jupyter-kernelgateway")
@@ -236,8 +266,11 @@ class KernelGateway:
         self.proc: subprocess.Popen | None = None
         self.listen_s = 0.0
 
-    async def start(self) -> Probe:
-        env = dict(os.environ, JUPYTER_RUNTIME_DIR=self.tmp, JUPYTER_DATA_DIR=self.tmp)
+    async def start(self, kernel_names: list[str]) -> list[Probe]:
+        # The ERA-argv kernelspec goes on JUPYTER_PATH, beside the default python3.
+        jupyter_path = os.pathsep.join(filter(None, [str(Path(write_tuned_kernelspec(self.tmp)).parent),
+                                                     os.environ.get("JUPYTER_PATH")]))
+        env = dict(os.environ, JUPYTER_RUNTIME_DIR=self.tmp, JUPYTER_DATA_DIR=self.tmp, JUPYTER_PATH=jupyter_path)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([self.exe, "--KernelGatewayApp.ip=127.0.0.1",
                                       f"--KernelGatewayApp.port={self.port}", "--KernelGatewayApp.log_level=ERROR"],
@@ -251,9 +284,15 @@ class KernelGateway:
             except OSError:
                 time.sleep(0.01)
         self.listen_s = time.perf_counter() - t0
+        return [await self._probe(name) for name in kernel_names]
+
+    async def _probe(self, kernel_name: str) -> Probe:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request("POST", "/api/kernels", json.dumps({"name": "python3"}))
-        kernel_id = json.loads(conn.getresponse().read())["id"]
+        conn.request("POST", "/api/kernels", json.dumps({"name": kernel_name}))
+        response = conn.getresponse()
+        kernel = json.loads(response.read())
+        assert response.status == 201, kernel
+        kernel_id = kernel["id"]
         ws = await websocket_connect(f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels")
         session = uuid.uuid4().hex
 
@@ -306,7 +345,7 @@ async def interleaved(probes: dict[str, Probe], rounds: int, warmup: int) -> dic
 def row(name: str, ours: float, theirs: float | None, goal: str = "") -> str:
     ratio = f"{ours / theirs:.2f}x" if theirs else "-"
     theirs_text = f"{theirs:9.2f}" if theirs is not None else f"{'-':>9}"
-    return f"| {name:<44} | {ours:9.2f} | {theirs_text} | {ratio:>7} | {goal:<8} |"
+    return f"| {name:<48} | {ours:9.2f} | {theirs_text} | {ratio:>7} | {goal:<8} |"
 
 
 async def main() -> None:
@@ -327,7 +366,9 @@ async def main() -> None:
 
     server = EraServer().start()
     gateway = None if args.no_gateway else KernelGateway()
-    raw_rt, raw_first, raw_close = raw_probes()
+    spec_root = tempfile.mkdtemp(prefix="era-bench-spec-")
+    raw_rt, raw_first, raw_close = raw_probes([write_tuned_kernelspec(spec_root)], TUNED_KERNEL)
+    stock_rt, _, stock_close = raw_probes()
     engine_rt, engine_close = await engine_probe()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
@@ -335,29 +376,35 @@ async def main() -> None:
         assert conn.getresponse().status == 201
         conn.close()
         ws_rt, ws_first = await ws_probes(server.port, "bench")
-        probes = {"rest": rest_probe(server.port, "bench"), "raw": raw_rt, "engine": engine_rt, "ws": ws_rt}
+        probes = {"rest": rest_probe(server.port, "bench"), "raw": raw_rt, "engine": engine_rt, "ws": ws_rt,
+                  "raw_stock": stock_rt}
         if gateway is not None:
-            probes["gateway"] = await gateway.start()
+            probes["gateway_era"], probes["gateway"] = await gateway.start([TUNED_KERNEL, "python3"])
         rt = await interleaved(probes, args.runs, args.warmup)
         firsts = await interleaved({"sse": sse_first_probe(server.port, "bench"), "ws": ws_first,
                                     "raw": raw_first}, args.stream_runs, 3)
     finally:
         server.stop()
         raw_close()
+        stock_close()
+        shutil.rmtree(spec_root, ignore_errors=True)
         await engine_close()
         if gateway is not None:
             gateway.stop()
 
     print(f"\nERA Kernel server bench: {args.runs} interleaved rounds of {CODE!r} after {args.warmup} warm-up; "
           f"p50 in ms\n")
-    print(f"| {'measure':<44} | {'ours':>9} | {'reference':>9} | {'ratio':>7} | {'goal':<8} |")
-    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 10}|")
+    print(f"| {'measure':<48} | {'ours':>9} | {'reference':>9} | {'ratio':>7} | {'goal':<8} |")
+    print(f"|{'-' * 50}|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 10}|")
     print(row("REST run vs raw jupyter_client", p50(rt["rest"]), p50(rt["raw"]), "<= 1.3x"))
     print(row("  engine's share: engine.run vs raw", p50(rt["engine"]), p50(rt["raw"])))
     print(row("  server's share: REST vs engine.run", p50(rt["rest"]), p50(rt["engine"])))
+    print(row("raw default kernel vs raw ERA-argv kernel", p50(rt["raw_stock"]), p50(rt["raw"])))
     print(row("WebSocket run vs raw jupyter_client", p50(rt["ws"]), p50(rt["raw"])))
     if gateway is not None:
-        print(row("WebSocket run vs Kernel Gateway WebSocket", p50(rt["ws"]), p50(rt["gateway"]), "<= 0.15x"))
+        print(row("WebSocket run vs Kernel Gateway, same kernel", p50(rt["ws"]), p50(rt["gateway_era"]),
+                  "<= 0.15x"))
+        print(row("WebSocket run vs Kernel Gateway, default kernel", p50(rt["ws"]), p50(rt["gateway"])))
     print(row("first byte after print: SSE vs raw", p50(firsts["sse"]), p50(firsts["raw"])))
     print(row("first byte after print: WebSocket vs raw", p50(firsts["ws"]), p50(firsts["raw"])))
     print(row("time to first /health (vs gateway's /api)", statistics.median(listens) * 1000,

@@ -21,6 +21,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from .errors import KernelFailed
 from .outputs import OutputCollector
+from .wire import WireSession
 
 log = logging.getLogger("era.kernel")
 
@@ -71,6 +72,9 @@ class SessionKernel:
         """Start the kernel, wait until it answers, run the startup cells."""
         self.state = "starting"
         km = AsyncKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=self.spec_manager)
+        # Our client's session skips parsing message dates (see wire.py); the manager
+        # still loads the connection key into it at launch, and km.client() clones it.
+        km.session = WireSession(parent=km)
         self.km = km
         try:
             await km.start_kernel(era=self.launch)
@@ -87,11 +91,7 @@ class SessionKernel:
             self._pumps = [asyncio.create_task(self._pump(ch), name=f"era-pump-{name}")
                            for name, ch in (("shell", kc.shell_channel), ("iopub", kc.iopub_channel),
                                             ("stdin", kc.stdin_channel))]
-            for cell in self.startup_cells:
-                outcome = await self.execute(cell, timeout=self.start_timeout, silent=True)
-                if outcome.status != "ok":
-                    err = outcome.collector.error or {}
-                    raise KernelFailed(f"startup cell failed: {err.get('ename', outcome.status)}: {err.get('evalue', '')}")
+            await self._run_cells(self.startup_cells)
         except BaseException as exc:
             await self.stop(now=True)
             self.state = "dead"
@@ -101,6 +101,21 @@ class SessionKernel:
                 raise
             raise KernelFailed(f"kernel {self.kernel_name} failed to start: {exc}{self._log_tail}") from exc
         self.state = "idle"
+
+    async def _run_cells(self, cells: list[str]) -> None:
+        for cell in cells:
+            outcome = await self.execute(cell, timeout=self.start_timeout, silent=True)
+            if outcome.status != "ok":
+                err = outcome.collector.error or {}
+                raise KernelFailed(f"startup cell failed: {err.get('ename', outcome.status)}: {err.get('evalue', '')}")
+
+    async def claim(self, startup_cells: list[str]) -> None:
+        """Make a pre-started (pooled) kernel its user's: run that user's startup cells.
+        Called once, by the engine, when a session or a one-shot run takes the kernel."""
+        if self.state != "idle" or not await self.is_alive():
+            raise KernelFailed("the pooled kernel is no longer running")
+        self.startup_cells = startup_cells
+        await self._run_cells(startup_cells)
 
     _log_tail = ""
 
@@ -156,9 +171,11 @@ class SessionKernel:
 
     # ---- message routing -----------------------------------------------------------
     async def _pump(self, channel) -> None:
+        # channel.get_msg() would await a poll, then a receive: one receive is enough.
+        socket, session = channel.socket, channel.session
         while True:
             try:
-                msg = await channel.get_msg()
+                msg = session.deserialize(session.feed_identities(await socket.recv_multipart())[1])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # socket closed or a malformed message: keep going

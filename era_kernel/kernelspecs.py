@@ -3,7 +3,8 @@
 The engine reads them straight from the repository through ``EraKernelSpecManager``,
 so a fresh checkout needs no install step; ``era kernelspecs install`` copies them
 where JupyterLab's kernel picker looks. In both cases an argv that starts with bare
-``python`` is pinned to the interpreter running ERA, whose environment has ipykernel.
+``python`` is pinned to the interpreter running ERA, whose environment has ipykernel,
+and the Python kernels get ERA's ipykernel tuning (``languages.PYTHON_KERNEL_TUNING``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
+from .languages import PYTHON_KERNEL_TUNING
+
 KERNELSPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs"
 
 
@@ -25,6 +28,8 @@ def _pin_python(spec: dict) -> dict:
     argv = list(spec.get("argv", []))
     if provisioner in (None, "era-local", "local-provisioner") and argv and argv[0] in ("python", "python3"):
         argv[0] = sys.executable
+    if spec.get("language") == "python" and "ipykernel_launcher" in argv:
+        argv += [flag for flag in PYTHON_KERNEL_TUNING if flag not in argv]  # see languages.py
     return dict(spec, argv=argv)
 
 

@@ -1,7 +1,9 @@
 """SQLite metadata store: WAL mode, schema versioned by ``PRAGMA user_version``.
 
-All SQLite calls run on one dedicated thread (a single-worker executor), so the event
-loop never blocks on disk and the connection is only ever used from one thread.
+All SQLite calls run on one dedicated thread, so the event loop never blocks on disk and
+the connection is only ever used from one thread. The hop is a queue and
+``call_soon_threadsafe``, not ``run_in_executor``: half the cost (~50 us instead of
+~100), paid two or three times per run.
 Records are kept as JSON documents beside the few columns we query by; a migration is
 one more entry in ``MIGRATIONS``.
 """
@@ -10,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -45,11 +48,36 @@ class SQLiteStore(MetadataStore):
         path = url.removeprefix("sqlite://")
         self.path = ":memory:" if path in ("", "/:memory:", ":memory:") else path
         self._db: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="era-sqlite")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _run(self, func: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+        """``func(*args)`` on the store's thread, in submission order. As with an
+        executor, a cancelled caller does not stop work already queued."""
+        if self._thread is None:  # a queue per thread: a reopened store never has two
+            self._jobs = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._worker, args=(self._jobs,), name="era-sqlite", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((loop, future, func, args))
+        return future
+
+    @staticmethod
+    def _worker(jobs: queue.SimpleQueue) -> None:
+        while (job := jobs.get()) is not None:
+            loop, future, func, args = job
+            try:
+                result, error = func(*args), None
+            except BaseException as exc:  # handed to the caller
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the caller's loop is closed: nobody is waiting
+                pass
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._with_db, fn)
+        return await self._run(self._with_db, fn)
 
     def _with_db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._db is not None, "store not opened"
@@ -73,13 +101,15 @@ class SQLiteStore(MetadataStore):
             db.isolation_level = ""  # back to implicit transactions for `with db:`
             self._db = db
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        await self._run(connect)
 
     async def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
-            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
-        self._executor.shutdown(wait=False)
+            await self._run(db.close)
+        if self._thread is not None:
+            self._jobs.put(None)  # the thread ends after the jobs before it
+            self._thread = None
 
     async def schema_version(self) -> int:
         return await self._call(lambda db: db.execute("PRAGMA user_version").fetchone()[0])
@@ -140,3 +170,12 @@ class SQLiteStore(MetadataStore):
             "SELECT doc FROM (SELECT n, doc FROM runs WHERE session_id = ? ORDER BY n DESC LIMIT ?) ORDER BY n",
             (session_id, limit)).fetchall())
         return [json.loads(r[0]) for r in rows]
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -31,6 +31,7 @@ T = TypeVar("T")
 # symlink in the way (ELOOP from O_NOFOLLOW), a file where a directory was expected.
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR}
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+INLINE_READ_BYTES = 256 * 1024  # Workspace.read with a cap up to this reads on the event loop
 
 
 async def run_blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -133,6 +134,11 @@ class Workspace:
         rel = safe_relpath(path)
         limit = self.max_read_bytes if max_bytes is None else max_bytes
         try:
+            if limit is not None and limit <= INLINE_READ_BYTES:
+                # Small capped reads (the session data file, after every run) stay on the
+                # loop: a few non-blocking syscalls (O_NONBLOCK: a FIFO cannot hang us)
+                # cost less than the hop to a thread and back (~0.3 ms).
+                return self._read_sync(rel, limit)
             return await run_blocking(self._read_sync, rel, limit)
         except OSError as exc:
             raise map_os_error(exc, rel) from None
