@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ class WarmKernel:
     workdir: Path  # mounted in the kernel's sandbox; becomes the claiming session's workspace
     uid: int
     cells: list[str]  # the startup cells it already ran: a claim with the same ones skips them
-    ready_at: float = 0.0
 
 
 # Starts a kernel for a pool key (the slot is already held); the pool owns the result.
@@ -87,19 +85,20 @@ class KernelPool:
 
     async def shutdown(self) -> None:
         """Stop refilling and stop every kernel still waiting in the pool."""
-        for task in [*self._loops, *self._spawns]:
+        spawns = list(self._spawns)
+        for task in [*self._loops, *spawns]:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._spawns, return_exceptions=True)
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        started = await asyncio.gather(*spawns, return_exceptions=True)
         self._loops, self._spawns = [], set()
+        # A kernel that finished starting just as we cancelled is stopped like the rest.
         waiting = [warm for queue in self._ready.values() for warm in queue]
+        waiting += [warm for warm in started if isinstance(warm, WarmKernel)]
         for queue in self._ready.values():
             queue.clear()
         await asyncio.gather(*(self._drop(warm) for warm in waiting), return_exceptions=True)
 
     # ---- the engine's side --------------------------------------------------------------
-    def pooled(self, key: PoolKey) -> bool:
-        return key in self._ready
-
     def take(self, key: PoolKey) -> WarmKernel | None:
         """A ready kernel of this kind, now the caller's (its slot with it), or None.
         Synchronous, so two callers can never get the same kernel."""
@@ -116,17 +115,14 @@ class KernelPool:
         self.misses += 1
         return None
 
-    def evict(self) -> bool:
+    def evict(self) -> WarmKernel | None:
         """Give up one ready kernel so the caller can have its slot (admission under the
-        kernel limit prefers this to culling a session's kernel). True when one was given up;
-        the slot then belongs to the caller, and the kernel is stopped in the background."""
+        kernel limit prefers this to culling a session's kernel). The slot then belongs to
+        the caller, who must discard the kernel before starting its own."""
         for queue in self._ready.values():
             if queue:
-                warm = queue.pop()  # the newest: the oldest stays, first to be claimed
-                task = asyncio.create_task(self._discard(warm))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
-                return True
-        return False
+                return queue.pop()  # the newest: the oldest stays, first to be claimed
+        return None
 
     def stats(self) -> dict:
         return {
@@ -166,7 +162,6 @@ class KernelPool:
                 finally:
                     self._spawns.discard(task)
                     self._starting[key] -= 1
-                warm.ready_at = time.monotonic()
                 self._ready[key].append(warm)
                 delay = 1.0
             if failed:

@@ -185,7 +185,7 @@ class SessionManager:
         if warm is not None:  # its directory and uid become the session's
             record.update(workdir=warm.workdir.name, uid=warm.uid)
         else:
-            self._admit()  # 429 before anything is written
+            await self._admit()  # 429 before anything is written
         try:
             try:
                 record = await self.store.insert_session(record)
@@ -299,7 +299,7 @@ class SessionManager:
         """Start the session's kernel (background task on create; inline on a cold run)."""
         sid = record["id"]
         if not slot_held:
-            self._admit()
+            await self._admit()
         if record.get("setup"):
             try:  # the environment must exist before a kernel is launched with it bound
                 await self.setups.wait(sid)
@@ -390,7 +390,7 @@ class SessionManager:
         record = await self._record(session_id)
         await self._stop_kernel(session_id)
         self._emit(session_id, {"type": "status", "state": "restarting"})
-        self._admit()
+        await self._admit()
         self._start_in_background(record)
 
     # ---- runs -----------------------------------------------------------------------------
@@ -501,7 +501,7 @@ class SessionManager:
         if warm is not None:
             uid, ws, kernel = warm.uid, self.files.workspace(warm.workdir), warm.kernel
         else:
-            self._admit()
+            await self._admit()
             self._ephemeral += 1
             uid = EPHEMERAL_UID_BASE + self._ephemeral % 1_000_000 if os.getuid() == 0 else os.getuid()
             ws, kernel = self.files.workspace(self.settings.data_dir / "scratch" / secrets.token_hex(8)), None
@@ -617,23 +617,32 @@ class SessionManager:
         await warm.kernel.stop(now=True)
         await self.files.workspace(warm.workdir).remove()
 
-    def _admit(self) -> None:
+    async def _admit(self) -> None:
         """Take a slot for a new kernel: a free one; else a pooled kernel's; else the least
         recently used idle session kernel's (culled, its session stays); else 429. No await
-        from the check to the transfer, so concurrent requests cannot overshoot the limit."""
-        if self.slots.try_acquire() or self.pool.evict():
+        from the check to the transfer, so concurrent requests cannot overshoot the limit,
+        and the kernel given up is gone before the caller starts its own."""
+        if self.slots.try_acquire():
             return
-        idle = [sid for sid, k in self.kernels.items()
-                if k.state == "idle" and sid not in self._starting and not self._lock_held(sid)]
-        if not idle:
-            self.slots.acquire()  # raises TooManyKernels: 429 with Retry-After
-        victim = min(idle, key=lambda sid: self._active_at.get(sid, 0.0))
-        kernel = self.kernels.pop(victim)  # its slot is now the caller's
-        self.culled["lru"] += 1
-        log.info("session %s: kernel shut down to admit a new one (kernel limit %d)", victim, self.slots.limit)
-        self._emit(victim, {"type": "status", "state": "culled", "reason": "kernel limit"})
-        task = asyncio.create_task(kernel.stop(now=True))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        warm = self.pool.evict()
+        if warm is not None:
+            stopping = self._discard_warm(warm)
+        else:
+            idle = [sid for sid, k in self.kernels.items()
+                    if k.state == "idle" and sid not in self._starting and not self._lock_held(sid)]
+            if not idle:
+                self.slots.acquire()  # raises TooManyKernels: 429 with Retry-After
+            victim = min(idle, key=lambda sid: self._active_at.get(sid, 0.0))
+            kernel = self.kernels.pop(victim)  # its slot is now the caller's
+            self.culled["lru"] += 1
+            log.info("session %s: kernel shut down to admit a new one (kernel limit %d)", victim, self.slots.limit)
+            self._emit(victim, {"type": "status", "state": "culled", "reason": "kernel limit"})
+            stopping = kernel.stop(now=True)
+        try:
+            await stopping
+        except BaseException:
+            self.slots.release()  # the caller never gets to use it
+            raise
 
     def _lock_held(self, session_id: str) -> bool:
         lock = self._locks.get(session_id)
@@ -703,3 +712,25 @@ class SessionManager:
             "uptime_s": round(time.monotonic() - self._started_at, 3),
         }
 
+
+    # ---- Jupyter kernel gateway (server/jupyter.py) -----------------------------------------
+    async def jupyter_kernel(self, session_id: str, start: bool = True) -> SessionKernel | None:
+        """The session's live kernel for a raw Jupyter channels connection, started when it
+        has none (``start=False``: None then). Counts as activity for culling."""
+        record = await self._record(session_id)
+        kernel = self.kernels.get(session_id)
+        ready = kernel is not None and kernel.state != "dead" and session_id not in self._starting
+        if not ready:
+            if not start:
+                return None
+            async with self._locks.setdefault(session_id, asyncio.Lock()):  # no double start beside a run
+                kernel = await self._ensure_kernel(record)
+        self._active_at[session_id] = time.time()
+        return kernel
+
+    def jupyter_activity(self, session_id: str, touch: bool = False) -> float | None:
+        """The session's last activity (epoch s); ``touch``: a Jupyter client's message is
+        activity now (culling counts it as a run)."""
+        if touch and session_id in self.kernels:
+            self._active_at[session_id] = time.time()
+        return self._active_at.get(session_id)

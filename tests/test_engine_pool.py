@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
+from pathlib import Path
 
 import pytest
 
 from era_kernel.errors import NotFound, TooManyKernels
 from era_kernel.sessions import POOL_UID_BASE, SessionManager
 
-from .conftest import both_provisioners
+from .conftest import both_provisioners, kernel_processes
 
 
 def pool_key(engine: SessionManager) -> str:
@@ -277,3 +279,51 @@ async def test_bad_max_age_is_refused_with_the_field_named(engine):
         with pytest.raises(BadRequest) as err:
             await engine.create({"max_age": bad})
         assert err.value.field == "max_age"
+
+
+async def test_burst_of_creates_never_exceeds_the_limit_with_the_pool_on(era_settings):
+    """SECURITY.md 1 with the pool and LRU culling in play: pooled kernels count, and a
+    culled kernel is gone before the kernel that replaces it starts."""
+    limit = 3
+    engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=limit, ERA_POOL_SIZE=2))
+    await engine.start()
+    peak = 0
+    sampling = True
+
+    def live_kernels() -> int:  # distinct kernel directories among running processes' command lines
+        pattern = re.compile(re.escape(str(era_settings.runtime_dir / "k")) + r"/([^/\s]+)")
+        names = set()
+        for pid in kernel_processes(str(era_settings.runtime_dir)):
+            try:
+                names.update(pattern.findall(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()))
+            except OSError:
+                pass
+        return len(names)
+
+    async def sample() -> None:
+        nonlocal peak
+        while sampling:
+            peak = max(peak, await asyncio.to_thread(live_kernels))
+            await asyncio.sleep(0.005)
+
+    try:
+        await wait_pool_full(engine)
+        first = (await engine.create({}))["id"]
+        await engine.run(first, {"code": "1"})
+        sampler = asyncio.create_task(sample())
+        results = await asyncio.gather(*(engine.create({}) for _ in range(30)), return_exceptions=True)
+        created = [r["id"] for r in results if isinstance(r, dict)]
+        refused = [r for r in results if isinstance(r, TooManyKernels)]
+        assert len(created) + len(refused) == 30, [r for r in results if not isinstance(r, (dict, TooManyKernels))]
+        assert created and refused and refused[0].headers["Retry-After"]
+        for sid in created:  # every created session works
+            assert (await engine.run(sid, {"code": "print('ok')"}))["stdout"] == "ok\n"
+        sampling = False
+        await sampler
+        assert 2 <= peak <= limit, f"{peak} kernels at once against a limit of {limit}"  # 2: it sees them
+        assert engine.slots.used <= limit
+        assert len(await engine.list()) == 1 + len(created)
+    finally:
+        sampling = False
+        await engine.shutdown()
+    assert not kernel_processes(str(era_settings.runtime_dir))
