@@ -11,12 +11,14 @@ Everything that reads /proc, /sys or talks to Docker runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # container id -> host pid of its init process; checked against the cgroup before use.
 _container_pids: dict[str, int] = {}
@@ -42,6 +44,61 @@ def tree_rss_bytes(pid: int) -> int | None:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue  # exited between listing and reading
     return total if seen else None
+
+
+def trees_rss_bytes(roots: list[int]) -> dict[int, int | None]:
+    """``tree_rss_bytes`` for many roots from one pass over /proc/*/stat (psutil would
+    read two files and build an object per process; listing children per root would
+    scan /proc once per kernel)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+        pid, ppid = int(entry.name), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields[21]) * PAGE_SIZE
+    totals: dict[int, int | None] = {}
+    for root in roots:
+        if root not in rss:
+            totals[root] = None
+            continue
+        total, stack = 0, [root]
+        while stack:
+            pid = stack.pop()
+            total += rss.get(pid, 0)
+            stack.extend(children.get(pid, ()))
+        totals[root] = total
+    return totals
+
+
+async def kernels_memory_bytes(kms: list[Any]) -> list[int | None]:
+    """``kernel_memory_bytes`` of many kernels at once, for stats: local kernels from one
+    pass over the process table, containers from their cgroups."""
+    local = {i: _local_pid(km) for i, km in enumerate(kms) if not _container_id(km)}
+    totals = await asyncio.to_thread(trees_rss_bytes, [pid for pid in local.values() if pid]) if local else {}
+    out: list[int | None] = []
+    for i, km in enumerate(kms):
+        if i in local:
+            out.append(totals.get(local[i]) if local[i] else None)
+        else:
+            out.append(await kernel_memory_bytes(km))
+    return out
+
+
+def _container_id(km: Any) -> str | None:
+    return getattr(getattr(km, "provisioner", None), "container_id", None)
+
+
+def _local_pid(km: Any) -> int | None:
+    process = getattr(getattr(km, "provisioner", None), "process", None)
+    return process.pid if process is not None and process.poll() is None else None
 
 
 async def kernel_memory_bytes(km: Any) -> int | None:

@@ -682,11 +682,11 @@ class SessionManager:
         return {"expired": plan.expired, "idle": plan.idle}
 
     async def stats(self) -> dict[str, Any]:
-        from .resources import kernel_memory_bytes, process_rss_bytes
+        from .resources import kernels_memory_bytes, process_rss_bytes
 
         now = time.time()
         listed = [(sid, k) for sid, k in self.kernels.items()] + [(None, w.kernel) for w in self.pool.waiting()]
-        memory = await asyncio.gather(*(kernel_memory_bytes(k.km) for _, k in listed), return_exceptions=True)
+        memory = await kernels_memory_bytes([k.km for _, k in listed])
         kinds = {lang.kernelspec_name(prov): (name, prov) for name, lang in LANGUAGES.items()
                  for prov in ("local", "docker")}
         kernels = []
