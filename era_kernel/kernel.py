@@ -26,6 +26,7 @@ from .wire import WireSession
 log = logging.getLogger("era.kernel")
 
 EventSink = Callable[[dict[str, Any]], None]
+Listener = Callable[[str, dict[str, Any]], None]  # (channel name, message), every message
 InputHandler = Callable[[str, bool], Awaitable[str]]
 
 ALIVE_POLL = 0.5  # seconds between liveness checks while a run waits for output
@@ -66,6 +67,7 @@ class SessionKernel:
         self.execution_count = 0
         self._pending: dict[str, _Pending] = {}
         self._pumps: list[asyncio.Task] = []
+        self._listeners: list[Listener] = []
 
     # ---- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -88,9 +90,9 @@ class SessionKernel:
             kc.start_channels()
             self.kc = kc
             await asyncio.wait_for(kc.wait_for_ready(timeout=self.start_timeout), self.start_timeout + 5)
-            self._pumps = [asyncio.create_task(self._pump(ch), name=f"era-pump-{name}")
+            self._pumps = [asyncio.create_task(self._pump(ch, name), name=f"era-pump-{name}")
                            for name, ch in (("shell", kc.shell_channel), ("iopub", kc.iopub_channel),
-                                            ("stdin", kc.stdin_channel))]
+                                            ("stdin", kc.stdin_channel), ("control", kc.control_channel))]
             await self._run_cells(self.startup_cells)
         except BaseException as exc:
             await self.stop(now=True)
@@ -169,8 +171,45 @@ class SessionKernel:
         if self.km is not None and self.km.has_kernel:
             await self.km.interrupt_kernel()
 
+    # ---- raw Jupyter protocol access (the kernel gateway's channels WebSocket) ------------
+    def add_listener(self, callback: Listener) -> Callable[[], None]:
+        """``callback(channel, msg)`` for every message the kernel sends on shell, IOPub,
+        stdin and control, ours included (sync, on the loop; must not modify ``msg``).
+        Returns the function that removes it."""
+        self._listeners.append(callback)
+
+        def remove() -> None:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+        return remove
+
+    def send_raw(self, channel: str, msg: dict[str, Any]) -> None:
+        """Send a client's message as it is (its header and msg_id kept, signed by our
+        session) on shell, control or stdin. Replies reach the listeners."""
+        kc = self.kc
+        if kc is None:
+            raise KernelFailed("kernel is not running")
+        channels = {"shell": kc.shell_channel, "control": kc.control_channel, "stdin": kc.stdin_channel}
+        if channel not in channels:
+            raise ValueError(f"cannot send on channel {channel!r}")
+        target = channels[channel]
+        message = {"header": msg["header"], "parent_header": msg.get("parent_header") or {},
+                   "metadata": msg.get("metadata") or {}, "content": msg.get("content") or {}}
+        target.session.send(target.socket, message, buffers=list(msg.get("buffers") or []))
+
+    def _track_foreign_state(self, msg: dict[str, Any]) -> None:
+        """A raw client's execution moves the kernel's state too (culling skips busy kernels)."""
+        if msg.get("msg_type") != "status" or self._pending or self.state not in ("idle", "busy"):
+            return
+        if msg.get("parent_header", {}).get("msg_type") != "execute_request":
+            return
+        state = msg.get("content", {}).get("execution_state")
+        if state in ("idle", "busy"):
+            self.state = state
+
     # ---- message routing -----------------------------------------------------------
-    async def _pump(self, channel) -> None:
+    async def _pump(self, channel, name: str = "") -> None:
         # channel.get_msg() would await a poll, then a receive: one receive is enough.
         socket, session = channel.socket, channel.session
         while True:
@@ -182,9 +221,16 @@ class SessionKernel:
                 log.debug("pump %s: %s", channel, exc)
                 await asyncio.sleep(0.05)
                 continue
+            for listener in list(self._listeners):
+                try:
+                    listener(name, msg)
+                except Exception:
+                    log.exception("a %s listener failed", name)
             parent = msg.get("parent_header", {}).get("msg_id")
             pending = self._pending.get(parent)
             if pending is None:
+                if name == "iopub":
+                    self._track_foreign_state(msg)
                 continue
             try:
                 self._route(msg, pending)

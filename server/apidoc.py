@@ -16,8 +16,8 @@ class Op:
     # Request body: a model name from era_kernel.models or server.schemas, or one of
     # "bytes" (raw upload) / "code" (JSON CodeBody or text/plain); None when no body.
     body: str | None = None
-    # Response: a model name, "bytes" (download), "sse", "websocket", "text" (Prometheus
-    # text format), or None (no body).
+    # Response: a model name, "bytes" (download), "sse", "websocket", "jupyter-websocket"
+    # (server/jupyter.py), "text" (Prometheus text format), or None (no body).
     response: str | None = None
     status: int = 200
     errors: tuple[int, ...] = (400,)

@@ -26,6 +26,8 @@ from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsH
 from .handlers.runs import ExecuteHandler, RunHandler, StreamHandler
 from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
                                 RestartHandler, RunsHandler, SessionHandler, SessionsHandler)
+from .jupyter import (KernelChannels, KernelHandler, KernelInterruptHandler, KernelRestartHandler, KernelsHandler,
+                      KernelSpecHandler, KernelSpecsHandler)
 from .logs import log, log_request, setup_logging
 from .metrics import HttpMetrics
 from .services import Services
@@ -50,9 +52,17 @@ ROUTES: list[tuple[str, type[RequestHandler]]] = [
     ("/api/sessions/{id}/restart", RestartHandler),
     ("/api/sessions/{id}/files", FilesHandler),
     ("/api/sessions/{id}/files/{path}", FileHandler),
+    # Jupyter kernel gateway (server/jupyter.py): a kernel id is a session id.
+    ("/api/kernelspecs", KernelSpecsHandler),
+    ("/api/kernelspecs/{name}", KernelSpecHandler),
+    ("/api/kernels", KernelsHandler),
+    ("/api/kernels/{id}", KernelHandler),
+    ("/api/kernels/{id}/interrupt", KernelInterruptHandler),
+    ("/api/kernels/{id}/restart", KernelRestartHandler),
+    ("/api/kernels/{id}/channels", KernelChannels),
 ]
 
-PARAM_PATTERNS = {"id": "([^/]+)", "path": "(.+)"}
+PARAM_PATTERNS = {"id": "([^/]+)", "path": "(.+)", "name": "([^/]+)"}
 SHUTDOWN_TIMEOUT_SECONDS = 30.0
 WS_PING_SECONDS = 30.0
 
@@ -147,6 +157,9 @@ async def _shutdown(services: Services, server: HTTPServer, starting: asyncio.Fu
     server.stop()
     for hub in list(services.hubs.values()):
         hub.close_sockets(1001, "server shutting down")
+    for sockets in list(services.channels.values()):
+        for channel_socket in list(sockets):
+            channel_socket.close(1001, "server shutting down")
     if not starting.done():
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)

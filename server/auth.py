@@ -17,7 +17,7 @@ def bearer_token(authorization: str | None) -> str | None:
     if not authorization:
         return None
     scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer":
+    if scheme.lower() not in ("bearer", "token"):  # "token <key>": jupyter_server's GatewayClient
         return None
     return token.strip() or None
 

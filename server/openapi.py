@@ -19,10 +19,11 @@ from era_kernel import models
 from . import schemas
 from .apidoc import Op
 
-RAW = {"bytes", "code", "sse", "websocket", "text"}
+RAW = {"bytes", "code", "sse", "websocket", "jupyter-websocket", "text"}
 PARAMETERS = {
     "id": {"type": "string", "pattern": models.SESSION_ID_RE.pattern, "description": "session id"},
     "path": {"type": "string", "description": "file path inside the workspace, percent-encoded; may contain '/'"},
+    "name": {"type": "string", "description": "kernelspec name, e.g. era-python-local"},
 }
 
 
@@ -105,6 +106,10 @@ def build_openapi(routes) -> dict[str, Any]:
                 "client-messages": one_of(schemas.WS_CLIENT_MESSAGES, "validation"),
                 "server-messages": one_of(schemas.WS_SERVER_MESSAGES, "serialization"),
             }
+        elif op.response == "jupyter-websocket":
+            responses["101"] = {"description": "Switching Protocols (WebSocket)"}
+            operation["x-websocket"] = {"protocol": "Jupyter messaging, JSON frames with a `channel` field "
+                                                    "(binary frames for messages with buffers)"}
         elif op.response:
             responses[str(op.status)] = {"description": description, "content": {
                 "application/json": {"schema": ref(_model(op.response), "serialization")}}}

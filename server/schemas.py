@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional
 
 from era_kernel.models import ErrorInfo, RunResult
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 
 class _Open(BaseModel):
@@ -171,6 +171,35 @@ class OpenAPI(_Open):
     openapi: str
     info: dict[str, Any]
     paths: dict[str, Any]
+
+
+# ---- Jupyter kernel gateway (server/jupyter.py) ------------------------------------------
+class KernelSpecEntry(BaseModel):
+    name: str
+    spec: dict[str, Any] = Field(description="the kernel.json: argv, display_name, language, metadata, ...")
+    resources: dict[str, str]
+
+
+class KernelSpecList(BaseModel):
+    default: Optional[str]
+    kernelspecs: dict[str, KernelSpecEntry]
+
+
+class StartKernel(BaseModel):
+    name: Optional[str] = Field(None, description="a kernelspec name; the listing's default when absent")
+    env: Optional[dict[str, Any]] = Field(None, description="only KERNEL_* variables are passed to the kernel")
+
+
+class KernelModel(BaseModel):
+    id: str = Field(description="the kernel id, which is the id of the ERA session underneath")
+    name: str
+    last_activity: str = Field(description="%Y-%m-%dT%H:%M:%S.%fZ")
+    execution_state: str
+    connections: int
+
+
+class KernelList(RootModel[list[KernelModel]]):
+    pass
 
 
 # ---- streaming events (SSE `data:` and WebSocket messages) -------------------------------

@@ -30,6 +30,7 @@ class Services:
         self.allowed_origins = frozenset(
             o.strip().rstrip("/") for o in (settings["ERA_ALLOWED_ORIGINS"] or "").split(",") if o.strip())
         self.hubs: dict[str, Any] = {}  # session id -> ws.SessionHub
+        self.channels: dict[str, set] = {}  # session id -> jupyter.KernelChannels sockets
         self.tasks: set[asyncio.Task] = set()  # runs that outlive their request or socket
         self.openapi: dict | None = None  # built on first request
         self.version = "unknown"
@@ -48,6 +49,8 @@ class Services:
             hub = self.hubs.get(sid)
             if hub is not None:
                 hub.close_sockets(4404, "session deleted")
+            for socket in list(self.channels.get(sid, ())):
+                socket.close(4404, "kernel deleted")
 
     async def start_engine(self) -> None:
         """Import the engine off the event loop (so /health keeps answering), then start it."""

@@ -29,6 +29,7 @@ BAD_FIELDS = {
     "DuplicateRequest": [{"id": "x" * 200}, {"id": "a/b"}],
     "BulkDelete": [{"ids": "x"}, {"prefix": 5}],
     "code": [{"code": 5}, {"nocode": "x"}],
+    "StartKernel": [{"name": 5}, {"env": "x"}, {"env": []}],
 }
 
 

@@ -1,0 +1,455 @@
+"""Jupyter kernel gateway routes: JupyterLab / jupyter_server (``--gateway-url``) use ERA.
+
+``/api/kernelspecs`` lists our kernelspecs (Docker ones only when an engine and the
+image are there); ``/api/kernels`` creates, lists, gets, interrupts, restarts and deletes
+kernels; ``/api/kernels/{id}/channels`` is the Jupyter messaging WebSocket (the "legacy"
+JSON format jupyter_server's GatewayClient speaks: one message per frame with a
+``channel`` field; messages with buffers as binary frames).
+
+A gateway kernel is an ERA session underneath (``metadata.jupyter_kernel: true``, the
+session id is the kernel id): it gets the sandbox, the kernel limit (429), the warm pool,
+the workspace, culling and stats, and ``/api/sessions/{id}/run`` works on it alongside.
+The channels socket is a raw relay: the client's messages go to the kernel as they are
+(re-signed by our kernel client), every IOPub message comes back to every socket, and
+shell/stdin/control replies go to the socket that sent the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import struct
+import time
+import uuid
+from collections import OrderedDict
+from datetime import datetime, timezone
+from functools import partial
+from typing import Any
+
+from era_kernel.errors import BadRequest, EraError, NotFound, TooLarge
+from tornado.web import HTTPError
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from .apidoc import Op
+from .auth import require_api_key, require_origin
+from .errors import JsonErrors
+from .handlers.base import BaseHandler, dumps, json_default, parse_json, wait_ready
+from .services import Services
+
+log = logging.getLogger("era.server.jupyter")
+
+KERNEL_ENV_RE = re.compile(r"^KERNEL_[A-Za-z0-9_]{1,120}$")  # what GatewayClient sends (plus allowed_envs)
+SPEC_CACHE_SECONDS = 30.0
+CLIENT_CHANNELS = ("shell", "control", "stdin")
+MAX_TRACKED_REQUESTS = 4096  # msg ids per socket whose replies it is waiting for
+MAX_UNFLUSHED_BYTES = 16 * 1024**2
+CLOSE_POLICY = 1008
+CLOSE_SESSION_GONE = 4404
+TAGS = ("kernels",)
+
+
+# ---- kernelspecs ---------------------------------------------------------------------------
+def _kinds() -> dict[str, tuple[str, str]]:
+    """kernelspec name -> (language, provisioner), e.g. era-python -> (python, docker)."""
+    from era_kernel.languages import LANGUAGES
+
+    return {lang.kernelspec_name(prov): (name, prov) for name, lang in LANGUAGES.items()
+            for prov in ("local", "docker")}
+
+
+def _docker_languages() -> set[str]:
+    """Languages whose Docker image is built and current (a few Docker API calls; in a thread)."""
+    try:
+        from era_kernel.images.build import current_image, docker_client
+
+        client = docker_client(timeout=5)
+        client.ping()
+    except Exception:
+        return set()
+    ready = set()
+    for language in {lang for lang, prov in _kinds().values() if prov == "docker"}:
+        try:
+            if current_image(language, client=client):
+                ready.add(language)
+        except Exception:
+            pass
+    return ready
+
+
+_docker_cache: dict[str, Any] = {"at": -1e9, "languages": set(), "task": None}
+
+
+async def docker_languages() -> set[str]:
+    """``_docker_languages`` cached for SPEC_CACHE_SECONDS; one check at a time, off the loop."""
+    if time.monotonic() - _docker_cache["at"] < SPEC_CACHE_SECONDS:
+        return _docker_cache["languages"]
+    task = _docker_cache["task"]
+    if task is None or task.done():
+        task = _docker_cache["task"] = asyncio.ensure_future(asyncio.to_thread(_docker_languages))
+    languages = await asyncio.shield(task)
+    _docker_cache.update(at=time.monotonic(), languages=languages)
+    return languages
+
+
+async def usable_specs(engine: Any) -> dict[str, dict[str, Any]]:
+    """name -> ``{name, spec, resources}`` for the kernelspecs this server can start."""
+    docker = await docker_languages()
+    specs = {}
+    for name, (language, provisioner) in sorted(_kinds().items()):
+        if provisioner == "docker" and language not in docker:
+            continue
+        try:
+            spec = engine.spec_manager.get_kernel_spec(name).to_dict()
+        except Exception:  # not in kernelspecs/ (a language without a spec yet)
+            continue
+        specs[name] = {"name": name, "spec": spec, "resources": {}}
+    return specs
+
+
+def default_spec(settings: Any, specs: dict[str, Any]) -> str | None:
+    preferred = "era-python" if settings["ERA_PROVISIONER"] == "docker" else "era-python-local"
+    if preferred in specs:
+        return preferred
+    return "era-python-local" if "era-python-local" in specs else next(iter(specs), None)
+
+
+# ---- kernel models ---------------------------------------------------------------------------
+def _jupyter_time(epoch: float | None, fallback: str | None) -> str:
+    """``%Y-%m-%dT%H:%M:%S.%fZ``: GatewayClient parses exactly that (microseconds required)."""
+    if epoch is None and fallback:
+        try:
+            epoch = datetime.fromisoformat(fallback.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            epoch = None
+    moment = datetime.fromtimestamp(epoch if epoch is not None else time.time(), timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def is_gateway_kernel(doc: dict[str, Any]) -> bool:
+    return isinstance(doc.get("metadata"), dict) and doc["metadata"].get("jupyter_kernel") is True
+
+
+async def kernel_doc(engine: Any, kernel_id: str) -> dict[str, Any]:
+    """The session behind a gateway kernel; 404 for unknown ids and for ordinary sessions."""
+    try:
+        doc = await engine.get(kernel_id)
+    except NotFound:
+        doc = None
+    if doc is None or not is_gateway_kernel(doc):
+        raise NotFound(f"kernel {kernel_id[:128]} not found")
+    return doc
+
+
+def kernel_model(services: Services, doc: dict[str, Any]) -> dict[str, Any]:
+    sid = doc["id"]
+    state = (doc.get("kernel") or {}).get("state", "none")
+    kinds = {v: k for k, v in _kinds().items()}
+    return {
+        "id": sid,
+        "name": kinds.get((doc["language"], doc.get("provisioner")), doc["metadata"].get("kernelspec", "")),
+        "last_activity": _jupyter_time(services.engine.jupyter_activity(sid), doc.get("last_run_at")
+                                       or doc.get("created_at")),
+        "execution_state": {"none": "idle"}.get(state, state),
+        "connections": len(services.channels.get(sid, ())),
+    }
+
+
+def kernel_env(env: Any) -> dict[str, str]:
+    """Only the KERNEL_* variables GatewayClient documents reach the kernel; others are dropped."""
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise BadRequest("field 'env' must be an object of strings", field="env")
+    return {k: v for k, v in env.items() if isinstance(k, str) and KERNEL_ENV_RE.match(k) and isinstance(v, str)}
+
+
+class KernelSpecsHandler(BaseHandler):
+    API = {"get": Op("Jupyter: the kernelspecs this server can start", response="KernelSpecList", errors=(),
+                     tags=TAGS, description="Docker kernelspecs only when a Docker engine and the image are there.")}
+
+    async def get(self) -> None:
+        specs = await usable_specs(self.engine)
+        self.send_json({"default": default_spec(self.services.settings, specs), "kernelspecs": specs})
+
+
+class KernelSpecHandler(BaseHandler):
+    API = {"get": Op("Jupyter: one kernelspec", response="KernelSpecEntry", errors=(404,), tags=TAGS)}
+
+    async def get(self, name: str) -> None:
+        specs = await usable_specs(self.engine)
+        if name not in specs:
+            raise NotFound(f"kernelspec {name[:128]} not found (available: {', '.join(specs)})")
+        self.send_json(specs[name])
+
+
+class KernelsHandler(BaseHandler):
+    API = {
+        "get": Op("Jupyter: the running gateway kernels", response="KernelList", errors=(), tags=TAGS),
+        "post": Op("Jupyter: start a kernel (an ERA session underneath)", body="StartKernel",
+                   response="KernelModel", status=201, errors=(400, 404, 429, 503), tags=TAGS,
+                   description="`name` is a kernelspec of `/api/kernelspecs` (default: the listing's "
+                               "default); of `env`, only `KERNEL_*` variables reach the kernel. "
+                               "Answers once the kernel is up; the kernel id is the session id."),
+    }
+
+    async def get(self) -> None:
+        docs = [d for d in await self.engine.list() if is_gateway_kernel(d)]
+        self.send_json([kernel_model(self.services, d) for d in docs])
+
+    async def post(self) -> None:
+        body = self.json_body() or {}
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        if body.get("name") is not None and not isinstance(body["name"], str):
+            raise BadRequest("field 'name' must be a kernelspec name (a string)", field="name")
+        specs = await usable_specs(self.engine)
+        name = body.get("name") or default_spec(self.services.settings, specs)
+        if name not in specs:
+            raise NotFound(f"kernelspec {str(name)[:128]} not found (available: {', '.join(specs)})")
+        language, provisioner = _kinds()[name]
+        # jupyter_server routes only UUID-shaped kernel ids (\w+-\w+-\w+-\w+-\w+); a UUID is a valid session id.
+        doc = await self.engine.create({"id": str(uuid.uuid4()), "language": language, "provisioner": provisioner,
+                                        "metadata": {"jupyter_kernel": True, "kernelspec": name},
+                                        "env": kernel_env(body.get("env"))})
+        self.session_id = sid = doc["id"]
+        try:
+            await self.engine.jupyter_kernel(sid)  # a kernel that cannot start is this request's error
+        except BaseException:
+            try:
+                await self.engine.delete(sid)
+            except Exception:
+                pass
+            raise
+        self.set_header("Location", f"/api/kernels/{sid}")
+        self.send_json(kernel_model(self.services, await self.engine.get(sid)), 201)
+
+
+class KernelHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {
+        "get": Op("Jupyter: one kernel", response="KernelModel", errors=(404,), tags=TAGS),
+        "delete": Op("Jupyter: shut a kernel down (its session is deleted)", status=204, errors=(404,), tags=TAGS),
+    }
+
+    async def get(self, kid: str) -> None:
+        self.send_json(kernel_model(self.services, await kernel_doc(self.engine, kid)))
+
+    async def delete(self, kid: str) -> None:
+        await kernel_doc(self.engine, kid)
+        await self.engine.delete(kid)
+        self.services.sessions_deleted([kid])
+        self.set_status(204)
+        self.finish()
+
+
+class KernelInterruptHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {"post": Op("Jupyter: interrupt a kernel", status=204, errors=(404,), tags=TAGS)}
+
+    async def post(self, kid: str) -> None:
+        await kernel_doc(self.engine, kid)
+        await self.engine.interrupt(kid)
+        self.set_status(204)
+        self.finish()
+
+
+class KernelRestartHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {"post": Op("Jupyter: restart a kernel (answers once it is up again)", response="KernelModel",
+                      errors=(404, 429, 503), tags=TAGS)}
+
+    async def post(self, kid: str) -> None:
+        await kernel_doc(self.engine, kid)
+        await self.engine.restart(kid)
+        await self.engine.jupyter_kernel(kid)
+        self.send_json(kernel_model(self.services, await self.engine.get(kid)))
+
+
+# ---- the channels WebSocket ----------------------------------------------------------------
+def serialize_binary_message(msg: dict[str, Any]) -> bytes:
+    """Jupyter's legacy binary frame: offsets, then the JSON message, then the buffers."""
+    buffers = [bytes(b) for b in msg.get("buffers") or []]
+    head = {k: v for k, v in msg.items() if k != "buffers"}
+    parts = [json.dumps(head, default=json_default).encode("utf-8"), *buffers]
+    offsets = [4 * (len(parts) + 1)]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part))
+    return struct.pack("!" + "I" * (len(parts) + 1), len(parts), *offsets) + b"".join(parts)
+
+
+def deserialize_binary_message(data: bytes) -> Any:
+    try:
+        count = struct.unpack("!I", data[:4])[0]
+        offsets = list(struct.unpack("!" + "I" * count, data[4:4 * (count + 1)]))
+    except struct.error:
+        raise BadRequest("malformed binary message") from None
+    if not offsets or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] > len(data):
+        raise BadRequest("malformed binary message")
+    parts = [data[a:b] for a, b in zip(offsets, offsets[1:] + [len(data)])]
+    msg = parse_json(parts[0])
+    if isinstance(msg, dict):
+        msg["buffers"] = parts[1:]
+    return msg
+
+
+def encode(channel: str, msg: dict[str, Any]) -> str | bytes:
+    out = {"header": msg.get("header", {}), "msg_id": msg.get("msg_id"), "msg_type": msg.get("msg_type"),
+           "parent_header": msg.get("parent_header", {}), "metadata": msg.get("metadata", {}),
+           "content": msg.get("content", {}), "buffers": msg.get("buffers") or [], "channel": channel}
+    if out["buffers"]:
+        return serialize_binary_message(out)
+    return dumps(out)
+
+
+def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
+    if not isinstance(msg, dict):
+        raise BadRequest("a message must be a JSON object")
+    channel = msg.get("channel")
+    if channel not in CLIENT_CHANNELS:
+        raise BadRequest("field 'channel' must be shell, control or stdin", field="channel")
+    header = msg.get("header")
+    if not isinstance(header, dict) or not isinstance(header.get("msg_id"), str) \
+            or not isinstance(header.get("msg_type"), str):
+        raise BadRequest("field 'header' must be an object with string msg_id and msg_type", field="header")
+    for key in ("parent_header", "metadata", "content"):
+        if msg.get(key) is not None and not isinstance(msg[key], dict):
+            raise BadRequest(f"field '{key}' must be an object", field=key)
+    return channel, msg
+
+
+class KernelChannels(JsonErrors, WebSocketHandler):
+    SESSION_ROUTE = True
+    API = {"get": Op("Jupyter: the kernel's messaging channels (WebSocket, Jupyter's JSON format)",
+                     response="jupyter-websocket", errors=(400, 401, 403, 404, 429, 503), tags=TAGS,
+                     description=__doc__ or "")}
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self.session_id: str | None = None
+        self.kernel: Any = None
+        self._remove_listener = lambda: None
+        self._unsubscribe = lambda: None
+        self._requests: OrderedDict[str, None] = OrderedDict()
+        self._unflushed = 0
+        self._closed = False
+
+    async def prepare(self) -> None:
+        sid = self.path_args[0]
+        self.session_id = sid[:128]
+        services = self.services
+        require_api_key(services.api_key, self.request.headers.get("Authorization"))
+        if self.request.method != "GET":
+            raise HTTPError(405)
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > services.max_body:
+            raise TooLarge(f"request body is {int(declared)} bytes; the limit is {services.max_body}")
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            raise BadRequest("this route takes a WebSocket upgrade ('Upgrade: websocket')")
+        require_origin(self.request.headers.get("Origin"), self.request.headers.get("Host"),
+                       services.allowed_origins)
+        await wait_ready(services)
+        await kernel_doc(services.engine, sid)
+        self.kernel = await services.engine.jupyter_kernel(sid)  # started now if it was culled
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # already checked in prepare, where a refusal can be a JSON 403
+
+    def open(self, sid: str) -> None:
+        self.set_nodelay(True)
+        self.services.channels.setdefault(sid, set()).add(self)
+        self._listen(self.kernel)
+        self._unsubscribe = self.services.engine.subscribe(sid, self._on_session_event)
+
+    def on_close(self) -> None:
+        self._closed = True
+        self._remove_listener()
+        self._unsubscribe()
+        sockets = self.services.channels.get(self.session_id or "")
+        if sockets is not None:
+            sockets.discard(self)
+            if not sockets:
+                self.services.channels.pop(self.session_id, None)
+
+    # ---- kernel -> client ---------------------------------------------------------------
+    def _listen(self, kernel: Any) -> None:
+        self._remove_listener()
+        self.kernel = kernel
+        self._remove_listener = kernel.add_listener(self._on_kernel_message) if kernel else (lambda: None)
+
+    def _on_session_event(self, event: dict[str, Any]) -> None:
+        """The session's kernel changes on restart, culling or a cold run: follow it."""
+        if event.get("type") == "status" and event.get("state") in ("idle", "starting", "restarting", "culled",
+                                                                    "dead"):
+            self.services.spawn(self._follow_kernel())
+
+    async def _follow_kernel(self) -> None:
+        try:
+            kernel = await self.services.engine.jupyter_kernel(self.session_id, start=False)
+        except EraError:
+            return
+        if kernel is not self.kernel and not self._closed:
+            self._listen(kernel)
+
+    def _on_kernel_message(self, channel: str, msg: dict[str, Any]) -> None:
+        if channel != "iopub" and msg.get("parent_header", {}).get("msg_id") not in self._requests:
+            return  # a reply to another socket's request, or to one of ERA's own runs
+        try:
+            self._send(encode(channel, msg))
+        except Exception:
+            log.exception("encoding a %s message failed", msg.get("msg_type"))
+
+    def _send(self, data: str | bytes) -> None:
+        if self._closed or self.ws_connection is None:
+            return
+        if self._unflushed > MAX_UNFLUSHED_BYTES:
+            self._closed = True
+            self.close(CLOSE_POLICY, "client is not reading fast enough")
+            return
+        try:
+            future = self.write_message(data, binary=isinstance(data, bytes))
+        except WebSocketClosedError:
+            self._closed = True
+            return
+        self._unflushed += len(data)
+        future.add_done_callback(partial(self._flushed, len(data)))
+
+    def _flushed(self, size: int, future: asyncio.Future) -> None:
+        self._unflushed -= size
+        if not future.cancelled():
+            future.exception()
+
+    # ---- client -> kernel ---------------------------------------------------------------
+    async def on_message(self, message: str | bytes) -> None:
+        try:
+            msg = deserialize_binary_message(message) if isinstance(message, bytes) else parse_json(message)
+            channel, msg = check_client_message(msg)
+        except EraError as err:
+            log.warning("dropped a malformed Jupyter message: %s", err.message,
+                        extra={"event": "error", "session_id": self.session_id})
+            return
+        engine = self.services.engine
+        kernel = self.kernel
+        if kernel is None or kernel.kc is None or kernel.state == "dead":
+            try:
+                kernel = await engine.jupyter_kernel(self.session_id)
+            except NotFound:
+                self.close(CLOSE_SESSION_GONE, "kernel deleted")
+                return
+            except EraError as err:
+                log.warning("kernel unavailable: %s", err.message,
+                            extra={"event": "error", "session_id": self.session_id})
+                return
+            if kernel is not self.kernel:
+                self._listen(kernel)
+        self._requests[msg["header"]["msg_id"]] = None
+        while len(self._requests) > MAX_TRACKED_REQUESTS:
+            self._requests.popitem(last=False)
+        try:
+            kernel.send_raw(channel, msg)
+        except EraError as err:
+            log.warning("could not relay a message: %s", err.message,
+                        extra={"event": "error", "session_id": self.session_id})
+            return
+        engine.jupyter_activity(self.session_id, touch=True)
