@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from era_kernel.errors import NotFound, TooManyKernels
-from era_kernel.sessions import POOL_UID_BASE, SessionManager
+from era_kernel.sessions import SessionManager
+from era_kernel.upkeep import POOL_UID_BASE
 
 from .conftest import both_provisioners, kernel_processes
 
