@@ -28,15 +28,14 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
-from era_kernel.errors import BadRequest, EraError, NotFound, TooLarge
-from tornado.web import HTTPError
+from era_kernel.errors import BadRequest, EraError, NotFound
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .apidoc import Op
-from .auth import require_api_key, require_origin
 from .errors import JsonErrors
 from .handlers.base import BaseHandler, dumps, json_default, parse_json, wait_ready
 from .services import Services
+from .ws import check_upgrade
 
 log = logging.getLogger("era.server.jupyter")
 
@@ -339,16 +338,7 @@ class KernelChannels(JsonErrors, WebSocketHandler):
         sid = self.path_args[0]
         self.session_id = sid[:128]
         services = self.services
-        require_api_key(services.api_key, self.request.headers.get("Authorization"))
-        if self.request.method != "GET":
-            raise HTTPError(405)
-        declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > services.max_body:
-            raise TooLarge(f"request body is {int(declared)} bytes; the limit is {services.max_body}")
-        if self.request.headers.get("Upgrade", "").lower() != "websocket":
-            raise BadRequest("this route takes a WebSocket upgrade ('Upgrade: websocket')")
-        require_origin(self.request.headers.get("Origin"), self.request.headers.get("Host"),
-                       services.allowed_origins)
+        check_upgrade(self, services, query_token=False)  # the gateway client sends its key in the header
         await wait_ready(services)
         await kernel_doc(services.engine, sid)
         self.kernel = await services.engine.jupyter_kernel(sid)  # started now if it was culled

@@ -21,7 +21,7 @@ import re
 from functools import partial
 from typing import Any
 
-from era_kernel.errors import BadRequest, Conflict, EraError, TooManyKernels
+from era_kernel.errors import BadRequest, Conflict, EraError, TooLarge, TooManyKernels
 from tornado.web import HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
@@ -39,6 +39,23 @@ MAX_UNFLUSHED_BYTES = 16 * 1024**2  # a client this far behind is closed (1008),
 MAX_RUNS_IN_FLIGHT = 100  # queued + running WebSocket runs per session
 CLOSE_POLICY = 1008
 CLOSE_SESSION_GONE = 4404
+
+
+def check_upgrade(handler: WebSocketHandler, services: Services, *, query_token: bool) -> None:
+    """What every WebSocket route checks before the upgrade (in ``prepare``, where each
+    refusal can still be a JSON error): the API key (``?token=`` only where allowed),
+    the method, the body size, the upgrade itself and the Origin."""
+    request = handler.request
+    require_api_key(services.api_key, request.headers.get("Authorization"),
+                    handler.get_query_argument("token", None) if query_token else None)
+    if request.method != "GET":
+        raise HTTPError(405)
+    declared = request.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > services.max_body:
+        raise TooLarge(f"request body is {int(declared)} bytes; the limit is {services.max_body}")
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        raise BadRequest("this route takes a WebSocket upgrade ('Upgrade: websocket')")
+    require_origin(request.headers.get("Origin"), request.headers.get("Host"), services.allowed_origins)
 
 
 class SessionHub:
@@ -119,14 +136,7 @@ class SessionSocket(JsonErrors, WebSocketHandler):
         sid = self.path_args[0]
         self.session_id = sid[:128]
         services = self.services
-        require_api_key(services.api_key, self.request.headers.get("Authorization"),
-                        self.get_query_argument("token", None))
-        if self.request.method != "GET":
-            raise HTTPError(405)
-        if self.request.headers.get("Upgrade", "").lower() != "websocket":
-            raise BadRequest("this route takes a WebSocket upgrade ('Upgrade: websocket')")
-        require_origin(self.request.headers.get("Origin"), self.request.headers.get("Host"),
-                       services.allowed_origins)
+        check_upgrade(self, services, query_token=True)
         await wait_ready(services)
         doc = await services.engine.get(sid)
         self.kernel_state = (doc.get("kernel") or {}).get("state", "none")

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
 
 import pytest
-from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
-from tests.conftest import require_docker
-from tests.test_jupyter_server import _free_port
+from tests.conftest import require_docker, start_jupyter_server
 from tests.test_server_harness import ServerProcess, assert_error_shape
 
 KEY = "era-gateway-key-8d21c7"
@@ -197,27 +194,11 @@ async def test_channels_on_docker_kernel(server):
 
 # ---- a real jupyter_server using us as its gateway -----------------------------------------------
 def start_jupyter(gateway_url: str, tmp_path, extra: list[str] | None = None):
-    port, token = _free_port(), secrets.token_hex(16)
     root = tmp_path / "notebooks"
     root.mkdir()
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
                JUPYTER_DATA_DIR=str(tmp_path / "data"))
-    proc = subprocess.Popen([sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
-                             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-                             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-                             f"--gateway-url={gateway_url}", *(extra or [])],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-            return proc, base, token
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"jupyter_server did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
+    return start_jupyter_server(root, env, f"--gateway-url={gateway_url}", *(extra or []))
 
 
 def stop_jupyter(proc) -> None:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -18,13 +15,7 @@ from tornado.websocket import websocket_connect
 
 from era_kernel.kernelspecs import install
 
-from .conftest import require_docker
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import require_docker, start_jupyter_server
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +24,8 @@ def jupyter_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebooks")
     root.chmod(0o777)  # kernels run as an unprivileged uid
     install(prefix=str(prefix))
-    port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, JUPYTER_PATH=str(prefix / "share" / "jupyter"), JUPYTER_RUNTIME_DIR=str(prefix / "rt"))
-    proc = subprocess.Popen([sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
-                             f"--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-                             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-                             "--KernelSpecManager.ensure_native_kernel=False"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"jupyter_server did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
+    proc, base, token = start_jupyter_server(root, env, "--KernelSpecManager.ensure_native_kernel=False")
     yield base, token
     proc.terminate()
     try:
