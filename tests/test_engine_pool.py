@@ -328,3 +328,46 @@ async def test_burst_of_creates_never_exceeds_the_limit_with_the_pool_on(era_set
         sampling = False
         await engine.shutdown()
     assert not kernel_processes(str(era_settings.runtime_dir))
+
+
+async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
+    """SECURITY.md 3, scaled down for CI (bench-sized soaks belong in bench/): after many
+    pooled and cold create/run/delete cycles and one-shot runs, open files, kernel
+    processes, IPC directories, workspaces and store rows are back where they started."""
+    engine = SessionManager(era_settings.replace(ERA_POOL_SIZE=1))
+    await engine.start()
+
+    def footprint() -> dict[str, int]:
+        runtime = era_settings.runtime_dir
+        return {"fds": len(os.listdir("/proc/self/fd")),
+                "kernel_dirs": len(list((runtime / "k").iterdir())) if (runtime / "k").exists() else 0,
+                "workspaces": len(list((era_settings.data_dir / "sessions").iterdir())),
+                "scratch": len(list((era_settings.data_dir / "scratch").iterdir())),
+                "kernels": len(kernel_processes(str(runtime)))}
+
+    try:
+        await wait_pool_full(engine)
+        await engine.execute({"code": "1"})  # first use of lazily created resources
+        await asyncio.gather(*engine._cleanups)
+        await wait_pool_full(engine)
+        baseline = footprint()
+        for i in range(12):
+            sid = (await engine.create({"data": {"i": i}}))["id"]  # pooled when the pool has refilled
+            r = await engine.run(sid, {"code": f"print({i})"})
+            assert r["stdout"] == f"{i}\n"
+            await engine.delete(sid)
+            assert (await engine.execute({"code": "print('x')"}))["stdout"] == "x\n"
+        assert engine.pool.stats()["claimed"] >= 2 and engine.pool.stats()["misses"] >= 1  # both paths ran
+        await asyncio.gather(*engine._cleanups)
+        await wait_pool_full(engine)
+        await asyncio.sleep(0.5)  # kernels stopped just now leave /proc
+        after = footprint()
+        assert after["kernel_dirs"] == baseline["kernel_dirs"] and after["workspaces"] == baseline["workspaces"]
+        assert after["scratch"] == baseline["scratch"] == 0
+        assert after["kernels"] == baseline["kernels"] > 0
+        assert after["fds"] <= baseline["fds"] + 5, (baseline, after)
+        assert await engine.store.list_sessions() == []
+        assert engine.slots.used == 1 and not engine.kernels
+    finally:
+        await engine.shutdown()
+    assert not kernel_processes(str(era_settings.runtime_dir))
