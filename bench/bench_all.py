@@ -243,7 +243,9 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         gateways: tuple[Gateway, Gateway] | None = None
         if "kg" not in skipped:
             try:
-                gateways = (Gateway(), Gateway(prespawn=p["pooled_rounds"] + p["round_warmup"]))
+                # A few spare: the gateway does not replace prespawned kernels, and one that
+                # is slow to boot or dies would otherwise fail the whole pooled row.
+                gateways = (Gateway(), Gateway(prespawn=p["pooled_rounds"] + p["round_warmup"] + 3))
                 cleanup += [g.stop for g in gateways]
                 await asyncio.gather(*(g.launch() for g in gateways))
             except Exception as exc:
