@@ -47,9 +47,16 @@ class _Pending:
     collector: OutputCollector
     on_event: EventSink | None
     on_input: InputHandler | None
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: bool = False
     reply: dict[str, Any] | None = None
-    replied: asyncio.Event = field(default_factory=asyncio.Event)
+    replied: bool = False
+    # Resolved once both the reply and the idle status are in (or the kernel stops): one
+    # future to wait on, not a task per run (each run is ~20 turns of the loop already).
+    finished: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def settle(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
 
 
 class SessionKernel:
@@ -127,8 +134,7 @@ class SessionKernel:
             task.cancel()
         self._pumps = []
         for pending in self._pending.values():
-            pending.idle.set()
-            pending.replied.set()
+            pending.settle()
         if self.kc is not None:
             self.kc.stop_channels()
             self.kc = None
@@ -243,11 +249,15 @@ class SessionKernel:
         if msg_type == "status":
             state = content.get("execution_state")
             if state == "idle":
-                pending.idle.set()
+                pending.idle = True
+                if pending.replied:
+                    pending.settle()
             return
         if msg_type == "execute_reply":
             pending.reply = content
-            pending.replied.set()
+            pending.replied = True
+            if pending.idle:
+                pending.settle()
             return
         if msg_type == "input_request":
             asyncio.ensure_future(self._answer_input(content, pending))
@@ -315,21 +325,12 @@ class SessionKernel:
 
     async def _wait(self, pending: _Pending, deadline: float) -> str:
         """Wait for reply + idle. Returns done, timeout or dead."""
-
-        async def both() -> None:
-            await pending.replied.wait()
-            await pending.idle.wait()
-
-        waiter = asyncio.ensure_future(both())
-        try:
-            while True:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    return "timeout"
-                done, _ = await asyncio.wait({waiter}, timeout=min(remaining, ALIVE_POLL))
-                if done:
-                    return "done" if self.kc is not None else "dead"
-                if not await self.is_alive():
-                    return "dead"
-        finally:
-            waiter.cancel()
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return "timeout"
+            done, _ = await asyncio.wait({pending.finished}, timeout=min(remaining, ALIVE_POLL))
+            if done:
+                return "done" if self.kc is not None else "dead"
+            if not await self.is_alive():
+                return "dead"
