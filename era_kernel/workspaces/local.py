@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..errors import BadRequest, NotFound, TooLarge
+from ..serial_thread import SerialThread
 from . import fdtree
 from .paths import is_safe_relpath, iso_utc, safe_relpath
 
@@ -31,7 +32,12 @@ T = TypeVar("T")
 # symlink in the way (ELOOP from O_NOFOLLOW), a file where a directory was expected.
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR}
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-INLINE_READ_BYTES = 256 * 1024  # Workspace.read with a cap up to this reads on the event loop
+
+
+# Small capped reads (at most a few syscalls each) share one thread: a cheaper hop than
+# the default executor, and short enough that queueing behind each other costs nothing.
+SMALL_READ_BYTES = 256 * 1024
+_small_reads = SerialThread("era-small-reads")
 
 
 async def run_blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -134,11 +140,8 @@ class Workspace:
         rel = safe_relpath(path)
         limit = self.max_read_bytes if max_bytes is None else max_bytes
         try:
-            if limit is not None and limit <= INLINE_READ_BYTES:
-                # Small capped reads (the session data file, after every run) stay on the
-                # loop: a few non-blocking syscalls (O_NONBLOCK: a FIFO cannot hang us)
-                # cost less than the hop to a thread and back (~0.3 ms).
-                return self._read_sync(rel, limit)
+            if limit is not None and limit <= SMALL_READ_BYTES:  # the data file, after every run
+                return await _small_reads.submit(self._read_sync, rel, limit)
             return await run_blocking(self._read_sync, rel, limit)
         except OSError as exc:
             raise map_os_error(exc, rel) from None
