@@ -74,6 +74,7 @@ class KernelPool:
         self._wake: dict[PoolKey, asyncio.Event] = {key: asyncio.Event() for key in self.keys}
         self._loops: list[asyncio.Task] = []
         self._spawns: set[asyncio.Task] = set()
+        self._evicted: set[asyncio.Task] = set()  # spawns whose slot admission took
         self.claimed = 0
         self.misses = 0  # requests for a pooled kind that found the pool empty
 
@@ -115,14 +116,25 @@ class KernelPool:
         self.misses += 1
         return None
 
-    def evict(self) -> WarmKernel | None:
-        """Give up one ready kernel so the caller can have its slot (admission under the
-        kernel limit prefers this to culling a session's kernel). The slot then belongs to
-        the caller, who must discard the kernel before starting its own."""
+    def evict(self) -> Awaitable[None] | None:
+        """Give up one pooled kernel, ready or still starting, so the caller can have its
+        slot (admission under the kernel limit prefers this to culling a session's
+        kernel); None when the pool holds none. The slot belongs to the caller at once;
+        the caller awaits the result, after which the kernel is gone."""
         for queue in self._ready.values():
             if queue:
-                return queue.pop()  # the newest: the oldest stays, first to be claimed
+                return self._discard(queue.pop())  # the newest: the oldest stays, first to be claimed
+        for task in self._spawns:
+            if not task.done() and task not in self._evicted:
+                self._evicted.add(task)
+                task.cancel()  # kernel.start() stops what it had started
+                return self._reap_evicted(task)
         return None
+
+    async def _reap_evicted(self, task: asyncio.Task) -> None:
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is None:  # it finished just before the cancel
+            await self._discard(task.result())
 
     def stats(self) -> dict:
         return {
@@ -150,19 +162,21 @@ class KernelPool:
                 task = asyncio.create_task(self._spawn(key))
                 self._spawns.add(task)
                 try:
-                    warm = await asyncio.shield(task)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self.slots.release()
-                    log.warning("pool %s:%s: a kernel failed to start (retry in %.0fs): %s",
-                                key[0], key[1], delay, exc)
-                    failed = True
-                    break
+                    await asyncio.wait({task})  # raises if this loop is cancelled, not if the spawn is
                 finally:
                     self._spawns.discard(task)
                     self._starting[key] -= 1
-                self._ready[key].append(warm)
+                if task in self._evicted:  # admission took its slot while it started (evict)
+                    self._evicted.discard(task)
+                    continue
+                error = None if task.cancelled() else task.exception()
+                if task.cancelled() or error is not None:
+                    self.slots.release()
+                    log.warning("pool %s:%s: a kernel failed to start (retry in %.0fs): %s",
+                                key[0], key[1], delay, error or "cancelled")
+                    failed = True
+                    break
+                self._ready[key].append(task.result())
                 delay = 1.0
             if failed:
                 await asyncio.sleep(delay)

@@ -75,10 +75,8 @@ class KernelUpkeep:
         and the kernel given up is gone before the caller starts its own."""
         if self.slots.try_acquire():
             return
-        warm = self.pool.evict()
-        if warm is not None:
-            stopping = self._discard_warm(warm)
-        else:
+        stopping = self.pool.evict()
+        if stopping is None:
             idle = [sid for sid, k in self.kernels.items()
                     if k.state == "idle" and sid not in self._starting and not self._lock_held(sid)]
             if not idle:

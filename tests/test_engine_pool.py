@@ -371,3 +371,24 @@ async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
     finally:
         await engine.shutdown()
     assert not kernel_processes(str(era_settings.runtime_dir))
+
+
+async def test_a_pool_kernel_still_starting_gives_its_slot_to_a_session(era_settings):
+    """With one slot and the pool just starting its kernel, a session does not get a 429:
+    the starting pool kernel is cancelled and stopped first, then the session's starts."""
+    engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=1, ERA_POOL_SIZE=1))
+    await engine.start()
+    try:
+        for _ in range(100):  # the refill is under way, holding the only slot
+            if engine.pool.stats()["pools"][pool_key(engine)]["starting"]:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.slots.used == 1 and not engine.pool.waiting()
+        sid = (await engine.create({"allowInternetAccess": True}))["id"]  # never pooled
+        assert (await engine.run(sid, {"code": "print('mine')"}))["stdout"] == "mine\n"
+        assert engine.slots.used == 1 and not engine.pool.waiting()
+        assert engine.pool.stats()["pools"][pool_key(engine)]["starting"] == 0
+        live = {p.name.split(".")[0] for p in (era_settings.runtime_dir / "k").iterdir()}
+        assert len(live) == 1  # the cancelled pool kernel left no IPC directory (nor .pid/.log) behind
+    finally:
+        await engine.shutdown()
