@@ -123,6 +123,14 @@ def kernel_trees(parent_pid: int) -> list[int]:
     return found
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below ``pid`` now (to reap after it stops); [] when it is gone."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def reap_descendants(pids: list[int]) -> None:
     """Kill processes we started (descendants seen before a stop) that outlived it."""
     for pid in pids:
@@ -235,10 +243,7 @@ class Era(bench_server.EraServer):
             shutil.rmtree(self.tmp, ignore_errors=True)
             shutil.rmtree(self.runtime, ignore_errors=True)
             return
-        try:
-            pids = [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
-        except psutil.Error:
-            pids = []
+        pids = descendant_pids(self.proc.pid)
         try:
             super().stop()
         except subprocess.TimeoutExpired:
@@ -293,10 +298,7 @@ class Gateway(bench_server.KernelGateway):
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:
-            pids = [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
-        except psutil.Error:
-            pids = []
+        pids = descendant_pids(self.proc.pid)
         try:
             super().stop()
         finally:

@@ -227,7 +227,7 @@ class SessionKernel:
                 log.debug("pump %s: %s", channel, exc)
                 await asyncio.sleep(0.05)
                 continue
-            for listener in list(self._listeners):
+            for listener in list(self._listeners) if self._listeners else ():  # no copy per message when none
                 try:
                     listener(name, msg)
                 except Exception:

@@ -149,7 +149,7 @@ class KernelUpkeep:
         for entry in kernels:
             states[entry["state"]] = states.get(entry["state"], 0) + 1
         return {
-            "sessions": len(await self.store.list_sessions()),
+            "sessions": await self.store.count_sessions(),
             "live_kernels": len(kernels),
             "kernel_states": states,
             "kernel_slots": {"used": self.slots.used, "max": self.slots.limit},

@@ -25,17 +25,16 @@ import time
 import uuid
 from collections import OrderedDict
 from datetime import datetime, timezone
-from functools import partial
 from typing import Any
 
 from era_kernel.errors import BadRequest, EraError, NotFound
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.websocket import WebSocketHandler
 
 from .apidoc import Op
 from .errors import JsonErrors
 from .handlers.base import BaseHandler, dumps, json_default, parse_json, wait_ready
 from .services import Services
-from .ws import check_upgrade
+from .ws import CLOSE_SESSION_GONE, check_upgrade, send_bounded
 
 log = logging.getLogger("era.server.jupyter")
 
@@ -43,9 +42,6 @@ KERNEL_ENV_RE = re.compile(r"^KERNEL_[A-Za-z0-9_]{1,120}$")  # what GatewayClien
 SPEC_CACHE_SECONDS = 30.0
 CLIENT_CHANNELS = ("shell", "control", "stdin")
 MAX_TRACKED_REQUESTS = 4096  # msg ids per socket whose replies it is waiting for
-MAX_UNFLUSHED_BYTES = 16 * 1024**2
-CLOSE_POLICY = 1008
-CLOSE_SESSION_GONE = 4404
 TAGS = ("kernels",)
 
 
@@ -386,29 +382,9 @@ class KernelChannels(JsonErrors, WebSocketHandler):
         if channel != "iopub" and msg.get("parent_header", {}).get("msg_id") not in self._requests:
             return  # a reply to another socket's request, or to one of ERA's own runs
         try:
-            self._send(encode(channel, msg))
+            send_bounded(self, encode(channel, msg))
         except Exception:
             log.exception("encoding a %s message failed", msg.get("msg_type"))
-
-    def _send(self, data: str | bytes) -> None:
-        if self._closed or self.ws_connection is None:
-            return
-        if self._unflushed > MAX_UNFLUSHED_BYTES:
-            self._closed = True
-            self.close(CLOSE_POLICY, "client is not reading fast enough")
-            return
-        try:
-            future = self.write_message(data, binary=isinstance(data, bytes))
-        except WebSocketClosedError:
-            self._closed = True
-            return
-        self._unflushed += len(data)
-        future.add_done_callback(partial(self._flushed, len(data)))
-
-    def _flushed(self, size: int, future: asyncio.Future) -> None:
-        self._unflushed -= size
-        if not future.cancelled():
-            future.exception()
 
     # ---- client -> kernel ---------------------------------------------------------------
     async def on_message(self, message: str | bytes) -> None:

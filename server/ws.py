@@ -58,6 +58,31 @@ def check_upgrade(handler: WebSocketHandler, services: Services, *, query_token:
     require_origin(request.headers.get("Origin"), request.headers.get("Host"), services.allowed_origins)
 
 
+def send_bounded(handler: Any, data: str | bytes) -> None:
+    """Write a frame unless the client is over MAX_UNFLUSHED_BYTES behind, in which case it
+    is closed (1008) rather than buffered for. ``handler`` keeps ``_unflushed`` (bytes
+    written, not yet flushed) and ``_closed``; both WebSocket routes send through this."""
+    if handler._closed or handler.ws_connection is None:
+        return
+    if handler._unflushed > MAX_UNFLUSHED_BYTES:
+        handler._closed = True
+        handler.close(CLOSE_POLICY, "client is not reading fast enough")
+        return
+    try:
+        future = handler.write_message(data, binary=isinstance(data, bytes))
+    except WebSocketClosedError:
+        handler._closed = True
+        return
+    handler._unflushed += len(data)
+    future.add_done_callback(partial(_flushed, handler, len(data)))
+
+
+def _flushed(handler: Any, size: int, future: asyncio.Future) -> None:
+    handler._unflushed -= size
+    if not future.cancelled():
+        future.exception()  # retrieved: a closed socket is not an error here
+
+
 class SessionHub:
     def __init__(self, services: Services, session_id: str) -> None:
         self.services = services
@@ -160,25 +185,7 @@ class SessionSocket(JsonErrors, WebSocketHandler):
         self.send_text(dumps(message))
 
     def send_text(self, text: str) -> None:
-        if self._closed or self.ws_connection is None:
-            return
-        if self._unflushed > MAX_UNFLUSHED_BYTES:
-            self._closed = True
-            self.close(CLOSE_POLICY, "client is not reading fast enough")
-            return
-        try:
-            future = self.write_message(text)
-        except WebSocketClosedError:
-            self._closed = True
-            return
-        size = len(text)
-        self._unflushed += size
-        future.add_done_callback(partial(self._flushed, size))
-
-    def _flushed(self, size: int, future: asyncio.Future) -> None:
-        self._unflushed -= size
-        if not future.cancelled():
-            future.exception()  # retrieved: a closed socket is not an error here
+        send_bounded(self, text)
 
     def send_protocol_error(self, err: EraError, run_id: str | None) -> None:
         message = {"type": "error", "id": run_id, **err.to_json()}

@@ -40,6 +40,11 @@ class MetadataStore(abc.ABC):
     async def list_sessions(self) -> list[dict[str, Any]]:
         """Every record, oldest first."""
 
+    async def count_sessions(self) -> int:
+        """How many sessions there are (stats, /health, /metrics ask on every call).
+        Derived from ``list_sessions``; a backend overrides it when it can count cheaply."""
+        return len(await self.list_sessions())
+
     @abc.abstractmethod
     async def update_session(self, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
         """Apply ``changes`` (top-level fields) and return the new record, or None."""

@@ -108,6 +108,9 @@ class SQLiteStore(MetadataStore):
         rows = await self._call(lambda db: db.execute("SELECT doc FROM sessions ORDER BY seq").fetchall())
         return [json.loads(r[0]) for r in rows]
 
+    async def count_sessions(self) -> int:
+        return await self._call(lambda db: db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+
     @staticmethod
     def _update(db: sqlite3.Connection, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
         row = db.execute("SELECT doc FROM sessions WHERE id = ?", (session_id,)).fetchone()
