@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
+from .channel_reader import ChannelReader
 from .errors import KernelFailed
 from .outputs import OutputCollector
 from .wire import WireSession
@@ -73,7 +74,7 @@ class SessionKernel:
         self.state = "none"
         self.execution_count = 0
         self._pending: dict[str, _Pending] = {}
-        self._pumps: list[asyncio.Task] = []
+        self._readers: list[ChannelReader] = []
         self._listeners: list[Listener] = []
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -97,9 +98,12 @@ class SessionKernel:
             kc.start_channels()
             self.kc = kc
             await asyncio.wait_for(kc.wait_for_ready(timeout=self.start_timeout), self.start_timeout + 5)
-            self._pumps = [asyncio.create_task(self._pump(ch, name), name=f"era-pump-{name}")
-                           for name, ch in (("shell", kc.shell_channel), ("iopub", kc.iopub_channel),
-                                            ("stdin", kc.stdin_channel), ("control", kc.control_channel))]
+            seal = getattr(km.provisioner, "seal_ipc", None)  # ours have it; a stock provisioner not
+            if seal is not None:
+                await seal()
+            self._readers = [self._reader(ch, name)
+                             for name, ch in (("shell", kc.shell_channel), ("iopub", kc.iopub_channel),
+                                              ("stdin", kc.stdin_channel), ("control", kc.control_channel))]
             await self._run_cells(self.startup_cells)
         except BaseException as exc:
             await self.stop(now=True)
@@ -130,9 +134,9 @@ class SessionKernel:
 
     async def stop(self, now: bool = False) -> None:
         """Stop the kernel and release everything; safe to call twice."""
-        for task in self._pumps:
-            task.cancel()
-        self._pumps = []
+        for reader in self._readers:  # before the sockets close: their fds are registered
+            reader.close()
+        self._readers = []
         for pending in self._pending.values():
             pending.settle()
         if self.kc is not None:
@@ -203,6 +207,7 @@ class SessionKernel:
         message = {"header": msg["header"], "parent_header": msg.get("parent_header") or {},
                    "metadata": msg.get("metadata") or {}, "content": msg.get("content") or {}}
         target.session.send(target.socket, message, buffers=list(msg.get("buffers") or []))
+        self._poke(channel)
 
     def _track_foreign_state(self, msg: dict[str, Any]) -> None:
         """A raw client's execution moves the kernel's state too (culling skips busy kernels)."""
@@ -215,33 +220,38 @@ class SessionKernel:
             self.state = state
 
     # ---- message routing -----------------------------------------------------------
-    async def _pump(self, channel, name: str = "") -> None:
-        # channel.get_msg() would await a poll, then a receive: one receive is enough.
-        socket, session = channel.socket, channel.session
-        while True:
+    def _reader(self, channel, name: str) -> ChannelReader:
+        session = channel.session
+
+        def on_frames(frames: list[bytes]) -> None:
             try:
-                msg = session.deserialize(session.feed_identities(await socket.recv_multipart())[1])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # socket closed or a malformed message: keep going
-                log.debug("pump %s: %s", channel, exc)
-                await asyncio.sleep(0.05)
-                continue
-            for listener in list(self._listeners) if self._listeners else ():  # no copy per message when none
-                try:
-                    listener(name, msg)
-                except Exception:
-                    log.exception("a %s listener failed", name)
-            parent = msg.get("parent_header", {}).get("msg_id")
-            pending = self._pending.get(parent)
-            if pending is None:
-                if name == "iopub":
-                    self._track_foreign_state(msg)
-                continue
+                msg = session.deserialize(session.feed_identities(frames)[1])
+            except Exception as exc:  # a malformed or badly signed message: dropped
+                log.debug("%s channel: dropped a message: %s", name, exc)
+                return
+            self._dispatch(name, msg)
+
+        return ChannelReader(channel.socket, on_frames, name)
+
+    def _dispatch(self, name: str, msg: dict[str, Any]) -> None:
+        for listener in list(self._listeners) if self._listeners else ():  # no copy per message when none
             try:
-                self._route(msg, pending)
+                listener(name, msg)
             except Exception:
-                log.exception("routing a %s message failed", msg.get("msg_type"))
+                log.exception("a %s listener failed", name)
+        parent = msg.get("parent_header", {}).get("msg_id")
+        pending = self._pending.get(parent)
+        if pending is None:
+            if name == "iopub":
+                self._track_foreign_state(msg)
+            return
+        self._route(msg, pending)
+
+    def _poke(self, name: str = "") -> None:
+        """After a send on a channel (or as a safety net, all of them): drain what came in."""
+        for reader in self._readers:
+            if not name or reader.name == name:
+                reader.poke()
 
     def _route(self, msg: dict[str, Any], pending: _Pending) -> None:
         msg_type = msg["header"]["msg_type"]
@@ -276,6 +286,7 @@ class SessionKernel:
             value = ""
         if self.kc is not None:
             self.kc.input(str(value))
+            self._poke("stdin")
 
     # ---- execution -------------------------------------------------------------------
     async def execute(self, code: str, *, timeout: float, on_event: EventSink | None = None,
@@ -290,6 +301,7 @@ class SessionKernel:
         msg_id = self.kc.execute(code, silent=silent, store_history=not silent,
                                  allow_stdin=on_input is not None, stop_on_error=False)
         self._pending[msg_id] = pending
+        self._poke("shell")
         outcome = ExecOutcome(collector)
         if not silent:
             self.state = "busy"
@@ -332,5 +344,6 @@ class SessionKernel:
             done, _ = await asyncio.wait({pending.finished}, timeout=min(remaining, ALIVE_POLL))
             if done:
                 return "done" if self.kc is not None else "dead"
+            self._poke()  # a safety net: ZeroMQ's fd signal is an edge, see channel_reader.py
             if not await self.is_alive():
                 return "dead"

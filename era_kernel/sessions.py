@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from . import models
 from .config import Settings
@@ -69,7 +69,7 @@ class SessionManager(KernelUpkeep):
                                self._discard_warm)
         self.culled = {"idle": 0, "max_age": 0, "lru": 0}
         self._culler: asyncio.Task | None = None
-        self._cleanups: set[asyncio.Task] = set()  # one-shot kernels being stopped
+        self._cleanups: set[asyncio.Future] = set()  # one-shot kernels being stopped, runs being recorded
         self._started = False
         self._started_at = time.monotonic()
 
@@ -466,11 +466,13 @@ class SessionManager(KernelUpkeep):
         if data != record["data"]:
             changes["data"] = data
         result = run_result(outcome, language=language, timeout=timeout, session_id=sid, data=data, run_id=run_id)
-        await self.store.add_run(sid, {"run_id": run_id, "code": code, "started_at": started_at,
-                                       **{k: result[k] for k in ("exit_code", "outputs", "stdout", "stderr",
-                                                                 "duration_ms", "execution_count", "error",
-                                                                 "timed_out", "truncated")}},
-                                 session_changes=changes)
+        # Queued, not awaited: every later store call sees it (MetadataStore.add_run), and
+        # the caller gets its answer one store round trip sooner.
+        self._in_background(self._record_run(sid, run_id, self.store.add_run(
+            sid, {"run_id": run_id, "code": code, "started_at": started_at,
+                  **{k: result[k] for k in ("exit_code", "outputs", "stdout", "stderr", "duration_ms",
+                                            "execution_count", "error", "timed_out", "truncated")}},
+            session_changes=changes)))
         emit(done_event(result))
         emit({"type": "status", "state": self.kernels[sid].state if sid in self.kernels else "dead"})
         return result
@@ -529,9 +531,20 @@ class SessionManager(KernelUpkeep):
                 emit(done_event(result))
             return result
         finally:  # the answer does not wait for the kernel's shutdown; shutdown() does
-            task = asyncio.create_task(self._discard_oneshot(kernel, ws))
-            self._cleanups.add(task)
-            task.add_done_callback(self._cleanups.discard)
+            self._in_background(self._discard_oneshot(kernel, ws))
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        """Work the answer does not wait for; shutdown() does."""
+        task = asyncio.ensure_future(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    @staticmethod
+    async def _record_run(sid: str, run_id: str, written: Awaitable[None]) -> None:
+        try:
+            await written
+        except Exception as exc:  # the caller already has its result: say what was not kept
+            log.error("run %s of session %s was not recorded in the history: %s", run_id, sid, exc)
 
     async def _discard_oneshot(self, kernel: SessionKernel | None, ws) -> None:
         try:

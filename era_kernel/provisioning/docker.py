@@ -56,7 +56,7 @@ from ..config import Settings
 from ..errors import BadRequest, KernelFailed
 from ..images.reference import validate_image_ref, validate_language
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
-                  write_connection_file)
+                  seal_kernel_dir, write_connection_file)
 
 log = logging.getLogger("era.provisioning.docker")
 
@@ -418,7 +418,12 @@ class EraDockerProvisioner(KernelProvisionerBase):
             await asyncio.to_thread(self._remove_container, self.container_id)
         self.container_id, self._waited = None, False
         if not restart:
-            self._discard_kernel_dir()
+            await asyncio.to_thread(self._discard_kernel_dir)
+
+    async def seal_ipc(self) -> None:
+        """Called by ERA's SessionKernel once the kernel answered, before any user code runs:
+        the kernel may no longer change its socket directory (``ipc.seal_kernel_dir``)."""
+        await asyncio.to_thread(seal_kernel_dir, self.kernel_dir)
 
     def _discard_kernel_dir(self) -> None:
         remove_kernel_dir(self.kernel_dir)

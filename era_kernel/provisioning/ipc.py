@@ -71,6 +71,22 @@ def write_connection_file(kernel_dir: Path, info: dict[str, Any], *, uid: int | 
     return path
 
 
+def seal_kernel_dir(kernel_dir: Path | None) -> None:
+    """Take the kernel's directory back once the kernel has bound its sockets.
+
+    The kernel creates its socket files, so it owns the directory while it starts. Left
+    so, its code could replace a socket with a symlink (our next reconnect would follow
+    it: to the Docker socket, another kernel) or a FIFO, or flood the directory. Owned by
+    root with mode 0711, the kernel still reaches its sockets and its home below, but can
+    no longer add, remove or rename anything here. A restart's ``pre_launch`` hands the
+    directory back (its chown), so the new kernel can bind again. Only root can take it:
+    without root the kernel runs as our own uid, which the note in README's limits covers.
+    """
+    if kernel_dir is not None and os.getuid() == 0:
+        os.chown(kernel_dir, 0, 0)
+        os.chmod(kernel_dir, 0o711)
+
+
 def host_connection_info(info: dict[str, Any], kernel_dir: Path) -> dict[str, Any]:
     """What the host's KernelManager should use: same key and ports, host-side socket path."""
     host = dict(info)
@@ -108,6 +124,7 @@ def read_pid_record(kernel_dir: Path) -> tuple[int, int] | None:
 
 
 def remove_kernel_dir(kernel_dir: Path | None) -> None:
+    """Blocking (the kernel may have filled its home): provisioners call it off the loop."""
     if kernel_dir is not None:
         shutil.rmtree(kernel_dir, ignore_errors=True)
         for suffix in (".pid", ".log"):

@@ -20,6 +20,7 @@ Isolation, in layers:
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import logging
 import os
@@ -34,7 +35,7 @@ from traitlets import Bool, Int, Unicode
 from ..config import Settings
 from .seccomp import filter_fd
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
-                  write_connection_file, write_pid_record)
+                  seal_kernel_dir, write_connection_file, write_pid_record)
 
 log = logging.getLogger("era.provisioning.local")
 
@@ -241,8 +242,13 @@ class EraLocalProvisioner(LocalProvisioner):
         unless this is a restart, which reuses them."""
         await super().cleanup(restart=restart)
         if not restart:
-            remove_kernel_dir(self.kernel_dir)
-            self.kernel_dir = None
+            kernel_dir, self.kernel_dir = self.kernel_dir, None
+            await asyncio.to_thread(remove_kernel_dir, kernel_dir)
+
+    async def seal_ipc(self) -> None:
+        """Called by ERA's SessionKernel once the kernel answered, before any user code runs:
+        the kernel may no longer change its socket directory (``ipc.seal_kernel_dir``)."""
+        await asyncio.to_thread(seal_kernel_dir, self.kernel_dir)
 
     def _finalize_env(self, env: dict[str, str]) -> None:
         # The base class would set PYTHONEXECUTABLE-style hints from the host; our env

@@ -9,7 +9,7 @@ group, built-ins registered the same way as third parties.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Awaitable
 
 
 class SessionExists(Exception):
@@ -17,7 +17,10 @@ class SessionExists(Exception):
 
 
 class MetadataStore(abc.ABC):
-    """Async store of session records and run records (plain dicts of JSON values)."""
+    """Async store of session records and run records (plain dicts of JSON values).
+
+    A store applies its calls in the order they are made (one connection, one queue):
+    a read made after a write, even one not yet awaited, sees it."""
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -54,10 +57,14 @@ class MetadataStore(abc.ABC):
         """Delete the record and its runs; True when it existed."""
 
     @abc.abstractmethod
-    async def add_run(self, session_id: str, run: dict[str, Any],
-                      session_changes: dict[str, Any] | None = None) -> None:
+    def add_run(self, session_id: str, run: dict[str, Any],
+                session_changes: dict[str, Any] | None = None) -> Awaitable[None]:
         """Append a run record (code, outputs, exit code, timings) to the history and, in
-        the same transaction, apply ``session_changes`` to the session (last_run_at, data)."""
+        the same transaction, apply ``session_changes`` to the session (last_run_at, data).
+
+        Not a coroutine: the write is queued before this returns, and (as for every call)
+        applied in order, so any call made after it sees the run. The engine answers a run
+        without waiting for its record to land and awaits the result in the background."""
 
     @abc.abstractmethod
     async def list_runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:

@@ -131,15 +131,15 @@ class SQLiteStore(MetadataStore):
 
         return await self._call(delete)
 
-    async def add_run(self, session_id: str, run: dict[str, Any],
-                      session_changes: dict[str, Any] | None = None) -> None:
+    def add_run(self, session_id: str, run: dict[str, Any],
+                session_changes: dict[str, Any] | None = None) -> "asyncio.Future[None]":
         def add(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO runs (session_id, started_at, exit_code, doc) VALUES (?, ?, ?, ?)",
                        (session_id, run["started_at"], run.get("exit_code"), json.dumps(run)))
             if session_changes:
                 self._update(db, session_id, session_changes)
 
-        await self._call(add)
+        return self._run(self._with_db, add)  # queued now: see MetadataStore.add_run
 
     async def list_runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._call(lambda db: db.execute(
