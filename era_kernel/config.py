@@ -64,6 +64,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_SANDBOX", "auto", "Local sandbox: `auto` (bubblewrap when present), `bwrap` (required) or `none`."),
     Setting("ERA_DEFAULT_TIMEOUT", 30.0, "Default run timeout in seconds for new sessions.", float),
     Setting("ERA_OUTPUT_LIMIT", 10 * 1024**2, "Per-run output cap in bytes; past it output is dropped and `truncated` set.", _size),
+    Setting("ERA_KERNEL_MESSAGE_LIMIT", 256 * 1024**2,
+            "Largest single message a kernel may send, in bytes (at least twice `ERA_OUTPUT_LIMIT`); a larger one "
+            "(a huge display) is refused unread and its run fails with `MessageTooLarge`.", _size),
     Setting("ERA_INTERRUPT_GRACE", 2.0, "Seconds a timed-out run waits for the interrupt before the kernel is restarted.", float),
     Setting("ERA_KERNEL_MEMORY", 2 * 1024**3, "Address-space (RLIMIT_AS) limit of a local kernel (bytes, `512M`, `2G`).", _size),
     Setting("ERA_KERNEL_PIDS", 256, "Process limit of a local kernel.", int),

@@ -31,16 +31,19 @@ Listener = Callable[[str, dict[str, Any]], None]  # (channel name, message), eve
 InputHandler = Callable[[str, bool], Awaitable[str]]
 
 ALIVE_POLL = 0.5  # seconds between liveness checks while a run waits for output
+# A dying kernel drops its connections too: a cut only counts if the kernel outlives this.
+CUT_GRACE = 0.5
 
 
 @dataclass
 class ExecOutcome:
     collector: OutputCollector
-    status: str = "ok"  # ok | error | aborted | timeout | dead
+    status: str = "ok"  # ok | error | aborted | timeout | dead | cut
     duration: float = 0.0
     dead_status: int | None = None  # the kernel process's exit status when it died
     out_of_memory: bool = False  # the kernel was killed for exceeding its memory limit
     restarted: bool = False
+    cut: str | None = None  # why the kernel's connection was cut (a message over the limit)
 
 
 @dataclass
@@ -75,6 +78,8 @@ class SessionKernel:
         self.execution_count = 0
         self._pending: dict[str, _Pending] = {}
         self._readers: list[ChannelReader] = []
+        self._monitors: list[tuple[Any, Any]] = []  # (channel socket, its monitor socket)
+        self.cut: str | None = None
         self._listeners: list[Listener] = []
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -104,6 +109,9 @@ class SessionKernel:
             self._readers = [self._reader(ch, name)
                              for name, ch in (("shell", kc.shell_channel), ("iopub", kc.iopub_channel),
                                               ("stdin", kc.stdin_channel), ("control", kc.control_channel))]
+            if self.max_message:
+                self._readers += [self._monitor(ch, name)
+                                  for name, ch in (("shell", kc.shell_channel), ("iopub", kc.iopub_channel))]
             await self._run_cells(self.startup_cells)
         except BaseException as exc:
             await self.stop(now=True)
@@ -137,6 +145,13 @@ class SessionKernel:
         for reader in self._readers:  # before the sockets close: their fds are registered
             reader.close()
         self._readers = []
+        for socket, monitor in self._monitors:
+            try:
+                socket.disable_monitor()
+            except Exception:
+                pass
+            monitor.close(linger=0)
+        self._monitors = []
         for pending in self._pending.values():
             pending.settle()
         if self.kc is not None:
@@ -233,6 +248,35 @@ class SessionKernel:
 
         return ChannelReader(channel.socket, on_frames, name)
 
+    def _monitor(self, channel, name: str) -> ChannelReader:
+        """ZeroMQ refuses a message over ``max_message`` by dropping the connection, and
+        (seen with libzmq 4.3) never reconnects it: no output can reach us after that. Its
+        monitor tells us, so the run fails with a reason rather than at its timeout."""
+        import zmq
+        from zmq.utils.monitor import parse_monitor_message
+
+        monitor = channel.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitors.append((channel.socket, monitor))
+
+        def on_frames(frames: list[bytes]) -> None:
+            if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
+                asyncio.ensure_future(self._connection_lost(name))
+
+        return ChannelReader(monitor, on_frames, f"{name} monitor")
+
+    async def _connection_lost(self, name: str) -> None:
+        await asyncio.sleep(CUT_GRACE)
+        if self.km is None or self.cut is not None or not await self.is_alive():
+            return  # stopped, already cut, or dead: the liveness poll reports a death
+        limit = f"{self.max_message / 1024**2:g} MiB"
+        self.cut = (f"the kernel sent a message over the {limit} limit on its {name} channel (a display or "
+                    "output too big to carry: ERA_KERNEL_MESSAGE_LIMIT); the connection was cut, so anything "
+                    "after it is lost and the kernel was stopped: the next run starts a fresh kernel")
+        log.warning("kernel %s: %s connection cut (message over %s)", self.kernel_name, name, limit)
+        self.state = "dead"  # between runs too: the next run must not wait on a deaf kernel
+        for pending in self._pending.values():
+            pending.settle()
+
     def _dispatch(self, name: str, msg: dict[str, Any]) -> None:
         for listener in list(self._listeners) if self._listeners else ():  # no copy per message when none
             try:
@@ -307,7 +351,9 @@ class SessionKernel:
             self.state = "busy"
         try:
             finished = await self._wait(pending, started + timeout)
-            if finished == "dead":
+            if self.cut is not None:
+                outcome.status, outcome.cut, outcome.restarted = "cut", self.cut, True
+            elif finished == "dead":
                 outcome.status = "dead"
                 outcome.dead_status = await self.exit_status()
                 outcome.out_of_memory = bool(getattr(self.km.provisioner, "oom_killed", False)) if self.km else False

@@ -29,6 +29,9 @@ def exit_code_and_error(outcome: ExecOutcome, language: Language, timeout: float
         detail = " (the interrupt did not take; the kernel was restarted)" if outcome.restarted else ""
         return EXIT_TIMEOUT, {"ename": "TimeoutError", "evalue": f"run exceeded its {timeout:g}s timeout{detail}",
                               "traceback": []}
+    if outcome.status == "cut":
+        return 1, {"ename": "MessageTooLarge", "evalue": outcome.cut or "the kernel's connection was cut",
+                   "traceback": []}
     if outcome.status == "dead" and outcome.out_of_memory:
         return (outcome.dead_status or 137), {
             "ename": "MemoryError",

@@ -291,7 +291,8 @@ class SessionManager(KernelUpkeep):
         return SessionKernel(self.spec_manager, language.kernelspec_name(record["provisioner"]),
                              launch, extras["startup"] + self._startup_cells(record, workspace) if cells else [],
                              start_timeout=self.settings["ERA_KERNEL_START_TIMEOUT"],
-                             max_message=max(256 * 1024**2, 2 * self.settings["ERA_OUTPUT_LIMIT"]))
+                             max_message=max(self.settings["ERA_KERNEL_MESSAGE_LIMIT"],
+                                             2 * self.settings["ERA_OUTPUT_LIMIT"]))
 
     async def _start_kernel(self, record: dict[str, Any], slot_held: bool = False) -> SessionKernel | None:
         """Start the session's kernel (background task on create; inline on a cold run)."""
