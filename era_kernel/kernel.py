@@ -80,6 +80,7 @@ class SessionKernel:
         self._readers: list[ChannelReader] = []
         self._monitors: list[tuple[Any, Any]] = []  # (channel socket, its monitor socket)
         self.cut: str | None = None
+        self._checks: set[asyncio.Future] = set()
         self._listeners: list[Listener] = []
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -260,7 +261,9 @@ class SessionKernel:
 
         def on_frames(frames: list[bytes]) -> None:
             if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
-                asyncio.ensure_future(self._connection_lost(name))
+                task = asyncio.ensure_future(self._connection_lost(name))
+                self._checks.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(self._checks.discard)
 
         return ChannelReader(monitor, on_frames, f"{name} monitor")
 
