@@ -1,11 +1,10 @@
 """Reads a kernel channel's ZeroMQ socket straight from the event loop.
 
-pyzmq's asyncio socket pays per message: a future, an ``add_reader``/``remove_reader``
-pair (two ``epoll_ctl`` calls) and an ``EVENTS`` query, then a loop turn to resume the
-awaiting task. A run's five or six messages made that a visible share of ERA's
-overhead over a raw client. ``ChannelReader`` registers the socket's notification fd
-once for the kernel's life; each wake drains every queued message and hands each to a
-plain callback, in order, on the loop.
+pyzmq's asyncio socket pays per message: a future, ``EVENTS`` queries and scheduled
+callbacks, then a loop turn to resume the awaiting task. A run's five or six messages
+made that a visible share of ERA's overhead over a raw client. ``ChannelReader`` watches
+the socket's notification fd for the kernel's life; each wake reads what is queued (up
+to a batch, see below) and hands each message to a plain callback, in order, on the loop.
 
 The fd is ZeroMQ's edge signal, not the data: it can be consumed by any operation on
 the socket, sends included. So the owner calls ``poke()`` after sending on the socket
