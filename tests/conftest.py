@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -117,3 +118,21 @@ def start_jupyter_server(root: Path, env: dict[str, str], *args: str) -> tuple[s
                 proc.kill()
                 raise RuntimeError(f"jupyter_server did not start: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.2)
+
+
+def stop_jupyter_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def jupyter_api(base: str, token: str, path: str, body: dict | None = None, method: str | None = None) -> dict:
+    """One REST call to a jupyter_server started by ``start_jupyter_server``."""
+    request = urllib.request.Request(f"{base}{path}", method=method or ("POST" if body is not None else "GET"),
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        raw = response.read()
+        return json.loads(raw) if raw else {}

@@ -10,6 +10,7 @@ with ages read from the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -26,6 +27,17 @@ from .conftest import both_provisioners, kernel_processes
 
 def pool_key(engine: SessionManager) -> str:
     return f"python:{engine.settings['ERA_PROVISIONER']}"
+
+
+@contextlib.asynccontextmanager
+async def started_engine(settings):
+    """An engine on these settings, shut down afterwards."""
+    engine = SessionManager(settings)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.shutdown()
 
 
 async def wait_pool_full(engine: SessionManager, timeout: float = 60) -> None:
@@ -160,9 +172,7 @@ async def test_pool_uids_are_never_reused_across_restarts(era_settings):
 
 # ---- admission ----------------------------------------------------------------------------
 async def test_at_the_limit_the_least_recently_used_idle_kernel_is_culled(era_settings):
-    engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=2))
-    await engine.start()
-    try:
+    async with started_engine(era_settings.replace(ERA_MAX_KERNELS=2)) as engine:
         a = (await engine.create({}))["id"]
         b = (await engine.create({}))["id"]
         await engine.run(a, {"code": "x = 'a'"})
@@ -174,14 +184,10 @@ async def test_at_the_limit_the_least_recently_used_idle_kernel_is_culled(era_se
         r = await engine.run(b, {"code": "print(globals().get('x'))"})  # the session stays; a new kernel
         assert r["stdout"] == "None\n" and engine.culled["lru"] == 2
         assert len(engine.kernels) == 2 and engine.slots.used == 2
-    finally:
-        await engine.shutdown()
 
 
 async def test_at_the_limit_with_every_kernel_busy_the_answer_is_429(era_settings):
-    engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=1))
-    await engine.start()
-    try:
+    async with started_engine(era_settings.replace(ERA_MAX_KERNELS=1)) as engine:
         a = (await engine.create({}))["id"]
         busy = asyncio.create_task(engine.run(a, {"code": "import time; time.sleep(2); print('done')"}))
         await asyncio.sleep(0.5)
@@ -194,14 +200,10 @@ async def test_at_the_limit_with_every_kernel_busy_the_answer_is_429(era_setting
         assert len(await engine.list()) == 1
         b = (await engine.create({}))["id"]  # idle now: a's kernel makes room
         assert (await engine.run(b, {"code": "print(2)"}))["stdout"] == "2\n"
-    finally:
-        await engine.shutdown()
 
 
 async def test_the_pool_gives_its_slots_back_before_any_session_kernel_is_culled(era_settings):
-    engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=3, ERA_POOL_SIZE=2))
-    await engine.start()
-    try:
+    async with started_engine(era_settings.replace(ERA_MAX_KERNELS=3, ERA_POOL_SIZE=2)) as engine:
         a = (await engine.create({"allowInternetAccess": True}))["id"]  # never pooled: takes the free slot
         await engine.run(a, {"code": "1"})
         await wait_pool_full(engine)
@@ -209,15 +211,11 @@ async def test_the_pool_gives_its_slots_back_before_any_session_kernel_is_culled
         await engine.run(b, {"code": "1"})
         assert set(engine.kernels) == {a, b} and engine.culled["lru"] == 0
         assert len(engine.pool.waiting()) == 1 and engine.slots.used == 3
-    finally:
-        await engine.shutdown()
 
 
 # ---- culling -------------------------------------------------------------------------------
 async def test_idle_kernels_are_shut_down_and_the_session_stays(era_settings):
-    engine = SessionManager(era_settings.replace(ERA_KERNEL_IDLE_TIMEOUT=1.0))
-    await engine.start()
-    try:
+    async with started_engine(era_settings.replace(ERA_KERNEL_IDLE_TIMEOUT=1.0)) as engine:
         idle = (await engine.create({}))["id"]
         busy = (await engine.create({}))["id"]
         await engine.run(idle, {"code": "x = 1"})
@@ -231,14 +229,10 @@ async def test_idle_kernels_are_shut_down_and_the_session_stays(era_settings):
         r = await engine.run(idle, {"code": "print(globals().get('x'))"})
         assert r["stdout"] == "None\n" and engine.culled["idle"] == 1
         assert (await engine.cull())["idle"] == []  # it just ran
-    finally:
-        await engine.shutdown()
 
 
 async def test_sessions_past_their_max_age_are_deleted_with_their_files(era_settings):
-    engine = SessionManager(era_settings.replace(ERA_SESSION_MAX_AGE=3600.0))
-    await engine.start()
-    try:
+    async with started_engine(era_settings.replace(ERA_SESSION_MAX_AGE=3600.0)) as engine:
         short = (await engine.create({"max_age": 1}))["id"]
         default = (await engine.create({}))["id"]
         await engine.write_file(short, "f.txt", b"x")
@@ -250,8 +244,6 @@ async def test_sessions_past_their_max_age_are_deleted_with_their_files(era_sett
             await engine.get(short)
         assert not workspace.exists()
         assert (await engine.get(default))["id"] == default
-    finally:
-        await engine.shutdown()
 
 
 async def test_max_age_is_counted_from_the_store_across_restarts(era_settings):
@@ -376,9 +368,7 @@ async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
 async def test_a_pool_kernel_still_starting_gives_its_slot_to_a_session(era_settings):
     """With one slot and the pool just starting its kernel, a session does not get a 429:
     the starting pool kernel is cancelled and stopped first, then the session's starts."""
-    engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=1, ERA_POOL_SIZE=1))
-    await engine.start()
-    try:
+    async with started_engine(era_settings.replace(ERA_MAX_KERNELS=1, ERA_POOL_SIZE=1)) as engine:
         for _ in range(100):  # the refill is under way, holding the only slot
             if engine.pool.stats()["pools"][pool_key(engine)]["starting"]:
                 break
@@ -390,5 +380,3 @@ async def test_a_pool_kernel_still_starting_gives_its_slot_to_a_session(era_sett
         assert engine.pool.stats()["pools"][pool_key(engine)]["starting"] == 0
         live = {p.name.split(".")[0] for p in (era_settings.runtime_dir / "k").iterdir()}
         assert len(live) == 1  # the cancelled pool kernel left no IPC directory (nor .pid/.log) behind
-    finally:
-        await engine.shutdown()

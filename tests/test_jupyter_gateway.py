@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 
 import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
-from tests.conftest import require_docker, start_jupyter_server
+from tests.conftest import jupyter_api, require_docker, start_jupyter_server, stop_jupyter_server
 from tests.test_server_harness import ServerProcess, assert_error_shape
 
 KEY = "era-gateway-key-8d21c7"
@@ -204,23 +202,6 @@ def start_jupyter(gateway_url: str, tmp_path, extra: list[str] | None = None):
     return start_jupyter_server(root, env, f"--gateway-url={gateway_url}", *(extra or []))
 
 
-def stop_jupyter(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def jupyter_api(base: str, token: str, path: str, body: dict | None = None, method: str | None = None):
-    request = urllib.request.Request(f"{base}{path}", method=method or ("POST" if body is not None else "GET"),
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        raw = response.read()
-        return json.loads(raw) if raw else {}
-
-
 async def drive_jupyter_server(srv: ServerProcess, tmp_path, extra: list[str] | None = None,
                                our_headers: dict | None = None) -> None:
     proc, base, token = start_jupyter(srv.base, tmp_path, extra)
@@ -243,7 +224,7 @@ async def drive_jupyter_server(srv: ServerProcess, tmp_path, extra: list[str] | 
         jupyter_api(base, token, f"/api/kernels/{kid}", method="DELETE")
         assert srv.json("GET", "/api/kernels", headers=our_headers) == []
     finally:
-        stop_jupyter(proc)
+        stop_jupyter_server(proc)
 
 
 async def test_jupyter_server_uses_us_as_gateway(server, tmp_path):

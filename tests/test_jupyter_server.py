@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -15,7 +13,7 @@ from tornado.websocket import websocket_connect
 
 from era_kernel.kernelspecs import install
 
-from .conftest import require_docker, start_jupyter_server
+from .conftest import jupyter_api, require_docker, start_jupyter_server, stop_jupyter_server
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +25,12 @@ def jupyter_server(tmp_path_factory):
     env = dict(os.environ, JUPYTER_PATH=str(prefix / "share" / "jupyter"), JUPYTER_RUNTIME_DIR=str(prefix / "rt"))
     proc, base, token = start_jupyter_server(root, env, "--KernelSpecManager.ensure_native_kernel=False")
     yield base, token
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def _api(base: str, token: str, path: str, body: dict | None = None, method: str | None = None) -> dict:
-    request = urllib.request.Request(f"{base}{path}", method=method or ("POST" if body is not None else "GET"),
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        raw = response.read()
-        return json.loads(raw) if raw else {}
+    stop_jupyter_server(proc)
 
 
 def test_kernel_picker_lists_era_kernelspecs(jupyter_server):
     base, token = jupyter_server
-    specs = _api(base, token, "/api/kernelspecs")["kernelspecs"]
+    specs = jupyter_api(base, token, "/api/kernelspecs")["kernelspecs"]
     assert specs["era-python"]["spec"]["display_name"] == "Python 3 (ERA sandbox)"
     assert specs["era-python-local"]["spec"]["display_name"] == "Python 3 (ERA local sandbox)"
     assert specs["era-python"]["spec"]["metadata"]["kernel_provisioner"]["provisioner_name"] == "era-docker"
@@ -56,7 +41,7 @@ async def test_jupyter_server_session_runs_code_on_our_kernel(jupyter_server, ke
     if kernel_name == "era-python":
         require_docker()
     base, token = jupyter_server
-    session = _api(base, token, "/api/sessions", {"path": f"t-{kernel_name}.ipynb", "type": "notebook",
+    session = jupyter_api(base, token, "/api/sessions", {"path": f"t-{kernel_name}.ipynb", "type": "notebook",
                                                   "kernel": {"name": kernel_name}})
     kernel_id = session["kernel"]["id"]
     try:
@@ -82,4 +67,4 @@ async def test_jupyter_server_session_runs_code_on_our_kernel(jupyter_server, ke
         ws.close()
         assert "".join(texts) == "answer 42 True\n"
     finally:
-        _api(base, token, f"/api/sessions/{session['id']}", method="DELETE")
+        jupyter_api(base, token, f"/api/sessions/{session['id']}", method="DELETE")
