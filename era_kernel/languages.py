@@ -19,11 +19,18 @@ from typing import Callable
 from .errors import BadRequest
 
 
+def _py_literal(value: object) -> str:
+    """A Python literal of JSON-able strings, lists and dicts. Not ``json.dumps`` as is:
+    its ASCII escapes write a non-BMP character as a surrogate pair ("\\ud83d\\ude00"),
+    which JSON joins back into one character but a Python string literal does not."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _py_startup(workspace: str, env: dict[str, str], startup: str | None) -> list[str]:
     cells = [
         "import os as _era_os, warnings as _era_warnings\n"
-        f"_era_os.chdir({json.dumps(workspace)})\n"
-        f"_era_os.environ.update({json.dumps(env)})\n"
+        f"_era_os.chdir({_py_literal(workspace)})\n"
+        f"_era_os.environ.update({_py_literal(env)})\n"
         # sys.exit(n) is how scripts end; IPython's "To exit: use 'exit'" hint is noise here.
         "_era_warnings.filterwarnings('ignore', message='To exit: use')\n"
         "del _era_os, _era_warnings"
@@ -36,8 +43,8 @@ def _py_startup(workspace: str, env: dict[str, str], startup: str | None) -> lis
 def _py_env_apply(env: dict[str, str]) -> str:
     return (
         "import os as _era_os\n"
-        f"_era_saved_env = {{k: _era_os.environ.get(k) for k in {json.dumps(sorted(env))}}}\n"
-        f"_era_os.environ.update({json.dumps(env)})"
+        f"_era_saved_env = {{k: _era_os.environ.get(k) for k in {_py_literal(sorted(env))}}}\n"
+        f"_era_os.environ.update({_py_literal(env)})"
     )
 
 

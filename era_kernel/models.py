@@ -13,8 +13,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BadRequest
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Always used with fullmatch: `$` would also match before a trailing newline.
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}", re.ASCII)
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}", re.ASCII)
 LANGUAGES = ("python", "node", "typescript", "deno", "go", "bash")
 LANGUAGE_ALIASES = {"javascript": "node", "js": "node", "py": "python", "python3": "python", "ts": "typescript"}
 PROVISIONERS = ("local", "docker")
@@ -29,18 +30,26 @@ def normalize_language(value: Any) -> str:
     return name
 
 
+def is_session_id(value: Any) -> bool:
+    return isinstance(value, str) and SESSION_ID_RE.fullmatch(value) is not None
+
+
 def check_session_id(value: Any) -> str:
-    if not isinstance(value, str) or not SESSION_ID_RE.match(value):
+    if not is_session_id(value):
         raise ValueError("must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'")
     return value
 
 
 def check_env(value: dict[str, str]) -> dict[str, str]:
     for key, val in value.items():
-        if not ENV_NAME_RE.match(key):
+        if not ENV_NAME_RE.fullmatch(key):
             raise ValueError(f"invalid variable name {key[:40]!r}")
         if "\x00" in val:
             raise ValueError(f"value of {key} contains a NUL byte")
+        try:  # JSON allows a lone surrogate ("\ud83d"); a process environment cannot hold one
+            val.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"value of {key} is not valid Unicode text (a lone surrogate)") from None
     return value
 
 

@@ -130,7 +130,7 @@ class SessionManager(KernelUpkeep):
         return record["uid"] if record.get("uid") else UID_BASE + record["seq"]
 
     async def _record(self, session_id: str) -> dict[str, Any]:
-        if not isinstance(session_id, str) or not models.SESSION_ID_RE.match(session_id):
+        if not models.is_session_id(session_id):
             raise NotFound("session not found")
         record = await self.store.get_session(session_id)
         if record is None:

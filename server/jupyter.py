@@ -38,7 +38,7 @@ from .ws import CLOSE_SESSION_GONE, check_upgrade, send_bounded
 
 log = logging.getLogger("era.server.jupyter")
 
-KERNEL_ENV_RE = re.compile(r"^KERNEL_[A-Za-z0-9_]{1,120}$")  # what GatewayClient sends (plus allowed_envs)
+KERNEL_ENV_RE = re.compile(r"KERNEL_[A-Za-z0-9_]{1,120}", re.ASCII)  # what GatewayClient sends (plus allowed_envs)
 SPEC_CACHE_SECONDS = 30.0
 CLIENT_CHANNELS = ("shell", "control", "stdin")
 MAX_TRACKED_REQUESTS = 4096  # msg ids per socket whose replies it is waiting for
@@ -157,7 +157,7 @@ def kernel_env(env: Any) -> dict[str, str]:
         return {}
     if not isinstance(env, dict):
         raise BadRequest("field 'env' must be an object of strings", field="env")
-    return {k: v for k, v in env.items() if isinstance(k, str) and KERNEL_ENV_RE.match(k) and isinstance(v, str)}
+    return {k: v for k, v in env.items() if isinstance(k, str) and KERNEL_ENV_RE.fullmatch(k) and isinstance(v, str)}
 
 
 class KernelSpecsHandler(BaseHandler):

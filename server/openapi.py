@@ -21,7 +21,7 @@ from .apidoc import Op
 
 RAW = {"bytes", "code", "sse", "websocket", "jupyter-websocket", "text"}
 PARAMETERS = {
-    "id": {"type": "string", "pattern": models.SESSION_ID_RE.pattern, "description": "session id"},
+    "id": {"type": "string", "pattern": f"^{models.SESSION_ID_RE.pattern}$", "description": "session id"},
     "path": {"type": "string", "description": "file path inside the workspace, percent-encoded; may contain '/'"},
     "name": {"type": "string", "description": "kernelspec name, e.g. era-python-local"},
 }

@@ -34,7 +34,7 @@ from .services import Services
 
 log = logging.getLogger("era.server.ws")
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}", re.ASCII)
 MAX_UNFLUSHED_BYTES = 16 * 1024**2  # a client this far behind is closed (1008), not buffered for
 MAX_RUNS_IN_FLIGHT = 100  # queued + running WebSocket runs per session
 CLOSE_POLICY = 1008
@@ -224,7 +224,7 @@ class SessionSocket(JsonErrors, WebSocketHandler):
             from era_kernel.runs import new_run_id  # loaded with the engine
 
             run_id = new_run_id()
-        elif not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+        elif not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
             raise BadRequest("field 'id' must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-'",
                              field="id")
         if run_id in hub.runs_in_flight:
@@ -263,7 +263,7 @@ def msg_id(message: Any) -> str | None:
     if isinstance(message, str) and '"id"' in message:
         try:
             value = parse_json(message).get("id")
-            return value if isinstance(value, str) and RUN_ID_RE.match(value) else None
+            return value if isinstance(value, str) and RUN_ID_RE.fullmatch(value) else None
         except (EraError, AttributeError):
             return None
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -63,6 +64,17 @@ async def test_era_env_session_env_and_run_env(engine):
     assert r["stdout"].split() == ["true", "envtest", "python", "hi", "$(touch", "/tmp/pwned)", "yes", ws]
     r = await run(engine, doc["id"], code)
     assert "None" in r["stdout"].split(), "a run's env does not leak into the next run"
+
+
+async def test_any_unicode_env_value_reaches_the_kernel(engine):
+    """Non-BMP characters (which JSON may carry as surrogate pairs) and line separators
+    round-trip into the kernel's environment, from the session's env and a run's."""
+    value = "smile \U0001F600 \u00fc \u2028 \"q\" \\ end"
+    doc = await engine.create({"env": {"E": value}})
+    code = "import os, json; print(json.dumps([os.environ['E'], os.environ.get('R')]))"
+    r = await run(engine, doc["id"], code, env={"R": "\U0001F680"})
+    assert r["exit_code"] == 0, r
+    assert json.loads(r["stdout"]) == [value, "\U0001F680"]
 
 
 async def test_kernel_env_holds_no_server_secrets(engine, monkeypatch):

@@ -31,6 +31,8 @@ async def test_create_custom_and_auto_ids(engine):
     ({"id": "a" * 129}, "id"),
     ({"id": "nul\x00id"}, "id"),
     ({"id": "rtl\u202eid"}, "id"),
+    ({"id": "rtNL\n"}, "id"),  # `$` matches before a trailing newline: patterns are fullmatched
+    ({"session_id": "rtNL\n"}, "session_id"),
     ({"id": "../etc"}, "id"),
     ({"id": 5}, "id"),
     ({"language": "cobol"}, "language"),
@@ -39,6 +41,8 @@ async def test_create_custom_and_auto_ids(engine):
     ({"default_timeout": -1}, "default_timeout"),
     ({"default_timeout": "10"}, "default_timeout"),
     ({"env": {"BAD-NAME": "x"}}, "env"),
+    ({"env": {"FOO\n": "x"}}, "env"),
+    ({"env": {"LONE": "half a pair \ud83d"}}, "env"),  # valid JSON, but no UTF-8 for the kernel
     ({"env": {"OK": 1}}, "env.OK"),
     ({"metadata": "not an object"}, "metadata"),
 ])
@@ -60,6 +64,7 @@ async def test_oversized_data_is_refused(engine):
 
 async def test_bad_run_input(engine, session):
     for body, field in [({"code": 123}, "code"), ({"code": "1", "timeout": 0}, "timeout"),
+                        ({"code": "1", "env": {"FOO\n": "x"}}, "env"), ({"code": "1", "env": {"E": "\udc00"}}, "env"),
                         ({"code": "1", "timeout": -5}, "timeout"), ({"code": ["x"]}, "code")]:
         with pytest.raises(BadRequest) as err:
             await engine.run(session, body)

@@ -170,7 +170,7 @@ class Sessions:
         key = (provisioner, language)
         if key not in self.ids:
             doc = await engine.create({"id": f"lang-{language}", "language": language, "data": {"count": 41},
-                                       "env": {"GREETING": "hi 'there' $(nothing)"}})
+                                       "env": {"GREETING": "hi 'there' $(nothing) \U0001F600"}})
             self.ids[key] = doc["id"]
         return engine, self.ids[key]
 
@@ -244,10 +244,10 @@ async def test_exit_n_is_the_exit_code_and_the_session_goes_on(sessions, provisi
 @cases()
 async def test_era_session_and_run_env(sessions, provisioner, language):
     engine, sid = await sessions.session(provisioner, language)
-    expected = ["true", sid, language, "hi 'there' $(nothing)"]
+    expected = ["true", sid, language, "hi 'there' $(nothing) \U0001F600"]
     result = await run(sessions, provisioner, language, PRINT_ENV[language],
-                       env={"ONLY_THIS_RUN": "yes \"quoted\" $HOME", "GREETING": "overridden"})
-    assert result["stdout"].splitlines() == expected[:3] + ["overridden", 'yes "quoted" $HOME'], result
+                       env={"ONLY_THIS_RUN": "yes \"quoted\" $HOME \u00fc\U0001F600", "GREETING": "overridden"})
+    assert result["stdout"].splitlines() == expected[:3] + ["overridden", 'yes "quoted" $HOME \u00fc\U0001F600'], result
     result = await run(sessions, provisioner, language, PRINT_ENV[language])
     assert result["stdout"].splitlines() == expected + ["-"], "a run's env does not leak into the next run"
 
