@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings
+from .errors import Conflict
 from .workspaces import Workspace, WorkspaceStore
 
 log = logging.getLogger("era.files")
+
+POOL_ROOT = "pool"  # under the data directory, beside sessions/
 
 
 class SessionFiles:
@@ -39,9 +42,18 @@ class SessionFiles:
         return self._store
 
     def path(self, record: dict[str, Any]) -> Path:
-        """The session's local directory: named after the session, or after the pooled
-        kernel it claimed (whose sandbox already has that directory mounted)."""
-        return self.settings.data_dir / "sessions" / (record.get("workdir") or record["id"])
+        """The session's local directory: ``sessions/<id>``, or the directory of the pooled
+        kernel it claimed (whose sandbox already has it mounted): ``pool/<hex>``. Pooled
+        directories live under their own root, so no session id can name one. Records
+        from before that kept ``pool-<hex>`` under ``sessions/``."""
+        workdir = record.get("workdir")
+        if workdir and "/" in workdir:
+            return self.settings.data_dir / workdir
+        return self.settings.data_dir / "sessions" / (workdir or record["id"])
+
+    def pool_path(self, name: str) -> Path:
+        """Where a pooled kernel's directory is made (``name``: a random hex string)."""
+        return self.settings.data_dir / POOL_ROOT / name
 
     def workspace(self, root: Path | str) -> Workspace:
         s = self.settings
@@ -52,6 +64,14 @@ class SessionFiles:
         return self.workspace(self.path(record))
 
     # ---- lifecycle -------------------------------------------------------------------
+    async def check_unused(self, record: dict[str, Any]) -> None:
+        """Before a new session is stored: its directory must not exist yet. One that does
+        is debris of an older layout or of a failed delete, and a new session never
+        adopts (or, rolling back, removes) files it did not make."""
+        if not record.get("workdir") and await self.of(record).exists():
+            raise Conflict(f"a directory for session {record['id']} already exists on this host; pick another id",
+                           field="id")
+
     async def create(self, record: dict[str, Any], uid: int, copy_from: dict[str, Any] | None = None,
                      copy_from_uid: int | None = None) -> None:
         """A new session's directory (and store snapshot, when persistent)."""

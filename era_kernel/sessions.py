@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable
 
 from . import models
 from .config import Settings
-from .errors import BadRequest, Conflict, KernelFailed, NotFound, TooLarge
+from .errors import BadRequest, Conflict, EraError, KernelFailed, NotFound, TooLarge
 from .kernel import EventSink, InputHandler, SessionKernel
 from .kernelspecs import EraKernelSpecManager
 from .languages import get_language
@@ -30,7 +30,7 @@ from .pool import KernelPool, WarmKernel, parse_pool_keys
 from .runs import done_event, new_run_id, notebook_from_runs, run_result, utc_now
 from .slots import KernelSlots
 from .store.base import SessionExists, store_for_url
-from .session_files import SessionFiles
+from .session_files import POOL_ROOT, SessionFiles
 from .setup import SetupManager
 from .upkeep import KernelUpkeep
 
@@ -85,21 +85,33 @@ class SessionManager(KernelUpkeep):
         for record in records:  # setups a previous process did not finish
             if record.get("setup") and record.get("setup_status") in ("pending", "running"):
                 await self._start_setup(record)
-        await self._remove_unclaimed_workdirs({r["workdir"] for r in records if r.get("workdir")})
+        await self._remove_unclaimed_workdirs(records)
         self._started = True
         self._started_at = time.monotonic()
         self.pool.start()
         self._culler = asyncio.create_task(self._cull_loop(), name="era-culler")
 
-    async def _remove_unclaimed_workdirs(self, claimed: set[str]) -> None:
-        """Pooled kernels' directories a previous process left unclaimed."""
-        names = await asyncio.to_thread(lambda: [p.name for p in (self.settings.data_dir / "sessions").iterdir()
-                                                 if p.name.startswith("pool-")])
-        for name in set(names) - claimed:
-            await self.files.workspace(self.settings.data_dir / "sessions" / name).remove()
+    async def _remove_unclaimed_workdirs(self, records: list[dict[str, Any]]) -> None:
+        """Pooled kernels' directories a previous process left unclaimed: every directory
+        under ``pool/`` that no record names, and the ``sessions/pool-<hex>`` ones of the
+        older layout that are neither a record's directory nor a session's own. A failure
+        is logged, never fatal: nothing a session left on disk may stop the server."""
+        claimed = {self.files.path(r) for r in records}
+
+        def unclaimed() -> list[Path]:
+            found = [p for p in (self.settings.data_dir / POOL_ROOT).iterdir()]
+            found += [p for p in (self.settings.data_dir / "sessions").iterdir() if p.name.startswith("pool-")]
+            return [p for p in found if p not in claimed]
+
+        for path in await asyncio.to_thread(unclaimed):
+            try:
+                await self.files.workspace(path).remove()
+            except Exception as exc:
+                log.error("cannot remove the unclaimed pool directory %s: %s", path.name, exc)
 
     def _make_dirs(self) -> None:
-        for path in (self.settings.data_dir / "sessions", self.settings.data_dir / "scratch"):
+        for path in (self.settings.data_dir / "sessions", self.settings.data_dir / POOL_ROOT,
+                     self.settings.data_dir / "scratch"):
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o711)  # kernels traverse to their own dir; nobody lists
         self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -181,10 +193,11 @@ class SessionManager(KernelUpkeep):
         the workspace; all or nothing."""
         warm = self._take_warm(record)
         if warm is not None:  # its directory and uid become the session's
-            record.update(workdir=warm.workdir.name, uid=warm.uid)
+            record.update(workdir=f"{POOL_ROOT}/{warm.workdir.name}", uid=warm.uid)
         else:
             await self._admit()  # 429 before anything is written
         try:
+            await self.files.check_unused(record)
             try:
                 record = await self.store.insert_session(record)
             except SessionExists:
@@ -231,8 +244,15 @@ class SessionManager(KernelUpkeep):
         record = await self._record(session_id)
         await self.setups.cancel(session_id)
         await self._stop_kernel(session_id)
+        # Files first, the record last: a delete that fails half-way leaves the session
+        # listed, and deleting it again finishes the job; never files without a record.
+        try:
+            await self.files.remove(record)
+        except OSError as exc:
+            log.error("session %s: its files could not be removed: %s", session_id, exc)
+            raise EraError(f"the files of session {session_id} could not all be removed ({exc.strerror or exc}); "
+                           "the session is kept: retry the delete") from None
         await self.store.delete_session(session_id)
-        await self.files.remove(record)
         for per_session in (self._locks, self._subscribers, self._data_on_disk, self._workdirs, self._active_at):
             per_session.pop(session_id, None)
 

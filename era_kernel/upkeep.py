@@ -47,7 +47,7 @@ class KernelUpkeep:
             uid = self._pool_uids.pop()
         else:
             uid = os.getuid()
-        ws = self.files.workspace(self.settings.data_dir / "sessions" / f"pool-{secrets.token_hex(8)}")
+        ws = self.files.workspace(self.files.pool_path(secrets.token_hex(8)))
         record = {"id": None, "language": language, "provisioner": provisioner, "allowInternetAccess": False}
         kernel = self._new_kernel(record, ws.root, uid, cells=False)
         kernel.launch["labels"] = {"era.pool": f"{language}-{provisioner}"}

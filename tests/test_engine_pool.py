@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from era_kernel.errors import NotFound, TooManyKernels
+from era_kernel.errors import Conflict, NotFound, TooManyKernels
 from era_kernel.sessions import SessionManager
 from era_kernel.upkeep import POOL_UID_BASE
 
@@ -155,6 +155,47 @@ async def test_warm_directories_a_dead_process_left_are_removed_but_claimed_ones
         await second.shutdown()
 
 
+@both_provisioners
+async def test_session_ids_never_reach_pooled_directories(era_settings):
+    """A pooled kernel's directory (visible to its code as the cwd) lives under its own
+    root: a session named after it gets a directory of its own, and a session whose id
+    starts with "pool-" keeps its files across a restart."""
+    settings = era_settings.replace(ERA_POOL_SIZE=1)
+    async with started_engine(settings) as first:
+        await wait_pool_full(first)
+        victim = (await first.create({}))["id"]
+        assert first.pool.stats()["claimed"] == 1
+        await first.write_file(victim, "secret.txt", b"victim's")
+        workdir = first.workspace_dir(victim)
+        assert workdir.parent == settings.data_dir / "pool"
+        if settings["ERA_PROVISIONER"] == "local":  # the kernel's code sees the directory's name
+            cwd = (await first.run(victim, {"code": "import os; print(os.getcwd())"}))["stdout"].strip()
+            assert cwd == str(workdir)
+        for name in (workdir.name, f"pool-{workdir.name}"):
+            thief = (await first.create({"id": name, "allowInternetAccess": True}))["id"]  # never pooled
+            assert await first.list_files(thief) == []
+            await first.delete(thief)
+        assert await first.read_file(victim, "secret.txt") == b"victim's"
+        mine = (await first.create({"id": "pool-mydata", "allowInternetAccess": True}))["id"]
+        await first.write_file(mine, "mine.txt", b"kept")
+    async with started_engine(settings.replace(ERA_POOL_SIZE=0)) as second:
+        assert await second.read_file(mine, "mine.txt") == b"kept"
+        assert await second.read_file(victim, "secret.txt") == b"victim's"
+        r = await second.run(mine, {"code": "print(open('mine.txt').read())"})
+        assert r["stdout"] == "kept\n", r
+
+
+async def test_a_new_session_never_adopts_a_directory_already_on_disk(engine):
+    debris = engine.settings.data_dir / "sessions" / "leftover"
+    debris.mkdir()
+    (debris / "old.txt").write_text("not yours")
+    with pytest.raises(Conflict) as err:
+        await engine.create({"id": "leftover"})
+    assert err.value.field == "id"
+    assert (debris / "old.txt").read_text() == "not yours", "the refused create removed nothing"
+    assert await engine.list() == [] and engine.slots.used == 0
+
+
 async def test_pool_uids_are_never_reused_across_restarts(era_settings):
     if os.getuid() != 0:
         pytest.skip("per-session uids exist only when the engine runs as root")
@@ -228,7 +269,7 @@ async def test_idle_kernels_are_shut_down_and_the_session_stays(era_settings):
         assert doc["kernel"]["state"] == "none"
         r = await engine.run(idle, {"code": "print(globals().get('x'))"})
         assert r["stdout"] == "None\n" and engine.culled["idle"] == 1
-        assert (await engine.cull())["idle"] == []  # it just ran
+        assert idle not in (await engine.cull())["idle"]  # it just ran (busy may be idle by now on a slow host)
 
 
 async def test_sessions_past_their_max_age_are_deleted_with_their_files(era_settings):

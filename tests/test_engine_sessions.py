@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
+import subprocess
 
 import nbformat
 import pytest
 
-from era_kernel.errors import BadRequest, Conflict, NotFound, TooLarge, TooManyKernels
+from era_kernel.errors import BadRequest, Conflict, EraError, NotFound, TooLarge, TooManyKernels
 
 from .conftest import kernel_processes
 
@@ -100,6 +103,25 @@ async def test_delete_stops_kernel_removes_workspace_and_record(engine, session)
     assert not kernel_processes(str(kernel_dir))
     with pytest.raises(NotFound):
         await engine.runs(session)
+
+
+async def test_a_delete_that_cannot_remove_the_files_keeps_the_session(engine, session):
+    """Files go first, the record last: a failed delete leaves the session listed (so it
+    can be deleted again), never files on disk that no record owns."""
+    if os.getuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("needs root and chattr to make a file that cannot be removed")
+    await engine.write_file(session, "deep/stuck.txt", b"x")
+    stuck = engine.workspace_dir(session) / "deep" / "stuck.txt"
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)  # immutable: even root cannot unlink it
+    try:
+        with pytest.raises(EraError) as err:
+            await engine.delete(session)
+        assert "retry" in err.value.message and err.value.status == 500
+        assert [d["id"] for d in await engine.list()] == [session]
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    await engine.delete(session)
+    assert await engine.list() == [] and not engine.workspace_dir(session).exists()
 
 
 async def test_duplicate_copies_data_files_language_metadata_not_history(engine):
