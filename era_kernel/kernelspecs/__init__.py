@@ -1,7 +1,8 @@
-"""Our kernelspecs (``kernelspecs/`` in the repository) for the engine and for Jupyter.
+"""Our kernelspecs (``era-<language>[-local]/kernel.json`` beside this file, shipped as
+package data) for the engine and for Jupyter.
 
-The engine reads them straight from the repository through ``EraKernelSpecManager``,
-so a fresh checkout needs no install step; ``era kernelspecs install`` copies them
+The engine reads them straight from the package through ``EraKernelSpecManager``, so
+neither a checkout nor a wheel needs an install step; ``era kernelspecs install`` copies them
 where JupyterLab's kernel picker looks. In both cases an argv that starts with bare
 ``python`` is pinned to the interpreter running ERA, whose environment has ipykernel,
 and the Python kernels get ERA's ipykernel tuning (``languages.PYTHON_KERNEL_TUNING``).
@@ -17,9 +18,9 @@ from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
-from .languages import PYTHON_KERNEL_TUNING
+from ..languages import PYTHON_KERNEL_TUNING
 
-KERNELSPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs"
+KERNELSPECS_DIR = Path(__file__).resolve().parent
 
 
 def _pin_python(spec: dict) -> dict:
@@ -40,7 +41,7 @@ def available() -> list[str]:
 
 
 class EraKernelSpecManager(KernelSpecManager):
-    """Serves only ERA's kernelspecs, from the repository, with argv pinned."""
+    """Serves only ERA's kernelspecs, from the package, with argv pinned."""
 
     def find_kernel_specs(self) -> dict[str, str]:
         return {name: str(KERNELSPECS_DIR / name) for name in available()}

@@ -1,0 +1,68 @@
+"""The wheel, installed as a user would (`pip install era-kernel`), not editable.
+
+Everything the package needs at run time must be inside it: the kernelspecs, the image
+recipes, the JavaScript launchers of the language kernels. A regular install of a wheel
+that lacked them would fail at `era kernelspecs install` or at the first kernel start,
+which an editable install (the tests' own) can never show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, short_tmpdir
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory) -> Path:
+    """A fresh virtualenv with the project's wheel installed (dependencies from the index)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+                            "-w", str(tmp / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    warnings = [line for line in (build.stdout + build.stderr).splitlines()
+                if "Warning" in line or "deprecat" in line.lower()]
+    assert not warnings, "building the wheel printed warnings:\n" + "\n".join(warnings)
+    (wheel,) = (tmp / "dist").glob("era_kernel-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel)],
+                             capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
+    return venv
+
+
+def test_the_wheel_installs_kernelspecs_and_runs_code(wheel_venv, tmp_path):
+    venv_bin = wheel_venv / "bin"
+    # The installed package, not this checkout, is what runs.
+    where = subprocess.run([str(venv_bin / "python"), "-c", "import era_kernel; print(era_kernel.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    assert where.startswith(str(wheel_venv)), where
+
+    prefix = tmp_path / "prefix"
+    subprocess.run([str(venv_bin / "era"), "kernelspecs", "install", "--prefix", str(prefix)], check=True,
+                   capture_output=True, cwd=tmp_path, timeout=120)
+    listed = subprocess.run([str(venv_bin / "jupyter"), "kernelspec", "list", "--json"], capture_output=True,
+                            text=True, check=True, cwd=tmp_path,
+                            env=dict(os.environ, JUPYTER_PATH=str(prefix / "share" / "jupyter")))
+    specs = json.loads(listed.stdout)["kernelspecs"]
+    for language in ("python", "node", "typescript", "deno", "bash", "go"):
+        assert {f"era-{language}", f"era-{language}-local"} <= specs.keys(), sorted(specs)
+    local = specs["era-python-local"]["spec"]
+    assert Path(local["argv"][0]).parent == venv_bin  # pinned to the installed interpreter
+    assert local["metadata"]["kernel_provisioner"]["provisioner_name"] == "era-local"
+
+    runtime = short_tmpdir("erw")
+    env = dict(os.environ, ERA_DATA_DIR=str(tmp_path / "data"), ERA_RUNTIME_DIR=str(runtime), ERA_POOL_SIZE="0")
+    env.pop("ERA_STORE_URL", None)
+    env.pop("ERA_WORKSPACE_URL", None)
+    run = subprocess.run([str(venv_bin / "era"), "run", "import sys; print('hello from', sys.prefix); sys.exit(3)"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180)
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert run.stdout == f"hello from {wheel_venv}\n"
