@@ -82,6 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
             "A session's own `max_age` overrides it.", float),
     Setting("ERA_CULL_INTERVAL", 30.0, "Seconds between culling passes (idle kernels, expired sessions).", float),
     Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
+    Setting("ERA_MAX_METADATA_BYTES", 16 * 1024, "Largest session `metadata` document, in bytes of JSON "
+            "(labels for the client; every listing carries it).", _size),
     Setting("ERA_SETUP_TIMEOUT", 900.0, "Seconds a whole package setup may take.", float),
     Setting("ERA_SETUP_COMMAND_TIMEOUT", 300.0, "Seconds each setup `commands` item may take.", float),
     Setting("ERA_SETUP_MEMORY", 4 * 1024**3, "Memory of setup steps (RLIMIT_AS locally, container limit on Docker).",

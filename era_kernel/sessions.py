@@ -152,17 +152,21 @@ class SessionManager(KernelUpkeep):
             "setup_result": record.get("setup_result"), "kernel": {"state": state},
         }
 
-    def _check_data(self, data: dict[str, Any]) -> None:
-        size = len(json.dumps(data).encode())
-        if size > self.settings["ERA_MAX_DATA_BYTES"]:
-            raise TooLarge(f"field 'data' is {size} bytes; the limit is {self.settings['ERA_MAX_DATA_BYTES']}",
-                           field="data")
+    def _check_sizes(self, fields: dict[str, Any]) -> None:
+        """413 for a ``data`` or ``metadata`` over its limit; called before anything is
+        written. Both are in every session document, so they bound every listing too."""
+        for name, setting in (("metadata", "ERA_MAX_METADATA_BYTES"), ("data", "ERA_MAX_DATA_BYTES")):
+            if fields.get(name) is None:
+                continue
+            size, limit = len(json.dumps(fields[name]).encode()), self.settings[setting]
+            if size > limit:
+                raise TooLarge(f"field '{name}' is {size} bytes; the limit is {limit} ({setting})", field=name)
 
     # ---- sessions -------------------------------------------------------------------------
     async def create(self, body: Any) -> dict[str, Any]:
         req = models.parse(models.CreateSession, body)
         get_language(req.language)
-        self._check_data(req.data)
+        self._check_sizes({"metadata": req.metadata, "data": req.data})
         setup = self.setups.normalize(req.setup)
         record = {
             "id": req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
@@ -218,8 +222,7 @@ class SessionManager(KernelUpkeep):
         await self._record(session_id)
         req = models.parse(models.PatchSession, body)
         changes = req.model_dump(exclude_unset=True, exclude_none=True)
-        if "data" in changes:
-            self._check_data(changes["data"])
+        self._check_sizes(changes)
         record = await self.store.update_session(session_id, changes)
         if record is None:
             raise NotFound(f"session {session_id} not found")
@@ -251,6 +254,7 @@ class SessionManager(KernelUpkeep):
         source = await self._record(session_id)
         req = models.parse(models.DuplicateRequest, body)
         record = {k: source.get(k) for k in _FIELDS_COPIED_BY_DUPLICATE}
+        self._check_sizes(record)  # stored under a larger limit: not copied past today's
         record.update(id=req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
                       created_at=utc_now(), last_run_at=None, max_age=source.get("max_age"),
                       setup_status="pending" if source.get("setup") else None, setup_result=None)

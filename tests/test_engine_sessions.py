@@ -153,3 +153,25 @@ async def test_longest_session_id_fits_ipc_limit(engine):
     await engine.create({"id": sid})
     r = await engine.run(sid, {"code": "print('ok')"})
     assert r["stdout"] == "ok\n"
+
+
+# ---- bounded metadata (a listing carries every session's metadata) ----------------------------
+async def test_oversized_metadata_is_refused_before_anything_is_written(engine):
+    big = {"blob": "m" * 1024**2}
+    with pytest.raises(TooLarge) as err:
+        await engine.create({"id": "meta-big", "metadata": big})
+    assert err.value.field == "metadata" and err.value.status == 413
+    assert await engine.list() == [] and engine.slots.used == 0
+    assert not list((engine.settings.data_dir / "sessions").iterdir())
+    await engine.create({"id": "meta-ok", "metadata": {"team": "a"}})
+    with pytest.raises(TooLarge) as err:
+        await engine.patch("meta-ok", {"metadata": big, "default_timeout": 7})
+    assert err.value.field == "metadata"
+    doc = await engine.get("meta-ok")
+    assert doc["metadata"] == {"team": "a"} and doc["default_timeout"] != 7, "a refused patch changes nothing"
+    # A record stored under a larger limit is not copied past the current one.
+    engine.settings = engine.settings.replace(ERA_MAX_METADATA_BYTES=8)
+    with pytest.raises(TooLarge) as err:
+        await engine.duplicate("meta-ok", {"id": "meta-copy"})
+    assert err.value.field == "metadata"
+    assert [d["id"] for d in await engine.list()] == ["meta-ok"]

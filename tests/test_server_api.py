@@ -202,6 +202,18 @@ def test_bulk_delete_by_prefix_and_ids(server):
     assert assert_error_shape(status, body, 400)["field"] == "ids"
 
 
+def test_oversized_metadata_is_413_and_writes_nothing(server, sid):
+    big = {"blob": "m" * (64 * 1024)}  # over ERA_MAX_METADATA_BYTES, under the 1 MiB body limit
+    status, body = server.request("POST", "/api/sessions", {"id": "meta-big", "metadata": big})
+    assert assert_error_shape(status, body, 413)["field"] == "metadata"
+    assert_error_shape(*server.request("GET", "/api/sessions/meta-big"), 404)
+    before = server.json("GET", f"/api/sessions/{sid}")
+    status, body = server.request("PATCH", f"/api/sessions/{sid}", {"metadata": big, "default_timeout": 9})
+    assert assert_error_shape(status, body, 413)["field"] == "metadata"
+    after = server.json("GET", f"/api/sessions/{sid}")
+    assert (after["metadata"], after["default_timeout"]) == (before["metadata"], before["default_timeout"])
+
+
 def test_openapi_is_served(server):
     doc = server.json("GET", "/api/openapi.json")
     assert doc["openapi"].startswith("3.") and "/api/sessions/{id}/stream" in doc["paths"]

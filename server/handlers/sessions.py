@@ -71,7 +71,7 @@ class DuplicateHandler(BaseHandler):
     SESSION_ROUTE = True
     API = {"post": Op("Duplicate a session (data, files, language, metadata, setup; not history)",
                       body="DuplicateRequest", response="SessionDocument", status=201,
-                      errors=(400, 404, 409, 429))}
+                      errors=(400, 404, 409, 413, 429))}
 
     async def post(self, sid: str) -> None:
         doc = await self.engine.duplicate(sid, self.json_body())
