@@ -84,6 +84,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
     Setting("ERA_MAX_METADATA_BYTES", 16 * 1024, "Largest session `metadata` document, in bytes of JSON "
             "(labels for the client; every listing carries it).", _size),
+    Setting("ERA_LIST_MAX", 1000, "Most sessions in one `GET /api/sessions` answer (and the largest `limit`); "
+            "past it the answer has `truncated: true` and a `next_cursor`.", int),
+    Setting("ERA_LIST_MAX_BYTES", 8 * 1024**2, "JSON size after which a `GET /api/sessions` answer is cut the same "
+            "way (it always holds at least one session).", _size),
     Setting("ERA_SETUP_TIMEOUT", 900.0, "Seconds a whole package setup may take.", float),
     Setting("ERA_SETUP_COMMAND_TIMEOUT", 300.0, "Seconds each setup `commands` item may take.", float),
     Setting("ERA_SETUP_MEMORY", 4 * 1024**3, "Memory of setup steps (RLIMIT_AS locally, container limit on Docker).",

@@ -25,6 +25,7 @@ from .errors import BadRequest, Conflict, KernelFailed, NotFound, TooLarge
 from .kernel import EventSink, InputHandler, SessionKernel
 from .kernelspecs import EraKernelSpecManager
 from .languages import get_language
+from .listing import SessionPage, read_page, record_chunks
 from .orphans import reap_orphans
 from .pool import KernelPool, WarmKernel, parse_pool_keys
 from .runs import done_event, new_run_id, notebook_from_runs, run_result, utc_now
@@ -81,11 +82,13 @@ class SessionManager(KernelUpkeep):
         reaped = await reap_orphans(self.settings)
         if reaped:
             log.info("reaped %d orphaned kernel(s) from a previous process", reaped)
-        records = await self.store.list_sessions()
-        for record in records:  # setups a previous process did not finish
-            if record.get("setup") and record.get("setup_status") in ("pending", "running"):
-                await self._start_setup(record)
-        await self._remove_unclaimed_workdirs({r["workdir"] for r in records if r.get("workdir")})
+        claimed: set[str] = set()
+        async for records in record_chunks(self.store):
+            for record in records:  # setups a previous process did not finish
+                if record.get("setup") and record.get("setup_status") in ("pending", "running"):
+                    await self._start_setup(record)
+            claimed.update(r["workdir"] for r in records if r.get("workdir"))
+        await self._remove_unclaimed_workdirs(claimed)
         self._started = True
         self._started_at = time.monotonic()
         self.pool.start()
@@ -215,8 +218,12 @@ class SessionManager(KernelUpkeep):
     async def get(self, session_id: str) -> dict[str, Any]:
         return await self._document(await self._record(session_id))
 
-    async def list(self) -> list[dict[str, Any]]:
-        return [await self._document(r) for r in await self.store.list_sessions()]
+    async def list(self, limit: int | None = None, cursor: str | None = None) -> SessionPage:
+        """One page of session documents, oldest first: after ``cursor`` (a page's
+        ``next_cursor``), at most ``limit`` (default and most ``ERA_LIST_MAX``) and about
+        ``ERA_LIST_MAX_BYTES`` of JSON; ``next_cursor`` is None on the last page."""
+        return await read_page(self.store, self._document, limit=limit, cursor=cursor,
+                               cap=self.settings["ERA_LIST_MAX"], max_bytes=self.settings["ERA_LIST_MAX_BYTES"])
 
     async def patch(self, session_id: str, body: Any) -> dict[str, Any]:
         await self._record(session_id)
@@ -240,9 +247,11 @@ class SessionManager(KernelUpkeep):
             per_session.pop(session_id, None)
 
     async def delete_many(self, ids: list[str] | None = None, prefix: str | None = None) -> list[str]:
-        records = await self.store.list_sessions()
-        targets = [r["id"] for r in records
-                   if (ids is None or r["id"] in ids) and (prefix is None or r["id"].startswith(prefix))]
+        wanted = None if ids is None else set(ids)
+        targets: list[str] = []
+        async for records in record_chunks(self.store):
+            targets += [r["id"] for r in records
+                        if (wanted is None or r["id"] in wanted) and (prefix is None or r["id"].startswith(prefix))]
         for sid in targets:
             try:
                 await self.delete(sid)

@@ -190,8 +190,15 @@ class KernelsHandler(BaseHandler):
     }
 
     async def get(self) -> None:
-        docs = [d for d in await self.engine.list() if is_gateway_kernel(d)]
-        self.send_json([kernel_model(self.services, d) for d in docs])
+        # Every page: Jupyter's list has no paging, and a kernel model is small.
+        models, cursor = [], None
+        while True:
+            page = await self.engine.list(cursor=cursor)
+            models += [kernel_model(self.services, d) for d in page if is_gateway_kernel(d)]
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        self.send_json(models)
 
     async def post(self) -> None:
         body = self.json_body() or {}
