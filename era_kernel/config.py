@@ -101,6 +101,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_API_KEY", "", "When set, every /api route and WebSocket needs `Authorization: Bearer <key>`."),
     Setting("ERA_ALLOWED_ORIGINS", "", "Comma-separated WebSocket Origins allowed (exact match)."),
     Setting("ERA_MAX_BODY", 64 * 1024**2, "Largest HTTP request body in bytes.", _size),
+    Setting("ERA_MAX_SOCKETS_PER_SESSION", 16, "Open WebSockets on one session (`/ws` and Jupyter `channels` "
+            "together); past it the upgrade answers 429.", int),
+    Setting("ERA_MAX_SOCKETS_PER_CLIENT", 64, "Open WebSockets of one client: one API key (with `ERA_API_KEY` "
+            "set, all its holders share this), else one remote address; past it the upgrade answers 429.", int),
     Setting("ERA_DOCKER_IMAGE_PREFIX", "era", "Repository prefix of the language images (`era/python`)."),
     Setting("ERA_DOCKER_MEMORY", 512 * 1024**2, "Memory limit (swap included) of a Docker kernel.", _size),
     Setting("ERA_DOCKER_CPUS", 1.0, "CPUs of a Docker kernel.", float),
