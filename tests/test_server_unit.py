@@ -165,6 +165,11 @@ def test_socket_slots_count_per_session_and_client_and_give_back_once():
     for release in (a2, a3, slots.take("s3", "addr:a")):
         release()
     assert not slots.sessions and not slots.clients  # no entry left per session or address seen
+    from era_kernel.config import Settings
+
+    for name in ("ERA_MAX_SOCKETS_PER_SESSION", "ERA_MAX_SOCKETS_PER_CLIENT", "ERA_LIST_MAX"):
+        with pytest.raises(ValueError, match="at least 1"):  # a cap of 0 would refuse everything
+            Settings.from_env({name: "0"})
 
 
 # ---- downloads -------------------------------------------------------------------------------
