@@ -68,13 +68,14 @@ async def read_page(store: MetadataStore, document: Callable[[dict[str, Any]], A
         want = min(CHUNK, limit - len(page)) + 1  # one more than needed: is there a next page?
         records = await store.list_sessions(limit=want, after=after)
         for record in records:
+            # Cut before this record; `after` is then the seq of the page's last document.
             if len(page) == limit:
-                page.next_cursor = encode_cursor(after)  # type: ignore[arg-type]  # set by the first append
+                page.next_cursor = encode_cursor(after)
                 return page
             doc = await document(record)
             doc_size = len(json.dumps(doc, default=str))
             if page and size + doc_size > max_bytes:
-                page.next_cursor = encode_cursor(after)  # type: ignore[arg-type]
+                page.next_cursor = encode_cursor(after)
                 return page
             page.append(doc)
             size += doc_size
