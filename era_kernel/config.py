@@ -37,6 +37,14 @@ def _size(value: str) -> int:
     return int(text)
 
 
+def _count(value: str) -> int:
+    """A cap that must let at least one through (0 would refuse every listing or socket)."""
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -82,6 +90,12 @@ SETTINGS: tuple[Setting, ...] = (
             "A session's own `max_age` overrides it.", float),
     Setting("ERA_CULL_INTERVAL", 30.0, "Seconds between culling passes (idle kernels, expired sessions).", float),
     Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
+    Setting("ERA_MAX_METADATA_BYTES", 16 * 1024, "Largest session `metadata` document, in bytes of JSON "
+            "(labels for the client; every listing carries it).", _size),
+    Setting("ERA_LIST_MAX", 1000, "Most sessions in one `GET /api/sessions` answer (and the largest `limit`); "
+            "past it the answer has `truncated: true` and a `next_cursor`.", _count),
+    Setting("ERA_LIST_MAX_BYTES", 8 * 1024**2, "JSON size after which a `GET /api/sessions` answer is cut the same "
+            "way (it always holds at least one session).", _size),
     Setting("ERA_SETUP_TIMEOUT", 900.0, "Seconds a whole package setup may take.", float),
     Setting("ERA_SETUP_COMMAND_TIMEOUT", 300.0, "Seconds each setup `commands` item may take.", float),
     Setting("ERA_SETUP_MEMORY", 4 * 1024**3, "Memory of setup steps (RLIMIT_AS locally, container limit on Docker).",
@@ -95,6 +109,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_API_KEY", "", "When set, every /api route and WebSocket needs `Authorization: Bearer <key>`."),
     Setting("ERA_ALLOWED_ORIGINS", "", "Comma-separated WebSocket Origins allowed (exact match)."),
     Setting("ERA_MAX_BODY", 64 * 1024**2, "Largest HTTP request body in bytes.", _size),
+    Setting("ERA_MAX_SOCKETS_PER_SESSION", 16, "Open WebSockets on one session (`/ws` and Jupyter `channels` "
+            "together); past it the upgrade answers 429.", _count),
+    Setting("ERA_MAX_SOCKETS_PER_CLIENT", 64, "Open WebSockets of one client: one API key (with `ERA_API_KEY` "
+            "set, all its holders share this), else one remote address; past it the upgrade answers 429.", _count),
     Setting("ERA_DOCKER_IMAGE_PREFIX", "era", "Repository prefix of the language images (`era/python`)."),
     Setting("ERA_DOCKER_MEMORY", 512 * 1024**2, "Memory limit (swap included) of a Docker kernel.", _size),
     Setting("ERA_DOCKER_CPUS", 1.0, "CPUs of a Docker kernel.", float),

@@ -25,6 +25,7 @@ from .errors import BadRequest, Conflict, EraError, KernelFailed, NotFound, TooL
 from .kernel import EventSink, InputHandler, SessionKernel
 from .kernelspecs import EraKernelSpecManager
 from .languages import get_language
+from .listing import SessionPage, read_page, record_chunks
 from .orphans import reap_orphans
 from .pool import KernelPool, WarmKernel, parse_pool_keys
 from .runs import done_event, new_run_id, notebook_from_runs, run_result, utc_now
@@ -81,22 +82,24 @@ class SessionManager(KernelUpkeep):
         reaped = await reap_orphans(self.settings)
         if reaped:
             log.info("reaped %d orphaned kernel(s) from a previous process", reaped)
-        records = await self.store.list_sessions()
-        for record in records:  # setups a previous process did not finish
-            if record.get("setup") and record.get("setup_status") in ("pending", "running"):
-                await self._start_setup(record)
-        await self._remove_unclaimed_workdirs(records)
+        claimed: set[Path] = set()
+        async for records in record_chunks(self.store):
+            for record in records:  # setups a previous process did not finish
+                if record.get("setup") and record.get("setup_status") in ("pending", "running"):
+                    await self._start_setup(record)
+            claimed.update(self.files.path(r) for r in records)
+        await self._remove_unclaimed_workdirs(claimed)
         self._started = True
         self._started_at = time.monotonic()
         self.pool.start()
         self._culler = asyncio.create_task(self._cull_loop(), name="era-culler")
 
-    async def _remove_unclaimed_workdirs(self, records: list[dict[str, Any]]) -> None:
+    async def _remove_unclaimed_workdirs(self, claimed: set[Path]) -> None:
         """Pooled kernels' directories a previous process left unclaimed: every directory
         under ``pool/`` that no record names, and the ``sessions/pool-<hex>`` ones of the
         older layout that are neither a record's directory nor a session's own. A failure
-        is logged, never fatal: nothing a session left on disk may stop the server."""
-        claimed = {self.files.path(r) for r in records}
+        is logged, never fatal: nothing a session left on disk may stop the server.
+        ``claimed``: every record's directory."""
 
         def unclaimed() -> list[Path]:
             found = [p for p in (self.settings.data_dir / POOL_ROOT).iterdir()]
@@ -164,17 +167,21 @@ class SessionManager(KernelUpkeep):
             "setup_result": record.get("setup_result"), "kernel": {"state": state},
         }
 
-    def _check_data(self, data: dict[str, Any]) -> None:
-        size = len(json.dumps(data).encode())
-        if size > self.settings["ERA_MAX_DATA_BYTES"]:
-            raise TooLarge(f"field 'data' is {size} bytes; the limit is {self.settings['ERA_MAX_DATA_BYTES']}",
-                           field="data")
+    def _check_sizes(self, fields: dict[str, Any]) -> None:
+        """413 for a ``data`` or ``metadata`` over its limit; called before anything is
+        written. Both are in every session document, so they bound every listing too."""
+        for name, setting in (("metadata", "ERA_MAX_METADATA_BYTES"), ("data", "ERA_MAX_DATA_BYTES")):
+            if fields.get(name) is None:
+                continue
+            size, limit = len(json.dumps(fields[name]).encode()), self.settings[setting]
+            if size > limit:
+                raise TooLarge(f"field '{name}' is {size} bytes; the limit is {limit} ({setting})", field=name)
 
     # ---- sessions -------------------------------------------------------------------------
     async def create(self, body: Any) -> dict[str, Any]:
         req = models.parse(models.CreateSession, body)
         get_language(req.language)
-        self._check_data(req.data)
+        self._check_sizes({"metadata": req.metadata, "data": req.data})
         setup = self.setups.normalize(req.setup)
         record = {
             "id": req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
@@ -224,15 +231,18 @@ class SessionManager(KernelUpkeep):
     async def get(self, session_id: str) -> dict[str, Any]:
         return await self._document(await self._record(session_id))
 
-    async def list(self) -> list[dict[str, Any]]:
-        return [await self._document(r) for r in await self.store.list_sessions()]
+    async def list(self, limit: int | None = None, cursor: str | None = None) -> SessionPage:
+        """One page of session documents, oldest first: after ``cursor`` (a page's
+        ``next_cursor``), at most ``limit`` (default and most ``ERA_LIST_MAX``) and about
+        ``ERA_LIST_MAX_BYTES`` of JSON; ``next_cursor`` is None on the last page."""
+        return await read_page(self.store, self._document, limit=limit, cursor=cursor,
+                               cap=self.settings["ERA_LIST_MAX"], max_bytes=self.settings["ERA_LIST_MAX_BYTES"])
 
     async def patch(self, session_id: str, body: Any) -> dict[str, Any]:
         await self._record(session_id)
         req = models.parse(models.PatchSession, body)
         changes = req.model_dump(exclude_unset=True, exclude_none=True)
-        if "data" in changes:
-            self._check_data(changes["data"])
+        self._check_sizes(changes)
         record = await self.store.update_session(session_id, changes)
         if record is None:
             raise NotFound(f"session {session_id} not found")
@@ -257,9 +267,11 @@ class SessionManager(KernelUpkeep):
             per_session.pop(session_id, None)
 
     async def delete_many(self, ids: list[str] | None = None, prefix: str | None = None) -> list[str]:
-        records = await self.store.list_sessions()
-        targets = [r["id"] for r in records
-                   if (ids is None or r["id"] in ids) and (prefix is None or r["id"].startswith(prefix))]
+        wanted = None if ids is None else set(ids)
+        targets: list[str] = []
+        async for records in record_chunks(self.store):
+            targets += [r["id"] for r in records
+                        if (wanted is None or r["id"] in wanted) and (prefix is None or r["id"].startswith(prefix))]
         for sid in targets:
             try:
                 await self.delete(sid)
@@ -271,6 +283,7 @@ class SessionManager(KernelUpkeep):
         source = await self._record(session_id)
         req = models.parse(models.DuplicateRequest, body)
         record = {k: source.get(k) for k in _FIELDS_COPIED_BY_DUPLICATE}
+        self._check_sizes(record)  # stored under a larger limit: not copied past today's
         record.update(id=req.id or f"sess_{int(time.time() * 1000)}_{secrets.token_hex(4)}",
                       created_at=utc_now(), last_run_at=None, max_age=source.get("max_age"),
                       setup_status="pending" if source.get("setup") else None, setup_result=None)

@@ -17,9 +17,10 @@ import secrets
 import time
 from typing import Any
 
-from .culling import plan_cull
+from .culling import CullPlan, plan_cull
 from .errors import NotFound
 from .languages import LANGUAGES
+from .listing import record_chunks
 from .pool import PoolKey, WarmKernel, reserve_uids
 
 log = logging.getLogger("era.sessions")
@@ -110,9 +111,13 @@ class KernelUpkeep:
         age, shut down kernels idle past ``ERA_KERNEL_IDLE_TIMEOUT`` (era_kernel.culling)."""
         idle_now = {sid for sid, k in self.kernels.items()
                     if k.state == "idle" and sid not in self._starting and not self._lock_held(sid)}
-        plan = plan_cull(await self.store.list_sessions(), idle_now, self._active_at, time.time(),
-                         idle_timeout=self.settings["ERA_KERNEL_IDLE_TIMEOUT"],
-                         default_max_age=self.settings["ERA_SESSION_MAX_AGE"])
+        plan, now = CullPlan(), time.time()
+        async for records in record_chunks(self.store):  # planned a chunk at a time; acted on below
+            part = plan_cull(records, idle_now, self._active_at, now,
+                             idle_timeout=self.settings["ERA_KERNEL_IDLE_TIMEOUT"],
+                             default_max_age=self.settings["ERA_SESSION_MAX_AGE"])
+            plan.expired += part.expired
+            plan.idle += part.idle
         for sid in plan.expired:
             try:
                 await self.delete(sid)

@@ -22,6 +22,15 @@ class Forbidden(EraError):
     status = 403
 
 
+class TooManySockets(EraError):
+    """A WebSocket past ERA_MAX_SOCKETS_PER_SESSION or _PER_CLIENT, refused before the upgrade."""
+
+    status = 429
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class NotReady(EraError):
     status = 503
 

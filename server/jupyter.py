@@ -28,13 +28,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from era_kernel.errors import BadRequest, EraError, NotFound
+from tornado.web import Finish
 from tornado.websocket import WebSocketHandler
 
 from .apidoc import Op
 from .errors import JsonErrors
 from .handlers.base import BaseHandler, dumps, json_default, parse_json, wait_ready
 from .services import Services
-from .ws import CLOSE_SESSION_GONE, check_upgrade, send_bounded
+from .ws import CLOSE_SESSION_GONE, SocketSlot, check_upgrade, send_bounded
 
 log = logging.getLogger("era.server.jupyter")
 
@@ -190,8 +191,15 @@ class KernelsHandler(BaseHandler):
     }
 
     async def get(self) -> None:
-        docs = [d for d in await self.engine.list() if is_gateway_kernel(d)]
-        self.send_json([kernel_model(self.services, d) for d in docs])
+        # Every page: Jupyter's list has no paging, and a kernel model is small.
+        models, cursor = [], None
+        while True:
+            page = await self.engine.list(cursor=cursor)
+            models += [kernel_model(self.services, d) for d in page if is_gateway_kernel(d)]
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        self.send_json(models)
 
     async def post(self) -> None:
         body = self.json_body() or {}
@@ -314,7 +322,7 @@ def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
     return channel, msg
 
 
-class KernelChannels(JsonErrors, WebSocketHandler):
+class KernelChannels(SocketSlot, JsonErrors, WebSocketHandler):
     SESSION_ROUTE = True
     API = {"get": Op("Jupyter: the kernel's messaging channels (WebSocket, Jupyter's JSON format)",
                      response="jupyter-websocket", errors=(400, 401, 403, 404, 429, 503), tags=TAGS,
@@ -337,7 +345,10 @@ class KernelChannels(JsonErrors, WebSocketHandler):
         check_upgrade(self, services, query_token=False)  # the gateway client sends its key in the header
         await wait_ready(services)
         await kernel_doc(services.engine, sid)
+        self.take_slot(sid)  # before the kernel start: a refused socket starts nothing
         self.kernel = await services.engine.jupyter_kernel(sid)  # started now if it was culled
+        if self._closed:  # gone during the start (its slot is back): no upgrade
+            raise Finish()
 
     def check_origin(self, origin: str) -> bool:
         return True  # already checked in prepare, where a refusal can be a JSON 403
@@ -350,6 +361,7 @@ class KernelChannels(JsonErrors, WebSocketHandler):
 
     def on_close(self) -> None:
         self._closed = True
+        self.release_slot()
         self._remove_listener()
         self._unsubscribe()
         sockets = self.services.channels.get(self.session_id or "")

@@ -69,7 +69,11 @@ class SessionDocument(_Open):
 
 class SessionList(BaseModel):
     sessions: list[SessionDocument]
-    count: int
+    count: int = Field(description="sessions in this answer")
+    next_cursor: Optional[str] = Field(None, description="pass as `cursor` for the next page; null on the last "
+                                       "page; absent when neither `limit` nor `cursor` was sent and nothing was cut")
+    truncated: Optional[bool] = Field(None, description="true when a request without `limit` or `cursor` was cut "
+                                      "at `ERA_LIST_MAX` / `ERA_LIST_MAX_BYTES`; absent otherwise")
 
 
 class Deleted(BaseModel):

@@ -7,7 +7,10 @@ import asyncio
 import importlib
 import logging
 import time
-from typing import Any
+from collections import Counter
+from typing import Any, Callable
+
+from .errors import TooManySockets
 
 log = logging.getLogger("era.server")
 
@@ -31,6 +34,8 @@ class Services:
             o.strip().rstrip("/") for o in (settings["ERA_ALLOWED_ORIGINS"] or "").split(",") if o.strip())
         self.hubs: dict[str, Any] = {}  # session id -> ws.SessionHub
         self.channels: dict[str, set] = {}  # session id -> jupyter.KernelChannels sockets
+        self.sockets = SocketSlots(int(settings["ERA_MAX_SOCKETS_PER_SESSION"]),
+                                   int(settings["ERA_MAX_SOCKETS_PER_CLIENT"]))
         self.tasks: set[asyncio.Task] = set()  # runs that outlive their request or socket
         self.openapi: dict | None = None  # built on first request
         self.version = "unknown"
@@ -67,6 +72,42 @@ class Services:
     async def shutdown_engine(self) -> None:
         if self.engine is not None:
             await self.engine.shutdown()
+
+
+class SocketSlots:
+    """Open WebSockets per session and per client, both WebSocket routes counted together.
+
+    Each socket holds a send buffer of up to ws.MAX_UNFLUSHED_BYTES and a file
+    descriptor, so the caps bound what one session or one client can make the server
+    hold. A socket takes its slot in ``prepare`` (a refusal is then a JSON 429 before
+    the upgrade) and gives it back through the function ``take`` returns, however the
+    socket ends; calling it again does nothing."""
+
+    def __init__(self, per_session: int, per_client: int) -> None:
+        self.per_session = per_session
+        self.per_client = per_client
+        self.sessions: Counter[str] = Counter()
+        self.clients: Counter[str] = Counter()
+
+    def take(self, session_id: str, client: str) -> Callable[[], None]:
+        if self.sessions[session_id] >= self.per_session:
+            raise TooManySockets(f"session {session_id} already has {self.per_session} WebSocket connections, the "
+                                 "most allowed (ERA_MAX_SOCKETS_PER_SESSION); close one and retry")
+        if self.clients[client] >= self.per_client:
+            raise TooManySockets(f"this client already has {self.per_client} WebSocket connections, the most "
+                                 "allowed (ERA_MAX_SOCKETS_PER_CLIENT); close one and retry")
+        self.sessions[session_id] += 1
+        self.clients[client] += 1
+        held = [(self.sessions, session_id), (self.clients, client)]
+
+        def release() -> None:
+            while held:
+                counts, key = held.pop()
+                counts[key] -= 1
+                if counts[key] <= 0:
+                    del counts[key]  # no entry left behind per session or address ever seen
+
+        return release
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -19,10 +19,10 @@ import asyncio
 import logging
 import re
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from era_kernel.errors import BadRequest, Conflict, EraError, TooLarge, TooManyKernels
-from tornado.web import HTTPError
+from tornado.web import Finish, HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .apidoc import Op
@@ -56,6 +56,38 @@ def check_upgrade(handler: WebSocketHandler, services: Services, *, query_token:
     if request.headers.get("Upgrade", "").lower() != "websocket":
         raise BadRequest("this route takes a WebSocket upgrade ('Upgrade: websocket')")
     require_origin(request.headers.get("Origin"), request.headers.get("Host"), services.allowed_origins)
+
+
+def client_key(handler: Any, services: Services) -> str:
+    """Whom a socket counts against for ERA_MAX_SOCKETS_PER_CLIENT: the API key when the
+    server has one (the check already passed, so it is that key), else the peer address
+    (the TCP peer: headers such as X-Forwarded-For are the client's to forge)."""
+    return "api-key" if services.api_key is not None else f"addr:{handler.request.remote_ip}"
+
+
+class SocketSlot:
+    """Both WebSocket routes: a slot under the socket caps (``Services.sockets``), taken
+    in ``prepare`` and given back once, whichever way the socket ends: ``on_close`` after
+    an upgrade (clean close, dropped connection, server close), ``on_finish`` when the
+    upgrade never happened (refused later in the handshake; ``on_close`` may not come)."""
+
+    services: Services
+    _closed: bool
+    _release_slot: Callable[[], None] | None = None
+
+    def take_slot(self, session_id: str) -> None:
+        if self._closed:  # the client left while prepare awaited: no upgrade, no slot
+            raise Finish()
+        self._release_slot = self.services.sockets.take(session_id, client_key(self, self.services))
+
+    def release_slot(self) -> None:
+        release, self._release_slot = self._release_slot, None
+        if release is not None:
+            release()
+
+    def on_finish(self) -> None:
+        if self.get_status() != 101:  # type: ignore[attr-defined]
+            self.release_slot()
 
 
 def send_bounded(handler: Any, data: str | bytes) -> None:
@@ -141,10 +173,10 @@ class SessionHub:
             socket.close(code, reason)
 
 
-class SessionSocket(JsonErrors, WebSocketHandler):
+class SessionSocket(SocketSlot, JsonErrors, WebSocketHandler):
     SESSION_ROUTE = True
     API = {"get": Op("WebSocket: runs with streamed events, interrupt, input()", response="websocket",
-                     errors=(400, 401, 403, 404),
+                     errors=(400, 401, 403, 404, 429),
                      query={"token": "the API key, for clients that cannot send headers"},
                      description=__doc__ or "")}
 
@@ -165,6 +197,7 @@ class SessionSocket(JsonErrors, WebSocketHandler):
         await wait_ready(services)
         doc = await services.engine.get(sid)
         self.kernel_state = (doc.get("kernel") or {}).get("state", "none")
+        self.take_slot(sid)  # last: nothing after it can fail before the upgrade
 
     def check_origin(self, origin: str) -> bool:
         return True  # already checked in prepare, where a refusal can be a JSON 403
@@ -177,6 +210,7 @@ class SessionSocket(JsonErrors, WebSocketHandler):
 
     def on_close(self) -> None:
         self._closed = True
+        self.release_slot()
         if self.hub is not None:
             self.hub.discard(socket=self)
 

@@ -180,3 +180,77 @@ async def test_longest_session_id_fits_ipc_limit(engine):
     await engine.create({"id": sid})
     r = await engine.run(sid, {"code": "print('ok')"})
     assert r["stdout"] == "ok\n"
+
+
+# ---- bounded metadata and a paged listing: one answer never holds every session in full --------
+async def test_oversized_metadata_is_refused_before_anything_is_written(engine):
+    big = {"blob": "m" * 1024**2}
+    with pytest.raises(TooLarge) as err:
+        await engine.create({"id": "meta-big", "metadata": big})
+    assert err.value.field == "metadata" and err.value.status == 413
+    assert await engine.list() == [] and engine.slots.used == 0
+    assert not list((engine.settings.data_dir / "sessions").iterdir())
+    await engine.create({"id": "meta-ok", "metadata": {"team": "a"}})
+    with pytest.raises(TooLarge) as err:
+        await engine.patch("meta-ok", {"metadata": big, "default_timeout": 7})
+    assert err.value.field == "metadata"
+    doc = await engine.get("meta-ok")
+    assert doc["metadata"] == {"team": "a"} and doc["default_timeout"] != 7, "a refused patch changes nothing"
+    # A record stored under a larger limit is not copied past the current one.
+    engine.settings = engine.settings.replace(ERA_MAX_METADATA_BYTES=8)
+    with pytest.raises(TooLarge) as err:
+        await engine.duplicate("meta-ok", {"id": "meta-copy"})
+    assert err.value.field == "metadata"
+    assert [d["id"] for d in await engine.list()] == ["meta-ok"]
+
+
+async def test_store_pages_by_seq_stable_under_inserts_and_deletes():
+    from era_kernel.store.sqlite import SQLiteStore
+
+    store = SQLiteStore("sqlite://:memory:")
+    await store.open()
+    try:
+        for i in range(5):
+            await store.insert_session({"id": f"s{i}", "created_at": "2026-01-01T00:00:00.000Z"})
+        first = await store.list_sessions(limit=2)
+        assert [r["id"] for r in first] == ["s0", "s1"]
+        await store.delete_session("s1")  # the page's last record: the key still holds
+        await store.delete_session("s3")
+        await store.insert_session({"id": "s5", "created_at": "2025-01-01T00:00:00.000Z"})  # clock went back
+        rest = await store.list_sessions(limit=10, after=first[-1]["seq"])
+        assert [r["id"] for r in rest] == ["s2", "s4", "s5"]
+        assert [r["id"] for r in await store.list_sessions()] == ["s0", "s2", "s4", "s5"]
+        assert await store.list_sessions(limit=2, after=rest[-1]["seq"]) == []
+    finally:
+        await store.close()
+
+
+async def test_list_pages_with_an_opaque_cursor(engine):
+    engine.settings = engine.settings.replace(ERA_LIST_MAX=50)
+    for i in range(3):
+        await engine.create({"id": f"pg-{i}"})
+    page = await engine.list(limit=2)
+    assert [d["id"] for d in page] == ["pg-0", "pg-1"] and isinstance(page.next_cursor, str)
+    await engine.delete("pg-1")
+    await engine.create({"id": "pg-3"})
+    page2 = await engine.list(limit=2, cursor=page.next_cursor)
+    assert [d["id"] for d in page2] == ["pg-2", "pg-3"] and page2.next_cursor is None  # nothing after: no cursor
+    assert await engine.list(limit=1, cursor=page.next_cursor) == page2[:1]
+    everything = await engine.list()
+    assert [d["id"] for d in everything] == ["pg-0", "pg-2", "pg-3"] and everything.next_cursor is None
+    for cursor in ("", "not-a-cursor", "!!!", "x" * 500, page.next_cursor + "A"):
+        with pytest.raises(BadRequest) as err:
+            await engine.list(cursor=cursor)
+        assert err.value.field == "cursor"
+    for limit in (0, -1, 51, "2", True):
+        with pytest.raises(BadRequest) as err:
+            await engine.list(limit=limit)
+        assert err.value.field == "limit"
+    # The cap on one answer: ERA_LIST_MAX documents, and ERA_LIST_MAX_BYTES of JSON.
+    engine.settings = engine.settings.replace(ERA_LIST_MAX=2)
+    capped = await engine.list()
+    assert [d["id"] for d in capped] == ["pg-0", "pg-2"] and capped.next_cursor is not None
+    engine.settings = engine.settings.replace(ERA_LIST_MAX=50, ERA_LIST_MAX_BYTES=1)
+    one = await engine.list()  # always at least one document, so paging moves on
+    assert [d["id"] for d in one] == ["pg-0"]
+    assert [d["id"] for d in await engine.list(cursor=one.next_cursor)] == ["pg-2"]

@@ -202,6 +202,77 @@ def test_bulk_delete_by_prefix_and_ids(server):
     assert assert_error_shape(status, body, 400)["field"] == "ids"
 
 
+def test_oversized_metadata_is_413_and_writes_nothing(server, sid):
+    big = {"blob": "m" * (64 * 1024)}  # over ERA_MAX_METADATA_BYTES, under the 1 MiB body limit
+    status, body = server.request("POST", "/api/sessions", {"id": "meta-big", "metadata": big})
+    assert assert_error_shape(status, body, 413)["field"] == "metadata"
+    assert_error_shape(*server.request("GET", "/api/sessions/meta-big"), 404)
+    before = server.json("GET", f"/api/sessions/{sid}")
+    status, body = server.request("PATCH", f"/api/sessions/{sid}", {"metadata": big, "default_timeout": 9})
+    assert assert_error_shape(status, body, 413)["field"] == "metadata"
+    after = server.json("GET", f"/api/sessions/{sid}")
+    assert (after["metadata"], after["default_timeout"]) == (before["metadata"], before["default_timeout"])
+
+
+def test_list_without_paging_parameters_keeps_eras_shape(server, sid):
+    listing = server.json("GET", "/api/sessions")
+    assert set(listing) == {"sessions", "count"}, "an ERA client's answer is unchanged"
+    assert listing["count"] == len(listing["sessions"]) and sid in [s["id"] for s in listing["sessions"]]
+
+
+@pytest.fixture(scope="module")
+def small_list_server():
+    from tests.test_server_harness import ServerProcess
+
+    srv = ServerProcess(env={"ERA_LIST_MAX": "3", "ERA_POOL_SIZE": "0"}).start()
+    for i in range(5):
+        srv.json("POST", "/api/sessions", {"id": f"pg-{i}"}, expect=201)
+    yield srv
+    srv.cleanup()
+
+
+def test_list_pages_with_cursors_through_deletes_and_inserts(small_list_server):
+    srv = small_list_server
+    first = srv.json("GET", "/api/sessions?limit=2")
+    assert [s["id"] for s in first["sessions"]] == ["pg-0", "pg-1"] and first["count"] == 2
+    assert isinstance(first["next_cursor"], str) and "truncated" not in first
+    srv.json("DELETE", "/api/sessions/pg-1")  # the last one the client saw
+    srv.json("DELETE", "/api/sessions/pg-3")  # one it has not seen yet
+    srv.json("POST", "/api/sessions", {"id": "pg-5"}, expect=201)
+    seen = [s["id"] for s in first["sessions"]] + walk(srv, first["next_cursor"])
+    assert seen == ["pg-0", "pg-1", "pg-2", "pg-4", "pg-5"], "no duplicates, no gaps"
+    srv.json("POST", "/api/sessions", {"id": "pg-1"}, expect=201)  # back again, as the newest
+    assert walk(srv, first["next_cursor"]) == ["pg-2", "pg-4", "pg-5", "pg-1"]
+
+
+def walk(srv, cursor, limit=2):
+    """The ids of every page from ``cursor`` on."""
+    ids = []
+    while cursor is not None:
+        page = srv.json("GET", f"/api/sessions?limit={limit}&cursor={cursor}")
+        assert page["count"] == len(page["sessions"]) <= limit and "truncated" not in page
+        ids += [s["id"] for s in page["sessions"]]
+        cursor = page["next_cursor"]
+    return ids
+
+
+def test_list_past_the_cap_says_it_was_cut(small_list_server):
+    srv = small_list_server
+    cut = srv.json("GET", "/api/sessions")
+    assert cut["count"] == 3 == len(cut["sessions"]) and cut["truncated"] is True
+    ids = [s["id"] for s in cut["sessions"]] + walk(srv, cut["next_cursor"], limit=3)
+    assert ids == ["pg-0", "pg-2", "pg-4", "pg-5", "pg-1"]
+
+
+@pytest.mark.parametrize("query, field", [
+    ("cursor=nonsense", "cursor"), ("cursor=", "cursor"), ("cursor=%00", "cursor"), ("cursor=" + "A" * 300, "cursor"),
+    ("limit=0", "limit"), ("limit=-1", "limit"), ("limit=x", "limit"), ("limit=4", "limit"), ("limit=", "limit"),
+])
+def test_list_bad_cursor_or_limit_is_400(small_list_server, query, field):
+    status, body = small_list_server.request("GET", f"/api/sessions?{query}")
+    assert assert_error_shape(status, body, 400)["field"] == field
+
+
 def test_openapi_is_served(server):
     doc = server.json("GET", "/api/openapi.json")
     assert doc["openapi"].startswith("3.") and "/api/sessions/{id}/stream" in doc["paths"]

@@ -143,6 +143,35 @@ def test_errors_map_to_one_shape_without_internals():
     assert isinstance(as_era_error(Unauthorized("no"), "GET", "/", [], 500), EraError)
 
 
+# ---- socket caps -----------------------------------------------------------------------------
+
+
+def test_socket_slots_count_per_session_and_client_and_give_back_once():
+    from era_server.errors import TooManySockets
+    from era_server.services import SocketSlots
+
+    slots = SocketSlots(per_session=2, per_client=3)
+    a1, a2 = slots.take("s1", "addr:a"), slots.take("s1", "addr:a")
+    with pytest.raises(TooManySockets) as err:
+        slots.take("s1", "addr:b")  # the session is full, whoever asks
+    assert err.value.status == 429 and err.value.headers["Retry-After"] and "ERA_MAX_SOCKETS_PER_SESSION" in \
+        err.value.message
+    a3 = slots.take("s2", "addr:a")
+    with pytest.raises(TooManySockets, match="ERA_MAX_SOCKETS_PER_CLIENT"):
+        slots.take("s3", "addr:a")
+    a1()
+    a1()  # a second release (on_close after on_finish, say) gives nothing back twice
+    assert slots.sessions == {"s1": 1, "s2": 1} and slots.clients == {"addr:a": 2}
+    for release in (a2, a3, slots.take("s3", "addr:a")):
+        release()
+    assert not slots.sessions and not slots.clients  # no entry left per session or address seen
+    from era_kernel.config import Settings
+
+    for name in ("ERA_MAX_SOCKETS_PER_SESSION", "ERA_MAX_SOCKETS_PER_CLIENT", "ERA_LIST_MAX"):
+        with pytest.raises(ValueError, match="at least 1"):  # a cap of 0 would refuse everything
+            Settings.from_env({name: "0"})
+
+
 # ---- downloads -------------------------------------------------------------------------------
 
 

@@ -209,3 +209,81 @@ def test_a_client_that_stops_reading_is_dropped_not_buffered(server):
     finally:
         silent.close()
         server.json("DELETE", "/api/sessions/ws-flood")
+
+
+# ---- socket caps (ERA_MAX_SOCKETS_PER_SESSION / _PER_CLIENT) ----------------------------------------
+async def _refused(url):
+    with pytest.raises(HTTPClientError) as info:
+        await websocket_connect(url)
+    assert info.value.code == 429
+    body = json.loads(info.value.response.body)
+    assert set(body) <= {"error", "status_code", "field"} and body["status_code"] == 429, body
+    assert info.value.response.headers["Retry-After"]
+    return body
+
+
+async def _connect_eventually(server, sid, timeout=10.0):
+    """The slot is freed when the server sees the close, a moment after the client sends it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await connect(server, sid)
+        except HTTPClientError as exc:
+            assert exc.code == 429 and time.monotonic() < deadline, exc
+            await asyncio.sleep(0.05)
+
+
+async def test_the_17th_socket_on_a_session_is_429_until_one_closes(server):
+    sid = "ws-cap"
+    await asyncio.to_thread(server.json, "POST", "/api/sessions", {"id": sid}, expect=201)
+    conns = [await connect(server, sid) for _ in range(15)]
+    raw = await asyncio.to_thread(_silent_ws, server.port, sid)  # the 16th: a raw socket
+    try:
+        body = await _refused(f"{server.ws_base}/api/sessions/{sid}/ws")
+        assert "16" in body["error"]
+        conns.pop().close()  # a clean close frees its slot
+        conns.append(await _connect_eventually(server, sid))
+        await _refused(f"{server.ws_base}/api/sessions/{sid}/ws")
+        raw.close()  # so does a connection that just drops, without a close frame
+        conns.append(await _connect_eventually(server, sid))
+        # The others still work, and other sessions are not affected.
+        conns[0].write_message(json.dumps({"type": "run", "id": "cap-1", "code": "print('still here')"}))
+        await read_until(conns[0], done_of("cap-1"))
+        (await connect(server)).close()
+    finally:
+        raw.close()
+        for conn in conns:
+            conn.close()
+        await asyncio.to_thread(server.json, "DELETE", f"/api/sessions/{sid}")
+
+
+async def test_sockets_per_client_are_capped_across_sessions_and_routes():
+    from tests.test_server_harness import ServerProcess
+
+    srv = await asyncio.to_thread(lambda: ServerProcess(env={"ERA_MAX_SOCKETS_PER_CLIENT": "3",
+                                                             "ERA_POOL_SIZE": "0"}).start())
+    try:
+        for sid in ("c-1", "c-2"):
+            await asyncio.to_thread(srv.json, "POST", "/api/sessions", {"id": sid}, expect=201)
+        kernel = await asyncio.to_thread(srv.json, "POST", "/api/kernels", {}, expect=201)
+        conns = [await connect(srv, "c-1"), await connect(srv, "c-2"),
+                 await websocket_connect(f"{srv.ws_base}/api/kernels/{kernel['id']}/channels")]
+        body = await _refused(f"{srv.ws_base}/api/sessions/c-1/ws")
+        assert "3" in body["error"]
+        await _refused(f"{srv.ws_base}/api/kernels/{kernel['id']}/channels")
+        conns.pop().close()  # the channels socket
+        # Upgrades refused for another reason take no slot.
+        for _ in range(3):
+            with pytest.raises(HTTPClientError) as info:
+                await websocket_connect(f"{srv.ws_base}/api/sessions/absent/ws")
+            assert info.value.code == 404
+        # Past prepare (a slot taken), then refused by the handshake itself: the slot comes back.
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+        for headers, status in [(upgrade, 426), (dict(upgrade, **{"Sec-WebSocket-Version": "13"}), 400)] * 2:
+            assert (await asyncio.to_thread(srv.request, "GET", "/api/sessions/c-1/ws", None, headers))[0] == status
+        conns.append(await _connect_eventually(srv, "c-2"))
+        await _refused(f"{srv.ws_base}/api/sessions/c-2/ws")
+        for conn in conns:
+            conn.close()
+    finally:
+        await asyncio.to_thread(srv.cleanup)

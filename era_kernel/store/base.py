@@ -33,15 +33,22 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def insert_session(self, record: dict[str, Any]) -> dict[str, Any]:
         """Insert a new session; raises ``SessionExists``. Returns the record with ``seq``
-        (a unique, never reused integer the engine derives the sandbox uid from)."""
+        (a unique, never reused integer, larger than every one before it; the engine
+        derives the sandbox uid from it, and pages the session list by it)."""
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The record, or None."""
 
     @abc.abstractmethod
-    async def list_sessions(self) -> list[dict[str, Any]]:
-        """Every record, oldest first."""
+    async def list_sessions(self, limit: int | None = None, after: int | None = None) -> list[dict[str, Any]]:
+        """Records in ``seq`` order (oldest first) whose ``seq`` is greater than ``after``,
+        at most ``limit`` of them (None: no bound). Each record carries its ``seq``.
+
+        The engine pages with it: one page per ``SessionManager.list`` (``GET
+        /api/sessions``; ``after`` comes from the client's cursor), and chunk by chunk in
+        its passes over every session (start, bulk delete, culling). A backend answers
+        from an index on ``seq``, never by reading the rows before ``after``."""
 
     async def count_sessions(self) -> int:
         """How many sessions there are (stats, /health, /metrics ask on every call).

@@ -104,9 +104,13 @@ class SQLiteStore(MetadataStore):
         row = await self._call(lambda db: db.execute("SELECT doc FROM sessions WHERE id = ?", (session_id,)).fetchone())
         return json.loads(row[0]) if row else None
 
-    async def list_sessions(self) -> list[dict[str, Any]]:
-        rows = await self._call(lambda db: db.execute("SELECT doc FROM sessions ORDER BY seq").fetchall())
-        return [json.loads(r[0]) for r in rows]
+    async def list_sessions(self, limit: int | None = None, after: int | None = None) -> list[dict[str, Any]]:
+        # seq is the INTEGER PRIMARY KEY (the rowid): a range scan, whatever `after` is.
+        # LIMIT -1 is SQLite's "no limit"; seq starts at 1.
+        rows = await self._call(lambda db: db.execute(
+            "SELECT seq, doc FROM sessions WHERE seq > ? ORDER BY seq LIMIT ?",
+            (-1 if after is None else after, -1 if limit is None else limit)).fetchall())
+        return [dict(json.loads(doc), seq=seq) for seq, doc in rows]
 
     async def count_sessions(self) -> int:
         return await self._call(lambda db: db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])

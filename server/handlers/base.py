@@ -210,7 +210,7 @@ class BaseHandler(JsonErrors, RequestHandler):
         """A query argument; invalid UTF-8 is a 400 (tornado raises HTTPError(400))."""
         return self.get_query_argument(name, None)
 
-    def int_query(self, name: str, default: int, low: int, high: int) -> int:
+    def int_query(self, name: str, default: int | None, low: int, high: int) -> int | None:
         raw = self.query(name)
         if raw is None:
             return default

@@ -13,7 +13,13 @@ SESSION_ERRORS = (400, 404)
 
 class SessionsHandler(BaseHandler):
     API = {
-        "get": Op("List sessions", response="SessionList", errors=()),
+        "get": Op("List sessions, oldest first, a page at a time", response="SessionList",
+                  query={"limit": "most sessions to return, 1 to `ERA_LIST_MAX` (default: `ERA_LIST_MAX`)",
+                         "cursor": "the `next_cursor` of the previous page"},
+                  description="Without `limit` or `cursor` the answer is ERA's `{sessions, count}`, every "
+                              "session up to `ERA_LIST_MAX` (and `ERA_LIST_MAX_BYTES` of JSON); past that it adds "
+                              "`truncated: true` and `next_cursor`. With either, it always has `next_cursor` "
+                              "(null on the last page). Cursors stay valid while sessions are created or deleted."),
         "post": Op("Create a session", body="CreateSession", response="SessionDocument", status=201,
                    errors=(400, 409, 413, 422, 429),
                    description="`id` or `session_id` names the session; auto `sess_<ms>_<random>` otherwise. "
@@ -24,8 +30,15 @@ class SessionsHandler(BaseHandler):
     }
 
     async def get(self) -> None:
-        sessions = await self.engine.list()
-        self.send_json({"sessions": sessions, "count": len(sessions)})
+        limit = self.int_query("limit", None, 1, self.services.settings["ERA_LIST_MAX"])
+        cursor = self.query("cursor")
+        page = await self.engine.list(limit=limit, cursor=cursor)
+        body = {"sessions": page, "count": len(page)}
+        if limit is not None or cursor is not None:  # a paging client: always tell it where to go on
+            body["next_cursor"] = page.next_cursor
+        elif page.next_cursor is not None:  # ERA's shape, plus word that the list was cut
+            body.update(truncated=True, next_cursor=page.next_cursor)
+        self.send_json(body)
 
     async def post(self) -> None:
         doc = await self.engine.create(self.json_body())
@@ -71,7 +84,7 @@ class DuplicateHandler(BaseHandler):
     SESSION_ROUTE = True
     API = {"post": Op("Duplicate a session (data, files, language, metadata, setup; not history)",
                       body="DuplicateRequest", response="SessionDocument", status=201,
-                      errors=(400, 404, 409, 429))}
+                      errors=(400, 404, 409, 413, 429))}
 
     async def post(self, sid: str) -> None:
         doc = await self.engine.duplicate(sid, self.json_body())
