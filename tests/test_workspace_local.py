@@ -3,12 +3,18 @@
 
 import asyncio
 import errno
+import json
 import os
 import re
 import resource
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -309,6 +315,164 @@ async def test_deep_tree_is_walked_and_removed_iteratively(ws):
     assert await ws.list() == []  # the path is longer than any addressable one
     await ws.remove()
     assert not ws.root.exists()
+
+
+# --- trees deeper than the open-file limit, or wider than a walk may visit ---------------
+
+
+@pytest.fixture
+def few_fds():
+    """Lower this process's soft open-file limit (restored after), so that a tree deeper
+    than it takes a few hundred levels to build instead of ~20,000. Returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = len(os.listdir("/proc/self/fd")) + 200
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def make_deep(root, depth: int, leaf: str = "leaf") -> None:
+    """``root/d/d/.../d/leaf`` with ``depth`` directories, built descriptor-relative (its
+    path is far longer than PATH_MAX) with two descriptors at a time, as a kernel can."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(os.open(leaf, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+async def deep_ws(ws, few_fds):
+    """The workspace with a file at the top and a chain of directories deeper than the
+    open-file limit (so a walk holding a descriptor per level dies with EMFILE)."""
+    await ws.write("top.txt", b"12345")
+    make_deep(ws.root, few_fds + 200)
+    return ws
+
+
+async def test_deep_tree_is_removed_completely(deep_ws, tree, few_fds):
+    os.symlink(tree / "outside", deep_ws.root / "link")
+    make_deep(tree / "outside", 3)  # reachable only through the link: must survive
+    await deep_ws.delete("d")  # a directory path: the whole chain goes
+    assert sorted(os.listdir(deep_ws.root)) == ["link", "top.txt"]
+    make_deep(deep_ws.root, few_fds + 200)
+    await deep_ws.remove()
+    assert not deep_ws.root.exists()
+    assert (tree / "outside" / "secret").read_bytes() == b"outside secret"
+    assert (tree / "outside" / "d" / "d" / "d" / "leaf").exists()
+
+
+def test_remove_entry_keeps_few_descriptors(tmp_path, few_fds):
+    """Directly on fdtree, with files and links at every level of a branching tree."""
+    top = tmp_path / "top"
+    top.mkdir()
+    make_deep(top, few_fds + 100)
+    for level in (1, 5, 40):
+        branch = top / "/".join(["d"] * level)
+        (branch / "file").write_bytes(b"x")
+        (branch / "sub").mkdir()
+        make_deep(branch / "sub", 50)
+        os.symlink("/", branch / "root-link")
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert fdtree.remove_entry(parent, "top") is True
+        assert fdtree.remove_entry(parent, "top") is False
+    finally:
+        os.close(parent)
+    assert os.listdir(tmp_path) == []
+
+
+def test_deep_kernel_home_is_removed(tmp_path, few_fds):
+    from era_kernel.provisioning.ipc import make_kernel_dir, remove_kernel_dir, seal_kernel_dir, write_pid_record
+
+    kernel_dir = make_kernel_dir(tmp_path)
+    (kernel_dir / "home").mkdir()
+    make_deep(kernel_dir / "home", few_fds + 200)
+    if os.geteuid() == 0:
+        os.chown(kernel_dir / "home", 54321, 54321)  # the kernel's uid owns its home
+    seal_kernel_dir(kernel_dir)  # as after a kernel started: root-owned, 0711 (when root)
+    write_pid_record(kernel_dir, 1)
+    assert remove_kernel_dir(kernel_dir) is True
+    assert os.listdir(kernel_dir.parent) == []
+
+
+# Run in a child: as root it drops to an unprivileged uid after the imports (root never
+# meets a permission error, which is the point here).
+_REMOVE_AS_USER = """
+import json, os, sys
+from era_kernel.workspaces import fdtree
+if os.geteuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+parent = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+try:
+    print(json.dumps(fdtree.remove_entry(parent, sys.argv[2])))
+except OSError as exc:
+    print(json.dumps(exc.errno))
+"""
+
+
+def _remove_as_user(base, name):
+    done = subprocess.run([sys.executable, "-c", _REMOVE_AS_USER, str(base), name], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _chown_tree(path, uid):
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [*dirnames, *filenames]:
+            os.lchown(os.path.join(dirpath, name), uid, uid)
+    os.lchown(path, uid, uid)
+
+
+def test_removal_opens_read_only_and_closed_directories(tmp_path):
+    """Code running as the server's own uid (no root), or a tool (go's module cache),
+    leaves directories read-only (0555) or closed (000), deeper than the removal's
+    descriptor stack: removal makes them writable or readable instead of stopping."""
+    base = Path(tempfile.mkdtemp(prefix="era-rm-", dir="/tmp"))  # reachable by the unprivileged uid
+    try:
+        top = base / "tree"
+        chain = top / "/".join(["d"] * (fdtree.REMOVE_FDS + 10))
+        chain.mkdir(parents=True)
+        (chain / "f").write_bytes(b"x")
+        (top / "closed").mkdir()
+        (top / "closed" / "inner").mkdir()
+        (top / "closed" / "inner" / "f").write_bytes(b"x")
+        if os.geteuid() == 0:
+            _chown_tree(base, 65534)
+        os.chmod(top / "closed", 0)
+        path = chain
+        while path != base:
+            os.chmod(path, 0o555)
+            path = path.parent
+        assert _remove_as_user(base, "tree") is True
+        assert os.listdir(base) == []
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a directory of another owner")
+def test_removal_raises_what_it_cannot_remove(tmp_path):
+    """Not a silent partial removal: the caller learns that files remain."""
+    base = Path(tempfile.mkdtemp(prefix="era-rm-", dir="/tmp"))
+    try:
+        (base / "tree" / "foreign").mkdir(parents=True)
+        (base / "tree" / "foreign" / "f").write_bytes(b"x")
+        (base / "tree" / "mine").write_bytes(b"y")
+        _chown_tree(base, 65534)
+        os.chown(base / "tree" / "foreign", 0, 0)  # root's, 0755: the unprivileged uid may not empty it
+        assert _remove_as_user(base, "tree") in (errno.EPERM, errno.EACCES)
+        assert (base / "tree" / "foreign" / "f").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_concurrent_writes_respect_total_quota(tree):

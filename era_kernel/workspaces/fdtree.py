@@ -7,6 +7,10 @@ the already-open parent directory with ``O_NOFOLLOW`` (``openat``-style walking)
 symlink anywhere ends the walk with ``ELOOP``. Callers get built-in ``OSError``
 subclasses; mapping them to HTTP errors is the async layer's job.
 
+The kernel also decides how deep the tree is: 20,000 nested directories are a few
+lines of code. So removal keeps at most ``REMOVE_FDS`` directories open whatever the
+depth.
+
 Everything here blocks; the async classes run it in an executor.
 """
 
@@ -27,6 +31,8 @@ _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 # pushed or copied: they are either in flight or debris of a killed process.
 TEMP_PREFIX = ".era-tmp-"
 CHUNK = 1024 * 1024
+REMOVE_FDS = 32         # directories one removal keeps open at most
+REMOVE_BATCH = 10_000   # names one removal reads from a directory at a time
 
 FileEntry = tuple[str, os.stat_result]
 
@@ -288,65 +294,192 @@ def write_atomic(
         os.close(dir_fd)
 
 
-def remove_entry(dir_fd: int, name: str) -> bool:
+def remove_entry(dir_fd: int, name: str, *, max_fds: int = REMOVE_FDS) -> bool:
     """Remove a file, link or whole directory tree at ``dir_fd/name`` without following
-    links; returns False when there was nothing. Iterative: depth costs descriptors only."""
+    links; returns False when there was nothing.
+
+    Works at any depth with at most ``max_fds`` directories open: when the stack is
+    full, the next directory down is renamed (descriptor-relative, so no link is
+    followed) into the top directory under a temporary name, and removed from there
+    later; a chain of 20,000 directories costs 20,000 / ``max_fds`` renames. Names are
+    read ``REMOVE_BATCH`` at a time, so a huge directory does not fill memory either.
+
+    Raises what it cannot remove (a directory it may not write even after making it
+    writable, a mount point, the kernel adding files as fast as they go): the caller
+    must know that files remain.
+    """
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     if not stat.S_ISDIR(st.st_mode):
-        _unlink_quiet(dir_fd, name)
+        _unlink(dir_fd, name)
         return True
-    # Stack of (parent_fd, name_in_parent, own_fd, remaining child names).
-    stack: list[tuple[int, str, int, list[str]]] = []
+    top = _open_subdir(dir_fd, name)
+    if top is None:
+        return True
     try:
-        top = _open_subdir(dir_fd, name)
-        if top is None:
-            return True
-        stack.append((dir_fd, name, top, [n for n, _ in scan(top)]))
-        while stack:
-            parent_fd, own_name, fd, names = stack[-1]
-            if not names:
-                stack.pop()
-                os.close(fd)
-                try:
-                    os.rmdir(own_name, dir_fd=parent_fd)
-                except FileNotFoundError:
-                    pass
-                continue
-            child_name = names.pop()
-            try:
-                child_st = os.stat(child_name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISDIR(child_st.st_mode):
-                _unlink_quiet(fd, child_name)
-                continue
-            child = _open_subdir(fd, child_name)
-            if child is not None:
-                stack.append((fd, child_name, child, [n for n, _ in scan(child)]))
+        _empty(top, max(2, max_fds))
     finally:
-        for _, _, fd, _ in stack:
-            os.close(fd)
+        os.close(top)
+    _rmdir(dir_fd, name)
     return True
 
 
-def _open_subdir(dir_fd: int, name: str) -> int | None:
-    """Open a directory about to be removed; if it became a link or file, unlink that."""
+def remove_tree(path: str | os.PathLike) -> bool:
+    """``remove_entry`` by path, for a tree whose *parent* the server owns (a workspace,
+    a kernel's directory, a setup's staging directory): the parent is resolved normally,
+    nothing below it is. False when there was nothing."""
+    parent, name = os.path.split(os.fspath(path).rstrip("/"))
+    try:
+        parent_fd = os.open(parent or ".", DIR_FLAGS & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        return remove_entry(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+
+
+class _Frame:
+    """One open directory of a removal: the names left to remove, read a batch at a time."""
+
+    def __init__(self, fd: int, name: str | None):
+        self.fd, self.name = fd, name  # name in the directory below it on the stack
+        self.names: list[str] = []
+        self.more = True  # the directory may hold names not read yet
+
+    def refill(self) -> None:
+        """Read the next batch. What was removed is gone, so reading from the start
+        again finds only what is left."""
+        with os.scandir(self.fd) as entries:
+            self.names = [entry.name for _, entry in zip(range(REMOVE_BATCH), entries)]
+        self.more = len(self.names) == REMOVE_BATCH
+
+
+def _empty(top: int, max_fds: int) -> None:
+    """Remove everything inside the open directory ``top`` (see ``remove_entry``)."""
+    stack = [_Frame(top, None)]
+    try:
+        while stack:
+            frame = stack[-1]
+            if not frame.names:
+                if frame.more:
+                    frame.refill()
+                    continue
+                stack.pop()
+                if frame.name is not None:  # ``top`` itself is the caller's to close and remove
+                    os.close(frame.fd)
+                    _rmdir(stack[-1].fd, frame.name)
+                continue
+            name = frame.names.pop()
+            try:
+                st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                _unlink(frame.fd, name)
+            elif len(stack) >= max_fds:
+                _move_up(frame.fd, name, top)
+                stack[0].more = True  # ``top`` now holds it: read ``top`` again when back there
+            else:
+                child = _open_subdir(frame.fd, name)
+                if child is not None:
+                    stack.append(_Frame(child, name))
+    finally:
+        for frame in stack[1:]:
+            os.close(frame.fd)
+
+
+def _move_up(dir_fd: int, name: str, top: int) -> None:
+    """Rename ``dir_fd/name`` to a fresh temporary name in ``top`` (same filesystem: a
+    workspace cannot hold a mount point the server sees; if it did, this raises)."""
+    temp = f"{TEMP_PREFIX}rm-{secrets.token_hex(8)}"
+    try:
+        os.rename(name, temp, src_dir_fd=dir_fd, dst_dir_fd=top)
+    except PermissionError:
+        # Moving a directory to another parent rewrites its "..": both directories and
+        # the moved one must be writable (a non-root server, a kernel's chmod).
+        _make_writable(dir_fd)
+        _make_writable(top)
+        child = _open_subdir(dir_fd, name)
+        if child is None:
+            return
+        try:
+            _make_writable(child)
+        finally:
+            os.close(child)
+        os.rename(name, temp, src_dir_fd=dir_fd, dst_dir_fd=top)
+
+
+def _open_subdir(dir_fd: int, name: str, *, unlock: bool = True) -> int | None:
+    """Open a directory about to be removed; if it became a link or file, unlink that.
+    One we may not read (mode 000, left so by the kernel) is made readable first."""
     try:
         return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
+    except PermissionError:
+        if not unlock:
+            raise
+        _chmod_unreadable(dir_fd, name)
+        return _open_subdir(dir_fd, name, unlock=False)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            _unlink_quiet(dir_fd, name)
+            _unlink(dir_fd, name)
             return None
         raise
 
 
-def _unlink_quiet(dir_fd: int, name: str) -> None:
+def _chmod_unreadable(dir_fd: int, name: str) -> None:
+    """Give the owner rwx on a directory we cannot open for reading. ``O_PATH`` opens it
+    without read permission (and without following a link); chmod through its
+    ``/proc/self/fd`` entry then acts on exactly that inode (what glibc does for
+    ``fchmodat(AT_SYMLINK_NOFOLLOW)``). Raises on one we do not own. If it vanished or
+    became a link meanwhile, nothing is done: the caller's next open says what it is."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return
+        raise
+    try:
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRWXU)
+    finally:
+        os.close(fd)
+
+
+def _make_writable(dir_fd: int) -> None:
+    os.fchmod(dir_fd, stat.S_IMODE(os.fstat(dir_fd).st_mode) | stat.S_IRWXU)
+
+
+def _unlink(dir_fd: int, name: str) -> None:
+    """Unlink a non-directory; in a read-only directory (go's module cache, a kernel's
+    chmod) the directory is made writable and the unlink tried once more."""
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+    except PermissionError:
+        _make_writable(dir_fd)
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+
+
+def _rmdir(dir_fd: int, name: str) -> None:
+    """Remove an emptied directory (as ``_unlink``). ``ENOTEMPTY`` is raised: something
+    was added meanwhile, and the caller must know it is still there."""
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        _make_writable(dir_fd)
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass

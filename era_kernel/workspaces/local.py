@@ -124,8 +124,9 @@ class Workspace:
         return await run_blocking(self.root.is_dir)
 
     async def remove(self) -> None:
-        """Delete the workspace and everything in it; links are removed, not followed."""
-        await run_blocking(_remove_root, self.root)
+        """Delete the workspace and everything in it, at any depth; links are removed, not
+        followed. Raises ``OSError`` when something could not be removed."""
+        await run_blocking(fdtree.remove_tree, self.root)
 
     # --- files -------------------------------------------------------------------------
 
@@ -306,18 +307,6 @@ def _write_lock(root: Path) -> asyncio.Lock:
     if lock is None:
         lock = _WRITE_LOCKS[key] = asyncio.Lock()
     return lock
-
-
-def _remove_root(root: Path) -> None:
-    parent, name = os.path.split(str(root).rstrip("/"))
-    try:
-        parent_fd = os.open(parent or ".", fdtree.DIR_FLAGS & ~os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    try:
-        fdtree.remove_entry(parent_fd, name)
-    finally:
-        os.close(parent_fd)
 
 
 def _copy_tree(source: Path, target: Path, owner: int | None) -> tuple[int, int]:
