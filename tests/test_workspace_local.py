@@ -235,8 +235,8 @@ async def test_copy_skips_a_directory_swapped_for_a_link(ws, tree, monkeypatch):
     real_scan = fdtree.scan
     swapped = []
 
-    def scan_then_swap(dir_fd):
-        entries = real_scan(dir_fd)
+    def scan_then_swap(dir_fd, *args):
+        entries = real_scan(dir_fd, *args)
         if not swapped and any(name == "sub" for name, _ in entries):
             os.rename(ws.root / "sub", ws.root / "sub.old")
             os.symlink(tree / "outside", ws.root / "sub")
@@ -295,28 +295,6 @@ async def test_remove_does_not_follow_links(ws, tree):
     await ws.remove()  # idempotent
 
 
-async def test_deep_tree_is_walked_and_removed_iteratively(ws):
-    # Deeper than Python's recursion limit would allow with naive recursion. The walk
-    # holds one descriptor per level, so make sure the soft limit allows it.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < 4096:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard) if hard != resource.RLIM_INFINITY else 4096, hard))
-    fd = os.open(ws.root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(1200):
-            os.mkdir("d", dir_fd=fd)
-            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
-    finally:
-        os.close(fd)
-    assert await ws.usage() == (1, 0)
-    assert await ws.list() == []  # the path is longer than any addressable one
-    await ws.remove()
-    assert not ws.root.exists()
-
-
 # --- trees deeper than the open-file limit, or wider than a walk may visit ---------------
 
 
@@ -355,6 +333,46 @@ async def deep_ws(ws, few_fds):
     await ws.write("top.txt", b"12345")
     make_deep(ws.root, few_fds + 200)
     return ws
+
+
+async def test_deep_tree_usage_never_raises(deep_ws):
+    # Every session document (and so the list of all sessions) computes usage: it must
+    # answer, counting what lies within the depth limit.
+    assert await deep_ws.usage() == (1, 5)
+
+
+async def test_usage_never_raises_when_out_of_descriptors(ws):
+    """Under load the process may be out of descriptors before any cap is reached: the
+    session list still answers, with what could be counted."""
+    await ws.write("top.txt", b"12345")
+    make_deep(ws.root, 60)  # within the depth cap
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = {int(name) for name in os.listdir("/proc/self/fd")}
+    free = [fd for fd in range(max(used) + 10) if fd not in used]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[5], hard))  # about five descriptors left
+    try:
+        count, total = await ws.usage()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (count, total) in ((0, 0), (1, 5))
+    assert await ws.usage() == (2, 5)  # with descriptors again: all of it
+
+
+async def test_deep_tree_listing_and_copy_are_refused_cleanly(deep_ws, tree):
+    for call in (deep_ws.list, lambda: deep_ws.copy_to(tree / "copy")):
+        with pytest.raises(TooLarge) as info:
+            await call()
+        assert info.value.status == 413
+        assert "ERA_WORKSPACE_MAX_DEPTH" in info.value.message and "64 levels" in info.value.message
+
+
+async def test_deep_tree_blocks_quota_checked_writes(tree, few_fds):
+    ws = Workspace(tree / "q", max_files=10)
+    await ws.create()
+    make_deep(ws.root, few_fds + 200)
+    with pytest.raises(TooLarge) as info:
+        await ws.write("a", b"x")
+    assert "ERA_WORKSPACE_MAX_DEPTH" in info.value.message
 
 
 async def test_deep_tree_is_removed_completely(deep_ws, tree, few_fds):
@@ -473,6 +491,34 @@ def test_removal_raises_what_it_cannot_remove(tmp_path):
         assert (base / "tree" / "foreign" / "f").exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_wide_tree_over_the_entry_limit(tree):
+    ws = Workspace(tree / "wide", max_entries=50, max_files=1000)
+    await ws.create()
+    for i in range(60):
+        (ws.root / f"f{i:02d}").write_bytes(b"x")
+    count, total = await ws.usage()  # a lower bound, never an error
+    assert count == total and 0 < count <= 50
+    for call in (ws.list, lambda: ws.copy_to(tree / "copy"), lambda: ws.write("new", b"y")):
+        with pytest.raises(TooLarge) as info:
+            await call()
+        assert "ERA_WORKSPACE_MAX_ENTRIES" in info.value.message and "50" in info.value.message
+    await ws.remove()
+    assert not ws.root.exists()
+
+
+async def test_depth_limit_is_exact(tree):
+    ws = Workspace(tree / "exact", max_depth=3)
+    await ws.create()
+    await ws.write("a/b/c", b"x")  # three levels: within the limit
+    (ws.root / "a" / "b" / "empty").mkdir()  # an empty directory at the limit: nothing below it
+    assert [f["path"] for f in await ws.list()] == ["a/b/c"]
+    await ws.write("a/b/empty/d", b"y")  # four levels: the write itself lands, the walk refuses
+    with pytest.raises(TooLarge) as info:
+        await ws.list()
+    assert "deeper than 3 levels" in info.value.message
+    assert await ws.usage() == (1, 1)
 
 
 async def test_concurrent_writes_respect_total_quota(tree):

@@ -5,11 +5,12 @@ moment, including swapping a directory for a symlink to ``/`` between our check 
 use. So nothing here resolves a path string: every step opens the next name relative to
 the already-open parent directory with ``O_NOFOLLOW`` (``openat``-style walking), and a
 symlink anywhere ends the walk with ``ELOOP``. Callers get built-in ``OSError``
-subclasses; mapping them to HTTP errors is the async layer's job.
+subclasses (and ``WalkLimit``); mapping them to HTTP errors is the async layer's job.
 
-The kernel also decides how deep the tree is: 20,000 nested directories are a few
-lines of code. So removal keeps at most ``REMOVE_FDS`` directories open whatever the
-depth.
+The kernel also decides how deep and how wide the tree is: 20,000 nested directories
+are a few lines of code. So no operation here holds a descriptor per level without a
+cap: walks stop at ``max_depth`` and ``max_entries``, and removal keeps at most
+``REMOVE_FDS`` directories open whatever the depth.
 
 Everything here blocks; the async classes run it in an executor.
 """
@@ -31,10 +32,27 @@ _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 # pushed or copied: they are either in flight or debris of a killed process.
 TEMP_PREFIX = ".era-tmp-"
 CHUNK = 1024 * 1024
+
+# Defaults of ERA_WORKSPACE_MAX_DEPTH / ERA_WORKSPACE_MAX_ENTRIES (config.py holds the
+# same numbers): node_modules trees are ~20 deep, and a path the files API can address
+# (1024 bytes) has at most 512 levels anyway.
+DEFAULT_MAX_DEPTH = 64
+DEFAULT_MAX_ENTRIES = 100_000
 REMOVE_FDS = 32         # directories one removal keeps open at most
 REMOVE_BATCH = 10_000   # names one removal reads from a directory at a time
 
 FileEntry = tuple[str, os.stat_result]
+
+
+class WalkLimit(Exception):
+    """A walk met one of its caps: ``kind`` is ``"depth"`` or ``"entries"``, ``limit`` the
+    cap. Not an ``OSError``: nothing failed, the tree is larger than the caller allows
+    (``local.limit_error`` turns it into a 413 that names the setting)."""
+
+    def __init__(self, kind: str, limit: int):
+        super().__init__(f"the tree is over its {kind} limit of {limit}")
+        self.kind = kind
+        self.limit = limit
 
 
 def is_temp_name(name: str) -> bool:
@@ -106,11 +124,15 @@ def open_dir(root_fd: int, names: list[str], *, create: bool = False, uid: int |
         raise
 
 
-def scan(dir_fd: int) -> list[FileEntry]:
-    """Names and ``lstat`` results of one directory, sorted; vanished entries skipped."""
-    out = []
+def scan(dir_fd: int, at_most: int | None = None) -> list[FileEntry]:
+    """Names and ``lstat`` results of one directory, sorted; vanished entries skipped.
+    Reads no more than ``at_most`` entries (walks pass their remaining budget plus one,
+    so a directory of millions of names costs neither the time nor the memory)."""
+    out: list[FileEntry] = []
     with os.scandir(dir_fd) as entries:
         for entry in entries:
+            if at_most is not None and len(out) >= at_most:
+                break
             try:
                 out.append((entry.name, entry.stat(follow_symlinks=False)))
             except FileNotFoundError:
@@ -119,19 +141,54 @@ def scan(dir_fd: int) -> list[FileEntry]:
     return out
 
 
-def walk(root_fd: int, *, descend: Callable[[str], bool] | None = None) -> Iterator[tuple[str, os.stat_result, int, str]]:
+def walk(
+    root_fd: int,
+    *,
+    descend: Callable[[str], bool] | None = None,
+    max_depth: int | None = DEFAULT_MAX_DEPTH,
+    max_entries: int | None = DEFAULT_MAX_ENTRIES,
+    on_limit: Callable[[WalkLimit], None] | None = None,
+) -> Iterator[tuple[str, os.stat_result, int, str]]:
     """Yield ``(relpath, lstat, parent_fd, name)`` for every entry, parents first.
 
     Directories are entered (with ``O_NOFOLLOW``) when ``descend(relpath)`` is true or
     no predicate is given; one that became a symlink or vanished meanwhile is skipped.
     ``parent_fd`` is valid only until the next item, which lets callers open or unlink
-    the entry without walking again. Iterative, so depth is bounded by descriptors, not
-    by Python's recursion limit.
+    the entry without walking again. Iterative, so Python's recursion limit plays no part.
+
+    Bounded for a tree the kernel shaped: entries lie at most ``max_depth`` levels down
+    (those directly in the root are level 1), so the walk holds at most ``max_depth`` + 1
+    descriptors; and at most ``max_entries`` entries are read. A non-empty directory at
+    the last level, or one entry too many, raises ``WalkLimit``; with ``on_limit`` the
+    walk reports it there instead and goes on, without that directory (depth) or
+    without reading further (entries), for callers content with a lower bound (usage).
+    ``None`` lifts a cap: only for trees bounded otherwise (restore's, by its manifest).
     """
+    seen = 0
+    exhausted = False
+
+    def over(exc: WalkLimit) -> None:
+        if on_limit is None:
+            raise exc
+        on_limit(exc)
+
+    def listing(fd: int) -> Iterator[FileEntry]:
+        nonlocal seen, exhausted
+        if max_entries is None:
+            return iter(scan(fd))
+        room = max_entries - seen
+        entries = scan(fd, room + 1)
+        if len(entries) > room:
+            over(WalkLimit("entries", max_entries))
+            exhausted = True
+            entries = entries[:room]
+        seen += len(entries)
+        return iter(entries)
+
     stack: list[tuple[int, str, Iterator[FileEntry]]] = []
     first = os.dup(root_fd)
     try:
-        stack.append((first, "", iter(scan(first))))
+        stack.append((first, "", listing(first)))
     except BaseException:
         os.close(first)
         raise
@@ -146,18 +203,22 @@ def walk(root_fd: int, *, descend: Callable[[str], bool] | None = None) -> Itera
             name, st = item
             rel = prefix + name
             yield rel, st, fd, name
-            if not stat.S_ISDIR(st.st_mode) or (descend is not None and not descend(rel)):
+            if not stat.S_ISDIR(st.st_mode) or exhausted or (descend is not None and not descend(rel)):
+                continue
+            child = _open_walked(fd, name)
+            if child is None:
+                continue
+            if max_depth is not None and len(stack) >= max_depth:
+                # Its entries would lie past the last level: only an empty one is fine.
+                try:
+                    deeper = _has_entries(child)
+                finally:
+                    os.close(child)
+                if deeper:
+                    over(WalkLimit("depth", max_depth))
                 continue
             try:
-                child = os.open(name, DIR_FLAGS, dir_fd=fd)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    continue
-                raise
-            try:
-                stack.append((child, rel + "/", iter(scan(child))))
+                stack.append((child, rel + "/", listing(child)))
             except BaseException:
                 os.close(child)
                 raise
@@ -166,9 +227,27 @@ def walk(root_fd: int, *, descend: Callable[[str], bool] | None = None) -> Itera
             os.close(fd)
 
 
-def iter_files(root_fd: int) -> Iterator[tuple[str, os.stat_result, int, str]]:
-    """Regular files only (no symlinks, FIFOs, devices, sockets, temp files)."""
-    for rel, st, parent_fd, name in walk(root_fd):
+def _open_walked(dir_fd: int, name: str) -> int | None:
+    """Open a directory the walk saw; None when it vanished or became a link or a file."""
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+
+
+def _has_entries(dir_fd: int) -> bool:
+    with os.scandir(dir_fd) as entries:
+        return next(entries, None) is not None
+
+
+def iter_files(root_fd: int, **limits) -> Iterator[tuple[str, os.stat_result, int, str]]:
+    """Regular files only (no symlinks, FIFOs, devices, sockets, temp files); ``limits``
+    are ``walk``'s caps."""
+    for rel, st, parent_fd, name in walk(root_fd, **limits):
         if stat.S_ISREG(st.st_mode) and not is_temp_name(name):
             yield rel, st, parent_fd, name
 
