@@ -35,6 +35,8 @@ class SessionFiles:
             self._store = WorkspaceStore.from_url(s["ERA_WORKSPACE_URL"], s["ERA_WORKSPACE_OPTIONS"] or None,
                                                   max_files=s["ERA_WORKSPACE_MAX_FILES"],
                                                   max_total_bytes=s["ERA_WORKSPACE_MAX_BYTES"],
+                                                  max_depth=s["ERA_WORKSPACE_MAX_DEPTH"],
+                                                  max_entries=s["ERA_WORKSPACE_MAX_ENTRIES"],
                                                   durable=s["ERA_WORKSPACE_FSYNC"])
         return self._store
 
