@@ -28,6 +28,15 @@ def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _depth(value: str) -> int:
+    """``ERA_WORKSPACE_MAX_DEPTH``: a walk holds a descriptor per level, and a path the
+    files API can address (1024 bytes) has at most 512 levels, so more is never useful."""
+    depth = int(value)
+    if not 1 <= depth <= 512:
+        raise ValueError("must be between 1 and 512")
+    return depth
+
+
 def _size(value: str) -> int:
     """Parse ``10485760``, ``10MiB``, ``512M``, ``1G`` into bytes."""
     text = value.strip().lower().replace("ib", "").replace("b", "")
@@ -66,6 +75,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_WORKSPACE_MAX_BYTES", 1024**3, "Largest workspace the server writes to or persists.", _size),
     Setting("ERA_WORKSPACE_MAX_FILES", 10_000, "Most files in a workspace the server writes to or persists.", int),
     Setting("ERA_WORKSPACE_MAX_READ", 256 * 1024**2, "Largest file served in one download.", _size),
+    Setting("ERA_WORKSPACE_MAX_DEPTH", 64, "Deepest directory level a walk of a workspace enters (file list, "
+            "quota check, copy, push); a deeper tree answers 413, and a session's `file_count` counts what lies "
+            "within. A walk holds one descriptor per level (1-512).", _depth),
+    Setting("ERA_WORKSPACE_MAX_ENTRIES", 100_000, "Most entries (files, directories, links) one walk of a "
+            "workspace visits; past it the same operations answer 413.", int),
     Setting("ERA_WORKSPACE_FSYNC", True, "fsync snapshots on file:// stores (survives power loss, not only crashes).",
             _bool),
     Setting("ERA_PROVISIONER", "local", "Default kernel provisioner for new sessions: `local` or `docker`."),

@@ -38,6 +38,8 @@ class SessionFiles:
             self._store = WorkspaceStore.from_url(s["ERA_WORKSPACE_URL"], s["ERA_WORKSPACE_OPTIONS"] or None,
                                                   max_files=s["ERA_WORKSPACE_MAX_FILES"],
                                                   max_total_bytes=s["ERA_WORKSPACE_MAX_BYTES"],
+                                                  max_depth=s["ERA_WORKSPACE_MAX_DEPTH"],
+                                                  max_entries=s["ERA_WORKSPACE_MAX_ENTRIES"],
                                                   durable=s["ERA_WORKSPACE_FSYNC"])
         return self._store
 
@@ -58,7 +60,8 @@ class SessionFiles:
     def workspace(self, root: Path | str) -> Workspace:
         s = self.settings
         return Workspace(root, max_file_bytes=s["ERA_WORKSPACE_MAX_FILE"], max_total_bytes=s["ERA_WORKSPACE_MAX_BYTES"],
-                         max_files=s["ERA_WORKSPACE_MAX_FILES"], max_read_bytes=s["ERA_WORKSPACE_MAX_READ"])
+                         max_files=s["ERA_WORKSPACE_MAX_FILES"], max_read_bytes=s["ERA_WORKSPACE_MAX_READ"],
+                         max_depth=s["ERA_WORKSPACE_MAX_DEPTH"], max_entries=s["ERA_WORKSPACE_MAX_ENTRIES"])
 
     def of(self, record: dict[str, Any]) -> Workspace:
         return self.workspace(self.path(record))

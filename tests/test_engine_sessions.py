@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import shutil
 import subprocess
 
@@ -254,3 +255,31 @@ async def test_list_pages_with_an_opaque_cursor(engine):
     one = await engine.list()  # always at least one document, so paging moves on
     assert [d["id"] for d in one] == ["pg-0"]
     assert [d["id"] for d in await engine.list(cursor=one.next_cursor)] == ["pg-2"]
+
+
+async def test_a_session_nesting_directories_past_the_open_file_limit(engine, session):
+    """Security finding: code nested directories deeper than the server's open-file
+    limit; every walk of the workspace then failed with EMFILE, so the session's document
+    and the list of *all* sessions answered 500, and delete failed leaving the tree.
+    The server is this process: its limit is lowered so a few hundred levels do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = len(os.listdir("/proc/self/fd")) + 200
+    nest = (f"import os\nfor top in ('.', os.path.expanduser('~')):\n    fd = os.open(top, os.O_RDONLY)\n"
+            f"    for _ in range({limit + 200}):\n        os.mkdir('d', dir_fd=fd)\n"
+            "        child = os.open('d', os.O_RDONLY, dir_fd=fd)\n        os.close(fd)\n        fd = child\n"
+            "    os.close(fd)\nopen('top.txt', 'w').write('12345')\nprint('nested')")
+    assert (await engine.run(session, {"code": nest}))["stdout"] == "nested\n"
+    kernel_dir = engine.kernels[session].km.provisioner.kernel_dir
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        assert (await engine.get(session))["file_count"] >= 1  # top.txt (and the data file) counted
+        assert session in [doc["id"] for doc in await engine.list()]
+        for call in (lambda: engine.list_files(session), lambda: engine.duplicate(session, {"id": "dup"})):
+            with pytest.raises(TooLarge) as info:
+                await call()
+            assert "ERA_WORKSPACE_MAX_DEPTH" in info.value.message
+        await engine.delete(session)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not engine.workspace_dir(session).exists() and not engine.workspace_dir("dup").exists()
+    assert not kernel_dir.exists()

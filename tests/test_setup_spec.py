@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import stat
 import tarfile
 from pathlib import Path
@@ -234,6 +235,29 @@ def test_stale_staging_of_dead_processes_is_swept(tmp_path):
         path.mkdir(parents=True)
     cache.make_staging("other", os.getuid())
     assert not stale.exists() and live.exists()
+
+
+def test_discard_removes_a_deep_read_only_tree(tmp_path):
+    """A setup's commands can nest directories deeper than our open-file limit and leave
+    them read-only (go's module cache): discarding the staging tree removes all of it."""
+    cache = EnvCache(tmp_path / "envs", max_bytes=10**6)
+    staging, home = cache.make_staging("k", os.getuid())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = len(os.listdir("/proc/self/fd")) + 200
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(limit + 200):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.fchmod(fd, 0o555)
+            os.close(fd)
+            fd = child
+        os.close(fd)
+        cache.discard(staging, home)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert os.listdir(staging.parent) == []
 
 
 # ---- logs --------------------------------------------------------------------------------------

@@ -3,12 +3,18 @@
 
 import asyncio
 import errno
+import json
 import os
 import re
 import resource
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -229,8 +235,8 @@ async def test_copy_skips_a_directory_swapped_for_a_link(ws, tree, monkeypatch):
     real_scan = fdtree.scan
     swapped = []
 
-    def scan_then_swap(dir_fd):
-        entries = real_scan(dir_fd)
+    def scan_then_swap(dir_fd, *args):
+        entries = real_scan(dir_fd, *args)
         if not swapped and any(name == "sub" for name, _ in entries):
             os.rename(ws.root / "sub", ws.root / "sub.old")
             os.symlink(tree / "outside", ws.root / "sub")
@@ -289,26 +295,230 @@ async def test_remove_does_not_follow_links(ws, tree):
     await ws.remove()  # idempotent
 
 
-async def test_deep_tree_is_walked_and_removed_iteratively(ws):
-    # Deeper than Python's recursion limit would allow with naive recursion. The walk
-    # holds one descriptor per level, so make sure the soft limit allows it.
+# --- trees deeper than the open-file limit, or wider than a walk may visit ---------------
+
+
+@pytest.fixture
+def few_fds():
+    """Lower this process's soft open-file limit (restored after), so that a tree deeper
+    than it takes a few hundred levels to build instead of ~20,000. Returns the limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < 4096:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard) if hard != resource.RLIM_INFINITY else 4096, hard))
-    fd = os.open(ws.root, os.O_RDONLY | os.O_DIRECTORY)
+    limit = len(os.listdir("/proc/self/fd")) + 200
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
     try:
-        for _ in range(1200):
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def make_deep(root, depth: int, leaf: str = "leaf") -> None:
+    """``root/d/d/.../d/leaf`` with ``depth`` directories, built descriptor-relative (its
+    path is far longer than PATH_MAX) with two descriptors at a time, as a kernel can."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
             os.mkdir("d", dir_fd=fd)
             child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = child
-        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        os.close(os.open(leaf, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
     finally:
         os.close(fd)
-    assert await ws.usage() == (1, 0)
-    assert await ws.list() == []  # the path is longer than any addressable one
+
+
+@pytest.fixture
+async def deep_ws(ws, few_fds):
+    """The workspace with a file at the top and a chain of directories deeper than the
+    open-file limit (so a walk holding a descriptor per level dies with EMFILE)."""
+    await ws.write("top.txt", b"12345")
+    make_deep(ws.root, few_fds + 200)
+    return ws
+
+
+async def test_deep_tree_usage_never_raises(deep_ws):
+    # Every session document (and so the list of all sessions) computes usage: it must
+    # answer, counting what lies within the depth limit.
+    assert await deep_ws.usage() == (1, 5)
+
+
+async def test_usage_never_raises_when_out_of_descriptors(ws):
+    """Under load the process may be out of descriptors before any cap is reached: the
+    session list still answers, with what could be counted."""
+    await ws.write("top.txt", b"12345")
+    make_deep(ws.root, 60)  # within the depth cap
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = {int(name) for name in os.listdir("/proc/self/fd")}
+    free = [fd for fd in range(max(used) + 10) if fd not in used]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[5], hard))  # about five descriptors left
+    try:
+        count, total = await ws.usage()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (count, total) in ((0, 0), (1, 5))
+    assert await ws.usage() == (2, 5)  # with descriptors again: all of it
+
+
+async def test_deep_tree_listing_and_copy_are_refused_cleanly(deep_ws, tree):
+    for call in (deep_ws.list, lambda: deep_ws.copy_to(tree / "copy")):
+        with pytest.raises(TooLarge) as info:
+            await call()
+        assert info.value.status == 413
+        assert "ERA_WORKSPACE_MAX_DEPTH" in info.value.message and "64 levels" in info.value.message
+
+
+async def test_deep_tree_blocks_quota_checked_writes(tree, few_fds):
+    ws = Workspace(tree / "q", max_files=10)
+    await ws.create()
+    make_deep(ws.root, few_fds + 200)
+    with pytest.raises(TooLarge) as info:
+        await ws.write("a", b"x")
+    assert "ERA_WORKSPACE_MAX_DEPTH" in info.value.message
+
+
+async def test_deep_tree_is_removed_completely(deep_ws, tree, few_fds):
+    os.symlink(tree / "outside", deep_ws.root / "link")
+    make_deep(tree / "outside", 3)  # reachable only through the link: must survive
+    await deep_ws.delete("d")  # a directory path: the whole chain goes
+    assert sorted(os.listdir(deep_ws.root)) == ["link", "top.txt"]
+    make_deep(deep_ws.root, few_fds + 200)
+    await deep_ws.remove()
+    assert not deep_ws.root.exists()
+    assert (tree / "outside" / "secret").read_bytes() == b"outside secret"
+    assert (tree / "outside" / "d" / "d" / "d" / "leaf").exists()
+
+
+def test_remove_entry_keeps_few_descriptors(tmp_path, few_fds):
+    """Directly on fdtree, with files and links at every level of a branching tree."""
+    top = tmp_path / "top"
+    top.mkdir()
+    make_deep(top, few_fds + 100)
+    for level in (1, 5, 40):
+        branch = top / "/".join(["d"] * level)
+        (branch / "file").write_bytes(b"x")
+        (branch / "sub").mkdir()
+        make_deep(branch / "sub", 50)
+        os.symlink("/", branch / "root-link")
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert fdtree.remove_entry(parent, "top") is True
+        assert fdtree.remove_entry(parent, "top") is False
+    finally:
+        os.close(parent)
+    assert os.listdir(tmp_path) == []
+
+
+def test_deep_kernel_home_is_removed(tmp_path, few_fds):
+    from era_kernel.provisioning.ipc import make_kernel_dir, remove_kernel_dir, seal_kernel_dir, write_pid_record
+
+    kernel_dir = make_kernel_dir(tmp_path)
+    (kernel_dir / "home").mkdir()
+    make_deep(kernel_dir / "home", few_fds + 200)
+    if os.geteuid() == 0:
+        os.chown(kernel_dir / "home", 54321, 54321)  # the kernel's uid owns its home
+    seal_kernel_dir(kernel_dir)  # as after a kernel started: root-owned, 0711 (when root)
+    write_pid_record(kernel_dir, 1)
+    assert remove_kernel_dir(kernel_dir) is True
+    assert os.listdir(kernel_dir.parent) == []
+
+
+# Run in a child: as root it drops to an unprivileged uid after the imports (root never
+# meets a permission error, which is the point here).
+_REMOVE_AS_USER = """
+import json, os, sys
+from era_kernel.workspaces import fdtree
+if os.geteuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+parent = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+try:
+    print(json.dumps(fdtree.remove_entry(parent, sys.argv[2])))
+except OSError as exc:
+    print(json.dumps(exc.errno))
+"""
+
+
+def _remove_as_user(base, name):
+    done = subprocess.run([sys.executable, "-c", _REMOVE_AS_USER, str(base), name], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _chown_tree(path, uid):
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [*dirnames, *filenames]:
+            os.lchown(os.path.join(dirpath, name), uid, uid)
+    os.lchown(path, uid, uid)
+
+
+def test_removal_opens_read_only_and_closed_directories(tmp_path):
+    """Code running as the server's own uid (no root), or a tool (go's module cache),
+    leaves directories read-only (0555) or closed (000), deeper than the removal's
+    descriptor stack: removal makes them writable or readable instead of stopping."""
+    base = Path(tempfile.mkdtemp(prefix="era-rm-", dir="/tmp"))  # reachable by the unprivileged uid
+    try:
+        top = base / "tree"
+        chain = top / "/".join(["d"] * (fdtree.REMOVE_FDS + 10))
+        chain.mkdir(parents=True)
+        (chain / "f").write_bytes(b"x")
+        (top / "closed").mkdir()
+        (top / "closed" / "inner").mkdir()
+        (top / "closed" / "inner" / "f").write_bytes(b"x")
+        if os.geteuid() == 0:
+            _chown_tree(base, 65534)
+        os.chmod(top / "closed", 0)
+        path = chain
+        while path != base:
+            os.chmod(path, 0o555)
+            path = path.parent
+        assert _remove_as_user(base, "tree") is True
+        assert os.listdir(base) == []
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a directory of another owner")
+def test_removal_raises_what_it_cannot_remove(tmp_path):
+    """Not a silent partial removal: the caller learns that files remain."""
+    base = Path(tempfile.mkdtemp(prefix="era-rm-", dir="/tmp"))
+    try:
+        (base / "tree" / "foreign").mkdir(parents=True)
+        (base / "tree" / "foreign" / "f").write_bytes(b"x")
+        (base / "tree" / "mine").write_bytes(b"y")
+        _chown_tree(base, 65534)
+        os.chown(base / "tree" / "foreign", 0, 0)  # root's, 0755: the unprivileged uid may not empty it
+        assert _remove_as_user(base, "tree") in (errno.EPERM, errno.EACCES)
+        assert (base / "tree" / "foreign" / "f").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_wide_tree_over_the_entry_limit(tree):
+    ws = Workspace(tree / "wide", max_entries=50, max_files=1000)
+    await ws.create()
+    for i in range(60):
+        (ws.root / f"f{i:02d}").write_bytes(b"x")
+    count, total = await ws.usage()  # a lower bound, never an error
+    assert count == total and 0 < count <= 50
+    for call in (ws.list, lambda: ws.copy_to(tree / "copy"), lambda: ws.write("new", b"y")):
+        with pytest.raises(TooLarge) as info:
+            await call()
+        assert "ERA_WORKSPACE_MAX_ENTRIES" in info.value.message and "50" in info.value.message
     await ws.remove()
     assert not ws.root.exists()
+
+
+async def test_depth_limit_is_exact(tree):
+    ws = Workspace(tree / "exact", max_depth=3)
+    await ws.create()
+    await ws.write("a/b/c", b"x")  # three levels: within the limit
+    (ws.root / "a" / "b" / "empty").mkdir()  # an empty directory at the limit: nothing below it
+    assert [f["path"] for f in await ws.list()] == ["a/b/c"]
+    await ws.write("a/b/empty/d", b"y")  # four levels: the write itself lands, the walk refuses
+    with pytest.raises(TooLarge) as info:
+        await ws.list()
+    assert "deeper than 3 levels" in info.value.message
+    assert await ws.usage() == (1, 1)
 
 
 async def test_concurrent_writes_respect_total_quota(tree):

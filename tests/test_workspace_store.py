@@ -21,6 +21,8 @@ from era_kernel.errors import BadRequest, NotFound, TooLarge
 from era_kernel.workspaces import WorkspaceStore, manifest, snapshots
 from era_kernel.workspaces.store import parse_options
 
+from .test_workspace_local import few_fds, make_deep  # noqa: F401 (a fixture)
+
 BUCKET = "era-workspaces"
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 
@@ -500,3 +502,34 @@ async def test_a_cancelled_push_keeps_the_session_locked_until_its_work_ends(sto
         await first
     await second
     assert [f["path"] for f in await store.list("s")] == ["a", "b"]
+
+
+@pytest.mark.parametrize("store_spec", ["file", "memory"], indirect=True)
+async def test_deep_tree_is_refused_by_push_and_removed_by_restore(store, tmp_path, few_fds):
+    src = tmp_path / "src"
+    make_files(src, {"a": b"a"})
+    await store.push("s", src)
+    make_deep(src, few_fds + 200)  # deeper than the open-file limit
+    with pytest.raises(TooLarge) as info:
+        await store.push("s", src)
+    assert "ERA_WORKSPACE_MAX_DEPTH" in info.value.message
+    assert [f["path"] for f in await store.list("s")] == ["a"]  # nothing committed
+    # Restoring over what the kernel left behind removes the deep tree.
+    await store.restore("s", src)
+    assert read_tree(src) == {"a": b"a"}
+
+
+@pytest.mark.parametrize("store_spec", ["file", "memory"], indirect=True)
+async def test_wide_tree_over_the_entry_limit_is_refused_by_push(store_spec, tmp_path):
+    store = WorkspaceStore.from_url(*store_spec, max_entries=20)
+    src = tmp_path / "src"
+    make_files(src, {"keep/a": b"a", "b": b"b"})
+    await store.push("s", src)
+    make_files(src, {f"keep/junk{i}": b"x" for i in range(30)})
+    with pytest.raises(TooLarge) as info:
+        await store.push("s", src)
+    assert "ERA_WORKSPACE_MAX_ENTRIES" in info.value.message
+    assert [f["path"] for f in await store.list("s")] == ["b", "keep/a"]  # nothing committed
+    # Leftovers too many to compare: restore starts from an empty directory instead.
+    stats = await store.restore("s", src)
+    assert read_tree(src) == {"keep/a": b"a", "b": b"b"} and stats["downloaded"] == 2

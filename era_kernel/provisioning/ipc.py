@@ -9,14 +9,18 @@ string, never the session id, so socket paths stay under libzmq's 107-byte limit
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
+from ..workspaces import fdtree
+
 IPC_PATH_LIMIT = 107  # bytes, including the "-N" port suffix libzmq adds
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+log = logging.getLogger("era.ipc")
 
 
 def kernels_root(runtime_dir: str | os.PathLike) -> Path:
@@ -123,9 +127,24 @@ def read_pid_record(kernel_dir: Path) -> tuple[int, int] | None:
         return None
 
 
-def remove_kernel_dir(kernel_dir: Path | None) -> None:
-    """Blocking (the kernel may have filled its home): provisioners call it off the loop."""
-    if kernel_dir is not None:
-        shutil.rmtree(kernel_dir, ignore_errors=True)
-        for suffix in (".pid", ".log"):
-            (kernel_dir.parent / f"{kernel_dir.name}{suffix}").unlink(missing_ok=True)
+def remove_kernel_dir(kernel_dir: Path | None) -> bool:
+    """Remove a stopped kernel's directory (sockets, and the home the kernel could fill
+    and nest as deep as it liked) and its records; False, logged, when some of it stays.
+
+    Called by the provisioners' cleanup and the orphan reaper at start, off the loop
+    (it blocks). The parent is ours, so the directory is removed through it with
+    ``fdtree``: a bounded number of descriptors at any depth, no link followed. It does
+    not raise: a stuck directory must neither fail a kernel's shutdown nor stop the
+    server from starting, but it is reported rather than silently left.
+    """
+    if kernel_dir is None:
+        return True
+    removed = True
+    try:
+        fdtree.remove_tree(kernel_dir)
+    except OSError as exc:
+        log.error("kernel directory %s could not be removed completely: %s", kernel_dir, exc)
+        removed = False
+    for suffix in (".pid", ".log"):
+        (kernel_dir.parent / f"{kernel_dir.name}{suffix}").unlink(missing_ok=True)
+    return removed

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import stat
@@ -30,12 +31,14 @@ from typing import Any, Callable
 
 from ..errors import NotFound
 from ..orphans import pid_alive
+from ..workspaces import fdtree
 from .layout import MANIFEST
 from .steps import SetupFailed
 
 STAGING = ".staging"
 MAX_ARCHIVE_MEMBERS = 500_000
 COMPRESS_LEVEL = 6
+log = logging.getLogger("era.setup")
 
 
 class CacheError(SetupFailed):
@@ -78,19 +81,21 @@ def _copy_of(path: str) -> Callable[[Any], None]:
 
 
 def rmtree(path: Path) -> None:
-    """Remove a tree even where a tool left directories read-only (go's module cache)."""
-    def retry(func, failed, _exc):
-        try:
-            os.chmod(os.path.dirname(failed), 0o700)
-            func(failed)
-        except OSError:
-            pass
+    """Remove a staging tree, a scratch home or an environment. The setup's commands
+    wrote them as the sandbox uid, so they may nest deeper than our open-file limit, hold
+    links, or be read-only (go's module cache): ``fdtree`` removes them with a bounded
+    number of descriptors, following no link, making read-only directories writable.
+    Raises ``OSError`` when something stays (see ``_remove_logged``)."""
+    fdtree.remove_tree(path)
 
-    if os.path.lexists(path):
-        if os.path.islink(path) or not os.path.isdir(path):
-            os.unlink(path)
-        else:
-            shutil.rmtree(path, onerror=retry)
+
+def _remove_logged(path: Path) -> None:
+    """``rmtree`` for clean-ups that must not turn a setup's outcome (or its own error)
+    into a removal error: what stays is logged, and swept again by the next start."""
+    try:
+        rmtree(path)
+    except OSError as exc:
+        log.error("could not remove %s completely: %s", path, exc)
 
 
 class EnvCache:
@@ -144,12 +149,12 @@ class EnvCache:
         for entry in staging_root.iterdir():
             parts = entry.name.split("-")
             if len(parts) >= 3 and parts[1].isdigit() and not pid_alive(int(parts[1])):
-                rmtree(entry)
+                _remove_logged(entry)
 
     def discard(self, *paths: Path | None) -> None:
         for path in paths:
             if path is not None:
-                rmtree(path)
+                _remove_logged(path)
 
     def seal(self, staging: Path, manifest: dict[str, Any], on_line: Callable[[str], None]) -> dict[str, Any]:
         """Make a built environment shareable: owned by us, readable by every sandbox uid,
@@ -200,7 +205,7 @@ class EnvCache:
         except OSError:
             if not self.present(key):
                 raise
-            rmtree(staging)
+            _remove_logged(staging)
 
     # --- archives ---------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import logging
 import os
 import stat
 import weakref
@@ -27,6 +28,7 @@ from . import fdtree
 from .paths import is_safe_relpath, iso_utc, safe_relpath
 
 T = TypeVar("T")
+log = logging.getLogger("era.workspace")
 
 # errno values that mean "there is no regular file you may read here": missing, a
 # symlink in the way (ELOOP from O_NOFOLLOW), a file where a directory was expected.
@@ -62,6 +64,16 @@ async def run_blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise
 
 
+def limit_error(exc: fdtree.WalkLimit) -> TooLarge:
+    """The 413 for a walk that met a cap: which limit, its setting, and what to do (the
+    tree is the session's own doing, so its code is where to fix it)."""
+    if exc.kind == "depth":
+        return TooLarge(f"the workspace is deeper than {exc.limit} levels (ERA_WORKSPACE_MAX_DEPTH); "
+                        "remove the deep directories from the session's code")
+    return TooLarge(f"the workspace holds more than {exc.limit} entries (ERA_WORKSPACE_MAX_ENTRIES); "
+                    "remove files or directories from the session's code")
+
+
 def not_found(rel: str) -> NotFound:
     return NotFound(f"file not found: {rel}")
 
@@ -90,7 +102,9 @@ class Workspace:
     so the sandboxed kernel can use the files). Limits are ``None`` for unlimited:
     ``max_file_bytes`` per upload, ``max_total_bytes`` and ``max_files`` for the whole
     workspace after the upload; ``max_read_bytes`` bounds what one download loads into
-    memory. Exceeding one raises ``TooLarge``.
+    memory. Exceeding one raises ``TooLarge``. ``max_depth`` and ``max_entries`` cap
+    every walk of the tree (listing, quota check, copy; see ``fdtree.walk``): past them
+    those answer ``TooLarge`` too, while ``usage`` counts what lies within.
     """
 
     def __init__(
@@ -102,6 +116,8 @@ class Workspace:
         max_total_bytes: int | None = None,
         max_files: int | None = None,
         max_read_bytes: int | None = None,
+        max_depth: int = fdtree.DEFAULT_MAX_DEPTH,
+        max_entries: int = fdtree.DEFAULT_MAX_ENTRIES,
     ):
         self.root = Path(root)
         self.uid = uid
@@ -109,6 +125,8 @@ class Workspace:
         self.max_total_bytes = max_total_bytes
         self.max_files = max_files
         self.max_read_bytes = max_read_bytes
+        self.max_depth = max_depth
+        self.max_entries = max_entries
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
@@ -124,14 +142,16 @@ class Workspace:
         return await run_blocking(self.root.is_dir)
 
     async def remove(self) -> None:
-        """Delete the workspace and everything in it; links are removed, not followed."""
-        await run_blocking(_remove_root, self.root)
+        """Delete the workspace and everything in it, at any depth; links are removed, not
+        followed. Raises ``OSError`` when something could not be removed."""
+        await run_blocking(fdtree.remove_tree, self.root)
 
     # --- files -------------------------------------------------------------------------
 
     async def list(self) -> list[dict]:
         """``[{path, size, uploaded}]`` for every regular file, sorted by path. Names the
-        API could not address (control characters, ...) are left out."""
+        API could not address (control characters, ...) are left out. A tree past the
+        walk caps is ``TooLarge``."""
         return await run_blocking(self._list_sync)
 
     async def read(self, path: str, *, max_bytes: int | None = None) -> bytes:
@@ -181,22 +201,41 @@ class Workspace:
             raise not_found(rel)
 
     async def usage(self) -> tuple[int, int]:
-        """``(file_count, total_bytes)`` of the regular files, links not followed."""
+        """``(file_count, total_bytes)`` of the regular files, links not followed.
+
+        Every session document (so the list of all sessions) shows it: it never raises.
+        Past the walk caps, or when the walk fails (out of descriptors under load, a
+        directory the kernel made unreadable), it is a lower bound: what was counted."""
         return await run_blocking(self._usage_sync)
 
     async def copy_to(self, other: "str | os.PathLike | Workspace", uid: int | None = None) -> tuple[int, int]:
         """Copy every regular file into another directory (created if needed); returns
         ``(files, bytes)``. Links are not copied and never followed: the source is walked
         by descriptor, so a directory swapped for a link mid-copy is skipped, and the
-        destination is written with the same no-follow walk."""
+        destination is written with the same no-follow walk. A source past the walk caps
+        is ``TooLarge``, possibly after part of it was copied: the caller (session
+        creation) removes the destination."""
         target = other.root if isinstance(other, Workspace) else Path(other)
         owner = self._uid(uid if uid is not None else (other.uid if isinstance(other, Workspace) else None))
-        return await run_blocking(_copy_tree, self.root, target, owner)
+        try:
+            return await run_blocking(_copy_tree, self.root, target, owner, self._limits())
+        except fdtree.WalkLimit as exc:
+            raise limit_error(exc) from None
 
     # --- blocking halves ---------------------------------------------------------------
 
     def _uid(self, uid: int | None) -> int | None:
         return uid if uid is not None else self.uid
+
+    def _limits(self) -> dict[str, int]:
+        return {"max_depth": self.max_depth, "max_entries": self.max_entries}
+
+    def _files(self, root_fd: int):
+        """``fdtree.iter_files`` within this workspace's caps; past them ``TooLarge``."""
+        try:
+            yield from fdtree.iter_files(root_fd, **self._limits())
+        except fdtree.WalkLimit as exc:
+            raise limit_error(exc) from None
 
     def _open_root(self) -> int:
         try:
@@ -212,7 +251,7 @@ class Workspace:
         try:
             return [
                 {"path": rel, "size": st.st_size, "uploaded": iso_utc(st.st_mtime_ns)}
-                for rel, st, _, _ in fdtree.iter_files(root_fd)
+                for rel, st, _, _ in self._files(root_fd)
                 if is_safe_relpath(rel)
             ]
         finally:
@@ -256,7 +295,7 @@ class Workspace:
 
     def _check_quota(self, root_fd: int, rel: str, size: int) -> None:
         count, total, replaced = 0, 0, 0
-        for path, st, _, _ in fdtree.iter_files(root_fd):
+        for path, st, _, _ in self._files(root_fd):
             count += 1
             total += st.st_size
             if path == rel:
@@ -280,18 +319,26 @@ class Workspace:
             os.close(root_fd)
 
     def _usage_sync(self) -> tuple[int, int]:
+        count = total = 0
+        capped: list[fdtree.WalkLimit] = []
         try:
             root_fd = self._open_root()
         except FileNotFoundError:
             return 0, 0
+        except OSError as exc:
+            log.warning("usage of %s not counted: %s", self.root, exc)
+            return 0, 0
         try:
-            count = total = 0
-            for _, st, _, _ in fdtree.iter_files(root_fd):
+            for _, st, _, _ in fdtree.iter_files(root_fd, **self._limits(), on_limit=capped.append):
                 count += 1
                 total += st.st_size
-            return count, total
+        except OSError as exc:
+            log.warning("usage of %s counted in part: %s", self.root, exc)
         finally:
             os.close(root_fd)
+        if capped:  # the listing, copy and push of this workspace answer 413 with the reason
+            log.debug("usage of %s is a lower bound: %s", self.root, "; ".join(map(str, capped)))
+        return count, total
 
 
 # One lock per directory, shared by every Workspace object on it (callers may build a
@@ -308,19 +355,7 @@ def _write_lock(root: Path) -> asyncio.Lock:
     return lock
 
 
-def _remove_root(root: Path) -> None:
-    parent, name = os.path.split(str(root).rstrip("/"))
-    try:
-        parent_fd = os.open(parent or ".", fdtree.DIR_FLAGS & ~os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    try:
-        fdtree.remove_entry(parent_fd, name)
-    finally:
-        os.close(parent_fd)
-
-
-def _copy_tree(source: Path, target: Path, owner: int | None) -> tuple[int, int]:
+def _copy_tree(source: Path, target: Path, owner: int | None, limits: dict[str, int]) -> tuple[int, int]:
     try:
         src_root = fdtree.open_root(source)
     except (FileNotFoundError, NotADirectoryError):
@@ -330,7 +365,7 @@ def _copy_tree(source: Path, target: Path, owner: int | None) -> tuple[int, int]
     try:
         if src_root is None:
             return 0, 0
-        for rel, st, parent_fd, name in fdtree.walk(src_root):
+        for rel, st, parent_fd, name in fdtree.walk(src_root, **limits):
             if not is_safe_relpath(rel) or fdtree.is_temp_name(name):
                 continue
             if stat.S_ISDIR(st.st_mode):

@@ -95,9 +95,12 @@ class _Packer:
 
 
 def push(objects: ObjectStore, sid: str, local_dir, *, full_sweep: bool = False,
-         max_files: int | None = None, max_total_bytes: int | None = None) -> dict:
+         max_files: int | None = None, max_total_bytes: int | None = None,
+         max_depth: int = fdtree.DEFAULT_MAX_DEPTH, max_entries: int = fdtree.DEFAULT_MAX_ENTRIES) -> dict:
     """Make the store's snapshot of ``sid`` equal to the regular files of ``local_dir``.
-    ``full_sweep`` also lists the session's objects to delete debris of a killed push."""
+    ``full_sweep`` also lists the session's objects to delete debris of a killed push.
+    A tree past ``max_depth`` / ``max_entries`` raises ``fdtree.WalkLimit`` before
+    anything is uploaded: a snapshot without the deep part would delete it from the store."""
     started = time.perf_counter()
     old = load(objects, sid)
     stats = {"files": 0, "bytes": 0, "unchanged": 0, "hashed": 0, "uploaded": 0, "uploaded_bytes": 0,
@@ -105,7 +108,7 @@ def push(objects: ObjectStore, sid: str, local_dir, *, full_sweep: bool = False,
     root_fd = fdtree.open_root(local_dir)
     try:
         found: list[tuple[str, os.stat_result]] = []
-        for rel, st, _, name in fdtree.walk(root_fd):
+        for rel, st, _, name in fdtree.walk(root_fd, max_depth=max_depth, max_entries=max_entries):
             if stat.S_ISDIR(st.st_mode) or fdtree.is_temp_name(name):
                 continue
             if stat.S_ISREG(st.st_mode) and is_safe_relpath(rel):
@@ -230,35 +233,57 @@ def _hash_fd(fd: int) -> str:
 # --- restore ------------------------------------------------------------------------
 
 
-def restore(objects: ObjectStore, sid: str, local_dir, *, uid: int | None = None) -> dict:
+def restore(objects: ObjectStore, sid: str, local_dir, *, uid: int | None = None,
+            max_entries: int = fdtree.DEFAULT_MAX_ENTRIES) -> dict:
     """Make ``local_dir`` an exact mirror of the snapshot: missing or stale files are
-    fetched, everything else (files, links, directories, debris) removed."""
+    fetched, everything else (files, links, directories, debris) removed. Leftovers too
+    many to compare (over ``max_entries``) are removed wholesale and everything fetched."""
     started = time.perf_counter()
     snapshot = load(objects, sid)
     files = snapshot.files
-    wanted_dirs = {parent for path in files for parent in parent_dirs(path)}
     stats = {"files": len(files), "bytes": snapshot.total_bytes(), "kept": 0, "downloaded": 0,
              "downloaded_bytes": 0, "requests": 0, "removed": 0}
     root_fd = fdtree.open_root(local_dir, create=True, uid=uid)
     try:
-        current: set[str] = set()
-        for rel, st, parent_fd, name in fdtree.walk(root_fd, descend=wanted_dirs.__contains__):
-            if stat.S_ISDIR(st.st_mode) and rel in wanted_dirs:
-                continue
-            entry = files.get(rel)
-            if entry is not None and stat.S_ISREG(st.st_mode):
-                if st.st_size == entry["size"] and st.st_mtime_ns == entry["mtime_ns"]:
-                    current.add(rel)
-                continue  # a stale file is replaced by the rename below
-            fdtree.remove_entry(parent_fd, name)
+        try:
+            current = _keep_current(root_fd, files, max_entries, stats)
+        except fdtree.WalkLimit:
+            os.close(root_fd)
+            root_fd = -1
+            fdtree.remove_tree(local_dir)
             stats["removed"] += 1
+            root_fd = fdtree.open_root(local_dir, create=True, uid=uid)
+            current = set()
         stats["kept"] = len(current)
         todo = {path: entry for path, entry in files.items() if path not in current}
         _fetch(objects, sid, root_fd, snapshot, todo, uid, stats)
     finally:
-        os.close(root_fd)
+        if root_fd >= 0:
+            os.close(root_fd)
     stats["seconds"] = round(time.perf_counter() - started, 6)
     return stats
+
+
+def _keep_current(root_fd: int, files: dict, max_entries: int, stats: dict) -> set[str]:
+    """Remove what the snapshot does not have; returns the paths already up to date.
+
+    Only the snapshot's directories are entered, so the walk is as deep as its paths
+    (at most 512 levels: ``MAX_PATH_BYTES``) and no depth cap applies; anything else is
+    removed whole, at any depth. ``fdtree.WalkLimit`` past ``max_entries``."""
+    wanted_dirs = {parent for path in files for parent in parent_dirs(path)}
+    current: set[str] = set()
+    for rel, st, parent_fd, name in fdtree.walk(root_fd, descend=wanted_dirs.__contains__,
+                                                max_depth=None, max_entries=max_entries):
+        if stat.S_ISDIR(st.st_mode) and rel in wanted_dirs:
+            continue
+        entry = files.get(rel)
+        if entry is not None and stat.S_ISREG(st.st_mode):
+            if st.st_size == entry["size"] and st.st_mtime_ns == entry["mtime_ns"]:
+                current.add(rel)
+            continue  # a stale file is replaced by the rename below
+        fdtree.remove_entry(parent_fd, name)
+        stats["removed"] += 1
+    return current
 
 
 def _fetch(objects, sid, root_fd, snapshot: Snapshot, todo: dict, uid, stats: dict) -> None:

@@ -26,7 +26,8 @@ import fsspec
 
 from ..errors import BadRequest, NotFound, TooLarge
 from . import manifest, snapshots
-from .local import map_os_error, run_blocking
+from . import fdtree
+from .local import limit_error, map_os_error, run_blocking
 from .objects import ObjectStore
 from .paths import iso_utc, safe_relpath
 
@@ -67,13 +68,18 @@ class WorkspaceStore:
 
     ``max_files`` / ``max_total_bytes`` (``None``: unlimited) bound a session's snapshot:
     a push or a file write that would exceed them raises ``TooLarge`` and changes nothing.
+    ``max_depth`` / ``max_entries`` cap the walk of the local directory a push reads (and
+    the comparison a restore makes): past them a push is ``TooLarge`` too.
     """
 
     def __init__(self, fs, root: str, *, durable: bool = True, max_files: int | None = None,
-                 max_total_bytes: int | None = None):
+                 max_total_bytes: int | None = None, max_depth: int = fdtree.DEFAULT_MAX_DEPTH,
+                 max_entries: int = fdtree.DEFAULT_MAX_ENTRIES):
         self.objects = ObjectStore(fs, root, durable=durable)
         self.max_files = max_files
         self.max_total_bytes = max_total_bytes
+        self.max_depth = max_depth
+        self.max_entries = max_entries
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # Sessions whose objects this process has listed once and found free of debris
         # (see ``push``): later pushes delete what they replace without listing.
@@ -103,7 +109,8 @@ class WorkspaceStore:
         sid = check_session_id(session_id)
         async with self._locks[sid]:
             try:
-                return await run_blocking(snapshots.restore, self.objects, sid, os.fspath(local_dir), uid=uid)
+                return await run_blocking(snapshots.restore, self.objects, sid, os.fspath(local_dir), uid=uid,
+                                          max_entries=self.max_entries)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise TooLarge("no space left to restore the session's files") from None
@@ -112,7 +119,7 @@ class WorkspaceStore:
     async def push(self, session_id: str, local_dir: str | os.PathLike) -> dict:
         """Upload what changed in ``local_dir`` (deletions included) and commit it as the
         session's snapshot; ``NotFound`` if the directory is gone, ``TooLarge`` over the
-        limits (nothing committed). Returns counts: files, bytes, unchanged, hashed,
+        limits, walk caps included (nothing committed). Returns counts: files, bytes, unchanged, hashed,
         uploaded, uploaded_bytes, packs, repacked, deleted, skipped (links, FIFOs and
         unaddressable names), removed_blobs, manifest_written, seconds."""
         sid = check_session_id(session_id)
@@ -124,10 +131,13 @@ class WorkspaceStore:
             try:
                 stats = await run_blocking(snapshots.push, self.objects, sid, os.fspath(local_dir),
                                            full_sweep=full_sweep, max_files=self.max_files,
-                                           max_total_bytes=self.max_total_bytes)
+                                           max_total_bytes=self.max_total_bytes, max_depth=self.max_depth,
+                                           max_entries=self.max_entries)
             except (FileNotFoundError, NotADirectoryError):
                 # Never read a vanished directory as "everything was deleted".
                 raise NotFound(f"workspace directory of session {sid} is missing") from None
+            except fdtree.WalkLimit as exc:
+                raise limit_error(exc) from None
             self._swept.add(sid)
             return stats
 
