@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from tests.test_server_harness import ServerProcess
 
@@ -136,3 +137,70 @@ def test_bind_failure_is_a_clean_exit():
                               capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert "cannot bind" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_deep_directory_tree_never_takes_the_server_down():
+    """Security finding: code nesting directories deeper than the server's open-file
+    limit made every route that walks the workspace answer 500 (the session list for
+    every user included), a failed delete left the tree behind without its record, and
+    every later start failed. The server here runs with a small open-file limit, so a
+    tree a few hundred levels deeper than it is enough."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = 512
+    srv = ServerProcess(env={"ERA_POOL_SIZE": "1"})  # pooled: the directory is a pool one, as in the finding
+    servers = [srv]
+
+    def restart(old: ServerProcess) -> ServerProcess:
+        """Stop the server and start another on the same data and runtime directories."""
+        assert old.stop() == 0
+        new = ServerProcess(env={"ERA_POOL_SIZE": old.env["ERA_POOL_SIZE"]})
+        new.env.update(ERA_DATA_DIR=old.env["ERA_DATA_DIR"], ERA_RUNTIME_DIR=old.env["ERA_RUNTIME_DIR"])
+        servers.append(new)
+        return new.start()
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))  # inherited by the server process
+    try:
+        srv.start()
+        srv.json("POST", "/api/sessions", {"id": "deep"}, expect=201)
+        srv.json("POST", "/api/sessions", {"id": "bystander"}, expect=201)
+        nest = ("import os\nfd = os.open('.', os.O_RDONLY)\n"
+                f"for _ in range({limit + 300}):\n"
+                "    os.mkdir('d', dir_fd=fd)\n    child = os.open('d', os.O_RDONLY, dir_fd=fd)\n"
+                "    os.close(fd)\n    fd = child\nos.close(fd)\nprint('nested')")
+        assert srv.json("POST", "/api/sessions/deep/run", {"code": nest})["stdout"] == "nested\n"
+        workdir = Path(srv.env["ERA_DATA_DIR"]) / "pool"
+        assert len(list(workdir.iterdir())) >= 1
+
+        def every_route_answers() -> None:
+            for path in ("/health", "/metrics", "/api/resources/stats", "/api/sessions", "/api/sessions/deep",
+                         "/api/sessions/deep/runs", "/api/sessions/deep/notebook", "/api/kernels",
+                         "/api/sessions/bystander/files"):
+                status, body = srv.request("GET", path)
+                assert status == 200, (path, status, body[:300])
+            status, body = srv.request("GET", "/api/sessions/deep/files")
+            assert status == 413 and b"ERA_WORKSPACE_MAX_DEPTH" in body, (status, body[:300])
+            status, body = srv.request("POST", "/api/sessions/deep/duplicate", {"id": "copy"})
+            assert status == 413, (status, body[:300])
+            listed = {s["id"] for s in srv.json("GET", "/api/sessions")["sessions"]}
+            assert listed == {"deep", "bystander"}
+            assert srv.json("POST", "/api/sessions/bystander/run", {"code": "print(6 * 7)"})["stdout"] == "42\n"
+
+        every_route_answers()
+        srv = restart(srv)  # what the session left on disk does not stop a start
+        every_route_answers()
+        status, body = srv.request("DELETE", "/api/sessions/deep")
+        assert status in (200, 204), body[:300]
+        srv = restart(srv)
+        assert {s["id"] for s in srv.json("GET", "/api/sessions")["sessions"]} == {"bystander"}
+        left = [p.name for p in (Path(srv.env["ERA_DATA_DIR"]) / "pool").iterdir()]
+        bystander_dir = srv.json("GET", "/api/sessions/bystander")  # still there, its own directory
+        assert bystander_dir["id"] == "bystander"
+        assert len(left) <= 2, left  # the bystander's pooled directory and the refilled pool, no deep tree
+        for name in left:
+            assert not (Path(srv.env["ERA_DATA_DIR"]) / "pool" / name / "d").exists()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for server in servers:
+            server.cleanup()
