@@ -14,7 +14,7 @@ def _cmd_run(args) -> int:
 
     from .config import Settings
     from .errors import EraError
-    from .sessions import SessionManager
+    from .engine import SessionManager
 
     code = sys.stdin.read() if args.code == "-" else args.code
 
@@ -30,7 +30,9 @@ def _cmd_run(args) -> int:
 
     async def main() -> int:
         engine = SessionManager(Settings.from_env())
-        await engine.start()
+        # Not a server: no recovery, pool or culler, so a server on the same data
+        # directory keeps its kernels, pool and directories.
+        await engine.start(serve=False)
         try:
             body = {"code": code, "language": args.language}
             if args.timeout:

@@ -49,11 +49,16 @@ class Unprocessable(EraError):
     status = 422
 
 
-class TooManyKernels(EraError):
+class Busy(EraError):
+    """Every kernel slot (or a session's run queue) is taken: retry later."""
+
     status = 429
 
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+TooManyKernels = Busy
 
 
 class KernelFailed(EraError):

@@ -200,6 +200,19 @@ LANGUAGES: dict[str, Language] = {
 }
 
 
+PROVISIONERS = ("local", "docker")
+
+
+def kernel_kind(kernelspec_name: str) -> tuple[str, str]:
+    """``era-node-local`` -> ``("node", "local")``: the inverse of ``kernelspec_name``
+    (a name that is not ours: itself and an empty provisioner)."""
+    for name, language in LANGUAGES.items():
+        for provisioner in PROVISIONERS:
+            if language.kernelspec_name(provisioner) == kernelspec_name:
+                return name, provisioner
+    return kernelspec_name, ""
+
+
 def get_language(name: str) -> Language:
     try:
         return LANGUAGES[name]

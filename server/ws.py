@@ -255,7 +255,7 @@ class SessionSocket(SocketSlot, JsonErrors, WebSocketHandler):
         assert hub is not None and self.session_id is not None
         run_id = msg.get("id")
         if run_id is None:
-            from era_kernel.runs import new_run_id  # loaded with the engine
+            from era_kernel.engine.results import new_run_id  # loaded with the engine
 
             run_id = new_run_id()
         elif not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):

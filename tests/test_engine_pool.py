@@ -20,7 +20,7 @@ import pytest
 
 from era_kernel.errors import Conflict, NotFound, TooManyKernels
 from era_kernel.sessions import SessionManager
-from era_kernel.upkeep import POOL_UID_BASE
+from era_kernel.engine.records import POOL_UID_BASE
 
 from .conftest import both_provisioners, kernel_processes
 

@@ -110,13 +110,13 @@ def test_packages_reach_the_tools_after_double_dash_only():
     assert env["PATH"].endswith(":/usr/bin") and env["ERA_SETUP_DIR"] == "/envs/k"
 
 
-def test_launch_extras_are_empty_without_an_environment(tmp_path):
+async def test_launch_extras_are_empty_without_an_environment(tmp_path):
     from era_kernel.config import Settings
 
     manager = SetupManager(Settings.from_env({}, data_dir=str(tmp_path)))
-    assert manager.launch_extras("python", "local", None) == {"readonly": [], "env": {}, "startup": []}
-    assert manager.launch_extras("python", "local", {"pip": ["requests"]}) == {"readonly": [], "env": {},
-                                                                               "startup": []}
+    assert await manager.launch_extras("python", "local", None) == {"readonly": [], "env": {}, "startup": []}
+    assert await manager.launch_extras("python", "local", {"pip": ["requests"]}) == {"readonly": [], "env": {},
+                                                                                     "startup": []}
 
 
 # ---- archives and sealing ------------------------------------------------------------------------

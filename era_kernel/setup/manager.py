@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 
 from ..config import Settings
 from ..errors import EraError
-from ..outputs import format_duration
+from ..kernel.outputs import format_duration
 from .cache import EnvCache
 from .layout import EnvLayout
 from .logs import LogTail, error_message
@@ -130,11 +130,17 @@ class SetupManager:
         task = self._sessions.get(session_id)
         return task is not None and not task.done()
 
-    def launch_extras(self, language: str, provisioner: str, spec: Any) -> dict[str, Any]:
+    async def launch_extras(self, language: str, provisioner: str, spec: Any) -> dict[str, Any]:
         """What a kernel of this session needs to see its environment: ``readonly`` paths
         for the provisioner to bind, ``env`` for the kernel process, ``startup`` cells to
         run first. Empty when there is no setup or its environment is not here (a failed
-        setup: the session works without it)."""
+        setup: the session works without it). Called by the engine before every launch;
+        the environment's files and the image are looked at off the event loop."""
+        if normalize(spec) is None:
+            return {"readonly": [], "env": {}, "startup": []}
+        return await asyncio.to_thread(self._launch_extras, language, provisioner, spec)
+
+    def _launch_extras(self, language: str, provisioner: str, spec: Any) -> dict[str, Any]:
         extras: dict[str, Any] = {"readonly": [], "env": {}, "startup": []}
         spec = normalize(spec)
         if spec is None:

@@ -120,7 +120,7 @@ class StreamHandler(BaseHandler):
     def _closing_frames(self, run: asyncio.Task, error: BaseException | None, done_sent: bool,
                         started: float) -> list[str]:
         """After the run: an error event if the engine failed mid-stream, and a `done` if none came."""
-        from era_kernel.outputs import format_duration
+        from era_kernel.kernel.outputs import format_duration
 
         frames = []
         if error is not None:

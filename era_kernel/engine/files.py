@@ -15,9 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
-from .errors import Conflict
-from .workspaces import Workspace, WorkspaceStore
+from ..config import Settings
+from ..errors import Conflict
+from ..workspaces import Workspace, WorkspaceStore
+from .records import SessionRecord
 
 log = logging.getLogger("era.files")
 
@@ -43,15 +44,15 @@ class SessionFiles:
                                                   durable=s["ERA_WORKSPACE_FSYNC"])
         return self._store
 
-    def path(self, record: dict[str, Any]) -> Path:
+    def path(self, record: SessionRecord) -> Path:
         """The session's local directory: ``sessions/<id>``, or the directory of the pooled
         kernel it claimed (whose sandbox already has it mounted): ``pool/<hex>``. Pooled
         directories live under their own root, so no session id can name one. Records
         from before that kept ``pool-<hex>`` under ``sessions/``."""
-        workdir = record.get("workdir")
+        workdir = record.workdir
         if workdir and "/" in workdir:
             return self.settings.data_dir / workdir
-        return self.settings.data_dir / "sessions" / (workdir or record["id"])
+        return self.settings.data_dir / "sessions" / (workdir or record.id)
 
     def pool_path(self, name: str) -> Path:
         """Where a pooled kernel's directory is made (``name``: a random hex string)."""
@@ -63,46 +64,46 @@ class SessionFiles:
                          max_files=s["ERA_WORKSPACE_MAX_FILES"], max_read_bytes=s["ERA_WORKSPACE_MAX_READ"],
                          max_depth=s["ERA_WORKSPACE_MAX_DEPTH"], max_entries=s["ERA_WORKSPACE_MAX_ENTRIES"])
 
-    def of(self, record: dict[str, Any]) -> Workspace:
+    def of(self, record: SessionRecord) -> Workspace:
         return self.workspace(self.path(record))
 
     # ---- lifecycle -------------------------------------------------------------------
-    async def check_unused(self, record: dict[str, Any]) -> None:
+    async def check_unused(self, record: SessionRecord) -> None:
         """Before a new session is stored: its directory must not exist yet. One that does
         is debris of an older layout or of a failed delete, and a new session never
         adopts (or, rolling back, removes) files it did not make."""
-        if not record.get("workdir") and await self.of(record).exists():
-            raise Conflict(f"a directory for session {record['id']} already exists on this host; pick another id",
+        if not record.workdir and await self.of(record).exists():
+            raise Conflict(f"a directory for session {record.id} already exists on this host; pick another id",
                            field="id")
 
-    async def create(self, record: dict[str, Any], uid: int, copy_from: dict[str, Any] | None = None,
+    async def create(self, record: SessionRecord, uid: int, copy_from: SessionRecord | None = None,
                      copy_from_uid: int | None = None) -> None:
         """A new session's directory (and store snapshot, when persistent)."""
-        sid = record["id"]
+        sid = record.id
         ws = self.of(record)
         await ws.create(uid=uid)
         if copy_from is not None:
             await self.ensure_restored(copy_from, copy_from_uid)
             await self.of(copy_from).copy_to(ws.root, uid=uid)
-        if record.get("persistent"):
-            if copy_from is not None and copy_from.get("persistent"):
-                await self.store.copy(copy_from["id"], sid)
+        if record.persistent:
+            if copy_from is not None and copy_from.persistent:
+                await self.store.copy(copy_from.id, sid)
             elif copy_from is not None:
                 await self.store.push(sid, ws.root)
             self._restored.add(sid)  # the local directory is the truth for a new session
 
-    async def remove(self, record: dict[str, Any]) -> None:
-        sid = record["id"]
+    async def remove(self, record: SessionRecord) -> None:
+        sid = record.id
         await self.of(record).remove()
-        if record.get("persistent"):
+        if record.persistent:
             await self.store.delete(sid)
         self._restored.discard(sid)
         self._restore_locks.pop(sid, None)
 
-    async def ensure_restored(self, record: dict[str, Any], uid: int | None) -> None:
+    async def ensure_restored(self, record: SessionRecord, uid: int | None) -> None:
         """Bring a persistent session's directory up to its last snapshot, once per process."""
-        sid = record["id"]
-        if not record.get("persistent") or sid in self._restored:
+        sid = record.id
+        if not record.persistent or sid in self._restored:
             return
         async with self._restore_locks.setdefault(sid, asyncio.Lock()):
             if sid in self._restored:
@@ -111,37 +112,37 @@ class SessionFiles:
             self._restored.add(sid)
             log.info("restored %s from the workspace store: %s", sid, stats)
 
-    async def sync(self, record: dict[str, Any]) -> str | None:
+    async def sync(self, record: SessionRecord) -> str | None:
         """Push a persistent session's changes; returns an error sentence, or None."""
-        if not record.get("persistent"):
+        if not record.persistent:
             return None
         try:
-            await self.store.push(record["id"], self.path(record))
+            await self.store.push(record.id, self.path(record))
         except Exception as exc:  # the run itself succeeded; say what did not persist
-            log.warning("workspace push of %s failed: %s", record["id"], exc)
+            log.warning("workspace push of %s failed: %s", record.id, exc)
             return f"the workspace could not be saved to the store: {getattr(exc, 'message', exc)}"
         return None
 
     # ---- the files API ---------------------------------------------------------------
-    async def list(self, record: dict[str, Any], uid: int) -> list[dict[str, Any]]:
+    async def list(self, record: SessionRecord, uid: int) -> list[dict[str, Any]]:
         await self.ensure_restored(record, uid)
         return await self.of(record).list()
 
-    async def read(self, record: dict[str, Any], uid: int, path: str) -> bytes:
+    async def read(self, record: SessionRecord, uid: int, path: str) -> bytes:
         await self.ensure_restored(record, uid)
         return await self.of(record).read(path)
 
-    async def write(self, record: dict[str, Any], uid: int, path: str, data: bytes) -> dict[str, Any]:
+    async def write(self, record: SessionRecord, uid: int, path: str, data: bytes) -> dict[str, Any]:
         await self.ensure_restored(record, uid)
         result = await self.of(record).write(path, data, uid=uid)
         await self._push_or_raise(record)
         return result
 
-    async def delete(self, record: dict[str, Any], uid: int, path: str) -> None:
+    async def delete(self, record: SessionRecord, uid: int, path: str) -> None:
         await self.ensure_restored(record, uid)
         await self.of(record).delete(path)
         await self._push_or_raise(record)
 
-    async def _push_or_raise(self, record: dict[str, Any]) -> None:
-        if record.get("persistent"):
-            await self.store.push(record["id"], self.path(record))
+    async def _push_or_raise(self, record: SessionRecord) -> None:
+        if record.persistent:
+            await self.store.push(record.id, self.path(record))

@@ -7,9 +7,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from .kernel import ExecOutcome
-from .languages import Language
-from .outputs import format_duration
+from ..kernel import ExecOutcome
+from ..languages import Language
+from ..kernel.outputs import format_duration
 
 EXIT_TIMEOUT = 124
 
@@ -52,6 +52,17 @@ def exit_code_and_error(outcome: ExecOutcome, language: Language, timeout: float
     if outcome.status != "ok":
         return 1, error
     return 0, None
+
+
+def death_reason(outcome: ExecOutcome) -> str:
+    """Why a run's kernel is gone (``KernelDied.reason``), in a few words."""
+    if outcome.status == "cut":
+        return "message too large"
+    if outcome.status == "timeout":
+        return "timeout: the interrupt did not take"
+    if outcome.out_of_memory:
+        return "out of memory"
+    return f"exit status {outcome.dead_status}" if outcome.dead_status is not None else "died"
 
 
 def run_result(outcome: ExecOutcome, *, language: Language, timeout: float, session_id: str | None,

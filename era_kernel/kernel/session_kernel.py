@@ -14,15 +14,18 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
 from .channel_reader import ChannelReader
-from .errors import KernelFailed
+from ..errors import KernelFailed
 from .outputs import OutputCollector
-from .wire import WireSession
+from .wire import EraKernelManager
+
+if TYPE_CHECKING:
+    from ..provisioning.base import LaunchOptions
 
 log = logging.getLogger("era.kernel")
 
@@ -33,6 +36,14 @@ InputHandler = Callable[[str, bool], Awaitable[str]]
 ALIVE_POLL = 0.5  # seconds between liveness checks while a run waits for output
 # A dying kernel drops its connections too: a cut only counts if the kernel outlives this.
 CUT_GRACE = 0.5
+
+
+class KernelState(StrEnum):
+    NONE = "none"  # not started, or stopped
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"  # running a cell (ERA's, or a raw Jupyter client's)
+    DEAD = "dead"  # died or cut off: the next run starts a fresh kernel
 
 
 @dataclass
@@ -64,7 +75,7 @@ class _Pending:
 
 
 class SessionKernel:
-    def __init__(self, spec_manager: KernelSpecManager, kernel_name: str, launch: dict[str, Any],
+    def __init__(self, spec_manager: KernelSpecManager, kernel_name: str, launch: "LaunchOptions",
                  startup_cells: list[str], *, start_timeout: float = 60.0, max_message: int = 0):
         self.spec_manager = spec_manager
         self.kernel_name = kernel_name
@@ -72,9 +83,9 @@ class SessionKernel:
         self.startup_cells = startup_cells
         self.start_timeout = start_timeout
         self.max_message = max_message
-        self.km: AsyncKernelManager | None = None
+        self.km: EraKernelManager | None = None
         self.kc = None
-        self.state = "none"
+        self.state = KernelState.NONE
         self.execution_count = 0
         self._pending: dict[str, _Pending] = {}
         self._readers: list[ChannelReader] = []
@@ -86,11 +97,8 @@ class SessionKernel:
     # ---- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         """Start the kernel, wait until it answers, run the startup cells."""
-        self.state = "starting"
-        km = AsyncKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=self.spec_manager)
-        # Our client's session skips parsing message dates (see wire.py); the manager
-        # still loads the connection key into it at launch, and km.client() clones it.
-        km.session = WireSession(parent=km)
+        self.state = KernelState.STARTING
+        km = EraKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=self.spec_manager)
         self.km = km
         try:
             await km.start_kernel(era=self.launch)
@@ -116,13 +124,13 @@ class SessionKernel:
             await self._run_cells(self.startup_cells)
         except BaseException as exc:
             await self.stop(now=True)
-            self.state = "dead"
+            self.state = KernelState.DEAD
             if isinstance(exc, KernelFailed):
                 raise
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise KernelFailed(f"kernel {self.kernel_name} failed to start: {exc}{self._log_tail}") from exc
-        self.state = "idle"
+        self.state = KernelState.IDLE
 
     async def _run_cells(self, cells: list[str]) -> None:
         for cell in cells:
@@ -177,7 +185,7 @@ class SessionKernel:
                         await km.provisioner.cleanup(restart=False)
                 except Exception:
                     pass
-        self.state = "none"
+        self.state = KernelState.NONE
 
     async def is_alive(self) -> bool:
         return self.km is not None and await self.km.is_alive()
@@ -233,7 +241,7 @@ class SessionKernel:
             return
         state = msg.get("content", {}).get("execution_state")
         if state in ("idle", "busy"):
-            self.state = state
+            self.state = KernelState(state)
 
     # ---- message routing -----------------------------------------------------------
     def _reader(self, channel, name: str) -> ChannelReader:
@@ -276,7 +284,7 @@ class SessionKernel:
                     "output too big to carry: ERA_KERNEL_MESSAGE_LIMIT); the connection was cut, so anything "
                     "after it is lost and the kernel was stopped: the next run starts a fresh kernel")
         log.warning("kernel %s: %s connection cut (message over %s)", self.kernel_name, name, limit)
-        self.state = "dead"  # between runs too: the next run must not wait on a deaf kernel
+        self.state = KernelState.DEAD  # between runs too: the next run must not wait on a deaf kernel
         for pending in self._pending.values():
             pending.settle()
 
@@ -351,7 +359,7 @@ class SessionKernel:
         self._poke("shell")
         outcome = ExecOutcome(collector)
         if not silent:
-            self.state = "busy"
+            self.state = KernelState.BUSY
         try:
             finished = await self._wait(pending, started + timeout)
             if self.cut is not None:
@@ -379,9 +387,9 @@ class SessionKernel:
             self._pending.pop(msg_id, None)
             outcome.duration = time.perf_counter() - started
             if self.state == "busy":
-                self.state = "idle"
+                self.state = KernelState.IDLE
         if outcome.status == "dead" or outcome.restarted:
-            self.state = "dead"
+            self.state = KernelState.DEAD
         return outcome
 
     async def _wait(self, pending: _Pending, deadline: float) -> str:

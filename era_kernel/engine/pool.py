@@ -7,9 +7,10 @@ startup cells in it (``SessionKernel.claim``), and the directory becomes the ses
 workspace. A kernel is never returned to the pool, so no kernel is ever handed to a
 second user. Every taken kernel is replaced in the background.
 
-Pooled kernels count against the kernel limit (``KernelSlots``) like any other live
-kernel: a refill only starts when a slot is free, and admission may take a ready
-kernel's slot back (``evict``) before it culls anybody's session kernel.
+Pooled kernels count against the kernel limit like any other live kernel: each holds a
+``Lease`` on a slot (``KernelSlots``), a refill only starts when a slot is free, and
+admission may take a pooled kernel's slot (``evict``) before it culls anybody's session
+kernel. A claimed kernel's lease goes with it to its session.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from .kernel import SessionKernel
-from .slots import KernelSlots
+from ..kernel import SessionKernel
+from .kernels import KernelSlots, Lease
 
 log = logging.getLogger("era.pool")
 
@@ -38,11 +39,12 @@ class WarmKernel:
     workdir: Path  # mounted in the kernel's sandbox; becomes the claiming session's workspace
     uid: int
     cells: list[str]  # the startup cells it already ran: a claim with the same ones skips them
+    lease: Lease  # its slot; goes with the kernel to whoever claims it
 
 
-# Starts a kernel for a pool key (the slot is already held); the pool owns the result.
-Spawner = Callable[[PoolKey], Awaitable[WarmKernel]]
-# Stops a kernel that was never claimed and removes its directory.
+# Starts a kernel for a pool key, holding the given slot; the pool owns the result.
+Spawner = Callable[[PoolKey, Lease], Awaitable[WarmKernel]]
+# Stops a kernel that was never claimed and removes its directory (not its slot).
 Discarder = Callable[[WarmKernel], Awaitable[None]]
 
 
@@ -73,7 +75,7 @@ class KernelPool:
         self._starting: dict[PoolKey, int] = {key: 0 for key in self.keys}
         self._wake: dict[PoolKey, asyncio.Event] = {key: asyncio.Event() for key in self.keys}
         self._loops: list[asyncio.Task] = []
-        self._spawns: set[asyncio.Task] = set()
+        self._spawns: dict[asyncio.Task, Lease] = {}
         self._evicted: set[asyncio.Task] = set()  # spawns whose slot admission took
         self.claimed = 0
         self.misses = 0  # requests for a pooled kind that found the pool empty
@@ -86,22 +88,26 @@ class KernelPool:
 
     async def shutdown(self) -> None:
         """Stop refilling and stop every kernel still waiting in the pool."""
-        spawns = list(self._spawns)
-        for task in [*self._loops, *spawns]:
+        spawns = list(self._spawns.items())
+        for task in [*self._loops, *(task for task, _ in spawns)]:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        started = await asyncio.gather(*spawns, return_exceptions=True)
-        self._loops, self._spawns = [], set()
-        # A kernel that finished starting just as we cancelled is stopped like the rest.
+        started = await asyncio.gather(*(task for task, _ in spawns), return_exceptions=True)
+        self._loops, self._spawns = [], {}
+        # A kernel that finished starting just as we cancelled is stopped like the rest;
+        # a start that did not finish gives its slot back (unless admission took it).
         waiting = [warm for queue in self._ready.values() for warm in queue]
         waiting += [warm for warm in started if isinstance(warm, WarmKernel)]
+        for (task, lease), result in zip(spawns, started):
+            if not isinstance(result, WarmKernel) and task not in self._evicted:
+                lease.release()
         for queue in self._ready.values():
             queue.clear()
         await asyncio.gather(*(self._drop(warm) for warm in waiting), return_exceptions=True)
 
     # ---- the engine's side --------------------------------------------------------------
     def take(self, key: PoolKey) -> WarmKernel | None:
-        """A ready kernel of this kind, now the caller's (its slot with it), or None.
+        """A ready kernel of this kind, now the caller's (its lease with it), or None.
         Synchronous, so two callers can never get the same kernel."""
         queue = self._ready.get(key)
         if queue is None:
@@ -116,19 +122,20 @@ class KernelPool:
         self.misses += 1
         return None
 
-    def evict(self) -> Awaitable[None] | None:
+    def evict(self) -> tuple[Lease, Awaitable[None]] | None:
         """Give up one pooled kernel, ready or still starting, so the caller can have its
         slot (admission under the kernel limit prefers this to culling a session's
-        kernel); None when the pool holds none. The slot belongs to the caller at once;
-        the caller awaits the result, after which the kernel is gone."""
+        kernel); None when the pool holds none. Returns the kernel's lease, the caller's
+        at once, and an awaitable after which the kernel is gone."""
         for queue in self._ready.values():
             if queue:
-                return self._discard(queue.pop())  # the newest: the oldest stays, first to be claimed
-        for task in self._spawns:
+                warm = queue.pop()  # the newest: the oldest stays, first to be claimed
+                return warm.lease, self._discard(warm)
+        for task, lease in self._spawns.items():
             if not task.done() and task not in self._evicted:
                 self._evicted.add(task)
                 task.cancel()  # kernel.start() stops what it had started
-                return self._reap_evicted(task)
+                return lease, self._reap_evicted(task)
         return None
 
     async def _reap_evicted(self, task: asyncio.Task) -> None:
@@ -157,21 +164,24 @@ class KernelPool:
         while True:
             self._wake[key].clear()
             failed = False
-            while len(self._ready[key]) + self._starting[key] < self.size and self.slots.try_acquire():
+            while len(self._ready[key]) + self._starting[key] < self.size:
+                lease = self.slots.try_acquire()
+                if lease is None:
+                    break
                 self._starting[key] += 1
-                task = asyncio.create_task(self._spawn(key))
-                self._spawns.add(task)
+                task = asyncio.create_task(self._spawn(key, lease))
+                self._spawns[task] = lease
                 try:
                     await asyncio.wait({task})  # raises if this loop is cancelled, not if the spawn is
                 finally:
-                    self._spawns.discard(task)
+                    self._spawns.pop(task, None)
                     self._starting[key] -= 1
                 if task in self._evicted:  # admission took its slot while it started (evict)
                     self._evicted.discard(task)
                     continue
                 error = None if task.cancelled() else task.exception()
                 if task.cancelled() or error is not None:
-                    self.slots.release()
+                    lease.release()
                     log.warning("pool %s:%s: a kernel failed to start (retry in %.0fs): %s",
                                 key[0], key[1], delay, error or "cancelled")
                     failed = True
@@ -191,7 +201,7 @@ class KernelPool:
         try:
             await self._discard(warm)
         finally:
-            self.slots.release()
+            warm.lease.release()
 
 
 def reserve_uids(counter: Path, base: int, block: int) -> list[int]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import typing as t
 from hmac import compare_digest
 
+from jupyter_client import AsyncKernelManager
 from jupyter_client.adapter import adapt
 from jupyter_client.session import Session
+from traitlets import default
 
 MIN_PARTS = 5  # [HMAC, header, parent_header, metadata, content, *buffers]
 
@@ -50,3 +52,13 @@ class WireSession(Session):
             "buffers": buffers,
         }
         return adapt(message)
+
+
+class EraKernelManager(AsyncKernelManager):
+    """jupyter_client's kernel manager whose session (and so every client it makes,
+    ``client()`` clones it) is a ``WireSession``. The manager still loads the connection
+    key into it at launch."""
+
+    @default("session")
+    def _session_default(self) -> Session:
+        return WireSession(parent=self)

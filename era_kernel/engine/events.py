@@ -1,0 +1,120 @@
+"""What the engine tells its listeners: each run's events, per session, and the sessions'
+and kernels' lifecycle, engine-wide.
+
+Two streams, both synchronous callbacks on the event loop (a callback must not block):
+- ``subscribe(session_id, cb)``: the session's run events as dicts, exactly what an SSE
+  or WebSocket client receives (``{"type": "stdout", ...}``, docs/engine-api.md);
+- ``watch(cb)``: typed lifecycle events below, whoever caused them (a request, the
+  culler, admission under the kernel limit, a kernel dying). The server closes a deleted
+  session's sockets and moves a gateway channel to a replaced kernel from here, so no
+  request handler has to remember to.
+
+Each lifecycle event is also sent to the session's subscribers in its dict form (a
+``status`` event), which is what ERA clients already read.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+log = logging.getLogger("era.events")
+
+RunEvent = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SessionDeleted:
+    """The session and its files are gone (``reason``: ``request`` or ``max_age``)."""
+
+    session_id: str
+    reason: str = "request"
+
+
+@dataclass(frozen=True)
+class KernelCulled:
+    """The session's kernel was shut down; the session stays and its next run starts a
+    kernel (``reason``: ``idle``, ``kernel limit`` or ``dead``)."""
+
+    session_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class KernelReplaced:
+    """The session has a new live kernel (first start, restart, or after a death or a
+    cull): whoever holds the old one should follow."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
+class KernelDied:
+    """The session's kernel stopped on its own: ``reason`` says how (out of memory, exit
+    status, a cut connection, an interrupt that did not take)."""
+
+    session_id: str
+    reason: str
+
+
+LifecycleEvent = Union[SessionDeleted, KernelCulled, KernelReplaced, KernelDied]
+
+
+def as_status(event: LifecycleEvent) -> RunEvent:
+    """The dict a session's subscribers receive for it."""
+    if isinstance(event, SessionDeleted):
+        return {"type": "status", "state": "deleted", "reason": event.reason}
+    if isinstance(event, KernelCulled):
+        return {"type": "status", "state": "culled", "reason": event.reason}
+    if isinstance(event, KernelDied):
+        return {"type": "status", "state": "dead", "reason": event.reason}
+    return {"type": "status", "state": "idle"}
+
+
+class EngineEvents:
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[Callable[[RunEvent], None]]] = {}
+        self._watchers: list[Callable[[LifecycleEvent], None]] = []
+
+    # ---- run events, per session ----------------------------------------------------------
+    def subscribe(self, session_id: str, callback: Callable[[RunEvent], None]) -> Callable[[], None]:
+        """``callback(event)`` for every event of the session's runs, whoever asked for the
+        run. Returns the function that unsubscribes."""
+        subs = self._subscribers.setdefault(session_id, set())
+        subs.add(callback)
+
+        def unsubscribe() -> None:
+            subs.discard(callback)
+            if not subs and self._subscribers.get(session_id) is subs:
+                del self._subscribers[session_id]
+
+        return unsubscribe
+
+    def emit(self, session_id: str, event: RunEvent, on_event: Callable[[RunEvent], None] | None = None) -> None:
+        """Send a run event to the run's own caller (``on_event``) and to every subscriber."""
+        if on_event is not None:
+            on_event(event)
+        subs = self._subscribers.get(session_id)
+        if subs:
+            for callback in list(subs):
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("event subscriber failed")
+
+    # ---- lifecycle, engine-wide ------------------------------------------------------------
+    def watch(self, callback: Callable[[LifecycleEvent], None]) -> Callable[[], None]:
+        """``callback(event)`` for every lifecycle event of every session."""
+        self._watchers.append(callback)
+        return lambda: self._watchers.remove(callback) if callback in self._watchers else None
+
+    def publish(self, event: LifecycleEvent) -> None:
+        """Tell the watchers, then the session's subscribers (as a status event)."""
+        for callback in list(self._watchers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("lifecycle watcher failed")
+        if not isinstance(event, KernelReplaced):  # subscribers see the kernel's own status events
+            self.emit(event.session_id, as_status(event))

@@ -1,0 +1,180 @@
+"""Starting kernels: for sessions (in the background on create, inline on a cold run),
+for the warm pool, and for one-shot runs.
+
+A kernel is a ``SessionKernel`` on one of our kernelspecs, launched with typed
+``LaunchOptions`` built from the engine's settings and the request (never from the
+process environment), and given its startup cells: working directory, ``ERA_*`` and
+the session's env, its ``startup`` code, and the package environment's cell when the
+session has a ``setup``. Every start enters the kernel table with the slot it was given
+and leaves it through the table, so a failed start gives its slot back exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import Settings
+from ..errors import KernelFailed
+from ..kernel import SessionKernel
+from ..kernelspecs import EraKernelSpecManager
+from ..languages import get_language
+from ..provisioning.base import LaunchOptions
+from .events import EngineEvents, KernelReplaced
+from .kernels import KernelTable, Lease
+from .pool import PoolKey, WarmKernel, reserve_uids
+from .records import POOL_UID_BASE, KernelRequest, SessionRecord, session_uid
+
+if TYPE_CHECKING:
+    from ..setup import SetupManager
+    from .files import SessionFiles
+
+log = logging.getLogger("era.launcher")
+
+CONTAINER_WORKSPACE = "/workspace"  # where era-docker mounts the workspace
+POOL_UID_FILE = "pool-uids"
+POOL_UID_BLOCK = 1000
+
+
+class KernelLauncher:
+    def __init__(self, settings: Settings, setups: "SetupManager", files: "SessionFiles", table: KernelTable,
+                 events: EngineEvents) -> None:
+        self.settings = settings
+        self.setups = setups
+        self.files = files
+        self.table = table
+        self.events = events
+        self.spec_manager = EraKernelSpecManager()
+        self._pool_uids: list[int] = []
+
+    # ---- building --------------------------------------------------------------------------
+    def startup_cells(self, request: KernelRequest, workspace: Path) -> list[str]:
+        language = get_language(request.language)
+        env = {"ERA_SESSION": "true", "ERA_SESSION_ID": request.session_id or "", "ERA_LANGUAGE": request.language,
+               **request.env}
+        # The working directory as the kernel sees it: containers mount it at /workspace.
+        cwd = CONTAINER_WORKSPACE if request.provisioner == "docker" else str(workspace)
+        return language.startup_cells(cwd, env, request.startup)
+
+    async def new_kernel(self, request: KernelRequest, workspace: Path, uid: int, *, cells: bool = True,
+                         labels: dict[str, str] | None = None) -> SessionKernel:
+        """A kernel for this request, not started; ``cells=False`` for a pooled one (its
+        user's startup cells run when it is claimed)."""
+        language = get_language(request.language)
+        extras = await self.setups.launch_extras(request.language, request.provisioner, request.setup)
+        if labels is None:
+            labels = {"era.session": request.session_id} if request.session_id else {}
+        launch = LaunchOptions.from_settings(
+            self.settings, workspace, uid=uid, allow_network=request.allow_internet, env=dict(extras["env"]),
+            labels=labels, readonly=tuple(extras["readonly"]))
+        startup = extras["startup"] + self.startup_cells(request, workspace) if cells else []
+        return SessionKernel(self.spec_manager, language.kernelspec_name(request.provisioner), launch, startup,
+                             start_timeout=self.settings["ERA_KERNEL_START_TIMEOUT"],
+                             max_message=max(self.settings["ERA_KERNEL_MESSAGE_LIMIT"],
+                                             2 * self.settings["ERA_OUTPUT_LIMIT"]))
+
+    # ---- sessions ------------------------------------------------------------------------
+    def start_in_background(self, record: SessionRecord, lease: Lease, warm: WarmKernel | None = None) -> None:
+        """Start (or claim) the session's kernel without waiting; the table holds the
+        slot meanwhile. A failure is logged, and the next run tries again and reports it."""
+        self.table.reserve(record.id, lease)
+        start = self._claim(record, warm) if warm is not None else self._start(record, lease)
+        task = asyncio.create_task(start, name=f"era-start-{record.id}")
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved"
+        self.table.mark_starting(record.id, task)
+
+    async def ensure(self, record: SessionRecord) -> SessionKernel:
+        """The session's live kernel, started now if it has none or its kernel died.
+        Called under the session's run lock."""
+        sid = record.id
+        task = self.table.starting(sid)
+        if task is not None:
+            try:
+                await asyncio.shield(task)
+            except Exception:
+                pass  # the background start failed: try once more below, reporting that error
+        kernel = self.table.kernel(sid)
+        if kernel is not None and kernel.state != "dead" and self.table.starting(sid) is None:
+            return kernel
+        await self.table.stop(sid)  # a dead kernel: its slot goes back before a new one is taken
+        lease = await self.table.admit()
+        self.table.reserve(sid, lease)
+        return await self._start(record, lease)
+
+    async def _start(self, record: SessionRecord, lease: Lease) -> SessionKernel:
+        """Start the session's kernel, its slot (``lease``) already in the table."""
+        sid = record.id
+        try:
+            if record.setup:  # the environment must exist before a kernel is launched with it bound
+                await self.setups.wait(sid)
+                await self.setups.ensure(record.language, record.provisioner, record.setup)
+            uid = session_uid(record)
+            kernel = await self.new_kernel(record.kernel_request(), self.files.path(record), uid)
+            self.table.attach(sid, kernel, lease)
+            self.events.emit(sid, {"type": "status", "state": "starting"})
+            await self.files.ensure_restored(record, uid)
+            await kernel.start()
+        except BaseException as exc:
+            await self.table.stop(sid, lease=lease)
+            if isinstance(exc, KernelFailed):
+                log.warning("session %s: %s", sid, exc.message)
+            raise
+        self.table.started(sid)
+        self.events.publish(KernelReplaced(sid))
+        self.events.emit(sid, {"type": "status", "state": "idle"})
+        return kernel
+
+    async def _claim(self, record: SessionRecord, warm: WarmKernel) -> SessionKernel:
+        """Make a pooled kernel the session's: its startup cells run now."""
+        sid = record.id
+        self.table.attach(sid, warm.kernel, warm.lease)
+        try:
+            await warm.kernel.claim(self.startup_cells(record.kernel_request(), warm.workdir))
+        except BaseException:
+            await self.table.stop(sid, lease=warm.lease)
+            raise
+        self.table.started(sid)
+        self.events.publish(KernelReplaced(sid))
+        return warm.kernel
+
+    # ---- the warm pool -------------------------------------------------------------------
+    async def spawn_warm(self, key: PoolKey, lease: Lease) -> WarmKernel:
+        """Start a kernel for the pool (``lease`` is its slot): its own directory and uid,
+        no network, its first cell already paid for."""
+        language, provisioner = key
+        uid = await self._pool_uid()
+        ws = self.files.workspace(self.files.pool_path(secrets.token_hex(8)))
+        request = KernelRequest(language, provisioner)
+        kernel = await self.new_kernel(request, ws.root, uid, cells=False,
+                                       labels={"era.pool": f"{language}-{provisioner}"})
+        await ws.create(uid=uid)
+        try:
+            await kernel.start()
+            # A kernel's first cell pays for lazy imports and caches; pay it here, not in the
+            # claiming user's first request (silent: the user's execution count starts at 1).
+            cells = self.startup_cells(request, ws.root)
+            for cell in cells:
+                await kernel.execute(cell, timeout=self.settings["ERA_KERNEL_START_TIMEOUT"], silent=True)
+        except BaseException:
+            await kernel.stop(now=True)
+            await ws.remove()
+            raise
+        return WarmKernel(kernel, key, ws.root, uid, cells, lease)
+
+    async def discard_warm(self, warm: WarmKernel) -> None:
+        """Stop a pooled kernel nobody claimed and remove its directory (not its slot: the
+        pool gives that back, or hands it to admission)."""
+        await warm.kernel.stop(now=True)
+        await self.files.workspace(warm.workdir).remove()
+
+    async def _pool_uid(self) -> int:
+        if os.getuid() != 0:
+            return os.getuid()
+        if not self._pool_uids:
+            self._pool_uids = await asyncio.to_thread(reserve_uids, self.settings.data_dir / POOL_UID_FILE,
+                                                      POOL_UID_BASE, POOL_UID_BLOCK)
+        return self._pool_uids.pop()

@@ -1,0 +1,383 @@
+"""The engine's facade: sessions = a kernel + a workspace + a record in the store.
+
+``SessionManager`` is what the server and the CLI call (docs/engine-api.md). It owns
+the collaborators and wires them one way, each knowing only what it is handed:
+
+    SessionManager ─┬─ store (records, history)      SessionFiles (workspaces)
+                    ├─ SessionRunner ── KernelLauncher ── KernelTable (kernels, slots)
+                    ├─ Upkeep (culling, stats)          KernelPool (warm kernels)
+                    └─ EngineEvents (run events, lifecycle)
+
+It keeps session lifecycle (create, patch, delete, duplicate) and the documents it
+answers with; everything about kernels is the table's and the launcher's, everything
+about running code the runner's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .. import models
+from ..config import Settings
+from ..errors import Conflict, EraError, NotFound, TooLarge
+from ..kernel import EventSink, InputHandler, SessionKernel
+from ..languages import get_language
+from ..listing import SessionPage, read_page, record_chunks
+from ..setup import SetupManager
+from ..store.base import SessionExists, store_for_url
+from .events import EngineEvents, LifecycleEvent, RunEvent, SessionDeleted
+from .files import POOL_ROOT, SessionFiles
+from .kernels import KernelSlots, KernelTable, Lease
+from .launcher import KernelLauncher
+from .pool import KernelPool, WarmKernel, parse_pool_keys
+from .recovery import recover
+from .records import SessionRecord, new_session_id, session_uid
+from .results import notebook_from_runs, utc_now
+from .runner import SessionRunner
+from .upkeep import Upkeep
+
+log = logging.getLogger("era.sessions")
+
+
+class SessionManager:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings.from_env()
+        self.store = store_for_url(self.settings["ERA_STORE_URL"])
+        self.events = EngineEvents()
+        self.files = SessionFiles(self.settings)
+        # Package setups into shared environments, archived in the workspace store (built lazily).
+        self.setups = SetupManager(self.settings, lambda: self.files.store)
+        self.table = KernelTable(self.settings["ERA_MAX_KERNELS"], self.events)
+        self.launcher = KernelLauncher(self.settings, self.setups, self.files, self.table, self.events)
+        pool_keys = parse_pool_keys(self.settings["ERA_POOL_KERNELS"], self.settings["ERA_PROVISIONER"])
+        for language, _ in pool_keys:
+            get_language(language)  # a typo in ERA_POOL_KERNELS fails at start, not at the first request
+        self.pool = KernelPool(pool_keys, self.settings["ERA_POOL_SIZE"], self.table.slots,
+                               self.launcher.spawn_warm, self.launcher.discard_warm)
+        self.table.evict_pooled = self.pool.evict
+        self.runner = SessionRunner(self.settings, self.store, self.files, self.setups, self.table, self.launcher,
+                                    self.pool, self.events)
+        self.upkeep = Upkeep(self.settings, self.store, self.table, self.pool, self.events, self._delete)
+        self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
+        self._opened = False
+        self._serving = False
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def start(self, *, serve: bool = True) -> None:
+        """Open the store. ``serve`` (a server): also recover what a previous process left
+        (orphaned kernels, unclaimed pool directories, unfinished setups), then start the
+        warm pool and the culler. ``serve=False`` (``era run``): none of that, so a
+        one-shot engine on a server's data directory leaves the server's work alone."""
+        await asyncio.to_thread(self._make_dirs)
+        await self.store.open()
+        self._opened = True
+        if serve:
+            await recover(self.settings, self.store, self.files, self._start_setup)
+            self._serving = True
+            self.pool.start()
+            self.upkeep.start()
+
+    def _make_dirs(self) -> None:
+        for path in (self.settings.data_dir / "sessions", self.settings.data_dir / POOL_ROOT,
+                     self.settings.data_dir / "scratch"):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o711)  # kernels traverse to their own directory; nobody lists
+        self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+
+    async def shutdown(self) -> None:
+        """Interrupt running code, stop every kernel, close the store."""
+        await self.setups.shutdown()
+        await self.upkeep.stop()
+        await self.pool.shutdown()
+        await self.runner.settle()
+        busy = [k for k in self.table.live().values() if k.state == "busy"]
+        await asyncio.gather(*(k.interrupt() for k in busy), return_exceptions=True)
+        await asyncio.gather(*(self.table.stop(sid) for sid in self.table.sessions()), return_exceptions=True)
+        await self.runner.settle()
+        if self._opened:
+            await self.store.close()
+            self._opened = False
+
+    async def settle(self) -> None:
+        """Wait for work the answers did not wait for (history writes, kernels stopping)."""
+        await self.runner.settle()
+
+    # ---- what callers may look at ------------------------------------------------------------
+    @property
+    def kernels(self) -> Mapping[str, SessionKernel]:
+        """Session id -> its live (or starting) kernel."""
+        return self.table.live()
+
+    @property
+    def slots(self) -> KernelSlots:
+        return self.table.slots
+
+    @property
+    def culled(self) -> dict[str, int]:
+        return {**self.upkeep.culled, "lru": self.table.lru_culls}
+
+    def workspace_dir(self, session_id: str) -> Path:
+        return self.files.path(SessionRecord(session_id, "python", "local", "", workdir=self._workdirs.get(session_id)))
+
+    # ---- records and documents ----------------------------------------------------------------
+    async def _record(self, session_id: str) -> SessionRecord:
+        if not models.is_session_id(session_id):
+            raise NotFound("session not found")
+        row = await self.store.get_session(session_id)
+        if row is None:
+            raise NotFound(f"session {session_id} not found")
+        record = SessionRecord.from_row(row)
+        if record.workdir:
+            self._workdirs[session_id] = record.workdir
+        return record
+
+    async def _document(self, record: SessionRecord | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(record, dict):  # a store row (the paged listing)
+            record = SessionRecord.from_row(record)
+        file_count, total = await self.files.of(record).usage()
+        return {
+            "id": record.id, "created_at": record.created_at, "last_run_at": record.last_run_at,
+            "language": record.language, "persistent": record.persistent, "provisioner": record.provisioner,
+            "file_count": file_count, "total_size_bytes": total, "metadata": record.metadata, "data": record.data,
+            "default_timeout": record.default_timeout, "allowInternetAccess": record.allow_internet,
+            "setup_status": record.setup_status, "setup_result": record.setup_result,
+            "kernel": {"state": str(self.table.state(record.id))},
+        }
+
+    def _check_sizes(self, fields: dict[str, Any]) -> None:
+        """413 for a ``data`` or ``metadata`` over its limit; called before anything is
+        written. Both are in every session document, so they bound every listing too."""
+        for name, setting in (("metadata", "ERA_MAX_METADATA_BYTES"), ("data", "ERA_MAX_DATA_BYTES")):
+            if fields.get(name) is None:
+                continue
+            size, limit = len(json.dumps(fields[name]).encode()), self.settings[setting]
+            if size > limit:
+                raise TooLarge(f"field '{name}' is {size} bytes; the limit is {limit} ({setting})", field=name)
+
+    # ---- sessions -----------------------------------------------------------------------------
+    async def create(self, body: Any) -> dict[str, Any]:
+        req = models.parse(models.CreateSession, body)
+        get_language(req.language)
+        self._check_sizes({"metadata": req.metadata, "data": req.data})
+        setup = self.setups.normalize(req.setup)
+        record = SessionRecord(
+            id=req.id or new_session_id(), language=req.language,
+            provisioner=req.provisioner or self.settings["ERA_PROVISIONER"], created_at=utc_now(),
+            persistent=req.persistent, metadata=req.metadata, data=req.data, setup=setup,
+            setup_status="pending" if setup else None,
+            default_timeout=req.default_timeout or self.settings["ERA_DEFAULT_TIMEOUT"],
+            allow_internet=req.allowInternetAccess, env=req.env, startup=req.startup, max_age=req.max_age)
+        return await self._insert(record)
+
+    async def _insert(self, record: SessionRecord, copy_from: SessionRecord | None = None) -> dict[str, Any]:
+        """Take a kernel (a pooled one, or a slot for a new one), store the record, make
+        the workspace; all or nothing."""
+        warm = self._take_warm(record)
+        if warm is not None:  # its directory and uid become the session's
+            record.workdir, record.uid, lease = f"{POOL_ROOT}/{warm.workdir.name}", warm.uid, warm.lease
+        else:
+            lease = await self.table.admit()  # 429 before anything is written
+        try:
+            await self.files.check_unused(record)
+            try:
+                record.seq = (await self.store.insert_session(record.to_row()))["seq"]
+            except SessionExists:
+                raise Conflict(f"session {record.id} already exists", field="id") from None
+            try:
+                await self.files.create(record, session_uid(record), copy_from,
+                                        session_uid(copy_from) if copy_from else None)
+            except BaseException:
+                await self.store.delete_session(record.id)
+                await self.files.remove(record)
+                raise
+        except BaseException:
+            if warm is not None:
+                await self.launcher.discard_warm(warm)
+            lease.release()
+            raise
+        if record.workdir:
+            self._workdirs[record.id] = record.workdir
+        if record.setup:
+            await self._start_setup(record)  # before the kernel task, which waits for it
+        self.launcher.start_in_background(record, lease, warm)
+        return await self._document(record)
+
+    def _take_warm(self, record: SessionRecord) -> WarmKernel | None:
+        """A pooled kernel for this record, when one of its kind is ready. Sessions with a
+        package setup or network access need a kernel launched for them, so never pool."""
+        if record.setup or record.allow_internet:
+            return None
+        return self.pool.take((record.language, record.provisioner))
+
+    async def _start_setup(self, record: SessionRecord) -> None:
+        sid = record.id
+
+        async def on_status(status: str, result: dict[str, Any] | None) -> None:
+            await self.store.update_session(sid, {"setup_status": status, "setup_result": result})
+
+        await self.setups.start(sid, record.language, record.provisioner, session_uid(record), record.setup,
+                                on_log=lambda line: self.events.emit(sid, {"type": "setup", "content": line}),
+                                on_status=on_status)
+
+    async def get(self, session_id: str) -> dict[str, Any]:
+        return await self._document(await self._record(session_id))
+
+    async def list(self, limit: int | None = None, cursor: str | None = None) -> SessionPage:
+        """One page of session documents, oldest first: after ``cursor`` (a page's
+        ``next_cursor``), at most ``limit`` (default and most ``ERA_LIST_MAX``) and about
+        ``ERA_LIST_MAX_BYTES`` of JSON; ``next_cursor`` is None on the last page."""
+        return await read_page(self.store, self._document, limit=limit, cursor=cursor,
+                               cap=self.settings["ERA_LIST_MAX"], max_bytes=self.settings["ERA_LIST_MAX_BYTES"])
+
+    async def patch(self, session_id: str, body: Any) -> dict[str, Any]:
+        await self._record(session_id)
+        req = models.parse(models.PatchSession, body)
+        changes = req.model_dump(exclude_unset=True, exclude_none=True)
+        self._check_sizes(changes)
+        row = await self.store.update_session(session_id, changes)
+        if row is None:
+            raise NotFound(f"session {session_id} not found")
+        if {"allowInternetAccess", "env"} & changes.keys():
+            await self.table.stop(session_id)  # takes effect at the next kernel start
+        return await self._document(SessionRecord.from_row(row))
+
+    async def delete(self, session_id: str) -> None:
+        await self._delete(session_id, "request")
+
+    async def _delete(self, session_id: str, reason: str) -> None:
+        record = await self._record(session_id)
+        await self.setups.cancel(session_id)
+        await self.table.stop(session_id)
+        # Files first, the record last: a delete that fails half-way leaves the session
+        # listed, and deleting it again finishes the job; never files without a record.
+        try:
+            await self.files.remove(record)
+        except OSError as exc:
+            log.error("session %s: its files could not be removed: %s", session_id, exc)
+            raise EraError(f"the files of session {session_id} could not all be removed ({exc.strerror or exc}); "
+                           "the session is kept: retry the delete") from None
+        await self.store.delete_session(session_id)
+        self.events.publish(SessionDeleted(session_id, reason))
+        self.table.forget(session_id)
+        self.runner.forget(session_id)
+        self._workdirs.pop(session_id, None)
+
+    async def delete_many(self, ids: list[str] | None = None, prefix: str | None = None) -> list[str]:
+        wanted = set(ids) if ids is not None else None
+        targets: list[str] = []
+        async for rows in record_chunks(self.store):
+            targets += [r["id"] for r in rows
+                        if (wanted is None or r["id"] in wanted) and (prefix is None or r["id"].startswith(prefix))]
+        for sid in targets:
+            try:
+                await self.delete(sid)
+            except NotFound:
+                pass
+        return targets
+
+    async def duplicate(self, session_id: str, body: Any = None) -> dict[str, Any]:
+        source = await self._record(session_id)
+        req = models.parse(models.DuplicateRequest, body)
+        # Stored under a larger limit: not copied past today's.
+        self._check_sizes({"metadata": source.metadata, "data": source.data})
+        return await self._insert(source.duplicate(req.id), copy_from=source)
+
+    async def interrupt(self, session_id: str) -> None:
+        await self._record(session_id)
+        kernel = self.table.kernel(session_id)
+        if kernel is not None:
+            await kernel.interrupt()
+
+    async def restart(self, session_id: str) -> None:
+        record = await self._record(session_id)
+        await self.table.stop(session_id)
+        self.events.emit(session_id, {"type": "status", "state": "restarting"})
+        lease = await self.table.admit()
+        self.launcher.start_in_background(record, lease)
+
+    # ---- runs -------------------------------------------------------------------------------
+    def subscribe(self, session_id: str, callback: Callable[[RunEvent], None]) -> Callable[[], None]:
+        """``callback(event)`` for every event of the session's runs (docs/engine-api.md)."""
+        return self.events.subscribe(session_id, callback)
+
+    def watch(self, callback: Callable[[LifecycleEvent], None]) -> Callable[[], None]:
+        """``callback(event)`` for sessions deleted, kernels culled, replaced or dead."""
+        return self.events.watch(callback)
+
+    async def run(self, session_id: str, body: Any, *, on_event: EventSink | None = None,
+                  on_input: InputHandler | None = None, run_id: str | None = None) -> dict[str, Any]:
+        return await self.runner.run(session_id, body, lambda: self._record(session_id), on_event=on_event,
+                                     on_input=on_input, run_id=run_id)
+
+    async def execute(self, body: Any, *, on_event: EventSink | None = None) -> dict[str, Any]:
+        """One-shot: a fresh kernel in a scratch workspace, discarded afterwards."""
+        return await self.runner.execute(body, on_event=on_event)
+
+    async def runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        await self._record(session_id)
+        return await self.store.list_runs(session_id, limit)
+
+    async def notebook(self, session_id: str) -> dict[str, Any]:
+        record = await self._record(session_id)
+        return notebook_from_runs(await self.store.list_runs(session_id, 10_000), record.language, session_id)
+
+    async def set_code(self, session_id: str, code: Any) -> None:
+        await self._record(session_id)
+        req = models.parse(models.CodeBody, {"code": code})
+        await self.store.update_session(session_id, {"code": req.code})
+
+    async def get_code(self, session_id: str) -> str | None:
+        return (await self._record(session_id)).code
+
+    # ---- upkeep --------------------------------------------------------------------------------
+    async def cull(self) -> dict[str, list[str]]:
+        """One culling pass (also run every ``ERA_CULL_INTERVAL``)."""
+        return await self.upkeep.cull()
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.upkeep.stats()
+
+    # ---- files -------------------------------------------------------------------------------
+    async def list_files(self, session_id: str) -> list[dict[str, Any]]:
+        record = await self._record(session_id)
+        return await self.files.list(record, session_uid(record))
+
+    async def read_file(self, session_id: str, path: str) -> bytes:
+        record = await self._record(session_id)
+        return await self.files.read(record, session_uid(record), path)
+
+    async def write_file(self, session_id: str, path: str, data: bytes) -> dict[str, Any]:
+        record = await self._record(session_id)
+        self.runner.data_changed(session_id)
+        return await self.files.write(record, session_uid(record), path, data)
+
+    async def delete_file(self, session_id: str, path: str) -> None:
+        record = await self._record(session_id)
+        self.runner.data_changed(session_id)
+        await self.files.delete(record, session_uid(record), path)
+
+    # ---- Jupyter kernel gateway (server/jupyter.py) -----------------------------------------
+    async def jupyter_kernel(self, session_id: str, start: bool = True) -> SessionKernel | None:
+        """The session's live kernel for a raw Jupyter channels connection, started when it
+        has none (``start=False``: None then). Counts as activity for culling."""
+        record = await self._record(session_id)
+        kernel = self.table.kernel(session_id)
+        ready = kernel is not None and kernel.state != "dead" and self.table.starting(session_id) is None
+        if not ready:
+            if not start:
+                return None
+            async with self.table.run_lock(session_id):  # no double start beside a run
+                kernel = await self.launcher.ensure(record)
+        self.table.touch(session_id)
+        return kernel
+
+    def jupyter_activity(self, session_id: str, touch: bool = False) -> float | None:
+        """The session's last activity (epoch s); ``touch``: a Jupyter client's message is
+        activity now (culling counts it as a run)."""
+        if touch and self.table.kernel(session_id) is not None:
+            self.table.touch(session_id)
+        return self.table.active_at(session_id)

@@ -1,0 +1,239 @@
+"""Running code: one cell-execution path for session runs and one-shot runs.
+
+``run_cell`` applies a run's own ``env``, executes the code with the output cap and the
+timeout's interrupt-then-restart escalation, and undoes the ``env``; both callers use
+it. A session run (``SessionRunner.run``) also writes the session's ``data`` to its data
+file before, reads it back after, pushes a persistent workspace, and queues the run's
+history record (the store applies calls in order, so the answer need not wait for the
+commit). A one-shot run (``SessionRunner.execute``) takes a pooled kernel or a fresh one
+in a scratch directory and discards it after answering.
+
+Runs on one session are serialized in arrival order (the table's FIFO run lock);
+sessions run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any, Awaitable
+
+from .. import models
+from ..config import Settings
+from ..errors import BadRequest, KernelFailed, NotFound, TooLarge
+from ..kernel import EventSink, ExecOutcome, InputHandler, SessionKernel
+from ..languages import Language, get_language
+from ..store.base import MetadataStore
+from .events import EngineEvents, KernelDied
+from .kernels import KernelTable, Lease
+from .launcher import KernelLauncher
+from .pool import KernelPool
+from .records import EphemeralUids, KernelRequest, SessionRecord, session_uid
+from .results import death_reason, done_event, new_run_id, run_result, utc_now
+
+if TYPE_CHECKING:
+    from ..setup import SetupManager
+    from .files import SessionFiles
+
+log = logging.getLogger("era.runs")
+
+DATA_FILE = ".session_data.json"
+ENV_CELL_TIMEOUT = 10.0
+
+
+async def run_cell(kernel: SessionKernel, language: Language, code: str, settings: Settings, *, timeout: float,
+                   env: dict[str, str] | None = None, on_event: EventSink | None = None,
+                   on_input: InputHandler | None = None) -> ExecOutcome:
+    """Execute ``code`` with this run's ``env`` applied around it (never raises for what
+    the code does; a dead kernel is the outcome's status)."""
+    if env and language.env_apply:
+        await kernel.execute(language.env_apply(env), timeout=ENV_CELL_TIMEOUT, silent=True)
+    outcome = await kernel.execute(code, timeout=timeout, on_event=on_event, on_input=on_input,
+                                   output_limit=settings["ERA_OUTPUT_LIMIT"],
+                                   interrupt_grace=settings["ERA_INTERRUPT_GRACE"])
+    if env and language.env_restore and outcome.status != "dead" and not outcome.restarted:
+        await kernel.execute(language.env_restore(env), timeout=ENV_CELL_TIMEOUT, silent=True)
+    return outcome
+
+
+class SessionRunner:
+    def __init__(self, settings: Settings, store: MetadataStore, files: "SessionFiles", setups: "SetupManager",
+                 table: KernelTable, launcher: KernelLauncher, pool: KernelPool, events: EngineEvents) -> None:
+        self.settings = settings
+        self.store = store
+        self.files = files
+        self.setups = setups
+        self.table = table
+        self.launcher = launcher
+        self.pool = pool
+        self.events = events
+        self.uids = EphemeralUids()
+        self._data_on_disk: dict[str, str] = {}  # session id -> JSON known to be in its data file
+        self._background: set[asyncio.Future] = set()  # history writes, one-shot kernels being stopped
+
+    # ---- session runs -----------------------------------------------------------------------
+    async def run(self, session_id: str, body: Any, load: "Awaitable[SessionRecord]", *,
+                  on_event: EventSink | None = None, on_input: InputHandler | None = None,
+                  run_id: str | None = None) -> dict[str, Any]:
+        """One run of a session's code, in arrival order. ``load`` reads the record under
+        the session's lock (a patch may have just landed)."""
+        req = models.parse(models.RunRequest, body)
+        run_id = run_id or new_run_id()
+        async with self.table.run_lock(session_id):
+            record = await load()
+            code = req.code if req.code is not None else record.code
+            if code is None:
+                raise BadRequest("field 'code' is required (no default program is stored for this session)",
+                                 field="code")
+            timeout = req.timeout or record.default_timeout
+            await self._wait_for_setup(session_id, timeout, on_event)
+            kernel = await self.launcher.ensure(record)
+            return await self._run_locked(record, kernel, code, timeout, req.env, on_event, on_input, run_id)
+
+    async def _wait_for_setup(self, session_id: str, timeout: float, on_event: EventSink | None) -> None:
+        """A run sent before package setup finishes waits for it, up to its own timeout;
+        meanwhile its caller sees the setup log too."""
+        unsubscribe = lambda: None  # noqa: E731
+        if on_event is not None and self.setups.running(session_id):
+            unsubscribe = self.events.subscribe(session_id, lambda ev: ev["type"] == "setup" and on_event(ev))
+        try:
+            await self.setups.wait(session_id, timeout)
+        except TimeoutError:
+            raise SetupPending(f"package setup still running after {timeout:g}s (the run's timeout); "
+                               "retry when setup_status is completed or failed") from None
+        finally:
+            unsubscribe()
+
+    async def _run_locked(self, record: SessionRecord, kernel: SessionKernel, code: str, timeout: float,
+                          env: dict[str, str], on_event: EventSink | None, on_input: InputHandler | None,
+                          run_id: str) -> dict[str, Any]:
+        sid = record.id
+        language = get_language(record.language)
+        ws = self.files.of(record)
+        data_json = json.dumps(record.data)
+        if self._data_on_disk.get(sid) != data_json:  # skip the write when the file already says it
+            await ws.write(DATA_FILE, data_json.encode(), uid=session_uid(record))
+        emit: EventSink = lambda ev: self.events.emit(sid, dict(ev, run_id=run_id), on_event)  # noqa: E731
+        started_at = utc_now()
+        self.table.touch(sid)
+        emit({"type": "status", "state": "busy"})
+        outcome = await run_cell(kernel, language, code, self.settings, timeout=timeout, env=env, on_event=emit,
+                                 on_input=on_input)
+        if outcome.status in ("dead", "cut") or outcome.restarted:
+            await self.table.stop(sid)  # the next run starts a fresh kernel
+            self.events.publish(KernelDied(sid, death_reason(outcome)))
+        data = await self._read_back_data(ws, record)
+        sync_error = await self.files.sync(record)
+        if sync_error:
+            outcome.collector.note("stderr", f"\n[era] {sync_error}\n")
+        changes: dict[str, Any] = {"last_run_at": utc_now()}
+        self.table.touch(sid)
+        if data != record.data:
+            changes["data"] = data
+        result = run_result(outcome, language=language, timeout=timeout, session_id=sid, data=data, run_id=run_id)
+        # Queued, not awaited: every later store call sees it (MetadataStore.add_run), and
+        # the caller gets its answer one store round trip sooner.
+        self.in_background(_record_run(sid, run_id, self.store.add_run(
+            sid, {"run_id": run_id, "code": code, "started_at": started_at,
+                  **{k: result[k] for k in ("exit_code", "outputs", "stdout", "stderr", "duration_ms",
+                                            "execution_count", "error", "timed_out", "truncated")}},
+            session_changes=changes)))
+        emit(done_event(result))
+        emit({"type": "status", "state": self.table.state(sid) if self.table.kernel(sid) else "dead"})
+        return result
+
+    async def _read_back_data(self, ws, record: SessionRecord) -> dict[str, Any]:
+        """What the code left in .session_data.json; the old data if it is gone or invalid."""
+        self._data_on_disk.pop(record.id, None)
+        try:
+            raw = await ws.read(DATA_FILE, max_bytes=self.settings["ERA_MAX_DATA_BYTES"])
+            data = json.loads(raw)
+        except (NotFound, BadRequest, TooLarge, ValueError, RecursionError):  # deep nesting: not data
+            return record.data
+        if not isinstance(data, dict):
+            return record.data
+        if raw == json.dumps(data).encode():
+            self._data_on_disk[record.id] = raw.decode()
+        return data
+
+    def data_changed(self, session_id: str) -> None:
+        """The session's files changed through the API: the data file must be written again."""
+        self._data_on_disk.pop(session_id, None)
+
+    def forget(self, session_id: str) -> None:
+        self._data_on_disk.pop(session_id, None)
+
+    # ---- one-shot runs ---------------------------------------------------------------------
+    async def execute(self, body: Any, *, on_event: EventSink | None = None) -> dict[str, Any]:
+        """A fresh kernel (a pooled one when one is ready) in its own directory, discarded
+        once the answer is out."""
+        req = models.parse(models.ExecuteRequest, body)
+        language = get_language(req.language)
+        request = KernelRequest(req.language, req.provisioner or self.settings["ERA_PROVISIONER"],
+                                req.allowInternetAccess)
+        warm = self.pool.take((request.language, request.provisioner)) if not request.allow_internet else None
+        kernel: SessionKernel | None = None
+        if warm is not None:
+            uid, ws, kernel, lease = warm.uid, self.files.workspace(warm.workdir), warm.kernel, warm.lease
+        else:
+            lease = await self.table.admit()
+            uid = self.uids.next()
+            ws = self.files.workspace(self.settings.data_dir / "scratch" / secrets.token_hex(8))
+        try:
+            if warm is None:
+                await ws.create(uid=uid)
+            for path, content in req.files.items():  # before any code runs, pooled or not
+                await ws.write(path, content.encode(), uid=uid)
+            cells = self.launcher.startup_cells(request, ws.root)
+            if warm is not None:
+                if warm.cells != cells:
+                    await kernel.claim(cells)
+            else:
+                kernel = await self.launcher.new_kernel(request, ws.root, uid)
+                await kernel.start()
+            run_id = new_run_id()
+            emit: EventSink | None = (lambda ev: on_event(dict(ev, run_id=run_id))) if on_event else None
+            timeout = req.timeout or self.settings["ERA_DEFAULT_TIMEOUT"]
+            outcome = await run_cell(kernel, language, req.code, self.settings, timeout=timeout, env=req.env,
+                                     on_event=emit)
+            result = run_result(outcome, language=language, timeout=timeout, session_id=None, data=None,
+                                run_id=run_id)
+            if emit:
+                emit(done_event(result))
+            return result
+        finally:  # the answer does not wait for the kernel's shutdown; shutdown() does
+            self.in_background(_discard_oneshot(kernel, ws, lease))
+
+    # ---- background work -------------------------------------------------------------------
+    def in_background(self, work: Awaitable[None]) -> None:
+        """Work the answer does not wait for; ``settle`` (and the engine's shutdown) does."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def settle(self) -> None:
+        """Wait for the background work queued so far (history writes, kernels stopping)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+class SetupPending(KernelFailed):
+    """A run waited for its session's package setup for as long as its timeout allowed."""
+
+
+async def _record_run(sid: str, run_id: str, written: Awaitable[None]) -> None:
+    try:
+        await written
+    except Exception as exc:  # the caller already has its result: say what was not kept
+        log.error("run %s of session %s was not recorded in the history: %s", run_id, sid, exc)
+
+
+async def _discard_oneshot(kernel: SessionKernel | None, ws, lease: Lease) -> None:
+    try:
+        if kernel is not None:
+            await kernel.stop(now=True)
+        await ws.remove()
+    finally:
+        lease.release()
