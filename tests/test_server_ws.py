@@ -14,7 +14,7 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from tests.test_server_harness import MAIN_ENV, shared_server
+from tests.support.era_server import MAIN_ENV, shared_server
 
 SID = "ws-main"
 
