@@ -9,7 +9,7 @@ default. A default run takes about 5 minutes on 2 cores, --quick about 1.5 (a sm
 
 Phases; everything on 127.0.0.1, every server and kernel started here is stopped here:
 1. warm round trips of print(1), one sample of each contender per round in rotating order
-   (bench_server.interleaved): raw execute -> reply + idle; Kernel Gateway WebSocket execute;
+   (measure.interleaved): raw execute -> reply + idle; Kernel Gateway WebSocket execute;
    ERA REST /run on a keep-alive connection and ERA WebSocket run -> done.
 2. cold starts, interleaved per round, on ERA servers with ERA_POOL_SIZE=0: /api/execute and
    session create -> first output. Raw: start, execute, shut down; Kernel Gateway: POST
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import platform
 import shutil
@@ -38,16 +37,17 @@ from collections import Counter
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Hashable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_server  # noqa: E402
 import psutil  # noqa: E402
-from suite_clients import SPEC, TIMEOUT, Era, Gateway, Http, KgKernel, RawKernel, docker_client, write_kernelspec  # noqa: E402
-from suite_phases import (CODE, check_run, era_create, era_execute, era_first_output, era_load_and_memory,  # noqa: E402
-                          era_run, kg_cycle, kg_load_and_memory, log, once, pct, raw_cycle, raw_memory, wait_refill)
-from suite_report import markdown, verdicts, write_json, write_markdown, write_png  # noqa: E402,F401
+from clients import CODE, EraSocket, Http, KgKernel, once  # noqa: E402
+from contenders import SPEC, EraServer, Gateway, RawKernel, docker_client, write_kernelspec  # noqa: E402
+from measure import TIMEOUT, interleaved, log, pct  # noqa: E402
+from suite_phases import (check_run, era_create, era_execute, era_first_output, era_load_and_memory,  # noqa: E402
+                          era_run, kg_cycle, kg_load_and_memory, raw_cycle, raw_memory, wait_refill)
+from suite_report import verdicts, write_json, write_markdown, write_png  # noqa: E402
 
 DOCKER_SOCKET = "/run/era-docker.sock"
 POOL_SIZE = 2
@@ -98,36 +98,19 @@ class Tally:
     def broken(self, who: str, keys: tuple[str, ...]) -> bool:
         return any((key, who) in self.failed for key in keys)
 
+    async def rounds(self, steps: list[tuple[str, tuple[str, ...], Callable[[], Awaitable[dict[str, float]]]]],
+                     n: int, warmup: int) -> None:
+        """``measure.interleaved`` over (contender, its sample keys, step); a step returns
+        {sample key: seconds}, and one that fails is recorded and sits out the rest."""
+        def as_samples(who: str, step: Callable[[], Awaitable[dict[str, float]]]):
+            async def one() -> dict[Hashable, float]:
+                return {(key, who): seconds for key, seconds in (await step()).items()}
+            return one
 
-def guarded(tally: Tally, who: str, key: str, probe: Callable[[], Awaitable[float]]) -> Callable[[], Awaitable[float]]:
-    """A probe that never raises: a failure is recorded once and later samples are NaN."""
-    async def one() -> float:
-        if tally.broken(who, (key,)):
-            return math.nan
-        try:
-            return await asyncio.wait_for(probe(), TIMEOUT)
-        except Exception as exc:
-            tally.fail(who, (key,), exc)
-            return math.nan
-    return one
-
-
-async def rounds(tally: Tally, steps: list[tuple[str, tuple[str, ...], Callable[[], Awaitable[dict[str, float]]]]],
-                 n: int, warmup: int) -> None:
-    """One call of each step per round, in rotating order; a step returns {sample key: seconds}."""
-    for i in range(warmup + n):
-        shift = i % max(1, len(steps))
-        for who, keys, step in steps[shift:] + steps[:shift]:
-            if tally.broken(who, keys):
-                continue
-            try:
-                got = await asyncio.wait_for(step(), TIMEOUT)
-            except Exception as exc:
-                tally.fail(who, keys, exc)
-                continue
-            if i >= warmup:
-                for key, seconds in got.items():
-                    tally.add(key, who, seconds)
+        live = {(who, keys): as_samples(who, step) for who, keys, step in steps if not self.broken(who, keys)}
+        got = await interleaved(live, n, warmup, on_error=lambda name, exc: self.fail(*name, exc))
+        for key, values in got.items():
+            self.samples.setdefault(key, []).extend(values)
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -210,7 +193,6 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             client.close()
         except Exception as exc:
             skipped["era-docker"] = f"Docker engine unreachable ({type(exc).__name__})"
-    bench_server.CODE = CODE  # ws_probes runs this module global
     scratch = Path(tempfile.mkdtemp(prefix="era-bench-all-"))
     kernel_dirs = write_kernelspec(scratch)
     t_start = clock = time.perf_counter()
@@ -226,17 +208,17 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         raw = RawKernel(kernel_dirs)
         cleanup.append(raw.stop)
         await raw.start()
-        servers: dict[str, tuple[Era, Era]] = {}
+        servers: dict[str, tuple[EraServer, EraServer]] = {}
         for who, provisioner in ERA.items():
             if who in skipped:
                 continue
-            cold = Era(f"{who} cold", {"ERA_POOL_SIZE": "0", "ERA_PROVISIONER": provisioner})
-            pooled = Era(f"{who} pooled", {"ERA_POOL_SIZE": str(POOL_SIZE), "ERA_PROVISIONER": provisioner,
-                                           "ERA_POOL_KERNELS": "python" if provisioner == "local" else "python:docker"})
-            cleanup += [cold.stop, pooled.stop]
+            cold = EraServer({"ERA_POOL_SIZE": "0", "ERA_PROVISIONER": provisioner})
+            pooled = EraServer({"ERA_POOL_SIZE": str(POOL_SIZE), "ERA_PROVISIONER": provisioner,
+                                "ERA_POOL_KERNELS": "python" if provisioner == "local" else "python:docker"})
+            cleanup += [cold.cleanup, pooled.cleanup]
             try:
-                cold.start()
-                pooled.start()
+                cold.start(ready_timeout=120)
+                pooled.start(ready_timeout=120)
                 servers[who] = (cold, pooled)
             except Exception as exc:
                 skipped[who] = f"server failed to start: {exc}"[:300]
@@ -253,13 +235,13 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         phase("start")
 
         log("phase 1: warm round trips")
-        probes: dict[str, Callable[[], Awaitable[float]]] = {}
+        steps: list = []
 
-        async def raw_warm() -> float:
+        async def raw_warm() -> dict[str, float]:
             _, total, out = await raw.execute(CODE)
             check_run(200, {"stdout": out}, "1\n")
-            return total
-        probes["raw|warm"] = guarded(tally, "raw", "warm", raw_warm)
+            return {"warm": total}
+        steps.append(("raw", ("warm",), raw_warm))
         if gateways:
             try:
                 _, model = await once(gateways[0].port, "POST", "/api/kernels", {"name": SPEC})
@@ -268,29 +250,32 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:
                 tally.fail("kg", ("warm",), exc)
             else:
-                async def kg_warm() -> float:
+                async def kg_warm() -> dict[str, float]:
                     _, total, out = await kg_kernel.execute(CODE)
                     check_run(200, {"stdout": out}, "1\n")
-                    return total
-                probes["kg|warm"] = guarded(tally, "kg", "warm", kg_warm)
+                    return {"warm": total}
+                steps.append(("kg", ("warm",), kg_warm))
         for who, (cold, _) in servers.items():
             http = Http(cold.port)
             try:
                 sid = await era_create(http, ERA[who])
-                ws_rt, _ = await asyncio.wait_for(bench_server.ws_probes(cold.port, sid), TIMEOUT)
+                era_socket = await asyncio.wait_for(EraSocket(cold.port, sid).connect(), TIMEOUT)
+                cleanup.append(era_socket.close)
             except Exception as exc:
                 tally.fail(who, ("warm", "ws"), exc)
                 continue
-            probes[f"{who}|warm"] = guarded(tally, who, "warm", lambda h=http, s=sid: era_run(h, s))
-            probes[f"{who}|ws"] = guarded(tally, who, "ws", ws_rt)
-        samples = await bench_server.interleaved(probes, p["warm_rounds"], p["warm_warmup"])
-        for name, values in samples.items():
-            who, key = name.split("|")
-            tally.samples[(key, who)] = values
+
+            async def era_warm(h: Http = http, s: str = sid) -> dict[str, float]:
+                return {"warm": await era_run(h, s)}
+
+            async def era_ws(ws: EraSocket = era_socket) -> dict[str, float]:
+                return {"ws": (await ws.execute(CODE))[1]}
+            steps += [(who, ("warm",), era_warm), (who, ("ws",), era_ws)]
+        await tally.rounds(steps, p["warm_rounds"], p["warm_warmup"])
         phase("warm")
 
         log("phase 2: cold starts")
-        steps: list = [("raw", ("first_cold", "execute_cold"), lambda: raw_cycle(kernel_dirs))]
+        steps = [("raw", ("first_cold", "execute_cold"), lambda: raw_cycle(kernel_dirs))]
         if gateways:
             steps.append(("kg", ("first_cold", "execute_cold"), lambda: kg_cycle(gateways[0].port, None)))
         for who, (cold, _) in servers.items():
@@ -302,7 +287,7 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             async def cold_first(h: Http = http, prov: str = ERA[who]) -> dict[str, float]:
                 return {"first_cold": await era_first_output(h, prov)}
             steps += [(who, ("execute_cold",), cold_execute), (who, ("first_cold",), cold_first)]
-        await rounds(tally, steps, p["cold_rounds"], p["round_warmup"])
+        await tally.rounds(steps, p["cold_rounds"], p["round_warmup"])
         phase("cold")
 
         log("phase 3: pooled")
@@ -324,9 +309,9 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                 refills[w][await wait_refill(h, p["refill_sleep_s"])] += 1
                 return {"first_pooled": elapsed}
             steps += [(who, ("execute_pooled",), pooled_execute), (who, ("first_pooled",), pooled_first)]
-        await rounds(tally, steps, p["pooled_rounds"], p["round_warmup"])
+        await tally.rounds(steps, p["pooled_rounds"], p["round_warmup"])
         for _, pooled in servers.values():
-            pooled.stop()
+            pooled.cleanup()
         if gateways:
             gateways[1].stop()
         phase("pooled")

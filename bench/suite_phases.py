@@ -4,33 +4,19 @@ raw and Kernel Gateway start-execute-stop cycles, the load test and idle-kernel 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
-import sys
 import time
 import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from suite_clients import (SPEC, TIMEOUT, Era, Gateway, Http, KgKernel, RawKernel, container_memory, kernel_trees,
-                           settle_cpu, tree_rss)
+import psutil
+from clients import CODE, Http, KgKernel, once
+from contenders import SPEC, EraServer, Gateway, RawKernel, docker_client
+from measure import TIMEOUT, log, pct, settle_cpu
 
-CODE = "print(1)"
-
-
-def log(message: str) -> None:
-    print(f"[bench_all {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def pct(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of seconds, in ms; the median for q=50."""
-    values = sorted(s for s in samples if not math.isnan(s))
-    if not values:
-        return math.nan
-    if q == 50:
-        return (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2 * 1000
-    return values[max(0, math.ceil(q / 100 * len(values)) - 1)] * 1000
+from era_kernel.resources import tree_rss_bytes  # what ERA's own stats report for a local kernel
 
 
 def check_run(status: int, body: Any, want: str, ok: tuple[int, ...] = (200,)) -> None:
@@ -80,15 +66,6 @@ async def era_first_output(http: Http, provisioner: str) -> float:
     elapsed = time.perf_counter() - t0
     await http.request("DELETE", f"/api/sessions/{sid}")
     return elapsed
-
-
-async def once(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One request on its own connection (setup and teardown, never timed)."""
-    http = Http(port)
-    try:
-        return await http.request(method, path, body)
-    finally:
-        http.close()
 
 
 def pool_filled(stats: Any) -> bool | None:
@@ -160,7 +137,41 @@ async def kg_cycle(port: int, used: set[str] | None) -> dict[str, float]:
         http.close()
 
 
-# ---- load ------------------------------------------------------------------------------------
+# ---- memory and load -------------------------------------------------------------------------
+def kernel_trees(parent_pid: int) -> list[int]:
+    """Children of ``parent_pid`` whose tree runs an ipykernel: one per kernel (bwrap included)."""
+    found = []
+    for child in psutil.Process(parent_pid).children():
+        try:
+            tree = [child, *child.children(recursive=True)]
+            if any("ipykernel" in " ".join(p.cmdline()) for p in tree):
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def container_memory(owner_pid: int, limit: int) -> list[int]:
+    """Memory of up to ``limit`` era containers launched by ``owner_pid``, as `docker stats` counts it
+    (cgroup usage minus inactive file cache)."""
+    client = docker_client()
+    try:
+        containers = client.containers.list(filters={"label": ["era.managed=1", f"era.owner={owner_pid}"]})
+        values = []
+        for container in containers[:limit]:
+            try:
+                stats = container.stats(stream=False, one_shot=True)
+            except Exception:
+                stats = container.stats(stream=False)
+            mem = stats.get("memory_stats") or {}
+            inner = mem.get("stats") or {}
+            if "usage" in mem:
+                values.append(mem["usage"] - inner.get("inactive_file", inner.get("total_inactive_file", 0)))
+        return values
+    finally:
+        client.close()
+
+
 def average_mib(sizes: list[int]) -> dict:
     if not sizes:
         raise RuntimeError("no idle kernel found to measure")
@@ -200,7 +211,7 @@ async def load(make_issuer: Callable[[], tuple[Issuer, Callable[[], None]]], run
             "first_error": errors[0][:200] if errors else None}
 
 
-async def era_load_and_memory(out: dict, label: str, provisioner: str, server: Era, p: dict) -> None:
+async def era_load_and_memory(out: dict, label: str, provisioner: str, server: EraServer, p: dict) -> None:
     """Fills out['memory'] and out['load'] for an ERA server; its sessions are deleted after."""
     sids: list[str] = []
 
@@ -219,7 +230,7 @@ async def era_load_and_memory(out: dict, label: str, provisioner: str, server: E
         await settle_cpu(server.proc.pid, timeout=30)
         if provisioner == "local":
             trees = kernel_trees(server.proc.pid)
-            sizes = [tree_rss(pid) for pid in trees]
+            sizes = [tree_rss_bytes(pid) or 0 for pid in trees]
         else:
             sizes = await asyncio.to_thread(container_memory, server.proc.pid, p["memory_kernels"] * 2)
         out["memory"] = average_mib(sizes)
@@ -251,7 +262,7 @@ async def kg_load_and_memory(out: dict, gateway: Gateway, p: dict) -> None:
     try:
         await limited([make] * p["load_sessions"], 8)
         await settle_cpu(gateway.proc.pid, timeout=30)
-        sizes = [tree_rss(pid) for pid in kernel_trees(gateway.proc.pid)]
+        sizes = [tree_rss_bytes(pid) or 0 for pid in kernel_trees(gateway.proc.pid)]
         out["memory"] = average_mib(sizes)
 
         def issuer() -> tuple[Issuer, Callable[[], None]]:
@@ -273,7 +284,7 @@ async def raw_memory(kernel_dirs: Path, n: int) -> dict:
         for kernel in kernels:
             await kernel.start()
         await settle_cpu(os.getpid(), timeout=20)
-        sizes = [tree_rss(k.pid) for k in kernels]
+        sizes = [tree_rss_bytes(k.pid) or 0 for k in kernels]
         return average_mib(sizes)
     finally:
         for kernel in kernels:

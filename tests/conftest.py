@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -91,48 +84,3 @@ def kernel_processes(marker: str) -> list[int]:
             if marker in cmd and int(entry.name) != os.getpid():
                 pids.append(int(entry.name))
     return pids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_jupyter_server(root: Path, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, str, str]:
-    """A real jupyter_server on a free loopback port with a fresh token, once it answers:
-    ``(process, base URL, token)``. The caller terminates it."""
-    port, token = free_port(), secrets.token_hex(16)
-    proc = subprocess.Popen([sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
-                             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-                             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-            return proc, base, token
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"jupyter_server did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
-
-
-def stop_jupyter_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def jupyter_api(base: str, token: str, path: str, body: dict | None = None, method: str | None = None) -> dict:
-    """One REST call to a jupyter_server started by ``start_jupyter_server``."""
-    request = urllib.request.Request(f"{base}{path}", method=method or ("POST" if body is not None else "GET"),
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        raw = response.read()
-        return json.loads(raw) if raw else {}

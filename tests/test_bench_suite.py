@@ -1,7 +1,9 @@
-"""bench/bench_all.py's writers on fabricated figures: no server, kernel or container is started."""
+"""bench/bench_all.py's writers on fabricated figures, and the sampling every benchmark
+shares: no server, kernel or container is started."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ sys.path.insert(0, str(BENCH))
 
 pytest.importorskip("matplotlib")  # the bench extra: pip install -e .[bench]
 bench_all = pytest.importorskip("bench_all")
+from measure import interleaved, pct  # noqa: E402
 from suite_phases import pool_filled  # noqa: E402
 
 
@@ -77,3 +80,25 @@ def test_pool_refill_reading() -> None:
     assert pool_filled(full) is True
     full["pool"]["pools"]["python:local"].update(ready=1, starting=1)
     assert pool_filled(full) is False
+
+
+def test_interleaved_rotates_drops_warmup_and_benches_a_failing_step() -> None:
+    calls: list[str] = []
+
+    def step(name: str, fail_on: int | None = None):
+        async def one() -> dict:
+            calls.append(name)
+            if fail_on is not None and calls.count(name) == fail_on:
+                raise RuntimeError("boom")
+            return {name: 0.001 * len(calls)}
+        return one
+
+    failures: list = []
+    samples = asyncio.run(interleaved({"a": step("a"), "b": step("b"), "c": step("c", fail_on=2)}, rounds=3,
+                                      warmup=1, on_error=lambda name, exc: failures.append((name, str(exc)))))
+    assert calls == ["a", "b", "c", "b", "c", "a", "a", "b", "a", "b"]  # rotating order; c out after failing
+    assert failures == [("c", "boom")]
+    assert len(samples["a"]) == len(samples["b"]) == 3 and "c" not in samples
+    with pytest.raises(RuntimeError):  # without on_error a failure stops the run
+        asyncio.run(interleaved({"c": step("c", fail_on=3)}, rounds=1, warmup=0))
+    assert pct([0.001, 0.002, 0.003, float("nan")], 50) == pytest.approx(2.0)

@@ -13,8 +13,11 @@ import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
-from tests.conftest import jupyter_api, require_docker, start_jupyter_server, stop_jupyter_server
-from tests.test_server_harness import ServerProcess, assert_error_shape
+from tests.conftest import require_docker
+from tests.support.api_errors import assert_error_shape
+from tests.support.era_server import ServerProcess
+from tests.support.jupyter_server import jupyter_api, start_jupyter_server
+from tests.support.loopback import stop_process
 
 KEY = "era-gateway-key-8d21c7"
 
@@ -224,7 +227,7 @@ async def drive_jupyter_server(srv: ServerProcess, tmp_path, extra: list[str] | 
         jupyter_api(base, token, f"/api/kernels/{kid}", method="DELETE")
         assert srv.json("GET", "/api/kernels", headers=our_headers) == []
     finally:
-        stop_jupyter_server(proc)
+        stop_process(proc)
 
 
 async def test_jupyter_server_uses_us_as_gateway(server, tmp_path):

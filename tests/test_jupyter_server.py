@@ -12,8 +12,10 @@ import pytest
 from tornado.websocket import websocket_connect
 
 from era_kernel.kernelspecs import install
+from tests.support.jupyter_server import jupyter_api, start_jupyter_server
+from tests.support.loopback import stop_process
 
-from .conftest import jupyter_api, require_docker, start_jupyter_server, stop_jupyter_server
+from .conftest import require_docker
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def jupyter_server(tmp_path_factory):
     env = dict(os.environ, JUPYTER_PATH=str(prefix / "share" / "jupyter"), JUPYTER_RUNTIME_DIR=str(prefix / "rt"))
     proc, base, token = start_jupyter_server(root, env, "--KernelSpecManager.ensure_native_kernel=False")
     yield base, token
-    stop_jupyter_server(proc)
+    stop_process(proc)
 
 
 def test_kernel_picker_lists_era_kernelspecs(jupyter_server):

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.test_server_harness import assert_error_shape, shared_server
+from tests.support.api_errors import assert_error_shape
+from tests.support.era_server import shared_server
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +223,7 @@ def test_list_without_paging_parameters_keeps_eras_shape(server, sid):
 
 @pytest.fixture(scope="module")
 def small_list_server():
-    from tests.test_server_harness import ServerProcess
+    from tests.support.era_server import ServerProcess
 
     srv = ServerProcess(env={"ERA_LIST_MAX": "3", "ERA_POOL_SIZE": "0"}).start()
     for i in range(5):

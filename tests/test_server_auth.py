@@ -11,7 +11,8 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from era_server.app import ROUTES
-from tests.test_server_harness import ServerProcess, assert_error_shape, sample_path
+from tests.support.api_errors import assert_error_shape, sample_path
+from tests.support.era_server import ServerProcess
 
 KEY = "era-test-key-5f1c2b9a"
 TRUSTED = "https://trusted.example.com"

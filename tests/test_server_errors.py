@@ -10,7 +10,8 @@ import socket
 import pytest
 
 from era_server.app import ROUTES
-from tests.test_server_harness import MAIN_ENV, assert_error_shape, sample_path, shared_server
+from tests.support.api_errors import assert_error_shape, sample_path
+from tests.support.era_server import MAIN_ENV, shared_server
 
 MAX_BODY = int(MAIN_ENV["ERA_MAX_BODY"])
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")

@@ -10,7 +10,7 @@ import time
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.test_server_harness import ServerProcess
+from tests.support.era_server import ServerProcess
 
 SESSIONS = 50
 RUNS_PER_SESSION = 10

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from era_server.app import ROUTES
 from tests.conftest import require_docker, short_tmpdir
-from tests.test_server_harness import ServerProcess
+from tests.support.era_server import ServerProcess
 
 SESSIONS = ["metrics-a", "metrics-b"]
 DETAIL = {"sessions", "kernels", "pool", "memory"}

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.test_server_harness import ServerProcess, assert_error_shape
+from tests.support.api_errors import assert_error_shape
+from tests.support.era_server import ServerProcess
 
 
 def stats(srv: ServerProcess) -> dict:

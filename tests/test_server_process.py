@@ -4,22 +4,14 @@ orphaned kernels, the no-key warning, bind failures."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from tests.test_server_harness import ServerProcess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.era_server import ServerProcess
+from tests.support.loopback import free_port
 
 
 def raw_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, dict]:
@@ -33,12 +25,9 @@ def raw_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, dict]:
 
 
 def test_health_answers_before_the_engine_is_ready():
-    probe = ServerProcess()
-    port = free_port()
-    env = dict(probe.env)
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "era_server", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A port known up front: we probe before the server logs which one it listens on.
+    server = ServerProcess(port=free_port()).launch()
+    port, started = server.port, server.started_at
     try:
         first = None
         while time.perf_counter() - started < 10:
@@ -57,11 +46,10 @@ def test_health_answers_before_the_engine_is_ready():
         assert status == 200 and body["count"] == 0
         assert raw_get(port, "/health")[1]["ready"] is True
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        probe.cleanup()
-    assert proc.returncode == 0
-    listening = [json.loads(line) for line in err.splitlines() if '"event": "listening"' in line][0]
+        code = server.stop(signal.SIGTERM, timeout=30)
+        server.cleanup()
+    assert code == 0
+    listening = [json.loads(line) for line in server.lines if '"event": "listening"' in line][0]
     assert listening["port"] == port and listening["bound_after_main_ms"] < 200
 
 
@@ -131,12 +119,14 @@ def test_bind_failure_is_a_clean_exit():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        env = dict(os.environ, ERA_DATA_DIR="/tmp/era-unused-bind-test")
-        proc = subprocess.run([sys.executable, "-m", "era_server", "--port", str(port)], env=env,
-                              capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1
-    assert "cannot bind" in proc.stderr and "Traceback" not in proc.stderr
+        server = ServerProcess(port=taken.getsockname()[1]).launch()
+        try:
+            server.proc.wait(30)
+        finally:
+            server.cleanup()
+    stderr = "\n".join(server.lines)
+    assert server.proc.returncode == 1
+    assert "cannot bind" in stderr and "Traceback" not in stderr
 
 
 def test_a_deep_directory_tree_never_takes_the_server_down():

@@ -12,7 +12,7 @@ import uuid
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from tests.test_server_harness import shared_server
+from tests.support.era_server import shared_server
 
 
 async def test_setup_over_http_ws_and_sse():

@@ -14,7 +14,7 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from tests.test_server_harness import MAIN_ENV, shared_server
+from tests.support.era_server import MAIN_ENV, shared_server
 
 SID = "ws-main"
 
@@ -258,7 +258,7 @@ async def test_the_17th_socket_on_a_session_is_429_until_one_closes(server):
 
 
 async def test_sockets_per_client_are_capped_across_sessions_and_routes():
-    from tests.test_server_harness import ServerProcess
+    from tests.support.era_server import ServerProcess
 
     srv = await asyncio.to_thread(lambda: ServerProcess(env={"ERA_MAX_SOCKETS_PER_CLIENT": "3",
                                                              "ERA_POOL_SIZE": "0"}).start())
