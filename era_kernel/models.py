@@ -40,16 +40,28 @@ def check_session_id(value: Any) -> str:
     return value
 
 
+def env_problem(key: Any, value: Any) -> str | None:
+    """What is wrong with one environment variable, or None. The one rule for every env a
+    request or a launch carries: a name a shell accepts, a string value a process
+    environment can hold (no NUL, valid Unicode)."""
+    if not isinstance(key, str) or not ENV_NAME_RE.fullmatch(key):
+        return f"invalid variable name {str(key)[:40]!r}"
+    if not isinstance(value, str):
+        return f"value of {key} must be a string"
+    if "\x00" in value:
+        return f"value of {key} contains a NUL byte"
+    try:  # JSON allows a lone surrogate ("\ud83d"); a process environment cannot hold one
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"value of {key} is not valid Unicode text (a lone surrogate)"
+    return None
+
+
 def check_env(value: dict[str, str]) -> dict[str, str]:
     for key, val in value.items():
-        if not ENV_NAME_RE.fullmatch(key):
-            raise ValueError(f"invalid variable name {key[:40]!r}")
-        if "\x00" in val:
-            raise ValueError(f"value of {key} contains a NUL byte")
-        try:  # JSON allows a lone surrogate ("\ud83d"); a process environment cannot hold one
-            val.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"value of {key} is not valid Unicode text (a lone surrogate)") from None
+        problem = env_problem(key, val)
+        if problem:
+            raise ValueError(problem)
     return value
 
 

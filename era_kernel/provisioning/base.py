@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jupyter_client.provisioning import KernelProvisionerBase
+
+from ..errors import BadRequest
+from ..models import env_problem
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -35,48 +40,103 @@ class LaunchOptions:
     workspace: Path  # the session's directory: the kernel's working directory (/workspace in a container)
     runtime_dir: Path  # where the kernel's IPC directory is made (short: socket paths <= 107 bytes)
     hidden: tuple[str, ...] = ()  # host directories the sandbox masks (the data and runtime directories)
-    uid: int | None = None  # the session's uid; None: the provisioner's default
+    uid: int | None = None  # the session's uid; None: the provisioner's default (never root)
     allow_network: bool = False
     env: dict[str, str] = field(default_factory=dict)  # added to the kernel's environment
     labels: dict[str, str] = field(default_factory=dict)  # container labels (era.session, era.pool)
     readonly: tuple[str, ...] = ()  # host directories bound read-only at the same path (package environments)
-    # era-local
-    sandbox: str = "auto"  # auto | bwrap | none
-    memory: int = 2 * 1024**3  # the session's memory (its cgroup; RLIMIT_AS per process too)
+    memory: int = 2 * 1024**3  # bytes: the session's cgroup (era-local) or the container's limit (era-docker)
     pids: int = 256
-    tmp_size: int = 256 * 1024**2  # the sandbox's private /tmp
-    cgroups: str = "auto"  # auto | on | off
-    # era-docker
-    image_prefix: str = "era"  # images are <prefix>/<language>:latest unless `image` is given
+    cpus: float = 1.0  # era-docker
+    sandbox: str = "auto"  # era-local: auto | bwrap | none
+    tmp_size: int = 256 * 1024**2  # era-local: the sandbox's private /tmp
+    cgroups: str = "auto"  # era-local: auto | on | off
+    image_prefix: str = "era"  # era-docker: images are <prefix>/<language>:latest unless `image` is given
     image: str | None = None
-    container_memory: int = 512 * 1024**2
-    container_cpus: float = 1.0
-    container_pids: int = 256
-    egress_network: str = "era-egress"
+    egress_network: str = "era-egress"  # era-docker: the network of sessions with internet access
+
+    def __post_init__(self) -> None:
+        _check(self)
 
     @classmethod
-    def from_settings(cls, settings: "Settings", workspace: Path, **session: Any) -> "LaunchOptions":
-        """Called by the engine for every kernel it launches: its settings, plus the
-        session's own fields (``uid``, ``allow_network``, ``env``, ``labels``, ``readonly``)."""
+    def from_settings(cls, settings: "Settings", provisioner: str, workspace: Path, **session: Any) -> "LaunchOptions":
+        """Called by the engine for every kernel it launches: its settings for this
+        provisioner, plus the session's own fields (``uid``, ``allow_network``, ``env``,
+        ``labels``, ``readonly``)."""
         s = settings
-        return cls(workspace=Path(workspace), runtime_dir=s.runtime_dir,
+        docker = provisioner == "docker"
+        return cls(workspace=Path(workspace), runtime_dir=Path(s.runtime_dir),
                    hidden=(str(s.data_dir), str(s.runtime_dir)),
-                   sandbox=s["ERA_SANDBOX"], memory=s["ERA_KERNEL_MEMORY"], pids=s["ERA_KERNEL_PIDS"],
-                   tmp_size=s["ERA_KERNEL_TMP_SIZE"], cgroups=s["ERA_KERNEL_CGROUPS"],
-                   image_prefix=s["ERA_DOCKER_IMAGE_PREFIX"], container_memory=s["ERA_DOCKER_MEMORY"],
-                   container_cpus=s["ERA_DOCKER_CPUS"], container_pids=s["ERA_DOCKER_PIDS"],
-                   egress_network=s["ERA_DOCKER_EGRESS_NETWORK"], **session)
+                   memory=s["ERA_DOCKER_MEMORY"] if docker else s["ERA_KERNEL_MEMORY"],
+                   pids=s["ERA_DOCKER_PIDS"] if docker else s["ERA_KERNEL_PIDS"], cpus=s["ERA_DOCKER_CPUS"],
+                   sandbox=s["ERA_SANDBOX"], tmp_size=s["ERA_KERNEL_TMP_SIZE"], cgroups=s["ERA_KERNEL_CGROUPS"],
+                   image_prefix=s["ERA_DOCKER_IMAGE_PREFIX"], egress_network=s["ERA_DOCKER_EGRESS_NETWORK"],
+                   **session)
 
     @classmethod
-    def from_env(cls, workspace: Path) -> "LaunchOptions":
-        """Called by a provisioner launched by a plain Jupyter application (no ``era``
-        keyword): the environment's settings, the working directory as the workspace."""
+    def given(cls, era: "LaunchOptions | Mapping[str, Any] | None", provisioner: str, workspace: Path,
+              config: Mapping[str, Any] | None = None) -> "LaunchOptions":
+        """Called by a provisioner's ``pre_launch`` with its ``era`` keyword: the engine's
+        options as they are; else the process environment's settings (a plain Jupyter
+        application launching our kernelspec, the only place the environment is read),
+        overridden by the kernelspec's provisioner ``config`` and then by a mapping of
+        field names (embedders and tests). Every value is checked: ``BadRequest`` names
+        the field."""
+        if isinstance(era, LaunchOptions):
+            return era
         from ..config import Settings
 
-        return cls.from_settings(Settings.from_env(), workspace)
+        options = cls.from_settings(Settings.from_env(), provisioner, workspace)
+        changes = {k: v for k, v in (config or {}).items() if v not in (None, "", 0)}
+        changes.update(era or {})
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise BadRequest(f"unknown launch option {unknown[0]!r}", field=unknown[0])
+        for name in ("workspace", "runtime_dir"):
+            if name in changes:
+                changes[name] = Path(changes[name])
+        for name in ("readonly", "hidden"):
+            if isinstance(changes.get(name), list):
+                changes[name] = tuple(changes[name])
+        return dataclasses.replace(options, **changes)
 
     def replace(self, **changes: Any) -> "LaunchOptions":
         return dataclasses.replace(self, **changes)
+
+
+def _positive(options: LaunchOptions, name: str, kind: type) -> None:
+    value = getattr(options, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise BadRequest(f"{name} must be a number", field=name)
+    if value <= 0 or value > 2**62:
+        raise BadRequest(f"{name} must be positive", field=name)
+
+
+def _check(options: LaunchOptions) -> None:
+    """Every value a launch may carry into a command line or a container's configuration."""
+    if options.uid is not None:
+        _positive(options, "uid", int)  # never root
+    for name, kind in (("memory", int), ("pids", int), ("cpus", float), ("tmp_size", int)):
+        _positive(options, name, kind)
+    if not isinstance(options.env, Mapping):
+        raise BadRequest("env must be an object of strings", field="env")
+    for key, value in options.env.items():
+        problem = env_problem(key, value)
+        if problem:
+            raise BadRequest(problem, field="env")
+    if not isinstance(options.labels, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in options.labels.items()):
+        raise BadRequest("labels must be an object of strings", field="labels")
+    if not isinstance(options.readonly, tuple):
+        raise BadRequest("readonly must be a list of absolute directory paths", field="readonly")
+    for path in options.readonly:
+        if not isinstance(path, str) or "\0" in path or not os.path.isabs(path) or os.path.normpath(path) != path \
+                or path == "/":
+            raise BadRequest(f"readonly path {str(path)[:80]!r} is not an absolute directory path", field="readonly")
+    if options.sandbox not in ("auto", "bwrap", "none"):
+        raise BadRequest("sandbox must be auto, bwrap or none", field="sandbox")
+    if options.cgroups not in ("auto", "on", "off"):
+        raise BadRequest("cgroups must be auto, on or off", field="cgroups")
 
 
 class EraProvisioner(KernelProvisionerBase):
