@@ -635,15 +635,10 @@ async def test_everything_survives_close_and_reopen(persistent_backend):
         await store.close()
 
 
-async def test_runs_queued_before_close_are_applied_before_it(backend, request):
+async def test_runs_queued_before_close_are_applied_before_it(backend):
     """close is a call like any other: the runs queued before it land first. The engine
     awaits its background run records before closing the store, but a run its shutdown
     interrupts can queue its record after that wait, just before close."""
-    if backend.url.startswith("sqlite:"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "SQLiteStore.close sets self._db = None on the event loop before the queued jobs "
-            "run on its thread: every call queued but not yet run fails with AssertionError "
-            "'store not opened' and its write is lost")))
     store = backend.store()
     await store.open()
     await store.insert_session(rec("q"))
