@@ -12,7 +12,6 @@ import textwrap
 import time
 
 from era_kernel.sessions import SessionManager
-from era_kernel.store.sqlite import MIGRATIONS, SQLiteStore
 
 from .conftest import kernel_processes
 
@@ -71,19 +70,6 @@ async def test_sigkill_then_restart_keeps_everything_and_reaps_kernels(era_setti
     finally:
         await engine.shutdown()
     assert not kernel_processes(runtime_dir)
-
-
-async def test_schema_is_versioned_and_reopens(tmp_path):
-    url = f"sqlite:///{tmp_path / 'era.db'}"
-    store = SQLiteStore(url)
-    await store.open()
-    assert await store.schema_version() == len(MIGRATIONS)
-    await store.insert_session({"id": "x", "created_at": "2026-01-01T00:00:00Z"})
-    await store.close()
-    store = SQLiteStore(url)
-    await store.open()
-    assert (await store.get_session("x"))["seq"] == 1
-    await store.close()
 
 
 def test_orphan_reaper_leaves_other_live_engines_alone(era_settings):

@@ -13,7 +13,7 @@ from era_kernel.errors import BadRequest, NotFound
 from era_kernel.sessions import SessionManager
 
 from .conftest import short_tmpdir
-from .test_workspace_store import s3_endpoint, store_spec  # noqa: F401  (fixtures: file, memory, s3)
+from .conformance.test_workspace_store import s3_endpoint, store_spec  # noqa: F401  (fixtures: file, memory, s3)
 
 
 class Machine:

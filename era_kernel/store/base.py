@@ -71,7 +71,9 @@ class MetadataStore(abc.ABC):
 
         Not a coroutine: the write is queued before this returns, and (as for every call)
         applied in order, so any call made after it sees the run. The engine answers a run
-        without waiting for its record to land and awaits the result in the background."""
+        without waiting for its record to land and awaits the result in the background.
+        The caller must not change ``run`` or ``session_changes`` afterwards: a backend may
+        encode them when the write is applied (SQLite does, off the event loop)."""
 
     @abc.abstractmethod
     async def list_runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:

@@ -79,9 +79,14 @@ class SQLiteStore(MetadataStore):
         await self._run(connect)
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await self._run(db.close)
+        """A call like the others: the calls queued before it are applied first (so the
+        connection is dropped on the store's thread, not here)."""
+        def close() -> None:
+            if self._db is not None:
+                db, self._db = self._db, None
+                db.close()
+
+        await self._run(close)
         self._thread.stop()  # after the jobs before it
 
     async def schema_version(self) -> int:

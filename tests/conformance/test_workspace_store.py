@@ -21,7 +21,7 @@ from era_kernel.errors import BadRequest, NotFound, TooLarge
 from era_kernel.workspaces import WorkspaceStore, manifest, snapshots
 from era_kernel.workspaces.store import parse_options
 
-from .test_workspace_local import few_fds, make_deep  # noqa: F401 (a fixture)
+from ..test_workspace_local import few_fds, make_deep  # noqa: F401 (a fixture)
 
 BUCKET = "era-workspaces"
 CREDENTIALS = {"key": "testing", "secret": "testing"}
@@ -44,6 +44,9 @@ def s3_options(endpoint: str) -> dict:
     return {**CREDENTIALS, "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
 
 
+# The backends, in one place: a new one is one more param here and a branch below that
+# builds its (url, options). Every test in this module, and tests/test_engine_persistence.py
+# (which imports this fixture), then runs on it.
 @pytest.fixture(params=["file", "memory", "s3"])
 def store_spec(request, tmp_path):
     """``(url, options_json)`` of a fresh, empty store on each backend."""
@@ -504,7 +507,6 @@ async def test_a_cancelled_push_keeps_the_session_locked_until_its_work_ends(sto
     assert [f["path"] for f in await store.list("s")] == ["a", "b"]
 
 
-@pytest.mark.parametrize("store_spec", ["file", "memory"], indirect=True)
 async def test_deep_tree_is_refused_by_push_and_removed_by_restore(store, tmp_path, few_fds):
     src = tmp_path / "src"
     make_files(src, {"a": b"a"})
@@ -519,7 +521,6 @@ async def test_deep_tree_is_refused_by_push_and_removed_by_restore(store, tmp_pa
     assert read_tree(src) == {"a": b"a"}
 
 
-@pytest.mark.parametrize("store_spec", ["file", "memory"], indirect=True)
 async def test_wide_tree_over_the_entry_limit_is_refused_by_push(store_spec, tmp_path):
     store = WorkspaceStore.from_url(*store_spec, max_entries=20)
     src = tmp_path / "src"

@@ -1,0 +1,1 @@
+"""Conformance suites: one per interface, parametrized over its backends."""
