@@ -8,6 +8,7 @@ A test checks that every row here is documented in the README.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,12 @@ def _default_data_dir() -> str:
     return os.path.join(base, "era")
 
 
-def _default_runtime_dir() -> str:
-    # Short on purpose: IPC socket paths must fit libzmq's 107-byte limit.
-    return f"/tmp/era-{os.getuid()}"
+def runtime_dir_for(data_dir: str) -> str:
+    """The default runtime directory: one per data directory, so two servers on one
+    machine never share (and never reap) each other's kernel directories. Short on
+    purpose: IPC socket paths must fit libzmq's 107-byte limit."""
+    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:8]
+    return f"/tmp/era-{os.getuid()}/{digest}"
 
 
 def _bool(value: str) -> bool:
@@ -50,7 +54,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DATA_DIR", _default_data_dir, "Where the store, workspaces and logs live."),
-    Setting("ERA_RUNTIME_DIR", _default_runtime_dir, "Short directory for kernel IPC sockets and pid files."),
+    Setting("ERA_RUNTIME_DIR", "", "Short directory for kernel IPC sockets and their owner records; default one "
+            "per data directory, so servers on one machine never touch each other's kernels."),
     Setting("ERA_STORE_URL", "", "Metadata store URL; default `sqlite:///$ERA_DATA_DIR/era.db`."),
     Setting("ERA_WORKSPACE_URL", "", "fsspec URL of the workspace store; default `file://$ERA_DATA_DIR/workspaces`."),
     Setting("ERA_WORKSPACE_OPTIONS", "", "JSON storage options passed to fsspec (e.g. S3 endpoint and keys)."),
@@ -133,6 +138,8 @@ class Settings:
             values[name] = value
         data_dir = Path(values["ERA_DATA_DIR"]).expanduser()
         values["ERA_DATA_DIR"] = str(data_dir)
+        if not values["ERA_RUNTIME_DIR"]:
+            values["ERA_RUNTIME_DIR"] = runtime_dir_for(str(data_dir.resolve()))
         if not values["ERA_STORE_URL"]:
             values["ERA_STORE_URL"] = f"sqlite:///{data_dir / 'era.db'}"
         if not values["ERA_WORKSPACE_URL"]:
@@ -162,7 +169,7 @@ def markdown_table() -> str:
     rows = ["| variable | default | what it does |", "| --- | --- | --- |"]
     for s in SETTINGS:
         default = s.default_value()
-        shown = {"ERA_DATA_DIR": "`~/.local/share/era`", "ERA_RUNTIME_DIR": "`/tmp/era-<uid>`"}.get(
+        shown = {"ERA_DATA_DIR": "`~/.local/share/era`", "ERA_RUNTIME_DIR": "`/tmp/era-<uid>/<hash of data dir>`"}.get(
             s.name, f"`{default}`" if default != "" else "(unset)")
         rows.append(f"| `{s.name}` | {shown} | {s.help} |")
     return "\n".join(rows)
