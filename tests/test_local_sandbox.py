@@ -112,3 +112,104 @@ async def test_memory_bomb_is_stopped_with_a_clear_error(engine, session):
         await run(engine, session, "print('recovered')")
     assert r["stdout"] == "recovered\n"
     await asyncio.sleep(0)
+
+
+# ---- SECURITY.md 7: the kernel's own stdout/stderr reach no host file -----------------------
+
+def _tree_bytes(path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _kernel_fds(kernel_dir) -> dict[int, list[str]]:
+    """Every descriptor of every process of this kernel (bubblewrap and the kernel itself)."""
+    from .conftest import kernel_processes
+
+    out = {}
+    for pid in kernel_processes(str(kernel_dir)):
+        targets = []
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                except OSError:
+                    pass
+        except OSError:
+            continue
+        out[pid] = targets
+    return out
+
+
+async def test_kernel_output_reaches_no_host_file(engine, session):
+    assert (await run(engine, session, "print('up')"))["stdout"] == "up\n"
+    provisioner = engine.kernels[session].km.provisioner
+    kernel_dir, workspace = provisioner.kernel_dir, engine.workspace_dir(session)
+    host_before = _tree_bytes(engine.settings.runtime_dir) + _tree_bytes(engine.settings.data_dir)
+    rss_before = _rss()
+    # ipykernel puts a pipe of its own on fds 1 and 2 and keeps the process's real ones as
+    # copies: those are what reach the host (and what non-Python kernels write to directly).
+    r = await run(engine, session, "import os, sys\nout = sys.stdout._original_stdstream_copy\n"
+                                   "err = sys.stderr._original_stdstream_copy\nchunk = b'x' * (1 << 20)\n"
+                                   "for _ in range(50):\n    os.write(out, chunk); os.write(err, chunk[:1024])\n"
+                                   "print('wrote')", timeout=60)
+    assert r["stdout"] == "wrote\n", r
+    await asyncio.sleep(0.5)  # let the server drain what is still in the pipe
+    grown = _tree_bytes(engine.settings.runtime_dir) + _tree_bytes(engine.settings.data_dir) - host_before
+    assert grown < 1024**2, f"host files grew by {grown} bytes"
+    assert _rss() - rss_before < 16 * 1024**2, "the server keeps only a bounded tail"
+    tail = provisioner.kernel_log(limit=10**9)
+    assert "x" * 1000 in tail and len(tail) <= 64 * 1024, "a bounded tail of it is kept"
+    assert (await run(engine, session, "print('alive')"))["stdout"] == "alive\n"
+
+    fds = _kernel_fds(kernel_dir)
+    assert fds, "the kernel's processes are found by their kernel directory"
+    allowed = ("socket:[", "pipe:[", "anon_inode:", "/dev/null", f"{kernel_dir}/", f"{workspace}/")
+    stray = {pid: [t for t in targets if not t.startswith(allowed)] for pid, targets in fds.items()}
+    assert not any(stray.values()), f"descriptors the server did not mean to give: {stray}"
+
+
+async def test_start_failure_still_shows_the_kernels_own_output(tmp_path):
+    import json
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from era_kernel.errors import KernelFailed
+    from era_kernel.kernel import SessionKernel
+
+    from .conftest import short_tmpdir
+
+    spec_dir = tmp_path / "specs" / "broken"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        # More than a pipe holds first: the server must drain while the kernel writes.
+        "argv": [sys.executable, "-c", "import sys; sys.stderr.write('x' * 200000 + '\\n'); "
+                                       "print('era-marker: broken kernel', flush=True); sys.exit(3)"],
+        "display_name": "broken", "language": "python",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "era-local"}}}))
+    runtime, workspace = short_tmpdir("ert"), short_tmpdir("erw")
+    os.chmod(workspace, 0o777)
+    kernel = SessionKernel(KernelSpecManager(kernel_dirs=[str(tmp_path / "specs")]), "broken",
+                           {"workspace": str(workspace), "runtime_dir": str(runtime)}, [], start_timeout=20)
+    try:
+        with pytest.raises(KernelFailed) as failure:
+            await kernel.start()
+        assert "era-marker: broken kernel" in str(failure.value)
+        assert len(str(failure.value)) < 10_000, "only a short tail goes into the message"
+        assert not list((runtime / "k").iterdir()), "nothing left beside the kernel's directory"
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+        shutil.rmtree(workspace, ignore_errors=True)

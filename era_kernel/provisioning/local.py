@@ -15,7 +15,9 @@ Isolation, in layers:
 - a seccomp filter (``seccomp.py``) denies namespaces, mounts, ptrace, keyrings, eBPF
   and the like, as Docker's default profile does for containers;
 - ``prlimit`` sets RLIMIT_AS (memory) and RLIMIT_NPROC (processes), which bubblewrap
-  does not; the pid namespace means killing the sandbox kills every descendant.
+  does not; the pid namespace means killing the sandbox kills every descendant;
+- the kernel gets no descriptor on a host file: its stdout/stderr are a pipe the server
+  drains, keeping a bounded tail (``output_tail.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from jupyter_client.provisioning import KernelProvisionerBase, LocalProvisioner
 from traitlets import Bool, Int, Unicode
 
 from ..config import Settings
+from .output_tail import OutputTail
 from .seccomp import filter_fd
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
                   seal_kernel_dir, write_connection_file, write_pid_record)
@@ -129,21 +132,14 @@ class EraLocalProvisioner(LocalProvisioner):
 
     kernel_dir: Path | None = None
     sandboxed: bool = False
-    _log_fd: int = -1
+    _output: OutputTail | None = None
     _info: dict[str, Any] = {}
     _seccomp_fd: int | None = None
 
     def kernel_log(self, limit: int = 2000) -> str:
-        """The tail of the kernel process's own output (for start-up failures)."""
-        if self.kernel_dir is None:
-            return ""
-        try:
-            with open(self.kernel_dir.parent / f"{self.kernel_dir.name}.log", "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - limit))
-                return fh.read().decode(errors="replace")
-        except OSError:
-            return ""
+        """The tail of the kernel process's own stdout/stderr. Called by ERA's SessionKernel
+        when a start fails, to put the kernel's last words into the error."""
+        return self._output.text(limit) if self._output is not None else ""
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Called by the KernelManager before launch: build the sandboxed command line.
@@ -209,12 +205,12 @@ class EraLocalProvisioner(LocalProvisioner):
 
         env = kernel_env(kwargs.pop("env", None), era.get("env", {}), home)
         kwargs.update(env=env, cwd=str(workspace))
-        # The kernel's own stdout/stderr (banners, crashes) go to a log beside its
-        # directory, not into the server's output; kernel_log() reads its tail.
-        log_fd = os.open(self.kernel_dir.parent / f"{self.kernel_dir.name}.log",
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        kwargs.update(stdout=log_fd, stderr=log_fd)
-        self._log_fd = log_fd
+        # The kernel's own stdout/stderr (banners, crashes) go into a pipe we drain,
+        # keeping a bounded tail for kernel_log(): never a host file it could fill.
+        if self._output is not None:
+            self._output.close()  # a restart: the previous process's pipe
+        self._output = OutputTail()
+        kwargs.update(stdout=self._output.write_fd, stderr=self._output.write_fd)
         if self._seccomp_fd is not None:
             kwargs["pass_fds"] = (self._seccomp_fd,)
         if self.sandboxed:
@@ -228,19 +224,22 @@ class EraLocalProvisioner(LocalProvisioner):
         """Called by the KernelManager to start the process; returns IPC connection info."""
         try:
             info = await super().launch_kernel(cmd, **kwargs)
-        finally:
-            for fd in (self._log_fd, self._seccomp_fd):  # the child has its copies
-                if fd is not None and fd >= 0:
-                    os.close(fd)
+        finally:  # the child has its copies
+            if self._output is not None:
+                self._output.close_writer()
+            if self._seccomp_fd is not None:
+                os.close(self._seccomp_fd)
             self._seccomp_fd = None
         if self.kernel_dir is not None and self.pid:
             write_pid_record(self.kernel_dir, self.pid)
         return info
 
     async def cleanup(self, restart: bool = False) -> None:
-        """Called by the KernelManager after the kernel stopped: remove sockets and home,
-        unless this is a restart, which reuses them."""
+        """Called by the KernelManager after the kernel stopped: stop reading its output,
+        remove sockets and home, unless this is a restart, which reuses them."""
         await super().cleanup(restart=restart)
+        if self._output is not None:
+            self._output.close()  # its tail stays readable for kernel_log()
         if not restart:
             kernel_dir, self.kernel_dir = self.kernel_dir, None
             await asyncio.to_thread(remove_kernel_dir, kernel_dir)
