@@ -41,6 +41,15 @@ def _size(value: str) -> int:
     return int(text)
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -73,8 +82,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest single message a kernel may send, in bytes (at least twice `ERA_OUTPUT_LIMIT`); a larger one "
             "(a huge display) is refused unread and its run fails with `MessageTooLarge`.", _size),
     Setting("ERA_INTERRUPT_GRACE", 2.0, "Seconds a timed-out run waits for the interrupt before the kernel is restarted.", float),
-    Setting("ERA_KERNEL_MEMORY", 2 * 1024**3, "Address-space (RLIMIT_AS) limit of a local kernel (bytes, `512M`, `2G`).", _size),
-    Setting("ERA_KERNEL_PIDS", 256, "Process limit of a local kernel.", int),
+    Setting("ERA_KERNEL_MEMORY", 2 * 1024**3, "Memory of a local kernel's whole session (bytes, `512M`, `2G`): its "
+            "cgroup's limit, swap and `/tmp` included; also each process's address-space limit (RLIMIT_AS).", _size),
+    Setting("ERA_KERNEL_PIDS", 256, "Processes (threads included) of a local kernel's whole session: its pids "
+            "cgroup's limit; also the session uid's RLIMIT_NPROC.", int),
+    Setting("ERA_KERNEL_TMP_SIZE", 256 * 1024**2, "Size of a local kernel's private `/tmp` (a tmpfs in memory, "
+            "charged to its memory cgroup); writes past it fail with ENOSPC.", _size),
+    Setting("ERA_KERNEL_CGROUPS", "auto", "Per-kernel memory and pids cgroups: `auto` (used when the server can make "
+            "them: root, cgroup v1 or v2; otherwise logged once), `on` (required: a kernel start fails without "
+            "them) or `off`.", _choice("auto", "on", "off")),
     Setting("ERA_KERNEL_START_TIMEOUT", 60.0, "Seconds a kernel may take to become ready.", float),
     Setting("ERA_MAX_KERNELS", 100, "Live kernels at once (pooled ones included); past it the least recently used "
             "idle kernel is shut down, and with none idle the request answers 429.", int),
@@ -89,9 +105,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
     Setting("ERA_SETUP_TIMEOUT", 900.0, "Seconds a whole package setup may take.", float),
     Setting("ERA_SETUP_COMMAND_TIMEOUT", 300.0, "Seconds each setup `commands` item may take.", float),
-    Setting("ERA_SETUP_MEMORY", 4 * 1024**3, "Memory of setup steps (RLIMIT_AS locally, container limit on Docker).",
-            _size),
-    Setting("ERA_SETUP_PIDS", 512, "Process limit of setup steps.", int),
+    Setting("ERA_SETUP_MEMORY", 4 * 1024**3, "Memory of a setup step (locally its cgroup, as `ERA_KERNEL_CGROUPS` "
+            "allows, its `/tmp` size and RLIMIT_AS; container limit on Docker).", _size),
+    Setting("ERA_SETUP_PIDS", 512, "Process limit of a setup step (its pids cgroup and RLIMIT_NPROC locally).", int),
     Setting("ERA_SETUP_MAX_BYTES", 2 * 1024**3, "Largest environment a setup may produce; bigger fails.", _size),
     Setting("ERA_SETUP_CA_BUNDLE", "", "CA bundle setups use to reach registries; default OpenSSL's "
             "(honours `SSL_CERT_FILE`)."),

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from .config import Settings
+from .provisioning import cgroups
 from .provisioning.ipc import read_pid_record, remove_kernel_dir
 from .provisioning.owner import owner_gone, pid_alive
 
@@ -113,7 +114,16 @@ def _containers_of_live_owners() -> list[str]:
 
 
 async def reap_orphans(settings: Settings) -> int:
+    """Called by the engine at start, before it launches kernels. Returns how many
+    kernels (processes or containers) were reaped."""
     reaped = await asyncio.to_thread(reap_kernel_dirs, settings.runtime_dir)
+    try:
+        groups = await asyncio.to_thread(cgroups.reap_orphans)
+    except Exception as exc:  # never stop a start over debris
+        log.warning("cgroup reaping failed: %s", exc)
+    else:
+        if groups:
+            log.info("removed %d cgroup(s) of kernels whose server is gone", groups)
     try:
         from .provisioning.docker import reap_orphan_containers
     except ImportError:

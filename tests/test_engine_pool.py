@@ -365,6 +365,17 @@ async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
     assert not kernel_processes(str(era_settings.runtime_dir))
 
 
+def own_cgroups() -> set[str] | None:
+    """Kernel directory names of this process's kernel cgroups; None without cgroups."""
+    from era_kernel.provisioning import cgroups
+
+    found = cgroups.support() if os.getuid() == 0 else None
+    if not found:
+        return None
+    prefix = cgroups.group_name("")
+    return {p.name[len(prefix):] for base in found.bases for p in base.iterdir() if p.name.startswith(prefix)}
+
+
 async def test_a_pool_kernel_still_starting_gives_its_slot_to_a_session(era_settings):
     """With one slot and the pool just starting its kernel, a session does not get a 429:
     the starting pool kernel is cancelled and stopped first, then the session's starts."""
@@ -380,3 +391,5 @@ async def test_a_pool_kernel_still_starting_gives_its_slot_to_a_session(era_sett
         assert engine.pool.stats()["pools"][pool_key(engine)]["starting"] == 0
         live = {p.name.split(".")[0] for p in (era_settings.runtime_dir / "k").iterdir()}
         assert len(live) == 1  # the cancelled pool kernel left no IPC directory (nor .pid/.log) behind
+        assert own_cgroups() in ({next(iter(live))}, None), "nor a cgroup (cancelled while making it)"
+

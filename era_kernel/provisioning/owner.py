@@ -38,6 +38,15 @@ def me() -> tuple[int, int]:
     return _identity(os.getpid())
 
 
+@functools.lru_cache(maxsize=1)
+def pid_namespace() -> int:
+    """Our pid namespace's inode: owner pids mean something only within it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def pid_alive(pid: int) -> bool:
     """True when a process with this pid exists (ours to signal or not)."""
     if pid <= 0:
