@@ -373,7 +373,10 @@ class SessionManager(KernelUpkeep):
     async def _stop_kernel(self, session_id: str) -> None:
         task = self._starting.pop(session_id, None)
         if task is not None:
-            task.cancel()
+            # Once only: a start already cancelled (by shutdown) is stopping its kernel, and
+            # a second cancel would cut that short, leaving the kernel's directory and cgroup.
+            if not task.cancelling():
+                task.cancel()
             try:
                 await task
             except BaseException:

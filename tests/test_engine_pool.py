@@ -166,7 +166,8 @@ async def test_pool_uids_are_never_reused_across_restarts(era_settings):
         await wait_pool_full(engine)
         doc = await engine.create({})
         uids.append((await engine.store.get_session(doc["id"]))["uid"])
-        await engine.shutdown()
+        await engine.shutdown()  # cancels the claim's start, then stops its kernel: cleaned up all the same
+        assert not [p for p in (settings.runtime_dir / "k").iterdir() if p.is_dir()], "kernel directories left"
     assert len(set(uids)) == 2 and all(u >= POOL_UID_BASE for u in uids)
 
 
@@ -393,3 +394,25 @@ async def test_a_pool_kernel_still_starting_gives_its_slot_to_a_session(era_sett
         assert len(live) == 1  # the cancelled pool kernel left no IPC directory (nor .pid/.log) behind
         assert own_cgroups() in ({next(iter(live))}, None), "nor a cgroup (cancelled while making it)"
 
+
+async def test_stopping_a_cancelled_start_lets_it_finish_its_clean_up(era_settings):
+    """shutdown() cancels a claim still starting (its startup cells running), then stops
+    the session's kernel, which awaits that start. A second cancel would cut short the
+    start's own clean-up (stopping its kernel), leaving the kernel's directory and cgroup."""
+    engine = SessionManager(era_settings)
+    cleaned = asyncio.Event()
+
+    async def starting():
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.1)  # stopping the kernel it started
+            cleaned.set()
+
+    task = asyncio.ensure_future(starting())
+    engine._starting["s"] = task
+    await asyncio.sleep(0)
+    task.cancel()  # as shutdown() does
+    await asyncio.sleep(0)
+    await engine._stop_kernel("s")
+    assert cleaned.is_set()
