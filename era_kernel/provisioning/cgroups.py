@@ -221,10 +221,11 @@ class KernelCgroup:
 
     # ---- blocking: callers run these off the event loop ------------------------------------
     def create(self, memory: int, pids: int) -> None:
-        """Make the directories and set the limits; called by a provisioner before launch."""
-        for path in self.dirs:
-            path.mkdir()
+        """Make the directories and set the limits; called by a provisioner before launch.
+        All or nothing: a failure removes what was made."""
         try:
+            for path in self.dirs:
+                path.mkdir()
             if self.version == 1:
                 _write(self.memory_dir / "memory.limit_in_bytes", memory)
                 if (self.memory_dir / "memory.memsw.limit_in_bytes").exists():
@@ -256,21 +257,20 @@ class KernelCgroup:
                 self._kill_all(path)
                 time.sleep(0.01)
 
-    def _kill_all(self, path: Path) -> bool:
-        """SIGKILL every task of the group; True when there were some."""
+    def _kill_all(self, path: Path) -> None:
+        """SIGKILL every task of the group (v1 lists them; a fork may race a listing, which
+        is why ``remove`` calls this until the group is empty)."""
         if self.version == 2 and (path / "cgroup.kill").exists():
             try:
                 (path / "cgroup.kill").write_text("1")
-                return True
+                return
             except OSError:
                 pass
-        pids = [int(p) for p in _read(path / "cgroup.procs").split()]
-        for pid in pids:
+        for pid in _read(path / "cgroup.procs").split():
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(int(pid), signal.SIGKILL)
             except OSError:
                 pass
-        return bool(pids)
 
     def pids(self) -> list[int]:
         return [int(p) for p in _read(self.pids_dir / "cgroup.procs").split()]
