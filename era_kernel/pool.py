@@ -88,7 +88,8 @@ class KernelPool:
         """Stop refilling and stop every kernel still waiting in the pool."""
         spawns = list(self._spawns)
         for task in [*self._loops, *spawns]:
-            task.cancel()
+            if not task.cancelling():  # an evicted start is already stopping its kernel: let it finish
+                task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         started = await asyncio.gather(*spawns, return_exceptions=True)
         self._loops, self._spawns = [], set()

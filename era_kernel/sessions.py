@@ -291,9 +291,13 @@ class SessionManager(KernelUpkeep):
 
     # ---- kernels --------------------------------------------------------------------------
     def _launch_options(self, record: dict[str, Any], workspace: Path, uid: int) -> dict[str, Any]:
-        return {"workspace": str(workspace), "runtime_dir": str(self.settings.runtime_dir), "uid": uid,
-                "allow_network": record["allowInternetAccess"], "env": {},
-                "labels": {"era.session": record["id"]} if record.get("id") else {}}
+        options = {"workspace": str(workspace), "runtime_dir": str(self.settings.runtime_dir), "uid": uid,
+                   "allow_network": record["allowInternetAccess"], "env": {},
+                   "labels": {"era.session": record["id"]} if record.get("id") else {}}
+        if record["provisioner"] != "docker":  # the engine's limits, not the process environment's
+            options.update(memory=self.settings["ERA_KERNEL_MEMORY"], pids=self.settings["ERA_KERNEL_PIDS"],
+                           tmp_size=self.settings["ERA_KERNEL_TMP_SIZE"], cgroups=self.settings["ERA_KERNEL_CGROUPS"])
+        return options
 
     def _startup_cells(self, record: dict[str, Any], workspace: Path) -> list[str]:
         language = get_language(record["language"])
@@ -402,7 +406,10 @@ class SessionManager(KernelUpkeep):
     async def _stop_kernel(self, session_id: str) -> None:
         task = self._starting.pop(session_id, None)
         if task is not None:
-            task.cancel()
+            # Once only: a start already cancelled (by shutdown) is stopping its kernel, and
+            # a second cancel would cut that short, leaving the kernel's directory and cgroup.
+            if not task.cancelling():
+                task.cancel()
             try:
                 await task
             except BaseException:
