@@ -8,6 +8,7 @@ A test checks that every row here is documented in the README.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,12 @@ def _default_data_dir() -> str:
     return os.path.join(base, "era")
 
 
-def _default_runtime_dir() -> str:
-    # Short on purpose: IPC socket paths must fit libzmq's 107-byte limit.
-    return f"/tmp/era-{os.getuid()}"
+def runtime_dir_for(data_dir: str) -> str:
+    """The default runtime directory: one per data directory, so two servers on one
+    machine never share (and never reap) each other's kernel directories. Short on
+    purpose: IPC socket paths must fit libzmq's 107-byte limit."""
+    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:8]
+    return f"/tmp/era-{os.getuid()}/{digest}"
 
 
 def _bool(value: str) -> bool:
@@ -54,6 +58,15 @@ def _count(value: str) -> int:
     return number
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -67,7 +80,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DATA_DIR", _default_data_dir, "Where the store, workspaces and logs live."),
-    Setting("ERA_RUNTIME_DIR", _default_runtime_dir, "Short directory for kernel IPC sockets and pid files."),
+    Setting("ERA_RUNTIME_DIR", "", "Short directory for kernel IPC sockets and their owner records; default one "
+            "per data directory, so servers on one machine never touch each other's kernels."),
     Setting("ERA_STORE_URL", "", "Metadata store URL; default `sqlite:///$ERA_DATA_DIR/era.db`."),
     Setting("ERA_WORKSPACE_URL", "", "fsspec URL of the workspace store; default `file://$ERA_DATA_DIR/workspaces`."),
     Setting("ERA_WORKSPACE_OPTIONS", "", "JSON storage options passed to fsspec (e.g. S3 endpoint and keys)."),
@@ -90,8 +104,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest single message a kernel may send, in bytes (at least twice `ERA_OUTPUT_LIMIT`); a larger one "
             "(a huge display) is refused unread and its run fails with `MessageTooLarge`.", _size),
     Setting("ERA_INTERRUPT_GRACE", 2.0, "Seconds a timed-out run waits for the interrupt before the kernel is restarted.", float),
-    Setting("ERA_KERNEL_MEMORY", 2 * 1024**3, "Address-space (RLIMIT_AS) limit of a local kernel (bytes, `512M`, `2G`).", _size),
-    Setting("ERA_KERNEL_PIDS", 256, "Process limit of a local kernel.", int),
+    Setting("ERA_KERNEL_MEMORY", 2 * 1024**3, "Memory of a local kernel's whole session (bytes, `512M`, `2G`): its "
+            "cgroup's limit, swap and `/tmp` included; also each process's address-space limit (RLIMIT_AS).", _size),
+    Setting("ERA_KERNEL_PIDS", 256, "Processes (threads included) of a local kernel's whole session: its pids "
+            "cgroup's limit; also the session uid's RLIMIT_NPROC.", int),
+    Setting("ERA_KERNEL_TMP_SIZE", 256 * 1024**2, "Size of a local kernel's private `/tmp` (a tmpfs in memory, "
+            "charged to its memory cgroup); writes past it fail with ENOSPC.", _size),
+    Setting("ERA_KERNEL_CGROUPS", "auto", "Per-kernel memory and pids cgroups: `auto` (used when the server can make "
+            "them: root, cgroup v1 or v2; otherwise logged once), `on` (required: a kernel start fails without "
+            "them) or `off`.", _choice("auto", "on", "off")),
     Setting("ERA_KERNEL_START_TIMEOUT", 60.0, "Seconds a kernel may take to become ready.", float),
     Setting("ERA_MAX_KERNELS", 100, "Live kernels at once (pooled ones included); past it the least recently used "
             "idle kernel is shut down, and with none idle the request answers 429.", int),
@@ -112,9 +133,9 @@ SETTINGS: tuple[Setting, ...] = (
             "way (it always holds at least one session).", _size),
     Setting("ERA_SETUP_TIMEOUT", 900.0, "Seconds a whole package setup may take.", float),
     Setting("ERA_SETUP_COMMAND_TIMEOUT", 300.0, "Seconds each setup `commands` item may take.", float),
-    Setting("ERA_SETUP_MEMORY", 4 * 1024**3, "Memory of setup steps (RLIMIT_AS locally, container limit on Docker).",
-            _size),
-    Setting("ERA_SETUP_PIDS", 512, "Process limit of setup steps.", int),
+    Setting("ERA_SETUP_MEMORY", 4 * 1024**3, "Memory of a setup step (locally its cgroup, as `ERA_KERNEL_CGROUPS` "
+            "allows, its `/tmp` size and RLIMIT_AS; container limit on Docker).", _size),
+    Setting("ERA_SETUP_PIDS", 512, "Process limit of a setup step (its pids cgroup and RLIMIT_NPROC locally).", int),
     Setting("ERA_SETUP_MAX_BYTES", 2 * 1024**3, "Largest environment a setup may produce; bigger fails.", _size),
     Setting("ERA_SETUP_CA_BUNDLE", "", "CA bundle setups use to reach registries; default OpenSSL's "
             "(honours `SSL_CERT_FILE`)."),
@@ -165,6 +186,8 @@ class Settings:
             values[name] = value
         data_dir = Path(values["ERA_DATA_DIR"]).expanduser()
         values["ERA_DATA_DIR"] = str(data_dir)
+        if not values["ERA_RUNTIME_DIR"]:
+            values["ERA_RUNTIME_DIR"] = runtime_dir_for(str(data_dir.resolve()))
         if not values["ERA_STORE_URL"]:
             values["ERA_STORE_URL"] = f"sqlite:///{data_dir / 'era.db'}"
         if not values["ERA_WORKSPACE_URL"]:
@@ -194,7 +217,7 @@ def markdown_table() -> str:
     rows = ["| variable | default | what it does |", "| --- | --- | --- |"]
     for s in SETTINGS:
         default = s.default_value()
-        shown = {"ERA_DATA_DIR": "`~/.local/share/era`", "ERA_RUNTIME_DIR": "`/tmp/era-<uid>`"}.get(
+        shown = {"ERA_DATA_DIR": "`~/.local/share/era`", "ERA_RUNTIME_DIR": "`/tmp/era-<uid>/<hash of data dir>`"}.get(
             s.name, f"`{default}`" if default != "" else "(unset)")
         rows.append(f"| `{s.name}` | {shown} | {s.help} |")
     return "\n".join(rows)

@@ -33,6 +33,23 @@ def _limits() -> Check:
     return ("limits", "OK", f"prlimit and setpriv present; kernels run as {who}")
 
 
+def _cgroups(settings: Settings) -> Check:
+    from .provisioning import cgroups
+
+    mode = settings["ERA_KERNEL_CGROUPS"]
+    tmp = f"/tmp of {settings['ERA_KERNEL_TMP_SIZE'] / 1024**2:g} MiB"
+    if mode == "off":
+        return ("cgroups", "WARN", f"ERA_KERNEL_CGROUPS=off: local kernels get no cgroup; memory and process limits "
+                                   f"hold per process only; {tmp}")
+    found = cgroups.support()
+    if not found:
+        return ("cgroups", "FAIL" if mode == "on" else "WARN",
+                f"local kernels get no cgroup ({found.reason}); memory and process limits hold per process only"
+                + ("; ERA_KERNEL_CGROUPS=on: kernel starts will fail" if mode == "on" else ""))
+    return ("cgroups", "OK", f"local kernels get their own memory and pids cgroup (v{found.version}, under "
+                             f"{found.bases[0].parent}); {tmp}")
+
+
 def _runtime(settings: Settings) -> Check:
     longest = len(str(settings.runtime_dir / "k" / ("0" * 10) / "kernel-5").encode())
     if longest > 107:
@@ -78,6 +95,7 @@ def run_checks(settings: Settings | None = None) -> Iterator[Check]:
     yield _kernel()
     yield _bwrap()
     yield _limits()
+    yield _cgroups(settings)
     yield _runtime(settings)
     yield _data(settings)
     yield _docker()

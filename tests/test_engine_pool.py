@@ -207,7 +207,8 @@ async def test_pool_uids_are_never_reused_across_restarts(era_settings):
         await wait_pool_full(engine)
         doc = await engine.create({})
         uids.append((await engine.store.get_session(doc["id"]))["uid"])
-        await engine.shutdown()
+        await engine.shutdown()  # cancels the claim's start, then stops its kernel: cleaned up all the same
+        assert not [p for p in (settings.runtime_dir / "k").iterdir() if p.is_dir()], "kernel directories left"
     assert len(set(uids)) == 2 and all(u >= POOL_UID_BASE for u in uids)
 
 
@@ -406,6 +407,17 @@ async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
     assert not kernel_processes(str(era_settings.runtime_dir))
 
 
+def own_cgroups() -> set[str] | None:
+    """Kernel directory names of this process's kernel cgroups; None without cgroups."""
+    from era_kernel.provisioning import cgroups
+
+    found = cgroups.support() if os.getuid() == 0 else None
+    if not found:
+        return None
+    prefix = cgroups.group_name("")
+    return {p.name[len(prefix):] for base in found.bases for p in base.iterdir() if p.name.startswith(prefix)}
+
+
 async def test_a_pool_kernel_still_starting_gives_its_slot_to_a_session(era_settings):
     """With one slot and the pool just starting its kernel, a session does not get a 429:
     the starting pool kernel is cancelled and stopped first, then the session's starts."""
@@ -421,3 +433,27 @@ async def test_a_pool_kernel_still_starting_gives_its_slot_to_a_session(era_sett
         assert engine.pool.stats()["pools"][pool_key(engine)]["starting"] == 0
         live = {p.name.split(".")[0] for p in (era_settings.runtime_dir / "k").iterdir()}
         assert len(live) == 1  # the cancelled pool kernel left no IPC directory (nor .pid/.log) behind
+        assert own_cgroups() in ({next(iter(live))}, None), "nor a cgroup (cancelled while making it)"
+
+
+async def test_stopping_a_cancelled_start_lets_it_finish_its_clean_up(era_settings):
+    """shutdown() cancels a claim still starting (its startup cells running), then stops
+    the session's kernel, which awaits that start. A second cancel would cut short the
+    start's own clean-up (stopping its kernel), leaving the kernel's directory and cgroup."""
+    engine = SessionManager(era_settings)
+    cleaned = asyncio.Event()
+
+    async def starting():
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.1)  # stopping the kernel it started
+            cleaned.set()
+
+    task = asyncio.ensure_future(starting())
+    engine._starting["s"] = task
+    await asyncio.sleep(0)
+    task.cancel()  # as shutdown() does
+    await asyncio.sleep(0)
+    await engine._stop_kernel("s")
+    assert cleaned.is_set()

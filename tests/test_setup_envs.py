@@ -410,3 +410,27 @@ async def test_the_environment_is_named_by_its_key(setups):
     [root] = setups.launch_extras("python", "local", spec)["readonly"]
     assert Path(root).name == rec.final[1]["env"] == env_key("python", LocalRunner.identity(), spec)
     assert (Path(root) / "k.txt").read_text() == "keyed\n"
+
+
+async def test_a_local_step_is_bounded_as_a_whole(settings, store):
+    """SECURITY.md 3 for setup: four children of one step, 100 MiB each, under a 256 MiB
+    ERA_SETUP_MEMORY: the step's cgroup caps their sum and the log says why some died."""
+    if os.getuid() != 0:
+        pytest.skip("step cgroups need root")
+    from era_kernel.provisioning import cgroups
+
+    if not cgroups.support():
+        pytest.skip(cgroups.support().reason)
+    manager = SetupManager(settings.replace(ERA_SETUP_MEMORY=256 * 1024**2), store)
+    hog = "b = b'x' * (100 << 20); import time; time.sleep(3)"
+    spec = {"commands": [f"for i in 1 2 3 4; do python -S -c \"{hog}\" & done; wait; echo step-done"]}
+    try:
+        rec = await run_setup(manager, spec, "local")
+    finally:
+        await manager.shutdown()
+    text = rec.text()
+    assert "step-done" in text and "Killed" in text, text
+    assert "killed for exceeding its memory limit (ERA_SETUP_MEMORY)" in text, text
+    mine = [p.name for base in cgroups.support().bases for p in base.iterdir() if ".setup-" in p.name
+            and p.name.startswith(f"{os.getpid()}.")]
+    assert not mine, "the step's cgroup is removed"

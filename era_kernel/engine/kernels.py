@@ -201,7 +201,10 @@ class KernelTable:
         try:
             starting = entry.starting
             if starting is not None and starting is not asyncio.current_task() and not starting.done():
-                starting.cancel()
+                # Once only: a start already cancelled (by shutdown) is stopping its kernel,
+                # and a second cancel would cut that short, leaving its directory and cgroup.
+                if not starting.cancelling():
+                    starting.cancel()
                 await asyncio.gather(starting, return_exceptions=True)
             if entry.kernel is not None:
                 await entry.kernel.stop(now=True)

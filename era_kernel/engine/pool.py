@@ -90,7 +90,8 @@ class KernelPool:
         """Stop refilling and stop every kernel still waiting in the pool."""
         spawns = list(self._spawns.items())
         for task in [*self._loops, *(task for task, _ in spawns)]:
-            task.cancel()
+            if not task.cancelling():  # an evicted start is already stopping its kernel: let it finish
+                task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         started = await asyncio.gather(*(task for task, _ in spawns), return_exceptions=True)
         self._loops, self._spawns = [], {}

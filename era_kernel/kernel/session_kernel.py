@@ -353,6 +353,7 @@ class SessionKernel:
         collector = OutputCollector(output_limit)
         pending = _Pending(collector, on_event, on_input)
         started = time.perf_counter()
+        oom_before = self._oom_kills()
         msg_id = self.kc.execute(code, silent=silent, store_history=not silent,
                                  allow_stdin=on_input is not None, stop_on_error=False)
         self._pending[msg_id] = pending
@@ -367,7 +368,7 @@ class SessionKernel:
             elif finished == "dead":
                 outcome.status = "dead"
                 outcome.dead_status = await self.exit_status()
-                outcome.out_of_memory = bool(getattr(self.km.provisioner, "oom_killed", False)) if self.km else False
+                outcome.out_of_memory = self._out_of_memory(oom_before)
             elif finished == "timeout":
                 outcome.status = "timeout"
                 await self.interrupt()
@@ -388,9 +389,40 @@ class SessionKernel:
             outcome.duration = time.perf_counter() - started
             if self.state == "busy":
                 self.state = KernelState.IDLE
+        if outcome.status != "dead" and not silent:
+            self._note_oom_kills(oom_before, pending)
         if outcome.status == "dead" or outcome.restarted:
             self.state = KernelState.DEAD
         return outcome
+
+    # ---- out of memory: a provisioner with a cgroup counts OOM kills in the session ----------
+    def _oom_kills(self) -> int | None:
+        count = getattr(self.km.provisioner, "oom_kills", None) if self.km is not None else None
+        try:
+            return count() if count is not None else None  # era-local: an in-memory cgroup file read
+        except Exception:
+            return None
+
+    def _out_of_memory(self, before: int | None) -> bool:
+        """The kernel died: was it the memory limit? Counted over this run when the
+        provisioner counts; else its own verdict (era-docker's container state)."""
+        after = self._oom_kills()
+        if before is not None and after is not None:
+            return after > before
+        return bool(getattr(self.km.provisioner, "oom_killed", False)) if self.km is not None else False
+
+    def _note_oom_kills(self, before: int | None, pending: _Pending) -> None:
+        """The kernel survived but the OOM killer took some of its session's processes (a
+        child it started): say so in the run's stderr, or the run just looks odd."""
+        after = self._oom_kills()
+        if before is None or after is None or after <= before:
+            return
+        killed = after - before
+        text = (f"era: {killed} process{'es' if killed > 1 else ''} of this session "
+                f"{'were' if killed > 1 else 'was'} killed for exceeding the session's memory limit\n")
+        event = pending.collector.add("stream", {"name": "stderr", "text": text})
+        if event is not None and pending.on_event is not None:
+            pending.on_event(event)
 
     async def _wait(self, pending: _Pending, deadline: float) -> str:
         """Wait for reply + idle. Returns done, timeout or dead."""

@@ -57,6 +57,7 @@ from ..errors import BadRequest, KernelFailed
 from ..images.reference import validate_image_ref, validate_language
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
                   seal_kernel_dir, write_connection_file)
+from .owner import me
 
 log = logging.getLogger("era.provisioning.docker")
 
@@ -64,6 +65,7 @@ LABEL_MANAGED = "era.managed"
 LABEL_KERNEL = "era.kernel"
 LABEL_KERNEL_ID = "era.kernel_id"
 LABEL_OWNER = "era.owner"  # pid of the process that launched it: reapers leave live owners alone
+LABEL_OWNER_START = "era.owner_start"  # and its start time, so a reused pid is not taken for it
 CONTAINER_WORKSPACE = "/workspace"
 # The venv of the era/<language> images; what {prefix} in a kernelspec argv means inside.
 IMAGE_PREFIX = "/opt/era/venv"
@@ -122,7 +124,7 @@ def _check_labels(labels: Any) -> dict[str, str]:
         raise BadRequest("labels must be an object of strings", field="labels")
     out = {}
     for key, value in labels.items():
-        reserved = key in (LABEL_MANAGED, LABEL_KERNEL, LABEL_KERNEL_ID, LABEL_OWNER)
+        reserved = key in (LABEL_MANAGED, LABEL_KERNEL, LABEL_KERNEL_ID, LABEL_OWNER, LABEL_OWNER_START)
         if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key) or reserved:
             raise BadRequest(f"invalid label {str(key)[:64]!r}", field="labels")
         if not isinstance(value, str) or len(value) > 1024 or any(ord(c) < 32 for c in value):
@@ -263,7 +265,8 @@ class EraDockerProvisioner(KernelProvisionerBase):
             working_dir=CONTAINER_WORKSPACE,
             environment=env,
             labels={**labels, LABEL_MANAGED: "1", LABEL_KERNEL: self.kernel_dir.name,
-                    LABEL_KERNEL_ID: str(self.kernel_id or ""), LABEL_OWNER: str(os.getpid())},
+                    LABEL_KERNEL_ID: str(self.kernel_id or ""), LABEL_OWNER: str(me()[0]),
+                    LABEL_OWNER_START: str(me()[1])},
             mounts=[Mount(target=CONTAINER_WORKSPACE, source=str(workspace), type="bind", read_only=False),
                     Mount(target=str(self.kernel_dir), source=str(self.kernel_dir), type="bind", read_only=False),
                     *(Mount(target=path, source=path, type="bind", read_only=True) for path in readonly)],

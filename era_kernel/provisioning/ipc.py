@@ -14,7 +14,9 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from .owner import me
 
 from ..workspaces import fdtree
 
@@ -33,14 +35,19 @@ def kernels_root(runtime_dir: str | os.PathLike) -> Path:
 
 
 def make_kernel_dir(runtime_dir: str | os.PathLike) -> Path:
-    """Create ``<runtime_dir>/k/<10 hex>`` (mode 0700) and check the socket path fits."""
+    """Create ``<runtime_dir>/k/<10 hex>`` (mode 0700) and check the socket path fits.
+
+    Called by both provisioners' ``pre_launch``. The owner record (``0 <our pid> <our
+    start time>``: no kernel process yet) is written before the directory is handed to
+    anyone, so a reaper never sees a live directory without an owner.
+    """
     root = kernels_root(runtime_dir)
     path = root / secrets.token_hex(5)
-    path.mkdir(mode=0o700)
     longest = str(path / "kernel-5")
     if len(longest.encode()) > IPC_PATH_LIMIT:
-        shutil.rmtree(path, ignore_errors=True)
         raise RuntimeError(f"IPC socket path {longest!r} exceeds {IPC_PATH_LIMIT} bytes; set a shorter ERA_RUNTIME_DIR")
+    path.mkdir(mode=0o700)
+    write_pid_record(path, 0)
     return path
 
 
@@ -110,21 +117,39 @@ def format_argv(argv: list[str], *, connection_file: str, resource_dir: str = ""
     return out
 
 
+class PidRecord(NamedTuple):
+    pid: int  # the kernel's process (bubblewrap's when sandboxed); 0: none (Docker, not launched yet)
+    owner: int  # the server process that made the directory
+    owner_start: int | None  # its start time (owner.start_time); None in records of older versions
+
+
 def write_pid_record(kernel_dir: Path, pid: int) -> None:
-    """Record ``<pid> <owner pid>`` beside (not inside) the kernel's directory.
+    """Record ``<pid> <owner pid> <owner start time>`` beside (not inside) the kernel's directory.
 
-    The kernel can write to its own directory, so what the reaper trusts lives in the
-    root-owned parent, where the kernel cannot plant a symlink or a forged pid.
+    Called by ``make_kernel_dir`` (pid 0) and by the local provisioner once its process
+    runs. The kernel can write to its own directory, so what the reaper trusts lives in
+    the root-owned parent, where the kernel cannot plant a symlink or a forged pid.
+    Written whole and renamed into place: a reaper never reads half a record.
     """
-    (kernel_dir.parent / f"{kernel_dir.name}.pid").write_text(f"{pid} {os.getpid()}")
+    owner, started = me()
+    record = kernel_dir.parent / f"{kernel_dir.name}.pid"
+    partial = kernel_dir.parent / f"{kernel_dir.name}.pid.{os.getpid()}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{pid} {owner} {started}")
+    os.replace(partial, record)
 
 
-def read_pid_record(kernel_dir: Path) -> tuple[int, int] | None:
+def read_pid_record(kernel_dir: Path) -> PidRecord | None:
     try:
-        pid, owner = (kernel_dir.parent / f"{kernel_dir.name}.pid").read_text().split()
-        return int(pid), int(owner)
+        fields = [int(f) for f in (kernel_dir.parent / f"{kernel_dir.name}.pid").read_text().split()]
     except (OSError, ValueError):
         return None
+    if len(fields) == 2:
+        return PidRecord(fields[0], fields[1], None)
+    if len(fields) == 3:
+        return PidRecord(*fields)
+    return None
 
 
 def remove_kernel_dir(kernel_dir: Path | None) -> bool:

@@ -14,8 +14,14 @@ Isolation, in layers:
   allows internet access), and ``--die-with-parent``;
 - a seccomp filter (``seccomp.py``) denies namespaces, mounts, ptrace, keyrings, eBPF
   and the like, as Docker's default profile does for containers;
-- ``prlimit`` sets RLIMIT_AS (memory) and RLIMIT_NPROC (processes), which bubblewrap
-  does not; the pid namespace means killing the sandbox kills every descendant.
+- a memory and pids cgroup of its own (``cgroups.py``, as ``ERA_KERNEL_CGROUPS`` says)
+  bounds the whole session: every process of it, its ``/tmp`` (a tmpfs of
+  ``ERA_KERNEL_TMP_SIZE``, charged to the group) included; the kernel is inside before it
+  runs anything, and the group is removed at clean-up;
+- ``prlimit`` sets RLIMIT_AS (memory) and RLIMIT_NPROC (processes) per process as a
+  second layer; the pid namespace means killing the sandbox kills every descendant;
+- the kernel gets no descriptor on a host file: its stdout/stderr are a pipe the server
+  drains, keeping a bounded tail (``output_tail.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from jupyter_client.provisioning import KernelProvisionerBase, LocalProvisioner
 from traitlets import Bool, Int, Unicode
 
 from ..config import Settings
+from ..errors import KernelFailed
+from . import cgroups
+from .output_tail import OutputTail
 from .seccomp import filter_fd
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
                   seal_kernel_dir, write_connection_file, write_pid_record)
@@ -74,15 +83,27 @@ def kernel_env(base: dict[str, str] | None, extra: dict[str, str], home: Path) -
     return env
 
 
+PLACEHOLDER_SIZE = 1024**2  # masked directories hold only mount points
+
+
 def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path, hidden: list[str], allow_network: bool,
-               readonly: list[str], seccomp_fd: int | None = None) -> list[str]:
-    """The bubblewrap command line around ``argv`` (which already drops privileges)."""
+               readonly: list[str], seccomp_fd: int | None = None, tmp_size: int | None = None) -> list[str]:
+    """The bubblewrap command line around ``argv`` (which already drops privileges).
+
+    ``tmp_size`` bounds the private ``/tmp`` (a tmpfs lives in memory: unbounded, it
+    would let the kernel fill the host's RAM); None leaves tmpfs's default (half of RAM).
+    """
     cmd = [bwrap_path() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     masked = [p for p in ["/tmp", "/root", "/home", "/run", *hidden] if os.path.isdir(p)]
     for path in masked:
         # /tmp must be writable by the kernel's uid (sticky, like the real one); the
-        # others are empty placeholders.
-        cmd += ["--perms", "1777" if path == "/tmp" else "0755", "--tmpfs", path]
+        # others are empty placeholders, kept small in case the kernel's uid owns them
+        # (without root, bubblewrap makes them as ours).
+        if path == "/tmp":
+            cmd += ["--perms", "1777"] + (["--size", str(tmp_size)] if tmp_size else [])
+        else:
+            cmd += ["--perms", "0755", "--size", str(PLACEHOLDER_SIZE)]
+        cmd += ["--tmpfs", path]
     made: set[str] = set()
 
     def parents(path: str) -> list[str]:
@@ -122,28 +143,44 @@ class EraLocalProvisioner(LocalProvisioner):
     """Launches the kernelspec's argv as a sandboxed local process talking over IPC."""
 
     sandbox = Unicode("", config=True, help="auto, bwrap or none; default ERA_SANDBOX")
-    memory_limit = Int(0, config=True, help="address-space limit in bytes; default ERA_KERNEL_MEMORY")
-    pids_limit = Int(0, config=True, help="process limit; default ERA_KERNEL_PIDS")
+    memory_limit = Int(0, config=True, help="memory of the session in bytes; default ERA_KERNEL_MEMORY")
+    pids_limit = Int(0, config=True, help="processes of the session; default ERA_KERNEL_PIDS")
+    address_space_limit = Int(0, config=True, help="per-process address-space cap (RLIMIT_AS) in bytes; default the "
+                              "memory limit. For runtimes that reserve far more than they use (Deno reserves 32 GiB "
+                              "at start); the session's cgroup still bounds what is really used")
+    tmp_size = Int(0, config=True, help="size of the private /tmp in bytes; default ERA_KERNEL_TMP_SIZE")
+    cgroup_mode = Unicode("", config=True,
+                          help="auto, on or off: a memory and pids cgroup per kernel; default ERA_KERNEL_CGROUPS")
     allow_network = Bool(False, config=True, help="let the kernel use the host's network")
     kernel_uid = Int(-1, config=True, help="uid the kernel runs as when Jupyter runs as root; default nobody")
 
     kernel_dir: Path | None = None
     sandboxed: bool = False
-    _log_fd: int = -1
+    _output: OutputTail | None = None
+    _cgroup: cgroups.KernelCgroup | None = None
     _info: dict[str, Any] = {}
     _seccomp_fd: int | None = None
 
     def kernel_log(self, limit: int = 2000) -> str:
-        """The tail of the kernel process's own output (for start-up failures)."""
-        if self.kernel_dir is None:
-            return ""
-        try:
-            with open(self.kernel_dir.parent / f"{self.kernel_dir.name}.log", "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - limit))
-                return fh.read().decode(errors="replace")
-        except OSError:
-            return ""
+        """The tail of the kernel process's own stdout/stderr. Called by ERA's SessionKernel
+        when a start fails, to put the kernel's last words into the error."""
+        return self._output.text(limit) if self._output is not None else ""
+
+    def oom_kills(self) -> int | None:
+        """Processes of this kernel's session the OOM killer has killed since launch; None
+        without a cgroup or where the kernel does not count. Called by ERA's SessionKernel
+        before and after each run (a cheap in-memory read), to say when a run lost a process."""
+        return self._cgroup.oom_kills() if self._cgroup is not None else None
+
+    @property
+    def oom_killed(self) -> bool:
+        """Read by ERA's SessionKernel when the kernel died (as for era-docker): did its
+        session run out of memory since launch?"""
+        group = self._cgroup
+        if group is None:
+            return False
+        kills = group.oom_kills()
+        return kills > 0 if kills is not None else group.hit_limit()
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Called by the KernelManager before launch: build the sandboxed command line.
@@ -161,6 +198,12 @@ class EraLocalProvisioner(LocalProvisioner):
         runtime_dir = era.get("runtime_dir") or settings.runtime_dir
         memory = int(era.get("memory") or self.memory_limit or settings["ERA_KERNEL_MEMORY"])
         pids = int(era.get("pids") or self.pids_limit or settings["ERA_KERNEL_PIDS"])
+        tmp_size = int(era.get("tmp_size") or self.tmp_size or settings["ERA_KERNEL_TMP_SIZE"])
+        try:
+            cgroup_support = await asyncio.to_thread(
+                cgroups.resolve, str(era.get("cgroups") or self.cgroup_mode or settings["ERA_KERNEL_CGROUPS"]))
+        except cgroups.CgroupsUnavailable as exc:
+            raise KernelFailed(str(exc)) from None
         allow_network = bool(era.get("allow_network", self.allow_network))
         mode = sandbox_mode(era.get("sandbox") or self.sandbox or settings["ERA_SANDBOX"])
         if era.get("uid") is not None:
@@ -198,23 +241,35 @@ class EraLocalProvisioner(LocalProvisioner):
             readonly = sorted({sys.prefix, sys.base_prefix, package_dir, *era.get("readonly", [])})
             self._seccomp_fd = filter_fd()
             argv = bwrap_argv(argv, workspace=workspace, kernel_dir=self.kernel_dir, hidden=hidden,
-                              allow_network=allow_network, readonly=readonly, seccomp_fd=self._seccomp_fd)
+                              allow_network=allow_network, readonly=readonly, seccomp_fd=self._seccomp_fd,
+                              tmp_size=tmp_size)
             self.sandboxed = True
         else:
             _warn_unsandboxed()
             # Without bubblewrap, at least die with the server.
             argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         # bubblewrap sets no resource limits: prlimit does, before anything else runs.
-        argv = ["prlimit", f"--as={memory}", f"--nproc={pids}", "--core=0", "--", *argv]
+        address_space = max(memory, self.address_space_limit)
+        argv = ["prlimit", f"--as={address_space}", f"--nproc={pids}", "--core=0", "--", *argv]
+        if cgroup_support is not None:
+            # A fresh group per launch (a restart's too: the previous one went at cleanup),
+            # entered before prlimit runs, so nothing of the kernel ever runs outside it.
+            group = cgroups.KernelCgroup.for_kernel(self.kernel_dir.name, cgroup_support)
+            try:
+                await cgroups.make(group, memory, pids)
+            except OSError as exc:
+                raise KernelFailed(f"cannot make the kernel's cgroup {group.memory_dir}: {exc}") from None
+            self._cgroup = group
+            argv = cgroups.wrap_argv(group, argv)
 
         env = kernel_env(kwargs.pop("env", None), era.get("env", {}), home)
         kwargs.update(env=env, cwd=str(workspace))
-        # The kernel's own stdout/stderr (banners, crashes) go to a log beside its
-        # directory, not into the server's output; kernel_log() reads its tail.
-        log_fd = os.open(self.kernel_dir.parent / f"{self.kernel_dir.name}.log",
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        kwargs.update(stdout=log_fd, stderr=log_fd)
-        self._log_fd = log_fd
+        # The kernel's own stdout/stderr (banners, crashes) go into a pipe we drain,
+        # keeping a bounded tail for kernel_log(): never a host file it could fill.
+        if self._output is not None:
+            self._output.close()  # a restart: the previous process's pipe
+        self._output = OutputTail()
+        kwargs.update(stdout=self._output.write_fd, stderr=self._output.write_fd)
         if self._seccomp_fd is not None:
             kwargs["pass_fds"] = (self._seccomp_fd,)
         if self.sandboxed:
@@ -228,22 +283,34 @@ class EraLocalProvisioner(LocalProvisioner):
         """Called by the KernelManager to start the process; returns IPC connection info."""
         try:
             info = await super().launch_kernel(cmd, **kwargs)
-        finally:
-            for fd in (self._log_fd, self._seccomp_fd):  # the child has its copies
-                if fd is not None and fd >= 0:
-                    os.close(fd)
+        except BaseException:
+            await self._remove_cgroup()  # a Jupyter app may not call cleanup after a failed launch
+            raise
+        finally:  # the child has its copies
+            if self._output is not None:
+                self._output.close_writer()
+            if self._seccomp_fd is not None:
+                os.close(self._seccomp_fd)
             self._seccomp_fd = None
         if self.kernel_dir is not None and self.pid:
             write_pid_record(self.kernel_dir, self.pid)
         return info
 
     async def cleanup(self, restart: bool = False) -> None:
-        """Called by the KernelManager after the kernel stopped: remove sockets and home,
-        unless this is a restart, which reuses them."""
+        """Called by the KernelManager after the kernel stopped: stop reading its output,
+        remove sockets and home, unless this is a restart, which reuses them."""
         await super().cleanup(restart=restart)
+        if self._output is not None:
+            self._output.close()  # its tail stays readable for kernel_log()
+        await self._remove_cgroup()  # kills what is left of the session (children outside the sandbox)
         if not restart:
             kernel_dir, self.kernel_dir = self.kernel_dir, None
             await asyncio.to_thread(remove_kernel_dir, kernel_dir)
+
+    async def _remove_cgroup(self) -> None:
+        group, self._cgroup = self._cgroup, None
+        if group is not None:
+            await asyncio.to_thread(group.remove)
 
     async def seal_ipc(self) -> None:
         """Called by ERA's SessionKernel once the kernel answered, before any user code runs:

@@ -5,7 +5,10 @@ sandbox: read-only host, masked data/runtime/home directories, private /tmp, new
 namespace, the seccomp filter) with ``allow_network=True``, plus one change: the
 staging directory is bound read-write at the environment's final path, so whatever
 records absolute paths records the path kernels will see. ``setpriv`` drops to the
-session's uid; ``prlimit`` caps address space and processes. Without bubblewrap
+session's uid. Limits as for kernels: each step runs in a memory and pids cgroup of its
+own (``ERA_SETUP_MEMORY``, ``ERA_SETUP_PIDS``; as ``ERA_KERNEL_CGROUPS`` allows), its
+``/tmp`` is a tmpfs bounded by ``ERA_SETUP_MEMORY`` (builds unpack there), and
+``prlimit`` caps each process's address space and processes. Without bubblewrap
 (``ERA_SANDBOX=none``) steps run unsandboxed, like kernels do then, and build at the
 staging path.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import secrets
 import shutil
 import signal
 import sys
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Settings
+from ..provisioning import cgroups
 from ..provisioning.local import bwrap_argv, sandbox_mode
 from ..provisioning.seccomp import filter_fd
 from .logs import LineSplitter
@@ -74,7 +79,8 @@ class LocalRunner:
         if self.sandboxed:
             hidden = [self.settings["ERA_DATA_DIR"], str(self.settings.runtime_dir)]
             full = bwrap_argv(argv, workspace=staging, kernel_dir=home, hidden=hidden, allow_network=True,
-                              readonly=sorted({sys.prefix, sys.base_prefix}), seccomp_fd=seccomp_fd)
+                              readonly=sorted({sys.prefix, sys.base_prefix}), seccomp_fd=seccomp_fd,
+                              tmp_size=self.memory)
             split = len(full) - len(argv) - 1  # bwrap's options end at the "--" before argv
             assert full[split] == "--", "bwrap_argv must end with -- and the command"
             chdir = full.index("--chdir", 0, split)
@@ -91,9 +97,39 @@ class LocalRunner:
         # The sandbox sees the host's root read-only, so the host's PATH lookup holds there.
         if shutil.which(step.argv[0], path=env.get("PATH")) is None:
             raise SetupFailed(f"{step.argv[0]} is not installed on this server; {step.kind} setup needs it")
+        group = await self._cgroup()
+        try:
+            return await self._run(step, group, final=final, staging=staging, home=home, uid=uid, env=env,
+                                   timeout=timeout, on_line=on_line)
+        finally:
+            if group is not None:
+                kills = group.oom_kills()
+                if kills:
+                    on_line(f"era: {kills} process{'es' if kills > 1 else ''} of this step "
+                            f"{'were' if kills > 1 else 'was'} killed for exceeding its memory limit (ERA_SETUP_MEMORY)")
+                await asyncio.to_thread(group.remove)  # and with it whatever the step left running
+
+    async def _cgroup(self) -> cgroups.KernelCgroup | None:
+        try:
+            found = await asyncio.to_thread(cgroups.resolve, self.settings["ERA_KERNEL_CGROUPS"])
+        except cgroups.CgroupsUnavailable as exc:
+            raise SetupFailed(str(exc)) from None
+        if found is None:
+            return None
+        group = cgroups.KernelCgroup.for_kernel(f"setup-{secrets.token_hex(5)}", found)
+        try:
+            await cgroups.make(group, self.memory, self.pids)
+        except OSError as exc:
+            raise SetupFailed(f"cannot make the setup step's cgroup: {exc}") from None
+        return group
+
+    async def _run(self, step: Step, group: cgroups.KernelCgroup | None, *, final: Path, staging: Path, home: Path,
+                   uid: int, env: dict[str, str], timeout: float, on_line: Callable[[str], None]) -> int:
         seccomp_fd = filter_fd() if self.sandboxed else None
         try:
             argv = self.command(step, final=final, staging=staging, home=home, uid=uid, seccomp_fd=seccomp_fd)
+            if group is not None:
+                argv = cgroups.wrap_argv(group, argv)  # inside before anything of the step runs
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, env=env, cwd=str(staging),
