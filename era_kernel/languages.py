@@ -201,16 +201,15 @@ LANGUAGES: dict[str, Language] = {
 
 
 PROVISIONERS = ("local", "docker")
+# Every kernelspec of ours -> (language, provisioner): era-python -> (python, docker).
+KERNEL_KINDS: dict[str, tuple[str, str]] = {lang.kernelspec_name(prov): (name, prov)
+                                            for name, lang in LANGUAGES.items() for prov in PROVISIONERS}
 
 
 def kernel_kind(kernelspec_name: str) -> tuple[str, str]:
     """``era-node-local`` -> ``("node", "local")``: the inverse of ``kernelspec_name``
     (a name that is not ours: itself and an empty provisioner)."""
-    for name, language in LANGUAGES.items():
-        for provisioner in PROVISIONERS:
-            if language.kernelspec_name(provisioner) == kernelspec_name:
-                return name, provisioner
-    return kernelspec_name, ""
+    return KERNEL_KINDS.get(kernelspec_name, (kernelspec_name, ""))
 
 
 def get_language(name: str) -> Language:

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from era_kernel.errors import BadRequest, EraError, NotFound
+from era_kernel.languages import KERNEL_KINDS
 from tornado.web import Finish
 from tornado.websocket import WebSocketHandler
 
@@ -47,14 +48,6 @@ TAGS = ("kernels",)
 
 
 # ---- kernelspecs ---------------------------------------------------------------------------
-def _kinds() -> dict[str, tuple[str, str]]:
-    """kernelspec name -> (language, provisioner), e.g. era-python -> (python, docker)."""
-    from era_kernel.languages import LANGUAGES
-
-    return {lang.kernelspec_name(prov): (name, prov) for name, lang in LANGUAGES.items()
-            for prov in ("local", "docker")}
-
-
 def _docker_languages() -> set[str]:
     """Languages whose Docker image is built and current (a few Docker API calls; in a thread)."""
     try:
@@ -65,7 +58,7 @@ def _docker_languages() -> set[str]:
     except Exception:
         return set()
     ready = set()
-    for language in {lang for lang, prov in _kinds().values() if prov == "docker"}:
+    for language in {lang for lang, prov in KERNEL_KINDS.values() if prov == "docker"}:
         try:
             if current_image(language, client=client):
                 ready.add(language)
@@ -92,15 +85,12 @@ async def docker_languages() -> set[str]:
 async def usable_specs(engine: Any) -> dict[str, dict[str, Any]]:
     """name -> ``{name, spec, resources}`` for the kernelspecs this server can start."""
     docker = await docker_languages()
+    shipped = await engine.kernelspecs()
     specs = {}
-    for name, (language, provisioner) in sorted(_kinds().items()):
-        if provisioner == "docker" and language not in docker:
+    for name, (language, provisioner) in sorted(KERNEL_KINDS.items()):
+        if name not in shipped or (provisioner == "docker" and language not in docker):
             continue
-        try:
-            spec = engine.spec_manager.get_kernel_spec(name).to_dict()
-        except Exception:  # not in kernelspecs/ (a language without a spec yet)
-            continue
-        specs[name] = {"name": name, "spec": spec, "resources": {}}
+        specs[name] = {"name": name, "spec": shipped[name], "resources": {}}
     return specs
 
 
@@ -141,7 +131,7 @@ async def kernel_doc(engine: Any, kernel_id: str) -> dict[str, Any]:
 def kernel_model(services: Services, doc: dict[str, Any]) -> dict[str, Any]:
     sid = doc["id"]
     state = (doc.get("kernel") or {}).get("state", "none")
-    kinds = {v: k for k, v in _kinds().items()}
+    kinds = {v: k for k, v in KERNEL_KINDS.items()}
     return {
         "id": sid,
         "name": kinds.get((doc["language"], doc.get("provisioner")), doc["metadata"].get("kernelspec", "")),
@@ -211,7 +201,7 @@ class KernelsHandler(BaseHandler):
         name = body.get("name") or default_spec(self.services.settings, specs)
         if name not in specs:
             raise NotFound(f"kernelspec {str(name)[:128]} not found (available: {', '.join(specs)})")
-        language, provisioner = _kinds()[name]
+        language, provisioner = KERNEL_KINDS[name]
         # jupyter_server routes only UUID-shaped kernel ids (\w+-\w+-\w+-\w+-\w+); a UUID is a valid session id.
         doc = await self.engine.create({"id": str(uuid.uuid4()), "language": language, "provisioner": provisioner,
                                         "metadata": {"jupyter_kernel": True, "kernelspec": name},

@@ -11,14 +11,14 @@ import sys
 import textwrap
 import time
 
-from era_kernel.sessions import SessionManager
+from era_kernel.engine import SessionManager
 
 from .conftest import kernel_processes
 
 FIRST_LIFE = textwrap.dedent("""
     import asyncio, json, sys
     from era_kernel.config import Settings
-    from era_kernel.sessions import SessionManager
+    from era_kernel.engine import SessionManager
 
     async def main():
         engine = SessionManager(Settings.from_env({}, data_dir=sys.argv[1], runtime_dir=sys.argv[2]))
@@ -27,6 +27,9 @@ FIRST_LIFE = textwrap.dedent("""
             sid = f"s{i}"
             await engine.create({"id": sid, "data": {"n": i}, "metadata": {"life": 1}})
             await engine.run(sid, {"code": f"open('file{i}.txt', 'w').write('content {i}'); v = {i}"})
+        # A run is answered before its history row commits (README, Performance): wait for
+        # the commits, so the kill tests what is on disk rather than that window.
+        await engine.settle()
         print(json.dumps({"ready": True}), flush=True)
         await asyncio.sleep(3600)
 

@@ -116,7 +116,7 @@ async def test_one_shot_execute_uses_the_pool_and_leaves_nothing(pooled):
                               "files": {"data.csv": "a,b"}, "provisioner": engine.settings["ERA_PROVISIONER"]})
     assert r["stdout"] == "a,b 1\n" and r["exit_code"] == 0
     assert engine.pool.stats()["claimed"] == claimed + 1
-    await asyncio.gather(*engine._cleanups)
+    await engine.settle()
     used = [d for d in warm_dirs if not d.exists()]
     assert len(used) == 1  # the claimed kernel's directory is gone with it
     await wait_pool_full(engine)
@@ -382,7 +382,7 @@ async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
     try:
         await wait_pool_full(engine)
         await engine.execute({"code": "1"})  # first use of lazily created resources
-        await asyncio.gather(*engine._cleanups)
+        await engine.settle()
         await wait_pool_full(engine)
         baseline = footprint()
         for i in range(12):
@@ -392,7 +392,7 @@ async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
             await engine.delete(sid)
             assert (await engine.execute({"code": "print('x')"}))["stdout"] == "x\n"
         assert engine.pool.stats()["claimed"] >= 2 and engine.pool.stats()["misses"] >= 1  # both paths ran
-        await asyncio.gather(*engine._cleanups)
+        await engine.settle()
         await wait_pool_full(engine)
         await asyncio.sleep(0.5)  # kernels stopped just now leave /proc
         after = footprint()
@@ -451,9 +451,10 @@ async def test_stopping_a_cancelled_start_lets_it_finish_its_clean_up(era_settin
             cleaned.set()
 
     task = asyncio.ensure_future(starting())
-    engine._starting["s"] = task
+    engine.table.reserve("s", engine.table.slots.acquire())
+    engine.table.mark_starting("s", task)
     await asyncio.sleep(0)
     task.cancel()  # as shutdown() does
     await asyncio.sleep(0)
-    await engine._stop_kernel("s")
+    await engine.table.stop("s")
     assert cleaned.is_set()

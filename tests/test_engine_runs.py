@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from era_kernel.engine import SessionManager
 from era_kernel.errors import BadRequest
 
 from .conftest import both_provisioners
@@ -159,15 +160,20 @@ async def test_sessions_run_concurrently(engine):
     assert time.perf_counter() - started < 1.8
 
 
-async def test_output_cap_truncates_and_bounds_memory(engine, session):
-    engine.settings = engine.settings.replace(ERA_OUTPUT_LIMIT=1024 * 1024)
-    # 60 MB in 1 MB prints: well past the cap, within a Docker kernel's 512 MiB.
-    r = await run(engine, session, "import time\nfor _ in range(60):\n    print('x' * 1_000_000)\n    time.sleep(0.01)",
-                  timeout=60)
-    assert r["exit_code"] == 0 and r["truncated"] is True
-    assert len(r["stdout"]) <= 1024 * 1024
-    r = await run(engine, session, "print('small')")
-    assert r["truncated"] is False and r["stdout"] == "small\n"
+async def test_output_cap_truncates_and_bounds_memory(era_settings):
+    engine = SessionManager(era_settings.replace(ERA_OUTPUT_LIMIT=1024 * 1024))
+    await engine.start()
+    try:
+        session = (await engine.create({}))["id"]
+        # 60 MB in 1 MB prints: well past the cap, within a Docker kernel's 512 MiB.
+        r = await run(engine, session, "import time\nfor _ in range(60):\n    print('x' * 1_000_000)\n"
+                                       "    time.sleep(0.01)", timeout=60)
+        assert r["exit_code"] == 0 and r["truncated"] is True
+        assert len(r["stdout"]) <= 1024 * 1024
+        r = await run(engine, session, "print('small')")
+        assert r["truncated"] is False and r["stdout"] == "small\n"
+    finally:
+        await engine.shutdown()
 
 
 async def test_input_is_answered_by_the_handler(engine, session):

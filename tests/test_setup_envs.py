@@ -22,6 +22,7 @@ import pytest
 
 from era_kernel.config import Settings
 from era_kernel.kernel import SessionKernel
+from era_kernel.provisioning.base import LaunchOptions
 from era_kernel.kernelspecs import EraKernelSpecManager
 from era_kernel.languages import get_language
 from era_kernel.setup import SetupManager
@@ -72,27 +73,6 @@ def docker_engine(request):
         require_docker()
 
 
-@pytest.fixture
-def docker_readonly(monkeypatch):
-    """Until the era-docker provisioner binds the ``readonly`` launch option (see the
-    wiring notes), bind those paths read-only at the same path here. A no-op once it does."""
-    from docker.types import Mount
-
-    from era_kernel.provisioning.docker import EraDockerProvisioner
-
-    original = EraDockerProvisioner.pre_launch
-
-    async def pre_launch(self, **kwargs):
-        readonly = list((kwargs.get("era") or {}).get("readonly") or [])
-        result = await original(self, **kwargs)
-        mounts = self._container_spec["mounts"]
-        bound = {m["Target"] for m in mounts}
-        mounts.extend(Mount(target=p, source=p, type="bind", read_only=True) for p in readonly if p not in bound)
-        return result
-
-    monkeypatch.setattr(EraDockerProvisioner, "pre_launch", pre_launch)
-
-
 class Recorder:
     """on_log / on_status of one session, with arrival times."""
 
@@ -127,11 +107,11 @@ async def run_setup(setups: SetupManager, spec: dict, provisioner: str, sid: str
 async def start_kernel(settings: Settings, setups: SetupManager, provisioner: str, spec: dict | None,
                        workspace: Path) -> SessionKernel:
     """A real session kernel launched the way the engine will: `era` options plus the extras."""
-    extras = setups.launch_extras("python", provisioner, spec)
+    extras = await setups.launch_extras("python", provisioner, spec)
     await Workspace(workspace).create(uid=UID)
     language = get_language("python")
-    launch = {"workspace": str(workspace), "runtime_dir": str(settings.runtime_dir), "uid": UID,
-              "allow_network": False, "env": dict(extras["env"]), "readonly": list(extras["readonly"])}
+    launch = LaunchOptions.from_settings(settings, provisioner, workspace, uid=UID, env=dict(extras["env"]),
+                                         readonly=tuple(extras["readonly"]))
     cwd = "/workspace" if provisioner == "docker" else str(workspace)
     kernel = SessionKernel(EraKernelSpecManager(), language.kernelspec_name(provisioner), launch,
                            extras["startup"] + language.startup_cells(cwd, {}, None), start_timeout=60)
@@ -145,8 +125,8 @@ async def run_code(kernel: SessionKernel, code: str) -> str:
     return "".join(outcome.collector.stdout)
 
 
-def env_dir(setups: SetupManager, provisioner: str, spec: dict) -> Path:
-    return Path(setups.launch_extras("python", provisioner, spec)["readonly"][0])
+async def env_dir(setups: SetupManager, provisioner: str, spec: dict) -> Path:
+    return Path((await setups.launch_extras("python", provisioner, spec))["readonly"][0])
 
 
 def leftovers(settings: Settings) -> list[str]:
@@ -157,8 +137,7 @@ def leftovers(settings: Settings) -> list[str]:
 # ---- pip and commands, then a kernel imports them ---------------------------------------------
 
 @both
-async def test_pip_and_commands_then_the_kernel_imports_the_pinned_versions(settings, setups, provisioner, tmp_path,
-                                                                            docker_readonly):
+async def test_pip_and_commands_then_the_kernel_imports_the_pinned_versions(settings, setups, provisioner, tmp_path):
     rec = await run_setup(setups, PIP_SPEC, provisioner)
     status, result = rec.final
     assert status == "completed", result
@@ -167,7 +146,7 @@ async def test_pip_and_commands_then_the_kernel_imports_the_pinned_versions(sett
     assert result["duration"] and result["duration_ms"] > 0 and result["logs"]
     if result["source"] == "built":
         assert "Successfully installed" in result["logs"] and "requests-2.31.0" in rec.text()
-    root = env_dir(setups, provisioner, PIP_SPEC)
+    root = await env_dir(setups, provisioner, PIP_SPEC)
     assert (root / "versions.txt").read_text().split() == ["2.31.0", "2.7.4"]  # the commands step ran after pip
 
     kernel = await start_kernel(settings, setups, provisioner, PIP_SPEC, tmp_path / "ws")
@@ -197,7 +176,7 @@ async def test_npm_packages_are_required_by_node_from_the_kernel(settings, setup
     rec = await run_setup(setups, NPM_SPEC, "local")
     status, result = rec.final
     assert status == "completed", result
-    root = env_dir(setups, "local", NPM_SPEC)
+    root = await env_dir(setups, "local", NPM_SPEC)
     assert (root / "node" / "node_modules" / "ms" / "package.json").is_file()
     kernel = await start_kernel(settings, setups, "local", NPM_SPEC, tmp_path / "ws")
     try:
@@ -265,9 +244,9 @@ async def test_a_host_without_the_directory_restores_the_environment_from_the_st
         # A kernel restarted on yet another host: ensure() restores without building.
         third = SetupManager(Settings.from_env({}, data_dir=str(tmp_path / "third-host"),
                                                runtime_dir=str(settings.runtime_dir)), store)
-        assert third.launch_extras("python", "local", spec)["readonly"] == []
+        assert (await third.launch_extras("python", "local", spec))["readonly"] == []
         assert await third.ensure("python", "local", spec)
-        assert third.launch_extras("python", "local", spec)["readonly"] == [str(third.cache.final(key))]
+        assert (await third.launch_extras("python", "local", spec))["readonly"] == [str(third.cache.final(key))]
     finally:
         await setups.shutdown()
 
@@ -285,8 +264,7 @@ FAILURES = {
 
 @both
 @pytest.mark.parametrize("case", sorted(FAILURES))
-async def test_failed_setup_reports_the_tools_error_and_caches_nothing(settings, store, provisioner, case, tmp_path,
-                                                                        docker_readonly):
+async def test_failed_setup_reports_the_tools_error_and_caches_nothing(settings, store, provisioner, case, tmp_path):
     spec, expected = FAILURES[case]
     if case == "npm-missing" and provisioner == "docker":
         pytest.skip("npm setup is local-only for now (the era/python image has no node)")
@@ -319,7 +297,7 @@ async def test_failed_setup_reports_the_tools_error_and_caches_nothing(settings,
         client = docker.from_env()
         assert not client.containers.list(all=True, filters={"label": f"era.setup={key}"})
     # The session works without its environment.
-    assert setups.launch_extras("python", provisioner, spec) == {"readonly": [], "env": {}, "startup": []}
+    assert await setups.launch_extras("python", provisioner, spec) == {"readonly": [], "env": {}, "startup": []}
     kernel = await start_kernel(settings, setups, provisioner, spec, tmp_path / "ws")
     try:
         assert (await run_code(kernel, "print(6 * 7)")).strip() == "42"
@@ -407,7 +385,7 @@ async def test_the_environment_is_named_by_its_key(setups):
     spec = setups.normalize({"commands": ["echo keyed > \"$ERA_SETUP_DIR/k.txt\""]})
     rec = await run_setup(setups, spec, "local")
     assert rec.final[0] == "completed"
-    [root] = setups.launch_extras("python", "local", spec)["readonly"]
+    [root] = (await setups.launch_extras("python", "local", spec))["readonly"]
     assert Path(root).name == rec.final[1]["env"] == env_key("python", LocalRunner.identity(), spec)
     assert (Path(root) / "k.txt").read_text() == "keyed\n"
 

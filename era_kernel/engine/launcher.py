@@ -69,7 +69,7 @@ class KernelLauncher:
         if labels is None:
             labels = {"era.session": request.session_id} if request.session_id else {}
         launch = LaunchOptions.from_settings(
-            self.settings, workspace, uid=uid, allow_network=request.allow_internet, env=dict(extras["env"]),
+            self.settings, request.provisioner, workspace, uid=uid, allow_network=request.allow_internet, env=dict(extras["env"]),
             labels=labels, readonly=tuple(extras["readonly"]))
         startup = extras["startup"] + self.startup_cells(request, workspace) if cells else []
         return SessionKernel(self.spec_manager, language.kernelspec_name(request.provisioner), launch, startup,

@@ -361,6 +361,15 @@ class SessionManager:
         await self.files.delete(record, session_uid(record), path)
 
     # ---- Jupyter kernel gateway (server/jupyter.py) -----------------------------------------
+    async def kernelspecs(self) -> dict[str, dict[str, Any]]:
+        """Our kernelspecs as Jupyter describes them (name -> kernel.json), read once."""
+        from ..kernelspecs import available, read_spec
+
+        def read() -> dict[str, dict[str, Any]]:
+            return {name: read_spec(name) for name in available()}
+
+        return await asyncio.to_thread(read)
+
     async def jupyter_kernel(self, session_id: str, start: bool = True) -> SessionKernel | None:
         """The session's live kernel for a raw Jupyter channels connection, started when it
         has none (``start=False``: None then). Counts as activity for culling."""

@@ -21,6 +21,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from .channel_reader import ChannelReader
 from ..errors import KernelFailed
+from ..provisioning.base import EraProvisioner
 from .outputs import OutputCollector
 from .wire import EraKernelManager
 
@@ -112,9 +113,9 @@ class SessionKernel:
             kc.start_channels()
             self.kc = kc
             await asyncio.wait_for(kc.wait_for_ready(timeout=self.start_timeout), self.start_timeout + 5)
-            seal = getattr(km.provisioner, "seal_ipc", None)  # ours have it; a stock provisioner not
-            if seal is not None:
-                await seal()
+            provisioner = self._era_provisioner()
+            if provisioner is not None:
+                await provisioner.seal_ipc()
             self._readers = [self._reader(ch, name)
                              for name, ch in (("shell", kc.shell_channel), ("iopub", kc.iopub_channel),
                                               ("stdin", kc.stdin_channel), ("control", kc.control_channel))]
@@ -166,11 +167,11 @@ class SessionKernel:
         if self.kc is not None:
             self.kc.stop_channels()
             self.kc = None
+        provisioner = self._era_provisioner()
         km, self.km = self.km, None
         if km is not None:
-            kernel_log = getattr(km.provisioner, "kernel_log", None)
-            if self.state == "starting" and kernel_log is not None:
-                tail = kernel_log().strip()
+            if self.state == KernelState.STARTING and provisioner is not None:
+                tail = (await asyncio.to_thread(provisioner.kernel_log)).strip()
                 self._log_tail = f"\nkernel output:\n{tail}" if tail else ""
             try:
                 if km.has_kernel:
@@ -396,10 +397,16 @@ class SessionKernel:
         return outcome
 
     # ---- out of memory: a provisioner with a cgroup counts OOM kills in the session ----------
+    def _era_provisioner(self) -> EraProvisioner | None:
+        """The kernel's provisioner, when it is one of ours (a kernelspec could name a
+        stock one): only ours seal, keep the kernel's output and count OOM kills."""
+        provisioner = self.km.provisioner if self.km is not None else None
+        return provisioner if isinstance(provisioner, EraProvisioner) else None
+
     def _oom_kills(self) -> int | None:
-        count = getattr(self.km.provisioner, "oom_kills", None) if self.km is not None else None
+        provisioner = self._era_provisioner()
         try:
-            return count() if count is not None else None  # era-local: an in-memory cgroup file read
+            return provisioner.oom_kills() if provisioner is not None else None  # an in-memory cgroup file read
         except Exception:
             return None
 
@@ -409,7 +416,8 @@ class SessionKernel:
         after = self._oom_kills()
         if before is not None and after is not None:
             return after > before
-        return bool(getattr(self.km.provisioner, "oom_killed", False)) if self.km is not None else False
+        provisioner = self._era_provisioner()
+        return bool(provisioner.oom_killed) if provisioner is not None else False
 
     def _note_oom_kills(self, before: int | None, pending: _Pending) -> None:
         """The kernel survived but the OOM killer took some of its session's processes (a

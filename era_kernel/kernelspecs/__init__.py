@@ -10,6 +10,7 @@ and the Python kernels get ERA's ipykernel tuning (``languages.PYTHON_KERNEL_TUN
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -34,10 +35,22 @@ def _pin_python(spec: dict) -> dict:
     return dict(spec, argv=argv)
 
 
-def available() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def available() -> tuple[str, ...]:
+    """The kernelspecs shipped in the package (read once: package data)."""
     if not KERNELSPECS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in KERNELSPECS_DIR.iterdir() if (p / "kernel.json").is_file())
+        return ()
+    return tuple(sorted(p.name for p in KERNELSPECS_DIR.iterdir() if (p / "kernel.json").is_file()))
+
+
+@functools.lru_cache(maxsize=None)
+def read_spec(kernel_name: str) -> dict:
+    """A kernelspec's kernel.json, argv pinned. Package data does not change while the
+    process runs, so each is read once (jupyter_client asks on every kernel start, on the
+    event loop). Raises ``NoSuchKernel``."""
+    if kernel_name not in available():
+        raise NoSuchKernel(kernel_name)
+    return _pin_python(json.loads((KERNELSPECS_DIR / kernel_name / "kernel.json").read_text()))
 
 
 class EraKernelSpecManager(KernelSpecManager):
@@ -47,11 +60,8 @@ class EraKernelSpecManager(KernelSpecManager):
         return {name: str(KERNELSPECS_DIR / name) for name in available()}
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        path = KERNELSPECS_DIR / kernel_name
-        if kernel_name not in available():
-            raise NoSuchKernel(kernel_name)
-        spec = _pin_python(json.loads((path / "kernel.json").read_text()))
-        return KernelSpec(resource_dir=str(path), **spec)
+        spec = read_spec(kernel_name)
+        return KernelSpec(resource_dir=str(KERNELSPECS_DIR / kernel_name), **json.loads(json.dumps(spec)))
 
 
 def install(user: bool = False, prefix: str | None = None, names: list[str] | None = None) -> list[str]:

@@ -52,9 +52,10 @@ from docker.types import LogConfig, Mount
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, Float, Int, Unicode
 
-from ..config import Settings
 from ..errors import BadRequest, KernelFailed
+from ..models import env_problem
 from ..images.reference import validate_image_ref, validate_language
+from .base import EraProvisioner, LaunchOptions
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
                   seal_kernel_dir, write_connection_file)
 from .owner import me
@@ -70,14 +71,9 @@ CONTAINER_WORKSPACE = "/workspace"
 # The venv of the era/<language> images; what {prefix} in a kernelspec argv means inside.
 IMAGE_PREFIX = "/opt/era/venv"
 
-DEFAULT_MEMORY = 512 * 1024**2
 MIN_MEMORY = 16 * 1024**2  # below this the engine refuses, or the kernel cannot even start
-DEFAULT_CPUS = 1.0
-DEFAULT_PIDS = 256
 DEFAULT_UID = 1000
-DEFAULT_EGRESS_NETWORK = "era-egress"
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}", re.ASCII)
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", re.ASCII)
 _HOST_FALLBACK_WARNED = False
 
@@ -94,27 +90,8 @@ def shared_docker_client() -> Any:
         return _clients[key]
 
 
-def _setting(settings: Settings, name: str, default: Any) -> Any:
-    # Settings rows for the docker provisioner may not exist (yet): fall back quietly.
-    value = settings.values.get(name)
-    return default if value in (None, "") else value
-
-
 def _default_uid() -> int:
     return DEFAULT_UID if os.getuid() == 0 else os.getuid()
-
-
-def _check_env(env: Any) -> dict[str, str]:
-    if env is None:
-        return {}
-    if not isinstance(env, dict):
-        raise BadRequest("env must be an object of strings", field="env")
-    for key, value in env.items():
-        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
-            raise BadRequest(f"invalid environment variable name {str(key)[:64]!r}", field="env")
-        if not isinstance(value, str) or "\0" in value:
-            raise BadRequest(f"environment variable {key} must be a string without NUL", field="env")
-    return dict(env)
 
 
 def _check_labels(labels: Any) -> dict[str, str]:
@@ -148,19 +125,7 @@ def _check_readonly(paths: Any) -> list[str]:
     return out
 
 
-def _positive(value: Any, name: str, kind: type) -> Any:
-    try:
-        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise TypeError
-        number = kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise BadRequest(f"{name} must be a number", field=name) from None
-    if number <= 0 or number > 2**62:
-        raise BadRequest(f"{name} must be positive", field=name)
-    return number
-
-
-class EraDockerProvisioner(KernelProvisionerBase):
+class EraDockerProvisioner(EraProvisioner):
     """Runs the kernelspec's argv in a locked-down container; the host talks to it over IPC."""
 
     image = Unicode("", config=True, help="image to run; default <ERA_DOCKER_IMAGE_PREFIX>/<language>:latest")
@@ -207,52 +172,22 @@ class EraDockerProvisioner(KernelProvisionerBase):
         ``os.environ``, and none of it may reach the container. The connection file is
         ours (IPC); ``launch_kernel`` returns its info and the manager adopts it.
         """
-        era: dict[str, Any] = dict(kwargs.pop("era", None) or {})
         incoming_env: dict[str, str] = kwargs.pop("env", None) or {}
         extra_arguments = kwargs.pop("extra_arguments", None) or []
         kwargs.pop("transport_encryption", None)
-        settings = Settings.from_env()
-
-        workspace = Path(era.get("workspace") or kwargs.pop("cwd", None) or os.getcwd()).resolve()
-        kwargs.pop("cwd", None)
-        if not workspace.is_dir():
-            raise BadRequest(f"workspace {workspace} is not a directory", field="workspace")
-        uid = era["uid"] if era.get("uid") is not None else (self.uid or _default_uid())
-        uid = _positive(uid, "uid", int)  # never root
+        options = LaunchOptions.given(kwargs.pop("era", None), "docker", Path(kwargs.pop("cwd", None) or os.getcwd()),
+                                      config=self._configured())
+        uid = options.uid if options.uid is not None else (self.uid or _default_uid())
         # As root we pick the group too; otherwise it must be one of ours to chown to it.
         gid = uid if os.getuid() == 0 else os.getgid()
-        memory = _positive(era.get("memory") or self.memory_limit
-                           or _setting(settings, "ERA_DOCKER_MEMORY", DEFAULT_MEMORY), "memory", int)
-        if memory < MIN_MEMORY:
+        if options.memory < MIN_MEMORY:
             raise BadRequest(f"memory must be at least {MIN_MEMORY} bytes", field="memory")
-        cpus = _positive(era.get("cpus") or self.cpus
-                         or _setting(settings, "ERA_DOCKER_CPUS", DEFAULT_CPUS), "cpus", float)
-        pids = _positive(era.get("pids") or self.pids_limit
-                         or _setting(settings, "ERA_DOCKER_PIDS", DEFAULT_PIDS), "pids", int)
-        allow_network = bool(era.get("allow_network", self.allow_network))
-        image = self._image(era, settings)
-        labels = _check_labels(era.get("labels"))
-        readonly = _check_readonly(era.get("readonly"))
-        env = self._kernel_env(incoming_env, _check_env(era.get("env")))
-        network = await self._network_mode(allow_network, settings)
-
-        if self.kernel_dir is not None and self._ipc_info is not None and self.kernel_dir.is_dir():
-            # A restart: same directory, socket paths and key, so that clients connected
-            # to the old kernel reach the new one (as TCP kernels keep their ports).
-            info = self._ipc_info
-        else:
-            self.kernel_dir = make_kernel_dir(era.get("runtime_dir") or settings.runtime_dir)
-            info = ipc_connection_info(self.kernel_dir)
-            info["kernel_name"] = self.kernel_spec.language or ""
-        self._ipc_info = info
-        connection_file = write_connection_file(self.kernel_dir, info)
-        try:  # the kernel's uid must create its sockets here and read the connection file
-            for path in (self.kernel_dir, connection_file):
-                os.chown(path, uid, gid)
-        except PermissionError:
-            self._discard_kernel_dir()
-            raise KernelFailed(f"cannot give the IPC directory to uid {uid}: run the server as root, "
-                               f"or set the kernel uid to {os.getuid()}") from None
+        image = self._image(options)
+        labels = _check_labels(options.labels)
+        env = self._kernel_env(incoming_env, options.env)
+        network = await self._network_mode(options)
+        workspace, readonly, connection_file = await asyncio.to_thread(self._prepare, options, uid, gid)
+        info = self._ipc_info
         argv = format_argv(list(self.kernel_spec.argv) + list(extra_arguments), connection_file=str(connection_file),
                            resource_dir="", prefix=IMAGE_PREFIX)
         self._container_spec = dict(
@@ -276,10 +211,10 @@ class EraDockerProvisioner(KernelProvisionerBase):
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             init=True,
-            mem_limit=memory,
-            memswap_limit=memory,  # no swap beyond the limit
-            nano_cpus=int(cpus * 1e9),
-            pids_limit=pids,
+            mem_limit=options.memory,
+            memswap_limit=options.memory,  # no swap beyond the limit
+            nano_cpus=int(options.cpus * 1e9),
+            pids_limit=options.pids,
             log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
             detach=True,
         )
@@ -289,13 +224,39 @@ class EraDockerProvisioner(KernelProvisionerBase):
         self._exit_code, self._waited, self.oom_killed = None, False, False
         return {"cmd": argv, **kwargs}
 
-    def _image(self, era: dict[str, Any], settings: Settings) -> str:
-        if era.get("image"):
-            return validate_image_ref(era["image"])
-        if self.image:
-            return validate_image_ref(self.image)
+    def _configured(self) -> dict[str, Any]:
+        """The kernelspec's provisioner config, as launch options (a plain Jupyter launch's)."""
+        return {"image": self.image or None, "memory": self.memory_limit, "cpus": self.cpus, "pids": self.pids_limit,
+                "allow_network": self.allow_network or None, "egress_network": self.egress_network}
+
+    def _prepare(self, options: LaunchOptions, uid: int, gid: int) -> tuple[Path, list[str], Path]:
+        """Blocking (pre_launch runs it in a thread): check the directories to mount, make
+        the IPC directory and connection file, and give them to the kernel's uid. A
+        restart keeps the directory, socket paths and key, so clients connected to the
+        old kernel reach the new one (as TCP kernels keep their ports)."""
+        workspace = options.workspace.resolve()
+        if not workspace.is_dir():
+            raise BadRequest(f"workspace {workspace} is not a directory", field="workspace")
+        readonly = _check_readonly(options.readonly)
+        if self.kernel_dir is None or self._ipc_info is None or not self.kernel_dir.is_dir():
+            self.kernel_dir = make_kernel_dir(options.runtime_dir)
+            self._ipc_info = ipc_connection_info(self.kernel_dir)
+            self._ipc_info["kernel_name"] = self.kernel_spec.language or ""
+        connection_file = write_connection_file(self.kernel_dir, self._ipc_info)
+        try:  # the kernel's uid must create its sockets here and read the connection file
+            for path in (self.kernel_dir, connection_file):
+                os.chown(path, uid, gid)
+        except PermissionError:
+            self._discard_kernel_dir()
+            raise KernelFailed(f"cannot give the IPC directory to uid {uid}: run the server as root, "
+                               f"or set the kernel uid to {os.getuid()}") from None
+        return workspace, readonly, connection_file
+
+    def _image(self, options: LaunchOptions) -> str:
+        if options.image:
+            return validate_image_ref(options.image)
         language = validate_language((self.kernel_spec.language or "").lower())
-        return validate_image_ref(f"{settings['ERA_DOCKER_IMAGE_PREFIX']}/{language}:latest")
+        return validate_image_ref(f"{options.image_prefix}/{language}:latest")
 
     def _kernel_env(self, incoming: dict[str, str], requested: dict[str, str]) -> dict[str, str]:
         # The kernelspec's env stanza is trusted config; JPY_* are Jupyter's session hints.
@@ -305,12 +266,16 @@ class EraDockerProvisioner(KernelProvisionerBase):
         env.update(requested)
         env.update({"HOME": "/tmp", "IPYTHONDIR": "/tmp/.ipython", "MPLCONFIGDIR": "/tmp/.mpl",
                     "PYTHONUNBUFFERED": "1"})
-        return _check_env(env)
+        for key, value in env.items():
+            problem = env_problem(key, value)
+            if problem:
+                raise BadRequest(problem, field="env")
+        return env
 
-    async def _network_mode(self, allow_network: bool, settings: Settings) -> str:
-        if not allow_network:
+    async def _network_mode(self, options: LaunchOptions) -> str:
+        if not options.allow_network:
             return "none"
-        name = self.egress_network or _setting(settings, "ERA_DOCKER_EGRESS_NETWORK", DEFAULT_EGRESS_NETWORK)
+        name = options.egress_network
         try:
             await asyncio.to_thread(self.client.networks.get, name)
             return name
@@ -422,6 +387,21 @@ class EraDockerProvisioner(KernelProvisionerBase):
         self.container_id, self._waited = None, False
         if not restart:
             await asyncio.to_thread(self._discard_kernel_dir)
+
+    def kernel_log(self, limit: int = 2000) -> str:
+        """The tail of the container's own output (its json-file log, capped at 1 MiB by
+        the log driver). Called by ERA's SessionKernel when a start fails."""
+        if self.container_id is None:
+            return ""
+        try:
+            raw = self.client.api.logs(self.container_id, stdout=True, stderr=True, tail=50)
+        except Exception:
+            return ""
+        return raw.decode(errors="replace")[-limit:]
+
+    def oom_kills(self) -> int | None:
+        """Docker reports a kill of the kernel itself (``oom_killed``), not of its children."""
+        return None
 
     async def seal_ipc(self) -> None:
         """Called by ERA's SessionKernel once the kernel answered, before any user code runs:

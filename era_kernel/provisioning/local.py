@@ -38,9 +38,10 @@ from typing import Any
 from jupyter_client.provisioning import KernelProvisionerBase, LocalProvisioner
 from traitlets import Bool, Int, Unicode
 
-from ..config import Settings
 from ..errors import KernelFailed
 from . import cgroups
+from .base import EraProvisioner, LaunchOptions
+from .privileges import die_with_parent, drop_privileges
 from .output_tail import OutputTail
 from .seccomp import filter_fd
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
@@ -139,7 +140,7 @@ def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path, hidden: li
     return cmd + ["--", *argv]
 
 
-class EraLocalProvisioner(LocalProvisioner):
+class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
     """Launches the kernelspec's argv as a sandboxed local process talking over IPC."""
 
     sandbox = Unicode("", config=True, help="auto, bwrap or none; default ERA_SANDBOX")
@@ -189,80 +190,60 @@ class EraLocalProvisioner(LocalProvisioner):
         connection file through the manager. We choose IPC here and hand the connection
         info back from ``launch_kernel``; the manager adopts it.
         """
-        era: dict[str, Any] = dict(kwargs.pop("era", None) or {})
-        settings = Settings.from_env()
         extra_arguments = kwargs.pop("extra_arguments", [])
         kwargs.pop("transport_encryption", None)
-
-        workspace = Path(era.get("workspace") or kwargs.get("cwd") or os.getcwd()).resolve()
-        runtime_dir = era.get("runtime_dir") or settings.runtime_dir
-        memory = int(era.get("memory") or self.memory_limit or settings["ERA_KERNEL_MEMORY"])
-        pids = int(era.get("pids") or self.pids_limit or settings["ERA_KERNEL_PIDS"])
-        tmp_size = int(era.get("tmp_size") or self.tmp_size or settings["ERA_KERNEL_TMP_SIZE"])
+        options = LaunchOptions.given(kwargs.pop("era", None), "local", Path(kwargs.get("cwd") or os.getcwd()),
+                                      config=self._configured())
+        workspace = options.workspace.resolve()
         try:
-            cgroup_support = await asyncio.to_thread(
-                cgroups.resolve, str(era.get("cgroups") or self.cgroup_mode or settings["ERA_KERNEL_CGROUPS"]))
+            cgroup_support = await asyncio.to_thread(cgroups.resolve, options.cgroups)
         except cgroups.CgroupsUnavailable as exc:
             raise KernelFailed(str(exc)) from None
-        allow_network = bool(era.get("allow_network", self.allow_network))
-        mode = sandbox_mode(era.get("sandbox") or self.sandbox or settings["ERA_SANDBOX"])
-        if era.get("uid") is not None:
-            uid = int(era["uid"])
+        mode = sandbox_mode(options.sandbox)
+        if options.uid is not None:
+            uid = options.uid
         elif os.getuid() == 0:
             uid = self.kernel_uid if self.kernel_uid >= 0 else _NOBODY
         else:
             uid = os.getuid()
         gid = uid if os.getuid() == 0 else os.getgid()
-
-        if self.kernel_dir is None or not self.kernel_dir.is_dir():
-            self.kernel_dir = make_kernel_dir(runtime_dir)
-            self._info = ipc_connection_info(self.kernel_dir)
-            self._info["kernel_name"] = self.kernel_spec.language or ""
-        # else: a restart (cleanup(restart=True) kept the directory): same sockets and
-        # key, so clients connected to the old kernel reach the new one.
-        home = self.kernel_dir / "home"
-        home.mkdir(mode=0o700, exist_ok=True)
+        connection_file, home = await asyncio.to_thread(self._prepare_kernel_dir, options.runtime_dir, uid, gid)
         info = self._info
-        connection_file = write_connection_file(self.kernel_dir, info)
-        if os.getuid() == 0 and uid != 0:
-            for path in (self.kernel_dir, home, connection_file):
-                os.chown(path, uid, gid)
 
         argv = format_argv(self.kernel_spec.argv + list(extra_arguments), connection_file=str(connection_file),
                            resource_dir=self.kernel_spec.resource_dir or "", prefix=sys.prefix)
         if os.getuid() == 0 and uid != 0:
-            argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
-                    "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+            argv = drop_privileges(uid, gid) + argv
         if mode == "bwrap":
-            hidden = [settings["ERA_DATA_DIR"], str(Path(runtime_dir))]
+            hidden = sorted({*options.hidden, str(options.runtime_dir)})
             # The kernels of other languages run modules of this package (era_kernel.kernels),
             # which an editable install imports from the source tree: that may be masked too.
             package_dir = str(Path(__file__).resolve().parents[1])
-            readonly = sorted({sys.prefix, sys.base_prefix, package_dir, *era.get("readonly", [])})
+            readonly = sorted({sys.prefix, sys.base_prefix, package_dir, *options.readonly})
             self._seccomp_fd = filter_fd()
             argv = bwrap_argv(argv, workspace=workspace, kernel_dir=self.kernel_dir, hidden=hidden,
-                              allow_network=allow_network, readonly=readonly, seccomp_fd=self._seccomp_fd,
-                              tmp_size=tmp_size)
+                              allow_network=options.allow_network, readonly=readonly, seccomp_fd=self._seccomp_fd,
+                              tmp_size=options.tmp_size)
             self.sandboxed = True
         else:
             _warn_unsandboxed()
             # Without bubblewrap, at least die with the server.
-            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+            argv = die_with_parent() + argv
         # bubblewrap sets no resource limits: prlimit does, before anything else runs.
-        address_space = max(memory, self.address_space_limit)
-        argv = ["prlimit", f"--as={address_space}", f"--nproc={pids}", "--core=0", "--", *argv]
+        address_space = max(options.memory, self.address_space_limit)
+        argv = ["prlimit", f"--as={address_space}", f"--nproc={options.pids}", "--core=0", "--", *argv]
         if cgroup_support is not None:
             # A fresh group per launch (a restart's too: the previous one went at cleanup),
             # entered before prlimit runs, so nothing of the kernel ever runs outside it.
             group = cgroups.KernelCgroup.for_kernel(self.kernel_dir.name, cgroup_support)
             try:
-                await cgroups.make(group, memory, pids)
+                await cgroups.make(group, options.memory, options.pids)
             except OSError as exc:
                 raise KernelFailed(f"cannot make the kernel's cgroup {group.memory_dir}: {exc}") from None
             self._cgroup = group
             argv = cgroups.wrap_argv(group, argv)
 
-        env = kernel_env(kwargs.pop("env", None), era.get("env", {}), home)
+        env = kernel_env(kwargs.pop("env", None), options.env, home)
         kwargs.update(env=env, cwd=str(workspace))
         # The kernel's own stdout/stderr (banners, crashes) go into a pipe we drain,
         # keeping a bounded tail for kernel_log(): never a host file it could fill.
@@ -278,6 +259,28 @@ class EraLocalProvisioner(LocalProvisioner):
             kwargs["independent"] = True
         self.connection_info = host_connection_info(info, self.kernel_dir)
         return await KernelProvisionerBase.pre_launch(self, cmd=argv, **kwargs)
+
+    def _configured(self) -> dict[str, Any]:
+        """The kernelspec's provisioner config, as launch options (a plain Jupyter launch's)."""
+        return {"sandbox": self.sandbox, "memory": self.memory_limit, "pids": self.pids_limit,
+                "tmp_size": self.tmp_size, "cgroups": self.cgroup_mode, "allow_network": self.allow_network or None}
+
+    def _prepare_kernel_dir(self, runtime_dir: Path, uid: int, gid: int) -> tuple[Path, Path]:
+        """Blocking (pre_launch runs it in a thread): the IPC directory, the kernel's home
+        and its connection file, given to the kernel's uid. A restart keeps the directory
+        (cleanup(restart=True)): same sockets and key, so connected clients reach the new
+        kernel."""
+        if self.kernel_dir is None or not self.kernel_dir.is_dir():
+            self.kernel_dir = make_kernel_dir(runtime_dir)
+            self._info = ipc_connection_info(self.kernel_dir)
+            self._info["kernel_name"] = self.kernel_spec.language or ""
+        home = self.kernel_dir / "home"
+        home.mkdir(mode=0o700, exist_ok=True)
+        connection_file = write_connection_file(self.kernel_dir, self._info)
+        if os.getuid() == 0 and uid != 0:
+            for path in (self.kernel_dir, home, connection_file):
+                os.chown(path, uid, gid)
+        return connection_file, home
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
         """Called by the KernelManager to start the process; returns IPC connection info."""

@@ -28,6 +28,7 @@ from typing import Callable
 from ..config import Settings
 from ..provisioning import cgroups
 from ..provisioning.local import bwrap_argv, sandbox_mode
+from ..provisioning.privileges import die_with_parent, drop_privileges
 from ..provisioning.seccomp import filter_fd
 from .logs import LineSplitter
 from .steps import SetupFailed, Step, StepTimeout, Toolchain
@@ -74,8 +75,7 @@ class LocalRunner:
                 seccomp_fd: int | None) -> list[str]:
         argv = list(step.argv)
         if os.getuid() == 0 and uid != 0:
-            argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
-                    "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+            argv = drop_privileges(uid, uid) + argv
         if self.sandboxed:
             hidden = [self.settings["ERA_DATA_DIR"], str(self.settings.runtime_dir)]
             full = bwrap_argv(argv, workspace=staging, kernel_dir=home, hidden=hidden, allow_network=True,
@@ -87,7 +87,7 @@ class LocalRunner:
             full[chdir + 1] = str(final)  # mounts come first, then the working directory
             full[split:split] = ["--bind", str(staging), str(final)]
         else:
-            full = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+            full = die_with_parent() + argv
         return ["prlimit", f"--as={self.memory}", f"--nproc={self.pids}", "--core=0", "--", *full]
 
     async def run(self, step: Step, *, final: Path, staging: Path, home: Path, uid: int, env: dict[str, str],
