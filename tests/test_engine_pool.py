@@ -458,3 +458,35 @@ async def test_stopping_a_cancelled_start_lets_it_finish_its_clean_up(era_settin
     await asyncio.sleep(0)
     await engine.table.stop("s")
     assert cleaned.is_set()
+
+
+async def test_a_kernel_cut_off_between_runs_gives_its_slot_back(era_settings):
+    """A kernel whose connection was cut between runs (a background display over the
+    message limit) is dead: it used to keep its slot until its session's next run, so at
+    the kernel limit every other request got 429. Admission now evicts it, and a culling
+    pass frees the slot of one nobody needs."""
+    settings = era_settings.replace(ERA_MAX_KERNELS=1, ERA_KERNEL_MESSAGE_LIMIT=1024**2,
+                                    ERA_OUTPUT_LIMIT=256 * 1024)
+    arm = ("import threading\nthreading.Timer(0.3, lambda: display({'text/plain': 'x' * 3_000_000}, raw=True))"
+           ".start()\nprint('armed')")
+
+    async def cut_off(engine: SessionManager, sid: str) -> None:
+        assert (await engine.run(sid, {"code": arm}))["stdout"] == "armed\n"
+        for _ in range(100):
+            if engine.kernels[sid].state == "dead":
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the cut was not noticed")
+
+    async with started_engine(settings) as engine:
+        first = (await engine.create({}))["id"]
+        await cut_off(engine, first)
+        assert engine.slots.used == 1
+        second = (await engine.create({}))["id"]  # the dead kernel's slot, not a 429
+        assert (await engine.run(second, {"code": "print('mine')"}))["stdout"] == "mine\n"
+        assert first not in engine.kernels and engine.slots.used == 1
+        await cut_off(engine, second)
+        culled = await engine.cull()
+        assert culled["dead"] == [second] and engine.slots.used == 0 and not engine.kernels
+        assert (await engine.run(first, {"code": "print('back')"}))["stdout"] == "back\n"
+        assert engine.slots.used == 1

@@ -12,6 +12,7 @@ import subprocess
 import nbformat
 import pytest
 
+from era_kernel.engine import SessionManager
 from era_kernel.errors import BadRequest, Conflict, EraError, NotFound, TooLarge, TooManyKernels
 
 from .conftest import kernel_processes
@@ -262,3 +263,22 @@ async def test_a_session_nesting_directories_past_the_open_file_limit(engine, se
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert not engine.workspace_dir(session).exists() and not engine.workspace_dir("dup").exists()
     assert not kernel_dir.exists()
+
+
+async def test_the_engines_own_settings_reach_its_kernels(era_settings, monkeypatch):
+    """Provisioners used to read the process environment at launch: an engine built with
+    bubblewrap and a 300 MiB memory limit ran what the environment said instead. The
+    engine now hands its kernels typed launch options from its own settings."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("needs bubblewrap installed")
+    monkeypatch.setenv("ERA_SANDBOX", "none")
+    monkeypatch.setenv("ERA_KERNEL_MEMORY", "2G")
+    engine = SessionManager(era_settings.replace(ERA_SANDBOX="bwrap", ERA_KERNEL_MEMORY=300 * 1024**2))
+    await engine.start()
+    try:
+        sid = (await engine.create({}))["id"]
+        r = await engine.run(sid, {"code": "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])"})
+        assert r["stdout"] == f"{300 * 1024**2}\n", r
+        assert engine.kernels[sid].km.provisioner.sandboxed is True
+    finally:
+        await engine.shutdown()
