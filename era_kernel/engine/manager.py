@@ -323,7 +323,10 @@ class SessionManager:
 
     async def notebook(self, session_id: str) -> dict[str, Any]:
         record = await self._record(session_id)
-        return notebook_from_runs(await self.store.list_runs(session_id, 10_000), record.language, session_id)
+        runs = await self.store.list_runs(session_id, 10_000)
+        # In a thread: building and validating up to 10,000 cells is real work, and the
+        # first call imports nbformat and jsonschema (seconds on a loaded host).
+        return await asyncio.to_thread(notebook_from_runs, runs, record.language, session_id)
 
     async def set_code(self, session_id: str, code: Any) -> None:
         await self._record(session_id)
