@@ -12,13 +12,13 @@ from typing import Any, Literal, Optional
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import BadRequest
+from .languages import LANGUAGES as _LANGUAGES
 
 # Always used with fullmatch: `$` would also match before a trailing newline.
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}", re.ASCII)
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}", re.ASCII)
-LANGUAGES = ("python", "node", "typescript", "deno", "go", "bash")
+LANGUAGES = tuple(_LANGUAGES)  # the one list is languages.py's
 LANGUAGE_ALIASES = {"javascript": "node", "js": "node", "py": "python", "python3": "python", "ts": "typescript"}
-PROVISIONERS = ("local", "docker")
 
 
 def normalize_language(value: Any) -> str:

@@ -16,7 +16,6 @@ import threading
 import time
 import traceback
 
-import pytest
 
 from era_kernel.engine import SessionManager
 

@@ -31,7 +31,7 @@ from ..setup import SetupManager
 from ..store.base import SessionExists, store_for_url
 from .events import EngineEvents, LifecycleEvent, RunEvent, SessionDeleted
 from .files import POOL_ROOT, SessionFiles
-from .kernels import KernelSlots, KernelTable, Lease
+from .kernels import KernelSlots, KernelTable
 from .launcher import KernelLauncher
 from .pool import KernelPool, WarmKernel, parse_pool_keys
 from .recovery import recover

@@ -49,7 +49,6 @@ from typing import Any, Iterable
 import docker
 import docker.errors
 from docker.types import LogConfig, Mount
-from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, Float, Int, Unicode
 
 from ..errors import BadRequest, KernelFailed

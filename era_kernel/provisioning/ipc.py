@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 

@@ -17,7 +17,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import time
 from collections import defaultdict
 from typing import Any, Mapping
@@ -28,15 +27,15 @@ from ..errors import BadRequest, NotFound, TooLarge
 from . import manifest, snapshots
 from . import fdtree
 from .local import limit_error, map_os_error, run_blocking
+from ..models import is_session_id
 from .objects import ObjectStore
 from .paths import iso_utc, safe_relpath
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 ARCHIVES = ".archives"  # '.' cannot start a session id, so no session can collide with it
 
 
 def check_session_id(session_id: str) -> str:
-    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+    if not is_session_id(session_id):
         raise BadRequest("invalid session id: use 1-128 of A-Z a-z 0-9 _ -", field="id")
     return session_id
 
