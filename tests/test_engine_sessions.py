@@ -282,3 +282,21 @@ async def test_the_engines_own_settings_reach_its_kernels(era_settings, monkeypa
         assert engine.kernels[sid].km.provisioner.sandboxed is True
     finally:
         await engine.shutdown()
+
+
+async def test_restarts_racing_runs_leave_one_kernel_and_one_slot(engine, session):
+    """A restart does not wait for the run lock (it is how a stuck run is ended), so its
+    background start can race a run's own cold start: each kernel holds exactly one slot,
+    and the session ends with one kernel."""
+    await engine.run(session, {"code": "1"})
+    for _ in range(3):
+        results = await asyncio.gather(engine.restart(session), engine.run(session, {"code": "print('ok')"}),
+                                       engine.restart(session), return_exceptions=True)
+        ran = results[1]
+        assert not isinstance(ran, AssertionError), ran
+        if isinstance(ran, dict):
+            assert ran["stdout"] == "ok\n" or ran["exit_code"] != 0, ran  # a restart may kill it mid-run
+    r = await engine.run(session, {"code": "print('settled')"})
+    assert r["stdout"] == "settled\n"
+    await engine.settle()
+    assert list(engine.kernels) == [session] and engine.slots.used == 1

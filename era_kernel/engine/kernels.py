@@ -166,11 +166,15 @@ class KernelTable:
         return lease
 
     # ---- entering and leaving ------------------------------------------------------------
-    def reserve(self, session_id: str, lease: Lease) -> None:
-        """The session is getting a kernel with this slot (its start begins)."""
-        assert session_id not in self._entries, f"session {session_id} already has a kernel"
+    def reserve(self, session_id: str, lease: Lease) -> bool:
+        """The session is getting a kernel with this slot (its start begins). False when
+        it already has one (a restart and a cold run raced): the caller uses that one and
+        gives its slot back."""
+        if session_id in self._entries:
+            return False
         self._entries[session_id] = _Entry(None, lease)
         self.touch(session_id)
+        return True
 
     def mark_starting(self, session_id: str, task: asyncio.Task) -> None:
         """The background task starting it (a delete or a restart cancels it)."""
@@ -190,12 +194,14 @@ class KernelTable:
             entry.starting = None
             self.touch(session_id)
 
-    async def stop(self, session_id: str, *, lease: Lease | None = None) -> bool:
+    async def stop(self, session_id: str, *, lease: Lease | None = None, kernel: SessionKernel | None = None) -> bool:
         """Stop the session's kernel (cancelling a background start) and give its slot
-        back; True when there was one. ``lease``: only if the entry still holds that slot
-        (a failed start cleans up after itself, never after the start that replaced it)."""
+        back; True when there was one. ``lease`` / ``kernel``: only if the entry still
+        holds that slot or that kernel (a failed start or a run whose kernel died cleans up
+        after itself, never after a restart that replaced it meanwhile)."""
         entry = self._entries.get(session_id)
-        if entry is None or (lease is not None and entry.lease is not lease):
+        if entry is None or (lease is not None and entry.lease is not lease) or \
+                (kernel is not None and entry.kernel is not kernel):
             return False
         del self._entries[session_id]
         try:

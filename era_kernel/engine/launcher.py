@@ -81,7 +81,12 @@ class KernelLauncher:
     def start_in_background(self, record: SessionRecord, lease: Lease, warm: WarmKernel | None = None) -> None:
         """Start (or claim) the session's kernel without waiting; the table holds the
         slot meanwhile. A failure is logged, and the next run tries again and reports it."""
-        self.table.reserve(record.id, lease)
+        if not self.table.reserve(record.id, lease):  # a cold run started one meanwhile: keep that
+            if warm is not None:
+                asyncio.ensure_future(self._discard_claimed(warm))
+            else:
+                lease.release()
+            return
         start = self._claim(record, warm) if warm is not None else self._start(record, lease)
         task = asyncio.create_task(start, name=f"era-start-{record.id}")
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved"
@@ -91,19 +96,29 @@ class KernelLauncher:
         """The session's live kernel, started now if it has none or its kernel died.
         Called under the session's run lock."""
         sid = record.id
-        task = self.table.starting(sid)
-        if task is not None:
-            try:
-                await asyncio.shield(task)
-            except Exception:
-                pass  # the background start failed: try once more below, reporting that error
-        kernel = self.table.kernel(sid)
-        if kernel is not None and kernel.state != "dead" and self.table.starting(sid) is None:
-            return kernel
-        await self.table.stop(sid)  # a dead kernel: its slot goes back before a new one is taken
-        lease = await self.table.admit()
-        self.table.reserve(sid, lease)
-        return await self._start(record, lease)
+        for _ in range(3):  # once, plus a race or two with a restart
+            task = self.table.starting(sid)
+            if task is not None:
+                try:
+                    await asyncio.shield(task)
+                except Exception:
+                    pass  # the background start failed: try once more below, reporting that error
+            kernel = self.table.kernel(sid)
+            if kernel is not None and kernel.state != "dead" and self.table.starting(sid) is None:
+                return kernel
+            if kernel is not None:
+                await self.table.stop(sid, kernel=kernel)  # dead: its slot goes back before a new one is taken
+            lease = await self.table.admit()
+            if self.table.reserve(sid, lease):
+                return await self._start(record, lease)
+            lease.release()  # a restart started one meanwhile: wait for that one
+        raise KernelFailed(f"the kernel of session {sid} kept being replaced while this run waited for it; retry")
+
+    async def _discard_claimed(self, warm: WarmKernel) -> None:
+        try:
+            await self.discard_warm(warm)
+        finally:
+            warm.lease.release()
 
     async def _start(self, record: SessionRecord, lease: Lease) -> SessionKernel:
         """Start the session's kernel, its slot (``lease``) already in the table."""

@@ -122,8 +122,8 @@ class SessionRunner:
         outcome = await run_cell(kernel, language, code, self.settings, timeout=timeout, env=env, on_event=emit,
                                  on_input=on_input)
         if outcome.status in ("dead", "cut") or outcome.restarted:
-            await self.table.stop(sid)  # the next run starts a fresh kernel
-            self.events.publish(KernelDied(sid, death_reason(outcome)))
+            if await self.table.stop(sid, kernel=kernel):  # the next run starts a fresh kernel
+                self.events.publish(KernelDied(sid, death_reason(outcome)))
         data = await self._read_back_data(ws, record)
         sync_error = await self.files.sync(record)
         if sync_error:
