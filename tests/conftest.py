@@ -50,6 +50,9 @@ def era_settings(request, tmp_path):
     shutil.rmtree(runtime, ignore_errors=True)
 
 
+# Engine-level suites that must hold on both provisioners run under this (the one way to
+# say so). What a provisioner itself promises is checked, per provisioner, by
+# tests/conformance/test_provisioner.py.
 both_provisioners = pytest.mark.parametrize("era_settings", ["local", "docker"], indirect=True)
 
 

@@ -5,32 +5,24 @@ goes on in a fresh kernel. Both provisioners; a 1 MiB limit stands in for 256 Mi
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import pytest
 
-from era_kernel.config import Settings
 from era_kernel.sessions import SessionManager
 
-from .conftest import require_docker, short_tmpdir
+from .conftest import both_provisioners
+
+pytestmark = both_provisioners
 
 HUGE_DISPLAY = "display({'text/plain': 'x' * 3_000_000}, raw=True)"
 
 
-@pytest.fixture(params=["local", "docker"])
-async def engine(request):
-    if request.param == "docker":
-        require_docker()
-    runtime, data = short_tmpdir("ert"), short_tmpdir("erd")
-    settings = Settings.from_env({"ERA_KERNEL_MESSAGE_LIMIT": "1MiB", "ERA_OUTPUT_LIMIT": "256KiB"},
-                                 data_dir=str(data), runtime_dir=str(runtime), provisioner=request.param,
-                                 pool_size=0)
-    manager = SessionManager(settings)
+@pytest.fixture
+async def engine(era_settings):
+    manager = SessionManager(era_settings.replace(ERA_KERNEL_MESSAGE_LIMIT=1024**2, ERA_OUTPUT_LIMIT=256 * 1024))
     await manager.start()
     yield manager
     await manager.shutdown()
-    shutil.rmtree(runtime, ignore_errors=True)
-    shutil.rmtree(data, ignore_errors=True)
 
 
 async def test_an_oversized_message_fails_the_run_with_a_reason(engine):

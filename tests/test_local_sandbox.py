@@ -1,11 +1,14 @@
-"""The era-local sandbox: what code in a session can and cannot reach (SECURITY.md 8, 9, 18, 19, 21)."""
+"""What only the era-local sandbox does (SECURITY.md 3, 7, 19): bubblewrap's seccomp filter,
+the kernel's output kept in a pipe, the session's cgroup and its sized /tmp. What every
+provisioner promises (isolation, privileges, network, environment, limits, interrupt,
+restart, stop, kernel_log, IPC seal) is checked for this one too in
+tests/conformance/test_provisioner.py."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
-import socket
 
 import pytest
 
@@ -15,58 +18,6 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None and os.environ.get
 
 async def run(engine, sid, code, **extra):
     return await engine.run(sid, {"code": code, **extra})
-
-
-async def test_no_network_unless_allowed(engine):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2); print('connected')\n"
-            "except OSError as e:\n    print('refused', type(e).__name__)\n"
-            "try:\n    socket.getaddrinfo('example.com', 80); print('dns ok')\nexcept OSError:\n    print('no dns')")
-    try:
-        closed = await engine.create({"id": "closed"})
-        r = await run(engine, closed["id"], code)
-        assert r["stdout"].splitlines()[0].startswith("refused") and "no dns" in r["stdout"]
-        opened = await engine.create({"id": "opened", "allowInternetAccess": True})
-        r = await run(engine, opened["id"], code)
-        assert r["stdout"].splitlines()[0] == "connected"
-    finally:
-        listener.close()
-
-
-async def test_host_and_other_sessions_are_invisible(engine, tmp_path):
-    a = (await engine.create({"id": "a"}))["id"]
-    b = (await engine.create({"id": "b"}))["id"]
-    await run(engine, b, "open('b-secret.txt', 'w').write('b only')")
-    b_dir = engine.workspace_dir(b)
-    host_secret = tmp_path / "host-secret.txt"
-    host_secret.write_text("host only")
-    code = f"""
-import os
-for p in [{str(b_dir / 'b-secret.txt')!r}, {str(engine.settings.data_dir / 'era.db')!r}, '/etc/shadow',
-          {str(host_secret)!r}, '/root/.bashrc']:
-    try:
-        open(p).read(); print('READ', p)
-    except OSError as e:
-        print('denied', type(e).__name__)
-print('uid', os.getuid())
-print(sorted(os.listdir({str(engine.settings.runtime_dir / 'k')!r})) if os.path.exists({str(engine.settings.runtime_dir / 'k')!r}) else 'no k')
-"""
-    r = await run(engine, a, code)
-    assert "READ" not in r["stdout"], r["stdout"]
-    assert "uid 0" not in r["stdout"]
-
-
-async def test_privileges_are_gone(engine, session):
-    r = await run(engine, session, "print(open('/proc/self/status').read())")
-    status = dict(line.split(":", 1) for line in r["stdout"].splitlines() if ":" in line)
-    assert status["NoNewPrivs"].strip() == "1"
-    assert status["CapEff"].strip() == "0000000000000000"
-    r = await run(engine, session, "import os\nprint(os.getuid() != 0)\n"
-                                   "try:\n    open('/usr/bin/owned', 'w')\nexcept OSError as e: print('ro', e.errno)")
-    assert r["stdout"].split() == ["True", "ro", "30"], "non-root, and the host's root is read-only (EROFS)"
 
 
 async def test_escape_syscalls_are_refused(engine, session):
@@ -88,30 +39,6 @@ print('fork still works', os.fork() and os.wait()[1] == 0 or os._exit(0))
     for call in ("unshare-syscall", "mount", "ptrace", "keyctl"):
         assert lines[call] == "Operation not permitted", (call, lines[call])
     assert lines["fork"] == "still works True"
-
-
-async def test_fork_bomb_is_contained(engine, session):
-    code = ("import os, time\nkids = 0\ntry:\n    for _ in range(5000):\n        if os.fork() == 0:\n"
-            "            time.sleep(30); os._exit(0)\n        kids += 1\nexcept OSError as e:\n    print('stopped at', kids, e.errno)")
-    r = await run(engine, session, code, timeout=20)
-    assert "stopped at" in r["stdout"]
-    assert int(r["stdout"].split()[2]) < engine.settings["ERA_KERNEL_PIDS"]
-    other = await engine.create({})
-    assert (await run(engine, other["id"], "print('still fine')"))["stdout"] == "still fine\n"
-    await engine.restart(session)  # kills the pid namespace and every child in it
-    r = await run(engine, session, "print('fresh')")
-    assert r["stdout"] == "fresh\n"
-
-
-async def test_memory_bomb_is_stopped_with_a_clear_error(engine, session):
-    r = await run(engine, session, "blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 1024 * 1024))",
-                  timeout=30)
-    assert r["exit_code"] != 0
-    assert r["error"]["ename"] in ("MemoryError", "KernelDied")
-    r = await run(engine, session, "del blocks\nprint('recovered')") if r["error"]["ename"] == "MemoryError" else \
-        await run(engine, session, "print('recovered')")
-    assert r["stdout"] == "recovered\n"
-    await asyncio.sleep(0)
 
 
 # ---- SECURITY.md 7: the kernel's own stdout/stderr reach no host file -----------------------
@@ -179,40 +106,6 @@ async def test_kernel_output_reaches_no_host_file(engine, session):
     allowed = ("socket:[", "pipe:[", "anon_inode:", "/dev/null", f"{kernel_dir}/", f"{workspace}/")
     stray = {pid: [t for t in targets if not t.startswith(allowed)] for pid, targets in fds.items()}
     assert not any(stray.values()), f"descriptors the server did not mean to give: {stray}"
-
-
-async def test_start_failure_still_shows_the_kernels_own_output(tmp_path):
-    import json
-    import sys
-
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    from era_kernel.errors import KernelFailed
-    from era_kernel.kernel import SessionKernel
-
-    from .conftest import short_tmpdir
-
-    spec_dir = tmp_path / "specs" / "broken"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        # More than a pipe holds first: the server must drain while the kernel writes.
-        "argv": [sys.executable, "-c", "import sys; sys.stderr.write('x' * 200000 + '\\n'); "
-                                       "print('era-marker: broken kernel', flush=True); sys.exit(3)"],
-        "display_name": "broken", "language": "python",
-        "metadata": {"kernel_provisioner": {"provisioner_name": "era-local"}}}))
-    runtime, workspace = short_tmpdir("ert"), short_tmpdir("erw")
-    os.chmod(workspace, 0o777)
-    kernel = SessionKernel(KernelSpecManager(kernel_dirs=[str(tmp_path / "specs")]), "broken",
-                           {"workspace": str(workspace), "runtime_dir": str(runtime)}, [], start_timeout=20)
-    try:
-        with pytest.raises(KernelFailed) as failure:
-            await kernel.start()
-        assert "era-marker: broken kernel" in str(failure.value)
-        assert len(str(failure.value)) < 10_000, "only a short tail goes into the message"
-        assert not list((runtime / "k").iterdir()), "nothing left beside the kernel's directory"
-    finally:
-        shutil.rmtree(runtime, ignore_errors=True)
-        shutil.rmtree(workspace, ignore_errors=True)
 
 
 # ---- SECURITY.md 3: a session's limits hold for the session as a whole --------------------

@@ -17,7 +17,7 @@ import time
 from era_kernel.config import Settings
 from era_kernel.sessions import SessionManager
 
-from .conftest import require_docker, short_tmpdir
+from .conftest import both_provisioners, short_tmpdir
 
 SECOND_SERVER = textwrap.dedent("""
     import asyncio, sys
@@ -45,34 +45,32 @@ def test_each_data_dir_gets_its_own_runtime_dir(tmp_path):
     assert str(explicit.runtime_dir) == "/tmp/era-x", "ERA_RUNTIME_DIR still overrides"
 
 
-async def test_second_server_leaves_first_servers_kernels_alone(tmp_path):
+@both_provisioners
+async def test_second_server_leaves_first_servers_kernels_alone(era_settings, tmp_path):
     """The reported case: another server (own data dir) sharing the runtime directory
     deleted a live Docker kernel's directory at its start. Here both share the same
-    explicit ERA_RUNTIME_DIR, the worst case; the default no longer even shares it."""
-    require_docker()
-    runtime = short_tmpdir("ert")
-    first = SessionManager(Settings.from_env({}, data_dir=str(tmp_path / "one"), runtime_dir=str(runtime),
-                                             pool_size=0))
+    explicit ERA_RUNTIME_DIR, the worst case; the default no longer even shares it.
+    (That every kernel directory has the owner record the reaper reads is checked for
+    each provisioner in tests/conformance/test_provisioner.py.)"""
+    runtime = era_settings.runtime_dir
+    first = SessionManager(era_settings)
     await first.start()
     try:
-        local = (await first.create({"id": "loc"}))["id"]
-        docker = (await first.create({"id": "dock", "provisioner": "docker"}))["id"]
-        for sid in (local, docker):
-            assert (await first.run(sid, {"code": "print('up')"}))["stdout"] == "up\n"
-        dirs = {sid: first.kernels[sid].km.provisioner.kernel_dir for sid in (local, docker)}
+        sid = (await first.create({"id": "k"}))["id"]
+        assert (await first.run(sid, {"code": "print('up')"}))["stdout"] == "up\n"
+        kernel_dir = first.kernels[sid].km.provisioner.kernel_dir
 
         second = await asyncio.create_subprocess_exec(sys.executable, "-c", SECOND_SERVER, str(tmp_path / "two"),
                                                       str(runtime), stderr=subprocess.PIPE)
         _, err = await asyncio.wait_for(second.communicate(), 120)
         assert second.returncode == 0, err.decode()[-2000:]
 
-        for sid, kernel_dir in dirs.items():
-            assert kernel_dir.is_dir(), f"{sid}: the second server deleted a live kernel's directory"
-            assert (kernel_dir / "kernel-1").exists(), sid
-            r = await first.run(sid, {"code": "print('still here')"})
-            assert r["stdout"] == "still here\n", (sid, r)
-        await first.restart(docker)  # reconnects through the socket paths: they must still be there
-        assert (await first.run(docker, {"code": "print('again')"}))["stdout"] == "again\n"
+        assert kernel_dir.is_dir(), "the second server deleted a live kernel's directory"
+        assert (kernel_dir / "kernel-1").exists()
+        r = await first.run(sid, {"code": "print('still here')"})
+        assert r["stdout"] == "still here\n", r
+        await first.restart(sid)  # reconnects through the socket paths: they must still be there
+        assert (await first.run(sid, {"code": "print('again')"}))["stdout"] == "again\n"
     finally:
         await first.shutdown()
 
