@@ -272,6 +272,16 @@ async def test_timeout_is_124_and_the_session_stays_usable(sessions, provisioner
     assert (await run(sessions, provisioner, language, STREAMS[language]))["stdout"] == "out\n"
 
 
+@cases("node", "typescript")
+async def test_an_interrupted_run_keeps_the_sessions_state(sessions, provisioner, language):
+    """tslab kernels are interrupted by SIGINT: it must reach the kernel, not kill the
+    sandbox around it (a local timeout used to restart the kernel and lose the state)."""
+    assert (await run(sessions, provisioner, language, STATE[language]))["exit_code"] == 0
+    result = await run(sessions, provisioner, language, FOREVER[language], timeout=1.5)
+    assert result["exit_code"] == 124 and "restarted" not in result["error"]["evalue"], result
+    assert (await run(sessions, provisioner, language, STATE_READ[language]))["stdout"] == "42\n"
+
+
 NODE_PACKAGE = {
     "lib/node_modules/era-pad/package.json": json.dumps({"name": "era-pad", "version": "1.0.0", "main": "index.js"}),
     "lib/node_modules/era-pad/index.js": "module.exports = { pad: (s) => `[${s}]` };\n",

@@ -31,6 +31,7 @@ import getpass
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,51 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         if self.kernel_dir is not None and self.pid:
             write_pid_record(self.kernel_dir, self.pid)
         return info
+
+    async def send_signal(self, signum: int) -> None:
+        """Called by KernelManager.signal_kernel (an interrupt of a kernelspec in "signal"
+        mode sends SIGINT: era-node-local, era-typescript-local). In bubblewrap the kernel
+        is not in the launched process group (bwrap's --new-session), and the outer bwrap
+        process has no handler: the signal would kill the sandbox. So a signal meant for
+        the kernel goes to the kernel's own process; SIGKILL and SIGTERM end the whole
+        sandbox, as jupyter_client means them to."""
+        if self.sandboxed and self.process is not None and signum not in (0, signal.SIGKILL, signal.SIGTERM):
+            pid = await asyncio.to_thread(self._kernel_pid)
+            if pid is not None:
+                try:
+                    os.kill(pid, signum)
+                    return
+                except ProcessLookupError:
+                    pass
+        await super().send_signal(signum)
+
+    def _kernel_pid(self) -> int | None:
+        """Blocking (/proc): the deepest process under the launched one whose command line
+        names this kernel's connection file: the kernel (bwrap's own processes name it too,
+        higher up)."""
+        if self.process is None or self.kernel_dir is None:
+            return None
+        marker = str(self.kernel_dir / "connection.json").encode()
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as fh:
+                        ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        best, stack = None, [(self.process.pid, 0)]
+        while stack:
+            pid, depth = stack.pop()
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    if marker in fh.read() and (best is None or depth > best[1]):
+                        best = (pid, depth)
+            except OSError:
+                continue
+            stack.extend((child, depth + 1) for child in children.get(pid, ()))
+        return best[0] if best is not None else None
 
     async def cleanup(self, restart: bool = False) -> None:
         """Called by the KernelManager after the kernel stopped: stop reading its output,

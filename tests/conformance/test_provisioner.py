@@ -140,14 +140,6 @@ def _cgroup_dirs(pid: int) -> list[str]:
 class Local(Backend):
     name, entry_point = "local", "era-local"
     root_helpers = frozenset({"bwrap"})
-    bugs = {"signal-interrupt": (
-        "era-local: SIGINT sent through the provisioner (KernelManager.signal_kernel, and interrupt_kernel for "
-        "kernelspecs with interrupt_mode 'signal': era-node-local, era-typescript-local) goes to the launched "
-        "process group, i.e. the outer bubblewrap process, which has no handler and dies; --die-with-parent then "
-        "kills the sandbox: the kernel exits with -SIGINT instead of raising KeyboardInterrupt "
-        "(LocalProvisioner.send_signal -> os.killpg(pgid); the kernel itself is in bwrap's --new-session). "
-        "So a timed-out run of a local node or typescript session loses the session's state")}
-
     def require(self) -> None:
         if shutil.which("bwrap") is None:  # without it era-local runs unsandboxed: nothing here would hold
             message = "bubblewrap not installed (CI installs it and sets ERA_REQUIRE_SANDBOX=1)"
