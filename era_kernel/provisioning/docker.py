@@ -392,11 +392,17 @@ class EraDockerProvisioner(EraProvisioner):
         the log driver). Called by ERA's SessionKernel when a start fails."""
         if self.container_id is None:
             return ""
-        try:
-            raw = self.client.api.logs(self.container_id, stdout=True, stderr=True, tail=50)
-        except Exception:
-            return ""
-        return raw.decode(errors="replace")[-limit:]
+        tails = []
+        # Each stream on its own: Docker interleaves them as its two pipes are read, and a
+        # kernel's last stdout line can be logged before its last burst of stderr.
+        for stream in ("stdout", "stderr"):
+            try:
+                raw = self.client.api.logs(self.container_id, stdout=stream == "stdout",
+                                           stderr=stream == "stderr", tail=50)
+            except Exception:
+                continue
+            tails.append(raw.decode(errors="replace")[-(limit // 2):])
+        return "\n".join(t for t in tails if t.strip())
 
     def oom_kills(self) -> int | None:
         """Docker reports a kill of the kernel itself (``oom_killed``), not of its children."""
