@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from .errors import TooManySockets
+from .errors import TooManySockets, http_status
 
 log = logging.getLogger("era.server")
 
@@ -114,7 +114,7 @@ def _retrieve(task: asyncio.Task) -> None:
     """Whoever awaited the task reported its error; this only keeps asyncio from warning."""
     if not task.cancelled() and task.exception() is not None:
         exc = task.exception()
-        if getattr(exc, "status", 500) >= 500:
+        if http_status(exc) >= 500:
             log.warning("background run failed: %s", type(exc).__name__, extra={"event": "error"})
 
 

@@ -21,13 +21,13 @@ import re
 from functools import partial
 from typing import Any, Callable
 
-from era_kernel.errors import BadRequest, Conflict, EraError, TooLarge, TooManyKernels
+from era_kernel.errors import BadRequest, Busy, Conflict, EraError, TooLarge
 from tornado.web import Finish, HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .apidoc import Op
 from .auth import require_api_key, require_origin
-from .errors import JsonErrors
+from .errors import JsonErrors, error_body
 from .handlers.base import dumps, parse_json, wait_ready
 from .logs import log_run
 from .services import Services
@@ -222,7 +222,7 @@ class SessionSocket(SocketSlot, JsonErrors, WebSocketHandler):
         send_bounded(self, text)
 
     def send_protocol_error(self, err: EraError, run_id: str | None) -> None:
-        message = {"type": "error", "id": run_id, **err.to_json()}
+        message = {"type": "error", "id": run_id, **error_body(err)}
         self.send_json(message)
 
     # ---- inbound ------------------------------------------------------------------------
@@ -264,7 +264,8 @@ class SessionSocket(SocketSlot, JsonErrors, WebSocketHandler):
         if run_id in hub.runs_in_flight:
             raise Conflict(f"run {run_id} is already queued or running", field="id")
         if len(hub.runs_in_flight) >= MAX_RUNS_IN_FLIGHT:
-            raise TooManyKernels(f"{MAX_RUNS_IN_FLIGHT} runs are already queued on this session")
+            raise Busy(f"{MAX_RUNS_IN_FLIGHT} runs are already queued or running on this session; retry when one "
+                       "finishes")
         body = {key: msg[key] for key in ("code", "timeout", "env") if key in msg}
         hub.runs_in_flight.add(run_id)
         self.services.spawn(self._run(hub, self.session_id, run_id, body))
