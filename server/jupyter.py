@@ -33,8 +33,7 @@ from tornado.web import Finish
 from tornado.websocket import WebSocketHandler
 
 from .apidoc import Op
-from .errors import JsonErrors
-from .handlers.base import BaseHandler, dumps, json_default, parse_json, wait_ready
+from .handlers.base import BaseHandler, RouteHandler, dumps, json_default, parse_json, wait_ready
 from .services import Services
 from .ws import CLOSE_SESSION_GONE, SocketSlot, check_upgrade, send_bounded
 
@@ -312,14 +311,14 @@ def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
     return channel, msg
 
 
-class KernelChannels(SocketSlot, JsonErrors, WebSocketHandler):
+class KernelChannels(SocketSlot, RouteHandler, WebSocketHandler):
     SESSION_ROUTE = True
     API = {"get": Op("Jupyter: the kernel's messaging channels (WebSocket, Jupyter's JSON format)",
                      response="jupyter-websocket", errors=(400, 401, 403, 404, 429, 503), tags=TAGS,
                      description=__doc__ or "")}
 
-    def initialize(self, services: Services) -> None:
-        self.services = services
+    def initialize(self, services: Services, auth: bool) -> None:
+        super().initialize(services, auth)
         self.session_id: str | None = None
         self.kernel: Any = None
         self._remove_listener = lambda: None
@@ -332,7 +331,7 @@ class KernelChannels(SocketSlot, JsonErrors, WebSocketHandler):
         sid = self.path_args[0]
         self.session_id = sid[:128]
         services = self.services
-        check_upgrade(self, services, query_token=False)  # the gateway client sends its key in the header
+        check_upgrade(self, services)  # the gateway client sends its key in the header
         await wait_ready(services)
         await kernel_doc(services.engine, sid)
         self.take_slot(sid)  # before the kernel start: a refused socket starts nothing

@@ -26,9 +26,9 @@ from tornado.web import Finish, HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .apidoc import Op
-from .auth import require_api_key, require_origin
-from .errors import JsonErrors, error_body
-from .handlers.base import dumps, parse_json, wait_ready
+from .auth import require_origin
+from .errors import error_body
+from .handlers.base import RouteHandler, dumps, parse_json, wait_ready
 from .logs import log_run
 from .services import Services
 
@@ -41,13 +41,12 @@ CLOSE_POLICY = 1008
 CLOSE_SESSION_GONE = 4404
 
 
-def check_upgrade(handler: WebSocketHandler, services: Services, *, query_token: bool) -> None:
+def check_upgrade(handler: RouteHandler, services: Services) -> None:
     """What every WebSocket route checks before the upgrade (in ``prepare``, where each
-    refusal can still be a JSON error): the API key (``?token=`` only where allowed),
-    the method, the body size, the upgrade itself and the Origin."""
+    refusal can still be a JSON error): the API key (as its route says), the method, the
+    body size, the upgrade itself and the Origin."""
     request = handler.request
-    require_api_key(services.api_key, request.headers.get("Authorization"),
-                    handler.get_query_argument("token", None) if query_token else None)
+    handler.check_key()
     if request.method != "GET":
         raise HTTPError(405)
     declared = request.headers.get("Content-Length", "")
@@ -173,15 +172,16 @@ class SessionHub:
             socket.close(code, reason)
 
 
-class SessionSocket(SocketSlot, JsonErrors, WebSocketHandler):
+class SessionSocket(SocketSlot, RouteHandler, WebSocketHandler):
     SESSION_ROUTE = True
+    QUERY_TOKEN = True  # browsers cannot set headers on a WebSocket
     API = {"get": Op("WebSocket: runs with streamed events, interrupt, input()", response="websocket",
                      errors=(400, 401, 403, 404, 429),
                      query={"token": "the API key, for clients that cannot send headers"},
                      description=__doc__ or "")}
 
-    def initialize(self, services: Services) -> None:
-        self.services = services
+    def initialize(self, services: Services, auth: bool) -> None:
+        super().initialize(services, auth)
         self.session_id: str | None = None
         self.hub: SessionHub | None = None
         self.kernel_state = "none"
@@ -193,7 +193,7 @@ class SessionSocket(SocketSlot, JsonErrors, WebSocketHandler):
         sid = self.path_args[0]
         self.session_id = sid[:128]
         services = self.services
-        check_upgrade(self, services, query_token=True)
+        check_upgrade(self, services)
         await wait_ready(services)
         doc = await services.engine.get(sid)
         self.kernel_state = (doc.get("kernel") or {}).get("state", "none")

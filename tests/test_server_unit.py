@@ -15,7 +15,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from era_kernel.errors import BadRequest, EraError, Unauthorized
 from era_server import auth, boot
-from era_server.app import PARAM_PATTERNS, ROUTES, route_pattern
+from era_server.routes import PARAM_PATTERNS, ROUTES, route_pattern
 from era_server.errors import Forbidden, as_era_error, error_headers, error_json, http_status
 from era_server.handlers.base import MAX_JSON_DEPTH, BaseHandler, parse_json
 from era_server.handlers.files import attachment_header, guess_type
@@ -95,7 +95,7 @@ def implemented_methods(handler: type[RequestHandler]) -> set[str]:
 
 def test_every_route_declares_exactly_the_methods_it_implements():
     seen = set()
-    for template, handler in ROUTES:
+    for template, handler in ((r.template, r.handler) for r in ROUTES):
         assert template not in seen
         seen.add(template)
         assert handler.API, template
@@ -111,9 +111,9 @@ def test_openapi_document_covers_the_route_table_and_is_valid():
     from era_server.openapi import build_openapi
 
     doc = build_openapi(ROUTES)
-    assert set(doc["paths"]) == {t for t, _ in ROUTES}
-    for template, handler in ROUTES:
-        assert set(doc["paths"][template]) == set(handler.API)
+    assert set(doc["paths"]) == {r.template for r in ROUTES}
+    for route in ROUTES:
+        assert set(doc["paths"][route.template]) == set(route.handler.API)
     create = doc["paths"]["/api/sessions"]["post"]
     schema_name = create["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert "language" in doc["components"]["schemas"][schema_name]["properties"]
