@@ -30,12 +30,11 @@ from typing import Any
 from era_kernel.errors import BadRequest, EraError, NotFound
 from era_kernel.languages import KERNEL_KINDS
 from tornado.web import Finish
-from tornado.websocket import WebSocketHandler
 
 from .apidoc import Op
-from .handlers.base import BaseHandler, RouteHandler, dumps, json_default, parse_json, wait_ready
+from .handlers.base import BaseHandler, dumps, json_default, parse_json
+from .handlers.sockets import CLOSE_SESSION_GONE, BoundedSocket
 from .services import Services
-from .ws import CLOSE_SESSION_GONE, SocketSlot, check_upgrade, send_bounded
 
 log = logging.getLogger("era.server.jupyter")
 
@@ -311,36 +310,26 @@ def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
     return channel, msg
 
 
-class KernelChannels(SocketSlot, RouteHandler, WebSocketHandler):
-    SESSION_ROUTE = True
+class KernelChannels(BoundedSocket):
     API = {"get": Op("Jupyter: the kernel's messaging channels (WebSocket, Jupyter's JSON format)",
                      response="jupyter-websocket", errors=(400, 401, 403, 404, 429, 503), tags=TAGS,
                      description=__doc__ or "")}
 
     def initialize(self, services: Services, auth: bool) -> None:
         super().initialize(services, auth)
-        self.session_id: str | None = None
         self.kernel: Any = None
         self._remove_listener = lambda: None
         self._unsubscribe = lambda: None
         self._requests: OrderedDict[str, None] = OrderedDict()
-        self._unflushed = 0
-        self._closed = False
 
     async def prepare(self) -> None:
-        sid = self.path_args[0]
-        self.session_id = sid[:128]
-        services = self.services
-        check_upgrade(self, services)  # the gateway client sends its key in the header
-        await wait_ready(services)
-        await kernel_doc(services.engine, sid)
-        self.take_slot(sid)  # before the kernel start: a refused socket starts nothing
-        self.kernel = await services.engine.jupyter_kernel(sid)  # started now if it was culled
+        sid = await self.handshake()  # the gateway client sends its key in the header: no ?token=
+        engine = self.services.engine
+        await kernel_doc(engine, sid)
+        self.take_slot()  # before the kernel start: a refused socket starts nothing
+        self.kernel = await engine.jupyter_kernel(sid)  # started now if it was culled
         if self._closed:  # gone during the start (its slot is back): no upgrade
             raise Finish()
-
-    def check_origin(self, origin: str) -> bool:
-        return True  # already checked in prepare, where a refusal can be a JSON 403
 
     def open(self, sid: str) -> None:
         self.set_nodelay(True)
@@ -349,8 +338,7 @@ class KernelChannels(SocketSlot, RouteHandler, WebSocketHandler):
         self._unsubscribe = self.services.engine.subscribe(sid, self._on_session_event)
 
     def on_close(self) -> None:
-        self._closed = True
-        self.release_slot()
+        super().on_close()
         self._remove_listener()
         self._unsubscribe()
         sockets = self.services.channels.get(self.session_id or "")
@@ -383,7 +371,7 @@ class KernelChannels(SocketSlot, RouteHandler, WebSocketHandler):
         if channel != "iopub" and msg.get("parent_header", {}).get("msg_id") not in self._requests:
             return  # a reply to another socket's request, or to one of ERA's own runs
         try:
-            send_bounded(self, encode(channel, msg))
+            self.send_frame(encode(channel, msg))
         except Exception:
             log.exception("encoding a %s message failed", msg.get("msg_type"))
 

@@ -77,7 +77,7 @@ class Services:
 class SocketSlots:
     """Open WebSockets per session and per client, both WebSocket routes counted together.
 
-    Each socket holds a send buffer of up to ws.MAX_UNFLUSHED_BYTES and a file
+    Each socket holds a send buffer of up to sockets.MAX_UNFLUSHED_BYTES and a file
     descriptor, so the caps bound what one session or one client can make the server
     hold. A socket takes its slot in ``prepare`` (a refusal is then a JSON 429 before
     the upgrade) and gives it back through the function ``take`` returns, however the
