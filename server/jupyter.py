@@ -33,7 +33,7 @@ from tornado.web import Finish
 
 from .apidoc import Op
 from .handlers.base import BaseHandler, dumps, json_default, parse_json
-from .handlers.sockets import CLOSE_SESSION_GONE, BoundedSocket
+from .handlers.sockets import BoundedSocket
 from .services import Services
 
 log = logging.getLogger("era.server.jupyter")
@@ -229,8 +229,7 @@ class KernelHandler(BaseHandler):
 
     async def delete(self, kid: str) -> None:
         await kernel_doc(self.engine, kid)
-        await self.engine.delete(kid)
-        self.services.sessions_deleted([kid])
+        await self.engine.delete(kid)  # its channels close on the engine's SessionDeleted (services.py)
         self.set_status(204)
         self.finish()
 
@@ -311,6 +310,7 @@ def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
 
 
 class KernelChannels(BoundedSocket):
+    GONE_REASON = "kernel deleted"
     API = {"get": Op("Jupyter: the kernel's messaging channels (WebSocket, Jupyter's JSON format)",
                      response="jupyter-websocket", errors=(400, 401, 403, 404, 429, 503), tags=TAGS,
                      description=__doc__ or "")}
@@ -319,7 +319,6 @@ class KernelChannels(BoundedSocket):
         super().initialize(services, auth)
         self.kernel: Any = None
         self._remove_listener = lambda: None
-        self._unsubscribe = lambda: None
         self._requests: OrderedDict[str, None] = OrderedDict()
 
     async def prepare(self) -> None:
@@ -335,12 +334,10 @@ class KernelChannels(BoundedSocket):
         self.set_nodelay(True)
         self.services.channels.setdefault(sid, set()).add(self)
         self._listen(self.kernel)
-        self._unsubscribe = self.services.engine.subscribe(sid, self._on_session_event)
 
     def on_close(self) -> None:
         super().on_close()
         self._remove_listener()
-        self._unsubscribe()
         sockets = self.services.channels.get(self.session_id or "")
         if sockets is not None:
             sockets.discard(self)
@@ -353,11 +350,10 @@ class KernelChannels(BoundedSocket):
         self.kernel = kernel
         self._remove_listener = kernel.add_listener(self._on_kernel_message) if kernel else (lambda: None)
 
-    def _on_session_event(self, event: dict[str, Any]) -> None:
-        """The session's kernel changes on restart, culling or a cold run: follow it."""
-        if event.get("type") == "status" and event.get("state") in ("idle", "starting", "restarting", "culled",
-                                                                    "dead"):
-            self.services.spawn(self._follow_kernel())
+    def follow_kernel(self) -> None:
+        """The session's kernel was replaced (restart, a cold start), culled or died (engine
+        lifecycle, services.py): listen to whatever is its kernel now."""
+        self.services.spawn(self._follow_kernel())
 
     async def _follow_kernel(self) -> None:
         try:
@@ -390,7 +386,7 @@ class KernelChannels(BoundedSocket):
             try:
                 kernel = await engine.jupyter_kernel(self.session_id)
             except NotFound:
-                self.close(CLOSE_SESSION_GONE, "kernel deleted")
+                self.session_gone()
                 return
             except EraError as err:
                 log.warning("kernel unavailable: %s", err.message,

@@ -41,6 +41,7 @@ class BoundedSocket(RouteHandler, WebSocketHandler):
     and a client that stops reading is closed rather than buffered for."""
 
     SESSION_ROUTE = True  # the path's first argument is a session id (logged with the request)
+    GONE_REASON = "session deleted"  # the close reason when the session is deleted
 
     def initialize(self, services: Services, auth: bool) -> None:
         super().initialize(services, auth)
@@ -114,6 +115,10 @@ class BoundedSocket(RouteHandler, WebSocketHandler):
         sent after it. ``on_close`` follows once the connection is gone."""
         self._closed = True
         super().close(code, reason)
+
+    def session_gone(self) -> None:
+        """The session was deleted (engine lifecycle, services.py): the socket has nothing left."""
+        self.close(CLOSE_SESSION_GONE, self.GONE_REASON)
 
     def on_close(self) -> None:
         """Subclasses extend it (``super().on_close()`` first) to leave what they joined."""
