@@ -1,67 +1,78 @@
-"""Engine errors. Each carries the HTTP status the server answers with, so the server has
-one error path: ``{"error": message, "status_code": status}`` (plus ``field`` when known).
-Lookups that miss raise subclasses of the built-in ``LookupError`` family where natural.
+"""Engine errors: what went wrong, in the engine's terms, never in HTTP's.
+
+Each class names a kind of failure a caller can act on; the server alone decides the
+status it answers with (``server/errors.py`` maps class -> status), and the CLI prints
+the message. ``message`` is a sentence for the client, ``field`` the request field at
+fault when known, ``retry_after`` (seconds) when waiting is the remedy. Lookups that
+miss also derive from the built-in ``LookupError`` family, bad values from ``ValueError``.
 """
 
 from __future__ import annotations
 
 
 class EraError(Exception):
-    status = 500
+    """Anything else that failed: the caller cannot fix it by changing the request."""
 
-    def __init__(self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None):
+    retry_after: float | None = None  # seconds worth waiting before asking again
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         self.field = field
-        self.headers = headers or {}
-
-    def to_json(self) -> dict:
-        body = {"error": self.message, "status_code": self.status}
-        if self.field:
-            body["field"] = self.field
-        return body
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
-class BadRequest(EraError, ValueError):
-    status = 400
+class Invalid(EraError, ValueError):
+    """The request is malformed or a value in it is not acceptable."""
+
+
+BadRequest = Invalid  # the name most of the code base raises
 
 
 class Unauthorized(EraError):
-    status = 401
+    """The caller did not prove who it is (no or a wrong API key)."""
 
 
 class NotFound(EraError, KeyError):
-    status = 404
+    """What the request names (a session, a file, a kernelspec) does not exist."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
 
 
 class Conflict(EraError):
-    status = 409
+    """The request contradicts the current state of what it names (a taken id, no input()
+    waiting); asking again only helps once that state changed."""
+
+
+class SetupPending(Conflict):
+    """A run waited for its session's package setup for as long as its timeout allowed.
+    The session's state, not a failure: the run can go once ``setup_status`` moves on."""
+
+    retry_after = 5.0
 
 
 class TooLarge(EraError):
-    status = 413
+    """A body, field or file is over its size limit."""
 
 
 class Unprocessable(EraError):
-    status = 422
+    """Well-formed input the engine still cannot process (a document nested too deeply)."""
 
 
 class Busy(EraError):
-    """Every kernel slot (or a session's run queue) is taken: retry later."""
+    """No room now, retry later: every kernel slot is taken (with every kernel busy), or a
+    session's run queue is full."""
 
-    status = 429
-
-    def __init__(self, message: str, retry_after: int = 1):
-        super().__init__(message, headers={"Retry-After": str(retry_after)})
+    retry_after = 1.0
 
 
 TooManyKernels = Busy
 
 
-class KernelFailed(EraError):
-    """The kernel could not be started or died in a way the run cannot report."""
+class Unavailable(EraError):
+    """The kernel could not be started, or died in a way the run cannot report."""
 
-    status = 503
+
+KernelFailed = Unavailable

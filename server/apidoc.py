@@ -23,5 +23,4 @@ class Op:
     errors: tuple[int, ...] = (400,)
     query: dict[str, str] = field(default_factory=dict)  # name -> description (strings)
     description: str = ""
-    tags: tuple[str, ...] = ()
-    auth: bool = True  # needs the API key when one is set (only /health is open)
+    tags: tuple[str, ...] = ()  # whether it needs the API key is the route table's (routes.py)

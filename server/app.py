@@ -1,15 +1,12 @@
-"""The route table, the tornado Application, and the server's lifecycle.
+"""The tornado Application and the server's lifecycle (start, serve, shut down).
 
-``ROUTES`` is the one route table: OpenAPI, the auth test and the error-shape test all
-walk it, so a new route cannot skip them. Templates use ``{id}`` (a session id) and
-``{path}`` (a file path, may contain ``/``).
+The routes are ``routes.ROUTES``; this module only builds the Application from them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import signal
 import socket
 import threading
@@ -20,65 +17,18 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.web import Application, RequestHandler
 
-from .handlers.base import NotFoundHandler
-from .handlers.files import FileHandler, FilesHandler
-from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
-from .handlers.runs import ExecuteHandler, RunHandler, StreamHandler
-from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
-                                RestartHandler, RunsHandler, SessionHandler, SessionsHandler)
-from .jupyter import (KernelChannels, KernelHandler, KernelInterruptHandler, KernelRestartHandler, KernelsHandler,
-                      KernelSpecHandler, KernelSpecsHandler)
 from .logs import log, log_request, setup_logging
 from .metrics import HttpMetrics
+from .routes import ROUTES, UNKNOWN, handler_args, make_routes
 from .services import Services
-from .ws import SessionSocket
 
-ROUTES: list[tuple[str, type[RequestHandler]]] = [
-    ("/health", HealthHandler),
-    ("/metrics", MetricsHandler),
-    ("/api/openapi.json", OpenApiHandler),
-    ("/api/resources/stats", StatsHandler),
-    ("/api/execute", ExecuteHandler),
-    ("/api/sessions", SessionsHandler),
-    ("/api/sessions/{id}", SessionHandler),
-    ("/api/sessions/{id}/run", RunHandler),
-    ("/api/sessions/{id}/stream", StreamHandler),
-    ("/api/sessions/{id}/ws", SessionSocket),
-    ("/api/sessions/{id}/duplicate", DuplicateHandler),
-    ("/api/sessions/{id}/code", CodeHandler),
-    ("/api/sessions/{id}/runs", RunsHandler),
-    ("/api/sessions/{id}/notebook", NotebookHandler),
-    ("/api/sessions/{id}/interrupt", InterruptHandler),
-    ("/api/sessions/{id}/restart", RestartHandler),
-    ("/api/sessions/{id}/files", FilesHandler),
-    ("/api/sessions/{id}/files/{path}", FileHandler),
-    # Jupyter kernel gateway (server/jupyter.py): a kernel id is a session id.
-    ("/api/kernelspecs", KernelSpecsHandler),
-    ("/api/kernelspecs/{name}", KernelSpecHandler),
-    ("/api/kernels", KernelsHandler),
-    ("/api/kernels/{id}", KernelHandler),
-    ("/api/kernels/{id}/interrupt", KernelInterruptHandler),
-    ("/api/kernels/{id}/restart", KernelRestartHandler),
-    ("/api/kernels/{id}/channels", KernelChannels),
-]
-
-PARAM_PATTERNS = {"id": "([^/]+)", "path": "(.+)", "name": "([^/]+)"}
 SHUTDOWN_TIMEOUT_SECONDS = 30.0
 WS_PING_SECONDS = 30.0
 
 
-def route_pattern(template: str) -> str:
-    """``/api/sessions/{id}`` -> ``/api/sessions/([^/]+)$`` (tornado anchors the end itself)."""
-    return re.sub(r"\{(\w+)\}", lambda m: PARAM_PATTERNS[m.group(1)], template)
-
-
-def make_routes(services: Services) -> list[tuple[str, type[RequestHandler], dict[str, Any]]]:
-    return [(route_pattern(template), handler, {"services": services}) for template, handler in ROUTES]
-
-
 def make_app(services: Services) -> Application:
     # Counted where each request is logged; labelled by route template, never by path.
-    http_metrics = HttpMetrics({handler: template for template, handler in ROUTES})
+    http_metrics = HttpMetrics({route.handler: route.template for route in ROUTES})
 
     def log_function(handler: RequestHandler) -> None:
         log_request(handler)
@@ -86,10 +36,11 @@ def make_app(services: Services) -> Application:
 
     return Application(
         make_routes(services),
-        default_handler_class=NotFoundHandler,
-        default_handler_args={"services": services},
+        default_handler_class=UNKNOWN.handler,
+        default_handler_args=handler_args(services, UNKNOWN),
         log_function=log_function,
         era_http_metrics=http_metrics,
+        era_routes=ROUTES,  # for the OpenAPI document (handlers/meta.py)
         websocket_max_message_size=services.max_body,  # larger frames: close code 1009
         websocket_ping_interval=WS_PING_SECONDS,
         websocket_ping_timeout=WS_PING_SECONDS,

@@ -1,41 +1,104 @@
 """The one error path: every failure becomes ``{"error": sentence, "status_code": N}``.
 
-Engine errors (``EraError``) carry their own status and message; tornado's own
-``HTTPError``s (unknown route, method not allowed, invalid path encoding) get a sentence
-per status; anything else is a 500 with a generic sentence. No traceback ever reaches a
-client; unexpected exceptions are logged without request headers or query strings.
+The engine raises domain errors (``era_kernel.errors``) that know nothing of HTTP;
+``STATUS`` below is the one place that says which status each kind answers with
+(``http_status`` walks the class's MRO, so a subclass answers as its nearest mapped
+base), and ``error_headers`` the one place that turns ``retry_after`` into a header.
+Tornado's own ``HTTPError``s (unknown route, method not allowed, invalid path encoding)
+become a ``ProtocolError`` with a sentence per status; anything else is a 500 with a
+generic sentence. No traceback ever reaches a client; unexpected exceptions are logged
+without request headers or query strings.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
-from era_kernel.errors import EraError, Unprocessable
+from era_kernel.errors import (Busy, Conflict, EraError, Invalid, NotFound, SetupPending, TooLarge, Unauthorized,
+                               Unavailable, Unprocessable)
 from tornado.web import HTTPError
 
 log = logging.getLogger("era.server")
 
 
 class Forbidden(EraError):
-    status = 403
+    """The request is understood and authenticated but not allowed (a WebSocket Origin)."""
 
 
-class TooManySockets(EraError):
+class TooManySockets(Busy):
     """A WebSocket past ERA_MAX_SOCKETS_PER_SESSION or _PER_CLIENT, refused before the upgrade."""
 
-    status = 429
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "1"})
+class NotReady(Unavailable):
+    """The engine is starting or stopping: retry shortly."""
+
+    retry_after = 1.0
 
 
-class NotReady(EraError):
-    status = 503
+class ProtocolError(EraError):
+    """A refusal at the HTTP level (tornado's ``HTTPError``, a bare status): it carries the
+    status itself, since it never was a domain error."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "1"})
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+STATUS: dict[type[BaseException], int] = {
+    Invalid: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    # The session is in a state the run cannot go in yet (package setup still running past
+    # the run's timeout): nothing is wrong with the server, and the same request succeeds
+    # once setup_status moves on, so not a 503 (which tells clients and balancers the
+    # server is unwell); Retry-After says when it is worth asking again.
+    SetupPending: 409,
+    Conflict: 409,
+    TooLarge: 413,
+    Unprocessable: 422,
+    # Busy covers the kernel limit and a session's full run queue: both clear as runs
+    # finish, and both are too many requests for what the server (or that one session)
+    # can work through; RFC 6585 leaves how 429 counts requests to the server, per
+    # resource included, and its Retry-After is the remedy. Not a 503: the server is well.
+    Busy: 429,
+    Unavailable: 503,
+    EraError: 500,
+}
+
+
+def http_status(err: BaseException) -> int:
+    """The status an error answers with: its nearest mapped class; 500 for the unknown."""
+    if isinstance(err, ProtocolError):
+        return err.status
+    for cls in type(err).__mro__:
+        status = STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def error_headers(err: BaseException) -> dict[str, str]:
+    """Response headers an error brings: ``Retry-After`` (whole seconds) when it has one."""
+    retry_after = getattr(err, "retry_after", None)
+    if isinstance(err, EraError) and retry_after is not None:
+        return {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    return {}
+
+
+def error_body(err: EraError) -> dict[str, Any]:
+    """The one JSON error shape (WebSocket protocol errors add ``type`` and ``id`` to it)."""
+    body: dict[str, Any] = {"error": err.message, "status_code": http_status(err)}
+    if err.field:
+        body["field"] = err.field
+    return body
+
+
+def error_json(err: EraError) -> str:
+    return json.dumps(error_body(err))
 
 
 _SENTENCES = {
@@ -60,9 +123,7 @@ def _from_http_error(exc: HTTPError, method: str, path: str, allowed: list[str])
         message = "the request path or query is not valid UTF-8"
     else:
         message = exc.reason or _SENTENCES.get(status, "the request failed")
-    err = EraError(message)
-    err.status = status  # instance attribute shadows the class default
-    return err
+    return ProtocolError(message, status)
 
 
 def as_era_error(exc: BaseException | None, method: str, path: str, allowed: list[str],
@@ -76,15 +137,7 @@ def as_era_error(exc: BaseException | None, method: str, path: str, allowed: lis
         # Request bodies are depth-checked on parsing; this is a document met later (e.g.
         # session data the code wrote), still caused by input rather than by the server.
         return Unprocessable("a JSON document in this request or its result is nested too deeply")
-    err = EraError(_SENTENCES.get(status_code, "the request failed"))
-    err.status = status_code if exc is None else 500
-    return err
-
-
-def error_json(err: EraError) -> str:
-    body: dict[str, Any] = err.to_json()
-    body["status_code"] = err.status  # instance override, see _from_http_error
-    return json.dumps(body)
+    return ProtocolError(_SENTENCES.get(status_code, "the request failed"), status_code if exc is None else 500)
 
 
 class JsonErrors:
@@ -97,12 +150,13 @@ class JsonErrors:
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         err = as_era_error(exc, self.request.method or "", self.request.path, self.allowed_methods(), status_code)
-        self.set_status(err.status)
-        for name, value in err.headers.items():
+        status = http_status(err)
+        self.set_status(status)
+        for name, value in error_headers(err).items():
             self.set_header(name, value)
-        if err.status == 405:
+        if status == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
-        if err.status == 401:
+        if status == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="era"')
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("X-Content-Type-Options", "nosniff")

@@ -30,13 +30,11 @@ from typing import Any
 from era_kernel.errors import BadRequest, EraError, NotFound
 from era_kernel.languages import KERNEL_KINDS
 from tornado.web import Finish
-from tornado.websocket import WebSocketHandler
 
 from .apidoc import Op
-from .errors import JsonErrors
-from .handlers.base import BaseHandler, dumps, json_default, parse_json, wait_ready
+from .handlers.base import BaseHandler, dumps, json_default, parse_json
+from .handlers.sockets import BoundedSocket
 from .services import Services
-from .ws import CLOSE_SESSION_GONE, SocketSlot, check_upgrade, send_bounded
 
 log = logging.getLogger("era.server.jupyter")
 
@@ -231,8 +229,7 @@ class KernelHandler(BaseHandler):
 
     async def delete(self, kid: str) -> None:
         await kernel_doc(self.engine, kid)
-        await self.engine.delete(kid)
-        self.services.sessions_deleted([kid])
+        await self.engine.delete(kid)  # its channels close on the engine's SessionDeleted (services.py)
         self.set_status(204)
         self.finish()
 
@@ -312,48 +309,35 @@ def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
     return channel, msg
 
 
-class KernelChannels(SocketSlot, JsonErrors, WebSocketHandler):
-    SESSION_ROUTE = True
+class KernelChannels(BoundedSocket):
+    GONE_REASON = "kernel deleted"
     API = {"get": Op("Jupyter: the kernel's messaging channels (WebSocket, Jupyter's JSON format)",
                      response="jupyter-websocket", errors=(400, 401, 403, 404, 429, 503), tags=TAGS,
                      description=__doc__ or "")}
 
-    def initialize(self, services: Services) -> None:
-        self.services = services
-        self.session_id: str | None = None
+    def initialize(self, services: Services, auth: bool) -> None:
+        super().initialize(services, auth)
         self.kernel: Any = None
         self._remove_listener = lambda: None
-        self._unsubscribe = lambda: None
         self._requests: OrderedDict[str, None] = OrderedDict()
-        self._unflushed = 0
-        self._closed = False
 
     async def prepare(self) -> None:
-        sid = self.path_args[0]
-        self.session_id = sid[:128]
-        services = self.services
-        check_upgrade(self, services, query_token=False)  # the gateway client sends its key in the header
-        await wait_ready(services)
-        await kernel_doc(services.engine, sid)
-        self.take_slot(sid)  # before the kernel start: a refused socket starts nothing
-        self.kernel = await services.engine.jupyter_kernel(sid)  # started now if it was culled
+        sid = await self.handshake()  # the gateway client sends its key in the header: no ?token=
+        engine = self.services.engine
+        await kernel_doc(engine, sid)
+        self.take_slot()  # before the kernel start: a refused socket starts nothing
+        self.kernel = await engine.jupyter_kernel(sid)  # started now if it was culled
         if self._closed:  # gone during the start (its slot is back): no upgrade
             raise Finish()
-
-    def check_origin(self, origin: str) -> bool:
-        return True  # already checked in prepare, where a refusal can be a JSON 403
 
     def open(self, sid: str) -> None:
         self.set_nodelay(True)
         self.services.channels.setdefault(sid, set()).add(self)
         self._listen(self.kernel)
-        self._unsubscribe = self.services.engine.subscribe(sid, self._on_session_event)
 
     def on_close(self) -> None:
-        self._closed = True
-        self.release_slot()
+        super().on_close()
         self._remove_listener()
-        self._unsubscribe()
         sockets = self.services.channels.get(self.session_id or "")
         if sockets is not None:
             sockets.discard(self)
@@ -366,11 +350,10 @@ class KernelChannels(SocketSlot, JsonErrors, WebSocketHandler):
         self.kernel = kernel
         self._remove_listener = kernel.add_listener(self._on_kernel_message) if kernel else (lambda: None)
 
-    def _on_session_event(self, event: dict[str, Any]) -> None:
-        """The session's kernel changes on restart, culling or a cold run: follow it."""
-        if event.get("type") == "status" and event.get("state") in ("idle", "starting", "restarting", "culled",
-                                                                    "dead"):
-            self.services.spawn(self._follow_kernel())
+    def follow_kernel(self) -> None:
+        """The session's kernel was replaced (restart, a cold start), culled or died (engine
+        lifecycle, services.py): listen to whatever is its kernel now."""
+        self.services.spawn(self._follow_kernel())
 
     async def _follow_kernel(self) -> None:
         try:
@@ -384,7 +367,7 @@ class KernelChannels(SocketSlot, JsonErrors, WebSocketHandler):
         if channel != "iopub" and msg.get("parent_header", {}).get("msg_id") not in self._requests:
             return  # a reply to another socket's request, or to one of ERA's own runs
         try:
-            send_bounded(self, encode(channel, msg))
+            self.send_frame(encode(channel, msg))
         except Exception:
             log.exception("encoding a %s message failed", msg.get("msg_type"))
 
@@ -403,7 +386,7 @@ class KernelChannels(SocketSlot, JsonErrors, WebSocketHandler):
             try:
                 kernel = await engine.jupyter_kernel(self.session_id)
             except NotFound:
-                self.close(CLOSE_SESSION_GONE, "kernel deleted")
+                self.session_gone()
                 return
             except EraError as err:
                 log.warning("kernel unavailable: %s", err.message,

@@ -34,14 +34,15 @@ def _model(name: str) -> type[BaseModel]:
     return found
 
 
-def _ops(routes) -> list[tuple[str, str, Op]]:
-    return [(template, method, op) for template, handler in routes for method, op in handler.API.items()]
+def _ops(routes) -> list[tuple[str, str, Op, bool]]:
+    """(template, method, op, auth) for every method of every ``routes.Route``."""
+    return [(route.template, method, op, route.auth) for route in routes for method, op in route.handler.API.items()]
 
 
 def build_openapi(routes) -> dict[str, Any]:
     ops = _ops(routes)
     wanted: list[tuple[type[BaseModel], str]] = [(models.ErrorBody, "serialization")]
-    for _, _, op in ops:
+    for _, _, op, _ in ops:
         if op.body and op.body not in RAW:
             wanted.append((_model(op.body), "validation"))
         if op.response and op.response not in RAW:
@@ -60,7 +61,7 @@ def build_openapi(routes) -> dict[str, Any]:
 
     error_content = {"application/json": {"schema": ref(models.ErrorBody, "serialization")}}
     paths: dict[str, Any] = {}
-    for template, method, op in ops:
+    for template, method, op, auth in ops:
         is_api = template.startswith("/api/")
         params = [{"name": name, "in": "path", "required": True, "schema": PARAMETERS[name]}
                   for name in re.findall(r"\{(\w+)\}", template)]
@@ -76,7 +77,7 @@ def build_openapi(routes) -> dict[str, Any]:
             operation["description"] = op.description
         if params:
             operation["parameters"] = params
-        if not op.auth:
+        if not auth:
             operation["security"] = []
         if op.body == "bytes":
             operation["requestBody"] = {"required": True, "content": {
@@ -116,7 +117,7 @@ def build_openapi(routes) -> dict[str, Any]:
         else:
             responses[str(op.status)] = {"description": description}
         codes = set(op.errors)
-        if op.auth:
+        if auth:
             codes.add(401)
         if is_api:
             codes.add(503)

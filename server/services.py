@@ -1,5 +1,10 @@
 """What handlers are given through ``initialize(services=...)``: settings, the engine once
-it is ready, the WebSocket hubs, and the limits derived from the settings."""
+it is ready, the WebSocket hubs, and the limits derived from the settings.
+
+Sockets follow the engine's lifecycle events (``engine.watch``), not the requests that
+cause them: a session deleted by a request, a bulk delete or the culler closes its
+sockets the same way, and a Jupyter channel moves to the session's new kernel whoever
+replaced, culled or killed the old one."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from .errors import TooManySockets
+from .errors import TooManySockets, http_status
 
 log = logging.getLogger("era.server")
 
@@ -37,6 +42,7 @@ class Services:
         self.sockets = SocketSlots(int(settings["ERA_MAX_SOCKETS_PER_SESSION"]),
                                    int(settings["ERA_MAX_SOCKETS_PER_CLIENT"]))
         self.tasks: set[asyncio.Task] = set()  # runs that outlive their request or socket
+        self._unwatch: Callable[[], None] = lambda: None
         self.openapi: dict | None = None  # built on first request
         self.version = "unknown"
 
@@ -48,14 +54,21 @@ class Services:
         task.add_done_callback(_retrieve)
         return task
 
-    def sessions_deleted(self, ids: list[str]) -> None:
-        """Close the sockets of deleted sessions: their event subscription died with them."""
-        for sid in ids:
-            hub = self.hubs.get(sid)
-            if hub is not None:
-                hub.close_sockets(4404, "session deleted")
-            for socket in list(self.channels.get(sid, ())):
-                socket.close(4404, "kernel deleted")
+    def on_lifecycle(self, event: Any) -> None:
+        """``engine.watch`` callback (sync, on the event loop): a deleted session's sockets
+        close (4404); on any change of its kernel a gateway channel re-attaches to the
+        session's current one (none, after a cull or a death, until the next start)."""
+        from era_kernel.engine.events import SessionDeleted
+
+        sid = event.session_id
+        hub = self.hubs.get(sid)
+        channels = list(self.channels.get(sid, ()))
+        if isinstance(event, SessionDeleted):
+            for socket in [*(hub.sockets if hub is not None else ()), *channels]:
+                socket.session_gone()
+        else:  # KernelReplaced, KernelCulled, KernelDied
+            for channel in channels:
+                channel.follow_kernel()
 
     async def start_engine(self) -> None:
         """Import the engine off the event loop (so /health keeps answering), then start it."""
@@ -63,6 +76,7 @@ class Services:
         sessions, self.version = await asyncio.to_thread(_import_engine)
         engine = sessions.SessionManager(self.settings)
         await engine.start()
+        self._unwatch = engine.watch(self.on_lifecycle)
         self.engine = engine
         if self.state == "starting":
             self.state = "ready"
@@ -71,13 +85,14 @@ class Services:
 
     async def shutdown_engine(self) -> None:
         if self.engine is not None:
+            self._unwatch()  # the sockets were closed already (app._shutdown)
             await self.engine.shutdown()
 
 
 class SocketSlots:
     """Open WebSockets per session and per client, both WebSocket routes counted together.
 
-    Each socket holds a send buffer of up to ws.MAX_UNFLUSHED_BYTES and a file
+    Each socket holds a send buffer of up to sockets.MAX_UNFLUSHED_BYTES and a file
     descriptor, so the caps bound what one session or one client can make the server
     hold. A socket takes its slot in ``prepare`` (a refusal is then a JSON 429 before
     the upgrade) and gives it back through the function ``take`` returns, however the
@@ -114,7 +129,7 @@ def _retrieve(task: asyncio.Task) -> None:
     """Whoever awaited the task reported its error; this only keeps asyncio from warning."""
     if not task.cancelled() and task.exception() is not None:
         exc = task.exception()
-        if getattr(exc, "status", 500) >= 500:
+        if http_status(exc) >= 500:
             log.warning("background run failed: %s", type(exc).__name__, extra={"event": "error"})
 
 

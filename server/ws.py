@@ -19,100 +19,21 @@ import asyncio
 import logging
 import re
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
-from era_kernel.errors import BadRequest, Conflict, EraError, TooLarge, TooManyKernels
-from tornado.web import Finish, HTTPError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from era_kernel.errors import BadRequest, Busy, Conflict, EraError
 
 from .apidoc import Op
-from .auth import require_api_key, require_origin
-from .errors import JsonErrors
-from .handlers.base import dumps, parse_json, wait_ready
+from .errors import error_body
+from .handlers.base import dumps, parse_json
+from .handlers.sockets import BoundedSocket
 from .logs import log_run
 from .services import Services
 
 log = logging.getLogger("era.server.ws")
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}", re.ASCII)
-MAX_UNFLUSHED_BYTES = 16 * 1024**2  # a client this far behind is closed (1008), not buffered for
 MAX_RUNS_IN_FLIGHT = 100  # queued + running WebSocket runs per session
-CLOSE_POLICY = 1008
-CLOSE_SESSION_GONE = 4404
-
-
-def check_upgrade(handler: WebSocketHandler, services: Services, *, query_token: bool) -> None:
-    """What every WebSocket route checks before the upgrade (in ``prepare``, where each
-    refusal can still be a JSON error): the API key (``?token=`` only where allowed),
-    the method, the body size, the upgrade itself and the Origin."""
-    request = handler.request
-    require_api_key(services.api_key, request.headers.get("Authorization"),
-                    handler.get_query_argument("token", None) if query_token else None)
-    if request.method != "GET":
-        raise HTTPError(405)
-    declared = request.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > services.max_body:
-        raise TooLarge(f"request body is {int(declared)} bytes; the limit is {services.max_body}")
-    if request.headers.get("Upgrade", "").lower() != "websocket":
-        raise BadRequest("this route takes a WebSocket upgrade ('Upgrade: websocket')")
-    require_origin(request.headers.get("Origin"), request.headers.get("Host"), services.allowed_origins)
-
-
-def client_key(handler: Any, services: Services) -> str:
-    """Whom a socket counts against for ERA_MAX_SOCKETS_PER_CLIENT: the API key when the
-    server has one (the check already passed, so it is that key), else the peer address
-    (the TCP peer: headers such as X-Forwarded-For are the client's to forge)."""
-    return "api-key" if services.api_key is not None else f"addr:{handler.request.remote_ip}"
-
-
-class SocketSlot:
-    """Both WebSocket routes: a slot under the socket caps (``Services.sockets``), taken
-    in ``prepare`` and given back once, whichever way the socket ends: ``on_close`` after
-    an upgrade (clean close, dropped connection, server close), ``on_finish`` when the
-    upgrade never happened (refused later in the handshake; ``on_close`` may not come)."""
-
-    services: Services
-    _closed: bool
-    _release_slot: Callable[[], None] | None = None
-
-    def take_slot(self, session_id: str) -> None:
-        if self._closed:  # the client left while prepare awaited: no upgrade, no slot
-            raise Finish()
-        self._release_slot = self.services.sockets.take(session_id, client_key(self, self.services))
-
-    def release_slot(self) -> None:
-        release, self._release_slot = self._release_slot, None
-        if release is not None:
-            release()
-
-    def on_finish(self) -> None:
-        if self.get_status() != 101:  # type: ignore[attr-defined]
-            self.release_slot()
-
-
-def send_bounded(handler: Any, data: str | bytes) -> None:
-    """Write a frame unless the client is over MAX_UNFLUSHED_BYTES behind, in which case it
-    is closed (1008) rather than buffered for. ``handler`` keeps ``_unflushed`` (bytes
-    written, not yet flushed) and ``_closed``; both WebSocket routes send through this."""
-    if handler._closed or handler.ws_connection is None:
-        return
-    if handler._unflushed > MAX_UNFLUSHED_BYTES:
-        handler._closed = True
-        handler.close(CLOSE_POLICY, "client is not reading fast enough")
-        return
-    try:
-        future = handler.write_message(data, binary=isinstance(data, bytes))
-    except WebSocketClosedError:
-        handler._closed = True
-        return
-    handler._unflushed += len(data)
-    future.add_done_callback(partial(_flushed, handler, len(data)))
-
-
-def _flushed(handler: Any, size: int, future: asyncio.Future) -> None:
-    handler._unflushed -= size
-    if not future.cancelled():
-        future.exception()  # retrieved: a closed socket is not an error here
 
 
 class SessionHub:
@@ -173,34 +94,23 @@ class SessionHub:
             socket.close(code, reason)
 
 
-class SessionSocket(SocketSlot, JsonErrors, WebSocketHandler):
-    SESSION_ROUTE = True
+class SessionSocket(BoundedSocket):
+    QUERY_TOKEN = True  # browsers cannot set headers on a WebSocket
     API = {"get": Op("WebSocket: runs with streamed events, interrupt, input()", response="websocket",
                      errors=(400, 401, 403, 404, 429),
                      query={"token": "the API key, for clients that cannot send headers"},
                      description=__doc__ or "")}
 
-    def initialize(self, services: Services) -> None:
-        self.services = services
-        self.session_id: str | None = None
+    def initialize(self, services: Services, auth: bool) -> None:
+        super().initialize(services, auth)
         self.hub: SessionHub | None = None
         self.kernel_state = "none"
-        self._unflushed = 0
-        self._closed = False
 
-    # ---- handshake: every refusal is a JSON error before the upgrade ----------------------
     async def prepare(self) -> None:
-        sid = self.path_args[0]
-        self.session_id = sid[:128]
-        services = self.services
-        check_upgrade(self, services, query_token=True)
-        await wait_ready(services)
-        doc = await services.engine.get(sid)
+        sid = await self.handshake()
+        doc = await self.services.engine.get(sid)
         self.kernel_state = (doc.get("kernel") or {}).get("state", "none")
-        self.take_slot(sid)  # last: nothing after it can fail before the upgrade
-
-    def check_origin(self, origin: str) -> bool:
-        return True  # already checked in prepare, where a refusal can be a JSON 403
+        self.take_slot()  # last: nothing after it can fail before the upgrade
 
     def open(self, sid: str) -> None:
         self.set_nodelay(True)  # without it, back-to-back small frames wait ~40 ms (Nagle)
@@ -209,20 +119,19 @@ class SessionSocket(SocketSlot, JsonErrors, WebSocketHandler):
         self.send_json({"type": "status", "id": None, "state": self.kernel_state, "session_id": sid})
 
     def on_close(self) -> None:
-        self._closed = True
-        self.release_slot()
+        super().on_close()
         if self.hub is not None:
             self.hub.discard(socket=self)
 
     # ---- outbound -----------------------------------------------------------------------
     def send_json(self, message: dict[str, Any]) -> None:
-        self.send_text(dumps(message))
+        self.send_frame(dumps(message))
 
     def send_text(self, text: str) -> None:
-        send_bounded(self, text)
+        self.send_frame(text)
 
     def send_protocol_error(self, err: EraError, run_id: str | None) -> None:
-        message = {"type": "error", "id": run_id, **err.to_json()}
+        message = {"type": "error", "id": run_id, **error_body(err)}
         self.send_json(message)
 
     # ---- inbound ------------------------------------------------------------------------
@@ -264,7 +173,8 @@ class SessionSocket(SocketSlot, JsonErrors, WebSocketHandler):
         if run_id in hub.runs_in_flight:
             raise Conflict(f"run {run_id} is already queued or running", field="id")
         if len(hub.runs_in_flight) >= MAX_RUNS_IN_FLIGHT:
-            raise TooManyKernels(f"{MAX_RUNS_IN_FLIGHT} runs are already queued on this session")
+            raise Busy(f"{MAX_RUNS_IN_FLIGHT} runs are already queued or running on this session; retry when one "
+                       "finishes")
         body = {key: msg[key] for key in ("code", "timeout", "env") if key in msg}
         hub.runs_in_flight.add(run_id)
         self.services.spawn(self._run(hub, self.session_id, run_id, body))

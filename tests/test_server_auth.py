@@ -10,13 +10,15 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from era_server.app import ROUTES
+from era_server.routes import ROUTES
 from tests.support.api_errors import assert_error_shape, sample_path
 from tests.support.era_server import ServerProcess
 
 KEY = "era-test-key-5f1c2b9a"
 TRUSTED = "https://trusted.example.com"
-ROUTE_METHODS = [(t, m.upper()) for t, h in ROUTES for m in h.API]
+ROUTE_METHODS = [(r.template, m.upper()) for r in ROUTES for m in r.handler.API]
+HANDLERS = {r.template: r.handler for r in ROUTES}
+OPEN = {r.template for r in ROUTES if not r.auth}
 HARMLESS = {("/api/sessions", "DELETE"): {"ids": ["absent-session"]}, ("/api/sessions", "POST"): {"id": "bad id!"}}
 WRONG = ["", "Bearer", "Bearer wrong", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", f"Basic {KEY}", KEY]
 
@@ -30,10 +32,14 @@ def server():
     srv.cleanup()
 
 
+def test_only_health_is_open():
+    assert OPEN == {"/health"}
+
+
 @pytest.mark.parametrize("template, method", ROUTE_METHODS, ids=[f"{m} {t}" for t, m in ROUTE_METHODS])
 def test_every_route_needs_the_key(server, template, method):
     path = sample_path(template, "auth-s")
-    if template == "/health":
+    if template in OPEN:
         assert server.request(method, path)[0] == 200
         return
     for header in WRONG:
@@ -49,9 +55,9 @@ def test_every_route_needs_the_key(server, template, method):
     assert status != 401
 
 
-@pytest.mark.parametrize("template", [t for t, _ in ROUTES if t != "/health"])
+@pytest.mark.parametrize("template", [t for t in HANDLERS if t not in OPEN])
 def test_methods_a_route_lacks_are_401_before_405(server, template):
-    handler = dict(ROUTES)[template]
+    handler = HANDLERS[template]
     for method in [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if m.lower() not in handler.API]:
         assert_error_shape(*server.request(method, sample_path(template, "auth-s")), 401)
 

@@ -15,8 +15,8 @@ from tornado.web import HTTPError, RequestHandler
 
 from era_kernel.errors import BadRequest, EraError, Unauthorized
 from era_server import auth, boot
-from era_server.app import PARAM_PATTERNS, ROUTES, route_pattern
-from era_server.errors import Forbidden, as_era_error, error_json
+from era_server.routes import PARAM_PATTERNS, ROUTES, route_pattern
+from era_server.errors import Forbidden, as_era_error, error_headers, error_json, http_status
 from era_server.handlers.base import MAX_JSON_DEPTH, BaseHandler, parse_json
 from era_server.handlers.files import attachment_header, guess_type
 from era_server.logs import JsonFormatter, redact
@@ -43,7 +43,7 @@ def test_parse_json_refuses_with_a_sentence(raw, words):
     with pytest.raises(BadRequest) as info:
         parse_json(raw)
     assert words in info.value.message
-    assert info.value.status == 400
+    assert http_status(info.value) == 400
 
 
 def test_depth_limit_allows_reasonable_nesting():
@@ -95,7 +95,7 @@ def implemented_methods(handler: type[RequestHandler]) -> set[str]:
 
 def test_every_route_declares_exactly_the_methods_it_implements():
     seen = set()
-    for template, handler in ROUTES:
+    for template, handler in ((r.template, r.handler) for r in ROUTES):
         assert template not in seen
         seen.add(template)
         assert handler.API, template
@@ -111,9 +111,9 @@ def test_openapi_document_covers_the_route_table_and_is_valid():
     from era_server.openapi import build_openapi
 
     doc = build_openapi(ROUTES)
-    assert set(doc["paths"]) == {t for t, _ in ROUTES}
-    for template, handler in ROUTES:
-        assert set(doc["paths"][template]) == set(handler.API)
+    assert set(doc["paths"]) == {r.template for r in ROUTES}
+    for route in ROUTES:
+        assert set(doc["paths"][route.template]) == set(route.handler.API)
     create = doc["paths"]["/api/sessions"]["post"]
     schema_name = create["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert "language" in doc["components"]["schemas"][schema_name]["properties"]
@@ -131,16 +131,40 @@ def test_errors_map_to_one_shape_without_internals():
     err = as_era_error(HTTPError(404), "GET", "/nope", [], 404)
     assert json.loads(error_json(err)) == {"error": "no route matches GET /nope", "status_code": 404}
     err = as_era_error(HTTPError(405), "PUT", "/api/sessions", ["GET", "POST"], 405)
-    assert err.status == 405 and "GET, POST" in err.message
+    assert http_status(err) == 405 and "GET, POST" in err.message
     err = as_era_error(HTTPError(400, "Invalid unicode in %s: %r", "url", b"\xff"), "GET", "/x", [], 400)
-    assert err.status == 400 and "UTF-8" in err.message
+    assert http_status(err) == 400 and "UTF-8" in err.message
     err = as_era_error(RecursionError("deep"), "POST", "/x", [], 500)
-    assert err.status == 422
+    assert http_status(err) == 422
     err = as_era_error(KeyError("/etc/secret path"), "POST", "/x", [], 500)
-    assert err.status == 500 and "secret" not in error_json(err)
+    assert http_status(err) == 500 and "secret" not in error_json(err)
     assert json.loads(error_json(BadRequest("bad", field="code"))) == {
         "error": "bad", "status_code": 400, "field": "code"}
     assert isinstance(as_era_error(Unauthorized("no"), "GET", "/", [], 500), EraError)
+
+
+def test_engine_errors_carry_no_status_and_the_server_maps_each_kind():
+    from era_kernel import errors
+    from era_server.errors import NotReady, TooManySockets
+
+    expected = {errors.Invalid: 400, errors.BadRequest: 400, errors.Unauthorized: 401, Forbidden: 403,
+                errors.NotFound: 404, errors.Conflict: 409, errors.SetupPending: 409, errors.TooLarge: 413,
+                errors.Unprocessable: 422, errors.Busy: 429, errors.TooManyKernels: 429, TooManySockets: 429,
+                errors.Unavailable: 503, errors.KernelFailed: 503, NotReady: 503, errors.EraError: 500}
+    for cls, status in expected.items():
+        err = cls("x")
+        assert not hasattr(err, "status") and not hasattr(err, "headers"), cls
+        assert http_status(err) == status, cls
+
+    class Unmapped(errors.Conflict):  # a new kind answers as its nearest mapped base
+        pass
+
+    assert http_status(Unmapped("x")) == 409 and http_status(ValueError("x")) == 500
+    # retry_after is data; the server makes the header (whole seconds, at least 1).
+    assert error_headers(errors.Busy("full", retry_after=2)) == {"Retry-After": "2"}
+    assert error_headers(errors.SetupPending("setup still running"))["Retry-After"]
+    assert error_headers(errors.Busy("full", retry_after=0.2)) == {"Retry-After": "1"}
+    assert error_headers(errors.KernelFailed("dead")) == {} == error_headers(errors.Conflict("taken"))
 
 
 # ---- socket caps -----------------------------------------------------------------------------
@@ -154,8 +178,8 @@ def test_socket_slots_count_per_session_and_client_and_give_back_once():
     a1, a2 = slots.take("s1", "addr:a"), slots.take("s1", "addr:a")
     with pytest.raises(TooManySockets) as err:
         slots.take("s1", "addr:b")  # the session is full, whoever asks
-    assert err.value.status == 429 and err.value.headers["Retry-After"] and "ERA_MAX_SOCKETS_PER_SESSION" in \
-        err.value.message
+    assert http_status(err.value) == 429 and error_headers(err.value)["Retry-After"] and \
+        "ERA_MAX_SOCKETS_PER_SESSION" in err.value.message
     a3 = slots.take("s2", "addr:a")
     with pytest.raises(TooManySockets, match="ERA_MAX_SOCKETS_PER_CLIENT"):
         slots.take("s3", "addr:a")

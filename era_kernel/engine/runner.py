@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable
 
 from .. import models
 from ..config import Settings
-from ..errors import BadRequest, KernelFailed, NotFound, TooLarge
+from ..errors import BadRequest, NotFound, SetupPending, TooLarge
 from ..kernel import EventSink, ExecOutcome, InputHandler, SessionKernel
 from ..languages import Language, get_language
 from ..store.base import MetadataStore
@@ -217,10 +217,6 @@ class SessionRunner:
         """Wait for the background work queued so far (history writes, kernels stopping)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
-
-
-class SetupPending(KernelFailed):
-    """A run waited for its session's package setup for as long as its timeout allowed."""
 
 
 async def _record_run(sid: str, run_id: str, written: Awaitable[None]) -> None:

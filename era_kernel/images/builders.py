@@ -43,7 +43,7 @@ _DEBOOTSTRAP_STAGES = {
 
 
 class BuildError(EraError):
-    status = 500
+    """A Docker image build failed."""
 
 
 # --------------------------------------------------------------------------- debootstrap

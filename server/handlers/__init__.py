@@ -1,1 +1,1 @@
-"""HTTP handlers, one module per area; routes live in ``era_server.app``."""
+"""HTTP handlers, one module per area; routes live in ``era_server.routes``."""

@@ -1,4 +1,6 @@
-"""The base of every HTTP handler: body limits, JSON in/out, auth, readiness.
+"""The bases of every handler: ``RouteHandler`` (HTTP and WebSocket: what its route
+gives it, and the API key check) and ``BaseHandler`` (HTTP: body limits, JSON in/out,
+readiness).
 
 Bodies are streamed (``stream_request_body``) so the size limit is enforced by us, with
 a JSON 413, instead of tornado dropping the connection; ``prepare`` runs before the body
@@ -118,9 +120,32 @@ def _wrap_methods(cls: type) -> None:
             setattr(cls, name, _refuse_first(method))
 
 
+def check_declared_size(handler: RequestHandler, limit: int) -> None:
+    declared = handler.request.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
+
+
+class RouteHandler(JsonErrors, RequestHandler):
+    """Every handler of the app, HTTP or WebSocket. The route table (``routes.py``) gives it
+    ``services`` and ``auth``, whether its route needs the API key; ``check_key`` is the
+    one place that requirement is enforced, first thing in every ``prepare``."""
+
+    QUERY_TOKEN = False  # the key may also come as ``?token=`` (WebSocket clients without headers)
+
+    def initialize(self, services: Services, auth: bool) -> None:
+        self.services = services
+        self.auth = auth
+
+    def check_key(self) -> None:
+        if self.auth:
+            query_token = self.get_query_argument("token", None) if self.QUERY_TOKEN else None
+            require_api_key(self.services.api_key, self.request.headers.get("Authorization"), query_token)
+
+
 @stream_request_body
-class BaseHandler(JsonErrors, RequestHandler):
-    """Routes inject ``services``; subclasses declare ``API`` (see ``apidoc.Op``).
+class BaseHandler(RouteHandler):
+    """Subclasses declare ``API`` (see ``apidoc.Op``).
 
     A refusal found in ``prepare`` (401, 413, 503) is not answered at once: tornado closes
     the connection when a response finishes before the body was read, and a client still
@@ -131,6 +156,7 @@ class BaseHandler(JsonErrors, RequestHandler):
 
     API: dict[str, Op] = {}
     SESSION_ROUTE = False  # first path argument is a session id (logged with the request)
+    WAITS_FOR_ENGINE = True  # held (then 503) while the engine starts
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -142,8 +168,8 @@ class BaseHandler(JsonErrors, RequestHandler):
     # Methods a route lacks are wrapped too, so a refusal (401) comes before the 405.
     get = post = put = patch = delete = head = options = _not_allowed
 
-    def initialize(self, services: Services) -> None:
-        self.services = services
+    def initialize(self, services: Services, auth: bool) -> None:
+        super().initialize(services, auth)
         self.session_id: str | None = None
         self._chunks: list[bytes] = []
         self._received = 0
@@ -161,6 +187,7 @@ class BaseHandler(JsonErrors, RequestHandler):
             self.session_id = self.path_args[0][:128]
         self.request.connection.set_max_body_size(self.services.drain_limit)
         try:
+            self.check_key()
             await self.admit()
         except Exception as exc:
             declared = self.request.headers.get("Content-Length", "0")
@@ -169,14 +196,10 @@ class BaseHandler(JsonErrors, RequestHandler):
             self._refusal = exc
 
     async def admit(self) -> None:
-        """Auth, declared size, readiness. Subclasses narrow this (health, unknown routes)."""
-        services = self.services
-        if self.request.path.startswith("/api/"):
-            require_api_key(services.api_key, self.request.headers.get("Authorization"))
-        declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > services.max_body:
-            raise TooLarge(f"request body is {int(declared)} bytes; the limit is {services.max_body}")
-        await wait_ready(services)
+        """After the key: the declared size, then readiness. /health narrows this."""
+        check_declared_size(self, self.services.max_body)
+        if self.WAITS_FOR_ENGINE:
+            await wait_ready(self.services)
 
     def data_received(self, chunk: bytes) -> None:
         if self._finished or self._too_large or self._refusal is not None:
@@ -223,11 +246,10 @@ _wrap_methods(BaseHandler)
 
 
 class NotFoundHandler(BaseHandler):
-    """Tornado's default handler: every unknown route is a JSON 404 (401 first under /api)."""
+    """Every unknown route is a JSON 404 (the route table says where the key comes first)."""
 
     async def admit(self) -> None:
-        if self.request.path.startswith("/api/"):
-            require_api_key(self.services.api_key, self.request.headers.get("Authorization"))
+        pass  # nothing to size or wait for: the answer is a 404 whatever comes
 
     def get(self, *args: Any) -> None:
         raise NotFound(f"no route matches {self.request.method} {self.request.path[:200]}")

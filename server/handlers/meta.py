@@ -9,10 +9,7 @@ import time
 import weakref
 from typing import Any
 
-from era_kernel.errors import TooLarge
-
 from ..apidoc import Op
-from ..auth import require_api_key
 from ..services import Services
 from .base import BaseHandler
 
@@ -62,12 +59,12 @@ async def shared_health_detail(services: Services) -> dict[str, Any] | None:
 
 class HealthHandler(BaseHandler):
     API = {"get": Op("Liveness; `ready` tells whether the engine has started", response="Health", errors=(),
-                     auth=False, description="Open (no API key). Once the engine is ready it adds aggregate counts: "
+                     description="Open (no API key). Once the engine is ready it adds aggregate counts: "
                                  "sessions, live kernels by state, pool fill per pool, and memory (server RSS, "
                                  "all kernels); never session ids. Before that only the liveness fields.")}
 
     async def admit(self) -> None:
-        pass  # open (no API key) and never waits for the engine: that is what it reports on
+        pass  # never refused and never waits for the engine: that is what it reports on (the key: routes.py)
 
     async def get(self) -> None:
         services = self.services
@@ -105,12 +102,7 @@ class MetricsHandler(BaseHandler):
                                  "their latency. Needs the API key when one is set; answers before the engine "
                                  "is ready (`era_ready 0`, without the engine's metrics).")}
 
-    async def admit(self) -> None:
-        # Not under /api/, so the base class would leave it open: metrics need the key too.
-        require_api_key(self.services.api_key, self.request.headers.get("Authorization"))
-        declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.services.max_body:
-            raise TooLarge(f"request body is {int(declared)} bytes; the limit is {self.services.max_body}")
+    WAITS_FOR_ENGINE = False  # before the engine is ready it answers era_ready 0
 
     async def get(self) -> None:
         from era_kernel.resources import process_rss_bytes
@@ -132,9 +124,10 @@ class OpenApiHandler(BaseHandler):
 
     async def get(self) -> None:
         if self.services.openapi is None:
-            from ..app import ROUTES
             from ..openapi import build_openapi
 
-            # Schema generation takes tens of ms of CPU: off the event loop, once.
-            self.services.openapi = await asyncio.to_thread(build_openapi, ROUTES)
+            # Schema generation takes tens of ms of CPU: off the event loop, once. The route
+            # table comes through the application (importing routes.py here would be a circle).
+            routes = self.application.settings["era_routes"]
+            self.services.openapi = await asyncio.to_thread(build_openapi, routes)
         self.send_json(self.services.openapi)

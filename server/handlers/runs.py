@@ -14,7 +14,7 @@ from era_kernel.errors import EraError
 from tornado.iostream import StreamClosedError
 
 from ..apidoc import Op
-from ..errors import NotReady
+from ..errors import NotReady, http_status
 from ..logs import log_run
 from .base import BaseHandler, dumps
 
@@ -37,7 +37,7 @@ class ExecuteHandler(BaseHandler):
 class RunHandler(BaseHandler):
     SESSION_ROUTE = True
     API = {"post": Op("Run code in the session's kernel", body="RunRequest", response="RunResult",
-                      errors=(400, 404, 413, 429, 503),
+                      errors=(400, 404, 409, 413, 429, 503),
                       description="Without `code`, runs the session's stored program (`PUT .../code`).")}
 
     async def post(self, sid: str) -> None:
@@ -54,7 +54,7 @@ def sse_frame(event: dict[str, Any]) -> str:
 class StreamHandler(BaseHandler):
     SESSION_ROUTE = True
     API = {"post": Op("Run code, streaming output as Server-Sent Events", body="RunRequest", response="sse",
-                      errors=(400, 404, 413, 429, 503),
+                      errors=(400, 404, 409, 413, 429, 503),
                       description="Events: `stdout`/`stderr` {type, content}, `display` {type, data, metadata}, "
                                   "`error` {type, ename, evalue, traceback}, and last `done` {type, exit_code, "
                                   "duration, duration_ms, timed_out, truncated}. Each is flushed as the kernel "
@@ -125,7 +125,7 @@ class StreamHandler(BaseHandler):
         frames = []
         if error is not None:
             message = error.message if isinstance(error, EraError) else "internal server error"
-            status = error.status if isinstance(error, EraError) else 500
+            status = http_status(error)
             frames.append(sse_frame({"type": "error", "ename": type(error).__name__, "evalue": message,
                                      "traceback": [], "status_code": status}))
         if not done_sent:

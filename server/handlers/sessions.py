@@ -54,7 +54,6 @@ class SessionsHandler(BaseHandler):
         if prefix is not None and req.prefix is not None and prefix != req.prefix:
             raise BadRequest("'prefix' given in both the query and the body, with different values", field="prefix")
         deleted = await self.engine.delete_many(ids=req.ids, prefix=prefix if prefix is not None else req.prefix)
-        self.services.sessions_deleted(deleted)
         self.send_json({"deleted": deleted, "count": len(deleted)})
 
 
@@ -75,8 +74,7 @@ class SessionHandler(BaseHandler):
         self.send_json(await self.engine.patch(sid, self.json_body()))
 
     async def delete(self, sid: str) -> None:
-        await self.engine.delete(sid)
-        self.services.sessions_deleted([sid])
+        await self.engine.delete(sid)  # its sockets close on the engine's SessionDeleted (services.py)
         self.send_json({"deleted": sid})
 
 

@@ -1,0 +1,86 @@
+"""The route table: every route's template, handler and whether it needs the API key.
+
+OpenAPI, the metrics' route labels, the auth test and the error-shape test all walk
+``ROUTES``, so a new route cannot skip them. Templates use ``{id}`` (a session id),
+``{path}`` (a file path, may contain ``/``) and ``{name}`` (a kernelspec). Each handler is
+given ``services`` and its route's ``auth`` through ``initialize``; ``RouteHandler.check_key``
+enforces it, for HTTP and WebSocket routes alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tornado.web import RequestHandler
+
+from .handlers.base import NotFoundHandler
+from .handlers.files import FileHandler, FilesHandler
+from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
+from .handlers.runs import ExecuteHandler, RunHandler, StreamHandler
+from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
+                                RestartHandler, RunsHandler, SessionHandler, SessionsHandler)
+from .jupyter import (KernelChannels, KernelHandler, KernelInterruptHandler, KernelRestartHandler, KernelsHandler,
+                      KernelSpecHandler, KernelSpecsHandler)
+from .services import Services
+from .ws import SessionSocket
+
+
+@dataclass(frozen=True)
+class Route:
+    template: str
+    handler: type[RequestHandler]
+    auth: bool = True  # needs the API key when the server has one
+
+
+ROUTES: list[Route] = [
+    Route("/health", HealthHandler, auth=False),  # what probes read: open, answers before the engine is ready
+    Route("/metrics", MetricsHandler),  # outside /api, but it names sessions' counts and load: keyed
+    Route("/api/openapi.json", OpenApiHandler),
+    Route("/api/resources/stats", StatsHandler),
+    Route("/api/execute", ExecuteHandler),
+    Route("/api/sessions", SessionsHandler),
+    Route("/api/sessions/{id}", SessionHandler),
+    Route("/api/sessions/{id}/run", RunHandler),
+    Route("/api/sessions/{id}/stream", StreamHandler),
+    Route("/api/sessions/{id}/ws", SessionSocket),
+    Route("/api/sessions/{id}/duplicate", DuplicateHandler),
+    Route("/api/sessions/{id}/code", CodeHandler),
+    Route("/api/sessions/{id}/runs", RunsHandler),
+    Route("/api/sessions/{id}/notebook", NotebookHandler),
+    Route("/api/sessions/{id}/interrupt", InterruptHandler),
+    Route("/api/sessions/{id}/restart", RestartHandler),
+    Route("/api/sessions/{id}/files", FilesHandler),
+    Route("/api/sessions/{id}/files/{path}", FileHandler),
+    # Jupyter kernel gateway (server/jupyter.py): a kernel id is a session id.
+    Route("/api/kernelspecs", KernelSpecsHandler),
+    Route("/api/kernelspecs/{name}", KernelSpecHandler),
+    Route("/api/kernels", KernelsHandler),
+    Route("/api/kernels/{id}", KernelHandler),
+    Route("/api/kernels/{id}/interrupt", KernelInterruptHandler),
+    Route("/api/kernels/{id}/restart", KernelRestartHandler),
+    Route("/api/kernels/{id}/channels", KernelChannels),
+]
+
+# Paths no route matches (JSON 404s; not part of the API, so not in ROUTES). Under /api/
+# the key comes first, so a client without it cannot probe which routes exist; anywhere
+# else the 404 is plain.
+UNKNOWN_API = Route("/api/{rest}", NotFoundHandler)
+UNKNOWN = Route("", NotFoundHandler, auth=False)
+
+PARAM_PATTERNS = {"id": "([^/]+)", "path": "(.+)", "name": "([^/]+)", "rest": "(.*)"}
+
+
+def route_pattern(template: str) -> str:
+    """``/api/sessions/{id}`` -> ``/api/sessions/([^/]+)`` (tornado anchors the end itself)."""
+    return re.sub(r"\{(\w+)\}", lambda m: PARAM_PATTERNS[m.group(1)], template)
+
+
+def handler_args(services: Services, route: Route) -> dict[str, Any]:
+    return {"services": services, "auth": route.auth}
+
+
+def make_routes(services: Services) -> list[tuple[str, type[RequestHandler], dict[str, Any]]]:
+    return [(route_pattern(route.template), route.handler, handler_args(services, route))
+            for route in [*ROUTES, UNKNOWN_API]]
