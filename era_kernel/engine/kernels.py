@@ -11,7 +11,7 @@ Admission (``admit``) never overshoots: the check and the take happen with no aw
 between, so 200 concurrent creates cannot pass a limit of N (SECURITY.md 1). Past the
 limit it takes a pooled kernel's slot first, then the least recently used session
 kernel that is idle or dead (its session stays; the next run starts a kernel), and with
-every kernel busy it raises ``Busy`` (HTTP 429 with Retry-After).
+every kernel busy it raises ``Busy`` (retry later).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class KernelTable:
         else:
             candidates = self.dead() or self.idle()
             if not candidates:
-                self.slots.acquire()  # raises Busy: 429 with Retry-After
+                self.slots.acquire()  # raises Busy: retry later
             victim = min(candidates, key=lambda sid: self._active_at.get(sid, 0.0))
             entry = self._entries.pop(victim)
             lease = entry.lease  # the victim's slot is the caller's now

@@ -149,7 +149,7 @@ class SessionManager:
         }
 
     def _check_sizes(self, fields: dict[str, Any]) -> None:
-        """413 for a ``data`` or ``metadata`` over its limit; called before anything is
+        """TooLarge for a ``data`` or ``metadata`` over its limit; called before anything is
         written. Both are in every session document, so they bound every listing too."""
         for name, setting in (("metadata", "ERA_MAX_METADATA_BYTES"), ("data", "ERA_MAX_DATA_BYTES")):
             if fields.get(name) is None:
@@ -180,7 +180,7 @@ class SessionManager:
         if warm is not None:  # its directory and uid become the session's
             record.workdir, record.uid, lease = f"{POOL_ROOT}/{warm.workdir.name}", warm.uid, warm.lease
         else:
-            lease = await self.table.admit()  # 429 before anything is written
+            lease = await self.table.admit()  # Busy before anything is written
         try:
             await self.files.check_unused(record)
             try:
