@@ -1,4 +1,4 @@
-"""API key and WebSocket Origin checks (SECURITY.md case 23/24).
+"""API key and WebSocket Origin checks (docs/security.md cases 23 and 24).
 
 Tokens are compared with ``hmac.compare_digest``; nothing here logs a token.
 """

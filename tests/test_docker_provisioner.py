@@ -1,5 +1,5 @@
-"""What only the era-docker provisioner does, against a real Docker engine (SECURITY.md
-8, 10, 17): the exact container configuration, images, labels, limits as Docker sees
+"""What only the era-docker provisioner does, against a real Docker engine (docs/security.md
+cases 8-10, 17-19): the exact container configuration, images, labels, limits as Docker sees
 them, the egress network and the reaping of orphaned containers. What every provisioner
 promises (isolation, privileges, network, environment, limits, interrupt, restart,
 stop, IPC seal) is checked for this one too in tests/conformance/test_provisioner.py.
@@ -233,7 +233,7 @@ async def test_network_access_falls_back_to_host_without_egress_network(docker_c
             pass
 
 
-# ---------------------------------------------------------------------------- limits (8)
+# ---------------------------------------------------------------------------- limits (cases 8, 9)
 
 async def test_limits_from_session_options(docker_client, python_image, kernelspecs, workspace, runtime_dir):
     options = era_options(workspace, runtime_dir, memory=256 * 1024**2, cpus=0.5, pids=100)
@@ -242,7 +242,7 @@ async def test_limits_from_session_options(docker_client, python_image, kernelsp
     assert (host["Memory"], host["NanoCpus"], host["PidsLimit"]) == (256 * 1024**2, 5 * 10**8, 100)
 
 
-# ---------------------------------------------------------------------------- orphans (10)
+# ---------------------------------------------------------------------------- orphans (case 10)
 
 
 async def test_reap_orphan_containers(docker_client, python_image):

@@ -317,7 +317,7 @@ async def test_bad_max_age_is_refused_with_the_field_named(engine):
 
 
 async def test_burst_of_creates_never_exceeds_the_limit_with_the_pool_on(era_settings):
-    """SECURITY.md 1 with the pool and LRU culling in play: pooled kernels count, and a
+    """docs/security.md case 1 with the pool and LRU culling in play: pooled kernels count, and a
     culled kernel is gone before the kernel that replaces it starts."""
     limit = 3
     engine = SessionManager(era_settings.replace(ERA_MAX_KERNELS=limit, ERA_POOL_SIZE=2))
@@ -365,7 +365,8 @@ async def test_burst_of_creates_never_exceeds_the_limit_with_the_pool_on(era_set
 
 
 async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
-    """SECURITY.md 3, scaled down for CI (bench-sized soaks belong in bench/): after many
+    """docs/security.md case 3, scaled down for CI (a bench-sized soak would belong in bench/;
+there is none yet): after many
     pooled and cold create/run/delete cycles and one-shot runs, open files, kernel
     processes, IPC directories, workspaces and store rows are back where they started."""
     engine = SessionManager(era_settings.replace(ERA_POOL_SIZE=1))

@@ -238,9 +238,10 @@ async def test_list_pages_with_an_opaque_cursor(engine):
 
 
 async def test_a_session_nesting_directories_past_the_open_file_limit(engine, session):
-    """Security finding: code nested directories deeper than the server's open-file
-    limit; every walk of the workspace then failed with EMFILE, so the session's document
-    and the list of *all* sessions answered 500, and delete failed leaving the tree.
+    """Security finding (docs/security.md, "Deep directory trees"): code nested
+    directories deeper than the server's open-file limit; every walk of the workspace
+    then failed with EMFILE, so the session's document and the list of *all* sessions
+    answered 500, and delete failed leaving the tree.
     The server is this process: its limit is lowered so a few hundred levels do."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = len(os.listdir("/proc/self/fd")) + 200

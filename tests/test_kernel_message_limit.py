@@ -1,4 +1,4 @@
-"""SECURITY.md 5: one message over the limit from a kernel (a huge display) is refused
+"""docs/security.md case 5: one message over the limit from a kernel (a huge display) is refused
 unread, the run fails with a clear error instead of at its timeout, and the session
 goes on in a fresh kernel. Both provisioners; a 1 MiB limit stands in for 256 MiB."""
 

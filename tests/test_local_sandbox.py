@@ -1,4 +1,5 @@
-"""What only the era-local sandbox does (SECURITY.md 3, 7, 19): bubblewrap's seccomp filter,
+"""What only the era-local sandbox does (docs/security.md cases 4, 7-11 and 18, and the
+finding "Kernel output to a host file"): bubblewrap's seccomp filter,
 the kernel's output kept in a pipe, the session's cgroup and its sized /tmp. What every
 provisioner promises (isolation, privileges, network, environment, limits, interrupt,
 restart, stop, kernel_log, IPC seal) is checked for this one too in
@@ -41,7 +42,7 @@ print('fork still works', os.fork() and os.wait()[1] == 0 or os._exit(0))
     assert lines["fork"] == "still works True"
 
 
-# ---- SECURITY.md 7: the kernel's own stdout/stderr reach no host file -----------------------
+# ---- docs/security.md, finding "Kernel output to a host file" ------------------------------
 
 def _tree_bytes(path) -> int:
     total = 0
@@ -108,7 +109,7 @@ async def test_kernel_output_reaches_no_host_file(engine, session):
     assert not any(stray.values()), f"descriptors the server did not mean to give: {stray}"
 
 
-# ---- SECURITY.md 3: a session's limits hold for the session as a whole --------------------
+# ---- docs/security.md case 8: a session's limits hold for the session as a whole -----------
 
 MiB = 1024**2
 LIMITED = {"ERA_KERNEL_MEMORY": 256 * MiB, "ERA_KERNEL_PIDS": 64, "ERA_KERNEL_TMP_SIZE": 8 * MiB}

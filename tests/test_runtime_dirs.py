@@ -1,4 +1,5 @@
-"""SECURITY.md item 6: servers on one machine never delete each other's kernel directories.
+"""Servers on one machine never delete each other's kernel directories (docs/security.md,
+finding "Servers sharing a runtime directory").
 
 Each server gets its own runtime directory by default; every kernel directory (local and
 Docker) has an owner record beside it; the start-up reaper removes only what a provably

@@ -1,6 +1,6 @@
 """With ERA_API_KEY set: every route of the route table (so a new route cannot skip this)
 answers 401 without the key; WebSocket Origin is an exact match; tokens never reach the
-logs (SECURITY.md 23-24)."""
+logs (docs/security.md cases 23-24)."""
 
 from __future__ import annotations
 

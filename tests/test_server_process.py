@@ -130,11 +130,12 @@ def test_bind_failure_is_a_clean_exit():
 
 
 def test_a_deep_directory_tree_never_takes_the_server_down():
-    """Security finding: code nesting directories deeper than the server's open-file
-    limit made every route that walks the workspace answer 500 (the session list for
-    every user included), a failed delete left the tree behind without its record, and
-    every later start failed. The server here runs with a small open-file limit, so a
-    tree a few hundred levels deeper than it is enough."""
+    """Security finding (docs/security.md, "Deep directory trees"): code nesting
+    directories deeper than the server's open-file limit made every route that walks the
+    workspace answer 500 (the session list for every user included), a failed delete left
+    the tree behind without its record, and every later start failed. The server here
+    runs with a small open-file limit, so a tree a few hundred levels deeper than it is
+    enough."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -391,7 +391,7 @@ async def test_the_environment_is_named_by_its_key(setups):
 
 
 async def test_a_local_step_is_bounded_as_a_whole(settings, store):
-    """SECURITY.md 3 for setup: four children of one step, 100 MiB each, under a 256 MiB
+    """docs/security.md case 8 for setup: four children of one step, 100 MiB each, under a 256 MiB
     ERA_SETUP_MEMORY: the step's cgroup caps their sum and the log says why some died."""
     if os.getuid() != 0:
         pytest.skip("step cgroups need root")

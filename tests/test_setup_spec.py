@@ -1,6 +1,6 @@
-"""Setup specs, archives and logs without any network: validation (SECURITY.md 17),
-canonical form and hashing, archive extraction against hostile archives (SECURITY.md 14),
-sealing of a built environment, and the log helpers."""
+"""Setup specs, archives and logs without any network: validation (docs/security.md
+case 17), canonical form and hashing, archive extraction against hostile archives
+(docs/security.md case 14), sealing of a built environment, and the log helpers."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Workspace: the local directory, as the server sees it while untrusted code owns it
-(SECURITY.md cases 11-13, 16, 22)."""
+(docs/security.md cases 11-13, 16, 21 and 22, and the finding "Deep directory trees")."""
 
 import asyncio
 import errno

@@ -1,5 +1,5 @@
 """safe_relpath: the single check every user-supplied workspace path goes through
-(SECURITY.md cases 12 and 16)."""
+(docs/security.md cases 12 and 16)."""
 
 from urllib.parse import unquote
 

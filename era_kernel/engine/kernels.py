@@ -8,7 +8,7 @@ eviction to admit another kernel. Pooled and one-shot kernels hold leases too (t
 and the runner give them back), so the count of slots in use is the count of kernels.
 
 Admission (``admit``) never overshoots: the check and the take happen with no await in
-between, so 200 concurrent creates cannot pass a limit of N (SECURITY.md 1). Past the
+between, so 200 concurrent creates cannot pass a limit of N (docs/security.md case 1). Past the
 limit it takes a pooled kernel's slot first, then the least recently used session
 kernel that is idle or dead (its session stays; the next run starts a kernel), and with
 every kernel busy it raises ``Busy`` (retry later).

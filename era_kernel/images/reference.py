@@ -3,7 +3,7 @@
 An image name ends up as an argument of a Docker API call, never of a command line, but
 it is still refused unless it matches Docker's reference grammar exactly, so that
 `--privileged`, `-v /:/host`, whitespace, NUL or shell syntax can never reach the
-engine as an image name (SECURITY.md 17).
+engine as an image name (docs/security.md case 17).
 """
 
 from __future__ import annotations

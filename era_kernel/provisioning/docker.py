@@ -144,7 +144,7 @@ class EraDockerProvisioner(EraProvisioner):
     kernel_dir: Path | None = None
     _exit_code: int | None = None
     _ipc_info: dict[str, Any] | None = None
-    oom_killed: bool = False  # set by poll(): lets the engine say "out of memory" (SECURITY.md 8)
+    oom_killed: bool = False  # set by poll(): the engine says "out of memory" (docs/security.md case 8)
     _waited: bool = False
     _container_spec: dict[str, Any] | None = None
     _docker: Any = None

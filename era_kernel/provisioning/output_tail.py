@@ -2,9 +2,10 @@
 
 A kernel writes to its stdout/stderr what ipykernel does not capture: start-up banners,
 crashes, and anything its code writes to file descriptors 1 and 2 directly. Those used to
-be a descriptor on a host log file, which the kernel could fill without bound (SECURITY.md
-7). Now they are the write end of a pipe; the server reads it continuously and keeps only
-the last ``TAIL_BYTES``, in memory, for start-failure messages (``kernel_log``).
+be a descriptor on a host log file, which the kernel could fill without bound
+(docs/security.md, finding "Kernel output to a host file"). Now they are the write end
+of a pipe; the server reads it continuously and keeps only the last ``TAIL_BYTES``, in
+memory, for start-failure messages (``kernel_log``).
 
 Who reads: one daemon thread for the whole process (``_Pump``) waits on every kernel's
 pipe with a selector. Not the event loop: a Jupyter application may drive our provisioner

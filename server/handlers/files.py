@@ -2,8 +2,9 @@
 
 The path arrives percent-decoded by tornado (``%2e%2e/`` is ``../`` here) and is passed
 as is to the engine, which validates it against the workspace (traversal, NUL,
-symlinks: SECURITY.md 12-13). Downloads are attachments with ``nosniff`` and a
-sandboxing CSP, so HTML a session wrote never renders on the API's origin (case 25).
+symlinks: docs/security.md cases 12-13). Downloads are attachments with ``nosniff`` and
+a sandboxing CSP, so HTML a session wrote never renders on the API's origin
+(docs/security.md case 25).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ disturb a kernel share one per provisioner (``shared``); the others start their 
 
 Provisioner-specific details stay beside their provisioner: bubblewrap, seccomp and cgroup
 files in tests/test_local_sandbox.py, Docker's container configuration, images, labels and
-egress network in tests/test_docker_provisioner.py. SECURITY.md cases checked here: 3, 6,
-8, 9, 18-22.
+egress network in tests/test_docker_provisioner.py. docs/security.md cases checked here: 2,
+3, 8, 9, 17-19, 21, 22, and the finding "Servers sharing a runtime directory".
 """
 
 from __future__ import annotations
@@ -450,7 +450,8 @@ print(json.dumps({'tcp': tcp, 'unix': unix}))
 
 
 async def test_owner_record_beside_the_kernel_directory(backend, shared):
-    """SECURITY.md 6: the reaper of another server judges the directory by this record."""
+    """docs/security.md, finding "Servers sharing a runtime directory": the reaper of
+    another server judges the directory by this record."""
     k = shared.kernel
     record = read_pid_record(k.kernel_dir)
     assert record is not None, "no owner record"
@@ -497,8 +498,8 @@ print(json.dumps([mod.VALUE, wrote]))
 
 
 async def test_host_files_and_other_kernels_are_invisible(backend, shared):
-    """SECURITY.md 18: another session's files and sockets, the server's data, the host's
-    secrets: none of them exist for a kernel, except its own IPC directory."""
+    """docs/security.md case 21: another session's files and sockets, the server's data,
+    the host's secrets: none of them exist for a kernel, except its own IPC directory."""
     p = shared.place
     secret = p.root / "outside" / "secret.txt"
     secret.parent.mkdir(exist_ok=True)
@@ -551,8 +552,8 @@ print(json.dumps({'procs': procs, 'uid': os.getuid(), 'gid': os.getgid(), 'euid'
 
 
 async def test_runs_as_the_given_uid_with_no_privileges(shared):
-    """SECURITY.md 19: the session's uid, no capabilities, no_new_privs, for the kernel and
-    everything it starts; set-uid tools and namespaces give nothing back."""
+    """docs/security.md case 18: the session's uid, no capabilities, no_new_privs, for the
+    kernel and everything it starts; set-uid tools and namespaces give nothing back."""
     k = shared.kernel
     await k.run("import subprocess; _bg = subprocess.Popen(['sleep', '30'])")  # a child process counts too
     try:
@@ -608,7 +609,8 @@ print(json.dumps(results))
 
 
 async def test_no_network_by_default(shared, host_listener):
-    """SECURITY.md 20: nothing but loopback, no DNS, and the host's services unreachable."""
+    """docs/security.md case 19: nothing but loopback, no DNS, and the host's services
+    unreachable."""
     results = await shared.kernel.json(NETWORK_PROBE.format(port=host_listener.getsockname()[1]))
     assert "connected" not in results.values() and results["dns"] != "resolved", results
     assert results["interfaces"] == ["lo"]
@@ -628,8 +630,8 @@ async def test_allow_network_gives_a_network(place):
 
 
 async def test_kernel_env_holds_only_what_we_pass(shared):
-    """SECURITY.md 21: the session's env reaches the kernel verbatim (nothing runs it
-    through a shell); the server's own environment does not."""
+    """docs/security.md cases 21 and 17: the session's env reaches the kernel verbatim
+    (nothing runs it through a shell); the server's own environment does not."""
     env = await shared.kernel.json("import os, json; print(json.dumps(dict(os.environ)))")
     assert not any(k.startswith(("AWS_", "ERA_")) for k in env), sorted(env)
     assert not set(FAKE_SECRETS.values()) & set(env.values())
@@ -758,9 +760,9 @@ async def test_restart_keeps_the_connection_info_and_starts_fresh(backend, place
 
 
 async def test_stop_removes_processes_and_everything_it_made(backend, place):
-    """SECURITY.md 9: after a graceful shutdown nothing of the kernel is left: its
-    processes (children included), its IPC directory and owner record, its container or
-    cgroup."""
+    """docs/security.md case 9: after a graceful shutdown nothing of the kernel is left:
+    its processes (children included), its IPC directory and owner record, its container
+    or cgroup."""
     async with kernel(place) as k:
         await k.run("import subprocess; bg = subprocess.Popen(['sleep', '60'])")
         found = backend.footprint(k)
@@ -773,7 +775,7 @@ async def test_stop_removes_processes_and_everything_it_made(backend, place):
     assert not list((place.runtime_dir / "k").iterdir()), "nothing left beside the kernel's directory"
 
 
-# ---------------------------------------------------------------------------- IPC seal (22)
+# ---------------------------------------------------------------------------- IPC seal (case 22)
 
 ATTACK = r"""
 import json, os
@@ -807,8 +809,8 @@ def socket_files(kernel_dir: Path) -> dict[str, str]:
 
 
 async def test_sealed_kernel_cannot_replace_or_add_to_its_socket_directory(place):
-    """SECURITY.md 22: after seal_ipc the kernel cannot swap its sockets for links or FIFOs
-    nor flood their directory; it is still the same kernel, still answering."""
+    """docs/security.md case 22: after seal_ipc the kernel cannot swap its sockets for links
+    or FIFOs nor flood their directory; it is still the same kernel, still answering."""
     if os.getuid() != 0:
         pytest.skip("only root can take the directory back (README limits)")
     async with kernel(place) as k:
@@ -859,7 +861,7 @@ async def test_kernel_log_holds_the_kernels_own_output_after_a_failed_start(back
     assert not list((place.runtime_dir / "k").iterdir()), "nothing left beside the kernel's directory"
 
 
-# ---------------------------------------------------------------------------- limits (3, 8, 9)
+# ---------------------------------------------------------------------------- limits (cases 8, 9)
 
 FORK_BOMB = r"""
 import json, os, time
@@ -890,7 +892,7 @@ async def test_fork_bomb_is_contained(backend, place):
         answer = await k.run("import signal\nfor p in children[:5]: os.kill(p, signal.SIGKILL)\n"
                              "for p in children[:5]: os.waitpid(p, 0)\nprint(1 + 1)")
         assert answer[1].strip() == "2", answer
-    # Shutdown removed every process the bomb made (SECURITY.md 9).
+    # Shutdown removed every process the bomb made (docs/security.md case 9).
     deadline = time.monotonic() + 10
     while any(_alive(i) for i in identities) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
@@ -938,9 +940,9 @@ print(json.dumps({{'kids': len(kids), 'killed': killed}}))
 
 
 async def test_memory_limit_kills_are_reported(backend, place):
-    """SECURITY.md 3, 8: the memory limit bounds the session as a whole (processes each
-    under it, together over it, are killed), ``oom_kills`` counts those kills (or says it
-    cannot: None), and when the kernel itself is killed ``oom_killed`` says so."""
+    """docs/security.md case 8: the memory limit bounds the session as a whole (processes
+    each under it, together over it, are killed), ``oom_kills`` counts those kills (or says
+    it cannot: None), and when the kernel itself is killed ``oom_killed`` says so."""
     if reason := backend.session_memory_unbounded():
         pytest.skip(reason)
     async with kernel(place, memory=256 * MiB) as k:

@@ -1,7 +1,7 @@
 """WorkspaceStore conformance: the same behaviour on file://, memory:// and s3:// (a real
 S3-speaking server: moto's ThreadedMotoServer on 127.0.0.1, as s3fs's own tests use).
 
-SECURITY.md cases 12 and 13 (no traversal, links never followed on sync) are checked
+docs/security.md cases 12 and 13 (no traversal, links never followed on sync) are checked
 for every backend.
 """
 
