@@ -52,7 +52,7 @@ def era_settings(request, tmp_path):
 
 # Engine-level suites that must hold on both provisioners run under this (the one way to
 # say so). What a provisioner itself promises is checked, per provisioner, by
-# tests/conformance/test_provisioner.py.
+# tests/conformance/test_provisioner_*.py.
 both_provisioners = pytest.mark.parametrize("era_settings", ["local", "docker"], indirect=True)
 
 

@@ -2,7 +2,7 @@
 cases 8-10, 17-19): the exact container configuration, images, labels, limits as Docker sees
 them, the egress network and the reaping of orphaned containers. What every provisioner
 promises (isolation, privileges, network, environment, limits, interrupt, restart,
-stop, IPC seal) is checked for this one too in tests/conformance/test_provisioner.py.
+stop, IPC seal) is checked for this one too in tests/conformance/test_provisioner_*.py.
 
 Needs an engine (``eval "$(scripts/bootstrap-docker.sh)"``) and the ``era/python``
 image (built here on first use; the debootstrap base needs root). Without an engine

@@ -1,7 +1,7 @@
 """docs/security.md case 22 on era-local: a kernel's home, inside its IPC directory, flooded with
 files, is removed without stalling the server. That a kernel cannot replace or add to
 its socket directory once sealed, and that a restart hands the directory back, is checked
-for every provisioner in tests/conformance/test_provisioner.py."""
+for every provisioner in tests/conformance/test_provisioner_*.py."""
 
 from __future__ import annotations
 

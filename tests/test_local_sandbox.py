@@ -3,7 +3,7 @@ finding "Kernel output to a host file"): bubblewrap's seccomp filter,
 the kernel's output kept in a pipe, the session's cgroup and its sized /tmp. What every
 provisioner promises (isolation, privileges, network, environment, limits, interrupt,
 restart, stop, kernel_log, IPC seal) is checked for this one too in
-tests/conformance/test_provisioner.py."""
+tests/conformance/test_provisioner_*.py."""
 
 from __future__ import annotations
 

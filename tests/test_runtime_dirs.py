@@ -52,7 +52,7 @@ async def test_second_server_leaves_first_servers_kernels_alone(era_settings, tm
     deleted a live Docker kernel's directory at its start. Here both share the same
     explicit ERA_RUNTIME_DIR, the worst case; the default no longer even shares it.
     (That every kernel directory has the owner record the reaper reads is checked for
-    each provisioner in tests/conformance/test_provisioner.py.)"""
+    each provisioner in tests/conformance/test_provisioner_*.py.)"""
     runtime = era_settings.runtime_dir
     first = SessionManager(era_settings)
     await first.start()
