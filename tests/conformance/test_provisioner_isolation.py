@@ -1,22 +1,6 @@
-"""EraProvisioner conformance, isolation (what the kernel can reach): what every ERA kernel provisioner promises
-(era_kernel/provisioning/base.py and the module docstrings of local.py and docker.py),
-checked as a user relies on it, on every provisioner.
-
-The provisioner is driven the way jupyter_client and ERA's ``SessionKernel`` drive it: an
-``EraKernelManager`` on a kernelspec naming the provisioner's entry point, started with
-``start_kernel(era=LaunchOptions.from_settings(...))``, then ``seal_ipc()`` once the kernel
-answered (as ``SessionKernel.start`` does).
-
-Every test takes ``backend`` and so runs once per entry of ``PROVISIONERS``: adding a
-provisioner is adding one entry there (a ``Backend`` saying how its kernel names Python,
-where it sees its workspace and how to find its processes from the host). Tests that do not
-disturb a kernel share one per provisioner (``shared``); the others start their own.
-
-Provisioner-specific details stay beside their provisioner: bubblewrap, seccomp and cgroup
-files in tests/test_local_sandbox.py, Docker's container configuration, images, labels and
-egress network in tests/test_docker_provisioner.py. docs/security.md cases checked here: 2,
-3, 8, 9, 17-19, 21, 22, and the finding "Servers sharing a runtime directory".
-"""
+"""EraProvisioner conformance, isolation: what a kernel can reach and what reaches it (filesystem, privileges, network, environment), and the launch options it refuses: what every ERA provisioner promises, checked
+on each entry of ``PROVISIONERS`` (tests/conformance/provisioners.py says how kernels are
+started and shared). docs/security.md cases checked here: 17-19, 21 and the finding "Servers sharing a runtime directory"."""
 
 from __future__ import annotations
 
