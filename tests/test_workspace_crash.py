@@ -9,19 +9,18 @@ out), or by this process at whatever moment it reaches.
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import uuid
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 import era_kernel
 from era_kernel.workspaces import WorkspaceStore, fdtree, manifest
+
+from .support.s3 import moto_endpoint
 
 BUCKET = "era-crash"
 
@@ -113,15 +112,8 @@ def is_whole_files(blob: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
+    with moto_endpoint(BUCKET) as endpoint:
+        yield endpoint
 
 
 def spec_for(backend, tmp_path, request):

@@ -1,6 +1,9 @@
-"""EraProvisioner conformance, isolation: what a kernel can reach and what reaches it (filesystem, privileges, network, environment), and the launch options it refuses: what every ERA provisioner promises, checked
-on each entry of ``PROVISIONERS`` (tests/conformance/provisioners.py says how kernels are
-started and shared). docs/security.md cases checked here: 17-19, 21 and the finding "Servers sharing a runtime directory"."""
+"""EraProvisioner conformance, isolation: what a kernel can reach and what reaches it
+(filesystem, privileges, network, environment), and the launch options it refuses: what
+every ERA provisioner promises, checked on each entry of ``PROVISIONERS``
+(tests/conformance/provisioners.py says how kernels are started and shared).
+docs/security.md cases checked here: 17-19, 21 and the finding "Servers sharing a
+runtime directory"."""
 
 from __future__ import annotations
 

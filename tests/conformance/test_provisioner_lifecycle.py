@@ -1,6 +1,8 @@
-"""EraProvisioner conformance, lifecycle: interrupt, restart, stop, the IPC seal, a failed start's own output, and the limits that contain bombs: what every ERA provisioner promises, checked
-on each entry of ``PROVISIONERS`` (tests/conformance/provisioners.py says how kernels are
-started and shared). docs/security.md cases checked here: 2, 3, 8, 9, 22."""
+"""EraProvisioner conformance, lifecycle: interrupt, restart, stop, the IPC seal, a failed
+start's own output, and the limits that contain bombs: what every ERA provisioner
+promises, checked on each entry of ``PROVISIONERS`` (tests/conformance/provisioners.py
+says how kernels are started and shared). docs/security.md cases checked here: 2, 3, 8,
+9, 22."""
 
 from __future__ import annotations
 

@@ -8,20 +8,19 @@ for every backend.
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import threading
 import uuid
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from era_kernel.errors import BadRequest, NotFound, TooLarge
 from era_kernel.workspaces import WorkspaceStore, manifest, snapshots
 from era_kernel.workspaces.store import parse_options
 
 from ..test_workspace_local import few_fds, make_deep  # noqa: F401 (a fixture)
+from ..support.s3 import moto_endpoint
 
 BUCKET = "era-workspaces"
 CREDENTIALS = {"key": "testing", "secret": "testing"}
@@ -29,15 +28,8 @@ CREDENTIALS = {"key": "testing", "secret": "testing"}
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
+    with moto_endpoint(BUCKET) as endpoint:
+        yield endpoint
 
 
 def s3_options(endpoint: str) -> dict:
