@@ -395,6 +395,11 @@ async def test_with_volumes_off_workspaces_are_plain_directories(era_settings):
         assert r["stdout"] == "written\n" and "[era]" not in r["stderr"], "unbounded, as before"
         assert not os.path.ismount(path) and not (era_settings.data_dir / "volumes").exists()
         assert (await engine.get(sid))["total_size_bytes"] >= 40 * MiB
+        # Past the upload quota, the server's own data file is still written before a run
+        # (it used to answer 413, so such a session could not run code to clean up).
+        await engine.patch(sid, {"data": {"n": 5}})
+        r = await engine.run(sid, {"code": "import json; print(json.load(open('.session_data.json'))['n'])"})
+        assert r["stdout"] == "5\n", r
         await engine.delete(sid)
         assert not path.exists()
     finally:
