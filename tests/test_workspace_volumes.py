@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from era_kernel.engine import SessionManager
+from era_kernel.errors import EraError
 from era_kernel.workspaces import volumes as vol
 from era_kernel.workspaces.volumes import Volumes, VolumeError, loop_of, mounts_under
 
@@ -447,6 +448,30 @@ async def test_a_session_made_with_volumes_off_keeps_its_plain_directory(era_set
         assert not os.path.ismount(engine.workspace_dir(sid)), "not migrated: its files stay where they are"
         new = (await engine.create({}))["id"]
         assert os.path.ismount(engine.workspace_dir(new))
+    finally:
+        await engine.shutdown()
+    assert_nothing_left(era_settings.data_dir)
+
+
+async def test_a_volume_that_cannot_be_mounted_is_an_error_that_names_it(era_settings):
+    engine = SessionManager(small(era_settings))
+    await engine.start()
+    try:
+        sid = (await engine.create({}))["id"]
+        await engine.write_file(sid, "f.txt", b"x")
+        path = engine.workspace_dir(sid)
+        await engine.table.stop(sid)
+        await engine.files.volumes.release(path)
+        wait_detached(engine.files.volumes.image(path))
+        with open(engine.files.volumes.image(path), "r+b") as fh:  # a broken superblock
+            fh.seek(1024)
+            fh.write(bytes(1024))
+        with pytest.raises(EraError, match="could not be mounted") as err:
+            await engine.list_files(sid)
+        assert err.value.status == 500
+        assert [d["id"] for d in await engine.list()] == [sid], "listing does not need it"
+        await engine.delete(sid)
+        assert not engine.files.volumes.image(path).exists()
     finally:
         await engine.shutdown()
     assert_nothing_left(era_settings.data_dir)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
-from ..errors import Conflict
+from ..errors import Conflict, EraError
 from ..workspaces import Workspace, WorkspaceStore
 from ..workspaces.volumes import Volumes
 from .records import SessionRecord
@@ -104,8 +104,12 @@ class SessionFiles:
         if self.volumes.enabled and uid is not None:
             try:
                 await self.volumes.make(ws.root, uid)
-            except BaseException:
+            except BaseException as exc:
                 await self.remove_dir(ws.root)
+                if isinstance(exc, OSError):
+                    log.error("cannot make the workspace volume of %s: %s", path.name, exc)
+                    raise EraError(f"the workspace could not be made ({exc.strerror or exc}); "
+                                   "`era doctor` checks workspace volumes") from None
                 raise
         return ws
 
@@ -170,7 +174,13 @@ class SessionFiles:
         sid, path = record.id, self.path(record)
         if self.volumes.active and not self.volumes.is_mounted(path):
             async with self._restore_locks.setdefault(sid, asyncio.Lock()):
-                if (not await self.volumes.attach(path) and self.volumes.enabled and uid is not None
+                try:
+                    attached = await self.volumes.attach(path)
+                except OSError as exc:
+                    log.error("cannot mount the workspace volume of %s: %s", sid, exc)
+                    raise EraError(f"the workspace of session {sid} could not be mounted ({exc.strerror or exc}); "
+                                   "its files are kept in its volume image") from None
+                if (not attached and self.volumes.enabled and uid is not None
                         and not await self.workspace(path).exists()):
                     await self.make_dir(path, uid)  # new to this host (a persistent session restored here)
         if not record.persistent or sid in self._restored:
