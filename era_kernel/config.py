@@ -86,7 +86,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_WORKSPACE_URL", "", "fsspec URL of the workspace store; default `file://$ERA_DATA_DIR/workspaces`."),
     Setting("ERA_WORKSPACE_OPTIONS", "", "JSON storage options passed to fsspec (e.g. S3 endpoint and keys)."),
     Setting("ERA_WORKSPACE_MAX_FILE", 64 * 1024**2, "Largest file written through the files API.", _size),
-    Setting("ERA_WORKSPACE_MAX_BYTES", 1024**3, "Largest workspace the server writes to or persists.", _size),
+    Setting("ERA_WORKSPACE_MAX_BYTES", 1024**3, "Largest workspace: what the server writes to or persists, and, "
+            "with `ERA_WORKSPACE_VOLUMES`, what code in the session can write (past it, ENOSPC).", _size),
     Setting("ERA_WORKSPACE_MAX_FILES", 10_000, "Most files in a workspace the server writes to or persists.", int),
     Setting("ERA_WORKSPACE_MAX_READ", 256 * 1024**2, "Largest file served in one download.", _size),
     Setting("ERA_WORKSPACE_MAX_DEPTH", 64, "Deepest directory level a walk of a workspace enters (file list, "
@@ -96,6 +97,10 @@ SETTINGS: tuple[Setting, ...] = (
             "workspace visits; past it the same operations answer 413.", int),
     Setting("ERA_WORKSPACE_FSYNC", True, "fsync snapshots on file:// stores (survives power loss, not only crashes).",
             _bool),
+    Setting("ERA_WORKSPACE_VOLUMES", "auto", "Each workspace its own filesystem of `ERA_WORKSPACE_MAX_BYTES` (a "
+            "sparse ext4 image under `$ERA_DATA_DIR/volumes`, loop-mounted), so a session cannot fill the host's disk: "
+            "`auto` (when the server can: root, `mkfs.ext4`, loop devices; otherwise logged once), `on` (required: "
+            "the engine does not start without them) or `off`.", _choice("auto", "on", "off")),
     Setting("ERA_PROVISIONER", "local", "Default kernel provisioner for new sessions: `local` or `docker`."),
     Setting("ERA_SANDBOX", "auto", "Local sandbox: `auto` (bubblewrap when present), `bwrap` (required) or `none`."),
     Setting("ERA_DEFAULT_TIMEOUT", 30.0, "Default run timeout in seconds for new sessions.", float),

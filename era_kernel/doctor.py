@@ -68,6 +68,21 @@ def _data(settings: Settings) -> Check:
     return ("data", "OK", f"{settings.data_dir} (store {settings['ERA_STORE_URL']})")
 
 
+def _volumes(settings: Settings) -> Check:
+    from .workspaces import volumes
+
+    mode, size = settings["ERA_WORKSPACE_VOLUMES"], volumes.human(settings["ERA_WORKSPACE_MAX_BYTES"])
+    if mode == "off":
+        return ("volumes", "WARN", "ERA_WORKSPACE_VOLUMES=off: code in a session can fill the data directory's disk")
+    found = volumes.support(settings.data_dir)
+    if not found:
+        return ("volumes", "FAIL" if mode == "on" else "WARN",
+                f"workspaces are plain directories ({found.reason}): code in a session can fill the data "
+                "directory's disk" + ("; ERA_WORKSPACE_VOLUMES=on: the server will not start" if mode == "on" else ""))
+    return ("volumes", "OK", f"each workspace is its own ext4 filesystem of {size} (ERA_WORKSPACE_MAX_BYTES); "
+                             "writes past it fail with ENOSPC")
+
+
 def _docker() -> Check:
     try:
         import docker
@@ -98,4 +113,5 @@ def run_checks(settings: Settings | None = None) -> Iterator[Check]:
     yield _cgroups(settings)
     yield _runtime(settings)
     yield _data(settings)
+    yield _volumes(settings)
     yield _docker()

@@ -11,6 +11,7 @@ import pytest
 
 from era_kernel.config import Settings
 from era_kernel.sessions import SessionManager
+from era_kernel.workspaces.volumes import release_everything_under
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +48,9 @@ def era_settings(request, tmp_path):
     settings = Settings.from_env({}, data_dir=str(tmp_path / "data"), runtime_dir=str(runtime),
                                  provisioner=provisioner, pool_size=0)
     yield settings
+    # Workspace volumes an engine did not release (a test that never shut it down, a
+    # killed child process): unmounted, their loop devices detached.
+    release_everything_under(settings.data_dir)
     shutil.rmtree(runtime, ignore_errors=True)
 
 

@@ -221,3 +221,49 @@ async def test_one_shot_execute_is_discarded(engine):
     assert not list((engine.settings.data_dir / "scratch").iterdir()), "scratch workspace removed"
     assert not [p for p in (engine.settings.runtime_dir / "k").iterdir()], "kernel dir removed"
     assert engine.slots.used == 0
+
+
+async def test_a_session_filling_its_workspace_gets_enospc_and_nothing_else_suffers(era_settings):
+    """SECURITY.md 11: code writing past ERA_WORKSPACE_MAX_BYTES gets ENOSPC inside its
+    session, its run says why, the host's disk grows by at most the bound, other sessions
+    and the store carry on, and deleting the file makes the session whole again."""
+    from era_kernel.workspaces.volumes import mounts_under
+
+    from .test_workspace_volumes import CAN_MOUNT, allocated
+
+    if not CAN_MOUNT:
+        pytest.skip("volumes need root, loop devices and mkfs.ext4")
+    bound = 48 * 1024**2
+    engine = SessionManager(era_settings.replace(ERA_WORKSPACE_MAX_BYTES=bound))
+    await engine.start()
+    try:
+        sid = (await engine.create({"data": {"n": 1}}))["id"]
+        other = (await engine.create({}))["id"]
+        await run(engine, sid, "1")
+        before = allocated(engine.settings.data_dir)
+        fill = ("import errno\nwritten = 0\ntry:\n    with open('big', 'wb') as f:\n        for _ in range(96):\n"
+                "            f.write(b'x' * 2**20)\n            written += 1\n"
+                "except OSError as e:\n    print(errno.errorcode[e.errno], written)")
+        r = await run(engine, sid, fill, timeout=60)
+        assert r["exit_code"] == 0 and r["stdout"].startswith("ENOSPC "), r
+        assert 40 <= int(r["stdout"].split()[1]) <= 50
+        assert "[era] the workspace is full (48 MiB, ERA_WORKSPACE_MAX_BYTES" in r["stderr"], r["stderr"]
+        grown = allocated(engine.settings.data_dir) - before
+        assert grown <= bound * 1.1, f"the host's disk grew by {grown} bytes"
+        assert mounts_under(engine.settings.data_dir), "the bound is the session's volume"
+
+        # Everything else carries on: another session, the files API, the store.
+        r = await run(engine, other, "open('fine.txt', 'w').write('fine'); print('ok')")
+        assert r["stdout"] == "ok\n" and "[era]" not in r["stderr"]
+        await engine.write_file(other, "up.txt", b"uploaded")
+        assert (await engine.create({"id": "newcomer"}))["id"] == "newcomer"
+        assert {d["id"] for d in await engine.list()} == {sid, other, "newcomer"}
+        # The server's own write before a run (new data) still fits in the full session.
+        await engine.patch(sid, {"data": {"n": 2}})
+        r = await run(engine, sid, "import json, os\nprint(json.load(open('.session_data.json'))['n'])\n"
+                                   "os.remove('big')\nopen('small.txt', 'w').write('room again')")
+        assert r["exit_code"] == 0 and r["stdout"] == "2\n", r
+        r = await run(engine, sid, "print(open('small.txt').read())")
+        assert r["stdout"] == "room again\n" and "[era]" not in r["stderr"], r
+    finally:
+        await engine.shutdown()

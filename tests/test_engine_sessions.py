@@ -113,7 +113,10 @@ async def test_a_delete_that_cannot_remove_the_files_keeps_the_session(engine, s
     if os.getuid() != 0 or shutil.which("chattr") is None:
         pytest.skip("needs root and chattr to make a file that cannot be removed")
     await engine.write_file(session, "deep/stuck.txt", b"x")
-    stuck = engine.workspace_dir(session) / "deep" / "stuck.txt"
+    workspace = engine.workspace_dir(session)
+    stuck = workspace / "deep" / "stuck.txt"
+    if engine.files.volumes.is_mounted(workspace):  # its files go with its volume's image
+        stuck = engine.files.volumes.image(workspace)
     subprocess.run(["chattr", "+i", str(stuck)], check=True)  # immutable: even root cannot unlink it
     try:
         with pytest.raises(EraError) as err:
@@ -124,6 +127,7 @@ async def test_a_delete_that_cannot_remove_the_files_keeps_the_session(engine, s
         subprocess.run(["chattr", "-i", str(stuck)], check=True)
     await engine.delete(session)
     assert await engine.list() == [] and not engine.workspace_dir(session).exists()
+    assert not engine.files.volumes.image(workspace).exists()
 
 
 async def test_duplicate_copies_data_files_language_metadata_not_history(engine):

@@ -6,6 +6,12 @@ restored from the store the first time this process needs it (kernel start, or a
 API call), and pushed back after every run and every change made through the files
 API, so the store always holds the last complete state and a session can be picked up
 on another machine. Non-persistent sessions keep their directory for the session's life.
+
+Every workspace directory (a session's, a pooled kernel's, a one-shot run's) is made
+and removed here (``make_dir``, ``remove_dir``), and with ``ERA_WORKSPACE_VOLUMES`` each
+is its own filesystem of ``ERA_WORKSPACE_MAX_BYTES`` (``workspaces/volumes.py``). A
+volume a previous process released is mounted again by ``ensure_ready``, which every
+kernel start and files API call goes through; listings never mount (``usage``).
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
-from ..errors import Conflict
+from ..errors import Conflict, EraError
 from ..workspaces import Workspace, WorkspaceStore
+from ..workspaces.volumes import Volumes
 from .records import SessionRecord
 
 log = logging.getLogger("era.files")
@@ -31,6 +38,18 @@ class SessionFiles:
         self._store: WorkspaceStore | None = None
         self._restored: set[str] = set()
         self._restore_locks: dict[str, asyncio.Lock] = {}
+        # Root's share of each volume, beyond the session's: the data file the server
+        # writes before every run must fit when the session's code filled its part.
+        reserve = max(1024**2, 2 * settings["ERA_MAX_DATA_BYTES"] + 64 * 1024)
+        self.volumes = Volumes(settings.data_dir, settings["ERA_WORKSPACE_MAX_BYTES"], reserve)
+
+    async def start(self) -> None:
+        """Decide on volumes (``ERA_WORKSPACE_VOLUMES``; ``on`` raises when impossible)."""
+        await self.volumes.start(self.settings["ERA_WORKSPACE_VOLUMES"])
+
+    async def shutdown(self) -> None:
+        """Release every volume this process mounted, keeping each one's usage for listings."""
+        await self.volumes.release_all(lambda path: self.workspace(path).usage())
 
     @property
     def store(self) -> WorkspaceStore:
@@ -67,6 +86,51 @@ class SessionFiles:
     def of(self, record: SessionRecord) -> Workspace:
         return self.workspace(self.path(record))
 
+    def own(self, record: SessionRecord) -> Workspace:
+        """The session's directory for the server's own small file (the data file, bounded
+        by ``ERA_MAX_DATA_BYTES``): no upload quota, which would walk the whole tree before
+        every run and refuse the write when the session's code filled its workspace."""
+        s = self.settings
+        return Workspace(self.path(record), max_depth=s["ERA_WORKSPACE_MAX_DEPTH"],
+                         max_entries=s["ERA_WORKSPACE_MAX_ENTRIES"])
+
+    # ---- directories -------------------------------------------------------------------
+    async def make_dir(self, path: Path, uid: int | None) -> Workspace:
+        """A new, empty workspace directory (with its volume) owned by ``uid``."""
+        ws = self.workspace(path)
+        if self.volumes.is_mounted(ws.root):
+            raise Conflict(f"{path.name} already has its workspace volume")
+        await ws.create(uid=uid)
+        if self.volumes.enabled and uid is not None:
+            try:
+                await self.volumes.make(ws.root, uid)
+            except BaseException as exc:
+                await self.remove_dir(ws.root)
+                if isinstance(exc, OSError):
+                    log.error("cannot make the workspace volume of %s: %s", path.name, exc)
+                    raise EraError(f"the workspace could not be made ({exc.strerror or exc}); "
+                                   "`era doctor` checks workspace volumes") from None
+                raise
+        return ws
+
+    async def remove_dir(self, path: Path) -> None:
+        """Remove a workspace directory and everything in it: its volume first (one
+        unmount and one unlink, however many files), then the directory."""
+        await self.volumes.remove(path)
+        await self.workspace(path).remove()
+
+    async def usage(self, record: SessionRecord) -> tuple[int, int]:
+        """``(file_count, total_bytes)`` for the session's document. An unmounted volume
+        answers what it held when it was released, without being mounted."""
+        path = self.path(record)
+        idle = await self.volumes.idle_usage(path)
+        return idle if idle is not None else await self.workspace(path).usage()
+
+    async def full_note(self, root: Path) -> str | None:
+        """After a run: the sentence for its stderr when its workspace volume is full."""
+        left = await self.volumes.full(root)
+        return None if left is None else self.volumes.full_message(left)
+
     # ---- lifecycle -------------------------------------------------------------------
     async def check_unused(self, record: SessionRecord) -> None:
         """Before a new session is stored: its directory must not exist yet. One that does
@@ -80,10 +144,13 @@ class SessionFiles:
                      copy_from_uid: int | None = None) -> None:
         """A new session's directory (and store snapshot, when persistent)."""
         sid = record.id
-        ws = self.of(record)
-        await ws.create(uid=uid)
+        if record.workdir:  # a pooled kernel's directory, already made (with its volume) and now this session's
+            ws = self.of(record)
+            await ws.create(uid=uid)
+        else:
+            ws = await self.make_dir(self.path(record), uid)
         if copy_from is not None:
-            await self.ensure_restored(copy_from, copy_from_uid)
+            await self.ensure_ready(copy_from, copy_from_uid)
             await self.of(copy_from).copy_to(ws.root, uid=uid)
         if record.persistent:
             if copy_from is not None and copy_from.persistent:
@@ -94,15 +161,28 @@ class SessionFiles:
 
     async def remove(self, record: SessionRecord) -> None:
         sid = record.id
-        await self.of(record).remove()
+        await self.remove_dir(self.path(record))
         if record.persistent:
             await self.store.delete(sid)
         self._restored.discard(sid)
         self._restore_locks.pop(sid, None)
 
-    async def ensure_restored(self, record: SessionRecord, uid: int | None) -> None:
-        """Bring a persistent session's directory up to its last snapshot, once per process."""
-        sid = record.id
+    async def ensure_ready(self, record: SessionRecord, uid: int | None) -> None:
+        """Make the session's directory usable: its volume mounted (again, after a server
+        stop), and a persistent session's files brought up to its last snapshot, once per
+        process. Every kernel start and files API call comes through here."""
+        sid, path = record.id, self.path(record)
+        if self.volumes.active and not self.volumes.is_mounted(path):
+            async with self._restore_locks.setdefault(sid, asyncio.Lock()):
+                try:
+                    attached = await self.volumes.attach(path)
+                except OSError as exc:
+                    log.error("cannot mount the workspace volume of %s: %s", sid, exc)
+                    raise EraError(f"the workspace of session {sid} could not be mounted ({exc.strerror or exc}); "
+                                   "its files are kept in its volume image") from None
+                if (not attached and self.volumes.enabled and uid is not None
+                        and not await self.workspace(path).exists()):
+                    await self.make_dir(path, uid)  # new to this host (a persistent session restored here)
         if not record.persistent or sid in self._restored:
             return
         async with self._restore_locks.setdefault(sid, asyncio.Lock()):
@@ -125,21 +205,21 @@ class SessionFiles:
 
     # ---- the files API ---------------------------------------------------------------
     async def list(self, record: SessionRecord, uid: int) -> list[dict[str, Any]]:
-        await self.ensure_restored(record, uid)
+        await self.ensure_ready(record, uid)
         return await self.of(record).list()
 
     async def read(self, record: SessionRecord, uid: int, path: str) -> bytes:
-        await self.ensure_restored(record, uid)
+        await self.ensure_ready(record, uid)
         return await self.of(record).read(path)
 
     async def write(self, record: SessionRecord, uid: int, path: str, data: bytes) -> dict[str, Any]:
-        await self.ensure_restored(record, uid)
+        await self.ensure_ready(record, uid)
         result = await self.of(record).write(path, data, uid=uid)
         await self._push_or_raise(record)
         return result
 
     async def delete(self, record: SessionRecord, uid: int, path: str) -> None:
-        await self.ensure_restored(record, uid)
+        await self.ensure_ready(record, uid)
         await self.of(record).delete(path)
         await self._push_or_raise(record)
 

@@ -131,7 +131,7 @@ class KernelLauncher:
             kernel = await self.new_kernel(record.kernel_request(), self.files.path(record), uid)
             self.table.attach(sid, kernel, lease)
             self.events.emit(sid, {"type": "status", "state": "starting"})
-            await self.files.ensure_restored(record, uid)
+            await self.files.ensure_ready(record, uid)  # mounted before the sandbox binds it
             await kernel.start()
         except BaseException as exc:
             await self.table.stop(sid, lease=lease)
@@ -162,11 +162,11 @@ class KernelLauncher:
         no network, its first cell already paid for."""
         language, provisioner = key
         uid = await self._pool_uid()
-        ws = self.files.workspace(self.files.pool_path(secrets.token_hex(8)))
+        workdir = self.files.pool_path(secrets.token_hex(8))
         request = KernelRequest(language, provisioner)
-        kernel = await self.new_kernel(request, ws.root, uid, cells=False,
+        kernel = await self.new_kernel(request, workdir, uid, cells=False,
                                        labels={"era.pool": f"{language}-{provisioner}"})
-        await ws.create(uid=uid)
+        ws = await self.files.make_dir(workdir, uid)  # with its volume: the session that claims it keeps it
         try:
             await kernel.start()
             # A kernel's first cell pays for lazy imports and caches; pay it here, not in the
@@ -176,7 +176,7 @@ class KernelLauncher:
                 await kernel.execute(cell, timeout=self.settings["ERA_KERNEL_START_TIMEOUT"], silent=True)
         except BaseException:
             await kernel.stop(now=True)
-            await ws.remove()
+            await self.files.remove_dir(ws.root)
             raise
         return WarmKernel(kernel, key, ws.root, uid, cells, lease)
 
@@ -184,7 +184,7 @@ class KernelLauncher:
         """Stop a pooled kernel nobody claimed and remove its directory (not its slot: the
         pool gives that back, or hands it to admission)."""
         await warm.kernel.stop(now=True)
-        await self.files.workspace(warm.workdir).remove()
+        await self.files.remove_dir(warm.workdir)
 
     async def _pool_uid(self) -> int:
         if os.getuid() != 0:

@@ -73,6 +73,7 @@ class SessionManager:
         warm pool and the culler. ``serve=False`` (``era run``): none of that, so a
         one-shot engine on a server's data directory leaves the server's work alone."""
         await asyncio.to_thread(self._make_dirs)
+        await self.files.start()
         await self.store.open()
         self._opened = True
         if serve:
@@ -98,6 +99,7 @@ class SessionManager:
         await asyncio.gather(*(k.interrupt() for k in busy), return_exceptions=True)
         await asyncio.gather(*(self.table.stop(sid) for sid in self.table.sessions()), return_exceptions=True)
         await self.runner.settle()
+        await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
         if self._opened:
             await self.store.close()
             self._opened = False
@@ -138,7 +140,7 @@ class SessionManager:
     async def _document(self, record: SessionRecord | dict[str, Any]) -> dict[str, Any]:
         if isinstance(record, dict):  # a store row (the paged listing)
             record = SessionRecord.from_row(record)
-        file_count, total = await self.files.of(record).usage()
+        file_count, total = await self.files.usage(record)
         return {
             "id": record.id, "created_at": record.created_at, "last_run_at": record.last_run_at,
             "language": record.language, "persistent": record.persistent, "provisioner": record.provisioner,

@@ -1,6 +1,7 @@
 """What a server does once at start, over what a previous process left: kernels and
 containers whose owner is gone, pooled directories nobody claimed, package setups that
-never finished.
+never finished, workspace volumes: the ones still mounted are taken over, those no
+record names (and one-shot runs' whose process is gone) are unmounted and deleted.
 
 Only a serving engine recovers (``SessionManager.start(recover=True)``): a one-shot
 ``era run`` on the same data directory must leave a running server's kernels, pool and
@@ -18,6 +19,7 @@ from typing import Awaitable, Callable
 from ..config import Settings
 from ..listing import record_chunks
 from ..orphans import reap_orphans
+from ..provisioning.owner import owner_gone
 from ..store.base import MetadataStore
 from .files import POOL_ROOT, SessionFiles
 from .records import SessionRecord
@@ -39,7 +41,14 @@ async def recover(settings: Settings, store: MetadataStore, files: SessionFiles,
             claimed.add(files.path(record))
             if record.setup and record.setup_status in ("pending", "running"):  # never finished
                 await start_setup(record)
+    try:
+        adopted = await files.volumes.adopt()
+        if adopted:
+            log.info("took over %d workspace volume(s) a previous process left mounted", len(adopted))
+    except Exception as exc:
+        log.error("cannot read the mounts a previous process left: %s", exc)
     await remove_unclaimed_workdirs(settings, files, claimed)
+    await remove_unclaimed_volumes(settings, files, claimed)
 
 
 async def remove_unclaimed_workdirs(settings: Settings, files: SessionFiles, claimed: set[Path]) -> None:
@@ -54,6 +63,39 @@ async def remove_unclaimed_workdirs(settings: Settings, files: SessionFiles, cla
 
     for path in await asyncio.to_thread(unclaimed):
         try:
-            await files.workspace(path).remove()
+            await files.remove_dir(path)
         except Exception as exc:
             log.error("cannot remove the unclaimed pool directory %s: %s", path.name, exc)
+
+
+async def remove_unclaimed_volumes(settings: Settings, files: SessionFiles, claimed: set[Path]) -> None:
+    """Volumes no record names (a session deleted while its removal failed half-way, a
+    pooled kernel's), and one-shot runs' volumes whose process is gone (an ``era run``
+    beside this server keeps its own): unmounted and deleted, with their directory when
+    it is empty. A session's files are never here: its record claims its volume."""
+    scratch = settings.data_dir / "scratch"
+    try:
+        found = await files.volumes.images()
+    except Exception as exc:
+        log.error("cannot list the workspace volumes: %s", exc)
+        return
+    for path in found:
+        if path in claimed:
+            continue
+        if path.parent == scratch:
+            owner = await asyncio.to_thread(files.volumes.owner, path)
+            if owner is not None and not owner_gone(*owner):
+                continue
+        try:
+            await files.volumes.remove(path)
+            await asyncio.to_thread(_rmdir_if_empty, path)
+            log.info("removed the workspace volume of %s: no session owns it", path.relative_to(settings.data_dir))
+        except Exception as exc:
+            log.error("cannot remove the unclaimed workspace volume of %s: %s", path.name, exc)
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty (files made without a volume), or gone: left as it is

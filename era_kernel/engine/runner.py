@@ -111,7 +111,7 @@ class SessionRunner:
                           run_id: str) -> dict[str, Any]:
         sid = record.id
         language = get_language(record.language)
-        ws = self.files.of(record)
+        ws = self.files.own(record)
         data_json = json.dumps(record.data)
         if self._data_on_disk.get(sid) != data_json:  # skip the write when the file already says it
             await ws.write(DATA_FILE, data_json.encode(), uid=session_uid(record))
@@ -125,6 +125,7 @@ class SessionRunner:
             if await self.table.stop(sid, kernel=kernel):  # the next run starts a fresh kernel
                 self.events.publish(KernelDied(sid, death_reason(outcome)))
         data = await self._read_back_data(ws, record)
+        await self._note_full(ws.root, outcome, emit)
         sync_error = await self.files.sync(record)
         if sync_error:
             outcome.collector.note("stderr", f"\n[era] {sync_error}\n")
@@ -143,6 +144,14 @@ class SessionRunner:
         emit(done_event(result))
         emit({"type": "status", "state": self.table.state(sid) if self.table.kernel(sid) else "dead"})
         return result
+
+    async def _note_full(self, root, outcome: ExecOutcome, emit: EventSink | None) -> None:
+        """A run that filled its workspace volume says so in its stderr (and stream)."""
+        note = await self.files.full_note(root)
+        if note:
+            event = outcome.collector.note("stderr", f"\n[era] {note}\n")
+            if emit is not None:
+                emit(event)
 
     async def _read_back_data(self, ws, record: SessionRecord) -> dict[str, Any]:
         """What the code left in .session_data.json; the old data if it is gone or invalid."""
@@ -183,7 +192,7 @@ class SessionRunner:
             ws = self.files.workspace(self.settings.data_dir / "scratch" / secrets.token_hex(8))
         try:
             if warm is None:
-                await ws.create(uid=uid)
+                await self.files.make_dir(ws.root, uid)
             for path, content in req.files.items():  # before any code runs, pooled or not
                 await ws.write(path, content.encode(), uid=uid)
             cells = self.launcher.startup_cells(request, ws.root)
@@ -198,13 +207,14 @@ class SessionRunner:
             timeout = req.timeout or self.settings["ERA_DEFAULT_TIMEOUT"]
             outcome = await run_cell(kernel, language, req.code, self.settings, timeout=timeout, env=req.env,
                                      on_event=emit)
+            await self._note_full(ws.root, outcome, emit)
             result = run_result(outcome, language=language, timeout=timeout, session_id=None, data=None,
                                 run_id=run_id)
             if emit:
                 emit(done_event(result))
             return result
         finally:  # the answer does not wait for the kernel's shutdown; shutdown() does
-            self.in_background(_discard_oneshot(kernel, ws, lease))
+            self.in_background(_discard_oneshot(kernel, ws.root, self.files, lease))
 
     # ---- background work -------------------------------------------------------------------
     def in_background(self, work: Awaitable[None]) -> None:
@@ -226,10 +236,10 @@ async def _record_run(sid: str, run_id: str, written: Awaitable[None]) -> None:
         log.error("run %s of session %s was not recorded in the history: %s", run_id, sid, exc)
 
 
-async def _discard_oneshot(kernel: SessionKernel | None, ws, lease: Lease) -> None:
+async def _discard_oneshot(kernel: SessionKernel | None, root, files: "SessionFiles", lease: Lease) -> None:
     try:
         if kernel is not None:
             await kernel.stop(now=True)
-        await ws.remove()
+        await files.remove_dir(root)
     finally:
         lease.release()

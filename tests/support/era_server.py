@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .loopback import stop_process, wait_answering
+from era_kernel.workspaces.volumes import release_everything_under
 
 
 class ServerProcess:
@@ -191,6 +192,9 @@ class ServerProcess:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass  # gone already, as it should be
+        # Workspace volumes a killed server (or a later one on the same data directory,
+        # still running) has mounted there: a mount point cannot be removed.
+        release_everything_under(Path(self.tmp.name))
         self.tmp.cleanup()
         shutil.rmtree(self.runtime, ignore_errors=True)
 
