@@ -11,12 +11,12 @@ nothing from a request is ever spliced into code unquoted.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from .errors import BadRequest
+from .validation import ENV_NAME_RE
 
 
 def _py_literal(value: object) -> str:
@@ -124,7 +124,6 @@ def _deno_env_restore(env: dict[str, str]) -> str:
 
 
 # ---- Bash (era_kernel/kernels/bash_kernel.py) -----------------------------------------------
-_SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 
 def _sh_quote(value: str) -> str:
@@ -134,7 +133,7 @@ def _sh_quote(value: str) -> str:
 
 def _sh_names(env: dict[str, str]) -> list[str]:
     names = sorted(env)
-    bad = [n for n in names if not _SH_NAME.fullmatch(n)]
+    bad = [n for n in names if not ENV_NAME_RE.fullmatch(n)]
     if bad:  # the API validates names; this guards the splice below all the same
         raise BadRequest(f"invalid environment variable name {bad[0][:40]!r}", field="env")
     return names

@@ -6,17 +6,14 @@ tests get the same errors), and the server builds ``/api/openapi.json`` from the
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal, Optional
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import BadRequest
 from .languages import LANGUAGES as _LANGUAGES
+from .validation import SESSION_ID_RE, env_problem, is_session_id  # noqa: F401  (the API's rules, re-exported)
 
-# Always used with fullmatch: `$` would also match before a trailing newline.
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}", re.ASCII)
-ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}", re.ASCII)
 LANGUAGES = tuple(_LANGUAGES)  # the one list is languages.py's
 LANGUAGE_ALIASES = {"javascript": "node", "js": "node", "py": "python", "python3": "python", "ts": "typescript"}
 
@@ -30,31 +27,10 @@ def normalize_language(value: Any) -> str:
     return name
 
 
-def is_session_id(value: Any) -> bool:
-    return isinstance(value, str) and SESSION_ID_RE.fullmatch(value) is not None
-
-
 def check_session_id(value: Any) -> str:
     if not is_session_id(value):
         raise ValueError("must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'")
     return value
-
-
-def env_problem(key: Any, value: Any) -> str | None:
-    """What is wrong with one environment variable, or None. The one rule for every env a
-    request or a launch carries: a name a shell accepts, a string value a process
-    environment can hold (no NUL, valid Unicode)."""
-    if not isinstance(key, str) or not ENV_NAME_RE.fullmatch(key):
-        return f"invalid variable name {str(key)[:40]!r}"
-    if not isinstance(value, str):
-        return f"value of {key} must be a string"
-    if "\x00" in value:
-        return f"value of {key} contains a NUL byte"
-    try:  # JSON allows a lone surrogate ("\ud83d"); a process environment cannot hold one
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"value of {key} is not valid Unicode text (a lone surrogate)"
-    return None
 
 
 def check_env(value: dict[str, str]) -> dict[str, str]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from jupyter_client.provisioning import KernelProvisionerBase
 
 from ..errors import BadRequest
-from ..models import env_problem
+from ..validation import env_problem
 
 if TYPE_CHECKING:
     from ..config import Settings

@@ -52,7 +52,7 @@ from docker.types import LogConfig, Mount
 from traitlets import Bool, Float, Int, Unicode
 
 from ..errors import BadRequest, KernelFailed
-from ..models import env_problem
+from ..validation import env_problem
 from ..images.reference import validate_image_ref, validate_language
 from .base import EraProvisioner, LaunchOptions
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,

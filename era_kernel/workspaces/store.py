@@ -27,7 +27,7 @@ from ..errors import BadRequest, NotFound, TooLarge
 from . import manifest, snapshots
 from . import fdtree
 from .local import limit_error, map_os_error, run_blocking
-from ..models import is_session_id
+from ..validation import is_session_id
 from .objects import ObjectStore
 from .paths import iso_utc, safe_relpath
 
