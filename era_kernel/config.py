@@ -129,6 +129,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_SESSION_MAX_AGE", 0.0, "Seconds after creation a session is deleted with its files; 0 = never. "
             "A session's own `max_age` overrides it.", float),
     Setting("ERA_CULL_INTERVAL", 30.0, "Seconds between culling passes (idle kernels, expired sessions).", float),
+    Setting("ERA_RUN_QUEUE_MAX", 100, "Runs one session may have waiting (background runs past it answer 429 "
+            "with `Retry-After`).", _count),
     Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
     Setting("ERA_MAX_METADATA_BYTES", 16 * 1024, "Largest session `metadata` document, in bytes of JSON "
             "(labels for the client; every listing carries it).", _size),

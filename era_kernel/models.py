@@ -102,6 +102,8 @@ class RunRequest(_Strict):
     code: Optional[str] = Field(None, description="code to run; the stored default program when absent")
     timeout: Optional[float] = Field(None, description="seconds, > 0; the session's default_timeout when absent")
     env: dict[str, str] = Field(default_factory=dict, description="applies to this run only")
+    background: bool = Field(False, description="answer 202 with {run_id, status, position} at once; "
+                             "GET .../runs/{run_id} for its status and result")
 
     @field_validator("timeout", mode="before")
     @classmethod

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+if TYPE_CHECKING:
+    from .journal import RunJournal
 
 log = logging.getLogger("era.events")
 
@@ -73,7 +76,8 @@ def as_status(event: LifecycleEvent) -> RunEvent:
 
 
 class EngineEvents:
-    def __init__(self) -> None:
+    def __init__(self, journal: "RunJournal | None" = None) -> None:
+        self.journal = journal  # every emitted event is numbered and kept (journal.py)
         self._subscribers: dict[str, set[Callable[[RunEvent], None]]] = {}
         self._watchers: list[Callable[[LifecycleEvent], None]] = []
 
@@ -92,7 +96,10 @@ class EngineEvents:
         return unsubscribe
 
     def emit(self, session_id: str, event: RunEvent, on_event: Callable[[RunEvent], None] | None = None) -> None:
-        """Send a run event to the run's own caller (``on_event``) and to every subscriber."""
+        """Number the event in the session's journal, then send it to the run's own caller
+        (``on_event``) and to every subscriber."""
+        if self.journal is not None:
+            event = self.journal.record(session_id, event)
         if on_event is not None:
             on_event(event)
         subs = self._subscribers.get(session_id)
@@ -102,6 +109,11 @@ class EngineEvents:
                     callback(event)
                 except Exception:
                     log.exception("event subscriber failed")
+
+    def flush(self, session_id: str) -> None:
+        """The session's journal events so far go to the store before what is written next."""
+        if self.journal is not None:
+            self.journal.flush(session_id)
 
     # ---- lifecycle, engine-wide ------------------------------------------------------------
     def watch(self, callback: Callable[[LifecycleEvent], None]) -> Callable[[], None]:

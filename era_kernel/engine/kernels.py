@@ -69,12 +69,13 @@ PoolEviction = Callable[[], "tuple[Lease, Awaitable[None]] | None"]
 
 
 class _Entry:
-    __slots__ = ("kernel", "lease", "starting", "active_at")
+    __slots__ = ("kernel", "lease", "starting", "settled", "active_at")
 
     def __init__(self, kernel: SessionKernel | None, lease: Lease) -> None:
         self.kernel = kernel
         self.lease = lease
-        self.starting: asyncio.Task | None = None
+        self.starting: asyncio.Task | None = None  # a background start (create, restart)
+        self.settled = asyncio.Event()  # its start is over, well or not
         self.active_at = time.time()
 
 
@@ -187,12 +188,20 @@ class KernelTable:
             raise KernelFailed(f"the kernel of session {session_id} was stopped while it started")
         entry.kernel = kernel
 
-    def started(self, session_id: str) -> None:
+    def started(self, session_id: str, lease: Lease) -> None:
         """Its start finished: the kernel is ready for runs."""
         entry = self._entries.get(session_id)
-        if entry is not None:
+        if entry is not None and entry.lease is lease:
             entry.starting = None
+            entry.settled.set()
             self.touch(session_id)
+
+    async def start_failed(self, session_id: str, lease: Lease) -> None:
+        """Its start failed: the entry goes (and its slot), unless a stop took it first."""
+        entry = self._entries.get(session_id)
+        if entry is not None and entry.lease is lease:
+            entry.settled.set()
+            await self.stop(session_id, lease=lease)
 
     async def stop(self, session_id: str, *, lease: Lease | None = None, kernel: SessionKernel | None = None) -> bool:
         """Stop the session's kernel (cancelling a background start) and give its slot
@@ -200,10 +209,16 @@ class KernelTable:
         holds that slot or that kernel (a failed start or a run whose kernel died cleans up
         after itself, never after a restart that replaced it meanwhile)."""
         entry = self._entries.get(session_id)
+        if entry is not None and entry.starting is None and not entry.settled.is_set():
+            # A run's own (inline) start is under way: stopping its kernel half-launched
+            # races jupyter_client's launch; let it finish (or fail) first.
+            await entry.settled.wait()
+            entry = self._entries.get(session_id)
         if entry is None or (lease is not None and entry.lease is not lease) or \
                 (kernel is not None and entry.kernel is not kernel):
             return False
         del self._entries[session_id]
+        entry.settled.set()
         try:
             starting = entry.starting
             if starting is not None and starting is not asyncio.current_task() and not starting.done():

@@ -101,6 +101,9 @@ class KernelLauncher:
             if task is not None:
                 try:
                     await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if not task.cancelled():
+                        raise  # this run itself is being cancelled
                 except Exception:
                     pass  # the background start failed: try once more below, reporting that error
             kernel = self.table.kernel(sid)
@@ -134,11 +137,11 @@ class KernelLauncher:
             await self.files.ensure_ready(record, uid)  # mounted before the sandbox binds it
             await kernel.start()
         except BaseException as exc:
-            await self.table.stop(sid, lease=lease)
+            await self.table.start_failed(sid, lease)
             if isinstance(exc, KernelFailed):
                 log.warning("session %s: %s", sid, exc.message)
             raise
-        self.table.started(sid)
+        self.table.started(sid, lease)
         self.events.publish(KernelReplaced(sid))
         self.events.emit(sid, {"type": "status", "state": "idle"})
         return kernel
@@ -150,9 +153,9 @@ class KernelLauncher:
         try:
             await warm.kernel.claim(self.startup_cells(record.kernel_request(), warm.workdir))
         except BaseException:
-            await self.table.stop(sid, lease=warm.lease)
+            await self.table.start_failed(sid, warm.lease)
             raise
-        self.table.started(sid)
+        self.table.started(sid, warm.lease)
         self.events.publish(KernelReplaced(sid))
         return warm.kernel
 

@@ -33,7 +33,9 @@ from .events import EngineEvents, LifecycleEvent, RunEvent, SessionDeleted
 from .files import POOL_ROOT, SessionFiles
 from .kernels import KernelSlots, KernelTable
 from .launcher import KernelLauncher
+from .journal import RunJournal
 from .pool import KernelPool, WarmKernel, parse_pool_keys
+from .queue import RunQueue
 from .recovery import recover
 from .records import SessionRecord, new_session_id, session_uid
 from .results import notebook_from_runs, utc_now
@@ -47,7 +49,8 @@ class SessionManager:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
         self.store = store_for_url(self.settings["ERA_STORE_URL"])
-        self.events = EngineEvents()
+        self.journal = RunJournal(self.store)
+        self.events = EngineEvents(self.journal)
         self.files = SessionFiles(self.settings)
         # Package setups into shared environments, archived in the workspace store (built lazily).
         self.setups = SetupManager(self.settings, lambda: self.files.store)
@@ -61,6 +64,7 @@ class SessionManager:
         self.table.evict_pooled = self.pool.evict
         self.runner = SessionRunner(self.settings, self.store, self.files, self.setups, self.table, self.launcher,
                                     self.pool, self.events)
+        self.queue = RunQueue(self.settings, self.store, self.table, self.runner)
         self.upkeep = Upkeep(self.settings, self.store, self.table, self.pool, self.events, self._delete)
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
@@ -78,6 +82,10 @@ class SessionManager:
         self._opened = True
         if serve:
             await recover(self.settings, self.store, self.files, self._start_setup)
+            requeued = await self.queue.recover(lambda sid: lambda: self._record(sid), self.journal.ready)
+            if any(requeued.values()):
+                log.info("runs of a previous process: %(interrupted)d interrupted, %(requeued)d queued again",
+                         requeued)
             self._serving = True
             self.pool.start()
             self.upkeep.start()
@@ -93,20 +101,24 @@ class SessionManager:
         """Interrupt running code, stop every kernel, close the store."""
         await self.setups.shutdown()
         await self.upkeep.stop()
+        await self.queue.shutdown()
         await self.pool.shutdown()
         await self.runner.settle()
         busy = [k for k in self.table.live().values() if k.state == "busy"]
         await asyncio.gather(*(k.interrupt() for k in busy), return_exceptions=True)
         await asyncio.gather(*(self.table.stop(sid) for sid in self.table.sessions()), return_exceptions=True)
         await self.runner.settle()
+        await self.journal.settle()
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
         if self._opened:
             await self.store.close()
             self._opened = False
 
     async def settle(self) -> None:
-        """Wait for work the answers did not wait for (history writes, kernels stopping)."""
+        """Wait for work the answers did not wait for (history writes, journal batches,
+        kernels stopping)."""
         await self.runner.settle()
+        await self.journal.settle()
 
     # ---- what callers may look at ------------------------------------------------------------
     @property
@@ -266,6 +278,8 @@ class SessionManager:
         self.events.publish(SessionDeleted(session_id, reason))
         self.table.forget(session_id)
         self.runner.forget(session_id)
+        self.queue.forget(session_id)
+        self.journal.forget(session_id)
         self._workdirs.pop(session_id, None)
 
     async def delete_many(self, ids: list[str] | None = None, prefix: str | None = None) -> list[str]:
@@ -311,9 +325,36 @@ class SessionManager:
         return self.events.watch(callback)
 
     async def run(self, session_id: str, body: Any, *, on_event: EventSink | None = None,
-                  on_input: InputHandler | None = None, run_id: str | None = None) -> dict[str, Any]:
-        return await self.runner.run(session_id, body, lambda: self._record(session_id), on_event=on_event,
-                                     on_input=on_input, run_id=run_id)
+                  on_input: InputHandler | None = None, run_id: str | None = None,
+                  source: str = "rest") -> dict[str, Any]:
+        """Run code in the session: its result (API.md), or with ``background`` in the
+        body ``{run_id, status, position}`` at once. ``source``: who asked (rest, sse, ws)."""
+        if self.journal.last_seq(session_id) is None:  # the first run in this process
+            await self._record(session_id)  # an unknown id is a 404 before anything else
+            await self.journal.ready(session_id)
+        return await self.queue.submit(session_id, body, lambda: self._record(session_id), source=source,
+                                       on_event=on_event, on_input=on_input, run_id=run_id)
+
+    async def get_run(self, session_id: str, run_id: str) -> dict[str, Any]:
+        """A run's record: status, timestamps, reason, position while queued, and the
+        result document once it ended. NotFound for an unknown id."""
+        await self._record(session_id)
+        return await self.queue.get(session_id, run_id)
+
+    async def cancel_run(self, session_id: str, run_id: str) -> dict[str, Any]:
+        """Drop a queued run, interrupt a running one; the run's record after."""
+        await self._record(session_id)
+        return await self.queue.cancel(session_id, run_id)
+
+    async def run_events(self, session_id: str, run_id: str | None = None, after: int = 0, *, limit: int = 1000,
+                         wait: float = 0.0) -> list[dict[str, Any]]:
+        """Journal events of the session (of one run, when given) after ``after``, oldest
+        first; ``wait`` seconds for some when there are none yet (long-poll)."""
+        await self._record(session_id)
+        if run_id is not None:
+            await self.queue.get(session_id, run_id)  # NotFound for an unknown run
+        await self.journal.ready(session_id)
+        return await self.journal.read(session_id, after, run_id=run_id, limit=limit, wait=wait)
 
     async def execute(self, body: Any, *, on_event: EventSink | None = None) -> dict[str, Any]:
         """One-shot: a fresh kernel in a scratch workspace, discarded afterwards."""

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any, Awaitable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .. import models
 from ..config import Settings
@@ -31,6 +31,7 @@ from .kernels import KernelTable, Lease
 from .launcher import KernelLauncher
 from .pool import KernelPool
 from .records import EphemeralUids, KernelRequest, SessionRecord, session_uid
+from .tickets import RunTicket
 from .results import death_reason, done_event, new_run_id, run_result, utc_now
 
 if TYPE_CHECKING:
@@ -74,23 +75,21 @@ class SessionRunner:
         self._background: set[asyncio.Future] = set()  # history writes, one-shot kernels being stopped
 
     # ---- session runs -----------------------------------------------------------------------
-    async def run(self, session_id: str, body: Any, load: "Awaitable[SessionRecord]", *,
-                  on_event: EventSink | None = None, on_input: InputHandler | None = None,
-                  run_id: str | None = None) -> dict[str, Any]:
-        """One run of a session's code, in arrival order. ``load`` reads the record under
-        the session's lock (a patch may have just landed)."""
-        req = models.parse(models.RunRequest, body)
-        run_id = run_id or new_run_id()
-        async with self.table.run_lock(session_id):
-            record = await load()
-            code = req.code if req.code is not None else record.code
-            if code is None:
-                raise BadRequest("field 'code' is required (no default program is stored for this session)",
-                                 field="code")
-            timeout = req.timeout or record.default_timeout
-            await self._wait_for_setup(session_id, timeout, on_event)
-            kernel = await self.launcher.ensure(record)
-            return await self._run_locked(record, kernel, code, timeout, req.env, on_event, on_input, run_id)
+    async def run_locked(self, ticket: "RunTicket", load: "Callable[[], Awaitable[SessionRecord]]",
+                         on_event: EventSink | None = None, on_input: InputHandler | None = None) -> dict[str, Any]:
+        """One run of a session's code; the caller (``RunQueue``) holds the session's run
+        lock. ``load`` reads the record now (a patch may have just landed)."""
+        record = await load()
+        req = ticket.request
+        code = req.code if req.code is not None else record.code
+        if code is None:
+            raise BadRequest("field 'code' is required (no default program is stored for this session)", field="code")
+        ticket.code = code
+        timeout = req.timeout or record.default_timeout
+        await self._wait_for_setup(record.id, timeout, on_event)
+        kernel = await self.launcher.ensure(record)
+        ticket.kernel = kernel
+        return await self._run_locked(record, kernel, ticket, timeout, on_event, on_input)
 
     async def _wait_for_setup(self, session_id: str, timeout: float, on_event: EventSink | None) -> None:
         """A run sent before package setup finishes waits for it, up to its own timeout;
@@ -106,21 +105,20 @@ class SessionRunner:
         finally:
             unsubscribe()
 
-    async def _run_locked(self, record: SessionRecord, kernel: SessionKernel, code: str, timeout: float,
-                          env: dict[str, str], on_event: EventSink | None, on_input: InputHandler | None,
-                          run_id: str) -> dict[str, Any]:
-        sid = record.id
+    async def _run_locked(self, record: SessionRecord, kernel: SessionKernel, ticket: "RunTicket", timeout: float,
+                          on_event: EventSink | None, on_input: InputHandler | None) -> dict[str, Any]:
+        sid, run_id = record.id, ticket.run_id
         language = get_language(record.language)
         ws = self.files.own(record)
         data_json = json.dumps(record.data)
         if self._data_on_disk.get(sid) != data_json:  # skip the write when the file already says it
             await ws.write(DATA_FILE, data_json.encode(), uid=session_uid(record))
         emit: EventSink = lambda ev: self.events.emit(sid, dict(ev, run_id=run_id), on_event)  # noqa: E731
-        started_at = utc_now()
+        self.in_background(_record_run(sid, run_id, ticket.started(self.store)))
         self.table.touch(sid)
         emit({"type": "status", "state": "busy"})
-        outcome = await run_cell(kernel, language, code, self.settings, timeout=timeout, env=env, on_event=emit,
-                                 on_input=on_input)
+        outcome = await run_cell(kernel, language, ticket.code, self.settings, timeout=timeout, env=ticket.request.env,
+                                 on_event=emit, on_input=on_input)
         if outcome.status in ("dead", "cut") or outcome.restarted:
             if await self.table.stop(sid, kernel=kernel):  # the next run starts a fresh kernel
                 self.events.publish(KernelDied(sid, death_reason(outcome)))
@@ -134,15 +132,13 @@ class SessionRunner:
         if data != record.data:
             changes["data"] = data
         result = run_result(outcome, language=language, timeout=timeout, session_id=sid, data=data, run_id=run_id)
-        # Queued, not awaited: every later store call sees it (MetadataStore.add_run), and
-        # the caller gets its answer one store round trip sooner.
-        self.in_background(_record_run(sid, run_id, self.store.add_run(
-            sid, {"run_id": run_id, "code": code, "started_at": started_at,
-                  **{k: result[k] for k in ("exit_code", "outputs", "stdout", "stderr", "duration_ms",
-                                            "execution_count", "error", "timed_out", "truncated")}},
-            session_changes=changes)))
         emit(done_event(result))
         emit({"type": "status", "state": self.table.state(sid) if self.table.kernel(sid) else "dead"})
+        # Queued, not awaited: every later store call sees it (MetadataStore.put_run), and
+        # the caller gets its answer one store round trip sooner. The journal's events go
+        # first, so a client that sees the run finished finds all of them.
+        self.events.flush(sid)
+        self.in_background(_record_run(sid, run_id, ticket.finished(self.store, result, outcome, changes)))
         return result
 
     async def _note_full(self, root, outcome: ExecOutcome, emit: EventSink | None) -> None:

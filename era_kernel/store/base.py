@@ -64,20 +64,58 @@ class MetadataStore(abc.ABC):
         """Delete the record and its runs; True when it existed."""
 
     @abc.abstractmethod
+    def put_run(self, session_id: str, run: dict[str, Any],
+                session_changes: dict[str, Any] | None = None) -> Awaitable[None]:
+        """Insert or replace the run record ``run["run_id"]`` (its ``status``, completed
+        when absent, and the whole document as given) and, in the same transaction, apply ``session_changes`` to the session
+        (last_run_at, data). A record keeps its place (submission order) when replaced.
+
+        Called by the engine when a run is submitted (``queued``), starts (``running``)
+        and ends (``completed``, ``failed``, ``cancelled`` or ``interrupted``, with its
+        result). Not a coroutine: the write is queued before this returns, and (as for
+        every call) applied in order, so any call made after it sees the run; the engine
+        answers a run without waiting for its record to land. The caller must not change
+        ``run`` or ``session_changes`` afterwards: a backend may encode them when the
+        write is applied (SQLite does, off the event loop)."""
+
     def add_run(self, session_id: str, run: dict[str, Any],
                 session_changes: dict[str, Any] | None = None) -> Awaitable[None]:
-        """Append a run record (code, outputs, exit code, timings) to the history and, in
-        the same transaction, apply ``session_changes`` to the session (last_run_at, data).
+        """A finished run into the history: ``put_run`` of a record whose ``status`` is
+        completed unless it says otherwise."""
+        return self.put_run(session_id, run, session_changes)
 
-        Not a coroutine: the write is queued before this returns, and (as for every call)
-        applied in order, so any call made after it sees the run. The engine answers a run
-        without waiting for its record to land and awaits the result in the background.
-        The caller must not change ``run`` or ``session_changes`` afterwards: a backend may
-        encode them when the write is applied (SQLite does, off the event loop)."""
+    @abc.abstractmethod
+    async def get_run(self, session_id: str, run_id: str) -> dict[str, Any] | None:
+        """One run record of the session, whatever its status, or None."""
 
     @abc.abstractmethod
     async def list_runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        """The most recent ``limit`` runs, oldest first."""
+        """The history: the most recent ``limit`` finished runs (not queued or running),
+        oldest first."""
+
+    @abc.abstractmethod
+    async def unfinished_runs(self) -> list[dict[str, Any]]:
+        """Every queued or running run of every session, in submission order, each with
+        its ``session_id``. Called once by a starting server: a running one was cut off
+        by the previous process, a queued one still has to run."""
+
+    @abc.abstractmethod
+    def append_events(self, session_id: str, events: list[dict[str, Any]]) -> Awaitable[None]:
+        """Append events to the session's journal, in one transaction; each carries its
+        ``seq`` (per session, strictly increasing, given by the engine) and ``run_id``.
+        Not a coroutine (queued, applied in order, like ``put_run``); the engine writes a
+        batch at a time (group commit), never one transaction per event."""
+
+    @abc.abstractmethod
+    async def read_events(self, session_id: str, after: int = 0, limit: int = 1000,
+                          run_id: str | None = None) -> list[dict[str, Any]]:
+        """Journal events with ``seq`` greater than ``after``, oldest first, at most
+        ``limit``; only one run's when ``run_id`` is given."""
+
+    @abc.abstractmethod
+    async def last_event_seq(self, session_id: str) -> int:
+        """The session's highest journal ``seq`` (0 when it has none): where the engine's
+        counter resumes after a restart."""
 
 
 def store_for_url(url: str) -> MetadataStore:

@@ -38,6 +38,49 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX runs_by_session ON runs(session_id, n);
     """,
+    # 2: run records (queued and running too, by run id) and the per-session event
+    # journal; session events and schedules, read by their own features
+    """
+    CREATE TABLE run_records (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL UNIQUE,
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        doc TEXT NOT NULL
+    );
+    INSERT INTO run_records (n, run_id, session_id, status, doc)
+        SELECT n, COALESCE(json_extract(doc, '$.run_id'), 'run_legacy_' || n), session_id, 'completed', doc
+        FROM runs;
+    DROP TABLE runs;
+    ALTER TABLE run_records RENAME TO runs;
+    CREATE INDEX runs_by_session ON runs(session_id, n);
+    CREATE INDEX runs_unfinished ON runs(status) WHERE status IN ('queued', 'running');
+    CREATE TABLE run_events (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        run_id TEXT,
+        doc TEXT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE session_events (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        doc TEXT NOT NULL
+    );
+    CREATE INDEX session_events_by_session ON session_events(session_id, n);
+    CREATE TABLE schedules (
+        id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        doc TEXT NOT NULL
+    );
+    CREATE INDEX schedules_by_session ON schedules(session_id);
+    CREATE TABLE schedule_firings (
+        schedule_id TEXT NOT NULL REFERENCES schedules(id) ON DELETE CASCADE,
+        slot TEXT NOT NULL,
+        run_id TEXT,
+        PRIMARY KEY (schedule_id, slot)
+    );
+    """,
 ]
 
 
@@ -135,24 +178,59 @@ class SQLiteStore(MetadataStore):
 
     async def delete_session(self, session_id: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
-            db.execute("DELETE FROM runs WHERE session_id = ?", (session_id,))
+            for table in ("runs", "run_events", "session_events", "schedules"):
+                db.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
             return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
 
         return await self._call(delete)
 
-    def add_run(self, session_id: str, run: dict[str, Any],
+    def put_run(self, session_id: str, run: dict[str, Any],
                 session_changes: dict[str, Any] | None = None) -> "asyncio.Future[None]":
-        def add(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO runs (session_id, started_at, exit_code, doc) VALUES (?, ?, ?, ?)",
-                       (session_id, run["started_at"], run.get("exit_code"), json.dumps(run)))
+        def put(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO runs (run_id, session_id, status, doc) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, doc = excluded.doc",
+                       (run["run_id"], session_id, run.get("status", "completed"), json.dumps(run)))
             if session_changes:
                 self._update(db, session_id, session_changes)
 
-        return self._run(self._with_db, add)  # queued now: see MetadataStore.add_run
+        return self._run(self._with_db, put)  # queued now: see MetadataStore.put_run
+
+    async def get_run(self, session_id: str, run_id: str) -> dict[str, Any] | None:
+        row = await self._call(lambda db: db.execute(
+            "SELECT doc FROM runs WHERE run_id = ? AND session_id = ?", (run_id, session_id)).fetchone())
+        return json.loads(row[0]) if row else None
+
+    async def unfinished_runs(self) -> list[dict[str, Any]]:
+        rows = await self._call(lambda db: db.execute(
+            "SELECT session_id, doc FROM runs WHERE status IN ('queued', 'running') ORDER BY n").fetchall())
+        return [dict(json.loads(doc), session_id=sid) for sid, doc in rows]
+
+    def append_events(self, session_id: str, events: list[dict[str, Any]]) -> "asyncio.Future[None]":
+        def append(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT INTO run_events (session_id, seq, run_id, doc) VALUES (?, ?, ?, ?)",
+                           [(session_id, e["seq"], e.get("run_id"), json.dumps(e)) for e in events])
+
+        return self._run(self._with_db, append)  # queued now: see MetadataStore.append_events
+
+    async def read_events(self, session_id: str, after: int = 0, limit: int = 1000,
+                          run_id: str | None = None) -> list[dict[str, Any]]:
+        if run_id is None:
+            query, args = ("SELECT doc FROM run_events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                           (session_id, after, limit))
+        else:
+            query, args = ("SELECT doc FROM run_events WHERE session_id = ? AND seq > ? AND run_id = ? "
+                           "ORDER BY seq LIMIT ?", (session_id, after, run_id, limit))
+        rows = await self._call(lambda db: db.execute(query, args).fetchall())
+        return [json.loads(r[0]) for r in rows]
+
+    async def last_event_seq(self, session_id: str) -> int:
+        row = await self._call(lambda db: db.execute(
+            "SELECT MAX(seq) FROM run_events WHERE session_id = ?", (session_id,)).fetchone())
+        return row[0] or 0
 
     async def list_runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._call(lambda db: db.execute(
-            "SELECT doc FROM (SELECT n, doc FROM runs WHERE session_id = ? ORDER BY n DESC LIMIT ?) ORDER BY n",
-            (session_id, limit)).fetchall())
+            "SELECT doc FROM (SELECT n, doc FROM runs WHERE session_id = ? AND status NOT IN ('queued', 'running') "
+            "ORDER BY n DESC LIMIT ?) ORDER BY n", (session_id, limit)).fetchall())
         return [json.loads(r[0]) for r in rows]
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import copy
 import inspect
+import json
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -695,3 +696,77 @@ async def test_schema_is_versioned_and_reopens(tmp_path):
     await store.open()
     assert (await store.get_session("x"))["seq"] == 1
     await store.close()
+
+
+# ---- run records and the journal (durable runs) ------------------------------------------------
+async def test_a_run_record_moves_from_queued_to_finished_in_place(store):
+    await store.insert_session(rec("s"))
+    await store.add_run("s", run(1))
+    await store.put_run("s", {"run_id": "r2", "status": "queued", "code": "1"})
+    assert await store.get_run("s", "r2") == {"run_id": "r2", "status": "queued", "code": "1"}
+    assert [r["run_id"] for r in await store.list_runs("s")] == ["run-1"], "the history is finished runs only"
+    assert [(r["session_id"], r["run_id"]) for r in await store.unfinished_runs()] == [("s", "r2")]
+    await store.put_run("s", {"run_id": "r2", "status": "running", "code": "1"})
+    await store.add_run("s", run(3))
+    await store.put_run("s", {"run_id": "r2", "status": "completed", "code": "1", "exit_code": 0},
+                        {"last_run_at": TS})
+    assert [r["run_id"] for r in await store.list_runs("s")] == ["run-1", "r2", "run-3"], "submission order kept"
+    assert await store.unfinished_runs() == []
+    assert (await store.get_session("s"))["last_run_at"] == TS
+    assert await store.get_run("s", "nope") is None and await store.get_run("other", "r2") is None
+
+
+async def test_unfinished_runs_of_every_session_in_submission_order(store):
+    for sid in ("a", "b"):
+        await store.insert_session(rec(sid))
+    for n, (sid, status) in enumerate([("a", "running"), ("b", "queued"), ("a", "queued"), ("b", "failed")]):
+        await store.put_run(sid, {"run_id": f"r{n}", "status": status})
+    assert [(r["session_id"], r["run_id"], r["status"]) for r in await store.unfinished_runs()] == [
+        ("a", "r0", "running"), ("b", "r1", "queued"), ("a", "r2", "queued")]
+
+
+async def test_the_journal_appends_batches_and_reads_after_an_offset(store):
+    await store.insert_session(rec("s"))
+    await store.insert_session(rec("t"))
+    assert await store.last_event_seq("s") == 0 and await store.read_events("s") == []
+    pending = store.append_events("s", [{"seq": n, "run_id": "r1" if n < 4 else "r2", "type": "stdout",
+                                         "content": f"{n}\n"} for n in range(1, 7)])
+    assert not asyncio.iscoroutinefunction(store.append_events)
+    assert [e["seq"] for e in await store.read_events("s")] == [1, 2, 3, 4, 5, 6], "a read after sees it"
+    await pending
+    await store.append_events("t", [{"seq": 1, "run_id": "x", "type": "stdout", "content": "t\n"}])
+    assert [e["seq"] for e in await store.read_events("s", after=2, limit=3)] == [3, 4, 5]
+    assert [e["seq"] for e in await store.read_events("s", after=0, run_id="r2")] == [4, 5, 6]
+    assert await store.read_events("s", after=6) == []
+    assert await store.last_event_seq("s") == 6 and await store.last_event_seq("t") == 1
+    assert (await store.read_events("s", after=5))[0] == {"seq": 6, "run_id": "r2", "type": "stdout",
+                                                          "content": "6\n"}
+    await store.delete_session("s")
+    assert await store.read_events("s") == [] and await store.last_event_seq("s") == 0
+    assert [e["seq"] for e in await store.read_events("t")] == [1], "other sessions keep theirs"
+
+
+async def test_history_written_before_run_records_survives_the_migration(tmp_path):
+    """SQLite-specific: a store from before run records (schema 1) opens with its runs as
+    finished run records, in their order."""
+    import sqlite3
+
+    from era_kernel.store.sqlite import MIGRATIONS, SQLiteStore
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0] + "; PRAGMA user_version=1;")
+    db.execute("INSERT INTO sessions (id, created_at, doc) VALUES ('s', ?, ?)", (TS, '{"id": "s", "seq": 1}'))
+    for n in (1, 2):
+        db.execute("INSERT INTO runs (session_id, started_at, exit_code, doc) VALUES ('s', ?, 0, ?)",
+                   (TS, json.dumps(run(n))))
+    db.commit()
+    db.close()
+    store = SQLiteStore(f"sqlite:///{path}")
+    await store.open()
+    try:
+        assert await store.schema_version() == len(MIGRATIONS)
+        assert await store.list_runs("s") == [run(1), run(2)]
+        assert await store.get_run("s", "run-2") == run(2) and await store.unfinished_runs() == []
+    finally:
+        await store.close()
