@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .. import models
-from ..errors import Busy, NotFound
+from ..errors import Busy, Conflict, NotFound
 from ..kernel import EventSink, InputHandler
 from .results import new_run_id
 from .tickets import CANCELLED, FINISHED, INTERRUPTED, QUEUED, RUNNING, RunTicket
@@ -55,6 +55,10 @@ class RunQueue:
         """Run the session's code; the result once it ran (synchronous), or at once
         ``{run_id, status, position}`` when the body asks for ``background``."""
         req = models.parse(models.RunRequest, body)
+        if run_id is not None and (self.live(session_id, run_id) or await self.store.get_run(session_id, run_id)):
+            # A run id names one run for good (GET .../runs/{run_id}): a client's own id
+            # (the WebSocket's "id") may not be given twice in a session.
+            raise Conflict(f"run id {run_id} is already used in this session; send a new one", field="id")
         if req.background:
             await load()  # 404 before anything is recorded (a synchronous run loads under its lock)
         ticket = RunTicket(run_id or new_run_id(), session_id, req, source=source, background=req.background,

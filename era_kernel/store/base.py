@@ -66,8 +66,10 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     def put_run(self, session_id: str, run: dict[str, Any],
                 session_changes: dict[str, Any] | None = None) -> Awaitable[None]:
-        """Insert or replace the run record ``run["run_id"]`` (its ``status``, completed
-        when absent, and the whole document as given) and, in the same transaction, apply ``session_changes`` to the session
+        """Insert or replace the session's run record ``run["run_id"]`` (a run id is
+        unique within its session, not across sessions): its ``status`` (completed when
+        absent) and the whole document as given; in the same transaction, apply
+        ``session_changes`` to the session
         (last_run_at, data). A record keeps its place (submission order) when replaced.
 
         Called by the engine when a run is submitted (``queued``), starts (``running``)

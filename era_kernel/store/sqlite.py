@@ -43,10 +43,11 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE run_records (
         n INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL UNIQUE,
+        run_id TEXT NOT NULL,
         session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
         status TEXT NOT NULL,
-        doc TEXT NOT NULL
+        doc TEXT NOT NULL,
+        UNIQUE (session_id, run_id)
     );
     INSERT INTO run_records (n, run_id, session_id, status, doc)
         SELECT n, COALESCE(json_extract(doc, '$.run_id'), 'run_legacy_' || n), session_id, 'completed', doc
@@ -188,7 +189,7 @@ class SQLiteStore(MetadataStore):
                 session_changes: dict[str, Any] | None = None) -> "asyncio.Future[None]":
         def put(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO runs (run_id, session_id, status, doc) VALUES (?, ?, ?, ?) "
-                       "ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, doc = excluded.doc",
+                       "ON CONFLICT(session_id, run_id) DO UPDATE SET status = excluded.status, doc = excluded.doc",
                        (run["run_id"], session_id, run.get("status", "completed"), json.dumps(run)))
             if session_changes:
                 self._update(db, session_id, session_changes)
