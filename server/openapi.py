@@ -24,6 +24,8 @@ PARAMETERS = {
     "id": {"type": "string", "pattern": f"^{models.SESSION_ID_RE.pattern}$", "description": "session id"},
     "path": {"type": "string", "description": "file path inside the workspace, percent-encoded; may contain '/'"},
     "name": {"type": "string", "description": "kernelspec name, e.g. era-python-local"},
+    "run_id": {"type": "string", "description": "run id: from a background run's 202, a result's run_id, "
+                                                "the WebSocket's id or the stream's X-Era-Run-Id"},
 }
 
 

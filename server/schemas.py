@@ -112,18 +112,53 @@ class StoredCode(BaseModel):
 
 
 class RunRecord(_Open):
+    """A finished run in the history. A run cut off before it ran (cancelled while
+    queued, or interrupted by a restart) has no result fields, only its status and reason."""
     run_id: Optional[str] = None
-    code: str
+    code: Optional[str] = None
+    status: Optional[str] = None
+    reason: Optional[str] = None
     started_at: Optional[str] = None
-    exit_code: int
-    outputs: list[dict[str, Any]]
-    stdout: str
-    stderr: str
-    duration_ms: float
+    exit_code: Optional[int] = None
+    outputs: list[dict[str, Any]] = []
+    stdout: str = ""
+    stderr: str = ""
+    duration_ms: Optional[float] = None
     execution_count: Optional[int] = None
     error: Optional[ErrorInfo] = None
     timed_out: bool = False
     truncated: bool = False
+
+
+class RunAccepted(BaseModel):
+    run_id: str
+    status: Literal["queued", "running"]
+    position: int = Field(description="0: running or about to; n: n runs go before it")
+
+
+class RunState(_Open):
+    """A run's record at any point: the result fields (RunResult) join once it ended."""
+    run_id: str
+    session_id: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
+    source: str = Field(description="who submitted it: rest, sse, ws, background, schedule, gateway")
+    code: Optional[str] = None
+    submitted_at: Optional[str] = None
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    reason: Optional[str] = Field(None, description="why it did not complete: timeout, killed: out of memory, "
+                                  "kernel died, server restarted, cancelled by request, ...")
+    position: Optional[int] = Field(None, description="while queued or running")
+    exit_code: Optional[int] = None
+    kernel_state_lost: Optional[bool] = Field(None, description="queued across a restart: ran on a fresh kernel")
+
+
+class RunEvents(BaseModel):
+    session_id: str
+    run_id: str
+    status: str = Field(description="the run's status when the events were read")
+    events: list[dict[str, Any]] = Field(description="journal events, oldest first, each with its seq")
+    last_seq: int = Field(description="the seq to pass as `after` next time")
 
 
 class RunList(BaseModel):

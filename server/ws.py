@@ -1,11 +1,20 @@
 """WebSocket ``/api/sessions/{id}/ws``: runs, interrupts and ``input()`` over one socket.
 
 Client -> server: ``{"type": "run", "code", "timeout"?, "env"?, "id"?}``,
-``{"type": "interrupt"}``, ``{"type": "input_reply", "value": str}``.
+``{"type": "interrupt"}``, ``{"type": "input_reply", "value": str}``, and
+``{"type": "subscribe", "run_id", "after"?}``: the run's journal events with ``seq`` after
+``after`` (default 0) are replayed, then its live ones follow, none twice (a client that
+lost its socket reconnects with ``?run_id=&after=`` on the URL, which replays before any
+live event, so in order; a subscribe message sent later doubles nothing, but the run's
+events that reached the socket live before it come before the replayed ones).
 Server -> client: the engine's events (``stdout``, ``stderr``, ``display``, ``error``,
-``done``, ``input_request``, ``status``) with ``id`` = the run id; ``result`` (the full
-run result, to the socket that asked for the run); and protocol errors in the API's
-error shape ``{"type": "error", "id", "error", "status_code", "field"?}``.
+``done``, ``input_request``, ``status``) with ``seq`` (their place in the session's
+journal), ``run_id`` (the run's record: ``GET .../runs/{run_id}``) and ``id``: the
+client's own id for a run a socket started with one, while it runs, else the run id;
+``result`` (the full run result, to the socket that asked for the run); and protocol
+errors in the API's error shape ``{"type": "error", "id", "error", "status_code", "field"?}``.
+A client's ``id`` is a correlation id, not the run's record id: it may be used again
+once its run has ended.
 
 One ``SessionHub`` per session holds the engine subscription and fans every event of
 every run (REST and SSE runs too) out to all sockets of the session. A run belongs to the
@@ -26,7 +35,7 @@ from era_kernel.errors import BadRequest, Busy, Conflict, EraError
 from .apidoc import Op
 from .errors import error_body
 from .handlers.base import dumps, parse_json
-from .handlers.sockets import BoundedSocket
+from .handlers.sockets import MAX_UNFLUSHED_BYTES, BoundedSocket
 from .logs import log_run
 from .services import Services
 
@@ -41,7 +50,8 @@ class SessionHub:
         self.services = services
         self.session_id = session_id
         self.sockets: set[SessionSocket] = set()
-        self.runs_in_flight: set[str] = set()
+        self.runs_in_flight: set[str] = set()  # client ids of WebSocket runs queued or running
+        self.client_ids: dict[str, str] = {}  # run id -> the id its client gave it, while it runs
         self.pending_input: tuple[str, asyncio.Future] | None = None
         self._unsubscribe = services.engine.subscribe(session_id, self.on_event)
 
@@ -54,11 +64,11 @@ class SessionHub:
 
     def on_event(self, event: dict[str, Any]) -> None:
         """Engine subscriber (sync): one encoding, written to every socket."""
-        message = dict(event)
-        message["id"] = message.pop("run_id", None)
+        message = as_message(event, self.client_ids)
         text = dumps(message)
+        run_id = message["run_id"]
         for socket in list(self.sockets):
-            socket.send_text(text)
+            socket.deliver(run_id, message, text)
 
     async def ask_input(self, run_id: str, prompt: str, password: bool) -> str:
         # The engine has already sent the input_request event to every socket.
@@ -94,6 +104,15 @@ class SessionHub:
             socket.close(code, reason)
 
 
+def as_message(event: dict[str, Any], client_ids: dict[str, str]) -> dict[str, Any]:
+    """An engine event as the socket frames it: ``id`` is the client's id for the run
+    (the run id when it gave none), ``run_id`` the run's record id."""
+    message = dict(event)
+    run_id = message.setdefault("run_id", None)
+    message["id"] = client_ids.get(run_id, run_id) if run_id is not None else None
+    return message
+
+
 class SessionSocket(BoundedSocket):
     QUERY_TOKEN = True  # browsers cannot set headers on a WebSocket
     API = {"get": Op("WebSocket: runs with streamed events, interrupt, input()", response="websocket",
@@ -105,9 +124,17 @@ class SessionSocket(BoundedSocket):
         super().initialize(services, auth)
         self.hub: SessionHub | None = None
         self.kernel_state = "none"
+        self.replaying: dict[str, list[dict[str, Any]]] = {}  # run id -> live events held during its replay
+        # run id -> the first seq this socket got live: a replay stops short of it, so a
+        # subscribe sent after some of the run came live doubles nothing.
+        self.first_live: dict[str, int] = {}
+        self.subscription: tuple[str, int] | None = None
 
     async def prepare(self) -> None:
         sid = await self.handshake()
+        self.subscription = self._query_subscription()
+        if self.subscription is not None:
+            await self.services.engine.get_run(sid, self.subscription[0])  # an unknown run: 404, no upgrade
         doc = await self.services.engine.get(sid)
         self.kernel_state = (doc.get("kernel") or {}).get("state", "none")
         self.take_slot()  # last: nothing after it can fail before the upgrade
@@ -115,6 +142,8 @@ class SessionSocket(BoundedSocket):
     def open(self, sid: str) -> None:
         self.set_nodelay(True)  # without it, back-to-back small frames wait ~40 ms (Nagle)
         self.hub = SessionHub.for_session(self.services, sid)
+        if self.subscription is not None:  # replay first: none of the run's live events come before it
+            self._subscribe({"run_id": self.subscription[0], "after": self.subscription[1]})
         self.hub.sockets.add(self)
         self.send_json({"type": "status", "id": None, "state": self.kernel_state, "session_id": sid})
 
@@ -145,6 +174,8 @@ class SessionSocket(BoundedSocket):
             kind = msg["type"]
             if kind == "run":
                 self._start_run(msg)
+            elif kind == "subscribe":
+                self._subscribe(msg)
             elif kind == "interrupt":
                 self.services.spawn(self._interrupt())
             elif kind == "input_reply":
@@ -154,7 +185,7 @@ class SessionSocket(BoundedSocket):
                 if self.hub is None or not self.hub.reply_input(value):
                     raise Conflict("no input() is waiting for a reply")
             else:
-                raise BadRequest(f"unknown message type {kind[:40]!r}; expected run, interrupt or input_reply",
+                raise BadRequest(f"unknown message type {kind[:40]!r}; expected run, subscribe, interrupt or input_reply",
                                  field="type")
         except EraError as err:
             self.send_protocol_error(err, msg_id(message))
@@ -162,38 +193,99 @@ class SessionSocket(BoundedSocket):
     def _start_run(self, msg: dict[str, Any]) -> None:
         hub = self.hub
         assert hub is not None and self.session_id is not None
-        run_id = msg.get("id")
-        if run_id is None:
-            from era_kernel.engine.results import new_run_id  # loaded with the engine
+        from era_kernel.engine.results import new_run_id  # loaded with the engine
 
-            run_id = new_run_id()
-        elif not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
+        run_id = new_run_id()
+        client_id = msg.get("id", run_id)
+        if not isinstance(client_id, str) or not RUN_ID_RE.fullmatch(client_id):
             raise BadRequest("field 'id' must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-'",
                              field="id")
-        if run_id in hub.runs_in_flight:
-            raise Conflict(f"run {run_id} is already queued or running", field="id")
+        if client_id in hub.runs_in_flight:
+            raise Conflict(f"run {client_id} is already queued or running", field="id")
         if len(hub.runs_in_flight) >= MAX_RUNS_IN_FLIGHT:
             raise Busy(f"{MAX_RUNS_IN_FLIGHT} runs are already queued or running on this session; retry when one "
                        "finishes")
         body = {key: msg[key] for key in ("code", "timeout", "env") if key in msg}
-        hub.runs_in_flight.add(run_id)
-        self.services.spawn(self._run(hub, self.session_id, run_id, body))
+        if "background" in msg:
+            raise BadRequest("a WebSocket run streams on its socket; send 'background' runs to POST .../run",
+                             field="background")
+        hub.runs_in_flight.add(client_id)
+        hub.client_ids[run_id] = client_id
+        self.services.spawn(self._run(hub, self.session_id, run_id, client_id, body))
 
-    async def _run(self, hub: SessionHub, sid: str, run_id: str, body: dict[str, Any]) -> None:
+    async def _run(self, hub: SessionHub, sid: str, run_id: str, client_id: str, body: dict[str, Any]) -> None:
         try:
             result = await self.services.engine.run(sid, body, on_input=partial(hub.ask_input, run_id),
-                                                    run_id=run_id)
+                                                    run_id=run_id, fresh_id=True, source="ws")
         except EraError as err:
-            self.send_protocol_error(err, run_id)
+            self.send_protocol_error(err, client_id)
         except Exception:
             log.exception("WebSocket run failed", extra={"event": "error", "session_id": sid})
-            self.send_protocol_error(EraError("internal server error"), run_id)
+            self.send_protocol_error(EraError("internal server error"), client_id)
         else:
             log_run(sid, result, "ws")
-            self.send_json({"type": "result", "id": run_id, "result": result})
+            self.send_json({"type": "result", "id": client_id, "run_id": run_id, "result": result})
         finally:
             hub.cancel_input(run_id)
-            hub.discard(run_id=run_id)
+            hub.client_ids.pop(run_id, None)
+            hub.discard(run_id=client_id)
+
+    def deliver(self, run_id: str | None, message: dict[str, Any], text: str) -> None:
+        """A live event (from the hub): held while its run is being replayed here."""
+        replaying = self.replaying.get(run_id) if run_id is not None else None
+        if replaying is not None:
+            replaying.append(message)  # sent after the replay, unless it was in it
+            return
+        seq = message.get("seq")
+        if run_id is not None and seq is not None:
+            self.first_live.setdefault(run_id, seq)
+        self.send_text(text)
+
+    def _query_subscription(self) -> tuple[str, int] | None:
+        """``?run_id=&after=`` on the URL: the in-order way to reconnect to a run."""
+        run_id = self.get_query_argument("run_id", None)
+        if run_id is None:
+            return None
+        after = self.get_query_argument("after", "0")
+        if not after.isdigit():
+            raise BadRequest("query parameter 'after' must be a non-negative integer (the last seq seen)",
+                             field="after")
+        return run_id, int(after)
+
+    def _subscribe(self, msg: dict[str, Any]) -> None:
+        run_id, after = msg.get("run_id"), msg.get("after", 0)
+        if not isinstance(run_id, str) or not run_id:
+            raise BadRequest("field 'run_id' must name a run of this session", field="run_id")
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise BadRequest("field 'after' must be a non-negative integer (the last seq seen)", field="after")
+        if run_id in self.replaying:
+            raise Conflict(f"a replay of run {run_id[:128]} is already in progress on this socket", field="run_id")
+        self.replaying[run_id] = []  # from now on live events of the run wait for the replay
+        self.services.spawn(self._replay(run_id, after))
+
+    async def _replay(self, run_id: str, after: int) -> None:
+        """The journal from ``after``, then what came live meanwhile, each event once."""
+        engine = self.services.engine
+        sent_live = self.first_live.get(run_id)  # from it on, this socket has had them live
+        try:
+            await engine.get_run(self.session_id, run_id)
+            while sent_live is None or after + 1 < sent_live:
+                events = await engine.run_events(self.session_id, run_id, after, limit=1000)
+                for event in events:
+                    if sent_live is None or event["seq"] < sent_live:
+                        self.send_json(as_message(event, self.hub.client_ids if self.hub else {}))
+                if events:
+                    after = events[-1]["seq"]
+                if len(events) < 1000:
+                    break
+                while self._unflushed > MAX_UNFLUSHED_BYTES // 2 and not self._closed:
+                    await asyncio.sleep(0.01)  # a long replay goes at the client's pace
+        except EraError as err:
+            self.send_protocol_error(err, run_id)
+        finally:
+            for message in self.replaying.pop(run_id, []):
+                if message.get("seq") is None or message["seq"] > after:
+                    self.send_json(message)
 
     async def _interrupt(self) -> None:
         try:

@@ -8,6 +8,10 @@ after a restart) and queues it; a batch goes to the store every ``FLUSH_SECONDS`
 What a SIGKILL can lose is the batch not yet written: at most ``FLUSH_SECONDS`` of events
 (the store applies calls in order, so a read sees every batch written before it).
 Readers (``read``) get the committed events after an offset, and can wait for more.
+
+A run's journal is bounded like its output: past ``limit`` bytes of a run's output
+events (about its output cap plus per-event overhead), further output events still
+reach live subscribers but are not numbered or kept; its ``done`` and status events always are.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ log = logging.getLogger("era.journal")
 
 FLUSH_SECONDS = 0.02
 BATCH = 512
+EVENT_OVERHEAD = 64  # bytes counted per event beyond its content: many tiny prints add up
+BOUNDED = frozenset({"stdout", "stderr", "display", "error", "setup"})
 
 
 class RunJournal:
-    def __init__(self, store: MetadataStore) -> None:
+    def __init__(self, store: MetadataStore, limit: int) -> None:
         self.store = store
+        self.limit = limit  # bytes of output events kept per run
+        self._run_bytes: dict[str, int] = {}  # run id -> bytes of its output events kept
         self._seq: dict[str, int] = {}  # session id -> last seq given
         self._pending: dict[str, list[dict[str, Any]]] = {}
         self._changed: dict[str, asyncio.Event] = {}  # readers waiting for more
@@ -47,6 +55,15 @@ class RunJournal:
         last = self._seq.get(session_id)
         if last is None:
             return event
+        run_id = event.get("run_id")
+        if run_id is not None:
+            if event.get("type") in BOUNDED:
+                kept = self._run_bytes.get(run_id, 0)
+                if kept >= self.limit:
+                    return event  # past the run's bound: live only
+                self._run_bytes[run_id] = kept + EVENT_OVERHEAD + _size(event)
+            elif event.get("type") == "done":
+                self._run_bytes.pop(run_id, None)
         numbered = dict(event, seq=last + 1)
         self._seq[session_id] = last + 1
         pending = self._pending.setdefault(session_id, [])
@@ -120,3 +137,10 @@ class RunJournal:
         changed = self._changed.pop(session_id, None)
         if changed is not None:
             changed.set()  # waiting readers return (and find nothing)
+
+
+def _size(event: dict[str, Any]) -> int:
+    content = event.get("content")
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(str(v)) for k, v in event.items() if k not in ("type", "run_id"))

@@ -49,7 +49,7 @@ class SessionManager:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
         self.store = store_for_url(self.settings["ERA_STORE_URL"])
-        self.journal = RunJournal(self.store)
+        self.journal = RunJournal(self.store, 2 * self.settings["ERA_OUTPUT_LIMIT"])
         self.events = EngineEvents(self.journal)
         self.files = SessionFiles(self.settings)
         # Package setups into shared environments, archived in the workspace store (built lazily).
@@ -326,14 +326,16 @@ class SessionManager:
 
     async def run(self, session_id: str, body: Any, *, on_event: EventSink | None = None,
                   on_input: InputHandler | None = None, run_id: str | None = None,
-                  source: str = "rest") -> dict[str, Any]:
+                  fresh_id: bool = False, source: str = "rest") -> dict[str, Any]:
         """Run code in the session: its result (API.md), or with ``background`` in the
-        body ``{run_id, status, position}`` at once. ``source``: who asked (rest, sse, ws)."""
+        body ``{run_id, status, position}`` at once. ``source``: who asked (rest, sse, ws).
+        A ``run_id`` from a client must be new in the session (409 otherwise); ``fresh_id``
+        says the caller made it with ``new_run_id`` and the check can be skipped."""
         if self.journal.last_seq(session_id) is None:  # the first run in this process
             await self._record(session_id)  # an unknown id is a 404 before anything else
             await self.journal.ready(session_id)
         return await self.queue.submit(session_id, body, lambda: self._record(session_id), source=source,
-                                       on_event=on_event, on_input=on_input, run_id=run_id)
+                                       on_event=on_event, on_input=on_input, run_id=run_id, fresh_id=fresh_id)
 
     async def get_run(self, session_id: str, run_id: str) -> dict[str, Any]:
         """A run's record: status, timestamps, reason, position while queued, and the

@@ -20,7 +20,7 @@ from .. import models
 from ..errors import Busy, Conflict, NotFound
 from ..kernel import EventSink, InputHandler
 from .results import new_run_id
-from .tickets import CANCELLED, FINISHED, INTERRUPTED, QUEUED, RUNNING, RunTicket
+from .tickets import CANCELLED, FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, RunTicket
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -51,11 +51,15 @@ class RunQueue:
     # ---- submitting --------------------------------------------------------------------
     async def submit(self, session_id: str, body: Any, load: Loader, *, source: str = "rest",
                      on_event: EventSink | None = None, on_input: InputHandler | None = None,
-                     run_id: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                     run_id: str | None = None, fresh_id: bool = False,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run the session's code; the result once it ran (synchronous), or at once
-        ``{run_id, status, position}`` when the body asks for ``background``."""
+        ``{run_id, status, position}`` when the body asks for ``background``. A given
+        ``run_id`` (a client's) is checked unused unless ``fresh_id`` says the server just
+        made it."""
         req = models.parse(models.RunRequest, body)
-        if run_id is not None and (self.live(session_id, run_id) or await self.store.get_run(session_id, run_id)):
+        if run_id is not None and not fresh_id and (self.live(session_id, run_id)
+                                                    or await self.store.get_run(session_id, run_id)):
             # A run id names one run for good (GET .../runs/{run_id}): a client's own id
             # (the WebSocket's "id") may not be given twice in a session.
             raise Conflict(f"run id {run_id} is already used in this session; send a new one", field="id")
@@ -112,7 +116,15 @@ class RunQueue:
                 await ticket.ended_early(self.store, CANCELLED, "cancelled by request")
                 raise asyncio.CancelledError
             self._running[sid] = ticket
-            result = await self.runner.run_locked(ticket, load, on_event, on_input)
+            try:
+                result = await self.runner.run_locked(ticket, load, on_event, on_input)
+            except Exception as err:
+                # Refused before it ran (no code, the kernel or setup failed): a queued
+                # record must not stay queued (a restart would run it again). A
+                # synchronous run that never waited has no record; its caller has the error.
+                if ticket.status == QUEUED and ticket.recorded:
+                    await ticket.ended_early(self.store, FAILED, _failure(err))
+                raise
         finally:
             if self._running.get(sid) is ticket:
                 del self._running[sid]
@@ -206,6 +218,12 @@ class RunQueue:
         for ticket in self._waiting.pop(session_id, []):
             if ticket.task is not None:
                 ticket.task.cancel()
+
+
+def _failure(err: Exception) -> str:
+    from ..errors import EraError
+
+    return f"not started: {err.message if isinstance(err, EraError) else type(err).__name__}"[:500]
 
 
 __all__ = ["RunQueue", "QUEUED", "RUNNING"]

@@ -102,11 +102,12 @@ def notebook_from_runs(runs: list[dict[str, Any]], language: str, session_id: st
     nb.metadata["language_info"] = {"name": language}
     nb.metadata["era"] = {"session_id": session_id}
     for run in runs:
-        cell = nbformat.v4.new_code_cell(source=run.get("code", ""))
+        cell = nbformat.v4.new_code_cell(source=run.get("code") or "")
         cell.execution_count = run.get("execution_count")
         cell.outputs = [nbformat.from_dict(_clean_output(o)) for o in run.get("outputs", [])]
         cell.metadata["era"] = {"run_id": run.get("run_id"), "exit_code": run.get("exit_code"),
-                                "started_at": run.get("started_at"), "duration_ms": run.get("duration_ms")}
+                                "started_at": run.get("started_at"), "duration_ms": run.get("duration_ms"),
+                                "status": run.get("status", "completed"), "reason": run.get("reason")}
         nb.cells.append(cell)
     return nb
 

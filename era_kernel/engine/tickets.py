@@ -41,6 +41,7 @@ class RunTicket:
     reason: str | None = None
     kernel_state_lost: bool = False  # resubmitted after a restart: a fresh kernel, nothing of before
     cancel_requested: bool = False
+    recorded: bool = False  # the store has a record of it (it was queued)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. callback_url, schedule_id: kept on the record
     kernel: "SessionKernel | None" = field(default=None, repr=False)
     task: asyncio.Task | None = field(default=None, repr=False)
@@ -57,6 +58,7 @@ class RunTicket:
         return doc
 
     def queued(self, store: "MetadataStore") -> Awaitable[None]:
+        self.recorded = True
         return store.put_run(self.session_id, self.record())
 
     def started(self, store: "MetadataStore") -> Awaitable[None]:
