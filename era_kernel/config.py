@@ -131,6 +131,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_CULL_INTERVAL", 30.0, "Seconds between culling passes (idle kernels, expired sessions).", float),
     Setting("ERA_RUN_QUEUE_MAX", 100, "Runs one session may have waiting (background runs past it answer 429 "
             "with `Retry-After`).", _count),
+    Setting("ERA_CALLBACK_ALLOW", "public", "Where a background run's `callback_url` may point: comma-separated "
+            "`public` (any globally routable address; never private, loopback, link-local, multicast or reserved "
+            "ones), CIDR networks (`10.1.0.0/16`, `127.0.0.0/8`) and host names (trusted wherever they resolve), or "
+            "`none`. Every address the host resolves to must be allowed, at submission (else 400) and at each "
+            "delivery."),
+    Setting("ERA_CALLBACK_SECRET", "", "HMAC-SHA256 key signing completion callbacks; when unset, `ERA_API_KEY`, "
+            "and without one a random key made at first start in `$ERA_DATA_DIR/callback-secret` (mode 0600)."),
+    Setting("ERA_CALLBACK_ATTEMPTS", 5, "Delivery attempts per completion callback, the first included "
+            "(408, 429, 5xx and network errors are retried).", _count),
+    Setting("ERA_CALLBACK_BACKOFF", 1.0, "Seconds between a callback's first and second attempts; doubled for "
+            "each next one, with jitter (a receiver's `Retry-After`, up to 300 s, when longer).", float),
+    Setting("ERA_CALLBACK_TIMEOUT", 10.0, "Seconds one callback delivery attempt may take, connecting included.",
+            float),
     Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
     Setting("ERA_MAX_METADATA_BYTES", 16 * 1024, "Largest session `metadata` document, in bytes of JSON "
             "(labels for the client; every listing carries it).", _size),

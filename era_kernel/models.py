@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import BadRequest
 from .languages import LANGUAGES as _LANGUAGES
-from .validation import SESSION_ID_RE, env_problem, is_session_id  # noqa: F401  (the API's rules, re-exported)
+# The API's rules, in one place (some re-exported).
+from .validation import SESSION_ID_RE, callback_url_problem, env_problem, is_session_id  # noqa: F401
 
 LANGUAGES = tuple(_LANGUAGES)  # the one list is languages.py's
 LANGUAGE_ALIASES = {"javascript": "node", "js": "node", "py": "python", "python3": "python", "ts": "typescript"}
@@ -104,6 +105,8 @@ class RunRequest(_Strict):
     env: dict[str, str] = Field(default_factory=dict, description="applies to this run only")
     background: bool = Field(False, description="answer 202 with {run_id, status, position} at once; "
                              "GET .../runs/{run_id} for its status and result")
+    callback_url: Optional[str] = Field(None, description="background runs only: an http(s) URL the run's record "
+                                        "is POSTed to, signed, once it ends (README: Completion callbacks)")
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -111,6 +114,18 @@ class RunRequest(_Strict):
         return _positive_timeout(v)
 
     _check_env = field_validator("env")(check_env)
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        # Declared after `background`, so its value is known here: a synchronous run's
+        # caller has the result already, and a callback it asked for would never come.
+        if v is not None and not info.data.get("background"):
+            raise ValueError("only allowed with background: true")
+        problem = None if v is None else callback_url_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class ExecuteRequest(RunRequest):
@@ -121,6 +136,14 @@ class ExecuteRequest(RunRequest):
     allowInternetAccess: bool = False
 
     _check_lang = field_validator("language", mode="before")(normalize_language)
+
+    @field_validator("callback_url")
+    @classmethod
+    def _no_callback(cls, v: Optional[str]) -> Optional[str]:
+        # Inherited from RunRequest, but a one-shot run is answered, never posted anywhere.
+        if v is not None:
+            raise ValueError("not for one-shot runs: only a session's background run has one")
+        return v
 
 
 class DuplicateRequest(_Strict):

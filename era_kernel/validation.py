@@ -31,3 +31,30 @@ def env_problem(key: Any, value: Any) -> str | None:
     except UnicodeEncodeError:
         return f"value of {key} is not valid Unicode text (a lone surrogate)"
     return None
+
+
+CALLBACK_URL_MAX = 2048
+
+
+def callback_url_problem(value: Any) -> str | None:
+    """What is wrong with a run's ``callback_url`` as written, or None: an absolute http(s)
+    URL with a host. Only its shape: where it may go (resolved, against
+    ``ERA_CALLBACK_ALLOW``) is the engine's check (engine/callback_targets.py)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        return "must be a string"
+    if len(value) > CALLBACK_URL_MAX:
+        return f"is longer than {CALLBACK_URL_MAX} characters"
+    if any(ch <= " " or ch == "\x7f" for ch in value):  # urlsplit strips some of these silently
+        return "must not contain spaces or control characters"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if not parts.hostname:
+        return "has no host"
+    return None

@@ -29,6 +29,7 @@ from ..languages import get_language
 from ..listing import SessionPage, read_page, record_chunks
 from ..setup import SetupManager
 from ..store.base import SessionExists, store_for_url
+from .callbacks import CallbackSender
 from .events import EngineEvents, LifecycleEvent, RunEvent, SessionDeleted
 from .files import POOL_ROOT, SessionFiles
 from .kernels import KernelSlots, KernelTable
@@ -65,6 +66,9 @@ class SessionManager:
         self.runner = SessionRunner(self.settings, self.store, self.files, self.setups, self.table, self.launcher,
                                     self.pool, self.events)
         self.queue = RunQueue(self.settings, self.store, self.table, self.runner)
+        # Completion callbacks (callbacks.py): told of every run that ends.
+        self.callbacks = CallbackSender(self.settings, self.store)
+        self.queue.on_finished.append(self.callbacks.run_finished)
         self.upkeep = Upkeep(self.settings, self.store, self.table, self.pool, self.events, self._delete)
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
@@ -80,6 +84,7 @@ class SessionManager:
         await self.files.start()
         await self.store.open()
         self._opened = True
+        await self.callbacks.start()  # before recovery: runs a restart cut off have callbacks too
         if serve:
             await recover(self.settings, self.store, self.files, self._start_setup)
             requeued = await self.queue.recover(lambda sid: lambda: self._record(sid), self.journal.ready)
@@ -108,6 +113,7 @@ class SessionManager:
         await asyncio.gather(*(k.interrupt() for k in busy), return_exceptions=True)
         await asyncio.gather(*(self.table.stop(sid) for sid in self.table.sessions()), return_exceptions=True)
         await self.runner.settle()
+        await self.callbacks.stop()  # after the last runs ended, before the store closes
         await self.journal.settle()
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
         if self._opened:
@@ -334,6 +340,9 @@ class SessionManager:
         if self.journal.last_seq(session_id) is None:  # the first run in this process
             await self._record(session_id)  # an unknown id is a 404 before anything else
             await self.journal.ready(session_id)
+        body = models.parse(models.RunRequest, body)
+        if body.callback_url is not None:  # where it points is checked before anything is queued
+            await self.callbacks.check(body.callback_url)
         return await self.queue.submit(session_id, body, lambda: self._record(session_id), source=source,
                                        on_event=on_event, on_input=on_input, run_id=run_id, fresh_id=fresh_id)
 

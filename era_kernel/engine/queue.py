@@ -67,6 +67,8 @@ class RunQueue:
             await load()  # 404 before anything is recorded (a synchronous run loads under its lock)
         ticket = RunTicket(run_id or new_run_id(), session_id, req, source=source, background=req.background,
                            extra=dict(extra or {}))
+        if req.callback_url is not None:  # kept on the record: callbacks.py posts there once the run ends
+            ticket.extra["callback_url"] = req.callback_url
         if not req.background:
             return await self._run(ticket, load, on_event, on_input)
         limit = self.settings["ERA_RUN_QUEUE_MAX"]
@@ -109,11 +111,13 @@ class RunQueue:
             self._dequeue(ticket)
             if ticket.cancel_requested:
                 await ticket.ended_early(self.store, CANCELLED, "cancelled by request")
+                self._finished(ticket, {})  # it ended too, without a result
             raise
         try:
             self._dequeue(ticket)
             if ticket.cancel_requested:  # cancelled just as it got its turn
                 await ticket.ended_early(self.store, CANCELLED, "cancelled by request")
+                self._finished(ticket, {})
                 raise asyncio.CancelledError
             self._running[sid] = ticket
             try:
@@ -129,12 +133,17 @@ class RunQueue:
             if self._running.get(sid) is ticket:
                 del self._running[sid]
             lock.release()
+        self._finished(ticket, result)
+        return result
+
+    def _finished(self, ticket: RunTicket, result: dict[str, Any]) -> None:
+        """Tell ``on_finished`` of a run that ended: ``result`` is empty for one that never
+        ran (cancelled while queued, cut off by a restart)."""
         for callback in self.on_finished:
             try:
                 callback(ticket, result)
             except Exception:
                 log.exception("a run-finished callback failed")
-        return result
 
     def _dequeue(self, ticket: RunTicket) -> None:
         waiting = self._waiting.get(ticket.session_id)
@@ -199,6 +208,7 @@ class RunQueue:
             if doc.get("status") == RUNNING:
                 ticket.status = RUNNING
                 await ticket.ended_early(self.store, INTERRUPTED, "server restarted")
+                self._finished(ticket, {})
                 counts["interrupted"] += 1
             else:
                 ticket.kernel_state_lost = True
