@@ -128,6 +128,7 @@ class RunQueue:
                 # synchronous run that never waited has no record; its caller has the error.
                 if ticket.status == QUEUED and ticket.recorded:
                     await ticket.ended_early(self.store, FAILED, _failure(err))
+                    self._finished(ticket, {})
                 raise
         finally:
             if self._running.get(sid) is ticket:
