@@ -168,6 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
             "together); past it the upgrade answers 429.", _count),
     Setting("ERA_MAX_SOCKETS_PER_CLIENT", 64, "Open WebSockets of one client: one API key (with `ERA_API_KEY` "
             "set, all its holders share this), else one remote address; past it the upgrade answers 429.", _count),
+    Setting("ERA_GATEWAY_REPLAY_MAX_BYTES", 64 * 1024**2, "Jupyter kernel gateway: what a kernel sends while no "
+            "client is connected to its `channels` is kept (up to this many bytes and 10,000 messages, the oldest "
+            "dropped first) and replayed to the next connection with the same `session_id`; 0 keeps nothing.", _size),
     Setting("ERA_DOCKER_IMAGE_PREFIX", "era", "Repository prefix of the language images (`era/python`)."),
     Setting("ERA_DOCKER_MEMORY", 512 * 1024**2, "Memory limit (swap included) of a Docker kernel.", _size),
     Setting("ERA_DOCKER_CPUS", 1.0, "CPUs of a Docker kernel.", float),

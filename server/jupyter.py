@@ -11,7 +11,9 @@ session id is the kernel id): it gets the sandbox, the kernel limit (429), the w
 the workspace, culling and stats, and ``/api/sessions/{id}/run`` works on it alongside.
 The channels socket is a raw relay: the client's messages go to the kernel as they are
 (re-signed by our kernel client), every IOPub message comes back to every socket, and
-shell/stdin/control replies go to the socket that sent the request.
+shell/stdin/control replies go to the socket that sent the request. While no socket is
+connected, what the last one would have received is kept for the next one with the same
+``session_id`` (server/gateway_replay.py), as jupyter_server does for its own kernels.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from era_kernel.languages import KERNEL_KINDS
 from tornado.web import Finish
 
 from .apidoc import Op
+from .gateway_replay import ReplayBuffer, replay_for
 from .handlers.base import BaseHandler, dumps, json_default, parse_json
 from .handlers.sockets import BoundedSocket
 from .services import Services
@@ -42,6 +45,11 @@ KERNEL_ENV_RE = re.compile(r"KERNEL_[A-Za-z0-9_]{1,120}", re.ASCII)  # what Gate
 SPEC_CACHE_SECONDS = 30.0
 CLIENT_CHANNELS = ("shell", "control", "stdin")
 MAX_TRACKED_REQUESTS = 4096  # msg ids per socket whose replies it is waiting for
+# A replay is sent no faster than the client reads: past this many unflushed bytes it waits
+# (polling, a few ms) rather than tripping the slow-client close of send_frame at 16 MiB.
+REPLAY_WINDOW = 1024**2
+REPLAY_POLL_SECONDS = 0.005
+REPLAY_BATCH = 256  # frames sent between yields to the loop: 10,000 small ones must not hold it
 TAGS = ("kernels",)
 
 
@@ -293,6 +301,18 @@ def encode(channel: str, msg: dict[str, Any]) -> str | bytes:
     return dumps(out)
 
 
+def outgoing(channel: str, msg: dict[str, Any], requests: OrderedDict[str, None]) -> str | bytes | None:
+    """The frame a socket (or the replay buffer standing in for one) gets for a kernel
+    message: every IOPub one, and replies to its own requests; None for the others."""
+    if channel != "iopub" and msg.get("parent_header", {}).get("msg_id") not in requests:
+        return None  # a reply to another socket's request, or to one of ERA's own runs
+    try:
+        return encode(channel, msg)
+    except Exception:
+        log.exception("encoding a %s message failed", msg.get("msg_type"))
+        return None
+
+
 def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(msg, dict):
         raise BadRequest("a message must be a JSON object")
@@ -320,6 +340,13 @@ class KernelChannels(BoundedSocket):
         self.kernel: Any = None
         self._remove_listener = lambda: None
         self._requests: OrderedDict[str, None] = OrderedDict()
+        self._backlog: ReplayBuffer | None = None  # while replaying: what is still to send, live ones behind
+        self._gone = False  # the session was deleted: nothing to keep for a reconnect
+
+    @property
+    def client_session(self) -> str | None:
+        """The Jupyter client's session id (``?session_id=``): the key of the replay buffer."""
+        return self.get_query_argument("session_id", None) or None
 
     async def prepare(self) -> None:
         sid = await self.handshake()  # the gateway client sends its key in the header: no ?token=
@@ -333,6 +360,13 @@ class KernelChannels(BoundedSocket):
     def open(self, sid: str) -> None:
         self.set_nodelay(True)
         self.services.channels.setdefault(sid, set()).add(self)
+        # Claiming the buffer stops its listener and this socket's starts in the same step
+        # on the loop: no kernel message can fall between them or reach both.
+        parked = replay_for(self.services, outgoing).claim(sid, self.client_session)
+        if parked is not None:
+            self._requests = parked.requests  # replies still due to the previous socket come here
+            self._backlog = parked.buffer
+            self.services.spawn(self._replay())
         self._listen(self.kernel)
 
     def on_close(self) -> None:
@@ -343,6 +377,35 @@ class KernelChannels(BoundedSocket):
             sockets.discard(self)
             if not sockets:
                 self.services.channels.pop(self.session_id, None)
+                if not self._gone and self.services.state == "ready":  # not for a deleted kernel or a shutdown
+                    replay_for(self.services, outgoing).park(self.session_id, self.client_session, self.kernel,
+                                                             self._requests, self._backlog)
+
+    def session_gone(self) -> None:
+        self._gone = True
+        super().session_gone()
+
+    async def _replay(self) -> None:
+        """Send the buffered messages, oldest first; live ones queue behind them in the same
+        buffer (``_on_kernel_message``) until it is empty, so none is doubled or reordered.
+        If the socket closes meanwhile, what is left is parked again (``on_close``)."""
+        backlog = self._backlog
+        assert backlog is not None
+        sent = 0
+        while not self._closed:
+            notice = backlog.take_notice()
+            if notice is not None:
+                self.send_frame(encode("iopub", notice))
+            if not len(backlog):
+                self._backlog = None
+                return
+            if self._unflushed > REPLAY_WINDOW:
+                await asyncio.sleep(REPLAY_POLL_SECONDS)
+                continue
+            self.send_frame(backlog.popleft()[2])
+            sent += 1
+            if sent % REPLAY_BATCH == 0:
+                await asyncio.sleep(0)
 
     # ---- kernel -> client ---------------------------------------------------------------
     def _listen(self, kernel: Any) -> None:
@@ -364,12 +427,13 @@ class KernelChannels(BoundedSocket):
             self._listen(kernel)
 
     def _on_kernel_message(self, channel: str, msg: dict[str, Any]) -> None:
-        if channel != "iopub" and msg.get("parent_header", {}).get("msg_id") not in self._requests:
-            return  # a reply to another socket's request, or to one of ERA's own runs
-        try:
-            self.send_frame(encode(channel, msg))
-        except Exception:
-            log.exception("encoding a %s message failed", msg.get("msg_type"))
+        frame = outgoing(channel, msg, self._requests)
+        if frame is None:
+            return
+        if self._backlog is not None:  # a replay is under way: behind it
+            self._backlog.append(channel, frame, msg)
+        else:
+            self.send_frame(frame)
 
     # ---- client -> kernel ---------------------------------------------------------------
     async def on_message(self, message: str | bytes) -> None:
