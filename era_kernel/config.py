@@ -129,6 +129,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_SESSION_MAX_AGE", 0.0, "Seconds after creation a session is deleted with its files; 0 = never. "
             "A session's own `max_age` overrides it.", float),
     Setting("ERA_CULL_INTERVAL", 30.0, "Seconds between culling passes (idle kernels, expired sessions).", float),
+    Setting("ERA_RUN_JOURNAL", True, "Keep every run event in its session's journal (background runs' events, "
+            "reconnect and replay from any offset). Off only to measure what it costs: events are then live only.",
+            _bool),
     Setting("ERA_RUN_QUEUE_MAX", 100, "Runs one session may have waiting (background runs past it answer 429 "
             "with `Retry-After`).", _count),
     Setting("ERA_CALLBACK_ALLOW", "public", "Where a background run's `callback_url` may point: comma-separated "

@@ -31,8 +31,9 @@ BOUNDED = frozenset({"stdout", "stderr", "display", "error", "setup"})
 
 
 class RunJournal:
-    def __init__(self, store: MetadataStore, limit: int) -> None:
+    def __init__(self, store: MetadataStore, limit: int, enabled: bool = True) -> None:
         self.store = store
+        self.enabled = enabled  # off (ERA_RUN_JOURNAL) only to measure the journal's cost
         self.limit = limit  # bytes of output events kept per run
         self._run_bytes: dict[str, int] = {}  # run id -> bytes of its output events kept
         self._seq: dict[str, int] = {}  # session id -> last seq given
@@ -53,7 +54,7 @@ class RunJournal:
         every event on its way to subscribers. A session whose counter was never loaded
         (``ready``) gets its events delivered without a seq and not journaled."""
         last = self._seq.get(session_id)
-        if last is None:
+        if last is None or not self.enabled:
             return event
         run_id = event.get("run_id")
         if run_id is not None:

@@ -50,7 +50,7 @@ class SessionManager:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
         self.store = store_for_url(self.settings["ERA_STORE_URL"])
-        self.journal = RunJournal(self.store, 2 * self.settings["ERA_OUTPUT_LIMIT"])
+        self.journal = RunJournal(self.store, 2 * self.settings["ERA_OUTPUT_LIMIT"], self.settings["ERA_RUN_JOURNAL"])
         self.events = EngineEvents(self.journal)
         self.files = SessionFiles(self.settings)
         # Package setups into shared environments, archived in the workspace store (built lazily).
