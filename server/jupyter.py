@@ -14,6 +14,12 @@ The channels socket is a raw relay: the client's messages go to the kernel as th
 shell/stdin/control replies go to the socket that sent the request. While no socket is
 connected, what the last one would have received is kept for the next one with the same
 ``session_id`` (server/gateway_replay.py), as jupyter_server does for its own kernels.
+
+A kernel that went away under a client (culled idle, evicted, died, stopped) is replaced
+by the client's next message; its model says why (``last_exit``), and the cell that next
+runs shows it in its stderr, so a client learns why its variables are gone. A message
+that cannot get a kernel (the kernel limit) is answered with an error reply saying so,
+not left waiting.
 """
 
 from __future__ import annotations
@@ -138,7 +144,7 @@ def kernel_model(services: Services, doc: dict[str, Any]) -> dict[str, Any]:
     sid = doc["id"]
     state = (doc.get("kernel") or {}).get("state", "none")
     kinds = {v: k for k, v in KERNEL_KINDS.items()}
-    return {
+    model = {
         "id": sid,
         "name": kinds.get((doc["language"], doc.get("provisioner")), doc["metadata"].get("kernelspec", "")),
         "last_activity": _jupyter_time(services.engine.jupyter_activity(sid), doc.get("last_run_at")
@@ -146,6 +152,10 @@ def kernel_model(services: Services, doc: dict[str, Any]) -> dict[str, Any]:
         "execution_state": {"none": "idle"}.get(state, state),
         "connections": len(services.channels.get(sid, ())),
     }
+    last_exit = (doc.get("kernel") or {}).get("last_exit")
+    if last_exit is not None:  # ERA's own key, only when there is something to say: Jupyter's model has five
+        model["last_exit"] = last_exit  # why the last kernel went away; the next message starts a new one
+    return model
 
 
 def kernel_env(env: Any) -> dict[str, str]:
@@ -311,6 +321,19 @@ def outgoing(channel: str, msg: dict[str, Any], requests: OrderedDict[str, None]
     except Exception:
         log.exception("encoding a %s message failed", msg.get("msg_type"))
         return None
+def era_message(msg_type: str, parent: dict[str, Any], content: dict[str, Any]) -> dict[str, Any]:
+    """A message from ERA itself, not from the kernel, in answer to the request ``parent``."""
+    header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "username": "era", "session": "era-gateway",
+              "date": datetime.now(timezone.utc).isoformat(), "version": "5.3"}
+    return {"header": header, "msg_id": header["msg_id"], "msg_type": msg_type, "parent_header": parent,
+            "metadata": {}, "content": content}
+
+
+def worth_telling(exit_event: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The kernel's end, when its client did not ask for it (a restart it requested it knows of)."""
+    if not exit_event or (exit_event.get("type"), exit_event.get("reason")) == ("kernel_restarted", "request"):
+        return None
+    return exit_event
 
 
 def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
@@ -347,12 +370,17 @@ class KernelChannels(BoundedSocket):
     def client_session(self) -> str | None:
         """The Jupyter client's session id (``?session_id=``): the key of the replay buffer."""
         return self.get_query_argument("session_id", None) or None
+        # Why the kernel this client used went away (a session event): told in the output
+        # of its next execute_request, which runs on a new kernel.
+        self._lost: dict[str, Any] | None = None
 
     async def prepare(self) -> None:
         sid = await self.handshake()  # the gateway client sends its key in the header: no ?token=
         engine = self.services.engine
-        await kernel_doc(engine, sid)
+        doc = await kernel_doc(engine, sid)
         self.take_slot()  # before the kernel start: a refused socket starts nothing
+        if await engine.jupyter_kernel(sid, start=False) is None:  # a client coming back after its kernel went
+            self._lost = worth_telling((doc.get("kernel") or {}).get("last_exit"))
         self.kernel = await engine.jupyter_kernel(sid)  # started now if it was culled
         if self._closed:  # gone during the start (its slot is back): no upgrade
             raise Finish()
@@ -413,9 +441,15 @@ class KernelChannels(BoundedSocket):
         self.kernel = kernel
         self._remove_listener = kernel.add_listener(self._on_kernel_message) if kernel else (lambda: None)
 
-    def follow_kernel(self) -> None:
-        """The session's kernel was replaced (restart, a cold start), culled or died (engine
-        lifecycle, services.py): listen to whatever is its kernel now."""
+    def follow_kernel(self, event: Any = None) -> None:
+        """The session's kernel was replaced (restart, a cold start), culled, stopped or died
+        (engine lifecycle, services.py): listen to whatever is its kernel now, and keep why
+        the old one went for the client."""
+        from era_kernel.engine.events import KERNEL_GONE
+        from era_kernel.engine.session_log import session_event
+
+        if isinstance(event, KERNEL_GONE):
+            self._lost = worth_telling(session_event(event))
         self.services.spawn(self._follow_kernel())
 
     async def _follow_kernel(self) -> None:
@@ -428,8 +462,10 @@ class KernelChannels(BoundedSocket):
 
     def _on_kernel_message(self, channel: str, msg: dict[str, Any]) -> None:
         frame = outgoing(channel, msg, self._requests)
-        if frame is None:
-            return
+        if frame is not None:
+            self._send(channel, frame, msg)
+
+    def _send(self, channel: str, frame: str | bytes, msg: dict[str, Any]) -> None:
         if self._backlog is not None:  # a replay is under way: behind it
             self._backlog.append(channel, frame, msg)
         else:
@@ -455,9 +491,14 @@ class KernelChannels(BoundedSocket):
             except EraError as err:
                 log.warning("kernel unavailable: %s", err.message,
                             extra={"event": "error", "session_id": self.session_id})
+                self._refuse(channel, msg, err)
                 return
             if kernel is not self.kernel:
                 self._listen(kernel)
+        if self._lost is not None and msg["header"]["msg_type"] == "execute_request":
+            lost, self._lost = self._lost, None
+            self._tell(msg, f"[ERA] {lost.get('message') or lost.get('reason')} ({lost.get('at')}). This cell runs "
+                            "on a new kernel: variables and imports from before are gone.\n")
         self._requests[msg["header"]["msg_id"]] = None
         while len(self._requests) > MAX_TRACKED_REQUESTS:
             self._requests.popitem(last=False)
@@ -468,3 +509,27 @@ class KernelChannels(BoundedSocket):
                         extra={"event": "error", "session_id": self.session_id})
             return
         engine.jupyter_activity(self.session_id, touch=True)
+
+    # ---- ERA's own answers ----------------------------------------------------------------
+    def _tell(self, request: dict[str, Any], text: str) -> None:
+        """A stderr stream parented to the client's request: a notebook shows it in that cell."""
+        note = era_message("stream", request["header"], {"name": "stderr", "text": text})
+        self._send("iopub", encode("iopub", note), note)
+
+    def _refuse(self, channel: str, request: dict[str, Any], err: EraError) -> None:
+        """No kernel for the request (the kernel limit, a start that failed): answer it as a
+        kernel would answer a failed one (stderr, an error reply, idle), so the client's
+        cell ends with the reason instead of waiting for a reply that never comes."""
+        text = f"[ERA] no kernel to run this on: {err.message}\n"
+        if self._lost is not None:
+            text += f"[ERA] the previous kernel went away: {self._lost.get('message') or self._lost.get('reason')}\n"
+        self._tell(request, text)
+        header = request["header"]
+        if header["msg_type"].endswith("_request"):
+            content = {"status": "error", "ename": type(err).__name__, "evalue": err.message, "traceback": []}
+            if header["msg_type"] == "execute_request":
+                content["execution_count"] = None
+            reply = era_message(header["msg_type"].removesuffix("_request") + "_reply", header, content)
+            self._send(channel, encode(channel, reply), reply)
+        idle = era_message("status", header, {"execution_state": "idle"})
+        self._send("iopub", encode("iopub", idle), idle)

@@ -20,7 +20,7 @@ from .handlers.files import FileHandler, FilesHandler
 from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunEventsHandler, RunHandler, RunRecordHandler, StreamHandler
 from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
-                                RestartHandler, RunsHandler, SessionHandler, SessionsHandler)
+                                RestartHandler, RunsHandler, SessionEventsHandler, SessionHandler, SessionsHandler)
 from .jupyter import (KernelChannels, KernelHandler, KernelInterruptHandler, KernelRestartHandler, KernelsHandler,
                       KernelSpecHandler, KernelSpecsHandler)
 from .services import Services
@@ -50,6 +50,7 @@ ROUTES: list[Route] = [
     Route("/api/sessions/{id}/runs", RunsHandler),
     Route("/api/sessions/{id}/runs/{run_id}", RunRecordHandler),
     Route("/api/sessions/{id}/runs/{run_id}/events", RunEventsHandler),
+    Route("/api/sessions/{id}/events", SessionEventsHandler),
     Route("/api/sessions/{id}/notebook", NotebookHandler),
     Route("/api/sessions/{id}/interrupt", InterruptHandler),
     Route("/api/sessions/{id}/restart", RestartHandler),

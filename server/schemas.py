@@ -40,8 +40,33 @@ class Health(BaseModel):
     memory: Optional[HealthMemory] = None
 
 
+SESSION_EVENT_TYPES = Literal["kernel_started", "kernel_culled", "kernel_evicted", "kernel_died", "kernel_restarted",
+                              "kernel_stopped", "setup_completed", "setup_failed"]
+
+
+class SessionEventBody(_Open):
+    """A session event: what happened to the session's kernel or setup, and why. Beside
+    these, what the event knows: `exit_status`, `out_of_memory`, `cut` (kernel_died),
+    `idle_s` and `idle_timeout_s` (kernel_culled), `max_kernels` (kernel_evicted),
+    `timeout_s` (kernel_restarted by a timeout), `language`, `provisioner`, `pooled`,
+    `start_ms` (kernel_started), `duration_ms`, `source`, `env`, `error` (setup_*)."""
+    type: SESSION_EVENT_TYPES
+    reason: str = Field(description="idle, kernel limit, out of memory, exit status N, message too large, "
+                                    "timeout, request, settings changed, server shutdown, start, warm pool, a "
+                                    "setup's error, ...")
+    at: str = Field(description="ISO-8601 UTC with Z")
+    message: str = Field(description="the same, in a sentence for people, naming the setting involved")
+
+
+class SessionEvent(SessionEventBody):
+    id: int = Field(description="grows with every event, never reused: pass the last one seen as `after`")
+
+
 class KernelInfo(BaseModel):
     state: Literal["idle", "busy", "starting", "dead", "none", "restarting"]
+    last_exit: Optional[SessionEventBody] = Field(None, description="how the session's last kernel ended (its "
+                                                  "last kernel_culled/evicted/died/restarted/stopped event); null if "
+                                                  "none did")
 
 
 class SetupResult(_Open):
@@ -161,6 +186,12 @@ class RunEvents(BaseModel):
     last_seq: int = Field(description="the seq to pass as `after` next time")
 
 
+class SessionEvents(BaseModel):
+    session_id: str
+    events: list[SessionEvent] = Field(description="oldest first; the newest 1000 of the session are kept")
+    last_id: int = Field(description="the id to pass as `after` next time")
+
+
 class RunList(BaseModel):
     session_id: str
     runs: list[RunRecord]
@@ -235,6 +266,8 @@ class KernelModel(BaseModel):
     last_activity: str = Field(description="%Y-%m-%dT%H:%M:%S.%fZ")
     execution_state: str
     connections: int
+    last_exit: Optional[SessionEventBody] = Field(None, description="ERA's, present once a kernel went away: how "
+                                                  "(culled idle, died, ...); the next message starts a new one")
 
 
 class KernelList(RootModel[list[KernelModel]]):
@@ -283,6 +316,10 @@ class InputRequestEvent(BaseModel):
 class StatusEvent(BaseModel):
     type: Literal["status"]
     state: str
+    reason: Optional[str] = Field(None, description="culled, dead and deleted: why (idle, kernel limit, out of memory, "
+                                                    "exit status N, ...)")
+    last_exit: Optional[SessionEventBody] = Field(None, description="the first message of a WebSocket: how the "
+                                                  "session's last kernel ended")
     id: Optional[str] = None
 
 

@@ -57,8 +57,9 @@ class Services:
     def on_lifecycle(self, event: Any) -> None:
         """``engine.watch`` callback (sync, on the event loop): a deleted session's sockets
         close (4404); on any change of its kernel a gateway channel re-attaches to the
-        session's current one (none, after a cull or a death, until the next start)."""
-        from era_kernel.engine.events import SessionDeleted
+        session's current one (none, after a cull or a death, until the next start), and
+        keeps why the old one went, to tell its client."""
+        from era_kernel.engine.events import SessionDeleted, SetupFinished
 
         sid = event.session_id
         hub = self.hubs.get(sid)
@@ -66,9 +67,9 @@ class Services:
         if isinstance(event, SessionDeleted):
             for socket in [*(hub.sockets if hub is not None else ()), *channels]:
                 socket.session_gone()
-        else:  # KernelReplaced, KernelCulled, KernelDied
+        elif not isinstance(event, SetupFinished):  # KernelReplaced, KernelCulled, KernelDied, KernelStopped
             for channel in channels:
-                channel.follow_kernel()
+                channel.follow_kernel(event)
 
     async def start_engine(self) -> None:
         """Import the engine off the event loop (so /health keeps answering), then start it."""

@@ -13,6 +13,9 @@ journal), ``run_id`` (the run's record: ``GET .../runs/{run_id}``) and ``id``: t
 client's own id for a run a socket started with one, while it runs, else the run id;
 ``result`` (the full run result, to the socket that asked for the run); and protocol
 errors in the API's error shape ``{"type": "error", "id", "error", "status_code", "field"?}``.
+The first message is the kernel's ``status`` with the session's ``last_exit`` (why its
+last kernel went away, or null), and a kernel culled or dying later is a ``status`` with
+``state`` culled or dead and its ``reason``; ``GET .../events`` has the whole story.
 A client's ``id`` is a correlation id, not the run's record id: it may be used again
 once its run has ended.
 
@@ -124,6 +127,7 @@ class SessionSocket(BoundedSocket):
         super().initialize(services, auth)
         self.hub: SessionHub | None = None
         self.kernel_state = "none"
+        self.last_exit: dict[str, Any] | None = None
         self.replaying: dict[str, list[dict[str, Any]]] = {}  # run id -> live events held during its replay
         # run id -> the first seq this socket got live: a replay stops short of it, so a
         # subscribe sent after some of the run came live doubles nothing.
@@ -137,6 +141,7 @@ class SessionSocket(BoundedSocket):
             await self.services.engine.get_run(sid, self.subscription[0])  # an unknown run: 404, no upgrade
         doc = await self.services.engine.get(sid)
         self.kernel_state = (doc.get("kernel") or {}).get("state", "none")
+        self.last_exit = (doc.get("kernel") or {}).get("last_exit")
         self.take_slot()  # last: nothing after it can fail before the upgrade
 
     def open(self, sid: str) -> None:
@@ -145,7 +150,8 @@ class SessionSocket(BoundedSocket):
         if self.subscription is not None:  # replay first: none of the run's live events come before it
             self._subscribe({"run_id": self.subscription[0], "after": self.subscription[1]})
         self.hub.sockets.add(self)
-        self.send_json({"type": "status", "id": None, "state": self.kernel_state, "session_id": sid})
+        self.send_json({"type": "status", "id": None, "state": self.kernel_state, "session_id": sid,
+                        "last_exit": self.last_exit})
 
     def on_close(self) -> None:
         super().on_close()

@@ -9,14 +9,16 @@ Two streams, both synchronous callbacks on the event loop (a callback must not b
   session's sockets and moves a gateway channel to a replaced kernel from here, so no
   request handler has to remember to.
 
-Each lifecycle event is also sent to the session's subscribers in its dict form (a
-``status`` event), which is what ERA clients already read.
+Kernel lifecycle events are also sent to the session's subscribers in their dict form
+(a ``status`` event), which is what ERA clients already read. Each event may carry
+``details`` (exit status, seconds idle, ...): the session log (session_log.py) keeps
+them as the session's events, so a client can ask later why its kernel went away.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 if TYPE_CHECKING:
@@ -38,10 +40,12 @@ class SessionDeleted:
 @dataclass(frozen=True)
 class KernelCulled:
     """The session's kernel was shut down; the session stays and its next run starts a
-    kernel (``reason``: ``idle``, ``kernel limit`` or ``dead``)."""
+    kernel (``reason``: ``idle``, ``kernel limit`` (evicted, least recently used, to
+    admit another) or ``dead`` (it had died between runs))."""
 
     session_id: str
     reason: str
+    details: dict[str, Any] = field(default_factory=dict, compare=False)  # idle_s, idle_timeout_s, max_kernels
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class KernelReplaced:
     cull): whoever holds the old one should follow."""
 
     session_id: str
+    details: dict[str, Any] = field(default_factory=dict, compare=False)  # language, provisioner, pooled, start_ms
 
 
 @dataclass(frozen=True)
@@ -59,20 +64,45 @@ class KernelDied:
 
     session_id: str
     reason: str
+    details: dict[str, Any] = field(default_factory=dict, compare=False)  # exit_status, out_of_memory, cut, timeout_s
 
 
-LifecycleEvent = Union[SessionDeleted, KernelCulled, KernelReplaced, KernelDied]
+@dataclass(frozen=True)
+class KernelStopped:
+    """The engine stopped the session's kernel for a reason of its own: ``restart`` (asked
+    for), ``settings changed`` (a patch of env or network access) or ``server shutdown``.
+    Subscribers are not sent a status for it (a restart already says ``restarting``)."""
+
+    session_id: str
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def as_status(event: LifecycleEvent) -> RunEvent:
-    """The dict a session's subscribers receive for it."""
+@dataclass(frozen=True)
+class SetupFinished:
+    """The session's package setup ended: ``status`` is ``completed`` or ``failed``
+    (``details``: error, duration_ms, source, env). Subscribers saw its log already."""
+
+    session_id: str
+    status: str
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+LifecycleEvent = Union[SessionDeleted, KernelCulled, KernelReplaced, KernelDied, KernelStopped, SetupFinished]
+KERNEL_GONE = (KernelCulled, KernelDied, KernelStopped)  # the session's kernel went away (session_log.py)
+
+
+def as_status(event: LifecycleEvent) -> RunEvent | None:
+    """The dict a session's subscribers receive for it (None: they are sent nothing)."""
+    if isinstance(event, (KernelReplaced, KernelStopped, SetupFinished)):
+        return None  # subscribers see the kernel's own status events, and the setup's log
     if isinstance(event, SessionDeleted):
         return {"type": "status", "state": "deleted", "reason": event.reason}
     if isinstance(event, KernelCulled):
         return {"type": "status", "state": "culled", "reason": event.reason}
     if isinstance(event, KernelDied):
         return {"type": "status", "state": "dead", "reason": event.reason}
-    return {"type": "status", "state": "idle"}
+    raise TypeError(f"not a lifecycle event: {event!r}")
 
 
 class EngineEvents:
@@ -128,5 +158,6 @@ class EngineEvents:
                 callback(event)
             except Exception:
                 log.exception("lifecycle watcher failed")
-        if not isinstance(event, KernelReplaced):  # subscribers see the kernel's own status events
-            self.emit(event.session_id, as_status(event))
+        status = as_status(event)
+        if status is not None:
+            self.emit(event.session_id, status)

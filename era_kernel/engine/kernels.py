@@ -157,7 +157,10 @@ class KernelTable:
             lease = entry.lease  # the victim's slot is the caller's now
             self.lru_culls += 1
             log.info("session %s: kernel shut down to admit a new one (kernel limit %d)", victim, self.slots.limit)
-            self.events.publish(KernelCulled(victim, "kernel limit"))
+            active = self._active_at.get(victim)
+            self.events.publish(KernelCulled(victim, "kernel limit", {
+                "max_kernels": self.slots.limit, "kernel_state": str(entry.kernel.state),
+                "idle_s": round(time.time() - active, 1) if active is not None else None}))
             stopping = entry.kernel.stop(now=True)
         try:
             await stopping

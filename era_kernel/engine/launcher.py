@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,6 +136,7 @@ class KernelLauncher:
             self.table.attach(sid, kernel, lease)
             self.events.emit(sid, {"type": "status", "state": "starting"})
             await self.files.ensure_ready(record, uid)  # mounted before the sandbox binds it
+            began = time.monotonic()
             await kernel.start()
         except BaseException as exc:
             await self.table.start_failed(sid, lease)
@@ -142,7 +144,7 @@ class KernelLauncher:
                 log.warning("session %s: %s", sid, exc.message)
             raise
         self.table.started(sid, lease)
-        self.events.publish(KernelReplaced(sid))
+        self.events.publish(KernelReplaced(sid, _started(record, False, round((time.monotonic() - began) * 1000, 1))))
         self.events.emit(sid, {"type": "status", "state": "idle"})
         return kernel
 
@@ -156,7 +158,7 @@ class KernelLauncher:
             await self.table.start_failed(sid, warm.lease)
             raise
         self.table.started(sid, warm.lease)
-        self.events.publish(KernelReplaced(sid))
+        self.events.publish(KernelReplaced(sid, _started(record, True)))
         return warm.kernel
 
     # ---- the warm pool -------------------------------------------------------------------
@@ -196,3 +198,8 @@ class KernelLauncher:
             self._pool_uids = await asyncio.to_thread(reserve_uids, self.settings.data_dir / POOL_UID_FILE,
                                                       POOL_UID_BASE, POOL_UID_BLOCK)
         return self._pool_uids.pop()
+
+
+def _started(record: SessionRecord, pooled: bool, start_ms: float | None = None) -> dict[str, object]:
+    """``KernelReplaced.details``: what kind of kernel started, and how (the session log keeps it)."""
+    return {"language": record.language, "provisioner": record.provisioner, "pooled": pooled, "start_ms": start_ms}

@@ -6,7 +6,7 @@ the collaborators and wires them one way, each knowing only what it is handed:
     SessionManager ─┬─ store (records, history)      SessionFiles (workspaces)
                     ├─ SessionRunner ── KernelLauncher ── KernelTable (kernels, slots)
                     ├─ Upkeep (culling, stats)          KernelPool (warm kernels)
-                    └─ EngineEvents (run events, lifecycle)
+                    └─ EngineEvents (run events, lifecycle) ── SessionLog (session events)
 
 It keeps session lifecycle (create, patch, delete, duplicate) and the documents it
 answers with; everything about kernels is the table's and the launcher's, everything
@@ -30,7 +30,7 @@ from ..listing import SessionPage, read_page, record_chunks
 from ..setup import SetupManager
 from ..store.base import SessionExists, store_for_url
 from .callbacks import CallbackSender
-from .events import EngineEvents, LifecycleEvent, RunEvent, SessionDeleted
+from .events import EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
 from .files import POOL_ROOT, SessionFiles
 from .kernels import KernelSlots, KernelTable
 from .launcher import KernelLauncher
@@ -41,6 +41,7 @@ from .recovery import recover
 from .records import SessionRecord, new_session_id, session_uid
 from .results import notebook_from_runs, utc_now
 from .runner import SessionRunner
+from .session_log import SessionLog
 from .upkeep import Upkeep
 
 log = logging.getLogger("era.sessions")
@@ -52,6 +53,9 @@ class SessionManager:
         self.store = store_for_url(self.settings["ERA_STORE_URL"])
         self.journal = RunJournal(self.store, 2 * self.settings["ERA_OUTPUT_LIMIT"], self.settings["ERA_RUN_JOURNAL"])
         self.events = EngineEvents(self.journal)
+        # Every lifecycle event becomes a session event (GET .../events, kernel.last_exit).
+        self.session_log = SessionLog(self.store)
+        self.events.watch(self.session_log.record)
         self.files = SessionFiles(self.settings)
         # Package setups into shared environments, archived in the workspace store (built lazily).
         self.setups = SetupManager(self.settings, lambda: self.files.store)
@@ -111,10 +115,13 @@ class SessionManager:
         await self.runner.settle()
         busy = [k for k in self.table.live().values() if k.state == "busy"]
         await asyncio.gather(*(k.interrupt() for k in busy), return_exceptions=True)
+        for sid in list(self.table.live()):  # after a restart, each session still says why its kernel went
+            self.events.publish(KernelStopped(sid, "server shutdown"))
         await asyncio.gather(*(self.table.stop(sid) for sid in self.table.sessions()), return_exceptions=True)
         await self.runner.settle()
         await self.callbacks.stop()  # after the last runs ended, before the store closes
         await self.journal.settle()
+        await self.session_log.settle()
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
         if self._opened:
             await self.store.close()
@@ -125,6 +132,7 @@ class SessionManager:
         kernels stopping)."""
         await self.runner.settle()
         await self.journal.settle()
+        await self.session_log.settle()
 
     # ---- what callers may look at ------------------------------------------------------------
     @property
@@ -165,7 +173,7 @@ class SessionManager:
             "file_count": file_count, "total_size_bytes": total, "metadata": record.metadata, "data": record.data,
             "default_timeout": record.default_timeout, "allowInternetAccess": record.allow_internet,
             "setup_status": record.setup_status, "setup_result": record.setup_result,
-            "kernel": {"state": str(self.table.state(record.id))},
+            "kernel": {"state": str(self.table.state(record.id)), "last_exit": record.last_exit},
         }
 
     def _check_sizes(self, fields: dict[str, Any]) -> None:
@@ -238,6 +246,9 @@ class SessionManager:
 
         async def on_status(status: str, result: dict[str, Any] | None) -> None:
             await self.store.update_session(sid, {"setup_status": status, "setup_result": result})
+            if status in ("completed", "failed"):
+                details = {k: (result or {}).get(k) for k in ("error", "duration_ms", "source", "env")}
+                self.events.publish(SetupFinished(sid, status, details))
 
         await self.setups.start(sid, record.language, record.provisioner, session_uid(record), record.setup,
                                 on_log=lambda line: self.events.emit(sid, {"type": "setup", "content": line}),
@@ -262,7 +273,9 @@ class SessionManager:
         if row is None:
             raise NotFound(f"session {session_id} not found")
         if {"allowInternetAccess", "env"} & changes.keys():
-            await self.table.stop(session_id)  # takes effect at the next kernel start
+            if await self.table.stop(session_id):  # takes effect at the next kernel start
+                self.events.publish(KernelStopped(session_id, "settings changed",
+                                                  {"fields": sorted({"allowInternetAccess", "env"} & changes.keys())}))
         return await self._document(SessionRecord.from_row(row))
 
     async def delete(self, session_id: str) -> None:
@@ -316,7 +329,8 @@ class SessionManager:
 
     async def restart(self, session_id: str) -> None:
         record = await self._record(session_id)
-        await self.table.stop(session_id)
+        if await self.table.stop(session_id):
+            self.events.publish(KernelStopped(session_id, "restart"))
         self.events.emit(session_id, {"type": "status", "state": "restarting"})
         lease = await self.table.admit()
         self.launcher.start_in_background(record, lease)
@@ -370,6 +384,12 @@ class SessionManager:
     async def execute(self, body: Any, *, on_event: EventSink | None = None) -> dict[str, Any]:
         """One-shot: a fresh kernel in a scratch workspace, discarded afterwards."""
         return await self.runner.execute(body, on_event=on_event)
+
+    async def session_events(self, session_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Why the session's kernels started and went away, oldest first: its events with
+        ``id`` greater than ``after``, at most ``limit`` (session_log.py). NotFound."""
+        await self._record(session_id)
+        return await self.session_log.read(session_id, after, limit)
 
     async def runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
         await self._record(session_id)

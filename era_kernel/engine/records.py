@@ -70,6 +70,7 @@ class SessionRecord:
     workdir: str | None = None  # pool/<hex> when the session claimed a pooled kernel's directory
     uid: int | None = None  # the pooled kernel's uid, when it claimed one
     seq: int | None = None  # the store's, once inserted
+    last_exit: dict[str, Any] | None = None  # how its last kernel ended: a session event (session_log.py)
 
     # ---- the store's rows ----------------------------------------------------------------
     @classmethod

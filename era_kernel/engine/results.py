@@ -65,6 +65,16 @@ def death_reason(outcome: ExecOutcome) -> str:
     return f"exit status {outcome.dead_status}" if outcome.dead_status is not None else "died"
 
 
+def death_details(outcome: ExecOutcome, timeout: float) -> dict[str, Any]:
+    """``KernelDied.details`` for a run's kernel that is gone: how it ended, for the
+    session log (``timeout_s`` only when the run's timeout, not a death, stopped it)."""
+    details: dict[str, Any] = {"exit_status": outcome.dead_status, "out_of_memory": outcome.out_of_memory or None,
+                               "cut": outcome.cut}
+    if outcome.status == "timeout":
+        details["timeout_s"] = timeout
+    return details
+
+
 def run_result(outcome: ExecOutcome, *, language: Language, timeout: float, session_id: str | None,
                data: dict | None, run_id: str) -> dict[str, Any]:
     exit_code, error = exit_code_and_error(outcome, language, timeout)

@@ -32,7 +32,7 @@ from .launcher import KernelLauncher
 from .pool import KernelPool
 from .records import EphemeralUids, KernelRequest, SessionRecord, session_uid
 from .tickets import RunTicket
-from .results import death_reason, done_event, new_run_id, run_result, utc_now
+from .results import death_details, death_reason, done_event, new_run_id, run_result, utc_now
 
 if TYPE_CHECKING:
     from ..setup import SetupManager
@@ -121,7 +121,7 @@ class SessionRunner:
                                  on_event=emit, on_input=on_input)
         if outcome.status in ("dead", "cut") or outcome.restarted:
             if await self.table.stop(sid, kernel=kernel):  # the next run starts a fresh kernel
-                self.events.publish(KernelDied(sid, death_reason(outcome)))
+                self.events.publish(KernelDied(sid, death_reason(outcome), death_details(outcome, timeout)))
         data = await self._read_back_data(ws, record)
         await self._note_full(ws.root, outcome, emit)
         sync_error = await self.files.sync(record)

@@ -58,6 +58,13 @@ def plan_cull(records: Iterable[dict[str, Any]], idle_kernels: set[str], active_
     return plan
 
 
+async def _how_it_died(kernel: Any) -> dict[str, Any]:
+    """What a dead kernel still says of its end (the session log keeps it)."""
+    if kernel is None:
+        return {}
+    return {"exit_status": await kernel.exit_status(), "cut": kernel.cut}
+
+
 class Upkeep:
     def __init__(self, settings: Settings, store: MetadataStore, table: KernelTable, pool: KernelPool,
                  events: EngineEvents, delete: Callable[[str, str], Awaitable[None]]) -> None:
@@ -110,15 +117,19 @@ class Upkeep:
         for sid in plan.idle:
             if sid not in self.table.idle():
                 continue  # a run arrived meanwhile
+            active = self.table.active_at(sid)
             await self.table.stop(sid)
             self.culled["idle"] += 1
             log.info("session %s: idle kernel shut down", sid)
-            self.events.publish(KernelCulled(sid, "idle"))
+            idle_s = round(time.time() - active, 1) if active is not None else None
+            self.events.publish(KernelCulled(sid, "idle", {"idle_s": idle_s,
+                                                           "idle_timeout_s": self.settings["ERA_KERNEL_IDLE_TIMEOUT"]}))
         dead = sorted(self.table.dead())
         for sid in dead:  # a cut connection or a death between runs: give the slot back now
+            details = await _how_it_died(self.table.kernel(sid))  # before the stop forgets it
             await self.table.stop(sid)
             self.culled["dead"] += 1
-            self.events.publish(KernelCulled(sid, "dead"))
+            self.events.publish(KernelCulled(sid, "dead", details))
         return {"expired": plan.expired, "idle": plan.idle, "dead": dead}
 
     async def stats(self) -> dict[str, Any]:

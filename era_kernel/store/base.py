@@ -12,6 +12,10 @@ import abc
 from typing import Any, Awaitable
 
 
+# How many events of a session's event log a store keeps (the newest; add_session_event).
+SESSION_EVENTS_KEPT = 1000
+
+
 class SessionExists(Exception):
     """``insert_session`` found the id taken."""
 
@@ -118,6 +122,29 @@ class MetadataStore(abc.ABC):
     async def last_event_seq(self, session_id: str) -> int:
         """The session's highest journal ``seq`` (0 when it has none): where the engine's
         counter resumes after a restart."""
+
+
+    @abc.abstractmethod
+    def add_session_event(self, session_id: str, event: dict[str, Any],
+                          session_changes: dict[str, Any] | None = None) -> Awaitable[None]:
+        """Append ``event`` to the session's event log and, in the same transaction, apply
+        ``session_changes`` to the session (its kernel's ``last_exit``).
+
+        Called by the engine's session log (engine/session_log.py) for each lifecycle
+        event: a kernel started, culled, evicted, died, restarted or stopped, a package
+        setup done or failed. It is called from a lifecycle watcher, which cannot await,
+        so it is not a coroutine: queued before it returns and applied in order, like
+        ``put_run``, and the caller must not change ``event`` afterwards. The log is
+        bounded: only the newest ``SESSION_EVENTS_KEPT`` events of a session are kept,
+        older ones are deleted in the same transaction. An event for a session that does
+        not exist (deleted meanwhile) may be refused or dropped, never kept."""
+
+    @abc.abstractmethod
+    async def list_session_events(self, session_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """The session's events with ``id`` greater than ``after``, oldest first, at most
+        ``limit``: each the document as given, plus its ``id`` (given by the store: it
+        grows with every event and is never reused, so a client pages with the last one
+        it saw). Called for ``GET /api/sessions/{id}/events``."""
 
 
 def store_for_url(url: str) -> MetadataStore:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..serial_thread import SerialThread
-from .base import MetadataStore, SessionExists
+from .base import SESSION_EVENTS_KEPT, MetadataStore, SessionExists
 
 T = TypeVar("T")
 
@@ -228,6 +228,26 @@ class SQLiteStore(MetadataStore):
         row = await self._call(lambda db: db.execute(
             "SELECT MAX(seq) FROM run_events WHERE session_id = ?", (session_id,)).fetchone())
         return row[0] or 0
+
+    def add_session_event(self, session_id: str, event: dict[str, Any],
+                          session_changes: dict[str, Any] | None = None) -> "asyncio.Future[None]":
+        def add(db: sqlite3.Connection) -> None:
+            # Refused (foreign key) when the session is gone: nothing is kept for a later one.
+            db.execute("INSERT INTO session_events (session_id, doc) VALUES (?, ?)", (session_id, json.dumps(event)))
+            # Bounded: rows older than the newest SESSION_EVENTS_KEPT go. The subquery walks
+            # the session's index from its newest row, so it costs the bound, not the history.
+            db.execute("DELETE FROM session_events WHERE session_id = ?1 AND n <= (SELECT n FROM session_events "
+                       "WHERE session_id = ?1 ORDER BY n DESC LIMIT 1 OFFSET ?2)", (session_id, SESSION_EVENTS_KEPT))
+            if session_changes:
+                self._update(db, session_id, session_changes)
+
+        return self._run(self._with_db, add)  # queued now: see MetadataStore.add_session_event
+
+    async def list_session_events(self, session_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self._call(lambda db: db.execute(
+            "SELECT n, doc FROM session_events WHERE session_id = ? AND n > ? ORDER BY n LIMIT ?",
+            (session_id, after, limit)).fetchall())
+        return [dict(json.loads(doc), id=n) for n, doc in rows]
 
     async def list_runs(self, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._call(lambda db: db.execute(

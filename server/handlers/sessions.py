@@ -1,5 +1,5 @@
 """Session routes: create/list/bulk delete, one session, duplicate, stored code, history,
-notebook export, interrupt and restart. Each method: parse, call the engine, frame."""
+session events, notebook export, interrupt and restart. Each method: parse, call the engine, frame."""
 
 from __future__ import annotations
 
@@ -129,6 +129,28 @@ class RunsHandler(BaseHandler):
         limit = self.int_query("limit", 100, 1, 10_000)
         runs = await self.engine.runs(sid, limit=limit)
         self.send_json({"session_id": sid, "runs": runs, "count": len(runs)})
+
+
+class SessionEventsHandler(BaseHandler):
+    SESSION_ROUTE = True
+    API = {"get": Op("Session events: why its kernels started and went away, and how its setup ended",
+                     response="SessionEvents", errors=SESSION_ERRORS,
+                     query={"after": "return events with id greater than this (default 0): the previous answer's "
+                                     "`last_id`",
+                            "limit": "most events to return, 1-1000 (default 100)"},
+                     description="Types: kernel_started, kernel_culled (idle past `ERA_KERNEL_IDLE_TIMEOUT`), "
+                                 "kernel_evicted (least recently used, under `ERA_MAX_KERNELS`), kernel_died "
+                                 "(out of memory, exit status), kernel_restarted (a timeout whose interrupt did "
+                                 "not take, or a request), kernel_stopped (settings changed, server shutdown), "
+                                 "setup_completed, setup_failed. Each has `reason`, `at` and `message`. Kept "
+                                 "across restarts; the newest 1000 per session. The session document's "
+                                 "`kernel.last_exit` is the last event that ended a kernel.")}
+
+    async def get(self, sid: str) -> None:
+        after = self.int_query("after", 0, 0, 2**62) or 0
+        limit = self.int_query("limit", 100, 1, 1000)
+        events = await self.engine.session_events(sid, after=after, limit=limit)
+        self.send_json({"session_id": sid, "events": events, "last_id": events[-1]["id"] if events else after})
 
 
 class NotebookHandler(BaseHandler):

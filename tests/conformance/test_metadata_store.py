@@ -770,3 +770,94 @@ async def test_history_written_before_run_records_survives_the_migration(tmp_pat
         assert await store.get_run("s", "run-2") == run(2) and await store.unfinished_runs() == []
     finally:
         await store.close()
+
+
+# ---- session events (why a kernel went away) --------------------------------------------------
+def kernel_event(n: int, **fields: Any) -> dict[str, Any]:
+    """A session event shaped like the engine's (engine/session_log.py)."""
+    return {"type": "kernel_culled", "reason": "idle", "at": TS, "message": f"event {n}", "idle_s": 2.5,
+            "n": n, **fields}
+
+
+async def test_session_events_are_queued_in_order_and_read_after_an_id(store):
+    assert not inspect.iscoroutinefunction(type(store).add_session_event)
+    await store.insert_session(rec("s"))
+    await store.insert_session(rec("t"))
+    pending = [store.add_session_event("s" if n % 3 else "t", kernel_event(n)) for n in range(9)]
+    assert all(inspect.isawaitable(p) and not inspect.iscoroutine(p) for p in pending)
+    # Read without awaiting the writes: the read comes after them, so it sees them.
+    events = await store.list_session_events("s")
+    assert [e["n"] for e in events] == [1, 2, 4, 5, 7, 8]
+    assert events[0] == dict(kernel_event(1), id=events[0]["id"]), "the document as given, plus its id"
+    ids_ = [e["id"] for e in events]
+    assert ids_ == sorted(set(ids_)), "ids grow"
+    assert await asyncio.gather(*pending) == [None] * 9
+    assert [e["n"] for e in await store.list_session_events("s", after=ids_[1], limit=3)] == [4, 5, 7]
+    assert [e["n"] for e in await store.list_session_events("t")] == [0, 3, 6], "each session its own"
+    assert await store.list_session_events("s", after=ids_[-1]) == []
+    assert await store.list_session_events("absent") == []
+    assert len(await store.list_session_events("s", limit=1)) == 1
+    assert [e["n"] for e in await store.list_session_events("s")] == [1, 2, 4, 5, 7, 8], "the default limit is 100"
+
+
+async def test_a_session_event_applies_its_session_changes_in_the_same_call(store):
+    stored = await store.insert_session(rec("s", data={"d": 1}))
+    store.add_session_event("s", kernel_event(1))
+    assert await store.get_session("s") == stored, "no changes: the record is left alone"
+    exit_ = {"type": "kernel_died", "reason": "exit status 3", "at": TS}
+    store.add_session_event("s", kernel_event(2, type="kernel_died"), {"last_exit": exit_})
+    assert await store.get_session("s") == dict(stored, last_exit=exit_)
+
+
+async def test_session_events_are_bounded_to_the_newest(store):
+    from era_kernel.store.base import SESSION_EVENTS_KEPT
+
+    await store.insert_session(rec("s"))
+    await store.insert_session(rec("quiet"))
+    await store.add_session_event("quiet", kernel_event(-1))
+    total = SESSION_EVENTS_KEPT + 25
+    await asyncio.gather(*[store.add_session_event("s", kernel_event(n)) for n in range(total)])
+    kept = await store.list_session_events("s", limit=total)
+    assert [e["n"] for e in kept] == list(range(25, total)), "the newest are kept, oldest first"
+    first = kept[0]["id"]
+    assert [e["n"] for e in await store.list_session_events("s", after=0, limit=2)] == [25, 26]
+    assert (await store.list_session_events("s", after=first, limit=1))[0]["n"] == 26
+    assert [e["n"] for e in await store.list_session_events("quiet")] == [-1], "other sessions keep theirs"
+
+
+async def test_session_events_go_with_their_session_and_are_never_kept_for_a_later_one(store):
+    await store.insert_session(rec("s"))
+    await store.insert_session(rec("other"))
+    for n in range(3):
+        await store.add_session_event("s", kernel_event(n))
+    await store.add_session_event("other", kernel_event(9))
+    assert await store.delete_session("s")
+    assert await store.list_session_events("s") == []
+    late = store.add_session_event("s", kernel_event(4), {"last_exit": {"reason": "late"}})
+    with contextlib.suppress(Exception):
+        await late
+    assert await store.get_session("s") is None
+    await store.insert_session(rec("s"))
+    assert await store.list_session_events("s") == [], "a new session of the old id starts with none"
+    assert "last_exit" not in await store.get_session("s")
+    assert [e["n"] for e in await store.list_session_events("other")] == [9]
+
+
+async def test_session_events_survive_close_and_reopen(persistent_backend):
+    store = persistent_backend.store()
+    await store.open()
+    await store.insert_session(rec("s"))
+    pending = store.add_session_event("s", kernel_event(1, message=AWKWARD["unicode"]), {"last_exit": {"n": 1}})
+    await store.close()  # the queued write lands before the store closes
+    await pending
+    store = persistent_backend.store()
+    await store.open()
+    try:
+        events = await store.list_session_events("s")
+        assert [e["message"] for e in events] == [AWKWARD["unicode"]]
+        assert (await store.get_session("s"))["last_exit"] == {"n": 1}
+        store.add_session_event("s", kernel_event(2))
+        later = await store.list_session_events("s", after=events[0]["id"])
+        assert [e["n"] for e in later] == [2] and later[0]["id"] > events[0]["id"]
+    finally:
+        await store.close()
