@@ -365,14 +365,14 @@ class KernelChannels(BoundedSocket):
         self._requests: OrderedDict[str, None] = OrderedDict()
         self._backlog: ReplayBuffer | None = None  # while replaying: what is still to send, live ones behind
         self._gone = False  # the session was deleted: nothing to keep for a reconnect
+        # Why the kernel this client used went away (a session event): told in the output
+        # of its next execute_request, which runs on a new kernel.
+        self._lost: dict[str, Any] | None = None
 
     @property
     def client_session(self) -> str | None:
         """The Jupyter client's session id (``?session_id=``): the key of the replay buffer."""
         return self.get_query_argument("session_id", None) or None
-        # Why the kernel this client used went away (a session event): told in the output
-        # of its next execute_request, which runs on a new kernel.
-        self._lost: dict[str, Any] | None = None
 
     async def prepare(self) -> None:
         sid = await self.handshake()  # the gateway client sends its key in the header: no ?token=
