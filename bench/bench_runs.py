@@ -25,6 +25,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -185,7 +186,7 @@ async def restart_to_queued(trials: int) -> list[str]:
         cleanup(server)
 
 
-async def follow(port: int, run_id: str, seen: list[int], started: asyncio.Event) -> None:
+async def follow(port: int, run_id: str, seen: list[tuple[int, float]], started: asyncio.Event) -> None:
     ws = await websocket_connect(f"ws://{LOOPBACK}:{port}/api/sessions/{SID}/ws?run_id={run_id}&after=0")
     try:
         while True:
@@ -194,14 +195,14 @@ async def follow(port: int, run_id: str, seen: list[int], started: asyncio.Event
                 return
             message = json.loads(raw)
             if message.get("run_id") == run_id and "seq" in message:
-                seen.append(message["seq"])
+                seen.append((message["seq"], time.perf_counter()))
                 started.set()
     finally:
         ws.close()
 
 
 async def sigkill_losses(trials: int, rng: random.Random) -> list[str]:
-    losses = []
+    losses, windows, rates = [], [], []
     server = EraServer().start()
     code = "import time\ni = 0\nwhile True:\n    i += 1\n    print(i, flush=True)\n    time.sleep(0.0005)"
     try:
@@ -209,7 +210,7 @@ async def sigkill_losses(trials: int, rng: random.Random) -> list[str]:
         for trial in range(trials):
             _, run = await once(server.port, "POST", f"/api/sessions/{SID}/run",
                                 {"code": code, "background": True, "timeout": 600})
-            seen: list[int] = []
+            seen: list[tuple[int, float]] = []  # (seq, when it arrived)
             started = asyncio.Event()
             follower = asyncio.create_task(follow(server.port, run["run_id"], seen, started))
             await asyncio.wait_for(started.wait(), 60)
@@ -219,7 +220,7 @@ async def sigkill_losses(trials: int, rng: random.Random) -> list[str]:
             server = restarted(server)
             server.start()
             http = Http(server.port)
-            after = last_kept = max(0, min(seen) - 1)
+            after = last_kept = max(0, seen[0][0] - 1)
             while True:  # the run's journal as the restarted server has it
                 _, page = await http.request("GET", f"/api/sessions/{SID}/runs/{run['run_id']}/events"
                                                     f"?after={after}&limit=10000")
@@ -227,12 +228,17 @@ async def sigkill_losses(trials: int, rng: random.Random) -> list[str]:
                     break
                 after = last_kept = page["last_seq"]
             http.close()
-            lost = [s for s in seen if s > last_kept]
+            lost = [(s, t) for s, t in seen if s > last_kept]
             losses.append(len(lost))
-            log(f"trial {trial + 1}/{trials}: {len(seen)} events seen live, {len(lost)} not in the journal")
+            # How long before the kill the first lost event reached the client: the window.
+            windows.append((seen[-1][1] - lost[0][1]) * 1000 if lost else 0.0)
+            rates.append(len(seen) / max(1e-3, seen[-1][1] - seen[0][1]))
+            log(f"trial {trial + 1}/{trials}: {len(seen)} events seen live, {len(lost)} not in the journal, "
+                f"{windows[-1]:.1f} ms")
         return [f"| Events seen live but lost to a SIGKILL at a random moment, {trials} trials | max {max(losses)}, "
-                f"p50 {sorted(losses)[len(losses) // 2]} | of a run printing ~2,000 events/s | at most the "
-                "last 20 ms group-commit window |"]
+                f"p50 {sorted(losses)[len(losses) // 2]} | spanning at most {max(windows):.0f} ms (p50 "
+                f"{sorted(windows)[len(windows) // 2]:.0f} ms) of a run sending {statistics.median(rates):,.0f} "
+                "events/s | the last group-commit window (20 ms) and its write |"]
     finally:
         cleanup(server)
 

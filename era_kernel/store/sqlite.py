@@ -208,8 +208,12 @@ class SQLiteStore(MetadataStore):
 
     def append_events(self, session_id: str, events: list[dict[str, Any]]) -> "asyncio.Future[None]":
         def append(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT INTO run_events (session_id, seq, run_id, doc) VALUES (?, ?, ?, ?)",
-                           [(session_id, e["seq"], e.get("run_id"), json.dumps(e)) for e in events])
+            # One statement for the whole batch (one encode, one step), not an executemany
+            # step per event: this thread competes for the GIL with an event loop busy
+            # relaying output, and each step gives it up and waits to get it back.
+            db.execute("INSERT INTO run_events (session_id, seq, run_id, doc) "
+                       "SELECT ?, json_extract(value, '$.seq'), json_extract(value, '$.run_id'), value "
+                       "FROM json_each(?)", (session_id, json.dumps(events)))
 
         return self._run(self._with_db, append)  # queued now: see MetadataStore.append_events
 
