@@ -285,3 +285,4 @@ def test_a_background_run_that_cannot_start_ends_failed_with_its_reason(server):
     accepted = background(server, None, sid="runs-no-code")  # no code, and no stored program
     record = wait_finished(server, accepted["run_id"], sid="runs-no-code")
     assert record["status"] == "failed" and "code" in record["reason"], record
+

@@ -115,13 +115,22 @@ class RunQueue:
             raise
         try:
             self._dequeue(ticket)
-            if ticket.cancel_requested:  # cancelled just as it got its turn
+            if ticket.cancel_requested:  # cancelled while it waited (a synchronous one has no task to cancel)
                 await ticket.ended_early(self.store, CANCELLED, "cancelled by request")
                 self._finished(ticket, {})
-                raise asyncio.CancelledError
+                if ticket.background:
+                    raise asyncio.CancelledError
+                raise Conflict(f"run {ticket.run_id} was cancelled by request before it started")
             self._running[sid] = ticket
             try:
                 result = await self.runner.run_locked(ticket, load, on_event, on_input)
+            except asyncio.CancelledError:
+                # Cancelled by request while it waited for its kernel or setup (a shutdown
+                # leaves it queued in the store: the next start runs it).
+                if ticket.status == QUEUED and ticket.recorded and ticket.cancel_requested:
+                    await ticket.ended_early(self.store, CANCELLED, "cancelled by request")
+                    self._finished(ticket, {})
+                raise
             except Exception as err:
                 # Refused before it ran (no code, the kernel or setup failed): a queued
                 # record must not stay queued (a restart would run it again). A
