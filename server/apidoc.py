@@ -20,6 +20,7 @@ class Op:
     # (server/jupyter.py), "text" (Prometheus text format), or None (no body).
     response: str | None = None
     status: int = 200
+    also: tuple[tuple[int, str], ...] = ()  # other successful answers: (status, model name)
     errors: tuple[int, ...] = (400,)
     query: dict[str, str] = field(default_factory=dict)  # name -> description (strings)
     description: str = ""

@@ -49,6 +49,7 @@ def build_openapi(routes) -> dict[str, Any]:
             wanted.append((_model(op.body), "validation"))
         if op.response and op.response not in RAW:
             wanted.append((_model(op.response), "serialization"))
+        wanted += [(_model(model), "serialization") for _, model in op.also]
     wanted.append((models.CodeBody, "validation"))
     wanted += [(m, "serialization") for m in schemas.WS_SERVER_MESSAGES]
     wanted += [(m, "validation") for m in schemas.WS_CLIENT_MESSAGES]
@@ -118,6 +119,9 @@ def build_openapi(routes) -> dict[str, Any]:
                 "application/json": {"schema": ref(_model(op.response), "serialization")}}}
         else:
             responses[str(op.status)] = {"description": description}
+        for status, model in op.also:
+            responses[str(status)] = {"description": HTTPStatus(status).phrase, "content": {
+                "application/json": {"schema": ref(_model(model), "serialization")}}}
         codes = set(op.errors)
         if auth:
             codes.add(401)

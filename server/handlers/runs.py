@@ -40,8 +40,12 @@ class ExecuteHandler(BaseHandler):
 class RunHandler(BaseHandler):
     SESSION_ROUTE = True
     API = {"post": Op("Run code in the session's kernel", body="RunRequest", response="RunResult",
+                      also=((202, "RunAccepted"),),
                       errors=(400, 404, 409, 413, 429, 503),
-                      description="Without `code`, runs the session's stored program (`PUT .../code`).")}
+                      description="Without `code`, runs the session's stored program (`PUT .../code`). With "
+                                  "`\"background\": true` the answer is 202 at once, `{run_id, status, position}` "
+                                  "(RunAccepted): follow it with GET .../runs/{run_id} and .../events; past "
+                                  "ERA_RUN_QUEUE_MAX waiting runs, 429 with Retry-After.")}
 
     async def post(self, sid: str) -> None:
         body = self.json_body()
@@ -185,7 +189,7 @@ class StreamHandler(SseHandler):
 
 # ---- runs as records ----------------------------------------------------------------------
 RUN_ERRORS = (400, 401, 404, 503)
-FINISHED = frozenset({"completed", "failed", "cancelled", "interrupted"})
+FINISHED = frozenset({"completed", "failed", "cancelled", "interrupted"})  # engine/tickets.py, not imported here
 MAX_WAIT_SECONDS = 60.0
 
 
