@@ -17,10 +17,10 @@ import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .. import models
-from ..errors import Busy, Conflict, NotFound
+from ..errors import Busy, Conflict, EraError, NotFound
 from ..kernel import EventSink, InputHandler
 from .results import new_run_id
-from .tickets import CANCELLED, FINISHED, INTERRUPTED, QUEUED, RUNNING, RunTicket
+from .tickets import CANCELLED, FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, RunTicket
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -112,7 +112,13 @@ class RunQueue:
                 await ticket.ended_early(self.store, CANCELLED, "cancelled by request")
                 raise asyncio.CancelledError
             self._running[sid] = ticket
-            result = await self.runner.run_locked(ticket, load, on_event, on_input)
+            try:
+                result = await self.runner.run_locked(ticket, load, on_event, on_input)
+            except Exception as exc:
+                if ticket.background:  # its record says queued: left so, it would run again at every start
+                    await ticket.ended_early(self.store, FAILED, exc.message if isinstance(exc, EraError)
+                                             else "internal error")
+                raise
         finally:
             if self._running.get(sid) is ticket:
                 del self._running[sid]
