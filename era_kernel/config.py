@@ -58,6 +58,14 @@ def _count(value: str) -> int:
     return number
 
 
+def _interval(value: str) -> float:
+    """Seconds a loop sleeps between passes: 0 would make it spin."""
+    seconds = float(value)
+    if not seconds > 0:
+        raise ValueError("must be a number of seconds greater than 0")
+    return seconds
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         value = value.strip().lower()
@@ -131,6 +139,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_CULL_INTERVAL", 30.0, "Seconds between culling passes (idle kernels, expired sessions).", float),
     Setting("ERA_RUN_QUEUE_MAX", 100, "Runs one session may have waiting (background runs past it answer 429 "
             "with `Retry-After`).", _count),
+    Setting("ERA_SCHEDULE_CATCH_UP", True, "At start, a schedule whose latest slot passed while no server was "
+            "running fires once for that slot, never once per missed slot; off: that firing is skipped (noted on "
+            "the schedule as `last_skipped`).", _bool),
+    Setting("ERA_SCHEDULE_RESCAN", 30.0, "Seconds between the scheduler's reads of every schedule in the store, "
+            "which is how it sees schedules another server on the same store made or deleted (its own it sees at "
+            "once).", _interval),
     Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
     Setting("ERA_MAX_METADATA_BYTES", 16 * 1024, "Largest session `metadata` document, in bytes of JSON "
             "(labels for the client; every listing carries it).", _size),

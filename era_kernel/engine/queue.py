@@ -189,7 +189,7 @@ class RunQueue:
                                source=doc.get("source", "rest"), code=doc.get("code"),
                                submitted_at=doc.get("submitted_at") or doc.get("started_at") or "",
                                started_at=doc.get("started_at"),
-                               extra={k: doc[k] for k in ("callback_url", "schedule_id") if k in doc})
+                               extra={k: doc[k] for k in ("callback_url", "schedule_id", "slot") if k in doc})
             if doc.get("status") == RUNNING:
                 ticket.status = RUNNING
                 await ticket.ended_early(self.store, INTERRUPTED, "server restarted")
