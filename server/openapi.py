@@ -24,6 +24,7 @@ PARAMETERS = {
     "id": {"type": "string", "pattern": f"^{models.SESSION_ID_RE.pattern}$", "description": "session id"},
     "path": {"type": "string", "description": "file path inside the workspace, percent-encoded; may contain '/'"},
     "name": {"type": "string", "description": "kernelspec name, e.g. era-python-local"},
+    "schedule_id": {"type": "string", "description": "schedule id, `sch_<ms>_<8 hex>`"},
 }
 
 

@@ -2,7 +2,7 @@
 
 OpenAPI, the metrics' route labels, the auth test and the error-shape test all walk
 ``ROUTES``, so a new route cannot skip them. Templates use ``{id}`` (a session id),
-``{path}`` (a file path, may contain ``/``) and ``{name}`` (a kernelspec). Each handler is
+``{path}`` (a file path, may contain ``/``), ``{name}`` (a kernelspec) and ``{schedule_id}``. Each handler is
 given ``services`` and its route's ``auth`` through ``initialize``; ``RouteHandler.check_key``
 enforces it, for HTTP and WebSocket routes alike.
 """
@@ -19,6 +19,7 @@ from .handlers.base import NotFoundHandler
 from .handlers.files import FileHandler, FilesHandler
 from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunHandler, StreamHandler
+from .handlers.schedules import ScheduleHandler, SchedulesHandler
 from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
                                 RestartHandler, RunsHandler, SessionHandler, SessionsHandler)
 from .jupyter import (KernelChannels, KernelHandler, KernelInterruptHandler, KernelRestartHandler, KernelsHandler,
@@ -48,6 +49,8 @@ ROUTES: list[Route] = [
     Route("/api/sessions/{id}/duplicate", DuplicateHandler),
     Route("/api/sessions/{id}/code", CodeHandler),
     Route("/api/sessions/{id}/runs", RunsHandler),
+    Route("/api/sessions/{id}/schedules", SchedulesHandler),
+    Route("/api/sessions/{id}/schedules/{schedule_id}", ScheduleHandler),
     Route("/api/sessions/{id}/notebook", NotebookHandler),
     Route("/api/sessions/{id}/interrupt", InterruptHandler),
     Route("/api/sessions/{id}/restart", RestartHandler),
@@ -69,7 +72,7 @@ ROUTES: list[Route] = [
 UNKNOWN_API = Route("/api/{rest}", NotFoundHandler)
 UNKNOWN = Route("", NotFoundHandler, auth=False)
 
-PARAM_PATTERNS = {"id": "([^/]+)", "path": "(.+)", "name": "([^/]+)", "rest": "(.*)"}
+PARAM_PATTERNS = {"id": "([^/]+)", "path": "(.+)", "name": "([^/]+)", "schedule_id": "([^/]+)", "rest": "(.*)"}
 
 
 def route_pattern(template: str) -> str:
