@@ -58,6 +58,14 @@ def _count(value: str) -> int:
     return number
 
 
+def _interval(value: str) -> float:
+    """Seconds a loop sleeps between passes: 0 would make it spin."""
+    seconds = float(value)
+    if not seconds > 0:
+        raise ValueError("must be a number of seconds greater than 0")
+    return seconds
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         value = value.strip().lower()
@@ -147,6 +155,12 @@ SETTINGS: tuple[Setting, ...] = (
             "each next one, with jitter (a receiver's `Retry-After`, up to 300 s, when longer).", float),
     Setting("ERA_CALLBACK_TIMEOUT", 10.0, "Seconds one callback delivery attempt may take, connecting included.",
             float),
+    Setting("ERA_SCHEDULE_CATCH_UP", True, "At start, a schedule whose latest slot passed while no server was "
+            "running fires once for that slot, never once per missed slot; off: that firing is skipped (noted on "
+            "the schedule as `last_skipped`).", _bool),
+    Setting("ERA_SCHEDULE_RESCAN", 30.0, "Seconds between the scheduler's reads of every schedule in the store, "
+            "which is how it sees schedules another server on the same store made or deleted (its own it sees at "
+            "once).", _interval),
     Setting("ERA_MAX_DATA_BYTES", 128 * 1024, "Largest session `data` document, in bytes of JSON.", _size),
     Setting("ERA_MAX_METADATA_BYTES", 16 * 1024, "Largest session `metadata` document, in bytes of JSON "
             "(labels for the client; every listing carries it).", _size),

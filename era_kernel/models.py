@@ -160,6 +160,30 @@ class CodeBody(_Strict):
     code: str
 
 
+class ScheduleRequest(_Strict):
+    cron: str = Field(description="5 fields (minute hour day-of-month month day-of-week, e.g. `*/5 * * * *`), "
+                      "6 with seconds first (`*/30 * * * * *`), or `@hourly`, `@daily`, `@weekly`, `@monthly`, "
+                      "`@yearly`")
+    code: Optional[str] = Field(None, description="code each firing runs; the session's stored program "
+                                "(`PUT .../code`) when absent")
+    timezone: str = Field("UTC", description="IANA zone the cron fields are read in, e.g. `Europe/Paris`")
+
+    # croniter and zoneinfo are imported when a schedule is made, not with the models.
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from .cron import check_cron
+
+        return check_cron(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        from .cron import check_timezone
+
+        return check_timezone(v)
+
+
 class ErrorInfo(BaseModel):
     ename: str
     evalue: str

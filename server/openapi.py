@@ -26,6 +26,7 @@ PARAMETERS = {
     "name": {"type": "string", "description": "kernelspec name, e.g. era-python-local"},
     "run_id": {"type": "string", "description": "run id: from a background run's 202, a result's run_id, "
                                                 "the WebSocket's id or the stream's X-Era-Run-Id"},
+    "schedule_id": {"type": "string", "description": "schedule id, `sch_<ms>_<8 hex>`"},
 }
 
 

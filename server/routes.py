@@ -1,8 +1,9 @@
 """The route table: every route's template, handler and whether it needs the API key.
 
 OpenAPI, the metrics' route labels, the auth test and the error-shape test all walk
-``ROUTES``, so a new route cannot skip them. Templates use ``{id}`` (a session id), ``{run_id}``,
-``{path}`` (a file path, may contain ``/``) and ``{name}`` (a kernelspec). Each handler is
+``ROUTES``, so a new route cannot skip them. Templates use ``{id}`` (a session id),
+``{run_id}``, ``{schedule_id}``, ``{path}`` (a file path, may contain ``/``) and ``{name}``
+(a kernelspec). Each handler is
 given ``services`` and its route's ``auth`` through ``initialize``; ``RouteHandler.check_key``
 enforces it, for HTTP and WebSocket routes alike.
 """
@@ -19,6 +20,7 @@ from .handlers.base import NotFoundHandler
 from .handlers.files import FileHandler, FilesHandler
 from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunEventsHandler, RunHandler, RunRecordHandler, StreamHandler
+from .handlers.schedules import ScheduleHandler, SchedulesHandler
 from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
                                 RestartHandler, RunsHandler, SessionEventsHandler, SessionHandler, SessionsHandler)
 from .jupyter import (KernelChannels, KernelHandler, KernelInterruptHandler, KernelRestartHandler, KernelsHandler,
@@ -51,6 +53,8 @@ ROUTES: list[Route] = [
     Route("/api/sessions/{id}/runs/{run_id}", RunRecordHandler),
     Route("/api/sessions/{id}/runs/{run_id}/events", RunEventsHandler),
     Route("/api/sessions/{id}/events", SessionEventsHandler),
+    Route("/api/sessions/{id}/schedules", SchedulesHandler),
+    Route("/api/sessions/{id}/schedules/{schedule_id}", ScheduleHandler),
     Route("/api/sessions/{id}/notebook", NotebookHandler),
     Route("/api/sessions/{id}/interrupt", InterruptHandler),
     Route("/api/sessions/{id}/restart", RestartHandler),
@@ -72,7 +76,8 @@ ROUTES: list[Route] = [
 UNKNOWN_API = Route("/api/{rest}", NotFoundHandler)
 UNKNOWN = Route("", NotFoundHandler, auth=False)
 
-PARAM_PATTERNS = {"id": "([^/]+)", "run_id": "([^/]+)", "path": "(.+)", "name": "([^/]+)", "rest": "(.*)"}
+PARAM_PATTERNS = {"id": "([^/]+)", "run_id": "([^/]+)", "schedule_id": "([^/]+)", "path": "(.+)", "name": "([^/]+)",
+                  "rest": "(.*)"}
 
 
 def route_pattern(template: str) -> str:

@@ -198,6 +198,31 @@ class RunList(BaseModel):
     count: int
 
 
+class SkippedFiring(BaseModel):
+    slot: str = Field(description="the slot not fired, ISO-8601 UTC")
+    reason: str
+    at: str = Field(description="when it was skipped")
+
+
+class ScheduleDocument(BaseModel):
+    id: str = Field(description="`sch_<ms>_<8 hex>`")
+    session_id: str
+    cron: str
+    timezone: str
+    code: Optional[str] = Field(description="null: each firing runs the session's stored program")
+    created_at: str
+    next_run_at: str = Field(description="the next slot, ISO-8601 UTC")
+    last_slot: Optional[str] = Field(description="the latest slot fired (or skipped while its previous run ran)")
+    last_run_id: Optional[str] = Field(description="the run of that slot")
+    last_skipped: Optional[SkippedFiring] = None
+
+
+class ScheduleList(BaseModel):
+    session_id: str
+    schedules: list[ScheduleDocument]
+    count: int
+
+
 class Notebook(_Open):
     nbformat: Literal[4]
     nbformat_minor: int

@@ -159,6 +159,48 @@ def test_history_and_notebook_export(server, sid):
     assert any("for the notebook" in "".join(c["source"]) for c in nb.cells)
 
 
+def test_schedules_fire_background_runs_into_the_history(server):
+    sid = server.json("POST", "/api/sessions", {"id": "api-sched"}, expect=201)["id"]
+    base = f"/api/sessions/{sid}/schedules"
+    status, body = server.request("POST", base, {"cron": "* * * * *"})  # no code, no stored program
+    assert assert_error_shape(status, body, 400)["field"] == "code"
+    status, headers, body = server.request_full("POST", base, json.dumps(
+        {"cron": "* * * * * *", "code": "print('from a schedule')"}))
+    assert status == 201, body
+    doc = json.loads(body)
+    assert headers["Location"] == f"{base}/{doc['id']}" and doc["timezone"] == "UTC" and doc["next_run_at"]
+    listing = server.json("GET", base)
+    assert listing["count"] == 1 and [s["id"] for s in listing["schedules"]] == [doc["id"]]
+    deadline = time.monotonic() + 30
+    while not (fired := [r for r in server.json("GET", f"/api/sessions/{sid}/runs")["runs"]
+                         if r.get("source") == "schedule"]):
+        assert time.monotonic() < deadline, "no firing in the history after 30 s"
+        time.sleep(0.2)
+    assert fired[0]["schedule_id"] == doc["id"] and fired[0]["stdout"] == "from a schedule\n" and fired[0]["slot"]
+    assert server.json("GET", f"{base}/{doc['id']}")["last_slot"] >= fired[0]["slot"]
+    assert server.json("DELETE", f"{base}/{doc['id']}") == {"deleted": doc["id"]}
+    for method in ("GET", "DELETE"):
+        assert_error_shape(*server.request(method, f"{base}/{doc['id']}"), 404)
+    assert server.json("GET", base) == {"session_id": sid, "schedules": [], "count": 0}
+    server.json("DELETE", f"/api/sessions/{sid}")
+
+
+@pytest.mark.parametrize("body, field", [({"cron": "*/5 * * *"}, "cron"), ({"cron": "0 25 * * *"}, "cron"),
+                                         ({"cron": "0 9 * * *", "timezone": "Nowhere/City"}, "timezone")])
+def test_invalid_schedule_is_400_naming_the_field(server, sid, body, field):
+    status, data = server.request("POST", f"/api/sessions/{sid}/schedules", {"code": "1", **body})
+    assert assert_error_shape(status, data, 400)["field"] == field
+    assert server.json("GET", f"/api/sessions/{sid}/schedules")["count"] == 0
+
+
+def test_schedules_of_an_unknown_session_or_id_are_404(server, sid):
+    assert_error_shape(*server.request("POST", "/api/sessions/absent/schedules", {"cron": "* * * * *", "code": "1"}),
+                       404)
+    assert_error_shape(*server.request("GET", "/api/sessions/absent/schedules"), 404)
+    assert_error_shape(*server.request("GET", f"/api/sessions/{sid}/schedules/sch_absent"), 404)
+    assert_error_shape(*server.request("DELETE", f"/api/sessions/{sid}/schedules/sch_absent"), 404)
+
+
 def test_interrupt_stops_a_running_cell(server):
     server.json("POST", "/api/sessions", {"id": "api-intr"}, expect=201)
     result: dict = {}

@@ -32,6 +32,8 @@ BAD_FIELDS = {
     "BulkDelete": [{"ids": "x"}, {"prefix": 5}],
     "code": [{"code": 5}, {"nocode": "x"}],
     "StartKernel": [{"name": 5}, {"env": "x"}, {"env": []}],
+    "ScheduleRequest": [{}, {"cron": 5}, {"cron": "61 * * * *"}, {"cron": "* * * * *", "timezone": "Mars/Base"},
+                        {"cron": "* * * * *", "code": "1", "timezone": 3}, {"cron": "* * * * *"}],
 }
 
 

@@ -6,6 +6,7 @@ the collaborators and wires them one way, each knowing only what it is handed:
     SessionManager ─┬─ store (records, history)      SessionFiles (workspaces)
                     ├─ SessionRunner ── KernelLauncher ── KernelTable (kernels, slots)
                     ├─ Upkeep (culling, stats)          KernelPool (warm kernels)
+                    ├─ Scheduler (schedules: cron-timed background runs, through run())
                     └─ EngineEvents (run events, lifecycle) ── SessionLog (session events)
 
 It keeps session lifecycle (create, patch, delete, duplicate) and the documents it
@@ -23,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 from .. import models
 from ..config import Settings
-from ..errors import Conflict, EraError, NotFound, TooLarge
+from ..errors import BadRequest, Conflict, EraError, NotFound, TooLarge
 from ..kernel import EventSink, InputHandler, SessionKernel
 from ..languages import get_language
 from ..listing import SessionPage, read_page, record_chunks
@@ -42,6 +43,7 @@ from .records import SessionRecord, new_session_id, session_uid
 from .results import notebook_from_runs, utc_now
 from .runner import SessionRunner
 from .session_log import SessionLog
+from .schedules import Scheduler
 from .upkeep import Upkeep
 
 log = logging.getLogger("era.sessions")
@@ -74,6 +76,7 @@ class SessionManager:
         self.callbacks = CallbackSender(self.settings, self.store)
         self.queue.on_finished.append(self.callbacks.run_finished)
         self.upkeep = Upkeep(self.settings, self.store, self.table, self.pool, self.events, self._delete)
+        self.scheduler = Scheduler(self.settings, self.store, self.run)  # fires through the run path below
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
@@ -98,6 +101,7 @@ class SessionManager:
             self._serving = True
             self.pool.start()
             self.upkeep.start()
+            self.scheduler.start()  # after the recovery: a requeued firing counts as its schedule's previous run
 
     def _make_dirs(self) -> None:
         for path in (self.settings.data_dir / "sessions", self.settings.data_dir / POOL_ROOT,
@@ -108,6 +112,7 @@ class SessionManager:
 
     async def shutdown(self) -> None:
         """Interrupt running code, stop every kernel, close the store."""
+        await self.scheduler.stop()  # first: nothing fires into an engine that is stopping
         await self.setups.shutdown()
         await self.upkeep.stop()
         await self.queue.shutdown()
@@ -293,7 +298,8 @@ class SessionManager:
             log.error("session %s: its files could not be removed: %s", session_id, exc)
             raise EraError(f"the files of session {session_id} could not all be removed ({exc.strerror or exc}); "
                            "the session is kept: retry the delete") from None
-        await self.store.delete_session(session_id)
+        await self.store.delete_session(session_id)  # its schedules with it
+        self.scheduler.changed()
         self.events.publish(SessionDeleted(session_id, reason))
         self.table.forget(session_id)
         self.runner.forget(session_id)
@@ -346,9 +352,11 @@ class SessionManager:
 
     async def run(self, session_id: str, body: Any, *, on_event: EventSink | None = None,
                   on_input: InputHandler | None = None, run_id: str | None = None,
-                  fresh_id: bool = False, source: str = "rest") -> dict[str, Any]:
+                  fresh_id: bool = False, source: str = "rest",
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run code in the session: its result (API.md), or with ``background`` in the
-        body ``{run_id, status, position}`` at once. ``source``: who asked (rest, sse, ws).
+        body ``{run_id, status, position}`` at once. ``source``: who asked (rest, sse, ws,
+        schedule); ``extra``: fields kept on the run record (a schedule's id and slot).
         A ``run_id`` from a client must be new in the session (409 otherwise); ``fresh_id``
         says the caller made it with ``new_run_id`` and the check can be skipped."""
         if self.journal.last_seq(session_id) is None:  # the first run in this process
@@ -358,7 +366,8 @@ class SessionManager:
         if body.callback_url is not None:  # where it points is checked before anything is queued
             await self.callbacks.check(body.callback_url)
         return await self.queue.submit(session_id, body, lambda: self._record(session_id), source=source,
-                                       on_event=on_event, on_input=on_input, run_id=run_id, fresh_id=fresh_id)
+                                       on_event=on_event, on_input=on_input, run_id=run_id, fresh_id=fresh_id,
+                                       extra=extra)
 
     async def get_run(self, session_id: str, run_id: str) -> dict[str, Any]:
         """A run's record: status, timestamps, reason, position while queued, and the
@@ -409,6 +418,30 @@ class SessionManager:
 
     async def get_code(self, session_id: str) -> str | None:
         return (await self._record(session_id)).code
+
+    # ---- schedules (engine/schedules.py) ------------------------------------------------------
+    async def create_schedule(self, session_id: str, body: Any) -> dict[str, Any]:
+        """A schedule of background runs: ``{cron, code?, timezone?}``; its document."""
+        record = await self._record(session_id)
+        # In a thread: validating asks croniter for the next slot (pure Python, can search
+        # years ahead for a date that never comes) and may read the zone's file.
+        req = await asyncio.to_thread(models.parse, models.ScheduleRequest, body)
+        if req.code is None and record.code is None:
+            raise BadRequest("field 'code' is required: the session has no stored program (PUT .../code) "
+                             "for the schedule to run", field="code")
+        return await self.scheduler.create(session_id, req)
+
+    async def list_schedules(self, session_id: str) -> list[dict[str, Any]]:
+        await self._record(session_id)
+        return await self.scheduler.list(session_id)
+
+    async def get_schedule(self, session_id: str, schedule_id: str) -> dict[str, Any]:
+        await self._record(session_id)
+        return await self.scheduler.get(session_id, schedule_id)
+
+    async def delete_schedule(self, session_id: str, schedule_id: str) -> None:
+        await self._record(session_id)
+        await self.scheduler.delete(session_id, schedule_id)
 
     # ---- upkeep --------------------------------------------------------------------------------
     async def cull(self) -> dict[str, list[str]]:

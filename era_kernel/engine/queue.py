@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .. import models
-from ..errors import Busy, Conflict, NotFound
+from ..errors import Busy, Conflict, EraError, NotFound
 from ..kernel import EventSink, InputHandler
 from .results import new_run_id
 from .tickets import CANCELLED, FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, RunTicket
@@ -214,7 +214,7 @@ class RunQueue:
                                source=doc.get("source", "rest"), code=doc.get("code"),
                                submitted_at=doc.get("submitted_at") or doc.get("started_at") or "",
                                started_at=doc.get("started_at"),
-                               extra={k: doc[k] for k in ("callback_url", "schedule_id") if k in doc})
+                               extra={k: doc[k] for k in ("callback_url", "schedule_id", "slot") if k in doc})
             if doc.get("status") == RUNNING:
                 ticket.status = RUNNING
                 await ticket.ended_early(self.store, INTERRUPTED, "server restarted")
@@ -241,8 +241,6 @@ class RunQueue:
 
 
 def _failure(err: Exception) -> str:
-    from ..errors import EraError
-
     return f"not started: {err.message if isinstance(err, EraError) else type(err).__name__}"[:500]
 
 

@@ -1,4 +1,4 @@
-"""The metadata store interface: sessions and their run history.
+"""The metadata store interface: sessions, their run history and their schedules.
 
 Small on purpose, so another database can follow SQLite. The store knows nothing of
 kernels or files; it keeps documents. Backends are chosen by URL scheme
@@ -122,6 +122,49 @@ class MetadataStore(abc.ABC):
     async def last_event_seq(self, session_id: str) -> int:
         """The session's highest journal ``seq`` (0 when it has none): where the engine's
         counter resumes after a restart."""
+
+    # ---- schedules (era_kernel/engine/schedules.py) ------------------------------------------
+    # A schedule is a document ``{id, session_id, cron, timezone, code, created_at, ...}``;
+    # deleting its session deletes it (``delete_session``). Its firings are claimed here,
+    # so that two servers on one database fire each slot once: the store's constraint
+    # decides, never a lock in one process's memory.
+
+    @abc.abstractmethod
+    async def put_schedule(self, schedule: dict[str, Any]) -> bool:
+        """Insert the schedule ``schedule["id"]`` of session ``schedule["session_id"]``, or
+        replace its document (it keeps its place in the listing). False, and nothing
+        stored, when the session does not exist. Called by the engine when a client
+        creates a schedule."""
+
+    @abc.abstractmethod
+    async def update_schedule(self, schedule_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply ``changes`` (top-level fields) to the schedule's document, in one
+        transaction, and return it as ``list_schedules`` would; None (and nothing created)
+        when it is gone. Called by the scheduler to note a firing it skipped, which may
+        race with a delete: an update never brings a deleted schedule back."""
+
+    @abc.abstractmethod
+    async def list_schedules(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        """The session's schedules (every session's when None), oldest first, each with
+        ``last_slot`` and ``last_run_id`` of its latest claimed firing (None before the
+        first). Called by the engine to answer the schedules routes, and by the scheduler
+        when it starts and whenever the schedules may have changed."""
+
+    @abc.abstractmethod
+    async def delete_schedule(self, session_id: str, schedule_id: str) -> bool:
+        """Delete the session's schedule and its firings; True when it existed (a schedule
+        of another session is not touched). Called when a client deletes it."""
+
+    @abc.abstractmethod
+    async def claim_firing(self, schedule_id: str, slot: str, run_id: str | None) -> bool:
+        """Claim the schedule's firing at ``slot`` (a UTC time, ``2026-01-01T00:05:00.000Z``:
+        such strings sort as the times do) for the run ``run_id``. True for exactly one
+        caller per (schedule, slot), whichever store object or process it calls from, and
+        never when the schedule is gone or a later slot was already claimed (a scheduler
+        that fell behind never fires the past). A backend decides with a unique
+        constraint, in one atomic statement. Called by the scheduler before it submits
+        the firing's run; the latest claim is the schedule's ``last_slot``, and a backend
+        may drop the older ones."""
 
 
     @abc.abstractmethod

@@ -259,3 +259,72 @@ class SQLiteStore(MetadataStore):
             "ORDER BY n DESC LIMIT ?) ORDER BY n", (session_id, limit)).fetchall())
         return [json.loads(r[0]) for r in rows]
 
+    # ---- schedules ---------------------------------------------------------------------------
+    # The latest claimed firing of each schedule is its last_slot and last_run_id.
+    _SCHEDULES = ("SELECT s.doc, f.slot, f.run_id FROM schedules s LEFT JOIN schedule_firings f ON "
+                  "f.schedule_id = s.id AND f.slot = (SELECT MAX(slot) FROM schedule_firings WHERE schedule_id = s.id)")
+    _DERIVED = ("last_slot", "last_run_id")  # read from schedule_firings, never kept in the document
+
+    @staticmethod
+    def _schedule(row: tuple[str, str | None, str | None]) -> dict[str, Any]:
+        doc, slot, run_id = row
+        return dict(json.loads(doc), last_slot=slot, last_run_id=run_id)
+
+    async def put_schedule(self, schedule: dict[str, Any]) -> bool:
+        doc = json.dumps({k: v for k, v in schedule.items() if k not in self._DERIVED})
+
+        def put(db: sqlite3.Connection) -> bool:
+            try:
+                # An upsert, not INSERT OR REPLACE: a replaced row would lose its rowid (its
+                # place in the listing) and, by the cascade, its firings.
+                db.execute("INSERT INTO schedules (id, session_id, doc) VALUES (?, ?, ?) "
+                           "ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                           (schedule["id"], schedule["session_id"], doc))
+            except sqlite3.IntegrityError:  # the session's foreign key: it is gone
+                return False
+            return True
+
+        return await self._call(put)
+
+    async def update_schedule(self, schedule_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+        def update(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute("SELECT doc FROM schedules WHERE id = ?", (schedule_id,)).fetchone()
+            if row is None:
+                return None
+            doc = json.loads(row[0])
+            doc.update({k: v for k, v in changes.items() if k not in self._DERIVED})
+            db.execute("UPDATE schedules SET doc = ? WHERE id = ?", (json.dumps(doc), schedule_id))
+            return self._schedule(db.execute(self._SCHEDULES + " WHERE s.id = ?", (schedule_id,)).fetchone())
+
+        return await self._call(update)
+
+    async def list_schedules(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        if session_id is None:
+            query, args = self._SCHEDULES + " ORDER BY s.rowid", ()
+        else:
+            query, args = self._SCHEDULES + " WHERE s.session_id = ? ORDER BY s.rowid", (session_id,)
+        # Decoded on the store's thread: the scheduler reads every schedule at each rescan.
+        return await self._call(lambda db: [self._schedule(row) for row in db.execute(query, args).fetchall()])
+
+    async def delete_schedule(self, session_id: str, schedule_id: str) -> bool:
+        # Its firings go by the foreign key's ON DELETE CASCADE.
+        return await self._call(lambda db: db.execute(
+            "DELETE FROM schedules WHERE id = ? AND session_id = ?", (schedule_id, session_id)).rowcount > 0)
+
+    async def claim_firing(self, schedule_id: str, slot: str, run_id: str | None) -> bool:
+        def claim(db: sqlite3.Connection) -> bool:
+            try:
+                # One statement, so one write lock: two claims of the same slot meet at the
+                # primary key (the second raises); a slot older than one already claimed
+                # inserts nothing; a deleted schedule fails its foreign key.
+                inserted = db.execute(
+                    "INSERT INTO schedule_firings (schedule_id, slot, run_id) SELECT ?, ?, ? WHERE NOT EXISTS "
+                    "(SELECT 1 FROM schedule_firings WHERE schedule_id = ? AND slot > ?)",
+                    (schedule_id, slot, run_id, schedule_id, slot)).rowcount > 0
+            except sqlite3.IntegrityError:
+                return False
+            if inserted:  # only the latest claim is ever read: the table stays one row per schedule
+                db.execute("DELETE FROM schedule_firings WHERE schedule_id = ? AND slot < ?", (schedule_id, slot))
+            return inserted
+
+        return await self._call(claim)
