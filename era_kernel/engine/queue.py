@@ -182,8 +182,10 @@ class RunQueue:
             raise NotFound(f"run {run_id[:128]} not found in session {session_id}")
         ticket = self.live(session_id, run_id)
         if ticket is not None and record.get("status") not in FINISHED:
-            record["status"] = ticket.status
-            record["position"] = self.position(ticket)
+            # The ticket is ahead of its record (a write in flight): its word wins.
+            record["status"], record["reason"] = ticket.status, ticket.reason
+            if ticket.status in (QUEUED, RUNNING):
+                record["position"] = self.position(ticket)
         return record
 
     async def cancel(self, session_id: str, run_id: str) -> dict[str, Any]:
