@@ -502,6 +502,11 @@ class KernelChannels(BoundedSocket):
         self._requests[msg["header"]["msg_id"]] = None
         while len(self._requests) > MAX_TRACKED_REQUESTS:
             self._requests.popitem(last=False)
+        if channel == "shell" and msg["header"]["msg_type"] == "execute_request":
+            try:  # a cell becomes a run record (engine/gateway_runs.py); the relay goes on whatever happens
+                await engine.gateway_execute(self.session_id, kernel, msg)
+            except Exception:
+                log.exception("recording a gateway cell failed", extra={"session_id": self.session_id})
         try:
             kernel.send_raw(channel, msg)
         except EraError as err:

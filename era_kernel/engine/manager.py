@@ -31,8 +31,9 @@ from ..listing import SessionPage, read_page, record_chunks
 from ..setup import SetupManager
 from ..store.base import SessionExists, store_for_url
 from .callbacks import CallbackSender
-from .events import EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
+from .events import KERNEL_GONE, EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
 from .files import POOL_ROOT, SessionFiles
+from .gateway_runs import GatewayRuns
 from .kernels import KernelSlots, KernelTable
 from .launcher import KernelLauncher
 from .journal import RunJournal
@@ -58,6 +59,10 @@ class SessionManager:
         # Every lifecycle event becomes a session event (GET .../events, kernel.last_exit).
         self.session_log = SessionLog(self.store)
         self.events.watch(self.session_log.record)
+        # Cells run through the Jupyter gateway, recorded as runs (gateway_runs.py).
+        self.gateway_runs = GatewayRuns(self.settings, self.store, self.events, self.journal)
+        self.events.watch(lambda ev: isinstance(ev, KERNEL_GONE) and self.gateway_runs.kernel_gone(
+            ev.session_id, f"kernel {type(ev).__name__.removeprefix('Kernel').lower()}: {ev.reason}"))
         self.files = SessionFiles(self.settings)
         # Package setups into shared environments, archived in the workspace store (built lazily).
         self.setups = SetupManager(self.settings, lambda: self.files.store)
@@ -493,6 +498,12 @@ class SessionManager:
                 kernel = await self.launcher.ensure(record)
         self.table.touch(session_id)
         return kernel
+
+    async def gateway_execute(self, session_id: str, kernel: SessionKernel, msg: dict[str, Any]) -> None:
+        """A Jupyter client's ``execute_request``, about to be relayed to ``kernel``:
+        recorded as a run (``source: "gateway"``) whose output is journaled."""
+        record = await self._record(session_id)
+        await self.gateway_runs.execute(session_id, kernel, get_language(record.language), msg)
 
     def jupyter_activity(self, session_id: str, touch: bool = False) -> float | None:
         """The session's last activity (epoch s); ``touch``: a Jupyter client's message is
