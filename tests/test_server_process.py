@@ -193,5 +193,7 @@ def test_a_deep_directory_tree_never_takes_the_server_down():
             assert not (Path(srv.env["ERA_DATA_DIR"]) / "pool" / name / "d").exists()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        for server in servers:
+        # The live one first: it shares the data directory, and its pool may mount a new
+        # volume there while an older object's clean-up removes that directory.
+        for server in reversed(servers):
             server.cleanup()
