@@ -111,6 +111,11 @@ SETTINGS: tuple[Setting, ...] = (
             "the engine does not start without them) or `off`.", _choice("auto", "on", "off")),
     Setting("ERA_PROVISIONER", "local", "Default kernel provisioner for new sessions: `local` or `docker`."),
     Setting("ERA_SANDBOX", "auto", "Local sandbox: `auto` (bubblewrap when present), `bwrap` (required) or `none`."),
+    Setting("ERA_ALLOW_INTERNET_DEFAULT", False, "`allowInternetAccess` of a session created without it. ERA's "
+            "default is true; ours is off, so that code reaches no network unless asked (README: ERA defaults).",
+            _bool),
+    Setting("ERA_ALLOW_PUBLIC_DEFAULT", False, "`allowPublicAccess` of a session created without it. ERA's default "
+            "is true; ours is off, so a session's ports need the API key unless asked (README: ERA defaults).", _bool),
     Setting("ERA_DEFAULT_TIMEOUT", 30.0, "Default run timeout in seconds for new sessions.", float),
     Setting("ERA_OUTPUT_LIMIT", 10 * 1024**2, "Per-run output cap in bytes; past it output is dropped and `truncated` set.", _size),
     Setting("ERA_KERNEL_MESSAGE_LIMIT", 256 * 1024**2,

@@ -3,7 +3,8 @@
 Each class names a kind of failure a caller can act on; the server alone decides the
 status it answers with (``server/errors.py`` maps class -> status), and the CLI prints
 the message. ``message`` is a sentence for the client, ``field`` the request field at
-fault when known, ``retry_after`` (seconds) when waiting is the remedy. Lookups that
+fault when known, ``retry_after`` (seconds) when waiting is the remedy, ``details`` any
+further fields the answer carries (ERA's ``hint``, the taken ``id``). Lookups that
 miss also derive from the built-in ``LookupError`` family, bad values from ``ValueError``.
 """
 
@@ -15,10 +16,12 @@ class EraError(Exception):
 
     retry_after: float | None = None  # seconds worth waiting before asking again
 
-    def __init__(self, message: str, *, field: str | None = None, retry_after: float | None = None):
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.details = dict(details or {})
         if retry_after is not None:
             self.retry_after = retry_after
 

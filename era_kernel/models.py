@@ -58,6 +58,27 @@ class SetupSpec(_Strict):
         return not (self.pip or self.npm or self.go or self.commands)
 
 
+class Limits(_Strict):
+    """A session's own resources, below the server's (ERA's VM fields)."""
+    memory_mib: Optional[int] = Field(None, description="memory of the session's kernel and its processes, MiB "
+                                      "(64 to the server's `ERA_KERNEL_MEMORY` / `ERA_DOCKER_MEMORY`)")
+    cpu_count: Optional[float] = Field(None, description="CPUs (containers; the local sandbox has no CPU limit)")
+
+    @field_validator("memory_mib", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 64):
+            raise ValueError("must be a whole number of MiB, at least 64")
+        return v
+
+    @field_validator("cpu_count", mode="before")
+    @classmethod
+    def _cpus(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 64):
+            raise ValueError("must be a number of CPUs above 0 (at most 64)")
+        return float(v) if v is not None else v
+
+
 class CreateSession(_Strict):
     id: Optional[str] = Field(None, validation_alias=AliasChoices("id", "session_id"),
                               description="custom id; auto `sess_<ms>_<random>` when absent")
@@ -67,7 +88,13 @@ class CreateSession(_Strict):
     data: dict[str, Any] = Field(default_factory=dict, description="reaches the code as .session_data.json")
     setup: Optional[SetupSpec] = None
     default_timeout: Optional[float] = Field(None, description="seconds, > 0")
-    allowInternetAccess: bool = False
+    allowInternetAccess: Optional[bool] = Field(None, description="outbound network for the session's code "
+                                                "(default `ERA_ALLOW_INTERNET_DEFAULT`, off)")
+    allowPublicAccess: Optional[bool] = Field(None, description="`/proxy/{id}/...` answers without the API key "
+                                              "(default `ERA_ALLOW_PUBLIC_DEFAULT`, off)")
+    typecheck: bool = Field(False, description="typescript: type-check each cell and refuse it on a type error "
+                            "(default: transpile only, as ERA's tsx)")
+    limits: Optional[Limits] = Field(None, description="the session's own memory and CPUs, below the server's")
     env: dict[str, str] = Field(default_factory=dict)
     provisioner: Optional[Literal["local", "docker"]] = None
     startup: Optional[str] = Field(None, description="code run after the startup cells at every kernel start")
@@ -89,6 +116,8 @@ class PatchSession(_Strict):
     data: Optional[dict[str, Any]] = None
     default_timeout: Optional[float] = None
     allowInternetAccess: Optional[bool] = None
+    allowPublicAccess: Optional[bool] = None
+    typecheck: Optional[bool] = None
     env: Optional[dict[str, str]] = None
 
     @field_validator("default_timeout", mode="before")
@@ -133,7 +162,7 @@ class ExecuteRequest(RunRequest):
     language: str = "python"
     files: dict[str, str] = Field(default_factory=dict, description="path -> text content written before the run")
     provisioner: Optional[Literal["local", "docker"]] = None
-    allowInternetAccess: bool = False
+    allowInternetAccess: Optional[bool] = None
 
     _check_lang = field_validator("language", mode="before")(normalize_language)
 
@@ -156,8 +185,32 @@ class BulkDelete(_Strict):
     prefix: Optional[str] = None
 
 
+class CommandRequest(_Strict):
+    """ERA's ``POST /api/vm/{id}/run``: a shell command in the session's sandbox."""
+    command: str = Field(description="run with `bash -c` inside the sandbox")
+    timeout: Optional[float] = Field(None, description="seconds, > 0; the session's default_timeout when absent")
+    envs: dict[str, str] = Field(default_factory=dict, description="environment variables for this command")
+
+    _check_env = field_validator("envs")(check_env)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if "\x00" in v:
+            raise ValueError("contains a NUL character")
+        return v
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        return _positive_timeout(v)
+
+
 class CodeBody(_Strict):
     code: str
+    description: Optional[str] = Field(None, description="what the program does (ERA's `code_description`)")
 
 
 class ScheduleRequest(_Strict):
@@ -207,9 +260,12 @@ class RunResult(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="allow")  # some errors say more: ERA's `hint`, a taken `id`
+
     error: str
     status_code: int
     field: Optional[str] = None
+    hint: Optional[str] = Field(None, description="what to do about it, where ERA gives one")
 
 
 def _positive_timeout(v: Any) -> Any:

@@ -91,7 +91,7 @@ def error_headers(err: BaseException) -> dict[str, str]:
 
 def error_body(err: EraError) -> dict[str, Any]:
     """The one JSON error shape (WebSocket protocol errors add ``type`` and ``id`` to it)."""
-    body: dict[str, Any] = {"error": err.message, "status_code": http_status(err)}
+    body: dict[str, Any] = {**getattr(err, "details", {}), "error": err.message, "status_code": http_status(err)}
     if err.field:
         body["field"] = err.field
     return body

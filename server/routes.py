@@ -21,6 +21,7 @@ from .handlers.files import FileHandler, FilesHandler
 from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunEventsHandler, RunHandler, RunRecordHandler, StreamHandler
 from .handlers.schedules import ScheduleHandler, SchedulesHandler
+from .handlers.vm import VmHandler, VmListHandler, VmRunHandler, VmsHandler, VmStopHandler
 from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
                                 RestartHandler, RunsHandler, SessionEventsHandler, SessionHandler, SessionsHandler)
 from .jupyter import (KernelChannels, KernelHandler, KernelInterruptHandler, KernelRestartHandler, KernelsHandler,
@@ -60,6 +61,12 @@ ROUTES: list[Route] = [
     Route("/api/sessions/{id}/restart", RestartHandler),
     Route("/api/sessions/{id}/files", FilesHandler),
     Route("/api/sessions/{id}/files/{path}", FileHandler),
+    # ERA's local-agent routes (handlers/vm.py): a VM is a session.
+    Route("/api/vm", VmsHandler),
+    Route("/api/vms", VmListHandler),
+    Route("/api/vm/{id}", VmHandler),
+    Route("/api/vm/{id}/run", VmRunHandler),
+    Route("/api/vm/{id}/stop", VmStopHandler),
     # Jupyter kernel gateway (server/jupyter.py): a kernel id is a session id.
     Route("/api/kernelspecs", KernelSpecsHandler),
     Route("/api/kernelspecs/{name}", KernelSpecHandler),

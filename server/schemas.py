@@ -70,9 +70,18 @@ class KernelInfo(BaseModel):
 
 
 class SetupResult(_Open):
+    """ERA's fields (success ... stderr) and ours (logs, duration, env, source)."""
+    success: Optional[bool] = None
+    duration_ms: Optional[float] = None
+    pip_packages: Optional[list[str]] = None
+    npm_packages: Optional[list[str]] = None
+    go_modules: Optional[list[str]] = None
+    commands_run: Optional[list[str]] = None
+    error: Optional[str] = None
+    stdout: Optional[str] = None
+    stderr: Optional[str] = None
     logs: Optional[str] = None
     duration: Optional[str] = None
-    error: Optional[str] = None
 
 
 class SessionDocument(_Open):
@@ -87,6 +96,9 @@ class SessionDocument(_Open):
     data: dict[str, Any]
     default_timeout: float
     allowInternetAccess: bool
+    allowPublicAccess: bool = Field(description="`/proxy/{id}/...` answers without the API key")
+    typecheck: bool = Field(description="typescript sessions: cells are type-checked")
+    setup: Optional[dict[str, Any]] = Field(description="the setup asked for, in canonical form")
     setup_status: Optional[Literal["pending", "running", "completed", "failed"]]
     setup_result: Optional[SetupResult]
     kernel: KernelInfo
@@ -101,12 +113,26 @@ class SessionList(BaseModel):
                                       "at `ERA_LIST_MAX` / `ERA_LIST_MAX_BYTES`; absent otherwise")
 
 
+class Patched(BaseModel):
+    success: Literal[True]
+    id: str
+    metadata: SessionDocument = Field(description="the whole session document after the change (ERA's name)")
+    updated_at: str
+
+
 class Deleted(BaseModel):
-    deleted: str
+    success: Literal[True]
+    id: str
+    deleted_at: str
+    deleted: str = Field(description="the same id (this server's answer before ERA's)")
 
 
 class BulkDeleted(BaseModel):
-    deleted: list[str]
+    success: Literal[True]
+    deleted_count: int
+    deleted_sessions: list[str]
+    deleted_at: str
+    deleted: list[str] = Field(description="the same ids (this server's answer before ERA's)")
     count: int
 
 
@@ -133,7 +159,17 @@ class FileDeleted(BaseModel):
 
 class StoredCode(BaseModel):
     session_id: str
-    code: Optional[str]
+    code: str
+    description: Optional[str]
+    updated_at: Optional[str]
+    code_length: int
+
+
+class CodeStored(BaseModel):
+    success: Literal[True]
+    session_id: str
+    code_length: int
+    updated_at: str
 
 
 class RunRecord(_Open):
@@ -382,3 +418,58 @@ class WsInputReply(BaseModel):
 STREAM_EVENTS = (OutputEvent, DisplayEvent, ErrorEvent, DoneEvent)
 WS_SERVER_MESSAGES = STREAM_EVENTS + (InputRequestEvent, StatusEvent, WsResult, WsProtocolError)
 WS_CLIENT_MESSAGES = (WsRun, WsInterrupt, WsInputReply)
+
+
+# ---- ERA's local-agent routes (handlers/vm.py) -----------------------------------------------
+class CreateVm(_Open):
+    language: str = Field("python", description="python, node, typescript, deno, go, bash")
+    cpu_count: Optional[float] = Field(None, description="CPUs (containers)")
+    memory_mib: Optional[int] = Field(None, description="memory, MiB")
+    network_mode: Literal["none", "full"] = "none"
+    persist: bool = False
+    id: Optional[str] = Field(None, description="ours: choose the id (default `<language>-<nanoseconds>`)")
+
+
+class Vm(_Open):
+    id: str
+    language: str
+    rootfs_image: str
+    cpu_count: Optional[float]
+    memory_mib: int
+    network_mode: Literal["none", "full"]
+    persist: bool
+    status: Literal["running", "stopped"]
+    created_at: str
+    last_run_at: Optional[str]
+    limits_enforced: dict[str, bool] = Field(description="which limits this provisioner enforces")
+    session: SessionDocument = Field(description="the session behind it")
+
+
+class VmSummary(BaseModel):
+    id: str
+    language: str
+    status: Literal["running", "stopped"]
+    cpu_count: Optional[float]
+    memory_mib: int
+    created_at: str
+
+
+class VmList(BaseModel):
+    vms: list[VmSummary]
+    count: int
+
+
+class VmDone(BaseModel):
+    status: Literal["stopped", "deleted"]
+    vm_id: str
+    message: str
+
+
+class CommandResult(_Open):
+    exit_code: int = Field(description="the command's; 124 when its timeout ended it")
+    stdout: str
+    stderr: str
+    duration: str = Field(description="Go-style, e.g. `1.234s`")
+    duration_ms: float
+    timed_out: bool
+

@@ -208,7 +208,9 @@ async def test_run_without_code_uses_the_stored_program(engine, session):
     await engine.set_code(session, "print('stored program')")
     r = await engine.run(session, {})
     assert r["stdout"] == "stored program\n"
-    assert await engine.get_code(session) == "print('stored program')"
+    stored = await engine.get_code(session)
+    assert stored["code"] == "print('stored program')" and stored["code_length"] == len(stored["code"])
+    assert (await engine.get(session))["data"]["code"] == "print('stored program')", "kept in data, as in ERA"
 
 
 async def test_one_shot_execute_is_discarded(engine):

@@ -50,11 +50,12 @@ def test_create_accepts_id_or_session_id_and_refuses_a_taken_id(server):
     assert doc["id"] == "alias-1" and doc["language"] == "python"
     assert headers["Location"] == "/api/sessions/alias-1"
     status, body = server.request("POST", "/api/sessions", {"id": "alias-1"})
-    assert_error_shape(status, body, 409)
+    assert assert_error_shape(status, body, 409)["id"] == "alias-1", "ERA names the taken id"
     auto = server.json("POST", "/api/sessions", {}, expect=201)
     assert auto["id"].startswith("sess_")
     for name in ("alias-1", auto["id"]):
-        assert server.json("DELETE", f"/api/sessions/{name}") == {"deleted": name}
+        gone = server.json("DELETE", f"/api/sessions/{name}")
+        assert (gone["success"], gone["id"], gone["deleted"]) == (True, name, name), gone
     status, body = server.request("GET", "/api/sessions/alias-1")
     assert_error_shape(status, body, 404)
 
@@ -69,7 +70,8 @@ def test_list_get_patch(server, sid):
         assert key in doc, key
     assert doc["created_at"].endswith("Z")
     patched = server.json("PATCH", f"/api/sessions/{sid}", {"metadata": {"team": "a"}, "default_timeout": 20})
-    assert patched["metadata"] == {"team": "a"} and patched["default_timeout"] == 20
+    assert patched["success"] is True and patched["id"] == sid and patched["updated_at"].endswith("Z")
+    assert patched["metadata"]["metadata"] == {"team": "a"} and patched["metadata"]["default_timeout"] == 20
     for bad in (0, -1, "x"):
         status, body = server.request("PATCH", f"/api/sessions/{sid}", {"default_timeout": bad})
         assert assert_error_shape(status, body, 400)["field"] == "default_timeout"
@@ -92,8 +94,9 @@ def test_run_results(server, sid):
 
 
 def test_stored_code_runs_when_run_has_no_code(server, sid):
-    assert server.json("PUT", f"/api/sessions/{sid}/code", {"code": "print('stored')"})["code"] == "print('stored')"
-    assert server.json("GET", f"/api/sessions/{sid}/code") == {"session_id": sid, "code": "print('stored')"}
+    assert server.json("PUT", f"/api/sessions/{sid}/code", {"code": "print('stored')"})["code_length"] == 15
+    stored = server.json("GET", f"/api/sessions/{sid}/code")
+    assert (stored["session_id"], stored["code"], stored["code_length"]) == (sid, "print('stored')", 15)
     assert server.json("POST", f"/api/sessions/{sid}/run", {})["stdout"] == "stored\n"
     status, body = server.request("PUT", f"/api/sessions/{sid}/code", "print('plain')",
                                   {"Content-Type": "text/plain; charset=utf-8"})
@@ -240,7 +243,9 @@ def test_bulk_delete_by_prefix_and_ids(server):
     for name in ("bulk-a1", "bulk-a2", "bulk-b1"):
         server.json("POST", "/api/sessions", {"id": name}, expect=201)
     assert sorted(server.json("DELETE", "/api/sessions?prefix=bulk-a")["deleted"]) == ["bulk-a1", "bulk-a2"]
-    assert server.json("DELETE", "/api/sessions", {"ids": ["bulk-b1"]}) == {"deleted": ["bulk-b1"], "count": 1}
+    gone = server.json("DELETE", "/api/sessions", {"ids": ["bulk-b1"]})
+    assert (gone["success"], gone["deleted_count"], gone["deleted_sessions"]) == (True, 1, ["bulk-b1"]), gone
+    assert (gone["deleted"], gone["count"]) == (["bulk-b1"], 1) and gone["deleted_at"].endswith("Z")
     status, body = server.request("DELETE", "/api/sessions", {"ids": "bulk-b1"})
     assert assert_error_shape(status, body, 400)["field"] == "ids"
 

@@ -24,7 +24,12 @@ MALFORMED = [b'{"code": ', b"[" * 20000 + b"]" * 20000, b'{"a":' * 20000 + b"1" 
              b"[1, 2]", b'"text"', b'{"x": NaN}', b'{"deep": ' + b"[" * 100 + b"]" * 100 + b"}"]
 BAD_FIELDS = {
     "CreateSession": [{"id": "bad id!"}, {"language": "--privileged"}, {"env": {"A": "x\u0000"}},
-                      {"default_timeout": 0}, {"metadata": []}],
+                      {"default_timeout": 0}, {"metadata": []}, {"limits": {"memory_mib": 1}},
+                      {"allowPublicAccess": "yes"}, {"typecheck": 1}],
+    "CreateVm": [{"network_mode": "bridge"}, {"memory_mib": 1}, {"memory_mib": "512"}, {"cpu_count": 0},
+                 {"language": "cobol"}, {"persist": "yes"}],
+    "CommandRequest": [{"command": 5}, {}, {"command": " "}, {"command": "ls", "timeout": 0},
+                       {"command": "ls", "envs": {"1BAD": "x"}}],
     "PatchSession": [{"default_timeout": 0}, {"default_timeout": "1"}, {"data": "x"}],
     "RunRequest": [{"code": 5}, {"code": "1", "timeout": -1}, {"code": "1", "env": {"1BAD": "x"}}],
     "ExecuteRequest": [{"code": 5}, {"code": "1", "language": "cobol"}, {"code": "1", "files": []}],

@@ -138,7 +138,7 @@ class SessionFiles:
         adopts (or, rolling back, removes) files it did not make."""
         if not record.workdir and await self.of(record).exists():
             raise Conflict(f"a directory for session {record.id} already exists on this host; pick another id",
-                           field="id")
+                           field="id", details={"id": record.id})
 
     async def create(self, record: SessionRecord, uid: int, copy_from: SessionRecord | None = None,
                      copy_from_uid: int | None = None) -> None:

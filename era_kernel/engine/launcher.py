@@ -69,9 +69,15 @@ class KernelLauncher:
         extras = await self.setups.launch_extras(request.language, request.provisioner, request.setup)
         if labels is None:
             labels = {"era.session": request.session_id} if request.session_id else {}
+        # In the process environment, not a startup cell: the kernel reads it when it starts.
+        env = {**extras["env"], **({"ERA_TYPECHECK": "1"} if request.typecheck else {})}
+        limits = request.limits or {}
+        own = {**({"memory": limits["memory_mib"] * 1024**2, "address_space": self.settings["ERA_KERNEL_MEMORY"]}
+                  if "memory_mib" in limits else {}),
+               **({"cpus": limits["cpu_count"]} if "cpu_count" in limits else {})}
         launch = LaunchOptions.from_settings(
-            self.settings, request.provisioner, workspace, uid=uid, allow_network=request.allow_internet, env=dict(extras["env"]),
-            labels=labels, readonly=tuple(extras["readonly"]))
+            self.settings, request.provisioner, workspace, uid=uid, allow_network=request.allow_internet, env=env,
+            labels=labels, readonly=tuple(extras["readonly"]), **own)
         startup = extras["startup"] + self.startup_cells(request, workspace) if cells else []
         return SessionKernel(self.spec_manager, language.kernelspec_name(request.provisioner), launch, startup,
                              start_timeout=self.settings["ERA_KERNEL_START_TIMEOUT"],

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 from .. import models
 from ..config import Settings
-from ..errors import BadRequest, Conflict, EraError, NotFound, TooLarge
+from ..errors import BadRequest, Conflict, EraError, NotFound, TooLarge, Unprocessable
 from ..kernel import EventSink, InputHandler, SessionKernel
 from ..languages import get_language
 from ..listing import SessionPage, read_page, record_chunks
@@ -182,6 +182,8 @@ class SessionManager:
             "language": record.language, "persistent": record.persistent, "provisioner": record.provisioner,
             "file_count": file_count, "total_size_bytes": total, "metadata": record.metadata, "data": record.data,
             "default_timeout": record.default_timeout, "allowInternetAccess": record.allow_internet,
+            "allowPublicAccess": record.allow_public, "typecheck": record.typecheck, "limits": record.limits,
+            "setup": record.setup,
             "setup_status": record.setup_status, "setup_result": record.setup_result,
             "kernel": {"state": str(self.table.state(record.id)), "last_exit": record.last_exit},
         }
@@ -202,14 +204,51 @@ class SessionManager:
         get_language(req.language)
         self._check_sizes({"metadata": req.metadata, "data": req.data})
         setup = self.setups.normalize(req.setup)
+        provisioner = req.provisioner or self.settings["ERA_PROVISIONER"]
         record = SessionRecord(
-            id=req.id or new_session_id(), language=req.language,
-            provisioner=req.provisioner or self.settings["ERA_PROVISIONER"], created_at=utc_now(),
+            id=req.id or new_session_id(), language=req.language, provisioner=provisioner, created_at=utc_now(),
             persistent=req.persistent, metadata=req.metadata, data=req.data, setup=setup,
             setup_status="pending" if setup else None,
             default_timeout=req.default_timeout or self.settings["ERA_DEFAULT_TIMEOUT"],
-            allow_internet=req.allowInternetAccess, env=req.env, startup=req.startup, max_age=req.max_age)
+            allow_internet=self._default(req.allowInternetAccess, "ERA_ALLOW_INTERNET_DEFAULT"),
+            allow_public=self._default(req.allowPublicAccess, "ERA_ALLOW_PUBLIC_DEFAULT"), typecheck=req.typecheck,
+            limits=self._limits(req.limits, provisioner), env=req.env, startup=req.startup, max_age=req.max_age)
         return await self._insert(record)
+
+    def _limits(self, limits: models.Limits | None, provisioner: str) -> dict[str, Any] | None:
+        """A session's own limits, checked against the server's (422 above them)."""
+        if limits is None or (limits.memory_mib is None and limits.cpu_count is None):
+            return None
+        docker = provisioner == "docker"
+        setting = "ERA_DOCKER_MEMORY" if docker else "ERA_KERNEL_MEMORY"
+        if limits.memory_mib is not None and limits.memory_mib * 1024**2 > self.settings[setting]:
+            raise Unprocessable(f"memory_mib {limits.memory_mib} is above this server's limit of "
+                                f"{self.settings[setting] // 1024**2} MiB ({setting})", field="limits.memory_mib")
+        if docker and limits.cpu_count is not None and limits.cpu_count > self.settings["ERA_DOCKER_CPUS"]:
+            raise Unprocessable(f"cpu_count {limits.cpu_count:g} is above this server's limit of "
+                                f"{self.settings['ERA_DOCKER_CPUS']:g} (ERA_DOCKER_CPUS)", field="limits.cpu_count")
+        return limits.model_dump(exclude_none=True)
+
+    async def limits_enforced(self, provisioner: str) -> dict[str, bool]:
+        """Which of a session's own ``limits`` hold on this provisioner: containers bound
+        memory and CPUs; the local sandbox bounds memory through the session's cgroup
+        (none here: not held, since its per-process cap stays the server's) and no CPUs."""
+        if provisioner == "docker":
+            return {"memory_mib": True, "cpu_count": True}
+        from ..provisioning import cgroups
+
+        try:
+            found = await asyncio.to_thread(cgroups.resolve, self.settings["ERA_KERNEL_CGROUPS"])
+        except cgroups.CgroupsUnavailable:
+            found = None
+        return {"memory_mib": found is not None, "cpu_count": False}
+
+    @staticmethod
+    def _taken(session_id: str) -> Conflict:
+        return Conflict(f"session id already exists: {session_id}", field="id", details={"id": session_id})
+
+    def _default(self, value: bool | None, setting: str) -> bool:
+        return bool(self.settings[setting]) if value is None else value
 
     async def _insert(self, record: SessionRecord, copy_from: SessionRecord | None = None) -> dict[str, Any]:
         """Take a kernel (a pooled one, or a slot for a new one), store the record, make
@@ -220,11 +259,13 @@ class SessionManager:
         else:
             lease = await self.table.admit()  # Busy before anything is written
         try:
+            if await self.store.get_session(record.id) is not None:  # the common case, said plainly
+                raise self._taken(record.id)
             await self.files.check_unused(record)
             try:
                 record.seq = (await self.store.insert_session(record.to_row()))["seq"]
             except SessionExists:
-                raise Conflict(f"session {record.id} already exists", field="id") from None
+                raise self._taken(record.id) from None
             try:
                 await self.files.create(record, session_uid(record), copy_from,
                                         session_uid(copy_from) if copy_from else None)
@@ -247,7 +288,7 @@ class SessionManager:
     def _take_warm(self, record: SessionRecord) -> WarmKernel | None:
         """A pooled kernel for this record, when one of its kind is ready. Sessions with a
         package setup or network access need a kernel launched for them, so never pool."""
-        if record.setup or record.allow_internet:
+        if record.setup or record.allow_internet or record.typecheck or record.limits:
             return None
         return self.pool.take((record.language, record.provisioner))
 
@@ -282,10 +323,10 @@ class SessionManager:
         row = await self.store.update_session(session_id, changes)
         if row is None:
             raise NotFound(f"session {session_id} not found")
-        if {"allowInternetAccess", "env"} & changes.keys():
+        restart = {"allowInternetAccess", "env", "typecheck"} & changes.keys()
+        if restart:
             if await self.table.stop(session_id):  # takes effect at the next kernel start
-                self.events.publish(KernelStopped(session_id, "settings changed",
-                                                  {"fields": sorted({"allowInternetAccess", "env"} & changes.keys())}))
+                self.events.publish(KernelStopped(session_id, "settings changed", {"fields": sorted(restart)}))
         return await self._document(SessionRecord.from_row(row))
 
     async def delete(self, session_id: str) -> None:
@@ -345,6 +386,13 @@ class SessionManager:
         self.events.emit(session_id, {"type": "status", "state": "restarting"})
         lease = await self.table.admit()
         self.launcher.start_in_background(record, lease)
+
+    async def stop_kernel(self, session_id: str) -> None:
+        """Stop the session's kernel (ERA's VM stop): its files, data and history stay,
+        and its next run starts a kernel."""
+        await self._record(session_id)
+        if await self.table.stop(session_id):
+            self.events.publish(KernelStopped(session_id, "request"))
 
     # ---- runs -------------------------------------------------------------------------------
     def subscribe(self, session_id: str, callback: Callable[[RunEvent], None]) -> Callable[[], None]:
@@ -416,13 +464,30 @@ class SessionManager:
         # first call imports nbformat and jsonschema (seconds on a loaded host).
         return await asyncio.to_thread(notebook_from_runs, runs, record.language, session_id)
 
-    async def set_code(self, session_id: str, code: Any) -> None:
-        await self._record(session_id)
-        req = models.parse(models.CodeBody, {"code": code})
-        await self.store.update_session(session_id, {"code": req.code})
+    async def set_code(self, session_id: str, body: Any) -> dict[str, Any]:
+        """Store the session's default program, ERA's way: in ``data.code`` (with
+        ``code_description`` and ``code_updated_at``), where runs, the code itself and
+        duplicates see it. ``{code_length, updated_at}``."""
+        record = await self._record(session_id)
+        req = models.parse(models.CodeBody, {"code": body} if isinstance(body, str) else body)
+        if not req.code:
+            raise BadRequest("code field required", field="code")
+        updated_at = utc_now()
+        description = req.description if req.description is not None else record.data.get("code_description")
+        data = {**record.data, "code": req.code, "code_description": description, "code_updated_at": updated_at}
+        self._check_sizes({"data": data})
+        await self.store.update_session(session_id, {"data": data, "code": None})
+        return {"code_length": len(req.code), "updated_at": updated_at}
 
-    async def get_code(self, session_id: str) -> str | None:
-        return (await self._record(session_id)).code
+    async def get_code(self, session_id: str) -> dict[str, Any]:
+        """``{code, description, updated_at, code_length}``; NotFound (with ERA's hint) when
+        the session has none."""
+        record = await self._record(session_id)
+        code = record.stored_code
+        if code is None:
+            raise NotFound("no code stored", details={"hint": f"Use PUT /api/sessions/{session_id}/code to store code"})
+        return {"code": code, "description": record.data.get("code_description"),
+                "updated_at": record.data.get("code_updated_at"), "code_length": len(code)}
 
     # ---- schedules (engine/schedules.py) ------------------------------------------------------
     async def create_schedule(self, session_id: str, body: Any) -> dict[str, Any]:
@@ -431,7 +496,7 @@ class SessionManager:
         # In a thread: validating asks croniter for the next slot (pure Python, can search
         # years ahead for a date that never comes) and may read the zone's file.
         req = await asyncio.to_thread(models.parse, models.ScheduleRequest, body)
-        if req.code is None and record.code is None:
+        if req.code is None and record.stored_code is None:
             raise BadRequest("field 'code' is required: the session has no stored program (PUT .../code) "
                              "for the schedule to run", field="code")
         return await self.scheduler.create(session_id, req)

@@ -25,7 +25,7 @@ EPHEMERAL_UID_BASE = 900_000_000  # one-shot runs' uids, cycling through a milli
 POOL_UID_BASE = 400_000_000  # pooled kernels' uids: reserved in blocks, never reused
 
 # Row key -> attribute, where they differ (the API's camelCase field).
-_ROW_NAMES = {"allowInternetAccess": "allow_internet"}
+_ROW_NAMES = {"allowInternetAccess": "allow_internet", "allowPublicAccess": "allow_public"}
 _ATTR_NAMES = {attr: key for key, attr in _ROW_NAMES.items()}
 
 
@@ -46,6 +46,8 @@ class KernelRequest:
     startup: str | None = None
     setup: dict[str, Any] | None = None
     session_id: str | None = None
+    typecheck: bool = False  # TypeScript: type-check each cell (ERA_TYPECHECK=1 in the kernel's environment)
+    limits: dict[str, Any] | None = None  # {memory_mib, cpu_count}: the session's own, below the server's
 
 
 @dataclass
@@ -62,9 +64,12 @@ class SessionRecord:
     setup_result: dict[str, Any] | None = None
     default_timeout: float = 30.0
     allow_internet: bool = False
+    allow_public: bool = False  # /proxy/{id}/... needs no API key (ERA's allowPublicAccess)
+    typecheck: bool = False
+    limits: dict[str, Any] | None = None
     env: dict[str, str] = field(default_factory=dict)
     startup: str | None = None
-    code: str | None = None  # the stored program (PUT .../code); a run without code runs it
+    code: str | None = None  # before ERA's data.code: the stored program of sessions made by older versions
     max_age: float | None = None
     last_run_at: str | None = None
     workdir: str | None = None  # pool/<hex> when the session claimed a pooled kernel's directory
@@ -89,9 +94,17 @@ class SessionRecord:
         return {_ATTR_NAMES.get(name, name): value for name, value in changes.items()}
 
     # ---- derived ---------------------------------------------------------------------------
+    @property
+    def stored_code(self) -> str | None:
+        """The stored program (PUT .../code), which a run without code runs. As in ERA it
+        lives in ``data.code`` (so the code can read it, and a duplicate has it); sessions
+        stored by older versions kept it in ``code``."""
+        code = self.data.get("code")
+        return code if isinstance(code, str) and code else self.code
+
     def kernel_request(self) -> KernelRequest:
         return KernelRequest(self.language, self.provisioner, self.allow_internet, dict(self.env), self.startup,
-                             self.setup, self.id)
+                             self.setup, self.id, self.typecheck, self.limits)
 
     def duplicate(self, new_id: str | None) -> "SessionRecord":
         """A new session with this one's settings, data, metadata and stored program (not
@@ -100,8 +113,8 @@ class SessionRecord:
             id=new_id or new_session_id(), language=self.language, provisioner=self.provisioner,
             created_at=utc_now(), persistent=self.persistent, metadata=dict(self.metadata), data=dict(self.data),
             setup=self.setup, setup_status="pending" if self.setup else None, default_timeout=self.default_timeout,
-            allow_internet=self.allow_internet, env=dict(self.env), startup=self.startup, code=self.code,
-            max_age=self.max_age)
+            allow_internet=self.allow_internet, allow_public=self.allow_public, typecheck=self.typecheck,
+            limits=self.limits, env=dict(self.env), startup=self.startup, code=self.code, max_age=self.max_age)
 
 
 def session_uid(record: SessionRecord) -> int:

@@ -81,9 +81,12 @@ class SessionRunner:
         lock. ``load`` reads the record now (a patch may have just landed)."""
         record = await load()
         req = ticket.request
-        code = req.code if req.code is not None else record.code
+        # ERA runs the stored program when `code` is absent or empty.
+        code = req.code if req.code or (req.code == "" and record.stored_code is None) else record.stored_code
         if code is None:
-            raise BadRequest("field 'code' is required (no default program is stored for this session)", field="code")
+            raise BadRequest("no code provided and no stored code found", field="code",
+                             details={"hint": "send 'code', or store a default program first: "
+                                              "PUT /api/sessions/{id}/code {\"code\": ...}"})
         ticket.code = code
         timeout = req.timeout or record.default_timeout
         await self._wait_for_setup(record.id, timeout, on_event)
@@ -176,8 +179,9 @@ class SessionRunner:
         once the answer is out."""
         req = models.parse(models.ExecuteRequest, body)
         language = get_language(req.language)
-        request = KernelRequest(req.language, req.provisioner or self.settings["ERA_PROVISIONER"],
-                                req.allowInternetAccess)
+        allow_internet = (self.settings["ERA_ALLOW_INTERNET_DEFAULT"] if req.allowInternetAccess is None
+                          else req.allowInternetAccess)
+        request = KernelRequest(req.language, req.provisioner or self.settings["ERA_PROVISIONER"], bool(allow_internet))
         warm = self.pool.take((request.language, request.provisioner)) if not request.allow_internet else None
         kernel: SessionKernel | None = None
         if warm is not None:

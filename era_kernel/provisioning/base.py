@@ -46,6 +46,9 @@ class LaunchOptions:
     labels: dict[str, str] = field(default_factory=dict)  # container labels (era.session, era.pool)
     readonly: tuple[str, ...] = ()  # host directories bound read-only at the same path (package environments)
     memory: int = 2 * 1024**3  # bytes: the session's cgroup (era-local) or the container's limit (era-docker)
+    # era-local: each process's RLIMIT_AS when above ``memory``. A session's own smaller
+    # limit is its cgroup's, not an address-space cap: a kernel maps far more than it uses.
+    address_space: int = 0
     pids: int = 256
     cpus: float = 1.0  # era-docker
     sandbox: str = "auto"  # era-local: auto | bwrap | none
@@ -62,16 +65,16 @@ class LaunchOptions:
     def from_settings(cls, settings: "Settings", provisioner: str, workspace: Path, **session: Any) -> "LaunchOptions":
         """Called by the engine for every kernel it launches: its settings for this
         provisioner, plus the session's own fields (``uid``, ``allow_network``, ``env``,
-        ``labels``, ``readonly``)."""
+        ``labels``, ``readonly``, and its own ``memory`` / ``cpus`` below the settings')."""
         s = settings
         docker = provisioner == "docker"
-        return cls(workspace=Path(workspace), runtime_dir=Path(s.runtime_dir),
-                   hidden=(str(s.data_dir), str(s.runtime_dir)),
-                   memory=s["ERA_DOCKER_MEMORY"] if docker else s["ERA_KERNEL_MEMORY"],
-                   pids=s["ERA_DOCKER_PIDS"] if docker else s["ERA_KERNEL_PIDS"], cpus=s["ERA_DOCKER_CPUS"],
-                   sandbox=s["ERA_SANDBOX"], tmp_size=s["ERA_KERNEL_TMP_SIZE"], cgroups=s["ERA_KERNEL_CGROUPS"],
-                   image_prefix=s["ERA_DOCKER_IMAGE_PREFIX"], egress_network=s["ERA_DOCKER_EGRESS_NETWORK"],
-                   **session)
+        fields: dict[str, Any] = dict(
+            workspace=Path(workspace), runtime_dir=Path(s.runtime_dir), hidden=(str(s.data_dir), str(s.runtime_dir)),
+            memory=s["ERA_DOCKER_MEMORY"] if docker else s["ERA_KERNEL_MEMORY"],
+            pids=s["ERA_DOCKER_PIDS"] if docker else s["ERA_KERNEL_PIDS"], cpus=s["ERA_DOCKER_CPUS"],
+            sandbox=s["ERA_SANDBOX"], tmp_size=s["ERA_KERNEL_TMP_SIZE"], cgroups=s["ERA_KERNEL_CGROUPS"],
+            image_prefix=s["ERA_DOCKER_IMAGE_PREFIX"], egress_network=s["ERA_DOCKER_EGRESS_NETWORK"])
+        return cls(**{**fields, **session})
 
     @classmethod
     def given(cls, era: "LaunchOptions | Mapping[str, Any] | None", provisioner: str, workspace: Path,

@@ -231,7 +231,7 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
             # Without bubblewrap, at least die with the server.
             argv = die_with_parent() + argv
         # bubblewrap sets no resource limits: prlimit does, before anything else runs.
-        address_space = max(options.memory, self.address_space_limit)
+        address_space = max(options.memory, options.address_space, self.address_space_limit)
         argv = ["prlimit", f"--as={address_space}", f"--nproc={options.pids}", "--core=0", "--", *argv]
         if cgroup_support is not None:
             # A fresh group per launch (a restart's too: the previous one went at cleanup),

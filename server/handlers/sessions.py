@@ -3,6 +3,7 @@ session events, notebook export, interrupt and restart. Each method: parse, call
 
 from __future__ import annotations
 
+from era_kernel.engine.results import utc_now
 from era_kernel.errors import BadRequest
 
 from ..apidoc import Op
@@ -54,15 +55,19 @@ class SessionsHandler(BaseHandler):
         if prefix is not None and req.prefix is not None and prefix != req.prefix:
             raise BadRequest("'prefix' given in both the query and the body, with different values", field="prefix")
         deleted = await self.engine.delete_many(ids=req.ids, prefix=prefix if prefix is not None else req.prefix)
-        self.send_json({"deleted": deleted, "count": len(deleted)})
+        # ERA's answer, and ours before it (`deleted`, `count`) for older clients.
+        self.send_json({"success": True, "deleted_count": len(deleted), "deleted_sessions": deleted,
+                        "deleted_at": utc_now(), "deleted": deleted, "count": len(deleted)})
 
 
 class SessionHandler(BaseHandler):
     SESSION_ROUTE = True
     API = {
         "get": Op("Get a session", response="SessionDocument", errors=SESSION_ERRORS),
-        "patch": Op("Update metadata, data, default_timeout, allowInternetAccess, env", body="PatchSession",
-                    response="SessionDocument", errors=(400, 404, 413)),
+        "patch": Op("Update metadata, data, default_timeout, allowInternetAccess, allowPublicAccess, typecheck, env",
+                    body="PatchSession", response="Patched", errors=(400, 404, 413),
+                    description="ERA's answer: `{success, id, metadata: <the session document>, updated_at}`. "
+                                "Network, env and typecheck changes take effect at the next kernel start."),
         "delete": Op("Delete a session: kernel, files, metadata, history", response="Deleted",
                      errors=SESSION_ERRORS),
     }
@@ -71,11 +76,12 @@ class SessionHandler(BaseHandler):
         self.send_json(await self.engine.get(sid))
 
     async def patch(self, sid: str) -> None:
-        self.send_json(await self.engine.patch(sid, self.json_body()))
+        doc = await self.engine.patch(sid, self.json_body())
+        self.send_json({"success": True, "id": sid, "metadata": doc, "updated_at": utc_now()})
 
     async def delete(self, sid: str) -> None:
         await self.engine.delete(sid)  # its sockets close on the engine's SessionDeleted (services.py)
-        self.send_json({"deleted": sid})
+        self.send_json({"success": True, "id": sid, "deleted_at": utc_now(), "deleted": sid})
 
 
 class DuplicateHandler(BaseHandler):
@@ -93,20 +99,23 @@ class DuplicateHandler(BaseHandler):
 class CodeHandler(BaseHandler):
     SESSION_ROUTE = True
     API = {
-        "get": Op("Get the stored default program", response="StoredCode", errors=SESSION_ERRORS),
+        "get": Op("Get the stored default program", response="StoredCode", errors=SESSION_ERRORS,
+                  description="404 `{error: \"no code stored\", hint}` when there is none."),
         "put": Op("Store the default program (`run` with no `code` runs it)", body="code",
-                  response="StoredCode", errors=(400, 404, 413),
-                  description="JSON `{\"code\": ...}`, or the program itself as `text/plain`."),
+                  response="CodeStored", errors=(400, 404, 413),
+                  description="JSON `{\"code\": ..., \"description\"?: ...}`, or the program itself as `text/plain`. "
+                              "As in ERA it is kept in the session's data: `data.code`, `data.code_description`, "
+                              "`data.code_updated_at`."),
     }
 
     async def get(self, sid: str) -> None:
-        self.send_json({"session_id": sid, "code": await self.engine.get_code(sid)})
+        self.send_json({"session_id": sid, **await self.engine.get_code(sid)})
 
     async def put(self, sid: str) -> None:
         content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type == "text/plain":
             try:
-                code = self.body_bytes().decode("utf-8")
+                body = {"code": self.body_bytes().decode("utf-8")}
             except UnicodeDecodeError:
                 raise BadRequest("request body is not valid UTF-8") from None
         else:
@@ -114,10 +123,9 @@ class CodeHandler(BaseHandler):
             if not isinstance(body, dict):
                 raise BadRequest("request body must be a JSON object with a 'code' field", field="code")
             if "code" not in body:
-                raise BadRequest("field 'code' is required", field="code")
-            code = body["code"]
-        await self.engine.set_code(sid, code)
-        self.send_json({"session_id": sid, "code": code})
+                raise BadRequest("code field required", field="code")
+        stored = await self.engine.set_code(sid, body)
+        self.send_json({"success": True, "session_id": sid, **stored})
 
 
 class RunsHandler(BaseHandler):

@@ -6,11 +6,12 @@ import json
 
 
 def assert_error_shape(status: int, body: bytes, expected: int | tuple[int, ...] | None = None) -> dict:
-    """The one error shape: {"error": sentence, "status_code": status, "field"?}, no traceback."""
+    """The one error shape: {"error": sentence, "status_code": status, "field"?}, no traceback;
+    ERA's own extras where it gives them (`hint`, the taken `id`)."""
     assert b"Traceback" not in body and b'File "' not in body, body[:500]
     doc = json.loads(body)
     assert isinstance(doc, dict), doc
-    assert set(doc) <= {"error", "status_code", "field"}, doc
+    assert set(doc) <= {"error", "status_code", "field", "hint", "id"}, doc
     assert isinstance(doc["error"], str) and doc["error"], doc
     assert doc["status_code"] == status, (status, doc)
     if expected is not None:
