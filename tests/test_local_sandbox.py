@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import shutil
 
 import pytest
@@ -288,3 +289,32 @@ async def test_reaper_removes_cgroups_of_dead_owners(era_settings):
         leftover.kill()
         for group in (dead, elsewhere, live):
             group.remove()
+
+
+def test_mount_points_in_a_sessions_tmp_never_follow_what_the_session_planted(tmp_path):
+    """SECURITY.md case 13 for the session's /tmp: bubblewrap, as root, makes the mount
+    points below /tmp (the IPC directory's) itself; a link the session left where one
+    goes (``era-0 -> ../../oldroot/etc``), or a directory of its own there, is replaced by
+    a root-owned directory first, and nothing outside is touched."""
+    if os.getuid() != 0:
+        pytest.skip("without root the sandbox runs as our own uid: nothing to take over")
+    from era_kernel.provisioning.local import prepare_tmp_mountpoints
+
+    tmp = tmp_path / "session-tmp"
+    tmp.mkdir(mode=0o1777)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp / "era-0").symlink_to(outside)
+    (tmp / "mine").mkdir()
+    os.chown(tmp / "mine", 4242, 4242)
+    (tmp / "mine" / "kept.txt").write_text("x")
+    os.symlink("/etc/passwd", tmp / "file-link")
+    prepare_tmp_mountpoints(tmp, ["/tmp/era-0/abc/k1", "/tmp/mine/ws", "/tmp/file-link/x", "/srv/not-under-tmp"])
+    for rel in ("era-0/abc/k1", "mine/ws", "file-link/x"):
+        path = tmp / rel
+        while path != tmp:
+            st = os.lstat(path)
+            assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755, path
+            path = path.parent
+    assert list(outside.iterdir()) == [] and (tmp / "mine" / "kept.txt").read_text() == "x"
+    assert os.path.isfile("/etc/passwd") and not os.path.exists("/srv/not-under-tmp")
