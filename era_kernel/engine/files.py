@@ -107,19 +107,28 @@ class SessionFiles:
                          max_entries=s["ERA_WORKSPACE_MAX_ENTRIES"])
 
     # ---- the session's /tmp ---------------------------------------------------------------
-    def tmp_path(self, workspace: Path) -> Path:
+    def tmp_path(self, workspace: Path) -> Path | None:
         """The /tmp of the workspace directory ``workspace`` (a session's, a pooled kernel's,
-        a one-shot run's): inside its volume when it has one, else under ``tmp/``."""
+        a one-shot run's): inside its volume when it has one, else under ``tmp/``. None
+        for a volume of the older layout (its filesystem is all workspace): there a /tmp
+        outside it would be unbounded on the host's disk, so its kernels keep a private
+        tmpfs per kernel, as before. Call after ``ensure_ready`` (or ``make_dir``): where
+        it lives depends on the volume."""
         inside = self.volumes.tmp_of(workspace)
         if inside is not None:
             return inside
+        if self.volumes.is_mounted(Path(workspace)):
+            return None
+        return self._plain_tmp(workspace)
+
+    def _plain_tmp(self, workspace: Path) -> Path:
         return self.settings.data_dir / TMP_ROOT / Path(workspace).relative_to(self.settings.data_dir)
 
-    async def ensure_tmp(self, workspace: Path, uid: int | None) -> Path:
+    async def ensure_tmp(self, workspace: Path, uid: int | None) -> Path | None:
         """The workspace's /tmp, made when missing (sessions from before it existed, a
         directory restored on another host), owned by ``uid``, private to it."""
         path = self.tmp_path(workspace)
-        if path not in self._tmp_ready:
+        if path is not None and path not in self._tmp_ready:
             await asyncio.to_thread(_make_tmp, path, self.settings.data_dir, uid)
             self._tmp_ready.add(path)
         return path
@@ -128,15 +137,15 @@ class SessionFiles:
         """Remove the workspace's /tmp outside its volume (one inside goes with the volume).
         Whatever the session left there (links, deep or read-only trees) is removed without
         following anything (``fdtree``)."""
-        path = self.settings.data_dir / TMP_ROOT / Path(workspace).relative_to(self.settings.data_dir)
-        self._tmp_ready.discard(self.tmp_path(workspace))
+        path = self._plain_tmp(workspace)
+        self._tmp_ready.discard(self.volumes.tmp_of(workspace))
         self._tmp_ready.discard(path)
         await asyncio.to_thread(fdtree.remove_tree, path)
 
     async def tmp_usage(self, workspace: Path) -> tuple[int, int]:
         """(files, bytes) in the workspace's /tmp (0, 0 when it has none yet)."""
         path = self.tmp_path(workspace)
-        if not await asyncio.to_thread(path.is_dir):
+        if path is None or not await asyncio.to_thread(path.is_dir):
             return 0, 0
         return await self.workspace(path).usage()
 

@@ -260,6 +260,7 @@ class _ReadySandbox(CommandSandbox):
 
     async def run(self, argv, **kwargs) -> CommandResult:
         await self._files.ensure_ready(self._record, self.uid)
+        self.tmp_dir = self._files.tmp_path(self.workspace)  # known once the volume is mounted
         return await super().run(argv, **kwargs)
 
 
