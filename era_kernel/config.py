@@ -126,8 +126,9 @@ SETTINGS: tuple[Setting, ...] = (
             "cgroup's limit, swap and `/tmp` included; also each process's address-space limit (RLIMIT_AS).", _size),
     Setting("ERA_KERNEL_PIDS", 256, "Processes (threads included) of a local kernel's whole session: its pids "
             "cgroup's limit; also the session uid's RLIMIT_NPROC.", int),
-    Setting("ERA_KERNEL_TMP_SIZE", 256 * 1024**2, "Size of a local kernel's private `/tmp` (a tmpfs in memory, "
-            "charged to its memory cgroup); writes past it fail with ENOSPC.", _size),
+    Setting("ERA_KERNEL_TMP_SIZE", 256 * 1024**2, "Size of the private `/tmp` (a tmpfs in memory, charged to its "
+            "memory cgroup) of a local kernel launched without a session, by a plain Jupyter application; a "
+            "session's `/tmp` is its own directory instead.", _size),
     Setting("ERA_KERNEL_CGROUPS", "auto", "Per-kernel memory and pids cgroups: `auto` (used when the server can make "
             "them: root, cgroup v1 or v2; otherwise logged once), `on` (required: a kernel start fails without "
             "them) or `off`.", _choice("auto", "on", "off")),

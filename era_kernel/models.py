@@ -49,10 +49,14 @@ class _Strict(BaseModel):
 
 
 class SetupSpec(_Strict):
-    pip: list[str] = Field(default_factory=list, description="pip requirement strings")
-    npm: list[str] = Field(default_factory=list, description="npm package specs")
-    go: list[str] = Field(default_factory=list, description="Go module paths")
-    commands: list[str] = Field(default_factory=list, description="shell commands run in order")
+    # The package kinds take ERA's two forms each; setup/spec.py validates them (its
+    # errors name the item or the line: `setup.pip.requirements line 3`).
+    pip: Any = Field(None, description="pip requirement strings, or {\"requirements\": \"<requirements.txt>\"}")
+    npm: Any = Field(None, description="npm package specs, or {\"packageJson\": \"<package.json>\"}")
+    go: Any = Field(None, description="Go module paths, or {\"goMod\": \"<go.mod>\"}")
+    commands: list[str] = Field(default_factory=list, description="shell commands run in order in the session's "
+                                "sandbox")
+    envs: dict[str, str] = Field(default_factory=dict, description="environment of the setup commands only")
 
     def is_empty(self) -> bool:
         return not (self.pip or self.npm or self.go or self.commands)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import shutil
 
 import pytest
@@ -222,13 +223,37 @@ async def test_kernel_has_its_own_cgroup_and_a_sized_tmp(limited):
         assert not os.path.exists(its[controller]), f"{controller} cgroup left after the session was deleted"
 
 
-async def test_tmp_is_sized(limited):
-    """/tmp is a tmpfs, i.e. memory: it is bounded by ERA_KERNEL_TMP_SIZE (8 MiB here)."""
-    sid = (await limited.create({}))["id"]
-    code = ("import errno\ntry:\n    with open('/tmp/fill', 'wb') as f:\n        f.write(b'x' * (1 << 20))\n"
-            "        f.flush()\n        f.write(b'x' * (16 << 20))\n        f.flush()\n    print('wrote 17 MiB')\n"
-            "except OSError as e:\n    print('full', errno.errorcode[e.errno])")
-    assert (await run(limited, sid, code, timeout=60))["stdout"] == "full ENOSPC\n"
+async def test_tmp_shares_the_workspace_bound(era_settings):
+    """The session's /tmp is a directory in its workspace volume (as a VM's disk holds
+    both): what it writes there counts against ERA_WORKSPACE_MAX_BYTES with the
+    workspace, and past it the write fails with ENOSPC inside the session (SECURITY.md
+    case 11), whatever ERA_KERNEL_TMP_SIZE says."""
+    from era_kernel.sessions import SessionManager
+    from era_kernel.workspaces.volumes import support
+
+    if not support(era_settings.data_dir):
+        pytest.skip(f"workspace volumes unavailable: {support(era_settings.data_dir).reason}")
+    engine = SessionManager(era_settings.replace(ERA_WORKSPACE_MAX_BYTES=32 * MiB, ERA_KERNEL_TMP_SIZE=1 * MiB))
+    await engine.start()
+    try:
+        sid = (await engine.create({}))["id"]
+        code = ("import errno, os\n"
+                "open('ws.bin', 'wb').write(b'w' * (20 << 20))\n"  # 20 MiB in the workspace: fits
+                "try:\n"
+                "    with open('/tmp/fill', 'wb') as f:\n"
+                "        for _ in range(20):\n"
+                "            f.write(b't' * (1 << 20))\n"
+                "            f.flush()\n"
+                "    print('wrote 40 MiB')\n"
+                "except OSError as e:\n"
+                "    print('full', errno.errorcode[e.errno], os.path.getsize('/tmp/fill') >> 20)")
+        out = (await run(engine, sid, code, timeout=60))["stdout"].split()
+        assert out[:2] == ["full", "ENOSPC"], out
+        assert 2 <= int(out[2]) <= 14, "the workspace's 20 MiB and /tmp's share one 32 MiB bound"
+        tmp = engine.files.tmp_path(engine.files.path(await engine._record(sid)))
+        assert str(tmp).startswith(str(era_settings.data_dir / "volumes")), "inside the volume, beside the workspace"
+    finally:
+        await engine.shutdown()
 
 
 async def test_reaper_removes_cgroups_of_dead_owners(era_settings):
@@ -264,3 +289,32 @@ async def test_reaper_removes_cgroups_of_dead_owners(era_settings):
         leftover.kill()
         for group in (dead, elsewhere, live):
             group.remove()
+
+
+def test_mount_points_in_a_sessions_tmp_never_follow_what_the_session_planted(tmp_path):
+    """SECURITY.md case 13 for the session's /tmp: bubblewrap, as root, makes the mount
+    points below /tmp (the IPC directory's) itself; a link the session left where one
+    goes (``era-0 -> ../../oldroot/etc``), or a directory of its own there, is replaced by
+    a root-owned directory first, and nothing outside is touched."""
+    if os.getuid() != 0:
+        pytest.skip("without root the sandbox runs as our own uid: nothing to take over")
+    from era_kernel.provisioning.local import prepare_tmp_mountpoints
+
+    tmp = tmp_path / "session-tmp"
+    tmp.mkdir(mode=0o1777)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp / "era-0").symlink_to(outside)
+    (tmp / "mine").mkdir()
+    os.chown(tmp / "mine", 4242, 4242)
+    (tmp / "mine" / "kept.txt").write_text("x")
+    os.symlink("/etc/passwd", tmp / "file-link")
+    prepare_tmp_mountpoints(tmp, ["/tmp/era-0/abc/k1", "/tmp/mine/ws", "/tmp/file-link/x", "/srv/not-under-tmp"])
+    for rel in ("era-0/abc/k1", "mine/ws", "file-link/x"):
+        path = tmp / rel
+        while path != tmp:
+            st = os.lstat(path)
+            assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755, path
+            path = path.parent
+    assert list(outside.iterdir()) == [] and (tmp / "mine" / "kept.txt").read_text() == "x"
+    assert os.path.isfile("/etc/passwd") and not os.path.exists("/srv/not-under-tmp")

@@ -9,9 +9,11 @@ import json
 import time
 import uuid
 
+import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
+from tests.conftest import require_docker
 from tests.support.era_server import shared_server
 
 
@@ -68,3 +70,60 @@ async def test_failed_setup_keeps_the_session_usable():
     assert "era-no-such-package-0f3a9c" in doc["setup_result"]["error"]
     result = server.json("POST", f"/api/sessions/{sid}/run", {"code": "print('still usable')"}, expect=200)
     assert result["stdout"] == "still usable\n"
+
+
+async def _settle(server, sid: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while (doc := server.json("GET", f"/api/sessions/{sid}", expect=200))["setup_status"] in ("pending", "running"):
+        assert time.monotonic() < deadline, doc
+        await asyncio.sleep(0.1)
+    return doc
+
+
+@pytest.mark.parametrize("provisioner", ["local", "docker"])
+async def test_era_setup_example_over_http_with_the_files_api(provisioner):
+    """ERA's README example as an ERA client sends it: the commands' /tmp file read by a
+    run, their workspace file listed and downloaded through the files API, envs seen by
+    the commands only, and ERA's result fields in the session document."""
+    if provisioner == "docker":
+        require_docker()
+    server = shared_server()
+    sid = f"era-setup-{uuid.uuid4().hex[:8]}"
+    setup = {"commands": ["mkdir -p /tmp/data", "echo 'a,b' > /tmp/data/test.csv",
+                          "echo \"rows: $(wc -l < /tmp/data/test.csv) $TOKEN\" > report.txt"],
+             "envs": {"TOKEN": "t0k"}}
+    server.json("POST", "/api/sessions", {"id": sid, "provisioner": provisioner, "setup": setup}, expect=201)
+    doc = await _settle(server, sid)
+    result = doc["setup_result"]
+    assert doc["setup_status"] == "completed" and result["success"] is True, result
+    assert result["commands_run"] == setup["commands"] and result["error"] is None
+    run = server.json("POST", f"/api/sessions/{sid}/run", {"code": (
+        "import os\nprint(open('/tmp/data/test.csv').read().strip(), open('report.txt').read().strip(), "
+        "os.environ.get('TOKEN'))"), "timeout": 120}, expect=200)
+    assert run["stdout"] == "a,b rows: 1 t0k None\n", run
+    files = server.json("GET", f"/api/sessions/{sid}/files", expect=200)["files"]
+    assert "report.txt" in [f["path"] for f in files]
+    status, body = server.request("GET", f"/api/sessions/{sid}/files/report.txt")
+    assert status == 200 and body == b"rows: 1 t0k\n"
+    assert server.request("DELETE", f"/api/sessions/{sid}")[0] in (200, 204)
+
+
+@pytest.mark.parametrize("setup, field", [
+    ({"pip": {"requirements": "requests\n-r /etc/passwd\n"}}, "setup.pip.requirements line 2"),
+    ({"pip": {"requirements": "x @ https://evil.example/x.whl"}}, "setup.pip.requirements line 1"),
+    ({"pip": {"requirement": "requests"}}, "setup.pip"),
+    ({"npm": {"packageJson": "{oops"}}, "setup.npm.packageJson"),
+    ({"npm": {"packageJson": '{"dependencies": {"x": "file:/etc"}}'}}, "setup.npm.packageJson.dependencies.x"),
+    ({"go": {"goMod": "module m\nrequire example.com/x\n"}}, "setup.go.goMod line 2"),
+    ({"commands": ["true"], "envs": {"A": 1}}, "setup.envs.A"),
+    ({"commands": ["true"], "envs": "A=1"}, "setup.envs"),
+])
+async def test_bad_setup_forms_are_400_naming_the_field(setup, field):
+    server = shared_server()
+    sid = f"bad-form-{uuid.uuid4().hex[:8]}"
+    status, body = server.request("POST", "/api/sessions", {"id": sid, "setup": setup})
+    assert status == 400, body
+    error = json.loads(body)
+    assert error["field"] == field, error
+    assert "Traceback" not in body.decode()
+    assert server.request("GET", f"/api/sessions/{sid}")[0] == 404

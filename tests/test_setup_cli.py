@@ -33,24 +33,24 @@ def era(*argv: str) -> int:
     return args.func(args)
 
 
-def test_setup_shows_progress_then_reuses_the_environment(era_env, capsys):
+def test_setup_shows_progress_and_tries_commands_in_a_scratch_sandbox(era_env, capsys):
     token = secrets.token_hex(4)
-    assert era("setup", "-c", f"echo hello-{token}", "-c", "echo second") == 0
+    assert era("setup", "-c", f"echo hello-{token} > made.txt; cat made.txt", "-c", "echo second; ls -A") == 0
     out, err = capsys.readouterr()
     assert f"[1/2] $ echo hello-{token}" in err and f"hello-{token}" in err.splitlines()[1]
-    assert "[2/2] $ echo second" in err
-    assert out.startswith("completed in ") and "(built)" in out
-    key = out.split("environment ")[1].split()[0]
+    assert "[2/2] $ echo second; ls -A" in err and "made.txt" in err  # one workspace for both commands
+    assert out.startswith("completed in ") and "no package environment; 2 command(s) ran" in out
+    assert not list((era_env / "data" / "scratch").iterdir()), "the scratch sandbox is thrown away"
 
-    assert era("setup", "-c", f"echo hello-{token}", "-c", "echo second", "--json") == 0
-    out, err = capsys.readouterr()
-    doc = json.loads(out)
-    assert doc["setup_status"] == "completed"
-    assert doc["setup_result"]["source"] == "cache" and doc["setup_result"]["env"] == key
-
-    assert era("setup", "--list") == 0
+    assert era("setup", "-c", "echo again", "--json") == 0
     out, _ = capsys.readouterr()
-    assert key in out and "1 command(s)" not in out and "2 command(s)" in out
+    doc = json.loads(out)
+    assert doc["setup_status"] == "completed" and doc["setup_result"]["env"] is None
+    assert doc["setup_result"]["commands_run"] == ["echo again"] and doc["setup_result"]["stdout"] == "again\n"
+
+    assert era("setup", "--list") == 0  # no environment was made: commands are not part of one
+    out, _ = capsys.readouterr()
+    assert out.splitlines()[1:] == []
 
 
 def test_setup_failure_and_bad_input_exit_codes(era_env, capsys):

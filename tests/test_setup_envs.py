@@ -1,6 +1,7 @@
 """Package setup end to end, on both provisioners: real pip and npm against the real
 registries (PyPI, npm; the only network these tests use besides loopback), real sandboxes,
-and real kernels that see the environment read-only through the launch extras.
+and real kernels that see the environment read-only through the launch extras. Setup
+commands run per session, in a ``CommandSandbox`` on a directory of the test's own.
 
 Docker: the era/python image has no node, so npm setup is local-only for now; on Docker
 an npm setup must fail with a clear message and leave the session usable.
@@ -27,6 +28,7 @@ from era_kernel.kernelspecs import EraKernelSpecManager
 from era_kernel.languages import get_language
 from era_kernel.setup import SetupManager
 from era_kernel.setup.cache import archive_key
+from era_kernel.setup.session import CommandSandbox
 from era_kernel.setup.spec import env_key
 from era_kernel.workspaces import Workspace, WorkspaceStore
 
@@ -35,7 +37,7 @@ from .conftest import kernel_processes, require_docker, short_tmpdir
 UID = 100_000 + 4242 if os.getuid() == 0 else os.getuid()
 PIP_SPEC = {"pip": ["requests==2.31.0", "pydantic==2.7.4"],
             "commands": ["python -c 'import requests, pydantic; print(requests.__version__, pydantic.VERSION)' "
-                         "> \"$ERA_SETUP_DIR/versions.txt\""]}
+                         "> versions.txt"]}
 NPM_SPEC = {"npm": ["ms", "chalk@4.1.2"]}
 
 both = pytest.mark.parametrize("provisioner", ["local", "docker"])
@@ -95,11 +97,24 @@ class Recorder:
         return "\n".join(line for _, line in self.lines)
 
 
+def sandbox_for(setups: SetupManager, provisioner: str, uid: int = UID) -> CommandSandbox:
+    """A session's directories as the engine makes them: a workspace of ``uid``'s and a
+    /tmp (root's, sticky), under the module's data directory."""
+    base = setups.settings.data_dir / "test-sessions" / secrets.token_hex(4)
+    (base / "tmp").mkdir(parents=True)
+    os.chmod(base / "tmp", 0o1777)
+    (base / "ws").mkdir(mode=0o700)
+    if os.getuid() == 0:
+        os.chown(base / "ws", uid, uid)
+    return CommandSandbox(setups.settings, provisioner, "python", base / "ws", base / "tmp", uid)
+
+
 async def run_setup(setups: SetupManager, spec: dict, provisioner: str, sid: str | None = None,
-                    timeout: float = 600) -> Recorder:
+                    timeout: float = 600, sandbox: CommandSandbox | None = None) -> Recorder:
     rec = Recorder()
     sid = sid or f"s-{secrets.token_hex(4)}"
-    await setups.start(sid, "python", provisioner, UID, setups.normalize(spec), rec.log, rec.status)
+    rec.sandbox = sandbox or sandbox_for(setups, provisioner)
+    await setups.start(sid, "python", provisioner, UID, setups.normalize(spec), rec.log, rec.status, rec.sandbox)
     await setups.wait(sid, timeout)
     return rec
 
@@ -147,7 +162,9 @@ async def test_pip_and_commands_then_the_kernel_imports_the_pinned_versions(sett
     if result["source"] == "built":
         assert "Successfully installed" in result["logs"] and "requests-2.31.0" in rec.text()
     root = await env_dir(setups, provisioner, PIP_SPEC)
-    assert (root / "versions.txt").read_text().split() == ["2.31.0", "2.7.4"]  # the commands step ran after pip
+    # The command ran after pip, in the session's sandbox, with the environment importable.
+    assert (rec.sandbox.workspace / "versions.txt").read_text().split() == ["2.31.0", "2.7.4"]
+    assert not (root / "versions.txt").exists()
 
     kernel = await start_kernel(settings, setups, provisioner, PIP_SPEC, tmp_path / "ws")
     try:
@@ -286,18 +303,29 @@ async def test_failed_setup_reports_the_tools_error_and_caches_nothing(settings,
         assert time.perf_counter() - started < 30
         assert "never" not in result["logs"].splitlines()  # the echo after the sleep never ran
         assert not kernel_processes("sleep 120; echo never")  # the step was killed, all of it
+    assert result["success"] is False and result["error"] == result["error"].strip()
     key = result["env"]
-    assert key and not setups.cache.final(key).exists()
     assert leftovers(settings) == [], "a failed setup left staging directories"
-    with pytest.raises(Exception):
-        await store.get_archive(archive_key(key))
+    if case.startswith("command"):
+        assert key is None  # commands alone need no shared environment
+        assert result["commands_run"] == spec["commands"]
+        if case == "command-fails":
+            assert result["stdout"] == "about to fail\n" and result["stderr"] == "boom: disk on fire\n"
+    else:
+        assert key and not setups.cache.final(key).exists()
+        assert result["stderr"] and expected in result["stderr"]  # the tool's words, as ERA gives them
+        with pytest.raises(Exception):
+            await store.get_archive(archive_key(key))
     if provisioner == "docker":
         import docker
 
         client = docker.from_env()
-        assert not client.containers.list(all=True, filters={"label": f"era.setup={key}"})
+        assert not client.containers.list(all=True, filters={"label": "era.managed=1"}) or key is None or \
+            not client.containers.list(all=True, filters={"label": f"era.setup={key}"})
+        assert not client.containers.list(all=True, filters={"label": "era.command=1"})
     # The session works without its environment.
-    assert await setups.launch_extras("python", provisioner, spec) == {"readonly": [], "env": {}, "startup": []}
+    extras = await setups.launch_extras("python", provisioner, spec)
+    assert extras["readonly"] == [] and "ERA_SETUP_DIR" not in extras["env"]
     kernel = await start_kernel(settings, setups, provisioner, spec, tmp_path / "ws")
     try:
         assert (await run_code(kernel, "print(6 * 7)")).strip() == "42"
@@ -310,12 +338,13 @@ async def test_failed_setup_reports_the_tools_error_and_caches_nothing(settings,
 @both
 async def test_setup_runs_sandboxed_as_the_session_uid_with_live_logs(settings, setups, provisioner):
     token = secrets.token_hex(4)
-    spec = {"commands": [
+    spec = {"pip": PIP_SPEC["pip"], "commands": [
         f"echo first-{token}; sleep 2; echo second-{token}",
         "id -u; grep NoNewPrivs /proc/self/status",
         "touch /usr/era-escape 2>/dev/null && echo WROTE-HOST || echo host-read-only",
         f"ls {settings.data_dir / 'sessions'} 2>/dev/null && echo SAW-DATA || echo data-hidden",
-        "test -w \"$ERA_SETUP_DIR\" && echo env-writable",
+        # The shared environment is every session's: read-only to a session's commands.
+        "touch \"$ERA_SETUP_DIR/x\" 2>/dev/null && echo env-writable || echo env-read-only",
     ]}
     rec = await run_setup(setups, spec, provisioner)
     status, result = rec.final
@@ -328,33 +357,44 @@ async def test_setup_runs_sandboxed_as_the_session_uid_with_live_logs(settings, 
     assert str(UID) in lines and any(line.split() == ["NoNewPrivs:", "1"] for line in lines)
     assert "host-read-only" in lines and "WROTE-HOST" not in lines
     assert "data-hidden" in lines and "SAW-DATA" not in lines
-    assert "env-writable" in lines
+    assert "env-read-only" in lines and "env-writable" not in lines
     # Shared environments belong to the server and are read-only for every sandbox uid.
     root = setups.cache.final(result["env"])
     assert root.stat().st_uid == os.getuid() and not root.stat().st_mode & 0o022
 
 
-async def test_sessions_with_the_same_new_spec_share_one_build(setups):
+async def test_sessions_with_the_same_new_spec_share_one_build(settings, tmp_path):
+    # A data directory of its own and no store: the build is certain to happen here.
+    setups = SetupManager(settings.replace(ERA_DATA_DIR=str(tmp_path / "data")))
     token = secrets.token_hex(4)
-    spec = {"commands": [f"sleep 1; echo built-{token}"]}
+    spec = {"pip": ["six==1.16.0"], "commands": [f"echo ran-{token} > mine.txt; echo ran-{token}"]}
     a, b = Recorder(), Recorder()
-    await setups.start("share-a", "python", "local", UID, setups.normalize(spec), a.log, a.status)
-    await asyncio.sleep(0.3)
-    await setups.start("share-b", "python", "local", UID + 1, setups.normalize(spec), b.log, b.status)
-    await asyncio.gather(setups.wait("share-a", 60), setups.wait("share-b", 60))
-    assert a.final[0] == b.final[0] == "completed"
+    try:
+        a.sandbox, b.sandbox = sandbox_for(setups, "local"), sandbox_for(setups, "local", UID + 1)
+        await setups.start("share-a", "python", "local", UID, setups.normalize(spec), a.log, a.status, a.sandbox)
+        await asyncio.sleep(0.3)
+        await setups.start("share-b", "python", "local", UID + 1, setups.normalize(spec), b.log, b.status, b.sandbox)
+        await asyncio.gather(setups.wait("share-a", 300), setups.wait("share-b", 300))
+    finally:
+        await setups.shutdown()
+    assert a.final[0] == b.final[0] == "completed", (a.final, b.final)
     assert a.final[1]["source"] == b.final[1]["source"] == "built"
+    assert a.final[1]["env"] == b.final[1]["env"]
     assert "joining the setup" in b.text()
-    # The command ran once; the joiner got its output too (the backlog is replayed on joining).
+    assert [line for _, line in a.lines].count("Successfully installed six-1.16.0") == 1  # one pip run, seen by both
+    assert [line for _, line in b.lines].count("Successfully installed six-1.16.0") == 1
+    # The command is each session's own: it ran once in each sandbox.
     for rec in (a, b):
-        assert [line for _, line in rec.lines].count(f"built-{token}") == 1
+        assert [line for _, line in rec.lines].count(f"ran-{token}") == 1
+        assert (rec.sandbox.workspace / "mine.txt").read_text() == f"ran-{token}\n"
+        assert rec.final[1]["commands_run"] == spec["commands"]
 
 
 async def test_cancel_kills_the_build_and_leaves_nothing(settings, setups):
     token = secrets.token_hex(4)
     rec = Recorder()
     await setups.start("to-cancel", "python", "local", UID, setups.normalize(
-        {"commands": [f"echo go; sleep 60; echo {token}"]}), rec.log, rec.status)
+        {"commands": [f"echo go; sleep 60; echo {token}"]}), rec.log, rec.status, sandbox_for(setups, "local"))
     for _ in range(100):
         if any(line == "go" for _, line in rec.lines):
             break
@@ -370,7 +410,7 @@ async def test_cancel_kills_the_build_and_leaves_nothing(settings, setups):
 async def test_a_run_can_wait_for_setup_with_a_bound(setups):
     spec = setups.normalize({"commands": [f"sleep 2; echo {secrets.token_hex(4)}"]})
     rec = Recorder()
-    await setups.start("waiter", "python", "local", UID, spec, rec.log, rec.status)
+    await setups.start("waiter", "python", "local", UID, spec, rec.log, rec.status, sandbox_for(setups, "local"))
     with pytest.raises(TimeoutError):
         await setups.wait("waiter", 0.2)
     assert setups.running("waiter")
@@ -382,12 +422,12 @@ async def test_a_run_can_wait_for_setup_with_a_bound(setups):
 async def test_the_environment_is_named_by_its_key(setups):
     from era_kernel.setup.runner_local import LocalRunner
 
-    spec = setups.normalize({"commands": ["echo keyed > \"$ERA_SETUP_DIR/k.txt\""]})
+    spec = setups.normalize({"pip": ["requests==2.31.0"], "commands": ["true"]})
     rec = await run_setup(setups, spec, "local")
     assert rec.final[0] == "completed"
     [root] = (await setups.launch_extras("python", "local", spec))["readonly"]
     assert Path(root).name == rec.final[1]["env"] == env_key("python", LocalRunner.identity(), spec)
-    assert (Path(root) / "k.txt").read_text() == "keyed\n"
+    assert (Path(root) / "python" / "requests" / "__init__.py").is_file()
 
 
 async def test_a_local_step_is_bounded_as_a_whole(settings, store):
@@ -409,6 +449,6 @@ async def test_a_local_step_is_bounded_as_a_whole(settings, store):
     text = rec.text()
     assert "step-done" in text and "Killed" in text, text
     assert "killed for exceeding its memory limit (ERA_SETUP_MEMORY)" in text, text
-    mine = [p.name for base in cgroups.support().bases for p in base.iterdir() if ".setup-" in p.name
-            and p.name.startswith(f"{os.getpid()}.")]
+    mine = [p.name for base in cgroups.support().bases for p in base.iterdir()
+            if (".setup-" in p.name or ".cmd-" in p.name) and p.name.startswith(f"{os.getpid()}.")]
     assert not mine, "the step's cgroup is removed"

@@ -55,6 +55,35 @@ from era_kernel.setup.steps import Toolchain, plan, step_env
     ({"commands": ["   "]}, "setup.commands[0]"),
     ({"commands": ["true"] * 51}, "setup.commands"),
     ({"pips": ["requests"]}, "setup.pips"),
+    # The text forms: parsed line by line / as JSON; options, URLs, paths, git and file specs refused.
+    ({"pip": {"requirements": "requests\n-r other.txt\n"}}, "setup.pip.requirements line 2"),
+    ({"pip": {"requirements": "# tools\n\n--index-url https://evil.example/simple\nx"}},
+     "setup.pip.requirements line 3"),
+    ({"pip": {"requirements": "-e ."}}, "setup.pip.requirements line 1"),
+    ({"pip": {"requirements": "ok\nhttps://evil.example/x.whl"}}, "setup.pip.requirements line 2"),
+    ({"pip": {"requirements": "git+https://github.com/psf/requests#egg=requests"}}, "setup.pip.requirements line 1"),
+    ({"pip": {"requirements": "requests==2.31 --hash=sha256:abc"}}, "setup.pip.requirements line 1"),
+    ({"pip": {"requirements": "foo @ file:///etc"}}, "setup.pip.requirements line 1"),
+    ({"pip": {"requirements": 3}}, "setup.pip.requirements"),
+    ({"pip": {"requirement": "x"}}, "setup.pip"),
+    ({"pip": {"requirements": "x", "extra": "y"}}, "setup.pip"),
+    ({"npm": {"packageJson": "{not json"}}, "setup.npm.packageJson"),
+    ({"npm": {"packageJson": "[]"}}, "setup.npm.packageJson"),
+    ({"npm": {"packageJson": '{"dependencies": {"x": "git+https://evil.example/x.git"}}'}},
+     "setup.npm.packageJson.dependencies.x"),
+    ({"npm": {"packageJson": '{"dependencies": {"x": "file:../x"}}'}}, "setup.npm.packageJson.dependencies.x"),
+    ({"npm": {"packageJson": '{"dependencies": {"x": "https://evil.example/x.tgz"}}'}},
+     "setup.npm.packageJson.dependencies.x"),
+    ({"npm": {"packageJson": '{"devDependencies": {"y": "npm:ms@2"}}'}}, "setup.npm.packageJson.devDependencies.y"),
+    ({"npm": {"packageJson": '{"dependencies": {"--registry=x": "1"}}'}},
+     "setup.npm.packageJson.dependencies.--registry=x"),
+    ({"npm": {"packageJson": '{"dependencies": ["ms"]}'}}, "setup.npm.packageJson.dependencies"),
+    ({"go": {"goMod": "module m\nrequire (\n\tgithub.com/a/b\n)"}}, "setup.go.goMod line 3"),
+    ({"go": {"goMod": "module m\nrequire -x v1.0.0"}}, "setup.go.goMod line 2"),
+    ({"go": {"goMod": "module m\nrequire (\n\tgithub.com/a/b v1.0.0\n"}}, "setup.go.goMod"),
+    ({"envs": {"A B": "x"}, "commands": ["true"]}, "setup.envs.A B"),
+    ({"envs": {"A": 1}, "commands": ["true"]}, "setup.envs.A"),
+    ({"envs": ["A=1"], "commands": ["true"]}, "setup.envs"),
     ("pip install requests", "setup"),
     ([], "setup"),
 ])
@@ -74,6 +103,7 @@ def test_canonical_form_and_what_it_keeps():
                     "commands": ["echo b", "echo a"]}
     assert normalize(spec) == spec  # idempotent: records hold the canonical form
     assert normalize(SetupSpec(pip=["requests"])) == {"pip": ["requests"], "npm": [], "go": [], "commands": []}
+    assert normalize({"envs": {"A": "1"}}) is None  # envs alone ask for nothing: they only reach commands
     assert normalize(None) is None
     assert normalize({}) is None
     assert normalize({"pip": [], "npm": None}) is None
@@ -88,8 +118,15 @@ def test_environment_key_is_content_addressed():
     assert env_key("python", "local:x", a) == env_key("python", "local:x", b)
     assert env_key("python", "local:x", a) != env_key("python", "docker:era/python@sha256:1", a)
     assert env_key("python", "local:x", a) != env_key("node", "local:x", a)
-    first, second = normalize({"commands": ["echo 1", "echo 2"]}), normalize({"commands": ["echo 2", "echo 1"]})
-    assert env_key("python", "r", first) != env_key("python", "r", second)  # order of commands matters
+    # Commands and envs are the session's own: they do not make another environment.
+    with_commands = normalize({"pip": ["requests", "pydantic"], "npm": ["ms"], "commands": ["echo 1"],
+                               "envs": {"A": "1"}})
+    assert env_key("python", "local:x", with_commands) == env_key("python", "local:x", a)
+    # The text forms address the same environment as the lists they list.
+    text = normalize({"pip": {"requirements": "requests\n# pinned below\nPydantic\n"},
+                      "npm": {"packageJson": '{"name": "app", "dependencies": {"ms": "*"}}'}})
+    lists = normalize({"pip": ["requests", "pydantic"], "npm": ["ms@*"]})
+    assert env_key("python", "local:x", text) == env_key("python", "local:x", lists)
     assert len(env_key("python", "r", a)) == 32
 
 
@@ -117,6 +154,23 @@ async def test_launch_extras_are_empty_without_an_environment(tmp_path):
     assert await manager.launch_extras("python", "local", None) == {"readonly": [], "env": {}, "startup": []}
     assert await manager.launch_extras("python", "local", {"pip": ["requests"]}) == {"readonly": [], "env": {},
                                                                                      "startup": []}
+
+
+def test_text_forms_give_packages_and_workspace_files():
+    from era_kernel.setup.spec import packages, workspace_files
+
+    requirements = "# data\nrequests==2.31.0  # pinned\n\nPandas>=2; python_version >= '3.9'\nurllib3 \\\n  <3\n"
+    package_json = '{"name": "app", "dependencies": {"ms": "^2.1.3", "@types/node": "20"}, "devDependencies": {}}'
+    go_mod = ("module example.com/app\n\ngo 1.21\n\nrequire github.com/google/uuid v1.6.0\n"
+              "require (\n\tgolang.org/x/text v0.14.0 // indirect\n\t// a comment\n)\nreplace a => ../a\n")
+    spec = normalize({"pip": {"requirements": requirements}, "npm": {"packageJson": package_json},
+                      "go": {"goMod": go_mod}, "commands": ["ls"], "envs": {"B": "2", "A": "1"}})
+    assert normalize(spec) == spec  # idempotent; the texts are kept verbatim
+    assert spec["envs"] == {"A": "1", "B": "2"}
+    assert packages(spec) == {"pip": ["pandas>=2; python_version >= \"3.9\"", "requests==2.31.0", "urllib3<3"],
+                              "npm": ["@types/node@20", "ms@^2.1.3"],
+                              "go": ["github.com/google/uuid@v1.6.0", "golang.org/x/text@v0.14.0"]}
+    assert workspace_files(spec) == {"requirements.txt": requirements, "package.json": package_json}
 
 
 # ---- archives and sealing ------------------------------------------------------------------------

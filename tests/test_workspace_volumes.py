@@ -476,3 +476,53 @@ async def test_a_volume_that_cannot_be_mounted_is_an_error_that_names_it(era_set
     finally:
         await engine.shutdown()
     assert_nothing_left(era_settings.data_dir)
+
+
+async def test_tmp_is_in_the_volume_and_an_older_volume_keeps_a_tmpfs(era_settings):
+    """A new volume holds the workspace and the session's /tmp (one bound for both); a
+    volume made before that layout (its whole filesystem is the workspace) gets no /tmp
+    directory outside it, which the host's disk would have to hold unbounded: its
+    kernels keep a private tmpfs, as they had."""
+    settings = small(era_settings)
+    first = SessionManager(settings)
+    await first.start()
+    try:
+        sid = (await first.create({"id": "older"}))["id"]
+        await first.run(sid, {"code": "open('/tmp/t.txt', 'w').write('t')"})
+        path = first.workspace_dir(sid)
+        tmp = first.files.tmp_path(path)
+        assert tmp == settings.data_dir / "volumes" / "mnt" / "sessions" / sid / "tmp"
+        assert (tmp / "t.txt").read_text() == "t"
+    finally:
+        await first.shutdown()
+    meta_path = first.files.volumes.image(path).with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta.pop("layout")  # as an image of the older layout has it
+    meta_path.write_text(json.dumps(meta))
+
+    def older_root() -> None:  # and its root the session's, as mkfs made it then
+        point = settings.data_dir / "older-mnt"
+        point.mkdir()
+        dev, fd = loopfs.attach_loop(first.files.volumes.image(path))
+        try:
+            loopfs.mount_ext4(dev, point)
+        finally:
+            os.close(fd)
+        st = os.stat(point / "ws")
+        os.chown(point, st.st_uid, st.st_gid)
+        os.chmod(point, 0o700)
+        loopfs.unmount(point)
+        point.rmdir()
+        wait_detached(first.files.volumes.image(path))
+
+    await asyncio.to_thread(older_root)
+    second = SessionManager(settings)
+    await second.start()
+    try:
+        r = await second.run(sid, {"code": "open('/tmp/u.txt', 'w').write('u'); import os; print(sorted(os.listdir()))"})
+        assert r["exit_code"] == 0 and "'ws'" in r["stdout"], r.get("error")  # the filesystem's root is its workspace
+        assert second.files.tmp_path(path) is None
+        assert not (settings.data_dir / "tmp" / "sessions" / sid).exists(), "no unbounded /tmp on the host's disk"
+    finally:
+        await second.shutdown()
+    assert_nothing_left(era_settings.data_dir)

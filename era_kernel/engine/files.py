@@ -12,24 +12,35 @@ and removed here (``make_dir``, ``remove_dir``), and with ``ERA_WORKSPACE_VOLUME
 is its own filesystem of ``ERA_WORKSPACE_MAX_BYTES`` (``workspaces/volumes.py``). A
 volume a previous process released is mounted again by ``ensure_ready``, which every
 kernel start and files API call goes through; listings never mount (``usage``).
+
+Each workspace directory has a ``/tmp`` of its own beside it (``tmp_path``): bound at
+``/tmp`` in every sandbox of that directory (kernels, setup commands, commands run in
+the session), so what one writes there the next one finds, as in ERA's VM. It lives
+as long as the workspace: kept across kernel restarts, removed with the directory.
+With volumes it lies inside the workspace's volume (beside, not under, the workspace
+the session sees), so it counts against the same ``ERA_WORKSPACE_MAX_BYTES``; without,
+it is a directory ``tmp/<root>/<name>`` under the data directory. Either way its parents
+are the server's, so the session cannot swap it for a link to somewhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from ..config import Settings
 from ..errors import Conflict, EraError
-from ..workspaces import Workspace, WorkspaceStore
+from ..workspaces import Workspace, WorkspaceStore, fdtree
 from ..workspaces.volumes import Volumes
 from .records import SessionRecord
 
 log = logging.getLogger("era.files")
 
 POOL_ROOT = "pool"  # under the data directory, beside sessions/
+TMP_ROOT = "tmp"  # sessions' /tmp directories without volumes: tmp/<sessions|pool|scratch>/<name>
 
 
 class SessionFiles:
@@ -42,6 +53,7 @@ class SessionFiles:
         # writes before every run must fit when the session's code filled its part.
         reserve = max(1024**2, 2 * settings["ERA_MAX_DATA_BYTES"] + 64 * 1024)
         self.volumes = Volumes(settings.data_dir, settings["ERA_WORKSPACE_MAX_BYTES"], reserve)
+        self._tmp_ready: set[Path] = set()
 
     async def start(self) -> None:
         """Decide on volumes (``ERA_WORKSPACE_VOLUMES``; ``on`` raises when impossible)."""
@@ -94,9 +106,52 @@ class SessionFiles:
         return Workspace(self.path(record), max_depth=s["ERA_WORKSPACE_MAX_DEPTH"],
                          max_entries=s["ERA_WORKSPACE_MAX_ENTRIES"])
 
+    # ---- the session's /tmp ---------------------------------------------------------------
+    def tmp_path(self, workspace: Path) -> Path | None:
+        """The /tmp of the workspace directory ``workspace`` (a session's, a pooled kernel's,
+        a one-shot run's): inside its volume when it has one, else under ``tmp/``. None
+        for a volume of the older layout (its filesystem is all workspace): there a /tmp
+        outside it would be unbounded on the host's disk, so its kernels keep a private
+        tmpfs per kernel, as before. Call after ``ensure_ready`` (or ``make_dir``): where
+        it lives depends on the volume."""
+        inside = self.volumes.tmp_of(workspace)
+        if inside is not None:
+            return inside
+        if self.volumes.is_mounted(Path(workspace)):
+            return None
+        return self._plain_tmp(workspace)
+
+    def _plain_tmp(self, workspace: Path) -> Path:
+        return self.settings.data_dir / TMP_ROOT / Path(workspace).relative_to(self.settings.data_dir)
+
+    async def ensure_tmp(self, workspace: Path, uid: int | None) -> Path | None:
+        """The workspace's /tmp, made when missing (sessions from before it existed, a
+        directory restored on another host), owned by ``uid``, private to it."""
+        path = self.tmp_path(workspace)
+        if path is not None and path not in self._tmp_ready:
+            await asyncio.to_thread(_make_tmp, path, self.settings.data_dir, uid)
+            self._tmp_ready.add(path)
+        return path
+
+    async def remove_tmp(self, workspace: Path) -> None:
+        """Remove the workspace's /tmp outside its volume (one inside goes with the volume).
+        Whatever the session left there (links, deep or read-only trees) is removed without
+        following anything (``fdtree``)."""
+        path = self._plain_tmp(workspace)
+        self._tmp_ready.discard(self.volumes.tmp_of(workspace))
+        self._tmp_ready.discard(path)
+        await asyncio.to_thread(fdtree.remove_tree, path)
+
+    async def tmp_usage(self, workspace: Path) -> tuple[int, int]:
+        """(files, bytes) in the workspace's /tmp (0, 0 when it has none yet)."""
+        path = self.tmp_path(workspace)
+        if path is None or not await asyncio.to_thread(path.is_dir):
+            return 0, 0
+        return await self.workspace(path).usage()
+
     # ---- directories -------------------------------------------------------------------
     async def make_dir(self, path: Path, uid: int | None) -> Workspace:
-        """A new, empty workspace directory (with its volume) owned by ``uid``."""
+        """A new, empty workspace directory (with its volume) and its /tmp, owned by ``uid``."""
         ws = self.workspace(path)
         if self.volumes.is_mounted(ws.root):
             raise Conflict(f"{path.name} already has its workspace volume")
@@ -111,13 +166,21 @@ class SessionFiles:
                     raise EraError(f"the workspace could not be made ({exc.strerror or exc}); "
                                    "`era doctor` checks workspace volumes") from None
                 raise
+        try:
+            await self.remove_tmp(ws.root)  # debris of a directory of that name: never adopted
+            await self.ensure_tmp(ws.root, uid)
+        except BaseException:
+            await self.remove_dir(ws.root)
+            raise
         return ws
 
     async def remove_dir(self, path: Path) -> None:
         """Remove a workspace directory and everything in it: its volume first (one
-        unmount and one unlink, however many files), then the directory."""
+        unmount and one unlink, however many files, its /tmp included), then the
+        directory, then a /tmp kept outside a volume."""
         await self.volumes.remove(path)
         await self.workspace(path).remove()
+        await self.remove_tmp(path)
 
     async def usage(self, record: SessionRecord) -> tuple[int, int]:
         """``(file_count, total_bytes)`` for the session's document. An unmounted volume
@@ -183,6 +246,7 @@ class SessionFiles:
                 if (not attached and self.volumes.enabled and uid is not None
                         and not await self.workspace(path).exists()):
                     await self.make_dir(path, uid)  # new to this host (a persistent session restored here)
+        await self.ensure_tmp(path, uid)
         if not record.persistent or sid in self._restored:
             return
         async with self._restore_locks.setdefault(sid, asyncio.Lock()):
@@ -226,3 +290,27 @@ class SessionFiles:
     async def _push_or_raise(self, record: SessionRecord) -> None:
         if record.persistent:
             await self.store.push(record.id, self.path(record))
+
+
+def _make_tmp(path: Path, data_dir: Path, uid: int | None) -> None:
+    """Blocking: make ``path`` (a session's /tmp) and the parents it needs under the data
+    directory. Parents are the server's (0711: sandboxes get theirs by a bind, nobody
+    lists). The directory is like a real /tmp: root's, 1777 (sticky), so the mount
+    points the server makes in it stay the server's (``prepare_tmp_mountpoints``); only
+    this session's sandboxes ever see it."""
+    made = []
+    parent = path.parent
+    while not parent.exists() and parent != data_dir:
+        made.append(parent)
+        parent = parent.parent
+    for directory in reversed(made):
+        try:
+            directory.mkdir(mode=0o711)
+        except FileExistsError:
+            pass
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir() or path.is_symlink():
+            raise
+    os.chmod(path, 0o1777)

@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..errors import KernelFailed
@@ -25,6 +25,8 @@ from ..kernel import SessionKernel
 from ..kernelspecs import EraKernelSpecManager
 from ..languages import get_language
 from ..provisioning.base import LaunchOptions
+from ..provisioning.commands import DEFAULT_MAX_OUTPUT, CommandResult, OutputSink, run_command
+from ..setup.session import CommandSandbox
 from .events import EngineEvents, KernelReplaced
 from .kernels import KernelTable, Lease
 from .pool import PoolKey, WarmKernel, reserve_uids
@@ -61,6 +63,18 @@ class KernelLauncher:
         cwd = CONTAINER_WORKSPACE if request.provisioner == "docker" else str(workspace)
         return language.startup_cells(cwd, env, request.startup)
 
+    def own_limits(self, limits: dict[str, Any] | None) -> dict[str, Any]:
+        """A session's own ``limits`` as launch options: its memory is its cgroup's (or
+        container's), while each process's address-space cap stays the server's (a
+        kernel maps far more than it uses)."""
+        limits = limits or {}
+        own: dict[str, Any] = {}
+        if "memory_mib" in limits:
+            own.update(memory=limits["memory_mib"] * 1024**2, address_space=self.settings["ERA_KERNEL_MEMORY"])
+        if "cpu_count" in limits:
+            own["cpus"] = limits["cpu_count"]
+        return own
+
     async def new_kernel(self, request: KernelRequest, workspace: Path, uid: int, *, cells: bool = True,
                          labels: dict[str, str] | None = None) -> SessionKernel:
         """A kernel for this request, not started; ``cells=False`` for a pooled one (its
@@ -71,18 +85,58 @@ class KernelLauncher:
             labels = {"era.session": request.session_id} if request.session_id else {}
         # In the process environment, not a startup cell: the kernel reads it when it starts.
         env = {**extras["env"], **({"ERA_TYPECHECK": "1"} if request.typecheck else {})}
-        limits = request.limits or {}
-        own = {**({"memory": limits["memory_mib"] * 1024**2, "address_space": self.settings["ERA_KERNEL_MEMORY"]}
-                  if "memory_mib" in limits else {}),
-               **({"cpus": limits["cpu_count"]} if "cpu_count" in limits else {})}
         launch = LaunchOptions.from_settings(
             self.settings, request.provisioner, workspace, uid=uid, allow_network=request.allow_internet, env=env,
-            labels=labels, readonly=tuple(extras["readonly"]), **own)
+            labels=labels, readonly=tuple(extras["readonly"]), **self.own_limits(request.limits),
+            tmp_dir=self.files.tmp_path(workspace))  # the directory's /tmp, which outlives the kernel
         startup = extras["startup"] + self.startup_cells(request, workspace) if cells else []
         return SessionKernel(self.spec_manager, language.kernelspec_name(request.provisioner), launch, startup,
                              start_timeout=self.settings["ERA_KERNEL_START_TIMEOUT"],
                              max_message=max(self.settings["ERA_KERNEL_MESSAGE_LIMIT"],
                                              2 * self.settings["ERA_OUTPUT_LIMIT"]))
+
+    # ---- commands in a session's sandbox ---------------------------------------------------
+    async def run_command(self, record: SessionRecord, argv: list[str], *, timeout: float,
+                          allow_network: bool | None = None, env: dict[str, str] | None = None,
+                          max_output: int = DEFAULT_MAX_OUTPUT, on_output: OutputSink | None = None) -> CommandResult:
+        """Run ``argv`` in the session's sandbox, beside its kernel (not through it): its
+        uid, its workspace as the working directory, its /tmp, its language's image or
+        the local toolchain, its package environment read-only with the kernel's
+        variables, the session's ``env`` then ``env``; network as ``allow_network`` says
+        (default: the session's ``allowInternetAccess``). Kernel limits
+        (``ERA_KERNEL_MEMORY``/``ERA_DOCKER_MEMORY``, pids). Past ``timeout`` seconds
+        everything it started is killed and ``exit_code`` is 124. stdout and stderr
+        come back apart, each up to ``max_output`` characters (``truncated``).
+        See ``provisioning/commands.py``."""
+        uid = session_uid(record)
+        workspace = self.files.path(record)
+        await self.files.ensure_ready(record, uid)  # mounted, restored, its /tmp made
+        extras = await self.setups.launch_extras(record.language, record.provisioner, record.setup)
+        options = LaunchOptions.from_settings(
+            self.settings, record.provisioner, workspace, uid=uid,
+            allow_network=record.allow_internet if allow_network is None else allow_network,
+            env={"ERA_SESSION": "true", "ERA_SESSION_ID": record.id, "ERA_LANGUAGE": record.language,
+                 **extras["env"], **record.env, **(env or {})},
+            labels={"era.session": record.id}, readonly=tuple(extras["readonly"]), **self.own_limits(record.limits),
+            tmp_dir=self.files.tmp_path(workspace))
+        return await run_command(record.provisioner, options, argv, language=record.language, timeout=timeout,
+                                 max_output=max_output, on_output=on_output)
+
+    def command_sandbox(self, record: SessionRecord) -> CommandSandbox:
+        """Where the session's setup writes its files and runs its commands."""
+        uid = session_uid(record)
+        workspace = self.files.path(record)
+
+        async def write_file(name: str, data: bytes) -> None:
+            await self.files.write(record, uid, name, data)
+
+        async def finished() -> None:
+            note = await self.files.sync(record)  # a persistent session keeps what its commands wrote
+            if note:
+                log.warning("session %s: %s", record.id, note)
+
+        return _ReadySandbox(self.files, record, self.settings, record.provisioner, record.language, workspace,
+                             self.files.tmp_path(workspace), uid, write_file=write_file, finished=finished)
 
     # ---- sessions ------------------------------------------------------------------------
     def start_in_background(self, record: SessionRecord, lease: Lease, warm: WarmKernel | None = None) -> None:
@@ -138,10 +192,12 @@ class KernelLauncher:
                 await self.setups.wait(sid)
                 await self.setups.ensure(record.language, record.provisioner, record.setup)
             uid = session_uid(record)
+            # Mounted before the sandbox binds it; and before the kernel's options are
+            # built, since where its /tmp lives depends on its volume.
+            await self.files.ensure_ready(record, uid)
             kernel = await self.new_kernel(record.kernel_request(), self.files.path(record), uid)
             self.table.attach(sid, kernel, lease)
             self.events.emit(sid, {"type": "status", "state": "starting"})
-            await self.files.ensure_ready(record, uid)  # mounted before the sandbox binds it
             began = time.monotonic()
             await kernel.start()
         except BaseException as exc:
@@ -175,10 +231,11 @@ class KernelLauncher:
         uid = await self._pool_uid()
         workdir = self.files.pool_path(secrets.token_hex(8))
         request = KernelRequest(language, provisioner)
-        kernel = await self.new_kernel(request, workdir, uid, cells=False,
-                                       labels={"era.pool": f"{language}-{provisioner}"})
         ws = await self.files.make_dir(workdir, uid)  # with its volume: the session that claims it keeps it
+        kernel = None
         try:
+            kernel = await self.new_kernel(request, workdir, uid, cells=False,
+                                           labels={"era.pool": f"{language}-{provisioner}"})
             await kernel.start()
             # A kernel's first cell pays for lazy imports and caches; pay it here, not in the
             # claiming user's first request (silent: the user's execution count starts at 1).
@@ -186,7 +243,8 @@ class KernelLauncher:
             for cell in cells:
                 await kernel.execute(cell, timeout=self.settings["ERA_KERNEL_START_TIMEOUT"], silent=True)
         except BaseException:
-            await kernel.stop(now=True)
+            if kernel is not None:
+                await kernel.stop(now=True)
             await self.files.remove_dir(ws.root)
             raise
         return WarmKernel(kernel, key, ws.root, uid, cells, lease)
@@ -204,6 +262,20 @@ class KernelLauncher:
             self._pool_uids = await asyncio.to_thread(reserve_uids, self.settings.data_dir / POOL_UID_FILE,
                                                       POOL_UID_BASE, POOL_UID_BLOCK)
         return self._pool_uids.pop()
+
+
+class _ReadySandbox(CommandSandbox):
+    """A session's sandbox whose directories are made ready (volume mounted, /tmp made)
+    before each command, as they are before each kernel start."""
+
+    def __init__(self, files: "SessionFiles", record: SessionRecord, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._files, self._record = files, record
+
+    async def run(self, argv, **kwargs) -> CommandResult:
+        await self._files.ensure_ready(self._record, self.uid)
+        self.tmp_dir = self._files.tmp_path(self.workspace)  # known once the volume is mounted
+        return await super().run(argv, **kwargs)
 
 
 def _started(record: SessionRecord, pooled: bool, start_ms: float | None = None) -> dict[str, object]:

@@ -303,7 +303,7 @@ class SessionManager:
 
         await self.setups.start(sid, record.language, record.provisioner, session_uid(record), record.setup,
                                 on_log=lambda line: self.events.emit(sid, {"type": "setup", "content": line}),
-                                on_status=on_status)
+                                on_status=on_status, sandbox=self.launcher.command_sandbox(record))
 
     async def get(self, session_id: str) -> dict[str, Any]:
         return await self._document(await self._record(session_id))

@@ -49,6 +49,7 @@ async def recover(settings: Settings, store: MetadataStore, files: SessionFiles,
         log.error("cannot read the mounts a previous process left: %s", exc)
     await remove_unclaimed_workdirs(settings, files, claimed)
     await remove_unclaimed_volumes(settings, files, claimed)
+    await remove_orphan_tmps(settings, files)
 
 
 async def remove_unclaimed_workdirs(settings: Settings, files: SessionFiles, claimed: set[Path]) -> None:
@@ -92,6 +93,36 @@ async def remove_unclaimed_volumes(settings: Settings, files: SessionFiles, clai
             log.info("removed the workspace volume of %s: no session owns it", path.relative_to(settings.data_dir))
         except Exception as exc:
             log.error("cannot remove the unclaimed workspace volume of %s: %s", path.name, exc)
+
+
+async def remove_orphan_tmps(settings: Settings, files: SessionFiles) -> None:
+    """Sessions' /tmp directories kept outside a volume (``tmp/<root>/<name>``) whose
+    workspace directory is gone (a delete cut short, a one-shot run's of a dead
+    process): removed whatever the session left in them (links, deep or read-only
+    trees: ``fdtree`` follows nothing), so a start is never stopped by them."""
+    from .files import TMP_ROOT
+
+    def orphans() -> list[Path]:
+        base = settings.data_dir / TMP_ROOT
+        if not base.is_dir():
+            return []
+        found = []
+        for root in base.iterdir():
+            if root.is_dir() and not root.is_symlink():
+                found += [settings.data_dir / root.name / p.name for p in root.iterdir()
+                          if not (settings.data_dir / root.name / p.name).exists()]
+        return found
+
+    try:
+        gone = await asyncio.to_thread(orphans)
+    except OSError as exc:
+        log.error("cannot list the sessions' /tmp directories: %s", exc)
+        return
+    for workspace in gone:
+        try:
+            await files.remove_tmp(workspace)
+        except Exception as exc:
+            log.error("cannot remove the /tmp of %s: %s", workspace.name, exc)
 
 
 def _rmdir_if_empty(path: Path) -> None:

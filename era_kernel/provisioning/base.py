@@ -52,7 +52,11 @@ class LaunchOptions:
     pids: int = 256
     cpus: float = 1.0  # era-docker
     sandbox: str = "auto"  # era-local: auto | bwrap | none
-    tmp_size: int = 256 * 1024**2  # era-local: the sandbox's private /tmp
+    tmp_size: int = 256 * 1024**2  # era-local: the sandbox's private /tmp (a tmpfs), when tmp_dir is None
+    # The session's own /tmp: a host directory bound at /tmp (read-write), which outlives
+    # the kernel (restarts keep it); None: a private tmpfs per kernel (pooled kernels, a
+    # plain Jupyter launch). Made and removed by whoever launches, never by a provisioner.
+    tmp_dir: Path | None = None
     cgroups: str = "auto"  # era-local: auto | on | off
     image_prefix: str = "era"  # era-docker: images are <prefix>/<language>:latest unless `image` is given
     image: str | None = None
@@ -95,8 +99,8 @@ class LaunchOptions:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise BadRequest(f"unknown launch option {unknown[0]!r}", field=unknown[0])
-        for name in ("workspace", "runtime_dir"):
-            if name in changes:
+        for name in ("workspace", "runtime_dir", "tmp_dir"):
+            if changes.get(name) is not None:
                 changes[name] = Path(changes[name])
         for name in ("readonly", "hidden"):
             if isinstance(changes.get(name), list):
@@ -136,6 +140,8 @@ def _check(options: LaunchOptions) -> None:
         if not isinstance(path, str) or "\0" in path or not os.path.isabs(path) or os.path.normpath(path) != path \
                 or path == "/":
             raise BadRequest(f"readonly path {str(path)[:80]!r} is not an absolute directory path", field="readonly")
+    if options.tmp_dir is not None and (not isinstance(options.tmp_dir, Path) or not options.tmp_dir.is_absolute()):
+        raise BadRequest("tmp_dir must be an absolute directory path", field="tmp_dir")
     if options.sandbox not in ("auto", "bwrap", "none"):
         raise BadRequest("sandbox must be auto, bwrap or none", field="sandbox")
     if options.cgroups not in ("auto", "on", "off"):

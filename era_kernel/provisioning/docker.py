@@ -23,7 +23,8 @@ The container, exactly (nothing in it comes from a request except validated valu
   server itself included, and a Docker API if one listens on TCP), the cloud metadata
   address, and abstract unix sockets of the host's network namespace; the filesystem,
   users and process isolation stay. Set ``host_network_fallback=False`` to refuse instead;
-- read-only root filesystem, tmpfs ``/tmp`` (HOME and IPython's directory live there),
+- read-only root filesystem, ``/tmp`` (HOME and IPython's directory live there): the
+  session's own directory (``tmp_dir``, which outlives the container), else a tmpfs;
   the workspace read-write at ``/workspace`` as the working directory, the kernel's IPC
   directory read-write at its host path, the ``readonly`` directories (a session's package
   environment) read-only at their host paths, and nothing else of the host;
@@ -203,8 +204,11 @@ class EraDockerProvisioner(EraProvisioner):
                     LABEL_OWNER_START: str(me()[1])},
             mounts=[Mount(target=CONTAINER_WORKSPACE, source=str(workspace), type="bind", read_only=False),
                     Mount(target=str(self.kernel_dir), source=str(self.kernel_dir), type="bind", read_only=False),
-                    *(Mount(target=path, source=path, type="bind", read_only=True) for path in readonly)],
-            tmpfs={"/tmp": f"rw,nosuid,nodev,mode=1777,size={self.tmp_size}"},
+                    *(Mount(target=path, source=path, type="bind", read_only=True) for path in readonly),
+                    *([Mount(target="/tmp", source=str(options.tmp_dir), type="bind", read_only=False)]
+                      if options.tmp_dir is not None else [])],
+            # The session's /tmp when it has one (it outlives this container), else a tmpfs.
+            tmpfs=None if options.tmp_dir is not None else {"/tmp": f"rw,nosuid,nodev,mode=1777,size={self.tmp_size}"},
             read_only=True,
             network_mode=network,
             cap_drop=["ALL"],

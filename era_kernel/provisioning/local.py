@@ -88,12 +88,17 @@ def kernel_env(base: dict[str, str] | None, extra: dict[str, str], home: Path) -
 PLACEHOLDER_SIZE = 1024**2  # masked directories hold only mount points
 
 
-def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path, hidden: list[str], allow_network: bool,
-               readonly: list[str], seccomp_fd: int | None = None, tmp_size: int | None = None) -> list[str]:
+def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path | None, hidden: list[str], allow_network: bool,
+               readonly: list[str], seccomp_fd: int | None = None, tmp_size: int | None = None,
+               tmp_dir: Path | None = None) -> list[str]:
     """The bubblewrap command line around ``argv`` (which already drops privileges).
 
     ``tmp_size`` bounds the private ``/tmp`` (a tmpfs lives in memory: unbounded, it
     would let the kernel fill the host's RAM); None leaves tmpfs's default (half of RAM).
+    ``tmp_dir``: the session's own /tmp instead, a host directory bound read-write. Its
+    own path is ours (root-owned parents under the data directory); what lies in it is
+    the session's, so mount points below /tmp (the kernel's IPC directory lives under
+    /tmp by default) must be made safe first: ``prepare_tmp_mountpoints``.
     """
     cmd = [bwrap_path() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     masked = [p for p in ["/tmp", "/root", "/home", "/run", *hidden] if os.path.isdir(p)]
@@ -101,6 +106,9 @@ def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path, hidden: li
         # /tmp must be writable by the kernel's uid (sticky, like the real one); the
         # others are empty placeholders, kept small in case the kernel's uid owns them
         # (without root, bubblewrap makes them as ours).
+        if path == "/tmp" and tmp_dir is not None:
+            cmd += ["--bind", str(tmp_dir), "/tmp"]  # first: binds below /tmp land on top of it
+            continue
         if path == "/tmp":
             cmd += ["--perms", "1777"] + (["--size", str(tmp_size)] if tmp_size else [])
         else:
@@ -122,7 +130,7 @@ def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path, hidden: li
     for path in readonly:  # Python prefixes may live under a masked directory
         if os.path.isdir(path):
             cmd += parents(path) + ["--ro-bind", path, path]
-    for path in (str(kernel_dir), str(workspace)):
+    for path in [str(p) for p in (kernel_dir, workspace) if p is not None]:
         cmd += parents(path) + ["--bind", path, path]
     if os.getuid() == 0:
         # As root, bubblewrap sets up the mounts with root's view (so a Python under
@@ -139,6 +147,58 @@ def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path, hidden: li
     if seccomp_fd is not None:
         cmd += ["--seccomp", str(seccomp_fd)]
     return cmd + ["--", *argv]
+
+
+def prepare_tmp_mountpoints(tmp_dir: Path, destinations: list[str]) -> None:
+    """Blocking: make the mount points of ``destinations`` that lie under /tmp, inside the
+    session's /tmp directory ``tmp_dir``, real directories the session cannot touch.
+
+    bubblewrap, as root, makes missing mount points itself, following whatever it finds;
+    in a directory the session writes between launches, a planted link (``era-0 ->
+    ../../oldroot/etc``) would have it make directories, or bind, outside the sandbox.
+    So each level is made (or taken over) here: a directory owned by root, 0755, found
+    again by name as the very directory we hold. ``tmp_dir`` is root's and sticky (1777),
+    so from then on the session can neither rename nor remove them. Without root the
+    sandbox runs as our own uid: nothing to gain from a link, nothing is done.
+    """
+    if os.getuid() != 0:
+        return
+    import stat as _stat
+
+    from ..workspaces import fdtree
+
+    for dest in destinations:
+        rel = os.path.relpath(dest, "/tmp")
+        if rel.startswith("..") or rel == ".":
+            continue
+        fd = os.open(tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for part in Path(rel).parts:
+                for _ in range(20):  # the session may race us; it cannot win twice on a root-owned entry
+                    try:
+                        st = os.lstat(part, dir_fd=fd)
+                    except FileNotFoundError:
+                        try:
+                            os.mkdir(part, 0o755, dir_fd=fd)
+                        except FileExistsError:
+                            pass
+                        continue
+                    if not _stat.S_ISDIR(st.st_mode):
+                        fdtree.remove_entry(fd, part)  # a link, a file, a fifo: never followed
+                        continue
+                    child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    os.fchown(child, 0, 0)
+                    os.fchmod(child, 0o755)
+                    held, now = os.fstat(child), os.lstat(part, dir_fd=fd)
+                    if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                        os.close(fd)
+                        fd = child
+                        break
+                    os.close(child)  # swapped meanwhile: look again
+                else:
+                    raise KernelFailed(f"cannot make the mount point {dest} in the session's /tmp")
+        finally:
+            os.close(fd)
 
 
 class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
@@ -221,10 +281,13 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
             # which an editable install imports from the source tree: that may be masked too.
             package_dir = str(Path(__file__).resolve().parents[1])
             readonly = sorted({sys.prefix, sys.base_prefix, package_dir, *options.readonly})
+            if options.tmp_dir is not None:
+                await asyncio.to_thread(prepare_tmp_mountpoints, options.tmp_dir,
+                                        [str(self.kernel_dir), str(workspace), *readonly])
             self._seccomp_fd = filter_fd()
             argv = bwrap_argv(argv, workspace=workspace, kernel_dir=self.kernel_dir, hidden=hidden,
                               allow_network=options.allow_network, readonly=readonly, seccomp_fd=self._seccomp_fd,
-                              tmp_size=options.tmp_size)
+                              tmp_size=options.tmp_size, tmp_dir=options.tmp_dir)
             self.sandboxed = True
         else:
             _warn_unsandboxed()

@@ -1,7 +1,10 @@
-"""Package setup for sessions: pip, npm, go and commands, run once per distinct spec into
-a shared, content-addressed environment that kernels see read-only.
+"""Package setup for sessions: pip, npm and go, built once per distinct set of packages
+into a shared, content-addressed environment that kernels see read-only; then each
+session's own files and ``commands``, in its own sandbox.
 
-- ``spec``: validation, canonical form and hash of a ``setup`` body;
+- ``spec``: validation, canonical form and hash of a ``setup`` body (ERA's list and
+  text forms, ``envs``);
+- ``session``: the session's part, ``CommandSandbox`` (what a command can change);
 - ``steps`` / ``layout``: what runs, and where its output goes in an environment;
 - ``runner_local`` / ``runner_docker``: a step in bubblewrap or in a container, with network;
 - ``cache``: environment directories and their single-object archives in the store;

@@ -6,8 +6,9 @@ Wiring, in ``era_kernel.cli.build_parser``::
     from .setup.cli import add_setup_parser
     add_setup_parser(sub)
 
-The environment is the one a session with the same language, provisioner and spec
-would get, so running this ahead of time makes those sessions' setup instant.
+The environment is the one a session with the same language, provisioner and packages
+would get, so running this ahead of time makes those sessions' setup instant. Commands
+(``-c``) are each session's own, so here they only run in a scratch sandbox, to try them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
 from typing import Any
@@ -34,7 +36,9 @@ def add_setup_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--npm", action="append", default=[], metavar="PKG", help="an npm package (repeatable)")
     parser.add_argument("--go", action="append", default=[], metavar="MOD", help="a Go module (repeatable)")
     parser.add_argument("--command", "-c", action="append", default=[], dest="commands", metavar="CMD",
-                        help="a shell command run in the sandbox after the packages (repeatable, in order)")
+                        help="a shell command run after the packages (repeatable, in order), in a scratch "
+                             "sandbox thrown away afterwards: commands are each session's own, not part of the "
+                             "environment; this tries them")
     parser.add_argument("--json", action="store_true", help="print the setup result as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="no live log, only the outcome")
     parser.add_argument("--list", action="store_true", help="list the environments on this host and exit")
@@ -59,6 +63,8 @@ def setup_main(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, settings) -> int:
+    import asyncio
+
     from ..workspaces import WorkspaceStore
     from .manager import SetupManager
 
@@ -82,19 +88,50 @@ async def _run(args: argparse.Namespace, settings) -> int:
         if result is not None:
             outcome.update(status=state, result=result)
 
-    await setups.start("cli", args.language, provisioner, uid, spec, show, status)
+    scratch = settings.data_dir / "scratch" / f"cli-{os.getpid()}-{secrets.token_hex(4)}"
+    sandbox = None
+    if spec.get("commands"):
+        sandbox = await _scratch_sandbox(settings, provisioner, args.language, scratch, uid)
     try:
+        await setups.start("cli", args.language, provisioner, uid, spec, show, status, sandbox)
         await setups.wait("cli")
     finally:
         await setups.shutdown()
+        if sandbox is not None:
+            await asyncio.to_thread(_remove_scratch, scratch)
     result = outcome.get("result") or {}
     if args.json:
         print(json.dumps({"setup_status": outcome.get("status"), "setup_result": result}, indent=2))
     elif outcome.get("status") == "completed":
-        print(f"completed in {result['duration']}: environment {result['env']} ({result['source']})")
+        ran = f"; {len(result.get('commands_run') or [])} command(s) ran in a scratch sandbox" if sandbox else ""
+        env = f"environment {result['env']} ({result['source']})" if result.get("env") else "no package environment"
+        print(f"completed in {result['duration']}: {env}{ran}")
     else:
         print(f"era setup: {result.get('error') or 'setup did not finish'}", file=sys.stderr)
     return 0 if outcome.get("status") == "completed" else 1
+
+
+async def _scratch_sandbox(settings, provisioner: str, language: str, scratch, uid: int):
+    """A throwaway workspace and /tmp for trying commands, owned by ``uid``."""
+    import asyncio
+
+    from ..workspaces import Workspace
+    from .session import CommandSandbox
+
+    await Workspace(scratch / "ws").create(uid=uid if os.getuid() == 0 else None)
+
+    def make_tmp() -> None:
+        (scratch / "tmp").mkdir(mode=0o700)
+        os.chmod(scratch / "tmp", 0o1777)
+
+    await asyncio.to_thread(make_tmp)
+    return CommandSandbox(settings, provisioner, language, scratch / "ws", scratch / "tmp", uid)
+
+
+def _remove_scratch(scratch) -> None:
+    from ..workspaces import fdtree
+
+    fdtree.remove_tree(scratch)
 
 
 def _list(settings) -> int:
@@ -111,9 +148,7 @@ def _list(settings) -> int:
         except ValueError:
             continue
         spec = manifest.get("spec") or {}
-        what = "; ".join(f"{k}: {' '.join(v)}" for k, v in spec.items() if v and k != "commands")
-        if spec.get("commands"):
-            what += ("; " if what else "") + f"{len(spec['commands'])} command(s)"
+        what = "; ".join(f"{k}: {' '.join(v)}" for k, v in spec.items() if v and isinstance(v, list))
         rows.append((entry.name, manifest.get("bytes", 0), manifest.get("runtime", "?"), what))
     print(f"{'ENVIRONMENT':<34} {'SIZE':>9}  {'RUNTIME':<28} SPEC")
     for key, size, runtime, what in rows:

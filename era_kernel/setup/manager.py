@@ -1,16 +1,20 @@
 """``SetupManager``: what the engine calls to give sessions their packages.
 
-A session's setup runs as a background task: it resolves the runtime (the local
-interpreter, or the session's image by id), hashes (language, runtime, canonical spec)
-into an environment key, and then takes the first of
+A session's setup runs as a background task in two parts. Packages first: it resolves
+the runtime (the local interpreter, or the session's image by id), hashes (language,
+runtime, packages) into an environment key, and then takes the first of
 1. the local environment directory of that key (a second session: instant),
 2. the key's archive in the workspace store (another host built it: one GET),
-3. a build: pip, npm, go, commands in the session's sandbox with network, sealed,
-   archived to the store, published under the key.
-Sessions asking for the same key at once share one build and all see its log. Each
-session's on_status hears ``running`` then ``completed`` or ``failed`` with its
-``setup_result`` ``{logs, duration, duration_ms, error, env, source}``; on_log hears
-every line as it comes. A failure publishes nothing, so the next attempt starts clean.
+3. a build: pip, npm, go in a sandbox with network, sealed, archived to the store,
+   published under the key.
+Sessions asking for the same key at once share one build and all see its log. Then the
+session's own part (``session.py``): the text forms' files into its workspace, and its
+``commands`` one by one in its sandbox, with the environment on their paths read-only.
+Each session's on_status hears ``running`` then ``completed`` or ``failed`` with its
+``setup_result``: ERA's fields ``{success, duration_ms, pip_packages, npm_packages,
+go_modules, commands_run, error, stdout, stderr}`` and ours ``{logs, duration, env,
+source}``; on_log hears every line as it comes. A failed build publishes nothing, so
+the next attempt starts clean.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from ..config import Settings
 from ..errors import EraError
 from ..kernel.outputs import format_duration
 from .cache import EnvCache
-from .layout import EnvLayout
-from .logs import LogTail, error_message
+from .layout import EnvLayout, python_startup_cell
+from .logs import LineSplitter, LogTail, error_message
 from .runner_local import LocalRunner, setting
-from .spec import FORMAT, env_key, normalize
+from .session import SESSION_SITE, CommandSandbox
+from .spec import FORMAT, env_key, normalize, packages, workspace_files
 from .steps import SetupFailed, Toolchain, plan, step_env
 
 log = logging.getLogger("era.setup")
@@ -44,6 +49,7 @@ DEFAULT_COMMAND_TIMEOUT = 300.0
 DEFAULT_MAX_BYTES = 2 * 1024**3
 LIVE_LOG_CHARS = 1024 * 1024  # per session setup; past it the live stream stops, the tail goes on
 STEP_ERROR_LINES = 50
+RESULT_OUTPUT_CHARS = 64 * 1024  # setup_result stdout / stderr: their tails, kept in the record
 
 
 @dataclass(frozen=True)
@@ -103,15 +109,18 @@ class SetupManager:
         return normalize(setup)
 
     async def start(self, session_id: str, language: str, provisioner: str, uid: int, spec: Any,
-                    on_log: LogSink | None = None, on_status: StatusSink | None = None) -> None:
+                    on_log: LogSink | None = None, on_status: StatusSink | None = None,
+                    sandbox: CommandSandbox | None = None) -> None:
         """Start (or restart) the session's setup in the background and return at once.
-        The record should already say ``pending``; on_status reports what follows."""
+        The record should already say ``pending``; on_status reports what follows.
+        ``sandbox``: where the session's files and commands go (a spec with either fails
+        without one)."""
         spec = normalize(spec)
         await self.cancel(session_id)
         if spec is None:
             return
         task = asyncio.create_task(self._session_setup(session_id, language, provisioner, uid, spec,
-                                                       on_log, on_status), name=f"era-setup-{session_id}")
+                                                       on_log, on_status, sandbox), name=f"era-setup-{session_id}")
         self._sessions[session_id] = task
         task.add_done_callback(lambda t: self._sessions.pop(session_id, None)
                                if self._sessions.get(session_id) is t else None)
@@ -145,16 +154,24 @@ class SetupManager:
         spec = normalize(spec)
         if spec is None:
             return extras
-        try:
-            key = env_key(language, self._identity_now(language, provisioner), spec)
-        except Exception as exc:  # no Docker engine: that kernel will not start either; say why there
-            log.warning("cannot tell the environment of a %s/%s session: %s", language, provisioner, exc)
-            return extras
-        if not self.cache.present(key):
-            return extras
-        layout = EnvLayout(str(self.cache.final(key)))
-        extras.update(readonly=[layout.root], env=layout.kernel_env(spec),
-                      startup=[layout.python_startup_cell()] if language == "python" else [])
+        # Packages a command pip-installed into the session's own directory, first.
+        site = SESSION_SITE if spec.get("commands") and language == "python" else None
+        wanted = packages(spec)
+        layout = None
+        if any(wanted.values()):
+            try:
+                key = env_key(language, self._identity_now(language, provisioner), spec)
+            except Exception as exc:  # no Docker engine: that kernel will not start either; say why there
+                log.warning("cannot tell the environment of a %s/%s session: %s", language, provisioner, exc)
+                key = None
+            if key is not None and self.cache.present(key):
+                layout = EnvLayout(str(self.cache.final(key)))
+        if layout is not None:
+            extras.update(readonly=[layout.root], env=layout.kernel_env(wanted, site),
+                          startup=[layout.python_startup_cell(site)] if language == "python" else [])
+        elif site is not None:
+            # No shared environment (commands only, or it failed): the session's own packages.
+            extras.update(env={"PYTHONPATH": site}, startup=[python_startup_cell([site], [f"{site}/bin"])])
         return extras
 
     async def ensure(self, language: str, provisioner: str, spec: Any) -> bool:
@@ -194,7 +211,8 @@ class SetupManager:
 
     # ---- one session's setup ----------------------------------------------------------------
     async def _session_setup(self, session_id: str, language: str, provisioner: str, uid: int,
-                             spec: dict[str, list[str]], on_log: LogSink | None, on_status: StatusSink | None) -> None:
+                             spec: dict[str, Any], on_log: LogSink | None, on_status: StatusSink | None,
+                             sandbox: CommandSandbox | None) -> None:
         started = time.perf_counter()
         tail = LogTail()
         budget = LIVE_LOG_CHARS
@@ -213,11 +231,18 @@ class SetupManager:
                 log.exception("setup log callback failed")
 
         await _report(on_status, "running", None)
+        wanted = packages(spec)
+        outcome = _Outcome()
         key = source = error = None
         try:
             runtime = await self._runtime(language, provisioner)
-            key = env_key(language, runtime.identity, spec)
-            source = await self._obtain(key, runtime, uid, spec, emit)
+            if any(wanted.values()):
+                key = env_key(language, runtime.identity, spec)
+                source = await self._obtain(key, runtime, uid, spec, emit)
+            if spec.get("commands") or workspace_files(spec):
+                if sandbox is None:
+                    raise SetupFailed("setup commands and files need a session to run in")
+                await self._session_part(spec, runtime, key, sandbox, emit, outcome)
         except asyncio.CancelledError:
             raise
         except SetupFailed as exc:
@@ -231,13 +256,84 @@ class SetupManager:
         if error:
             for line in ("setup failed: " + error).splitlines():
                 emit(line)
-        result = {"logs": tail.text(), "duration": format_duration(duration), "duration_ms": round(duration * 1000, 1),
-                  "error": error, "env": key, "source": source}
+            if outcome.failed_step is None:
+                outcome.stderr.append(error)  # not a command: a package step's tool's words, as ERA gives them
+        result = {
+            # ERA's fields
+            "success": error is None, "duration_ms": round(duration * 1000, 1),
+            "pip_packages": wanted["pip"], "npm_packages": wanted["npm"], "go_modules": wanted["go"],
+            "commands_run": outcome.commands, "error": error,
+            "stdout": _tail("".join(outcome.stdout)), "stderr": _tail("".join(outcome.stderr)),
+            # ours
+            "logs": tail.text(), "duration": format_duration(duration), "env": key, "source": source}
         log.info("setup of session %s %s in %.2fs (environment %s, %s)", session_id,
                  "failed" if error else "completed", duration, key, source)
         await _report(on_status, "failed" if error else "completed", result)
 
-    async def _obtain(self, key: str, runtime: Runtime, uid: int, spec: dict[str, list[str]], emit: LogSink) -> str:
+    async def _session_part(self, spec: dict[str, Any], runtime: Runtime, key: str | None, sandbox: CommandSandbox,
+                            emit: LogSink, outcome: "_Outcome") -> None:
+        """The session's own part, in its sandbox: the text forms' files into its
+        workspace, then its commands one after another (``session.py`` says what they
+        can change). Stops at the first failing command."""
+        try:
+            for name, text in workspace_files(spec).items():
+                await sandbox.write_file(name, text.encode())
+                emit(f"wrote {name} into the workspace")
+            commands = spec.get("commands") or []
+            if not commands:
+                return
+            root = str(self.cache.final(key)) if key else "/nonexistent-era-env"
+            layout = EnvLayout(root)
+            ca = self.ca_bundle()
+            readonly = [root] if key else []
+            if ca and runtime.provisioner == "docker":
+                ca = os.path.realpath(ca)  # the container sees its directory, bound read-only
+                readonly.append(os.path.dirname(ca))
+            env = {**layout.command_env(runtime.tools.base_path, SESSION_SITE, ca), **(spec.get("envs") or {})}
+            if not key:
+                for name in ("ERA_SETUP_DIR", "NODE_PATH"):
+                    env.pop(name, None)
+                env["PYTHONPATH"] = SESSION_SITE
+            deadline = time.monotonic() + self.setup_timeout
+            for number, command in enumerate(commands, 1):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SetupFailed(f"setup timed out after {self.setup_timeout:g}s (ERA_SETUP_TIMEOUT)")
+                first = command.splitlines()[0]
+                title = first[:200] + (" ..." if len(first) > 200 or "\n" in command else "")
+                emit(f"[{number}/{len(commands)}] $ {title}")
+                outcome.commands.append(command)
+                splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+                shown = LogTail(max_lines=STEP_ERROR_LINES)
+
+                def on_output(stream: str, text: str) -> None:
+                    for line in splitters[stream].feed(text.encode()):
+                        shown.add(line)
+                        emit(line)
+
+                timeout = min(self.command_timeout, remaining)
+                result = await sandbox.run(["bash", "-c", command], timeout=timeout, allow_network=True, env=env,
+                                           readonly=readonly, on_output=on_output)
+                for splitter in splitters.values():
+                    for line in splitter.flush():
+                        shown.add(line)
+                        emit(line)
+                outcome.stdout.append(result.stdout)
+                outcome.stderr.append(result.stderr)
+                if result.out_of_memory:
+                    emit("era: a process of this command was killed for exceeding its memory limit (ERA_SETUP_MEMORY)")
+                if result.timed_out:
+                    outcome.failed_step = command
+                    raise SetupFailed(f"$ {title} timed out after {timeout:g}s (ERA_SETUP_COMMAND_TIMEOUT)")
+                if result.exit_code != 0:
+                    outcome.failed_step = command
+                    if result.exit_code == 127 and runtime.provisioner == "docker" and not result.stderr.strip():
+                        raise SetupFailed(f"bash is not installed in image {runtime.image.ref}; setup commands need it")
+                    raise SetupFailed(error_message(f"$ {title}", result.exit_code, shown.lines()))
+        finally:
+            await sandbox.finished()
+
+    async def _obtain(self, key: str, runtime: Runtime, uid: int, spec: dict[str, Any], emit: LogSink) -> str:
         """The environment ``key`` present locally; returns where it came from."""
         if await asyncio.to_thread(self.cache.present, key):
             emit(f"using cached environment {key}")
@@ -263,7 +359,7 @@ class SetupManager:
         finally:
             build.detach(emit)
 
-    async def _build(self, build: _Build, runtime: Runtime, uid: int, spec: dict[str, list[str]]) -> str:
+    async def _build(self, build: _Build, runtime: Runtime, uid: int, spec: dict[str, Any]) -> str:
         key, emit = build.key, build.emit
         if await self.cache.restore(key, uid, asyncio.to_thread, emit):
             return "store"
@@ -273,7 +369,7 @@ class SetupManager:
             final = self.cache.final(key)
             runner = self._runner(runtime)
             layout = EnvLayout(str(runner.build_path(final, staging)))
-            steps = plan(spec, layout, runtime.tools, setup_timeout=self.setup_timeout,
+            steps = plan(packages(spec), layout, runtime.tools, setup_timeout=self.setup_timeout,
                          command_timeout=self.command_timeout)
             env = step_env(layout, runtime.tools, home=str(home), ca_bundle=self.ca_bundle())
             deadline = time.monotonic() + self.setup_timeout
@@ -296,7 +392,7 @@ class SetupManager:
                 code = await runner.run(step, **kwargs)
                 if code != 0:
                     raise SetupFailed(error_message(step.title.removeprefix("$ "), code, output.lines()))
-            manifest = {"key": key, "format": FORMAT, "runtime": runtime.identity, "spec": spec, "path": str(final),
+            manifest = {"key": key, "format": FORMAT, "runtime": runtime.identity, "spec": packages(spec), "path": str(final),
                         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "build_seconds": round(time.perf_counter() - started, 3)}
             sealed = await asyncio.to_thread(self.cache.seal, staging, manifest, emit)
@@ -361,6 +457,20 @@ class SetupManager:
             if candidate and os.path.isfile(candidate):
                 return candidate
         return None
+
+
+class _Outcome:
+    """What a session's own part of the setup did, for ERA's result fields."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.failed_step: str | None = None
+
+
+def _tail(text: str) -> str:
+    return text if len(text) <= RESULT_OUTPUT_CHARS else "[...]\n" + text[-RESULT_OUTPUT_CHARS:]
 
 
 async def _report(on_status: StatusSink | None, status: str, result: dict[str, Any] | None) -> None:

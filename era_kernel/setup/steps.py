@@ -1,6 +1,6 @@
 """The steps of a setup: which program runs with which arguments and environment.
 
-Shared by both runners, so that pip, npm, go and commands behave the same in bubblewrap
+Shared by both runners, so that pip, npm and go behave the same in bubblewrap
 and in a container; only the paths of the tools differ (``Toolchain``). Packages are
 passed after ``--`` so that nothing in a spec can become an option; commands run as
 ``bash -c`` inside the sandbox and nowhere else.
@@ -42,7 +42,8 @@ class Toolchain:
 
 def plan(spec: dict[str, list[str]], layout: EnvLayout, tools: Toolchain, *, setup_timeout: float,
          command_timeout: float) -> list[Step]:
-    """pip, then npm, then go, then the commands in order (they may use what came before)."""
+    """pip, then npm, then go, into the shared environment; then ``commands`` when the
+    dict has any (a session's commands run in its own sandbox instead: ``session.py``)."""
     steps: list[Step] = []
     if spec.get("pip"):
         steps.append(Step("pip", "pip install " + " ".join(spec["pip"]), [

@@ -39,7 +39,7 @@ LOOP_CTL_GET_FREE = 0x4C82
 LO_FLAGS_AUTOCLEAR = 4
 LO_NAME_SIZE = 64
 # <sys/mount.h>
-MS_NOSUID, MS_NODEV = 2, 4
+MS_NOSUID, MS_NODEV, MS_BIND = 2, 4, 4096
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -182,6 +182,12 @@ def forget_loop_nodes() -> list[str]:
 def mount_ext4(device: str, path: Path) -> None:
     _check(_libc.mount(device.encode(), os.fsencode(path), b"ext4", MS_NOSUID | MS_NODEV, b"discard"),
            "mount", str(path))
+
+
+def bind_mount(source: Path, target: Path) -> None:
+    """Bind ``source`` (a directory on a volume we mounted) onto ``target``; the bind keeps
+    the volume's nosuid/nodev."""
+    _check(_libc.mount(os.fsencode(source), os.fsencode(target), None, MS_BIND, None), "mount --bind", str(target))
 
 
 def unmount(path: Path) -> bool:

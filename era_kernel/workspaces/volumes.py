@@ -8,9 +8,13 @@ the bound is a filesystem of its own: a write past it fails with ENOSPC inside t
 session, and the host's disk holds at most the image (sparse: only what was written,
 and, mounted with ``discard``, blocks the session frees go back to the host).
 
-- ``make(path, uid)``: a new empty directory gets a fresh image (``mkfs.ext4``, the
-  root owned by the session's uid, ``lost+found`` removed), attached to a loop device
-  and mounted ``nodev,nosuid,discard``. The image is sized so that the session can
+- ``make(path, uid)``: a new empty directory gets a fresh image (``mkfs.ext4``,
+  ``lost+found`` removed), attached to a loop device and mounted ``nodev,nosuid,discard``
+  at ``<data>/volumes/mnt/<root>/<name>`` (hidden: ``volumes/`` is the server's). The
+  filesystem holds two directories: ``ws/`` (the session's uid's), bound onto the
+  workspace directory, and ``tmp/`` (root's, 1777), the session's ``/tmp``
+  (``tmp_of``): one bound for both, as a VM's disk is. Images made before that layout
+  (their root is the workspace) are mounted on the directory as they were. The image is sized so that the session can
   write about ``size`` bytes (ext4's journal and inode tables come on top), plus a
   small reserve only root may use: the server's own small writes (the session's data
   file before each run) still succeed when the session filled its share.
@@ -39,7 +43,8 @@ from typing import Awaitable, Callable
 from ..provisioning.owner import me
 from ..serial_thread import SerialThread
 from .local import run_blocking
-from .loopfs import (BLOCK, MIN_IMAGE, VolumeError, _estimate, attach_loop, forget_loop_nodes, human, loop_of,
+from .loopfs import (BLOCK, MIN_IMAGE, VolumeError, _estimate, attach_loop, bind_mount, forget_loop_nodes, human,
+                     loop_of,
                      loops_made, make_image, mkfs_tool, mount_ext4, mounts_under, read_superblock,
                      release_everything_under, unmount)  # noqa: F401  (release_everything_under: for tests)
 
@@ -49,6 +54,8 @@ VOLUMES_ROOT = "volumes"  # under the data directory
 ROOTS = ("sessions", "pool", "scratch")  # where workspace directories live; mirrored under volumes/
 IMAGE_SUFFIX = ".img"
 META_SUFFIX = ".json"
+MOUNTS = "mnt"  # volumes/mnt/<root>/<name>: where a two-directory volume's filesystem is mounted
+LAYOUT = 2  # meta "layout": the filesystem holds ws/ and tmp/ (absent: its root is the workspace)
 FULL_BELOW = 4 * 1024**2  # a volume with less free than this (or 1/64 of it) is full for a session
 
 _stats = SerialThread("era-volume-stats")  # statvfs after every run: a cheap hop
@@ -140,6 +147,7 @@ class Volumes:
         self._plain: set[Path] = set()  # directories found without a volume (made with volumes off)
         self._locks: dict[Path, asyncio.Lock] = {}
         self._image_size: int | None = None  # learnt from the first mkfs
+        self._split: set[Path] = set()  # directories whose volume holds ws/ and tmp/ (LAYOUT)
 
     # ---- start -----------------------------------------------------------------------
     async def start(self, mode: str) -> None:
@@ -190,6 +198,17 @@ class Volumes:
         rel = image.relative_to(self.root)
         return self.data_dir / rel.parent / rel.name.removesuffix(IMAGE_SUFFIX)
 
+    def _mnt(self, path: Path) -> Path:
+        rel = Path(path).relative_to(self.data_dir)
+        return self.root / MOUNTS / rel
+
+    def tmp_of(self, path: Path) -> Path | None:
+        """Where the /tmp of workspace ``path`` lives inside its mounted volume, or None
+        when it lives outside (no volume, or one of the older layout; see
+        ``engine/files.py``). Known once the volume is made or mounted here."""
+        path = Path(path)
+        return self._mnt(path) / "tmp" if path in self._split else None
+
     def is_mounted(self, path: Path) -> bool:
         return Path(path) in self._mounted
 
@@ -227,28 +246,45 @@ class Volumes:
         else:
             raise VolumeError(errno.ENOSPC, "could not size the workspace image", str(image))
         self._image_size = size
-        self._write_meta(path, {"base_blocks": sb.blocks - sb.free_blocks})
+        self._write_meta(path, {"base_blocks": sb.blocks - sb.free_blocks, "layout": LAYOUT})
         try:
-            self._mount_sync(path, image, fresh=True)
+            self._mount_sync(path, image, fresh=True, uid=uid)
         except BaseException:
+            self._unmount_sync(path)
             image.unlink(missing_ok=True)
             self._meta(path).unlink(missing_ok=True)
             raise
 
-    def _mount_sync(self, path: Path, image: Path, fresh: bool) -> None:
-        if not fresh and self._mount_live(path, image):
-            return
-        dev, fd = attach_loop(image)
-        try:
-            mount_ext4(dev, path)
-        finally:
-            os.close(fd)  # mounted, the device stays; otherwise autoclear detaches it now
+    def _mount_sync(self, path: Path, image: Path, fresh: bool, uid: int | None = None) -> None:
+        split = self._read_meta(path).get("layout") == LAYOUT
+        point = self._mnt(path) if split else path
+        if split:
+            point.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if fresh or not self._mount_live(point, image):
+            dev, fd = attach_loop(image)
+            try:
+                mount_ext4(dev, point)
+            finally:
+                os.close(fd)  # mounted, the device stays; otherwise autoclear detaches it now
         if fresh:
             try:
-                os.rmdir(path / "lost+found")  # e2fsck's; nothing a session should see
+                os.rmdir(point / "lost+found")  # e2fsck's; nothing a session should see
             except OSError:
                 pass
-            os.chmod(path, 0o700)  # like every workspace directory (mkfs makes its root 0755)
+        if not split:
+            if fresh:
+                os.chmod(path, 0o700)  # like every workspace directory (mkfs makes its root 0755)
+            return
+        if fresh:
+            os.chown(point, 0, 0)
+            os.chmod(point, 0o711)  # the filesystem's root is ours; its two directories are reached by path
+            (point / "ws").mkdir(mode=0o700)
+            if uid is not None:
+                os.chown(point / "ws", uid, uid)
+            (point / "tmp").mkdir(mode=0o700)
+            os.chmod(point / "tmp", 0o1777)  # root's and sticky, as a /tmp is (engine/files.py)
+        bind_mount(point / "ws", path)
+        self._split.add(path)
 
     @staticmethod
     def _mount_live(path: Path, image: Path) -> bool:
@@ -285,6 +321,8 @@ class Volumes:
         if not image.is_file():
             return False
         if os.path.ismount(path):  # mounted by a previous process of ours
+            if self._read_meta(path).get("layout") == LAYOUT:
+                self._split.add(path)
             return True
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._mount_sync(path, image, fresh=False)
@@ -324,16 +362,24 @@ class Volumes:
         self._locks.pop(path, None)
         self._plain.discard(path)
 
-    @staticmethod
-    def _unmount_sync(path: Path) -> None:
+    def _unmount_sync(self, path: Path) -> None:
+        """The workspace (a bind, or the filesystem itself), then the hidden mount."""
         if os.path.ismount(path):
             unmount(path)
+        point = self._mnt(path)
+        if os.path.ismount(point):
+            unmount(point)
+        self._split.discard(Path(path))
 
     def _delete_sync(self, path: Path) -> None:
         image = self.image(path)
         if image.exists():
             image.unlink()  # a lazily unmounted volume's space returns when its loop device lets go
         self._meta(path).unlink(missing_ok=True)
+        try:
+            self._mnt(path).rmdir()  # its empty mount point
+        except OSError:
+            pass
 
     async def release_all(self, usage_of: Callable[[Path], Awaitable[tuple[int, int]]] | None = None) -> None:
         """Release every volume this process mounted (engine shutdown): a stopped server
@@ -371,11 +417,19 @@ class Volumes:
     def _adopt_sync(self) -> tuple[list[Path], list[Path]]:
         adopted, stray = [], []
         roots = {self.data_dir / name for name in ROOTS}
+        hidden = {self.root / MOUNTS / name: self.data_dir / name for name in ROOTS}
         for point, _ in mounts_under(self.data_dir):
+            if point.parent in hidden:  # a two-directory volume's filesystem: kept while its image is
+                if not self.image(hidden[point.parent] / point.name).is_file():
+                    unmount(point)
+                    stray.append(point)
+                continue
             if point.parent not in roots:
                 continue
             if self.image(point).is_file():
                 adopted.append(point)
+                if self._read_meta(point).get("layout") == LAYOUT:
+                    self._split.add(point)
             else:
                 unmount(point)
                 stray.append(point)
@@ -414,7 +468,10 @@ class Volumes:
             sb = read_superblock(image)
         except OSError:
             return 0, 0
-        files = max(0, sb.inodes - sb.free_inodes - (sb.first_inode - 1))
+        # ext4's reserved inodes, and ws/ and tmp/ of a two-directory volume, are not files
+        # (what its /tmp holds is: it shares the bound).
+        own = 2 if meta.get("layout") == LAYOUT else 0
+        files = max(0, sb.inodes - sb.free_inodes - (sb.first_inode - 1) - own)
         used = max(0, sb.blocks - sb.free_blocks - int(meta.get("base_blocks", 0)))
         return files, used * sb.block_size
 
