@@ -172,3 +172,35 @@ def test_vm_limits_above_the_servers_are_refused(server):
     assert assert_error_shape(status, body, 422)["field"] == "limits.memory_mib"
     status, body = server.request("POST", "/api/vm", {"language": "python", "network_mode": "bridge"})
     assert assert_error_shape(status, body, 400)["field"] == "network_mode"
+
+
+@pytest.mark.parametrize("provisioner", ["local", "docker"])
+def test_vm_run_is_a_shell_command_in_the_sessions_sandbox(server, provisioner):
+    # ERA's HTTP_API.md workflow: create, run a command, check, delete.
+    vm = server.json("POST", "/api/vm", {"language": "python", "cpu_count": 1, "memory_mib": 256,
+                                         "network_mode": "none", "provisioner": provisioner}, expect=201)
+    vid = vm["id"]
+    try:
+        ran = server.json("POST", f"/api/vm/{vid}/run",
+                          {"command": "python3 -c \"import sys; print(sys.version_info[0])\"", "timeout": 30})
+        assert (ran["exit_code"], ran["stdout"], ran["stderr"]) == (0, "3\n", "") and ran["duration"].endswith("s")
+        # The session's sandbox: its workspace (the files API and the kernel see what the
+        # command wrote), its /tmp, no network, not root, and the caller's envs.
+        ran = server.json("POST", f"/api/vm/{vid}/run", {
+            "command": "echo made > out.txt && echo kept > /tmp/note && id -u && echo $GREETING >&2 && exit 3",
+            "envs": {"GREETING": "hi"}})
+        assert ran["exit_code"] == 3 and ran["stderr"] == "hi\n" and ran["stdout"].strip() != "0", ran
+        assert server.request("GET", f"/api/sessions/{vid}/files/out.txt")[1] == b"made\n"
+        kernel = server.json("POST", f"/api/sessions/{vid}/run", {"code": "print(open('/tmp/note').read().strip())"})
+        assert kernel["stdout"] == "kept\n", kernel
+        port = int(server.base.rsplit(":", 1)[1])  # the server listens on the host's loopback
+        net = server.json("POST", f"/api/vm/{vid}/run", {
+            "command": f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 2)\""})
+        assert net["exit_code"] != 0 and "Traceback" in net["stderr"], net
+        slow = server.json("POST", f"/api/vm/{vid}/run", {"command": "echo start; sleep 30", "timeout": 1})
+        assert slow["exit_code"] == 124 and slow["timed_out"] is True and slow["stdout"] == "start\n", slow
+        assert slow["duration_ms"] < 10_000
+    finally:
+        server.json("DELETE", f"/api/vm/{vid}")
+    status, body = server.request("POST", f"/api/vm/{vid}/run", {"command": "true"})
+    assert_error_shape(status, body, 404)

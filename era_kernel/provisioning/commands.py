@@ -151,7 +151,8 @@ def _local_argv(options: LaunchOptions, argv: list[str], uid: int, seccomp_fd: i
                           tmp_size=options.tmp_size, tmp_dir=options.tmp_dir)
     else:
         argv = die_with_parent() + argv
-    return ["prlimit", f"--as={max(options.memory, options.address_space)}", f"--nproc={options.pids}", "--core=0", "--", *argv]
+    address_space = max(options.memory, options.address_space)
+    return ["prlimit", f"--as={address_space}", f"--nproc={options.pids}", "--core=0", "--", *argv]
 
 
 async def _run_local(options: LaunchOptions, argv: list[str], *, timeout: float, out: _Capture,
