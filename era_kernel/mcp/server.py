@@ -3,7 +3,7 @@ list, tool calls and ERA's session resources, and the stdio transport behind ``e
 
 Which API client answers a request is a parameter (``tools_for``): ``era mcp`` has one
 client for its whole life; the server's ``/mcp`` route makes one per caller, with the
-caller's own key (``era_server/mcp.py``)."""
+caller's own key (``era_server/mcp_routes.py``)."""
 
 from __future__ import annotations
 
