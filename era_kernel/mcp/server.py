@@ -80,10 +80,15 @@ async def embedded_server(extra_env: dict[str, str] | None = None) -> AsyncItera
     Yields ``(url, api_key)``."""
     import anyio
 
+    from era_kernel.config import _default_data_dir
+
     key = secrets.token_urlsafe(24)
     env = dict(os.environ, ERA_API_KEY=key, ERA_HOST="127.0.0.1", ERA_LOG_LEVEL="INFO", **(extra_env or {}))
+    # A data directory of its own unless one is given: two servers must never share a
+    # store, and an `era serve` may well be running on the default one.
+    env.setdefault("ERA_DATA_DIR", os.path.join(_default_data_dir(), "mcp-embedded"))
     proc = subprocess.Popen([sys.executable, "-m", "era_server", "--port", "0"], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
     port: list[int] = []
     listening = threading.Event()
 
@@ -117,6 +122,17 @@ async def embedded_server(extra_env: dict[str, str] | None = None) -> AsyncItera
             await anyio.to_thread.run_sync(proc.wait, 30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when we die, however we die (an MCP client may SIGKILL us)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the finally below still stops it on a normal exit
 
 
 async def serve_stdio_embedded() -> None:
