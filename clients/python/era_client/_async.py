@@ -177,9 +177,11 @@ class AsyncSession:
                 if step is None:
                     continue
                 kind, value = step
-                if kind == "result":
+                if kind == "called":
+                    await _maybe_await(value)  # callbacks may be coroutines
+                elif kind == "result":
                     return value
-                if kind == "input":
+                elif kind == "input":
                     assert isinstance(value, InputRequest)
                     if on_input is None:
                         raise errors.BadRequest("the code called input() but run() was given no on_input")
@@ -204,19 +206,24 @@ class AsyncSession:
             def opened(response: Any) -> None:
                 where.run_id = response.headers.get("X-Era-Run-Id") or where.run_id
 
+            frames = transport.sse(method, path, body, headers, on_open=opened)
             try:
-                async for doc in transport.sse(method, path, body, headers, on_open=opened):
+                async for doc in frames:
                     event = where.accept(doc)
                     if event is not None:
                         failures = 0
                         yield event
-                return
+                    if where.done:
+                        return
+                return  # the server ended the stream: the run is over
             except DROPPED as exc:
                 failures += 1
                 wait = transport.retry.wait_for(failures, None)
                 if where.run_id is None or wait is None:
                     raise errors.ConnectionLost(f"the stream broke and could not be resumed: {exc}") from exc
                 await asyncio.sleep(wait)
+            finally:
+                await frames.aclose()  # the response is released now, not when the generator is collected
 
     async def start(self, code: str | None = None, *, timeout: float | None = None,
                     env: dict[str, str] | None = None, callback_url: str | None = None) -> "AsyncRun":

@@ -136,10 +136,11 @@ def ws_url(base_url: str, sid: str) -> str:
 class WsRun:
     """What a socket running one of our runs does with each message, I/O-free.
 
-    ``feed(message)`` calls the callbacks and returns ``("reply", text)`` when ``input()``
-    wants an answer (the caller sends it; an async ``on_input`` is awaited by the caller
-    first), ``("result", RunResult)`` at the end, else None. Protocol errors for this run
-    raise the mapped exception."""
+    ``feed(message)`` calls the callbacks and returns ``("input", InputRequest)`` when
+    ``input()`` wants an answer (the caller asks ``on_input`` and sends the reply),
+    ``("result", RunResult)`` at the end, ``("called", value)`` with what a callback
+    returned (the async client awaits a coroutine), else None. Protocol errors for this
+    run raise the mapped exception."""
 
     def __init__(self, body: dict[str, Any], on_stdout: Callable[[str], Any] | None,
                  on_stderr: Callable[[str], Any] | None, on_display: Callable[[Display], Any] | None,
@@ -164,23 +165,28 @@ class WsRun:
             raise errors.error_for(int(message["status_code"]), message)
         event = event_from(message)
         if kind == "stdout" and self.on_stdout:
-            self.on_stdout(message.get("content", ""))
-        elif kind == "stderr" and self.on_stderr:
-            self.on_stderr(message.get("content", ""))
-        elif kind == "display" and self.on_display:
-            self.on_display(event)  # type: ignore[arg-type]
-        elif kind == "error" and self.on_error:
-            self.on_error(event)
-        elif kind == "input_request":
+            return ("called", self.on_stdout(message.get("content", "")))
+        if kind == "stderr" and self.on_stderr:
+            return ("called", self.on_stderr(message.get("content", "")))
+        if kind == "display" and self.on_display:
+            return ("called", self.on_display(event))  # type: ignore[arg-type]
+        if kind == "error" and self.on_error:
+            return ("called", self.on_error(event))
+        if kind == "input_request":
             return ("input", event)
-        elif kind == "done":
+        if kind == "done":
             self.done = True
         return None
 
 
+# What a run's stream carries (the server's /stream set): a stream resumed from the
+# journal, which also keeps kernel status events, yields the same kinds.
+STREAM_TYPES = frozenset({"setup", "stdout", "stderr", "display", "error", "done"})
+
+
 class Resume:
     """Where a stream is: the run it follows and the last seq delivered, so a resumed
-    stream neither repeats nor skips an event."""
+    stream neither repeats nor skips an event. It ends at the run's ``done``."""
 
     def __init__(self, run_id: str | None = None, after: int = 0) -> None:
         self.run_id = run_id
@@ -194,6 +200,8 @@ class Resume:
                 return None  # already delivered before the connection dropped
             self.last = seq
         self.run_id = doc.get("run_id") or self.run_id
+        if self.done or doc.get("type") not in STREAM_TYPES:
+            return None
         event = event_from(doc)
-        self.done = self.done or event.type == "done"
+        self.done = event.type == "done"
         return event

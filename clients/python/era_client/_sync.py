@@ -213,12 +213,15 @@ class Session:
             def opened(response: Any) -> None:
                 where.run_id = response.headers.get("X-Era-Run-Id") or where.run_id
 
+            frames = transport.sse(method, path, body, headers, on_open=opened)
             try:
-                for doc in transport.sse(method, path, body, headers, on_open=opened):
+                for doc in frames:
                     event = where.accept(doc)
                     if event is not None:
                         failures = 0
                         yield event
+                    if where.done:
+                        return
                 return  # the server ended the stream: the run is over
             except DROPPED as exc:
                 failures += 1
@@ -226,6 +229,8 @@ class Session:
                 if where.run_id is None or wait is None:
                     raise errors.ConnectionLost(f"the stream broke and could not be resumed: {exc}") from exc
                 time.sleep(wait)
+            finally:
+                frames.close()  # the response is released now, not when the generator is collected
 
     def start(self, code: str | None = None, *, timeout: float | None = None, env: dict[str, str] | None = None,
               callback_url: str | None = None) -> "Run":
