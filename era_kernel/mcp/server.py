@@ -84,9 +84,9 @@ async def embedded_server(extra_env: dict[str, str] | None = None) -> AsyncItera
 
     key = secrets.token_urlsafe(24)
     env = dict(os.environ, ERA_API_KEY=key, ERA_HOST="127.0.0.1", ERA_LOG_LEVEL="INFO", **(extra_env or {}))
-    # A data directory of its own unless one is given: two servers must never share a
-    # store, and an `era serve` may well be running on the default one.
-    env.setdefault("ERA_DATA_DIR", os.path.join(_default_data_dir(), "mcp-embedded"))
+    # A data directory of its own: two servers must never share a store, and an `era
+    # serve` may well be running on ours. Sessions persist there between MCP sessions.
+    env["ERA_DATA_DIR"] = os.path.join(os.environ.get("ERA_DATA_DIR") or _default_data_dir(), "mcp-embedded")
     proc = subprocess.Popen([sys.executable, "-m", "era_server", "--port", "0"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
     port: list[int] = []
