@@ -67,16 +67,22 @@ class McpBridge:
         return self.manager
 
     async def _run(self) -> None:
-        from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+        assert self._started is not None
+        try:
+            from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
-        from era_kernel.mcp.server import build_server
+            from era_kernel.mcp.server import build_server
 
-        server = build_server(lambda ctx: ctx.request.scope["era.tools"])
-        self.manager = StreamableHTTPSessionManager(server, stateless=True)
-        async with self.manager.run():
-            assert self._started is not None
-            self._started.set_result(None)
-            await asyncio.Event().wait()  # until the loop ends with the server
+            server = build_server(lambda ctx: ctx.request.scope["era.tools"])
+            self.manager = StreamableHTTPSessionManager(server, stateless=True)
+            async with self.manager.run():
+                self._started.set_result(None)
+                await asyncio.Event().wait()  # until the loop ends with the server
+        except BaseException as exc:
+            if not self._started.done():  # requests waiting for it fail instead of hanging
+                self._started.set_exception(exc if isinstance(exc, Exception) else RuntimeError("MCP stopped"))
+                self._started = None  # the next request tries again
+            raise
 
 
 _BRIDGES: "weakref.WeakKeyDictionary[Services, McpBridge]" = weakref.WeakKeyDictionary()
