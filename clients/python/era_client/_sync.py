@@ -42,9 +42,10 @@ class Client:
         return self.call(c.health())
 
     def execute(self, code: str, language: str = "python", *, timeout: float | None = None,
-                env: dict[str, str] | None = None, files: dict[str, str] | None = None) -> RunResult:
-        """One-shot run in a fresh kernel, discarded afterwards."""
-        body = c.compact(code=code, language=language, timeout=timeout, env=env, files=files)
+                env: dict[str, str] | None = None, files: dict[str, str] | None = None, **extra: Any) -> RunResult:
+        """One-shot run in a fresh kernel, discarded afterwards. ``extra``: other fields of
+        the request (``allowInternetAccess``, ``provisioner``)."""
+        body = c.compact(code=code, language=language, timeout=timeout, env=env, files=files, **extra)
         return RunResult(self.call(c.execute(body, c.read_timeout(timeout, 30.0))))
 
     def close(self) -> None:
