@@ -1,4 +1,4 @@
-"""The ``era`` command: run, serve, doctor, kernelspecs, images.
+"""The ``era`` command: run, serve, mcp, doctor, kernelspecs, images.
 
 Imports stay inside the subcommands: ``era serve`` must bind its port within 100 ms,
 before jupyter_client and the store are imported.
@@ -88,6 +88,21 @@ def _cmd_serve(args) -> int:
     return serve_main(argv) or 0
 
 
+def _cmd_mcp(args) -> int:
+    import os
+
+    import anyio
+
+    from .mcp.server import serve_stdio, serve_stdio_embedded
+
+    if args.embedded:
+        anyio.run(serve_stdio_embedded)
+        return 0
+    url = args.url or os.environ.get("ERA_URL") or "http://127.0.0.1:8787"
+    anyio.run(serve_stdio, url, os.environ.get("ERA_API_KEY") or None)
+    return 0
+
+
 def build_parser(with_images: bool = True):
     import argparse
 
@@ -115,6 +130,13 @@ def build_parser(with_images: bool = True):
     where.add_argument("--sys-prefix", action="store_true")
     where.add_argument("--prefix", default=None)
     install.set_defaults(func=_cmd_kernelspecs)
+
+    mcp = sub.add_parser("mcp", help="an MCP server on stdio (for desktop agents and IDEs)")
+    where_mcp = mcp.add_mutually_exclusive_group()
+    where_mcp.add_argument("--url", default=None, help="the ERA server to use (default ERA_URL or "
+                                                      "http://127.0.0.1:8787; its key from ERA_API_KEY)")
+    where_mcp.add_argument("--embedded", action="store_true", help="start a private server for this MCP session")
+    mcp.set_defaults(func=_cmd_mcp)
 
     doctor = sub.add_parser("doctor", help="check what this machine can do")
     doctor.set_defaults(func=_cmd_doctor)

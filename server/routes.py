@@ -26,6 +26,7 @@ from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler,
                                 RestartHandler, RunsHandler, SessionEventsHandler, SessionHandler, SessionsHandler)
 from .jupyter import (KernelChannels, KernelHandler, KernelInterruptHandler, KernelRestartHandler, KernelsHandler,
                       KernelSpecHandler, KernelSpecsHandler)
+from .mcp_routes import McpHandler, McpV1Handler
 from .services import Services
 from .ws import SessionSocket
 
@@ -75,6 +76,9 @@ ROUTES: list[Route] = [
     Route("/api/kernels/{id}/interrupt", KernelInterruptHandler),
     Route("/api/kernels/{id}/restart", KernelRestartHandler),
     Route("/api/kernels/{id}/channels", KernelChannels),
+    # MCP (server/mcp_routes.py): the SDK's streamable HTTP, and ERA's own JSON-RPC endpoint.
+    Route("/mcp", McpHandler),
+    Route("/mcp/v1", McpV1Handler),
 ]
 
 # Paths no route matches (JSON 404s; not part of the API, so not in ROUTES). Under /api/
