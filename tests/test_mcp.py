@@ -194,6 +194,9 @@ def test_shell_and_background_runs(server):
     try:
         _, text = call(server, "era_shell", command="echo hi > from_shell.txt && ls", session_id=sid)
         assert "from_shell.txt" in text
+        # Beside the kernel, in its sandbox: the kernel reads what the command wrote.
+        _, text = call(server, "era_run_in_session", session_id=sid, code="print(open('from_shell.txt').read())")
+        assert "hi" in text
         _, text = call(server, "era_start_run", session_id=sid,
                        code="import time\nfor i in range(4):\n    print('tick', i, flush=True); time.sleep(0.3)")
         run_id = text.split("Started run ")[1].split()[0]

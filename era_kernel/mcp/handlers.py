@@ -18,10 +18,6 @@ from . import results
 from .results import Content, text
 from .tools import TOOL_NAMES
 
-# era_shell has no session command route to call yet ("Commands" has not landed), so a
-# command runs as a bash cell: one-shot in a fresh bash kernel, or in the session's own
-# kernel. Flip to True once POST /api/vm/{id}/run exists (see _shell_in_session).
-SHELL_VIA_VM_RUN = False
 MAX_FILE_TEXT = 100_000
 GET_RUN_WAIT = 10.0
 
@@ -111,26 +107,12 @@ class EraTools:
         return await self._shell_in_session(args["session_id"], command, args.get("timeout"))
 
     async def _shell_in_session(self, sid: str, command: str, timeout: float | None) -> ToolResult:
-        if SHELL_VIA_VM_RUN:
-            doc = await self.client.call(era_client._transport.Call(
-                "POST", f"/api/vm/{sid}/run", json={k: v for k, v in (("command", command), ("timeout", timeout))
-                                                    if v is not None}))
-            content, failed = results.run_content(doc, f"era://sessions/{sid}/shell")
-            return ToolResult(content, failed)
-        session = await self.client.sessions.get(sid)
-        if session.language == "bash":
-            code = command
-        elif session.language == "python":
-            # The session's own sandbox and working directory, through its interpreter.
-            code = ("import subprocess as _s, sys as _y\n"
-                    f"_r = _s.run(['bash', '-c', {json.dumps(command)}], capture_output=True, text=True)\n"
-                    "print(_r.stdout, end=''); print(_r.stderr, end='', file=_y.stderr)\n"
-                    "if _r.returncode: _y.exit(_r.returncode)")
-        else:
-            return ToolResult([text(f"Error: session {sid} is a {session.language} session; era_shell runs in "
-                                    "python or bash sessions (or without session_id, in a fresh sandbox).")], True)
-        result = await session.run(code, timeout=timeout)
-        content, failed = results.run_content(result.raw, f"era://sessions/{sid}/runs/{result.run_id}")
+        # ERA's local-agent route: the command runs beside the session's kernel, in its
+        # sandbox (workspace, /tmp, network policy, limits), whatever its language.
+        doc = await self.client.call(era_client._transport.Call(
+            "POST", f"/api/vm/{sid}/run", json={k: v for k, v in (("command", command), ("timeout", timeout))
+                                                if v is not None}))
+        content, failed = results.run_content(doc, f"era://sessions/{sid}/shell")
         return ToolResult(content, failed)
 
     # ---- sessions ------------------------------------------------------------------------
@@ -169,18 +151,14 @@ class EraTools:
         return ToolResult([text(f"Session {session.id} deleted successfully.")])
 
     async def era_update_session(self, args: dict[str, Any]) -> ToolResult:
-        updates = {k: args[k] for k in ("default_timeout", "allowInternetAccess") if k in args}
-        notes = []
-        if "allowPublicAccess" in args:
-            notes.append("allowPublicAccess is not a setting on this server: a session's ports are reached through "
-                         "/proxy with the API key.")
+        updates = {k: args[k] for k in ("default_timeout", "allowInternetAccess", "allowPublicAccess") if k in args}
         if not updates:
-            return ToolResult([text("Error: give at least one of default_timeout or allowInternetAccess to update. "
-                                    + " ".join(notes))], True)
+            return ToolResult([text("Error: give at least one of default_timeout, allowInternetAccess or "
+                                    "allowPublicAccess to update.")], True)
         session = await self.client.sessions.get(args["session_id"])
         await session.patch(**updates)
         return ToolResult([text(f"Session {session.id} updated successfully.\n\nUpdated fields:\n"
-                                f"{json.dumps(updates, indent=2)}" + ("\n\n" + " ".join(notes) if notes else ""))])
+                                f"{json.dumps(updates, indent=2)}")])
 
     # ---- files ---------------------------------------------------------------------------
     async def era_upload_file(self, args: dict[str, Any]) -> ToolResult:

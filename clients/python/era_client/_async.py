@@ -239,7 +239,8 @@ class AsyncSession:
         return self.info
 
     async def patch(self, **fields: Any) -> dict[str, Any]:
-        self.info = await self.client.call(c.patch(self.id, fields))
+        answer = await self.client.call(c.patch(self.id, fields))
+        self.info = answer.get("metadata", answer)  # ERA's {success, id, metadata: <document>, updated_at}
         return self.info
 
     async def duplicate(self, id: str | None = None, delete_on_exit: bool = True) -> "AsyncSession":

@@ -249,8 +249,10 @@ class Session:
         return self.info
 
     def patch(self, **fields: Any) -> dict[str, Any]:
-        """Update ``metadata``, ``data``, ``default_timeout``, ``allowInternetAccess``, ``env``."""
-        self.info = self.client.call(c.patch(self.id, fields))
+        """Update ``metadata``, ``data``, ``default_timeout``, ``allowInternetAccess``,
+        ``allowPublicAccess``, ``typecheck``, ``env``; the session document after it."""
+        answer = self.client.call(c.patch(self.id, fields))
+        self.info = answer.get("metadata", answer)  # ERA's {success, id, metadata: <document>, updated_at}
         return self.info
 
     def duplicate(self, id: str | None = None, delete_on_exit: bool = True) -> "Session":
