@@ -70,9 +70,9 @@ def _py_exit_code(ename: str, evalue: str) -> int | None:
 
 
 # ---- JavaScript and TypeScript (tslab, through era_kernel/kernels/tslab.py) -----------------
-# tslab type-checks every cell, JavaScript included: these cells declare nothing at top
-# level (a declaration would become a session variable) and end in `void 0` (tslab
-# prints a cell's last value). process.exit(n) in a cell is SystemExit(n), by the launcher.
+# These cells declare nothing at top level (a declaration would become a session
+# variable) and end in `void 0` (a cell's last value is an execute_result). process.exit(n)
+# in a cell is SystemExit(n), by the launcher.
 _JS_SAVED = 'globalThis["__era_saved_env"]'
 
 
@@ -234,6 +234,28 @@ PYTHON_KERNEL_TUNING: tuple[str, ...] = (
     "--HistoryManager.hist_file=:memory:",
     "--IPythonKernel._execute_sleep=0",
 )
+
+
+# ---- a protocol fix for ERA's Python kernels ------------------------------------------------
+# A history_request for a range of the current session by its number (what a client gets
+# from a "tail" request) comes back from IPython labelled session 0, its alias for "this
+# session", so the client cannot match the lines to what it asked for (Jupyter's
+# conformance suite, jupyter_kernel_test, checks it). This cell, run by ipykernel before
+# any other and kept out of the history (exec_lines), labels them with the number asked.
+_PYTHON_HISTORY_FIX = (
+    "def _era_history_fix(kernel):\n"
+    "    do_history = kernel.do_history\n"
+    "    def do_history_labelled(hist_access_type, output, raw, session=0, start=0, stop=None, n=None,\n"
+    "                            pattern=None, unique=False):\n"
+    "        reply = do_history(hist_access_type, output, raw, session, start, stop, n, pattern, unique)\n"
+    "        if hist_access_type == 'range' and session and session > 0:\n"
+    "            reply['history'] = [(session if s == 0 else s, line, entry) for s, line, entry in reply['history']]\n"
+    "        return reply\n"
+    "    kernel.do_history = do_history_labelled\n"
+    "_era_history_fix(get_ipython().kernel)\n"
+    "del _era_history_fix"
+)
+PYTHON_KERNEL_FIXES: tuple[str, ...] = (f"--IPKernelApp.exec_lines={_PYTHON_HISTORY_FIX}",)
 
 
 def python_kernel_argv() -> list[str]:
