@@ -236,14 +236,20 @@ PYTHON_KERNEL_TUNING: tuple[str, ...] = (
 )
 
 
-# ---- a protocol fix for ERA's Python kernels ------------------------------------------------
-# A history_request for a range of the current session by its number (what a client gets
-# from a "tail" request) comes back from IPython labelled session 0, its alias for "this
-# session", so the client cannot match the lines to what it asked for (Jupyter's
-# conformance suite, jupyter_kernel_test, checks it). This cell, run by ipykernel before
-# any other and kept out of the history (exec_lines), labels them with the number asked.
-_PYTHON_HISTORY_FIX = (
-    "def _era_history_fix(kernel):\n"
+# ---- protocol fixes for ERA's Python kernels -------------------------------------------------
+# Run by ipykernel before any other cell and kept out of the history (exec_lines), so no
+# image rebuild is needed (the argv carries them, see kernelspecs.py):
+# - A history_request for a range of the current session by its number (what a client
+#   gets from a "tail" request) came back labelled session 0, IPython's alias for "this
+#   session", so the client could not match the lines to what it asked for (Jupyter's
+#   conformance suite, jupyter_kernel_test, checks it): they carry the number asked now.
+# - An exception without a message (`raise ValueError()`) had an empty evalue, and a
+#   failed run must always say something: its evalue (in the error message and in the
+#   reply, which ipykernel builds apart) is the exception's name. Not for
+#   SystemExit, whose evalue is the exit status ("" is 0, see _py_exit_code).
+_PYTHON_FIXES_CELL = (
+    "def _era_fixes(shell):\n"
+    "    kernel = shell.kernel\n"
     "    do_history = kernel.do_history\n"
     "    def do_history_labelled(hist_access_type, output, raw, session=0, start=0, stop=None, n=None,\n"
     "                            pattern=None, unique=False):\n"
@@ -252,10 +258,24 @@ _PYTHON_HISTORY_FIX = (
     "            reply['history'] = [(session if s == 0 else s, line, entry) for s, line, entry in reply['history']]\n"
     "        return reply\n"
     "    kernel.do_history = do_history_labelled\n"
-    "_era_history_fix(get_ipython().kernel)\n"
-    "del _era_history_fix"
+    "    showtraceback = shell._showtraceback\n"
+    "    def showtraceback_named(etype, evalue, stb):\n"
+    "        if not str(evalue) and etype is not None and not issubclass(etype, SystemExit):\n"
+    "            evalue = etype.__name__\n"
+    "        return showtraceback(etype, evalue, stb)\n"
+    "    shell._showtraceback = showtraceback_named\n"
+    "    do_execute = kernel.do_execute\n"
+    "    async def do_execute_named(*args, **kwargs):\n"
+    "        reply = do_execute(*args, **kwargs)\n"
+    "        reply = await reply if hasattr(reply, '__await__') else reply\n"
+    "        if reply.get('status') == 'error' and not reply.get('evalue') and reply.get('ename') != 'SystemExit':\n"
+    "            reply['evalue'] = reply.get('ename') or 'Error'\n"
+    "        return reply\n"
+    "    kernel.do_execute = do_execute_named\n"
+    "_era_fixes(get_ipython())\n"
+    "del _era_fixes"
 )
-PYTHON_KERNEL_FIXES: tuple[str, ...] = (f"--IPKernelApp.exec_lines={_PYTHON_HISTORY_FIX}",)
+PYTHON_KERNEL_FIXES: tuple[str, ...] = (f"--IPKernelApp.exec_lines={_PYTHON_FIXES_CELL}",)
 
 
 def python_kernel_argv() -> list[str]:
