@@ -2,7 +2,7 @@
 //
 //   node tslab_launcher.js TSLAB_PACKAGE_DIR [--js] CONNECTION_FILE
 //
-// (era_kernel/kernels/tslab.py finds the package and runs this.) Four adjustments to
+// (era_kernel/kernels/tslab.py finds the package and runs this.) Six adjustments to
 // tslab 1.0.x, all from outside its files:
 // 1. IPC: tslab binds "<transport>://<ip>:<port>", but Jupyter's IPC sockets are
 //    "<ip>-<port>"; ERA's provisioners only hand out IPC connection files.
@@ -156,7 +156,8 @@ function cellExit(code) {
 
 // ---- 2, 3, 4 and 6 in the execute handlers -----------------------------------------
 const isExecutionCount = (e) => e instanceof Object && typeof e.count === "number"; // tslab's, not exported
-const history = []; // [execution_count, code] of the cells run with store_history
+const history = []; // [execution_count, code] of the cells run with store_history, the latest
+const HISTORY_MAX = 10000; // a long session's memory stays bounded
 
 jupyter.JupyterHandlerImpl.prototype.handleExecute = async function handleExecute(
   req, writeStream, writeDisplayData, publish = () => {},
@@ -173,7 +174,10 @@ jupyter.JupyterHandlerImpl.prototype.handleExecute = async function handleExecut
       cell.diagnostics = [];
       const count = this.execCount + 1; // handleExecuteImpl's own increment, below
       if (!quiet) publish("execute_input", { code: req.code, execution_count: count });
-      if (!quiet && req.store_history !== false) history.push([count, req.code]);
+      if (!quiet && req.store_history !== false) {
+        history.push([count, req.code]);
+        if (history.length > HISTORY_MAX) history.splice(0, history.length - HISTORY_MAX);
+      }
       // Node's REPL shows a value this way ('text' quoted, objects inspected)
       cell.result = (value) => {
         if (!quiet) {
