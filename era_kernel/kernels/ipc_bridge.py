@@ -209,8 +209,11 @@ class Failures:
         out = getattr(sys.stderr, "buffer", None)
         for chunk in iter(lambda: pipe.read1(65536), b""):
             if out is not None:
-                out.write(chunk)
-                out.flush()
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except (OSError, ValueError):  # our stderr is gone: keep draining, or the kernel blocks
+                    out = None
             with self.lock:
                 self.recent += chunk
                 self.total += len(chunk)
