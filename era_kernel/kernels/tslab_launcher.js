@@ -149,6 +149,7 @@ class SystemExit extends Error {
   }
 }
 const realExit = process.exit;
+const realStderrWrite = process.stderr.write.bind(process.stderr); // the kernel's log, not a cell's stream
 function cellExit(code) {
   const value = code === undefined || code === null ? process.exitCode ?? 0 : code;
   throw new SystemExit(Number.isInteger(Number(value)) ? Number(value) : 1);
@@ -193,8 +194,8 @@ jupyter.JupyterHandlerImpl.prototype.handleExecute = async function handleExecut
         return { status: "ok", execution_count: count, payload: [], user_expressions: {} };
       } catch (e) {
         // tslab's queue is a promise chain: a rejected task cancels every later one.
-        // Without stop_on_error the failure is an answer, not a rejection.
-        if (isExecutionCount(e) && req.stop_on_error === false) return failed(e);
+        // Without stop_on_error the failure is an answer, not a rejection, whatever it was.
+        if (req.stop_on_error === false) return isExecutionCount(e) ? failed(e) : unexpected(e, count);
         throw e;
       } finally {
         process.exit = realExit;
@@ -207,10 +208,16 @@ jupyter.JupyterHandlerImpl.prototype.handleExecute = async function handleExecut
       return failed(e);
     }
     if (e instanceof Object && e.name === "TaskCanceledError") return { status: "aborted" };
-    console.error("unexpected error:", e);
-    return { status: "error", ...describe(e) };
+    this.execQueue.reset(200); // or every later request would be cancelled, for good
+    return unexpected(e, this.execCount);
   }
 };
+
+// A failure of tslab's or ours, not the cell's: said as the cell's error all the same.
+function unexpected(e, count) {
+  const error = describe(e);
+  return { status: "error", execution_count: count, ...error, evalue: `the kernel failed: ${error.evalue}` };
+}
 
 jupyter.ZmqServer.prototype.handleExecute = async function handleExecute(sock, msg) {
   const send = (socket, msgType, content) => {
@@ -223,7 +230,13 @@ jupyter.ZmqServer.prototype.handleExecute = async function handleExecute(sock, m
     msg.content,
     (name, text) => send(this.iopub, "stream", { name, text }),
     (data, update) => send(this.iopub, update ? "update_display_data" : "display_data", data),
-    (msgType, body) => send(this.iopub, msgType, body),
+    (msgType, body) => {
+      try {
+        send(this.iopub, msgType, body);
+      } catch (e) { // a message lost is better than a queue stuck behind a rejected task
+        realStderrWrite(`era: could not publish ${msgType}: ${util.inspect(e)}\n`);
+      }
+    },
   );
   if (content.status === "error" && !msg.content.silent) {
     const { ename, evalue, traceback } = content;
