@@ -70,9 +70,9 @@ def _py_exit_code(ename: str, evalue: str) -> int | None:
 
 
 # ---- JavaScript and TypeScript (tslab, through era_kernel/kernels/tslab.py) -----------------
-# tslab type-checks every cell, JavaScript included: these cells declare nothing at top
-# level (a declaration would become a session variable) and end in `void 0` (tslab
-# prints a cell's last value). process.exit(n) in a cell is SystemExit(n), by the launcher.
+# These cells declare nothing at top level (a declaration would become a session
+# variable) and end in `void 0` (a cell's last value is an execute_result). process.exit(n)
+# in a cell is SystemExit(n), by the launcher.
 _JS_SAVED = 'globalThis["__era_saved_env"]'
 
 
@@ -234,6 +234,48 @@ PYTHON_KERNEL_TUNING: tuple[str, ...] = (
     "--HistoryManager.hist_file=:memory:",
     "--IPythonKernel._execute_sleep=0",
 )
+
+
+# ---- protocol fixes for ERA's Python kernels -------------------------------------------------
+# Run by ipykernel before any other cell and kept out of the history (exec_lines), so no
+# image rebuild is needed (the argv carries them, see kernelspecs.py):
+# - A history_request for a range of the current session by its number (what a client
+#   gets from a "tail" request) came back labelled session 0, IPython's alias for "this
+#   session", so the client could not match the lines to what it asked for (Jupyter's
+#   conformance suite, jupyter_kernel_test, checks it): they carry the number asked now.
+# - An exception without a message (`raise ValueError()`) had an empty evalue, and a
+#   failed run must always say something: its evalue (in the error message and in the
+#   reply, which ipykernel builds apart) is the exception's name. Not for
+#   SystemExit, whose evalue is the exit status ("" is 0, see _py_exit_code).
+_PYTHON_FIXES_CELL = (
+    "def _era_fixes(shell):\n"
+    "    kernel = shell.kernel\n"
+    "    do_history = kernel.do_history\n"
+    "    def do_history_labelled(hist_access_type, output, raw, session=0, start=0, stop=None, n=None,\n"
+    "                            pattern=None, unique=False):\n"
+    "        reply = do_history(hist_access_type, output, raw, session, start, stop, n, pattern, unique)\n"
+    "        if hist_access_type == 'range' and session and session > 0:\n"
+    "            reply['history'] = [(session if s == 0 else s, line, entry) for s, line, entry in reply['history']]\n"
+    "        return reply\n"
+    "    kernel.do_history = do_history_labelled\n"
+    "    showtraceback = shell._showtraceback\n"
+    "    def showtraceback_named(etype, evalue, stb):\n"
+    "        if not str(evalue) and etype is not None and not issubclass(etype, SystemExit):\n"
+    "            evalue = etype.__name__\n"
+    "        return showtraceback(etype, evalue, stb)\n"
+    "    shell._showtraceback = showtraceback_named\n"
+    "    do_execute = kernel.do_execute\n"
+    "    async def do_execute_named(*args, **kwargs):\n"
+    "        reply = do_execute(*args, **kwargs)\n"
+    "        reply = await reply if hasattr(reply, '__await__') else reply\n"
+    "        if reply.get('status') == 'error' and not reply.get('evalue') and reply.get('ename') != 'SystemExit':\n"
+    "            reply['evalue'] = reply.get('ename') or 'Error'\n"
+    "        return reply\n"
+    "    kernel.do_execute = do_execute_named\n"
+    "_era_fixes(get_ipython())\n"
+    "del _era_fixes"
+)
+PYTHON_KERNEL_FIXES: tuple[str, ...] = (f"--IPKernelApp.exec_lines={_PYTHON_FIXES_CELL}",)
 
 
 def python_kernel_argv() -> list[str]:

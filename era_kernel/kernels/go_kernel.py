@@ -127,7 +127,8 @@ class GoKernel(Kernel):
             return self._ok()
         panic = _PANIC.search(stderr_tail)
         if status == 2 and panic and "\ngoroutine " in stderr_tail:
-            return self._error("panic", panic.group(1))
+            # panic("") prints "panic: " and nothing more; an error always says something
+            return self._error("panic", panic.group(1).strip() or "(a panic with an empty value; its goroutine trace is on stderr)")
         return self._error("SystemExit", str(status if status > 0 else 128 - status))
 
     def _ensure_module(self) -> None:

@@ -14,6 +14,11 @@ guards the kernel as it does any TCP Jupyter kernel.
 Deno publishes part of a cell's output after its "idle" status; the bridge holds that
 status back until the output has stopped (``IdleHold``).
 
+When a cell fails and the kernel says only "Execution failed" (Deno does, for an import
+that cannot load: an ``npm:`` package with no network), the bridge puts what the kernel
+wrote to its stderr meanwhile into the reply and publishes it as the cell's error
+(``Failures``), with the way to allow network when that was the cause.
+
 Signals: SIGINT (Jupyter's "signal" interrupt) and SIGTERM are passed to the kernel. The
 bridge exits with the kernel's exit status, so a kernel that exits mid-run is reported
 with its own status.
@@ -21,8 +26,11 @@ with its own status.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +38,8 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import zmq
@@ -79,6 +89,10 @@ class Relay:
     def __init__(self, context: zmq.Context, ipc_info: dict[str, Any], tcp_info: dict[str, Any]):
         self.context = context
         self.tcp_info = tcp_info
+        self.key = ipc_info.get("key", "").encode()
+        self.failures = Failures()
+        self.cells: dict[str, int] = {}  # execute_request id -> where the kernel's stderr was then
+        self.errored: set[str] = set()  # requests the kernel published an error for
         self.poller = zmq.Poller()
         self.fronts: dict[zmq.Socket, str] = {}
         self.backs: dict[zmq.Socket, tuple[zmq.Socket, bytes]] = {}  # kernel side -> (front, client id)
@@ -122,18 +136,126 @@ class Relay:
                     if sock is self.iopub_front:
                         self.iopub_back.send_multipart(frames)
                     elif sock is self.iopub_back:
+                        self._note_error(frames)
                         for out in self.held.offer(frames):
                             self.iopub_front.send_multipart(out)
                     elif sock in self.fronts:
                         client, *message = frames
+                        self._note_request(message)
                         self._kernel_side(sock, self.fronts[sock], client).send_multipart(message)
                     else:
                         front, client = self.backs[sock]
-                        front.send_multipart([client, *frames])
+                        front.send_multipart([client, *self._explained(frames)])
                 for out in self.held.due():
                     self.iopub_front.send_multipart(out)
         except zmq.ZMQError:
             pass  # sockets went away: we are exiting
+
+
+    # ---- failures the kernel did not explain (Failures) ---------------------------------
+    def _note_request(self, frames: list[bytes]) -> None:
+        message = _parse(frames)
+        if message and message["header"].get("msg_type") == "execute_request":
+            self.cells[message["header"].get("msg_id", "")] = self.failures.mark()
+
+    def _note_error(self, frames: list[bytes]) -> None:
+        message = _parse(frames)
+        if message and message["header"].get("msg_type") == "error":
+            self.errored.add(message["parent"].get("msg_id", ""))
+
+    def _explained(self, frames: list[bytes]) -> list[bytes]:
+        """A reply as it came, or, for a failed cell the kernel said nothing about, one
+        that says what it wrote to stderr (and the same published as the cell's error)."""
+        message = _parse(frames)
+        if not message or message["header"].get("msg_type") != "execute_reply":
+            return frames
+        request = message["parent"].get("msg_id", "")
+        mark = self.cells.pop(request, None)
+        published = request in self.errored
+        self.errored.discard(request)
+        content = message["content"]
+        if content.get("status") != "error" or content.get("traceback") or mark is None:
+            return frames
+        error = self.failures.explain(content, self.failures.since(mark))
+        if not published:
+            header = dict(message["header"], msg_type="error", msg_id=uuid.uuid4().hex,
+                          date=datetime.now(timezone.utc).isoformat())
+            for out in self.held.offer(self._signed([b"error"], header, message["parent"], {}, error)):
+                self.iopub_front.send_multipart(out)
+        return self._signed(message["identities"], message["header"], message["parent"], message["metadata"],
+                            dict(content, **error))
+
+    def _signed(self, identities: list[bytes], *parts: dict) -> list[bytes]:
+        bodies = [json.dumps(part).encode() for part in parts]
+        signature = hmac.new(self.key, b"".join(bodies), hashlib.sha256).hexdigest().encode() if self.key else b""
+        return [*identities, b"<IDS|MSG>", signature, *bodies]
+
+
+class Failures:
+    """The kernel's stderr, passed on unchanged and its recent part kept, to say why a
+    cell failed when the kernel's reply does not (see the module's docstring)."""
+
+    KEEP = 16384  # bytes of recent stderr
+    ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+    NO_NETWORK = ("dns error", "failed to lookup address", "error sending request", "network is unreachable",
+                  "connection refused", "tcp connect error")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.recent = bytearray()
+        self.total = 0
+
+    def read(self, pipe: Any) -> None:
+        out = getattr(sys.stderr, "buffer", None)
+        for chunk in iter(lambda: pipe.read1(65536), b""):
+            if out is not None:
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except (OSError, ValueError):  # our stderr is gone: keep draining, or the kernel blocks
+                    out = None
+            with self.lock:
+                self.recent += chunk
+                self.total += len(chunk)
+                del self.recent[:-self.KEEP]
+
+    def mark(self) -> int:
+        with self.lock:
+            return self.total
+
+    def since(self, mark: int) -> str:
+        with self.lock:
+            fresh = self.recent[-min(self.total - mark, len(self.recent)):] if self.total > mark else b""
+            return self.ANSI.sub("", bytes(fresh).decode(errors="replace"))
+
+    def explain(self, content: dict[str, Any], stderr: str) -> dict[str, Any]:
+        """Deno says "Execution failed" and, on stderr, only "Download <url>" for the
+        imports it fetched when the download failed (the reason is not printed)."""
+        said = str(content.get("evalue") or "")
+        lines = [line.strip() for line in stderr.split("\nStack backtrace:")[0].splitlines() if line.strip()]
+        downloads = [line.split(None, 1)[1] for line in lines if line.startswith("Download ") and " " in line]
+        if downloads:
+            reason = (f"{said or 'the cell failed'}: could not download {downloads[-1]} (npm:, jsr: and "
+                      "remote imports are downloaded when a cell first runs them)")
+        elif lines:
+            reason = "\n".join(lines)
+        else:
+            reason = f"the kernel gave no reason{f' (it said: {said})' if said else ''}"
+        if (downloads or any(h in reason.lower() for h in self.NO_NETWORK)) and not has_network():
+            reason += ("\nThis session has no internet access. Create the session with "
+                       "\"allowInternetAccess\": true to allow it.")
+        return {"ename": str(content.get("ename") or "Error"), "evalue": reason, "traceback": reason.splitlines()}
+
+
+def has_network() -> bool:
+    """Whether this network namespace has an interface besides loopback (a sandbox or a
+    container without network has only lo)."""
+    try:
+        with open("/proc/net/dev") as fh:
+            names = {line.split(":", 1)[0].strip() for line in fh.readlines()[2:] if ":" in line}
+    except OSError:
+        return True  # cannot tell: say nothing about network
+    return bool(names - {"lo"})
 
 
 class IdleHold:
@@ -186,6 +308,18 @@ def _parent_and_idle(frames: list[bytes]) -> tuple[str | None, bool]:
     return parent.get("msg_id") if isinstance(parent, dict) else None, is_idle
 
 
+def _parse(frames: list[bytes]) -> dict[str, Any] | None:
+    try:
+        at = frames.index(b"<IDS|MSG>")
+        header, parent, metadata, content = (json.loads(frames[at + i]) for i in (2, 3, 4, 5))
+    except (ValueError, IndexError):
+        return None
+    if not all(isinstance(part, dict) for part in (header, parent, metadata, content)):
+        return None
+    return {"identities": frames[:at], "header": header, "parent": parent, "metadata": metadata, "content": content,
+            "buffers": frames[at + 6:]}
+
+
 def _die_with_parent() -> None:
     # Started outside ERA's sandboxes (a plain Jupyter), the kernel must not outlive
     # a bridge that was killed: PR_SET_PDEATHSIG, as the sandboxes' pid namespaces do.
@@ -215,7 +349,9 @@ def main(argv: list[str]) -> int:
         json.dump(tcp_info, fh)
     relay = Relay(zmq.Context(), ipc_info, tcp_info)
     threading.Thread(target=relay.run, name="era-relay", daemon=True).start()
-    kernel = subprocess.Popen([a.replace(PLACEHOLDER, tcp_file) for a in kernel_argv], preexec_fn=_die_with_parent)
+    kernel = subprocess.Popen([a.replace(PLACEHOLDER, tcp_file) for a in kernel_argv], preexec_fn=_die_with_parent,
+                              stderr=subprocess.PIPE)
+    threading.Thread(target=relay.failures.read, args=(kernel.stderr,), name="era-stderr", daemon=True).start()
 
     def forward(signum: int, _frame: Any) -> None:
         if kernel.poll() is None:

@@ -5,7 +5,8 @@ The engine reads them straight from the package through ``EraKernelSpecManager``
 neither a checkout nor a wheel needs an install step; ``era kernelspecs install`` copies them
 where JupyterLab's kernel picker looks. In both cases an argv that starts with bare
 ``python`` is pinned to the interpreter running ERA, whose environment has ipykernel,
-and the Python kernels get ERA's ipykernel tuning (``languages.PYTHON_KERNEL_TUNING``).
+and the Python kernels get ERA's ipykernel tuning and fixes (``languages.PYTHON_KERNEL_TUNING``
+and ``PYTHON_KERNEL_FIXES``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
-from ..languages import PYTHON_KERNEL_TUNING
+from ..languages import PYTHON_KERNEL_FIXES, PYTHON_KERNEL_TUNING
 
 KERNELSPECS_DIR = Path(__file__).resolve().parent
 
@@ -31,7 +32,7 @@ def _pin_python(spec: dict) -> dict:
     if provisioner in (None, "era-local", "local-provisioner") and argv and argv[0] in ("python", "python3"):
         argv[0] = sys.executable
     if spec.get("language") == "python" and "ipykernel_launcher" in argv:
-        argv += [flag for flag in PYTHON_KERNEL_TUNING if flag not in argv]  # see languages.py
+        argv += [flag for flag in (*PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES) if flag not in argv]  # languages.py
     return dict(spec, argv=argv)
 
 
