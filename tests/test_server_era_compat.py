@@ -204,3 +204,23 @@ def test_vm_run_is_a_shell_command_in_the_sessions_sandbox(server, provisioner):
         server.json("DELETE", f"/api/vm/{vid}")
     status, body = server.request("POST", f"/api/vm/{vid}/run", {"command": "true"})
     assert_error_shape(status, body, 404)
+
+
+@pytest.mark.parametrize("language, code, expected", [
+    ("python", "1/0", "ZeroDivisionError: division by zero"),
+    ("node", "null.x", "TypeError"),
+    ("python", "import sys; sys.exit(3)", None),
+])
+def test_a_failed_run_says_why_in_stderr_as_eras_interpreters_do(server, language, code, expected):
+    name = f"era-stderr-{language}"
+    server.json("POST", "/api/sessions", {"session_id": name, "language": language}, expect=201)
+    try:
+        result = server.json("POST", f"/api/sessions/{name}/run", {"code": code})
+        assert result["exit_code"] != 0
+        if expected is None:  # an exit is not a failure to print
+            assert result["stderr"] == "", result
+        else:
+            assert expected in result["stderr"] and "\x1b[" not in result["stderr"], result
+            assert result["error"]["ename"] in result["stderr"]
+    finally:
+        server.request("DELETE", f"/api/sessions/{name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from datetime import datetime, timezone
@@ -75,14 +76,33 @@ def death_details(outcome: ExecOutcome, timeout: float) -> dict[str, Any]:
     return details
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def error_text(error: dict[str, Any] | None) -> str:
+    """What an interpreter run as a process prints on stderr when the code fails (ERA runs
+    ``python3``/``node`` so, and its clients read the failure there): the traceback
+    without colours, else ``ename: evalue``. Nothing for an exit (``sys.exit(n)``)."""
+    if not error or error.get("ename") == "SystemExit":
+        return ""
+    trace = ANSI.sub("", "\n".join(error.get("traceback") or []))
+    if not trace.strip():
+        trace = f"{error.get('ename') or 'Error'}: {error.get('evalue') or ''}".rstrip(": ")
+    return trace if trace.endswith("\n") else trace + "\n"
+
+
 def run_result(outcome: ExecOutcome, *, language: Language, timeout: float, session_id: str | None,
                data: dict | None, run_id: str) -> dict[str, Any]:
     exit_code, error = exit_code_and_error(outcome, language, timeout)
     c = outcome.collector
+    stderr = "".join(c.stderr)
+    if outcome.status != "timeout" and c.error:  # the kernel's own error, not one the engine made up
+        failure = error_text(error)
+        stderr += ("\n" if stderr and not stderr.endswith("\n") else "") + failure
     return {
         "exit_code": exit_code,
         "stdout": "".join(c.stdout),
-        "stderr": "".join(c.stderr),
+        "stderr": stderr,
         "duration": format_duration(outcome.duration),
         "duration_ms": round(outcome.duration * 1000, 3),
         "session_id": session_id,
