@@ -59,7 +59,7 @@ class Process:
             self._append({"type": stream, "content": text})
 
     def started_as(self, pid: int) -> None:
-        self.pid, self.state = pid, "running"
+        self.pid, self.state, self.began = pid, "running", time.perf_counter()
         self.started_event.set()
 
     def ended(self, state: str, exit_code: int | None, reason: str | None = None) -> None:

@@ -202,7 +202,6 @@ class CommandService:
                           on_start: Callable | None = None) -> dict[str, Any]:
         limit = self.settings["ERA_OUTPUT_LIMIT"]
         out, err = _Capture("stdout", limit, None), _Capture("stderr", limit, None)
-        began = time.perf_counter()
 
         def listener(event: dict[str, Any]) -> None:
             if event["type"] == "raw":
@@ -213,11 +212,13 @@ class CommandService:
         # Its own ring stays small: the answer carries the output (bounded by ERA_OUTPUT_LIMIT).
         process, channel = await self._spawn(sid, argv, kind="command", cwd=cwd, env=env, stdin=stdin,
                                              keep_stdin=False, limit=64 * 1024, listener=listener)
+        # From the process's start: a kernel the command had to wait for is not its time.
+        began = process.began
         if on_start is not None:
             on_start(process.document())
         timed_out = False
         try:
-            await asyncio.wait_for(process.done.wait(), max(0.0, timeout - (time.perf_counter() - began)))
+            await asyncio.wait_for(process.done.wait(), timeout)
         except asyncio.TimeoutError:
             timed_out = True
         finally:

@@ -1,0 +1,247 @@
+"""Commands, background processes and terminals in a session (``engine.commands``), on
+both provisioners, with real kernels: they run in the kernel's own sandbox (same uid,
+workspace, /tmp, network namespace, environment, limits), a background server answers a
+second command and the kernel, timeouts kill the process group, bad input is refused
+naming its field, output is bounded, and deleting the session leaves no process or
+container behind (SECURITY.md cases 4, 9, 12, 18, 19, 21)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from era_kernel.engine.records import session_uid
+from era_kernel.errors import BadRequest, Conflict, NotFound
+
+from .conftest import both_provisioners, kernel_processes
+
+pytestmark = both_provisioners
+
+
+async def _cmd(engine, sid, cmd, **body):
+    return await engine.commands.run(sid, {"cmd": cmd, "shell": isinstance(cmd, str), **body})
+
+
+def _sandbox_count(marker: str) -> int:
+    """Host processes whose command line holds ``marker`` (containers' included: their
+    processes are the host's too, in another pid namespace)."""
+    return len(kernel_processes(marker))
+
+
+async def test_a_command_runs_as_the_kernel_does_and_sees_what_it_sees(engine):
+    sid = (await engine.create({"language": "python", "env": {"FROM_SESSION": "s"}}))["id"]
+    record = await engine._record(sid)
+    r = await _cmd(engine, sid, "echo out; echo err >&2; pwd; id -u; echo \"$FROM_SESSION $EXTRA $ERA_SESSION_ID\"; "
+                                "grep -E '^(NoNewPrivs|CapEff)' /proc/self/status; echo w > from-cmd.txt; exit 3",
+                   env={"EXTRA": "e"})
+    cwd = "/workspace" if record.provisioner == "docker" else str(engine.files.path(record).resolve())
+    assert (r["exit_code"], r["stderr"], r["timed_out"], r["truncated"]) == (3, "err\n", False, False), r
+    assert r["stdout"].split("\n") == ["out", cwd, str(session_uid(record)), f"s e {sid}",
+                                       "CapEff:\t0000000000000000", "NoNewPrivs:\t1", ""]
+    assert isinstance(r["pid"], int) and r["duration"].endswith("s")
+    # argv form: nothing is parsed by a shell.
+    r = await _cmd(engine, sid, ["printf", "%s|", "$HOME", "a b", ";true"])
+    assert (r["exit_code"], r["stdout"]) == (0, "$HOME|a b|;true|")
+    # The session's files: the files API and the kernel see what the command wrote.
+    assert await engine.read_file(sid, "from-cmd.txt") == b"w\n"
+    k = await engine.run(sid, {"code": "import os, json\nprint(open('from-cmd.txt').read().strip())\n"
+                                       "print(json.dumps(dict(os.environ)))"})
+    lines = k["stdout"].split("\n")
+    assert lines[0] == "w", k
+    # One environment: what the kernel's code has, a command has too (PATH and HOME included).
+    kernel_env = json.loads(lines[1])
+    env = dict(line.split("=", 1) for line in (await _cmd(engine, sid, ["env"]))["stdout"].splitlines() if "=" in line)
+    for key in ("PATH", "HOME", "ERA_SESSION", "ERA_SESSION_ID", "ERA_LANGUAGE", "FROM_SESSION"):
+        assert env.get(key) == kernel_env.get(key), key
+    # stdin, and cwd below the workspace
+    await _cmd(engine, sid, "mkdir -p sub/dir")
+    r = await _cmd(engine, sid, ["bash", "-c", "pwd; cat"], cwd="sub/dir", stdin="fed\n")
+    assert r["stdout"] == f"{cwd}/sub/dir\nfed\n", r
+
+
+async def test_a_background_server_answers_another_command_and_the_kernel(engine):
+    sid = (await engine.create({"language": "python"}))["id"]
+    server = await engine.commands.run(sid, {"cmd": ["python3", "-u", "-m", "http.server", "8731", "--bind",
+                                                     "127.0.0.1"], "background": True})
+    assert server["state"] == "running" and server["kind"] == "background", server
+    pid = server["pid"]
+    fetch = "import urllib.request as u\nprint(u.urlopen('http://127.0.0.1:8731/', timeout=5).status)"
+    for _ in range(100):  # until it listens
+        r = await _cmd(engine, sid, ["python3", "-c", fetch])
+        if r["exit_code"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert (r["exit_code"], r["stdout"]) == (0, "200\n"), r
+    k = await engine.run(sid, {"code": fetch})
+    assert k["stdout"] == "200\n", k
+    listed = {p["pid"]: p for p in await engine.commands.list(sid)}
+    assert listed[pid]["state"] == "running" and listed[pid]["cmd"][:3] == ["python3", "-u", "-m"]
+    page = await engine.commands.output(sid, pid, 0, wait=5)
+    text = "".join(e.get("content", "") for e in page["events"])
+    assert "Serving HTTP" in text, page
+    later = await engine.commands.output(sid, pid, page["next"])
+    assert all(e["seq"] > page["next"] for e in later["events"])
+    await engine.commands.send_signal(sid, pid, {"signal": "TERM"})
+    process = await engine.commands.process(sid, pid)
+    await asyncio.wait_for(process.done.wait(), 10)
+    assert (process.state, process.exit_code) == ("exited", 143)
+    end = await engine.commands.output(sid, pid, 0)
+    assert end["events"][-1]["type"] == "exit" and end["events"][-1]["exit_code"] == 143
+    with pytest.raises(Conflict):
+        await engine.commands.send_signal(sid, pid, {"signal": "KILL"})
+
+    # stdin of a background process, then EOF
+    cat = await engine.commands.run(sid, {"cmd": ["cat"], "background": True})
+    await engine.commands.write_stdin(sid, cat["pid"], {"data": "line one\n"})
+    await engine.commands.write_stdin(sid, cat["pid"], {"data": "line two\n", "eof": True})
+    process = await engine.commands.process(sid, cat["pid"])
+    await asyncio.wait_for(process.done.wait(), 10)
+    out = await engine.commands.output(sid, cat["pid"], 0)
+    assert "".join(e.get("content", "") for e in out["events"]) == "line one\nline two\n"
+    assert process.exit_code == 0
+
+
+async def test_timeout_kills_the_group_with_124_and_output_is_bounded(engine):
+    sid = (await engine.create({"language": "python"}))["id"]
+    r = await _cmd(engine, sid, "echo start; sleep 301 & sleep 302; echo never", timeout=1)
+    assert (r["exit_code"], r["timed_out"], r["stdout"]) == (124, True, "start\n"), r
+    await asyncio.sleep(0.5)
+    assert _sandbox_count("sleep 301") == 0 and _sandbox_count("sleep 302") == 0
+    # A flood: the answer holds ERA_OUTPUT_LIMIT per stream, flagged; the server reads the rest.
+    limit = engine.settings["ERA_OUTPUT_LIMIT"]
+    r = await _cmd(engine, sid, f"head -c {limit + 5 * 1024**2} /dev/zero | tr '\\0' x; echo done >&2", timeout=60)
+    assert r["exit_code"] == 0 and r["truncated"] is True and len(r["stdout"]) == limit and r["stderr"] == "done\n"
+    # A background flood keeps only its ring (1 MiB); a reader from 0 is told some was dropped.
+    flood = await engine.commands.run(sid, {"cmd": "head -c 8000000 /dev/zero | tr '\\0' y", "shell": True,
+                                            "background": True})
+    process = await engine.commands.process(sid, flood["pid"])
+    await asyncio.wait_for(process.done.wait(), 60)
+    assert process.held <= 1024**2 + 64 * 1024
+    page = await engine.commands.output(sid, flood["pid"], 0)
+    assert page["dropped"] is True and page["events"][-1]["type"] == "exit"
+
+
+async def test_bad_input_is_refused_naming_the_field(engine):
+    sid = (await engine.create({"language": "python"}))["id"]
+    cases = [({"cmd": ["pwd"], "cwd": "../other"}, "cwd"), ({"cmd": ["pwd"], "cwd": "/etc"}, "cwd"),
+             ({"cmd": ["pwd"], "cwd": "no/such/dir"}, "cwd"), ({"cmd": ["no-such-program-x"]}, "cmd"),
+             ({"cmd": ["pwd"], "shell": True}, "cmd"), ({"cmd": []}, "cmd"), ({"cmd": ["a\0b"]}, "cmd"),
+             ({"cmd": ["cat"], "stdin": "x" * (1024**2 + 1)}, "stdin"), ({"cmd": ["env"], "env": {"A=B": "1"}}, "env"),
+             ({"cmd": ["true"], "timeout": -1}, "timeout")]
+    for body, field in cases:
+        with pytest.raises(BadRequest) as caught:
+            await engine.commands.run(sid, body)
+        assert caught.value.field == field, (body, caught.value.message)
+    bg = await engine.commands.run(sid, {"cmd": ["sleep", "30"], "background": True})
+    for name in ("SIGSYS", "9", "RTMIN", "kill -9"):
+        with pytest.raises(BadRequest) as caught:
+            await engine.commands.send_signal(sid, bg["pid"], {"signal": name})
+        assert caught.value.field == "signal"
+    with pytest.raises(BadRequest) as caught:
+        await engine.commands.write_stdin(sid, bg["pid"], {"data": "x" * (1024**2 + 1)})
+    assert caught.value.field == "data"
+    for pid in ("999999", "abc", "-1"):
+        with pytest.raises(NotFound):
+            await engine.commands.output(sid, pid)
+    with pytest.raises(NotFound):
+        await engine.commands.run("no-such-session", {"cmd": ["true"]})
+
+
+async def test_isolation_holds_for_commands(engine):
+    sid = (await engine.create({"language": "python"}))["id"]
+    other = (await engine.create({"language": "python"}))["id"]
+    await engine.write_file(other, "secret.txt", b"theirs")
+    other_path = engine.files.path(await engine._record(other)).resolve()
+    assert (engine.settings.data_dir / "era.db").is_file()  # there on the host: the probe can fail
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        probe = (f"import socket, os\n"
+                 f"for target in [('127.0.0.1', {port}), ('169.254.169.254', 80)]:\n"
+                 "    try:\n"
+                 "        socket.create_connection(target, 2); print('connected')\n"
+                 "    except OSError: print('refused')\n"
+                 "try:\n"
+                 "    socket.getaddrinfo('example.com', 80); print('dns')\n"
+                 "except OSError: print('no dns')\n"
+                 # another session's file; the server's store (its data directory is masked)
+                 f"for path in [{str(other_path / 'secret.txt')!r}, {str(engine.settings.data_dir / 'era.db')!r}]:\n"
+                 "    try:\n"
+                 "        open(path, 'rb').read(); print('read')\n"
+                 "    except OSError: print('denied')\n")
+        r = await _cmd(engine, sid, ["python3", "-c", probe])
+        assert r["stdout"].split() == ["refused", "refused", "no", "dns", "denied", "denied"], r
+        r = await _cmd(engine, sid, "id -u; unshare -U true && echo unshared; mount -t tmpfs x /mnt 2>/dev/null "
+                                    "&& echo mounted; touch /usr/x 2>/dev/null && echo wrote-root; echo end")
+        assert r["stdout"].split() == [str(session_uid(await engine._record(sid))), "end"], r
+        assert r["stdout"].split()[0] != "0"
+    finally:
+        server.close()
+
+
+async def test_a_terminal_echoes_resizes_and_exits(engine):
+    sid = (await engine.create({"language": "python"}))["id"]
+    seen: list[bytes] = []
+    ended = asyncio.Event()
+
+    def listener(event):
+        if event["type"] == "raw":
+            seen.append(event["data"])
+        elif event["type"] == "exit":
+            ended.set()
+
+    async def until(predicate, timeout=15):
+        for _ in range(int(timeout * 20)):
+            if predicate(b"".join(seen)):
+                return b"".join(seen)
+            await asyncio.sleep(0.05)
+        raise AssertionError(b"".join(seen)[-500:])
+
+    process = await engine.commands.open_terminal(sid, 24, 80, listener)
+    await engine.commands.terminal_input(sid, process, b"echo hi-$((40+2))\r")
+    await until(lambda out: b"hi-42" in out)
+    await engine.commands.terminal_resize(sid, process, 40, 120)
+    await engine.commands.terminal_input(sid, process, b"stty size\r")
+    await until(lambda out: b"40 120" in out)
+    await engine.commands.terminal_input(sid, process, b"exit 7\r")
+    await asyncio.wait_for(ended.wait(), 15)
+    assert (process.state, process.exit_code) == ("exited", 7)
+
+
+async def test_processes_end_with_the_session(engine):
+    sid = (await engine.create({"language": "python"}))["id"]
+    record = await engine._record(sid)
+    before = _sandbox_count("sleep 417")
+    for _ in range(3):
+        await engine.commands.run(sid, {"cmd": ["sleep", "417"], "background": True})
+    assert _sandbox_count("sleep 417") == before + 3
+    containers = _containers(sid) if record.provisioner == "docker" else None
+    assert containers is None or containers == 1  # every process in the kernel's container, none beside it
+    process = (await engine.commands.list(sid))[0]
+    await engine.delete(sid)
+    await asyncio.sleep(0.5)
+    assert _sandbox_count("sleep 417") == before
+    assert record.provisioner != "docker" or _containers(sid) == 0
+    with pytest.raises(NotFound):
+        await engine.commands.list(sid)
+    assert process["state"] == "running"  # what it was; the record went with the session
+
+
+async def test_a_kernel_restart_ends_background_processes_and_says_why(engine):
+    sid = (await engine.create({"language": "python"}))["id"]
+    bg = await engine.commands.run(sid, {"cmd": ["sleep", "418"], "background": True})
+    process = await engine.commands.process(sid, bg["pid"])
+    await engine.stop_kernel(sid)
+    await asyncio.wait_for(process.done.wait(), 15)
+    assert process.state == "killed" and "kernel stopped" in process.reason
+    assert _sandbox_count("sleep 418") == 0
+    r = await _cmd(engine, sid, ["echo", "again"])  # a new kernel, a new supervisor
+    assert r["stdout"] == "again\n"
+
+
+def _containers(sid: str) -> int:
+    from era_kernel.provisioning.docker import shared_docker_client
+
+    return len(shared_docker_client().containers.list(all=True, filters={"label": f"era.session={sid}"}))
