@@ -290,11 +290,12 @@ class CommandService:
         return page
 
     async def write_stdin(self, sid: str, pid: Any, body: Any) -> dict[str, Any]:
-        process = await self.process(sid, pid)
-        req = models.parse(models.ProcessInput, body)
+        await self._record(sid)
+        req = models.parse(models.ProcessInput, body)  # a bad body is a 400 whatever the pid
         data = req.data.encode()
         if len(data) > MAX_STDIN:
             raise BadRequest(f"field 'data' is {len(data)} bytes; the limit is {MAX_STDIN} per request", field="data")
+        process = await self.process(sid, pid)
         channel = self._live_channel(sid, process)
         if data:
             await channel.request({"op": "stdin", "id": process.key, "data": base64.b64encode(data).decode()})
@@ -303,12 +304,13 @@ class CommandService:
         return {"pid": process.pid, "written": len(data), "eof": req.eof}
 
     async def send_signal(self, sid: str, pid: Any, body: Any) -> dict[str, Any]:
-        process = await self.process(sid, pid)
+        await self._record(sid)
         req = models.parse(models.ProcessSignal, body)
         name = req.signal.upper().removeprefix("SIG")
         if name not in SIGNALS:
             raise BadRequest(f"field 'signal' must be one of {', '.join(SIGNALS)} (got {req.signal[:20]!r})",
                              field="signal")
+        process = await self.process(sid, pid)
         channel = self._live_channel(sid, process)
         await channel.request({"op": "signal", "id": process.key, "sig": int(SIGNALS[name])})
         return {"pid": process.pid, "signal": f"SIG{name}"}
