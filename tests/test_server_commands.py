@@ -156,3 +156,34 @@ async def test_a_terminal_on_an_unknown_session_is_a_json_404(server):
     with pytest.raises(HTTPClientError) as caught:
         await websocket_connect(HTTPRequest(f"{server.ws_base}/api/sessions/no-such-sid/terminal"))
     assert caught.value.code == 404
+
+
+@pytest.mark.parametrize("provisioner", ["local", "docker"])
+def test_processes_of_a_killed_server_are_gone_and_reaped(provisioner):
+    """SECURITY.md case 10 for commands: a server SIGKILLed with a background process
+    running leaves nothing once it is started again (they lived in its kernels' sandboxes,
+    which die with it or are reaped at start)."""
+    import signal
+
+    from tests.support.era_server import ServerProcess
+
+    if provisioner == "docker":
+        from .conftest import require_docker
+
+        require_docker()
+    srv = ServerProcess().start()
+    try:
+        sid = srv.json("POST", "/api/sessions", {"provisioner": provisioner}, expect=201)["id"]
+        srv.json("POST", f"/api/sessions/{sid}/commands", {"cmd": ["sleep", "4243"], "background": True},
+                 expect=202)
+        assert kernel_processes("sleep 4243")
+        srv.stop(signal.SIGKILL)
+        srv.start()  # its start reaps what a dead owner left (containers, cgroups)
+        for _ in range(100):
+            if not kernel_processes("sleep 4243"):
+                break
+            time.sleep(0.1)
+        assert not kernel_processes("sleep 4243")
+        assert srv.json("GET", f"/api/sessions/{sid}/processes")["count"] == 0  # a new process knows of none
+    finally:
+        srv.cleanup()
