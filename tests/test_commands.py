@@ -245,3 +245,18 @@ def _containers(sid: str) -> int:
     from era_kernel.provisioning.docker import shared_docker_client
 
     return len(shared_docker_client().containers.list(all=True, filters={"label": f"era.session={sid}"}))
+
+
+async def test_a_persistent_sessions_command_files_reach_the_workspace_store(engine):
+    sid = (await engine.create({"language": "python", "persistent": True}))["id"]
+    await _cmd(engine, sid, "mkdir -p out && echo built > out/artifact.txt")
+    stored = {f["path"] for f in await engine.files.store.list(sid)}
+    assert "out/artifact.txt" in stored, stored
+    bg = await engine.commands.run(sid, {"cmd": "echo later > later.txt", "shell": True, "background": True})
+    process = await engine.commands.process(sid, bg["pid"])
+    await asyncio.wait_for(process.done.wait(), 15)
+    for _ in range(50):
+        if "later.txt" in {f["path"] for f in await engine.files.store.list(sid)}:
+            break
+        await asyncio.sleep(0.1)
+    assert "later.txt" in {f["path"] for f in await engine.files.store.list(sid)}

@@ -57,14 +57,18 @@ class _Session:
 class CommandService:
     """Handed, by the engine, what it needs: ``record(sid)`` (the SessionRecord; NotFound),
     ``kernel(sid)`` (the live kernel, started when there is none), ``workspace(record)``
-    (its directory on the host), ``setup_wait(sid, timeout)``, and ``watch`` (lifecycle
-    events: a deleted session's processes are forgotten)."""
+    (its directory on the host), ``setup_wait(sid, timeout)``, ``watch`` (lifecycle
+    events: a deleted session's processes are forgotten) and ``sync(record)`` (a
+    persistent session's workspace pushed to the store, as after a run; an error sentence
+    or None)."""
 
     def __init__(self, settings: Any, *, record: Callable[[str], Awaitable[Any]],
                  kernel: Callable[[str], Awaitable[Any]], workspace: Callable[[Any], Any],
-                 setup_wait: Callable[[str, float], Awaitable[None]], watch: Callable[[Callable], Any]) -> None:
+                 setup_wait: Callable[[str, float], Awaitable[None]], watch: Callable[[Callable], Any],
+                 sync: Callable[[Any], Awaitable[str | None]]) -> None:
         self.settings = settings
         self._record, self._kernel, self._workspace, self._setup_wait = record, kernel, workspace, setup_wait
+        self._sync = sync
         self.sessions: dict[str, _Session] = {}
         watch(self._lifecycle)
 
@@ -192,14 +196,24 @@ class CommandService:
         if req.background:
             process, _ = await self._spawn(sid, argv, kind="background", cwd=cwd, env=env, stdin=stdin,
                                            keep_stdin=True, limit=BACKGROUND_OUTPUT)
+            if record.persistent:
+                asyncio.ensure_future(self._sync_when_done(record, process))
             return process.document()
-        return await self._foreground(sid, argv, cwd=cwd, env=env, stdin=stdin,
+        return await self._foreground(record, argv, cwd=cwd, env=env, stdin=stdin,
                                       timeout=req.timeout or record.default_timeout, on_output=on_output,
                                       on_start=on_start)
 
-    async def _foreground(self, sid: str, argv: list[str], *, cwd: str, env: dict[str, str], stdin: bytes | None,
+    async def _sync_when_done(self, record: Any, process: Process) -> None:
+        await process.done.wait()
+        if process.state == "exited":  # a killed one went with its session's kernel (or the session)
+            note = await self._sync(record)
+            if note:
+                log.warning("session %s: %s", record.id, note)
+
+    async def _foreground(self, record: Any, argv: list[str], *, cwd: str, env: dict[str, str], stdin: bytes | None,
                           timeout: float, on_output: Callable | None = None,
                           on_start: Callable | None = None) -> dict[str, Any]:
+        sid = record.id
         limit = self.settings["ERA_OUTPUT_LIMIT"]
         out, err = _Capture("stdout", limit, None), _Capture("stderr", limit, None)
 
@@ -229,7 +243,9 @@ class CommandService:
         if process.state == "killed" and not timed_out:
             raise KernelFailed(process.reason or "the process was killed")
         seconds = time.perf_counter() - began
-        return {"exit_code": code, "stdout": out.text(), "stderr": err.text(), "duration": format_duration(seconds),
+        note = await self._sync(record)  # a persistent session keeps what the command wrote, as after a run
+        stderr = err.text() + (f"\n[era] {note}\n" if note else "")
+        return {"exit_code": code, "stdout": out.text(), "stderr": stderr, "duration": format_duration(seconds),
                 "duration_ms": round(seconds * 1000, 3), "pid": process.pid, "timed_out": timed_out,
                 "truncated": out.truncated or err.truncated}
 
@@ -254,7 +270,7 @@ class CommandService:
             raise SetupPending(f"the session's package setup is still running after {timeout:g}s; "
                                "retry once setup_status is completed or failed") from None
         left = max(0.1, timeout - (time.monotonic() - started))
-        return await self._foreground(sid, ["bash", "-c", req.command], cwd=self._cwd(record, None),
+        return await self._foreground(record, ["bash", "-c", req.command], cwd=self._cwd(record, None),
                                       env=self._env(record, req.envs), stdin=None, timeout=left)
 
     # ---- following processes --------------------------------------------------------------

@@ -85,7 +85,8 @@ class SessionManager:
         self.scheduler = Scheduler(self.settings, self.store, self.run)  # fires through the run path below
         # Commands, background processes and terminals in a session's kernel's sandbox (commands/).
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
-                                       workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch)
+                                       workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
+                                       sync=self.files.sync)
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
