@@ -260,3 +260,23 @@ async def test_a_persistent_sessions_command_files_reach_the_workspace_store(eng
             break
         await asyncio.sleep(0.1)
     assert "later.txt" in {f["path"] for f in await engine.files.store.list(sid)}
+
+
+async def test_processes_share_the_kernels_cgroup(engine):
+    """One memory and pids budget: a command's processes are in the kernel's own cgroup
+    (its container's, on Docker), not in one beside it."""
+    from pathlib import Path
+
+    sid = (await engine.create({"language": "python"}))["id"]
+    await engine.commands.run(sid, {"cmd": ["sleep", "421"], "background": True})
+    provisioner = engine.table.kernel(sid).km.provisioner
+    if (await engine._record(sid)).provisioner == "docker":
+        kernel_pid = provisioner.client.api.inspect_container(provisioner.container_id)["State"]["Pid"]
+    else:
+        kernel_pid = await asyncio.to_thread(provisioner._kernel_pid)
+    (pid,) = kernel_processes("sleep 421")
+    groups = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().split()}
+    kernel = {line.split(":", 2)[1]: line.split(":", 2)[2]
+              for line in Path(f"/proc/{kernel_pid}/cgroup").read_text().split()}
+    memory = next(key for key in groups if "memory" in key.split(",") or key == "")
+    assert groups[memory] == kernel[memory] and groups[memory] not in ("/", ""), (groups, kernel)
