@@ -60,6 +60,8 @@ class Process:
 
     def started_as(self, pid: int) -> None:
         self.pid, self.state, self.began = pid, "running", time.perf_counter()
+        for listener in list(self.listeners):  # before any of its output: same turn of the loop
+            listener({"type": "start", "pid": pid})
         self.started_event.set()
 
     def ended(self, state: str, exit_code: int | None, reason: str | None = None) -> None:

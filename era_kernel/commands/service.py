@@ -184,7 +184,7 @@ class CommandService:
         """``POST .../commands``: the result of a foreground command (``{exit_code, stdout,
         stderr, duration, duration_ms, pid, timed_out, truncated}``), or for ``background``
         the process's document at once. ``on_output(event)``: each ``stdout``/``stderr``
-        event as it comes (SSE, WebSocket); ``on_start``: the process's document once it runs."""
+        event as it comes (SSE, WebSocket); ``on_start({pid})``: once it runs, before any of its output."""
         record = await self._record(sid)
         req = models.parse(models.SessionCommand, body)
         stdin = req.stdin.encode() if req.stdin is not None else None
@@ -217,19 +217,27 @@ class CommandService:
         limit = self.settings["ERA_OUTPUT_LIMIT"]
         out, err = _Capture("stdout", limit, None), _Capture("stderr", limit, None)
 
+        forwarded = {"stdout": 0, "stderr": 0}
+
         def listener(event: dict[str, Any]) -> None:
-            if event["type"] == "raw":
+            if event["type"] == "start" and on_start is not None:
+                on_start({"pid": event["pid"]})
+            elif event["type"] == "raw":
                 (out if event["stream"] == "stdout" else err).feed(event["data"])
-            elif on_output is not None and event["type"] in ("stdout", "stderr"):
-                on_output({"type": event["type"], "content": event["content"], "pid": event["pid"]})
+            elif on_output is not None and event["type"] in forwarded:
+                # A stream gets what the answer keeps, no more: a flood to a slow client
+                # must not pile up in its queue (the answer says `truncated`).
+                room = limit - forwarded[event["type"]]
+                if room > 0:
+                    content = event["content"][:room]
+                    forwarded[event["type"]] += len(content)
+                    on_output({"type": event["type"], "content": content, "pid": event["pid"]})
 
         # Its own ring stays small: the answer carries the output (bounded by ERA_OUTPUT_LIMIT).
         process, channel = await self._spawn(sid, argv, kind="command", cwd=cwd, env=env, stdin=stdin,
                                              keep_stdin=False, limit=64 * 1024, listener=listener)
         # From the process's start: a kernel the command had to wait for is not its time.
         began = process.began
-        if on_start is not None:
-            on_start(process.document())
         timed_out = False
         try:
             await asyncio.wait_for(process.done.wait(), timeout)
