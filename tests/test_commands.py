@@ -30,6 +30,17 @@ def _sandbox_count(marker: str) -> int:
     return len(kernel_processes(marker))
 
 
+async def _settles_to(count, expected, timeout: float = 15.0):
+    """``count()`` once it equals ``expected`` (a kill or a container's removal takes a
+    moment), or its last value after ``timeout``."""
+    for _ in range(int(timeout * 10)):
+        got = count()
+        if got == expected:
+            return got
+        await asyncio.sleep(0.1)
+    return count()
+
+
 async def test_a_command_runs_as_the_kernel_does_and_sees_what_it_sees(engine):
     sid = (await engine.create({"language": "python", "env": {"FROM_SESSION": "s"}}))["id"]
     record = await engine._record(sid)
@@ -107,8 +118,7 @@ async def test_timeout_kills_the_group_with_124_and_output_is_bounded(engine):
     sid = (await engine.create({"language": "python"}))["id"]
     r = await _cmd(engine, sid, "echo start; sleep 301 & sleep 302; echo never", timeout=1)
     assert (r["exit_code"], r["timed_out"], r["stdout"]) == (124, True, "start\n"), r
-    await asyncio.sleep(0.5)
-    assert _sandbox_count("sleep 301") == 0 and _sandbox_count("sleep 302") == 0
+    assert await _settles_to(lambda: _sandbox_count("sleep 301") + _sandbox_count("sleep 302"), 0) == 0
     # A flood: the answer holds ERA_OUTPUT_LIMIT per stream, flagged; the server reads the rest.
     limit = engine.settings["ERA_OUTPUT_LIMIT"]
     r = await _cmd(engine, sid, f"head -c {limit + 5 * 1024**2} /dev/zero | tr '\\0' x; echo done >&2", timeout=60)
@@ -216,14 +226,13 @@ async def test_processes_end_with_the_session(engine):
     before = _sandbox_count("sleep 417")
     for _ in range(3):
         await engine.commands.run(sid, {"cmd": ["sleep", "417"], "background": True})
-    assert _sandbox_count("sleep 417") == before + 3
+    assert await _settles_to(lambda: _sandbox_count("sleep 417"), before + 3) == before + 3
     containers = _containers(sid) if record.provisioner == "docker" else None
     assert containers is None or containers == 1  # every process in the kernel's container, none beside it
     process = (await engine.commands.list(sid))[0]
     await engine.delete(sid)
-    await asyncio.sleep(0.5)
-    assert _sandbox_count("sleep 417") == before
-    assert record.provisioner != "docker" or _containers(sid) == 0
+    assert await _settles_to(lambda: _sandbox_count("sleep 417"), before) == before
+    assert record.provisioner != "docker" or await _settles_to(lambda: _containers(sid), 0) == 0
     with pytest.raises(NotFound):
         await engine.commands.list(sid)
     assert process["state"] == "running"  # what it was; the record went with the session
@@ -236,7 +245,7 @@ async def test_a_kernel_restart_ends_background_processes_and_says_why(engine):
     await engine.stop_kernel(sid)
     await asyncio.wait_for(process.done.wait(), 15)
     assert process.state == "killed" and "kernel stopped" in process.reason
-    assert _sandbox_count("sleep 418") == 0
+    assert await _settles_to(lambda: _sandbox_count("sleep 418"), 0) == 0
     r = await _cmd(engine, sid, ["echo", "again"])  # a new kernel, a new supervisor
     assert r["stdout"] == "again\n"
 
