@@ -289,3 +289,17 @@ async def test_processes_share_the_kernels_cgroup(engine):
               for line in Path(f"/proc/{kernel_pid}/cgroup").read_text().split()}
     memory = next(key for key in groups if "memory" in key.split(",") or key == "")
     assert groups[memory] == kernel[memory] and groups[memory] not in ("/", ""), (groups, kernel)
+
+
+async def test_the_bash_kernel_and_a_command_see_one_environment(engine):
+    sid = (await engine.create({"language": "bash", "env": {"FROM_SESSION": "b"}}))["id"]
+    kernel = await engine.run(sid, {"code": "env", "timeout": 60})
+    assert kernel["exit_code"] == 0, kernel
+    command = await _cmd(engine, sid, ["env"])
+
+    def parsed(text):
+        return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+    k, c = parsed(kernel["stdout"]), parsed(command["stdout"])
+    for key in ("PATH", "HOME", "ERA_SESSION", "ERA_SESSION_ID", "ERA_LANGUAGE", "FROM_SESSION"):
+        assert k.get(key) == c.get(key) and c.get(key), (key, k.get(key), c.get(key))
