@@ -303,3 +303,52 @@ async def test_the_bash_kernel_and_a_command_see_one_environment(engine):
     k, c = parsed(kernel["stdout"]), parsed(command["stdout"])
     for key in ("PATH", "HOME", "ERA_SESSION", "ERA_SESSION_ID", "ERA_LANGUAGE", "FROM_SESSION"):
         assert k.get(key) == c.get(key) and c.get(key), (key, k.get(key), c.get(key))
+
+
+async def test_a_kernel_that_rewrites_its_environment_gains_nothing_as_root(engine):
+    """(Both provisioners; the danger is local.) The supervisor of a local session is started by root steps (nsenter, setpriv) that
+    join the kernel's namespaces. The kernel's code can rewrite what /proc/<pid>/environ
+    shows (it is its own memory); were that environment used for those steps, a PATH
+    naming the session's files would have root run the session's own `setpriv`. Here the
+    kernel does exactly that before its first command, and the command still runs as the
+    session's uid while the planted program never runs."""
+    sid = (await engine.create({"language": "python"}))["id"]
+    record = await engine._record(sid)
+    plant = r'''
+import os
+# In the workspace: locally it has the same path on the host and in the sandbox.
+planted = os.path.join(os.getcwd(), "evil")
+os.makedirs(planted, exist_ok=True)
+for name in ("setpriv", "nsenter", "python3", "env", "sh"):
+    path = os.path.join(planted, name)
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nid -u > {planted}/ran-as\nexec /usr/bin/{name} \"$@\"\n")
+    os.chmod(path, 0o755)
+fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50, 51)
+with open("/proc/self/mem", "r+b") as mem:
+    mem.seek(start)
+    block = mem.read(end - start)
+    # The real PATH renamed, and every other variable's room given to one PATH that
+    # names the plant (the kernel's path can be longer than any single variable).
+    entries = block.split(b"\0")
+    real = next(e for e in entries if e.startswith(b"PATH="))
+    head = b"X" + real[1:] + b"\0"
+    new = b"PATH=" + planted.encode() + b":"
+    room = len(block) - len(head) - len(new) - 1
+    assert room >= 0, f"the environment is too small to hold {new!r}"
+    block = head + new + b"/x" * (room // 2) + b"/" * (room % 2) + b"\0"
+    mem.seek(start)
+    mem.write(block)
+print(dict(e.split(b"=", 1) for e in open("/proc/self/environ", "rb").read().split(b"\0") if b"=" in e)[b"PATH"].decode())
+'''
+    planted = await engine.run(sid, {"code": plant})
+    assert planted["exit_code"] == 0 and "/evil:" in planted["stdout"], (planted["error"], planted["stderr"])
+    ran_as = engine.files.path(record) / "evil" / "ran-as"  # in the session's workspace, on the host
+    try:
+        # Absolute paths: the command itself inherits the PATH the session gave itself.
+        r = await _cmd(engine, sid, ["/bin/sh", "-c", "/usr/bin/id -u; /bin/ls evil"])
+    finally:
+        assert not ran_as.exists(), f"a program the session planted ran as uid {ran_as.read_text().strip()}"
+    assert r["exit_code"] == 0, r
+    assert r["stdout"].split("\n")[0] == str(session_uid(record)), r

@@ -41,6 +41,9 @@ log = logging.getLogger("era.commands")
 SOURCE = (Path(__file__).parent / "supervisor.py").read_text()
 READ_LIMIT = 4 * 1024**2  # one event line: base64 of a 64 KiB chunk is far below it
 EventSink = Callable[[dict[str, Any]], None]
+# The whole environment of the steps that start the supervisor as root (see _enter_local).
+ROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+MAX_ARG = 128 * 1024 - 1  # Linux's limit on one argument (MAX_ARG_STRLEN), terminator included
 
 
 class _LocalPipe:
@@ -190,10 +193,6 @@ async def _enter_local(provisioner: Any, launch: Any) -> _LocalPipe:
     root = os.getuid() == 0
     uid = launch.uid if launch.uid is not None else (_NOBODY if root else os.getuid())
     program = build_filter() if provisioner.sandboxed else None
-    argv = [sys.executable, "-c", SOURCE, program.hex() if program else ""]
-    if root and uid != 0:
-        argv = drop_privileges(uid, uid) + argv
-    env: dict[str, str] = {}
     if provisioner.sandboxed:
         if not root:
             raise KernelFailed("commands in a sandboxed local session need the server to run as root "
@@ -201,13 +200,27 @@ async def _enter_local(provisioner: Any, launch: Any) -> _LocalPipe:
         pid = await asyncio.to_thread(provisioner._kernel_pid)
         if pid is None:
             raise KernelFailed("the session's kernel process is gone")
-        env = await asyncio.to_thread(_environ, pid)
-        argv = ["nsenter", f"--target={pid}", "--mount", "--net", "--pid", "--ipc", "--uts", "--", *argv]
+        kernel_environ = await asyncio.to_thread(_environ, pid)
     else:
         from ..provisioning.local import kernel_env
 
         home = provisioner.kernel_dir / "home" if provisioner.kernel_dir is not None else Path("/tmp")
-        env = kernel_env(None, dict(launch.env), home)
+        kernel_environ = kernel_env(None, dict(launch.env), home)
+    # The kernel's environment is the session's to change (its code can rewrite what
+    # /proc/<pid>/environ shows), so it must never reach a step that runs as root:
+    # LD_PRELOAD or PATH there would run the session's files as root. nsenter and setpriv
+    # run with the fixed ROOT_ENV; the supervisor, already the session's uid, gets the
+    # kernel's environment as an argument and hands it to what it starts.
+    environ_hex = json.dumps(kernel_environ).encode().hex()
+    if len(environ_hex) > MAX_ARG:
+        raise KernelFailed(f"the kernel's environment is too large to hand to its commands "
+                           f"({len(environ_hex) // 2} bytes of JSON; at most {MAX_ARG // 2})")
+    argv = [sys.executable, "-c", SOURCE, program.hex() if program else "", environ_hex]
+    if root and uid != 0:
+        argv = drop_privileges(uid, uid) + argv
+    if provisioner.sandboxed:
+        argv = ["nsenter", f"--target={pid}", "--mount", "--net", "--pid", "--ipc", "--uts", "--", *argv]
+    else:
         argv = die_with_parent() + argv
     group = getattr(provisioner, "_cgroup", None)
     if group is not None:
@@ -215,7 +228,7 @@ async def _enter_local(provisioner: Any, launch: Any) -> _LocalPipe:
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, env=env, cwd="/", limit=READ_LIMIT)
+            stderr=asyncio.subprocess.DEVNULL, env=dict(ROOT_ENV), cwd="/", limit=READ_LIMIT)
     except OSError as exc:
         raise KernelFailed(f"cannot start the session's process supervisor: {exc}") from None
     return _LocalPipe(proc)

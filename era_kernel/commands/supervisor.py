@@ -307,6 +307,12 @@ def controlling_tty():
 def main():
     if len(sys.argv) > 1 and sys.argv[1]:
         load_seccomp(bytes.fromhex(sys.argv[1]))
+    if len(sys.argv) > 2 and sys.argv[2]:
+        # The kernel's environment, for the processes we start. It came as an argument, not
+        # as our own environment: the root steps before us (nsenter, setpriv) ran with
+        # the server's fixed one, since the kernel's is the session's to change.
+        os.environ.clear()
+        os.environ.update(json.loads(bytes.fromhex(sys.argv[2]).decode()))
     supervisor = Supervisor()
     try:
         supervisor.run()
