@@ -212,6 +212,66 @@ class CommandRequest(_Strict):
         return _positive_timeout(v)
 
 
+def _no_nul(v: str, what: str = "") -> str:
+    if "\x00" in v:
+        raise ValueError(f"{what}contains a NUL character")
+    return v
+
+
+class SessionCommand(_Strict):
+    """``POST /api/sessions/{id}/commands``: a process in the session's sandbox, beside its
+    kernel. ``cmd`` as a list is the argv; as a string it is one program name, or, with
+    ``shell``, a script run by ``bash -c`` (``args`` become ``$1``...)."""
+    cmd: Any = Field(description="argv list, or a program name; with `shell`, a script for `bash -c`")
+    args: list[str] = Field(default_factory=list, description="more arguments (after `cmd`, or `$1`... with `shell`)")
+    shell: bool = Field(False, description="run the string `cmd` with `bash -c`")
+    cwd: Optional[str] = Field(None, description="working directory, relative to the workspace (or absolute inside it)")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables for this process")
+    timeout: Optional[float] = Field(None, description="seconds, > 0; the session's default_timeout when absent. "
+                                     "Past it the process group is killed and exit_code is 124 (not for background)")
+    stdin: Optional[str] = Field(None, description="written to its stdin, which is then closed (background: kept open)")
+    background: bool = Field(False, description="answer at once with its pid; follow it under .../processes/{pid}")
+
+    _check_env = field_validator("env")(check_env)
+
+    @field_validator("cmd")
+    @classmethod
+    def _cmd(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if not v.strip():
+                raise ValueError("must not be empty")
+            return _no_nul(v)
+        if isinstance(v, list) and v and all(isinstance(a, str) for a in v) and v[0]:
+            for a in v:
+                _no_nul(a, "an argument ")
+            return v
+        raise ValueError("must be a non-empty list of strings, or a string")
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, v: list[str]) -> list[str]:
+        for a in v:
+            _no_nul(a, "an argument ")
+        return v
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        return _positive_timeout(v)
+
+
+class ProcessInput(_Strict):
+    """``POST .../processes/{pid}/stdin``."""
+    data: str = Field("", description="text written to the process's stdin")
+    eof: bool = Field(False, description="close its stdin after the data")
+
+
+class ProcessSignal(_Strict):
+    """``POST .../processes/{pid}/signal``."""
+    signal: str = Field(description="HUP, INT, QUIT, KILL, TERM, USR1, USR2, CONT, STOP, TSTP or WINCH "
+                        "(with or without SIG); sent to the process's group")
+
+
 class CodeBody(_Strict):
     code: str
     description: Optional[str] = Field(None, description="what the program does (ERA's `code_description`)")

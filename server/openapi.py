@@ -27,6 +27,7 @@ PARAMETERS = {
     "run_id": {"type": "string", "description": "run id: from a background run's 202, a result's run_id, "
                                                 "the WebSocket's id or the stream's X-Era-Run-Id"},
     "schedule_id": {"type": "string", "description": "schedule id, `sch_<ms>_<8 hex>`"},
+    "pid": {"type": "string", "description": "a process's pid in the session's sandbox (from .../processes)"},
 }
 
 

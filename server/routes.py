@@ -3,7 +3,7 @@
 OpenAPI, the metrics' route labels, the auth test and the error-shape test all walk
 ``ROUTES``, so a new route cannot skip them. Templates use ``{id}`` (a session id),
 ``{run_id}``, ``{schedule_id}``, ``{path}`` (a file path, may contain ``/``) and ``{name}``
-(a kernelspec). Each handler is
+(a kernelspec), ``{pid}`` (a process in a session). Each handler is
 given ``services`` and its route's ``auth`` through ``initialize``; ``RouteHandler.check_key``
 enforces it, for HTTP and WebSocket routes alike.
 """
@@ -17,6 +17,8 @@ from typing import Any
 from tornado.web import RequestHandler
 
 from .handlers.base import NotFoundHandler
+from .handlers.commands import (CommandsHandler, ProcessesHandler, ProcessHandler, ProcessOutputHandler,
+                                ProcessSignalHandler, ProcessStdinHandler, ProcessStreamHandler, TerminalSocket)
 from .handlers.files import FileHandler, FilesHandler
 from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunEventsHandler, RunHandler, RunRecordHandler, StreamHandler
@@ -62,6 +64,15 @@ ROUTES: list[Route] = [
     Route("/api/sessions/{id}/restart", RestartHandler),
     Route("/api/sessions/{id}/files", FilesHandler),
     Route("/api/sessions/{id}/files/{path}", FileHandler),
+    # Commands, background processes and terminals (handlers/commands.py).
+    Route("/api/sessions/{id}/commands", CommandsHandler),
+    Route("/api/sessions/{id}/processes", ProcessesHandler),
+    Route("/api/sessions/{id}/processes/{pid}", ProcessHandler),
+    Route("/api/sessions/{id}/processes/{pid}/output", ProcessOutputHandler),
+    Route("/api/sessions/{id}/processes/{pid}/stream", ProcessStreamHandler),
+    Route("/api/sessions/{id}/processes/{pid}/stdin", ProcessStdinHandler),
+    Route("/api/sessions/{id}/processes/{pid}/signal", ProcessSignalHandler),
+    Route("/api/sessions/{id}/terminal", TerminalSocket),
     # ERA's local-agent routes (handlers/vm.py): a VM is a session.
     Route("/api/vm", VmsHandler),
     Route("/api/vms", VmListHandler),
@@ -88,7 +99,7 @@ UNKNOWN_API = Route("/api/{rest}", NotFoundHandler)
 UNKNOWN = Route("", NotFoundHandler, auth=False)
 
 PARAM_PATTERNS = {"id": "([^/]+)", "run_id": "([^/]+)", "schedule_id": "([^/]+)", "path": "(.+)", "name": "([^/]+)",
-                  "rest": "(.*)"}
+                  "pid": "([^/]+)", "rest": "(.*)"}
 
 
 def route_pattern(template: str) -> str:

@@ -472,4 +472,43 @@ class CommandResult(_Open):
     duration: str = Field(description="Go-style, e.g. `1.234s`")
     duration_ms: float
     timed_out: bool
+    truncated: bool = Field(False, description="output went past ERA_OUTPUT_LIMIT per stream")
+    pid: Optional[int] = Field(None, description="its pid in the session's sandbox")
+
+
+class ProcessInfo(BaseModel):
+    pid: Optional[int] = Field(description="in the session's sandbox (the kernel's pid namespace)")
+    cmd: list[str]
+    kind: Literal["command", "background", "terminal"]
+    started: str
+    state: Literal["starting", "running", "exited", "killed", "failed"]
+    exit_code: Optional[int]
+    ended: Optional[str]
+    reason: Optional[str] = Field(description="why it ended, when it did not exit by itself")
+    output_seq: int = Field(description="seq of its last output event")
+
+
+class ProcessList(BaseModel):
+    processes: list[ProcessInfo]
+    count: int
+
+
+class ProcessOutput(BaseModel):
+    pid: Optional[int]
+    state: str
+    exit_code: Optional[int]
+    events: list[dict[str, Any]] = Field(description="`stdout`/`stderr` {seq, content}, last `exit` {seq, exit_code}")
+    next: int = Field(description="ask with after=next for what follows")
+    dropped: bool = Field(description="events after `after` fell out of the ring buffer")
+
+
+class ProcessStdinResult(BaseModel):
+    pid: int
+    written: int
+    eof: bool
+
+
+class ProcessSignalResult(BaseModel):
+    pid: int
+    signal: str
 

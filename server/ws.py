@@ -1,6 +1,8 @@
 """WebSocket ``/api/sessions/{id}/ws``: runs, interrupts and ``input()`` over one socket.
 
-Client -> server: ``{"type": "run", "code", "timeout"?, "env"?, "id"?}``,
+Client -> server: ``{"type": "run", "code", "timeout"?, "env"?, "id"?}``, ``{"type":
+"command", "cmd", ...}`` (a command beside the kernel: ``POST .../commands``'s body; its
+output comes to this socket only, then ``command_result``),
 ``{"type": "interrupt"}``, ``{"type": "input_reply", "value": str}``, and
 ``{"type": "subscribe", "run_id", "after"?}``: the run's journal events with ``seq`` after
 ``after`` (default 0) are replayed, then its live ones follow, none twice (a client that
@@ -182,6 +184,8 @@ class SessionSocket(BoundedSocket):
                 self._start_run(msg)
             elif kind == "subscribe":
                 self._subscribe(msg)
+            elif kind == "command":
+                self._start_command(msg)
             elif kind == "interrupt":
                 self.services.spawn(self._interrupt())
             elif kind == "input_reply":
@@ -191,8 +195,8 @@ class SessionSocket(BoundedSocket):
                 if self.hub is None or not self.hub.reply_input(value):
                     raise Conflict("no input() is waiting for a reply")
             else:
-                raise BadRequest(f"unknown message type {kind[:40]!r}; expected run, subscribe, interrupt or input_reply",
-                                 field="type")
+                raise BadRequest(f"unknown message type {kind[:40]!r}; expected run, command, subscribe, interrupt or "
+                                 "input_reply", field="type")
         except EraError as err:
             self.send_protocol_error(err, msg_id(message))
 
@@ -235,6 +239,33 @@ class SessionSocket(BoundedSocket):
             hub.cancel_input(run_id)
             hub.client_ids.pop(run_id, None)
             hub.discard(run_id=client_id)
+
+    def _start_command(self, msg: dict[str, Any]) -> None:
+        """``{"type": "command", "id"?, cmd, args?, shell?, cwd?, env?, timeout?, stdin?}``: a
+        foreground command (engine ``commands.run``) whose ``stdout``/``stderr`` come to this
+        socket only, tagged with ``id`` and ``command: true``, then ``command_result``."""
+        client_id = msg.get("id")
+        if client_id is not None and (not isinstance(client_id, str) or not RUN_ID_RE.fullmatch(client_id)):
+            raise BadRequest("field 'id' must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-'", field="id")
+        if msg.get("background"):
+            raise BadRequest("start background processes with POST .../commands; follow them with "
+                             ".../processes/{pid}/stream", field="background")
+        body = {key: value for key, value in msg.items() if key not in ("type", "id")}
+        self.services.spawn(self._command(client_id, body))
+
+    async def _command(self, client_id: str | None, body: dict[str, Any]) -> None:
+        def forward(event: dict[str, Any]) -> None:
+            self.send_json({**event, "id": client_id, "command": True})
+
+        try:
+            result = await self.services.engine.commands.run(self.session_id, body, on_output=forward)
+        except EraError as err:
+            self.send_protocol_error(err, client_id)
+        except Exception:
+            log.exception("WebSocket command failed", extra={"event": "error", "session_id": self.session_id})
+            self.send_protocol_error(EraError("internal server error"), client_id)
+        else:
+            self.send_json({"type": "command_result", "id": client_id, "result": result})
 
     def deliver(self, run_id: str | None, message: dict[str, Any], text: str) -> None:
         """A live event (from the hub): held while its run is being replayed here."""

@@ -19,19 +19,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .. import models
 from ..config import Settings
-from ..errors import BadRequest, Conflict, EraError, NotFound, SetupPending, TooLarge, Unprocessable
+from ..errors import BadRequest, Conflict, EraError, NotFound, TooLarge, Unprocessable
 from ..kernel import EventSink, InputHandler, SessionKernel
-from ..kernel.outputs import format_duration
 from ..languages import get_language
 from ..listing import SessionPage, read_page, record_chunks
 from ..setup import SetupManager
 from ..store.base import SessionExists, store_for_url
+from ..commands.service import CommandService
 from .callbacks import CallbackSender
 from .events import KERNEL_GONE, EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
 from .files import POOL_ROOT, SessionFiles
@@ -84,6 +83,10 @@ class SessionManager:
         self.queue.on_finished.append(self.callbacks.run_finished)
         self.upkeep = Upkeep(self.settings, self.store, self.table, self.pool, self.events, self._delete)
         self.scheduler = Scheduler(self.settings, self.store, self.run)  # fires through the run path below
+        # Commands, background processes and terminals in a session's kernel's sandbox (commands/).
+        self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
+                                       workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
+                                       sync=self.files.sync)
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
@@ -397,24 +400,10 @@ class SessionManager:
             self.events.publish(KernelStopped(session_id, "request"))
 
     async def run_command(self, session_id: str, body: Any) -> dict[str, Any]:
-        """ERA's VM run: ``{command, timeout?, envs?}``, a shell command in the session's
-        sandbox beside its kernel (launcher ``run_command``): ``{exit_code, stdout, stderr,
-        duration, duration_ms, timed_out, truncated}``, 124 on timeout. A command sent
-        while the session's setup runs waits for it, within its own timeout."""
-        record = await self._record(session_id)
-        req = models.parse(models.CommandRequest, body)
-        timeout = req.timeout or record.default_timeout
-        started = time.monotonic()
-        try:
-            await self.setups.wait(session_id, timeout)
-        except TimeoutError:
-            raise SetupPending(f"the session's package setup is still running after {timeout:g}s; "
-                               "retry once setup_status is completed or failed") from None
-        left = max(0.1, timeout - (time.monotonic() - started))
-        result = await self.launcher.run_command(record, ["bash", "-c", req.command], timeout=left, env=req.envs)
-        return {"exit_code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr,
-                "duration": format_duration(result.duration_ms / 1000), "duration_ms": round(result.duration_ms, 3),
-                "timed_out": result.timed_out, "truncated": result.truncated}
+        """ERA's VM run: ``{command, timeout?, envs?}``, ``bash -c command`` in the session's
+        kernel's sandbox (``commands.vm_run``): ``{exit_code, stdout, stderr, duration,
+        duration_ms, pid, timed_out, truncated}``, 124 on timeout."""
+        return await self.commands.vm_run(session_id, body)
 
     # ---- runs -------------------------------------------------------------------------------
     def subscribe(self, session_id: str, callback: Callable[[RunEvent], None]) -> Callable[[], None]:
