@@ -42,7 +42,7 @@ from traitlets import Bool, Int, Unicode
 from ..errors import KernelFailed
 from . import cgroups
 from .base import EraProvisioner, LaunchOptions
-from .privileges import die_with_parent, drop_privileges, tied_to_parent
+from .privileges import die_with_parent, drop_privileges
 from .output_tail import OutputTail
 from .seccomp import filter_fd
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
@@ -321,7 +321,6 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
             # In its own pid namespace the kernel cannot see our pid, and ipykernel's
             # parent poller would shut it down; --die-with-parent does that job.
             kwargs["independent"] = True
-        kwargs["preexec_fn"] = tied_to_parent()  # from the fork on, not from bubblewrap on
         self.connection_info = host_connection_info(info, self.kernel_dir)
         return await KernelProvisionerBase.pre_launch(self, cmd=argv, **kwargs)
 
