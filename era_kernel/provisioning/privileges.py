@@ -16,4 +16,3 @@ def die_with_parent() -> list[str]:
     """Without bubblewrap (whose ``--die-with-parent`` does it), the process is at least
     killed when the server goes."""
     return ["setpriv", "--pdeathsig", "KILL", "--"]
-
