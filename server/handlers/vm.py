@@ -92,8 +92,11 @@ class VmListHandler(BaseHandler):
 
     async def get(self) -> None:
         page = await self.engine.list()
+        # Once per provisioner, not per session: it asks the host (in a thread) what holds.
+        enforced = {p: await self.engine.limits_enforced(p) for p in {doc.get("provisioner", "local") for doc in page}}
         vms = [{key: vm[key] for key in ("id", "language", "status", "cpu_count", "memory_mib", "created_at")}
-               for vm in [await framed(self, doc) for doc in page]]
+               for vm in (vm_document(doc, self.services.settings, enforced[doc.get("provisioner", "local")])
+                          for doc in page)]
         self.send_json({"vms": vms, "count": len(vms)})
 
 
