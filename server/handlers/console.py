@@ -1,0 +1,45 @@
+"""The web console: static files (``server/console``) served at ``/`` and ``/console/...``.
+
+The page is on the API's origin, so the policy sent with it is what keeps kernel output
+from running there: scripts only from our own files (no inline script, no eval), no
+plugins, no framing of the console by other sites, images from us or ``data:`` URLs.
+Styles may be inline (xterm.js and CodeMirror set them); a style cannot run code.
+HTML outputs go into ``<iframe sandbox="allow-scripts" srcdoc>`` frames, which inherit
+this policy too. The page itself needs no key: every API call it makes does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tornado.web import StaticFileHandler
+
+CONSOLE_DIR = Path(__file__).resolve().parent.parent / "console"
+
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'none'",
+    "script-src 'self'",
+    "style-src 'self' 'unsafe-inline'",
+    "img-src 'self' data: blob:",
+    "font-src 'self'",
+    "connect-src 'self'",  # CSP 3: 'self' includes ws:/wss: to this host
+    "frame-src 'self'",
+    "child-src 'self'",
+    "worker-src 'none'",
+    "object-src 'none'",
+    "base-uri 'none'",
+    "form-action 'none'",
+    "frame-ancestors 'none'",
+])
+
+
+class ConsoleHandler(StaticFileHandler):
+    """A static file of the console, with the page's security headers."""
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("Cross-Origin-Opener-Policy", "same-origin")
+        # A new release changes the files under the same names: revalidate every time.
+        self.set_header("Cache-Control", "no-cache")

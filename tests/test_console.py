@@ -1,0 +1,267 @@
+"""The web console (server/console) in a real browser: Playwright driving Debian's
+chromium against a real server with real kernels, the API key set.
+
+One server and one browser for the module; each test opens its own pages. Screenshots
+go to test-artifacts/console/ (not committed). Without chromium or Playwright the module
+skips, unless ERA_REQUIRE_BROWSER=1 (CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.era_server import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "console"
+KEY = "console-test-key-7f3a"
+WAIT_MS = 20_000
+
+
+def chromium_executable() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def require_browser() -> str:
+    problem = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problem = "Playwright is not installed (pip install -e '.[test]')"
+    path = chromium_executable()
+    if problem is None and path is None:
+        problem = "chromium is not installed (apt-get install chromium; scripts/setup.sh --test does it as root)"
+    if problem is not None:
+        if os.environ.get("ERA_REQUIRE_BROWSER") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess(env={"ERA_API_KEY": KEY, "ERA_MAX_BODY": str(4 * 1024 * 1024)}).start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = require_browser()
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=executable, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def keyed_context(browser, server):
+    """A browser context whose tabs already hold the key (as after the prompt)."""
+    context = browser.new_context(base_url=server.base, viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    # Init scripts run in every frame; in the sandboxed output frames storage throws.
+    context.add_init_script(f"try {{ sessionStorage.setItem('era.apiKey', {json.dumps(KEY)}); }} catch (e) {{}}")
+    context.set_default_timeout(WAIT_MS)
+    return context
+
+
+def api(server, method, path, body=None, expect=200):
+    return server.json(method, path, body, headers={"Authorization": f"Bearer {KEY}"}, expect=expect)
+
+
+def open_session(context, sid, tab="console"):
+    page = context.new_page()
+    page.goto(f"/#/session/{sid}/{tab}")
+    page.wait_for_function("window.eraConsole !== undefined")
+    if tab == "console":
+        page.locator(".CodeMirror").wait_for()
+        page.locator("#socket-state", has_text="live").wait_for()
+    return page
+
+
+def run_code(page, code):
+    """Type into the editor and press Shift+Enter, as a person would."""
+    page.locator(".CodeMirror").click()
+    page.evaluate("code => document.querySelector('.CodeMirror').CodeMirror.setValue(code)", code)
+    page.keyboard.press("Shift+Enter")
+
+
+def last_cell(page):
+    return page.locator(".cells .cell").last
+
+
+@pytest.fixture(scope="module")
+def session_id(server):
+    """A python session shared by the tests that only run code in it."""
+    doc = api(server, "POST", "/api/sessions", {"language": "python", "id": "console-shared"}, expect=201)
+    return doc["id"]
+
+
+def test_page_is_served_with_a_strict_policy(server):
+    status, headers, body = server.request_full("GET", "/")
+    assert status == 200 and b'<script type="module" src="/console/app.js">' in body
+    policy = headers["Content-Security-Policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["script-src"] == "'self'"  # no inline script, no eval
+    assert directives["default-src"] == "'none'" and directives["frame-ancestors"] == "'none'"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    status, headers, _ = server.request_full("GET", "/console/vendor/codemirror-5.65.21.min.js")
+    assert status == 200 and "javascript" in headers["Content-Type"]
+    # The page needs no key; the API behind it does.
+    assert server.request("GET", "/api/sessions")[0] == 401
+    assert server.request("GET", "/console/../pyproject.toml")[0] in (403, 404)
+
+
+def test_wrong_key_says_so_and_the_right_one_is_kept_in_session_storage(browser, server):
+    context = browser.new_context(base_url=server.base, viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    page.goto("/")
+    dialog = page.locator("#key-dialog")
+    dialog.wait_for(state="visible")
+    page.fill("#key-input", "not-the-key")
+    page.click("#key-submit")
+    page.locator("#key-message", has_text="not accepted").wait_for()
+    assert dialog.is_visible()
+    page.screenshot(path=ARTIFACTS / "wrong-key.png")
+    page.fill("#key-input", KEY)
+    page.click("#key-submit")
+    page.locator("#sessions-table").wait_for()
+    dialog.wait_for(state="hidden")
+    assert page.evaluate("sessionStorage.getItem('era.apiKey')") == KEY
+    assert context.cookies() == [] and KEY not in page.url
+    assert page.input_value("#key-input") == ""  # not shown again
+    context.close()
+
+
+def test_create_a_session_run_print_and_a_plot(browser, server):
+    context = keyed_context(browser, server)
+    page = context.new_page()
+    page.goto("/")
+    page.select_option("#new-language", "python")
+    page.fill("#new-id", "console-created")
+    page.click("#create-session")
+    page.wait_for_url(re.compile(r"#/session/console-created"))
+    page.locator("#socket-state", has_text="live").wait_for()
+    run_code(page, "print(1)")
+    cell = last_cell(page)
+    cell.locator(".cell-status", has_text="done").wait_for()
+    assert cell.locator(".out-stdout").inner_text().strip() == "1"
+    assert page.evaluate("document.querySelector('.CodeMirror').CodeMirror.getValue()") == ""
+    run_code(page, "import matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
+                   "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
+    image = last_cell(page).locator("img.out-image")
+    image.wait_for(timeout=60_000)
+    assert image.get_attribute("src").startswith("data:image/png;base64,")
+    page.wait_for_function("document.querySelector('img.out-image').naturalWidth > 100")
+    run_code(page, "1/0")
+    error = last_cell(page).locator(".out-error")
+    error.wait_for()
+    assert "ZeroDivisionError" in error.inner_text()
+    assert error.locator("span").count() > 0  # the traceback's ANSI colours, as styled spans
+    page.screenshot(path=ARTIFACTS / "console.png", full_page=True)
+    # The sessions list shows it, with its kernel state and the provisioner.
+    page.goto("/#/")
+    row = page.locator("tr[data-session-id='console-created']")
+    row.wait_for()
+    assert "python" in row.inner_text() and "local" in row.inner_text()
+    page.set_viewport_size({"width": 420, "height": 800})  # a narrow window
+    page.screenshot(path=ARTIFACTS / "sessions-narrow.png")
+    context.close()
+
+
+def test_two_pages_see_one_run_and_either_answers_input(browser, server, session_id):
+    context = keyed_context(browser, server)
+    first, second = open_session(context, session_id), open_session(context, session_id)
+    run_code(first, "print('from the first page')")
+    seen = second.locator(".cells .cell.foreign .out-stdout", has_text="from the first page")
+    seen.wait_for()
+    second.locator(".cells .cell.foreign .cell-code", has_text="print('from the first page')").wait_for()
+    run_code(first, "name = input('name? ')\nprint('hello', name)")
+    second.locator(".cells .cell.foreign input.input-reply").last.fill("era")
+    second.locator(".cells .cell.foreign input.input-reply").last.press("Enter")
+    last_cell(first).locator(".out-stdout", has_text="hello era").wait_for()
+    last_cell(second).locator(".out-stdout", has_text="hello era").wait_for()
+    assert first.locator("input.input-reply").count() == 0  # the answered prompt is gone there too
+    context.close()
+
+
+def test_upload_by_drop_and_download(browser, server, session_id):
+    context = keyed_context(browser, server)
+    page = open_session(context, session_id, tab="files")
+    page.locator("#files-table").wait_for()
+    page.evaluate("""() => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File(['dropped bytes \\u00e9'], 'dropped.txt', {type: 'text/plain'}));
+        document.getElementById('drop-zone').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true}));
+    }""")
+    row = page.locator("#files-table tr[data-path='dropped.txt']")
+    row.wait_for()
+    status, body = server.request("GET", f"/api/sessions/{session_id}/files/dropped.txt",
+                                  headers={"Authorization": f"Bearer {KEY}"})
+    assert status == 200 and body == "dropped bytes é".encode()
+    with page.expect_download() as info:
+        row.locator("button", has_text="Download").click()
+    download = info.value
+    assert download.suggested_filename == "dropped.txt"
+    assert Path(download.path()).read_bytes() == "dropped bytes é".encode()
+    page.screenshot(path=ARTIFACTS / "files.png")
+    context.close()
+
+
+HOSTILE_HTML = """<p id="inside">inside the frame</p>
+<img src="x" onerror="fetch('/api/hostile-probe-img')">
+<script>
+  try { parent.eraPwned = sessionStorage.getItem('era.apiKey') || 'ran'; } catch (e) {}
+  try { top.eraPwned = 'ran'; } catch (e) {}
+  fetch('/api/hostile-probe-script', {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('era.apiKey')}});
+</script>"""
+
+
+def test_hostile_outputs_do_not_run_on_the_api_origin(browser, server, session_id):
+    context = keyed_context(browser, server)
+    page = open_session(context, session_id)
+    stdout = "<img src=x onerror=\"window.eraPwned='stdout';fetch('/api/hostile-probe-stdout')\">"
+    run_code(page, f"print({stdout!r})\n"
+                   f"from IPython.display import display, HTML\ndisplay(HTML({HOSTILE_HTML!r}))\n"
+                   "display({'text/html': '<b>raw</b><script>top.eraPwned=1</script>'}, raw=True)")
+    cell = last_cell(page)
+    cell.locator(".cell-status", has_text="done").wait_for()
+    assert cell.locator(".out-stdout").inner_text().strip() == stdout  # shown as text
+    assert cell.locator(".out-stdout img").count() == 0
+    frames = cell.locator("iframe.out-html")
+    assert frames.count() == 2
+    for i in range(2):
+        assert frames.nth(i).get_attribute("sandbox") == "allow-scripts"  # never allow-same-origin
+    page.wait_for_timeout(1000)  # time for anything that would run to run
+    assert page.evaluate("window.eraPwned") is None
+    assert not any("hostile-probe" in str(entry.get("path", "")) for entry in server.logs())
+    page.screenshot(path=ARTIFACTS / "hostile.png", full_page=True)
+    context.close()
+
+
+def test_terminal_tab_and_server_view(browser, server, session_id):
+    context = keyed_context(browser, server)
+    page = open_session(context, session_id, tab="terminal")
+    page.locator("#terminal-state", has_text="connected").wait_for()
+    page.locator(".xterm").click()
+    page.keyboard.type("echo $((6*7))sum\n")
+    page.locator(".xterm-rows", has_text="42sum").wait_for()
+    page.goto("/#/server")
+    page.locator("#server-numbers", has_text="live kernels").wait_for()
+    page.wait_for_function("document.getElementById('memory-chart').width > 0")
+    page.screenshot(path=ARTIFACTS / "server.png")
+    context.close()
