@@ -2,10 +2,30 @@
 // JSON and plain text go in as text (ANSI colours as styled spans); images as data: URLs
 // in <img> (an image cannot run script, SVG included); HTML only inside an iframe
 // sandboxed without allow-same-origin, so it has an opaque origin: no sessionStorage, no
-// cookies, no API calls as the page. The iframe also inherits the page's CSP.
+// cookies, no key. Its document, frame.html, has its own CSP: scripts yes, connections
+// none. The HTML goes to it by postMessage; only its height (a number) comes back.
 
 import { appendAnsi } from "./ansi.js";
 import { el } from "./dom.js";
+
+const FRAME_URL = "/console/frame.html";
+const MAX_FRAME_HEIGHT = 4000;
+const frameHtml = new WeakMap(); // iframe -> the HTML it is to show
+
+function frameOf(source) {
+  for (const frame of document.querySelectorAll("iframe.out-html")) if (frame.contentWindow === source) return frame;
+  return null;
+}
+
+window.addEventListener("message", (event) => {
+  const frame = frameOf(event.source); // only our output frames are listened to
+  if (!frame || !event.data || typeof event.data !== "object") return;
+  if (event.data.type === "era-frame-ready" && frameHtml.has(frame)) {
+    frame.contentWindow.postMessage({ type: "era-html", html: frameHtml.get(frame) }, "*"); // opaque origin: "*"
+  } else if (event.data.type === "era-frame-height" && Number.isFinite(event.data.height)) {
+    frame.style.height = `${Math.min(MAX_FRAME_HEIGHT, Math.max(24, Math.round(event.data.height) + 4))}px`;
+  }
+});
 
 const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
 const BASE64 = /^[A-Za-z0-9+/=\s]*$/;
@@ -34,8 +54,9 @@ export function renderMimeBundle(data) {
       alt: "SVG output" });
   }
   if (data["text/html"] !== undefined) {
-    const frame = el("iframe", { class: "out-html", sandbox: "allow-scripts", title: "HTML output", referrerpolicy: "no-referrer" });
-    frame.srcdoc = asText(data["text/html"]); // a property: no markup of ours around it
+    const frame = el("iframe", { class: "out-html", sandbox: "allow-scripts", src: FRAME_URL, title: "HTML output",
+      referrerpolicy: "no-referrer" });
+    frameHtml.set(frame, asText(data["text/html"]));
     return frame;
   }
   if (data["application/json"] !== undefined) {

@@ -4,8 +4,12 @@ The page is on the API's origin, so the policy sent with it is what keeps kernel
 from running there: scripts only from our own files (no inline script, no eval), no
 plugins, no framing of the console by other sites, images from us or ``data:`` URLs.
 Styles may be inline (xterm.js and CodeMirror set them); a style cannot run code.
-HTML outputs go into ``<iframe sandbox="allow-scripts" srcdoc>`` frames, which inherit
-this policy too. The page itself needs no key: every API call it makes does.
+
+HTML outputs go into ``<iframe sandbox="allow-scripts" src="/console/frame.html">``:
+without allow-same-origin the frame has an opaque origin (no sessionStorage of ours, no
+key), and ``frame.html`` comes with its own policy, ``FRAME_POLICY``: an output's
+scripts run (charts need them) but may connect nowhere, so they cannot call the API
+even without the key. The page itself needs no key: every API call it makes does.
 """
 
 from __future__ import annotations
@@ -33,11 +37,25 @@ CONTENT_SECURITY_POLICY = "; ".join([
 ])
 
 
+FRAME_FILE = "frame.html"
+FRAME_POLICY = "; ".join([
+    "default-src 'none'",
+    "script-src 'unsafe-inline' 'unsafe-eval' https: data: blob:",  # outputs' own scripts and CDN libraries
+    "style-src 'unsafe-inline' https: data:",
+    "img-src data: blob: https:",
+    "font-src data: https:",
+    "media-src data: blob: https:",
+    "connect-src 'none'",  # no fetch, XHR, WebSocket or beacon: not to the API, not anywhere
+    "form-action 'none'",
+    "base-uri 'none'",
+])
+
+
 class ConsoleHandler(StaticFileHandler):
     """A static file of the console, with the page's security headers."""
 
     def set_extra_headers(self, path: str) -> None:
-        self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        self.set_header("Content-Security-Policy", FRAME_POLICY if path == FRAME_FILE else CONTENT_SECURITY_POLICY)
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "no-referrer")
         self.set_header("Cross-Origin-Opener-Policy", "same-origin")
