@@ -18,6 +18,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
     command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    # The web console's tests drive Debian's chromium through Playwright (tests/test_console.py).
+    if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive

@@ -161,8 +161,7 @@ def test_create_a_session_run_print_and_a_plot(browser, server):
     cell.locator(".cell-status", has_text="done").wait_for()
     assert cell.locator(".out-stdout").inner_text().strip() == "1"
     assert page.evaluate("document.querySelector('.CodeMirror').CodeMirror.getValue()") == ""
-    run_code(page, "import matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
-                   "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
+    run_code(page, "import matplotlib.pyplot as plt\nplt.figure(figsize=(5, 2.4))\nplt.plot([1, 3, 2, 4])\nplt.show()")
     image = last_cell(page).locator("img.out-image")
     image.wait_for(timeout=60_000)
     assert image.get_attribute("src").startswith("data:image/png;base64,")
@@ -172,7 +171,9 @@ def test_create_a_session_run_print_and_a_plot(browser, server):
     error.wait_for()
     assert "ZeroDivisionError" in error.inner_text()
     assert error.locator("span").count() > 0  # the traceback's ANSI colours, as styled spans
-    page.screenshot(path=ARTIFACTS / "console.png", full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 960})  # the whole console, for docs/console.png
+    page.screenshot(path=ARTIFACTS / "console.png")
+    page.set_viewport_size({"width": 1280, "height": 800})
     # The sessions list shows it, with its kernel state and the provisioner.
     page.goto("/#/")
     row = page.locator("tr[data-session-id='console-created']")

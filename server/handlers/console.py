@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tornado.web import StaticFileHandler
 
+from ..errors import JsonErrors
+
 CONSOLE_DIR = Path(__file__).resolve().parent.parent / "console"
 
 CONTENT_SECURITY_POLICY = "; ".join([
@@ -51,8 +53,12 @@ FRAME_POLICY = "; ".join([
 ])
 
 
-class ConsoleHandler(StaticFileHandler):
-    """A static file of the console, with the page's security headers."""
+class ConsoleHandler(JsonErrors, StaticFileHandler):
+    """A static file of the console, with the page's security headers; errors (a missing
+    file: 404) in the API's JSON shape, as everywhere else on the server."""
+
+    def allowed_methods(self) -> list[str]:
+        return ["GET", "HEAD"]
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Content-Security-Policy", FRAME_POLICY if path == FRAME_FILE else CONTENT_SECURITY_POLICY)
