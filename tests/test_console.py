@@ -75,7 +75,26 @@ def keyed_context(browser, server):
     # Init scripts run in every frame; in the sandboxed output frames storage throws.
     context.add_init_script(f"try {{ sessionStorage.setItem('era.apiKey', {json.dumps(KEY)}); }} catch (e) {{}}")
     context.set_default_timeout(WAIT_MS)
+    watch_errors(context)
     return context
+
+
+PAGE_ERRORS: dict[int, list[str]] = {}  # id(context) -> its pages' errors
+
+
+def watch_errors(context):
+    """Collect the pages' uncaught exceptions and console errors (checked by close())."""
+    errors = PAGE_ERRORS[id(context)] = []
+    context.on("page", lambda page: (page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}")),
+                                     page.on("console", lambda msg: errors.append(f"console: {msg.text}")
+                                             if msg.type == "error" else None)))
+
+
+def close(context, allowed=()):
+    """Close the context; its pages must have logged no error but those ``allowed`` match."""
+    errors = [e for e in PAGE_ERRORS.pop(id(context)) if not any(re.search(pattern, e) for pattern in allowed)]
+    context.close()
+    assert errors == []
 
 
 def api(server, method, path, body=None, expect=200):
@@ -128,6 +147,7 @@ def test_page_is_served_with_a_strict_policy(server):
 def test_wrong_key_says_so_and_the_right_one_is_kept_in_session_storage(browser, server):
     context = browser.new_context(base_url=server.base, viewport={"width": 1280, "height": 800})
     context.set_default_timeout(WAIT_MS)
+    watch_errors(context)
     page = context.new_page()
     page.goto("/")
     dialog = page.locator("#key-dialog")
@@ -144,7 +164,7 @@ def test_wrong_key_says_so_and_the_right_one_is_kept_in_session_storage(browser,
     assert page.evaluate("sessionStorage.getItem('era.apiKey')") == KEY
     assert context.cookies() == [] and KEY not in page.url
     assert page.input_value("#key-input") == ""  # not shown again
-    context.close()
+    close(context, allowed=(r"status of 401",))
 
 
 def test_create_a_session_run_print_and_a_plot(browser, server):
@@ -181,7 +201,7 @@ def test_create_a_session_run_print_and_a_plot(browser, server):
     assert "python" in row.inner_text() and "local" in row.inner_text()
     page.set_viewport_size({"width": 420, "height": 800})  # a narrow window
     page.screenshot(path=ARTIFACTS / "sessions-narrow.png")
-    context.close()
+    close(context)
 
 
 def test_two_pages_see_one_run_and_either_answers_input(browser, server, session_id):
@@ -197,7 +217,7 @@ def test_two_pages_see_one_run_and_either_answers_input(browser, server, session
     last_cell(first).locator(".out-stdout", has_text="hello era").wait_for()
     last_cell(second).locator(".out-stdout", has_text="hello era").wait_for()
     assert first.locator("input.input-reply").count() == 0  # the answered prompt is gone there too
-    context.close()
+    close(context)
 
 
 def test_upload_by_drop_and_download(browser, server, session_id):
@@ -220,7 +240,7 @@ def test_upload_by_drop_and_download(browser, server, session_id):
     assert download.suggested_filename == "dropped.txt"
     assert Path(download.path()).read_bytes() == "dropped bytes é".encode()
     page.screenshot(path=ARTIFACTS / "files.png")
-    context.close()
+    close(context)
 
 
 HOSTILE_HTML = """<p id="inside">inside the frame</p>
@@ -260,7 +280,7 @@ def test_hostile_outputs_do_not_run_on_the_api_origin(browser, server, session_i
     assert page.evaluate("window.eraPwned") is None and page.title() == "ERA Kernel console"
     assert not any("hostile-probe" in str(entry.get("path", "")) for entry in server.logs())
     page.screenshot(path=ARTIFACTS / "hostile.png", full_page=True)
-    context.close()
+    close(context, allowed=(r"Content Security Policy", r"Failed to fetch", r"cross-origin frame"))
 
 
 def test_terminal_tab_and_server_view(browser, server, session_id):
@@ -274,4 +294,4 @@ def test_terminal_tab_and_server_view(browser, server, session_id):
     page.locator("#server-numbers", has_text="live kernels").wait_for()
     page.wait_for_function("document.getElementById('memory-chart').width > 0")
     page.screenshot(path=ARTIFACTS / "server.png")
-    context.close()
+    close(context)

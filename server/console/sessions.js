@@ -23,7 +23,7 @@ export function createForm(onCreated) {
   const provisioner = el("select", { id: "new-provisioner", name: "provisioner" },
     el("option", { value: "", text: "server default" }), el("option", { value: "local", text: "local (bubblewrap)" }),
     el("option", { value: "docker", text: "docker" }));
-  const id = el("input", { id: "new-id", name: "id", placeholder: "automatic", pattern: "[A-Za-z0-9_-]{1,128}", autocomplete: "off" });
+  const id = el("input", { id: "new-id", name: "id", placeholder: "automatic", pattern: "[A-Za-z0-9_\\-]{1,128}", autocomplete: "off" });
   const packages = el("input", { id: "new-packages", name: "packages", placeholder: "e.g. requests numpy", autocomplete: "off" });
   const persistent = el("input", { id: "new-persistent", type: "checkbox", name: "persistent" });
   const internet = el("input", { id: "new-internet", type: "checkbox", name: "internet" });
