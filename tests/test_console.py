@@ -292,6 +292,40 @@ def test_terminal_tab_and_server_view(browser, server, session_id):
     page.locator(".xterm-rows", has_text="42sum").wait_for()
     page.goto("/#/server")
     page.locator("#server-numbers", has_text="live kernels").wait_for()
-    page.wait_for_function("document.getElementById('memory-chart').width > 0")
+    page.locator("#server-numbers", has_text="python:local").wait_for()  # the warm pool's fill
+    # The chart draws kernel memory in blue: some of its pixels are.
+    page.wait_for_function("""() => {
+        const c = document.getElementById('memory-chart');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let blue = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i] === 0x24 && d[i + 1] === 0x58 && d[i + 2] === 0xc6) blue++;
+        return blue > 20;
+    }""")
     page.screenshot(path=ARTIFACTS / "server.png")
+    close(context)
+
+
+def test_interrupt_restart_duplicate_and_delete_from_the_page(browser, server):
+    api(server, "POST", "/api/sessions", {"language": "python", "id": "console-actions"}, expect=201)
+    context = keyed_context(browser, server)
+    page = open_session(context, "console-actions")
+    run_code(page, "import time\nx = 1\ntime.sleep(60)")
+    cell = last_cell(page)
+    cell.locator(".cell-status", has_text="running").wait_for()
+    page.click("#interrupt-button")
+    cell.locator(".out-error", has_text="KeyboardInterrupt").wait_for()
+    page.click(".session-head button[data-action='restart']")
+    run_code(page, "print('x' in dir())")  # queued behind the restart: a fresh kernel
+    last_cell(page).locator(".out-stdout", has_text="False").wait_for()
+    page.on("dialog", lambda dialog: dialog.accept())  # the delete confirmation
+    page.goto("/#/")
+    row = page.locator("tr[data-session-id='console-actions']")
+    row.locator("button[data-action='duplicate']").click()
+    page.locator("#notice", has_text="Duplicated as").wait_for()
+    copy_id = page.locator("#notice").inner_text().rsplit(" ", 1)[1]
+    copy = page.locator(f"tr[data-session-id='{copy_id}']")
+    copy.wait_for()
+    copy.locator("button[data-action='delete']").click()
+    copy.wait_for(state="detached")
+    assert server.request("GET", f"/api/sessions/{copy_id}", headers={"Authorization": f"Bearer {KEY}"})[0] == 404
     close(context)

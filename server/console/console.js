@@ -22,10 +22,9 @@ function newClientId() {
 }
 
 export class ConsoleTab {
-  constructor(root, session, socket, onState) {
+  constructor(root, session, socket) {
     this.session = session;
     this.socket = socket;
-    this.onState = onState;
     this.cellsByRun = new Map(); // run id -> cell
     this.cellsByClient = new Map(); // our client id -> cell, until its first event names the run
     this.cells = el("div", { class: "cells", "aria-live": "polite", "aria-label": "Runs" });
@@ -117,8 +116,7 @@ export class ConsoleTab {
   }
 
   onEvent(event) {
-    if (event.type === "status") {
-      this.onState(event.state, event.reason);
+    if (event.type === "status") { // the kernel's state shows in the page's header (session.js)
       if (event.run_id && event.state === "busy") this.setStatus(this.cellFor(event), "running");
       return;
     }

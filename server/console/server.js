@@ -45,8 +45,12 @@ export class ServerPage {
     const memory = stats.memory || {};
     history.push({ at: Date.now(), kernels: memory.kernels_bytes ?? 0, server: memory.server_rss_bytes ?? 0 });
     while (history.length > KEEP) history.shift();
-    const pools = Object.entries(stats.pool || health.pool || {}).map(([name, p]) =>
-      [name, typeof p === "object" ? `${p.ready ?? "?"} ready of ${p.target ?? "?"}` : p]);
+    const pool = stats.pool || {};
+    const pools = [
+      ...Object.entries(pool.pools || health.pool || {}).map(([name, p]) =>
+        [name, `${p.ready ?? "?"} ready${p.starting ? `, ${p.starting} starting` : ""} of ${p.target ?? "?"}`]),
+      ...["size", "claimed", "misses"].filter((k) => pool[k] !== undefined).map((k) => [k, pool[k]]),
+    ];
     const objectRows = (obj) => Object.entries(obj || {}).map(([k, v]) => [k, typeof v === "object" ? JSON.stringify(v) : v]);
     this.numbers.replaceChildren(
       table("Health", [["state", health.state], ["version", health.version], ["uptime", `${Math.round(health.uptime_s)} s`],
@@ -80,6 +84,14 @@ export class ServerPage {
         if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
       });
       ctx.stroke();
+      const last = history[history.length - 1];
+      if (last) { // the newest sample as a dot: visible from the first one on
+        const x = ((history.length - 1) / Math.max(1, KEEP - 1)) * (width - 2) + 1;
+        ctx.fillStyle = colour;
+        ctx.beginPath();
+        ctx.arc(x, height - 2 - (last[key] / max) * (height - 24), 3, 0, 2 * Math.PI);
+        ctx.fill();
+      }
     };
     line("kernels", "#2458c6");
     line("server", "#cd3131");

@@ -37,6 +37,7 @@ export class SessionPage {
     this.socketNode = el("span", { class: "muted", id: "socket-state", text: "connecting" });
     this.socket.listen((event) => {
       if (event.type === "socket") this.socketNode.textContent = event.state === "open" ? "live" : "reconnecting…";
+      if (event.type === "status" && event.state) this.setState(event.state);
       if (event.type === "status" && event.state === "deleted") notice(`Session ${s.id} was deleted`);
     });
     const action = (name, label) => el("button", { type: "button", "data-action": name,
@@ -88,7 +89,7 @@ export class SessionPage {
       return;
     }
     const s = this.session;
-    if (tab === "console") this.tabs.console = new ConsoleTab(this.panel, s, this.socket, (state) => this.setState(state));
+    if (tab === "console") this.tabs.console = new ConsoleTab(this.panel, s, this.socket);
     else if (tab === "files") this.tabs.files = new FilesTab(this.panel, s, this.socket);
     else if (tab === "history") this.tabs.history = new HistoryTab(this.panel, s);
     else if (tab === "terminal") this.tabs.terminal = new TerminalTab(this.panel, s);
