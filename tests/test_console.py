@@ -240,6 +240,25 @@ def test_upload_by_drop_and_download(browser, server, session_id):
     assert download.suggested_filename == "dropped.txt"
     assert Path(download.path()).read_bytes() == "dropped bytes é".encode()
     page.screenshot(path=ARTIFACTS / "files.png")
+    page.on("dialog", lambda dialog: dialog.accept())  # the delete confirmation
+    row.locator("button", has_text="Delete").click()
+    row.wait_for(state="detached")
+    assert server.request("GET", f"/api/sessions/{session_id}/files/dropped.txt",
+                          headers={"Authorization": f"Bearer {KEY}"})[0] == 404
+    close(context)
+
+
+def test_history_shows_stored_runs_and_downloads_the_notebook(browser, server, session_id):
+    api(server, "POST", f"/api/sessions/{session_id}/run", {"code": "print('kept in history')"})
+    context = keyed_context(browser, server)
+    page = open_session(context, session_id, tab="history")
+    page.locator("#history-list .cell .out-stdout", has_text="kept in history").wait_for()
+    page.locator("#history-list .cell-code", has_text="print('kept in history')").wait_for()
+    with page.expect_download() as info:
+        page.click("#notebook-download")
+    notebook = json.loads(Path(info.value.path()).read_text())
+    assert info.value.suggested_filename == f"{session_id}.ipynb" and notebook["nbformat"] == 4
+    assert any("kept in history" in "".join(cell.get("source", "")) for cell in notebook["cells"])
     close(context)
 
 
