@@ -348,3 +348,16 @@ def test_interrupt_restart_duplicate_and_delete_from_the_page(browser, server):
     copy.wait_for(state="detached")
     assert server.request("GET", f"/api/sessions/{copy_id}", headers={"Authorization": f"Bearer {KEY}"})[0] == 404
     close(context)
+
+
+def test_setup_log_streams_into_the_files_tab(browser, server):
+    api(server, "POST", "/api/sessions", {"language": "python", "id": "console-setup",
+                                          "setup": {"commands": ["echo early-setup-line", "sleep 1",
+                                                                 "echo late-setup-line", "sleep 2"]}}, expect=201)
+    context = keyed_context(browser, server)
+    page = open_session(context, "console-setup", tab="files")
+    page.locator("#setup-log", has_text="late-setup-line").wait_for()
+    assert "completed" not in page.locator("#setup-status").inner_text()  # streamed, not the stored log
+    page.locator("#setup-status", has_text="completed").wait_for()
+    assert "early-setup-line" in page.locator("#setup-log").inner_text()
+    close(context)

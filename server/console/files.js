@@ -40,17 +40,42 @@ export class FilesTab {
         this.body),
       setup);
     root.append(this.node);
-    const logs = session.setup_result && (session.setup_result.logs || session.setup_result.stdout);
-    if (logs) this.setupLog.textContent = logs;
+    this.showSetup(session);
     this.unlisten = socket.listen((event) => {
-      if (event.type === "setup" && typeof event.content === "string") this.setupLog.append(event.content.endsWith("\n") ? event.content : event.content + "\n");
+      if (event.type !== "setup" || typeof event.content !== "string") return;
+      this.streamed = true;
+      this.setupLog.append(event.content.endsWith("\n") ? event.content : event.content + "\n");
     });
     this.refresh();
+    // While setup runs, its log streams in as events; its status is the session's: polled.
+    this.setupTimer = setInterval(() => this.pollSetup(), 1500);
   }
 
   dispose() {
+    clearInterval(this.setupTimer);
     this.unlisten();
     this.node.remove();
+  }
+
+  showSetup(session) {
+    const status = this.node.querySelector("#setup-status");
+    if (!status) return;
+    status.textContent = `status: ${session.setup_status || "none"}`;
+    const result = session.setup_result || {};
+    const logs = result.logs || [result.stdout, result.stderr, result.error].filter(Boolean).join("\n");
+    // The stored log is the whole story once setup has ended; while it runs, the stream is.
+    if (logs && (!this.streamed || ["completed", "failed"].includes(session.setup_status))) this.setupLog.textContent = logs;
+  }
+
+  async pollSetup() {
+    if (!this.session.setup || ["completed", "failed"].includes(this.session.setup_status)) {
+      clearInterval(this.setupTimer);
+      return;
+    }
+    try {
+      this.session = await api("GET", sessionPath(this.session.id));
+      this.showSetup(this.session);
+    } catch (_) { /* the next poll tries again */ }
   }
 
   async refresh() {
