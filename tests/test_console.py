@@ -361,3 +361,25 @@ def test_setup_log_streams_into_the_files_tab(browser, server):
     page.locator("#setup-status", has_text="completed").wait_for()
     assert "early-setup-line" in page.locator("#setup-log").inner_text()
     close(context)
+
+
+def test_a_page_opened_mid_run_sees_the_run_from_its_start(browser, server, session_id):
+    # The run waits for a file the test writes once the page is open: the page comes mid-run.
+    code = ("import os, time\nprint('before the page', flush=True)\n"
+            "while not os.path.exists('page-open'):\n    time.sleep(0.02)\nprint('after the page')")
+    accepted = api(server, "POST", f"/api/sessions/{session_id}/run", {"code": code, "background": True}, expect=202)
+    events = f"/api/sessions/{session_id}/runs/{accepted['run_id']}/events"
+    deadline = time.monotonic() + 20
+    while "before the page" not in json.dumps(api(server, "GET", events)["events"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    context = keyed_context(browser, server)
+    page = open_session(context, session_id)
+    status, _ = server.request("PUT", f"/api/sessions/{session_id}/files/page-open", b"",
+                               headers={"Authorization": f"Bearer {KEY}"})
+    assert status == 200
+    cell = page.locator(f".cells .cell[data-run-id='{accepted['run_id']}']")
+    cell.locator(".cell-status", has_text="done").wait_for()
+    assert cell.locator(".out-stdout").inner_text().split() == "before the page after the page".split()
+    assert "print('before the page', flush=True)" in cell.locator(".cell-code").inner_text()
+    close(context)

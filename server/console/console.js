@@ -102,9 +102,12 @@ export class ConsoleTab {
       cell = this.cellsByClient.get(event.id);
       this.cellsByClient.delete(event.id);
     } else {
-      // Another page's run (or a REST one): its code comes from the run's record.
+      // Another page's run (or a REST one): its code comes from the run's record, and
+      // what it printed before this page saw it from the journal (replayed after the
+      // events already delivered live: onEvent puts them back in order by seq).
       cell = this.makeCell("", "running");
       cell.node.classList.add("foreign");
+      this.socket.send({ type: "subscribe", run_id: runId, after: 0 });
       api("GET", sessionPath(this.session.id, `/runs/${encodeURIComponent(runId)}`))
         .then((doc) => { cell.codeNode.textContent = doc.code || ""; cell.node.dataset.source = doc.source || ""; })
         .catch(() => { cell.codeNode.textContent = "(code not available)"; });
@@ -117,7 +120,10 @@ export class ConsoleTab {
 
   onEvent(event) {
     if (event.type === "status") { // the kernel's state shows in the page's header (session.js)
-      if (event.run_id && event.state === "busy") this.setStatus(this.cellFor(event), "running");
+      if (event.run_id && event.state === "busy") { // (a replayed one may come after the run's done)
+        const cell = this.cellFor(event);
+        if (cell.statusNode.textContent === "queued") this.setStatus(cell, "running");
+      }
       return;
     }
     if (event.type === "error" && typeof event.error === "string") { // a protocol error, the API's shape
@@ -131,8 +137,7 @@ export class ConsoleTab {
     if (event.type === "result") return; // the same run's done already came
     if (!RUN_EVENTS.has(event.type) || !event.run_id) return;
     const cell = this.cellFor(event);
-    if (event.type !== "input_request") cell.area.closeInputs();
-    cell.area.add(event);
+    this.addInOrder(cell, event);
     if (event.type === "done") {
       const failed = event.exit_code && event.exit_code !== 0;
       const time = event.duration_ms !== undefined ? ` · ${Math.round(event.duration_ms)} ms` : "";
@@ -142,6 +147,28 @@ export class ConsoleTab {
       this.setStatus(cell, "running");
     }
     if (this.isNearBottom()) cell.node.scrollIntoView({ block: "end" });
+  }
+
+  // Events go out as they come; one older than what the cell shows (a replayed one)
+  // makes the cell redraw its outputs in journal order.
+  addInOrder(cell, event) {
+    cell.events = cell.events || [];
+    if (event.seq !== undefined && cell.events.some((e) => e.seq === event.seq)) return; // seen already
+    cell.events.push(event);
+    const last = cell.lastSeq ?? -1;
+    if (typeof event.seq === "number" && event.seq < last) {
+      cell.events.sort((a, b) => (a.seq ?? Infinity) - (b.seq ?? Infinity));
+      cell.area.reset();
+      for (const e of cell.events) this.render(cell, e);
+    } else {
+      this.render(cell, event);
+    }
+    if (typeof event.seq === "number") cell.lastSeq = Math.max(last, event.seq);
+  }
+
+  render(cell, event) {
+    if (event.type !== "input_request") cell.area.closeInputs();
+    cell.area.add(event);
   }
 
   setStatus(cell, text) {

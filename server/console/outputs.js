@@ -104,6 +104,12 @@ export class OutputArea {
     }
   }
 
+  reset() {
+    this.node.replaceChildren();
+    this.stream = null;
+    this.streamName = null;
+  }
+
   addStream(name, text) {
     if (!text) return;
     if (!this.stream || this.streamName !== name || this.stream !== this.node.lastChild) {
