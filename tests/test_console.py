@@ -207,6 +207,7 @@ def test_create_a_session_run_print_and_a_plot(browser, server):
 def test_two_pages_see_one_run_and_either_answers_input(browser, server, session_id):
     context = keyed_context(browser, server)
     first, second = open_session(context, session_id), open_session(context, session_id)
+    second.set_viewport_size({"width": 420, "height": 800})  # the second page is a narrow window
     run_code(first, "print('from the first page')")
     seen = second.locator(".cells .cell.foreign .out-stdout", has_text="from the first page")
     seen.wait_for()
@@ -217,6 +218,7 @@ def test_two_pages_see_one_run_and_either_answers_input(browser, server, session
     last_cell(first).locator(".out-stdout", has_text="hello era").wait_for()
     last_cell(second).locator(".out-stdout", has_text="hello era").wait_for()
     assert first.locator("input.input-reply").count() == 0  # the answered prompt is gone there too
+    second.screenshot(path=ARTIFACTS / "console-narrow.png")
     close(context)
 
 
