@@ -119,6 +119,17 @@ export class ConsoleTab {
   }
 
   onEvent(event) {
+    if (event.type === "socket" && event.state === "open") {
+      // Back after a lost connection: what the unfinished runs printed meanwhile comes
+      // from their journals (cells skip what they already have, by seq).
+      if (this.connectedBefore) {
+        for (const [runId, cell] of this.cellsByRun) {
+          if (!cell.done) this.socket.send({ type: "subscribe", run_id: runId, after: cell.lastSeq ?? 0 });
+        }
+      }
+      this.connectedBefore = true;
+      return;
+    }
     if (event.type === "status") { // the kernel's state shows in the page's header (session.js)
       if (event.run_id && event.state === "busy") { // (a replayed one may come after the run's done)
         const cell = this.cellFor(event);
@@ -139,6 +150,7 @@ export class ConsoleTab {
     const cell = this.cellFor(event);
     this.addInOrder(cell, event);
     if (event.type === "done") {
+      cell.done = true;
       const failed = event.exit_code && event.exit_code !== 0;
       const time = event.duration_ms !== undefined ? ` · ${Math.round(event.duration_ms)} ms` : "";
       this.setStatus(cell, `${event.timed_out ? "timed out" : failed ? "failed" : "done"}${time}`);
