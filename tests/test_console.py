@@ -186,6 +186,12 @@ def test_create_a_session_run_print_and_a_plot(browser, server):
     image.wait_for(timeout=60_000)
     assert image.get_attribute("src").startswith("data:image/png;base64,")
     page.wait_for_function("document.querySelector('img.out-image').naturalWidth > 100")
+    run_code(page, "from IPython.display import JSON, display\ndisplay(JSON({'answer': [4, 2]}))")
+    assert json.loads(last_cell(page).locator("pre.out-json").inner_text()) == {"answer": [4, 2]}
+    page.locator(".CodeMirror").click()
+    page.keyboard.type("def f(): return 'x'")  # highlighted as Python: keyword and string spans
+    page.locator(".CodeMirror .cm-keyword", has_text="def").wait_for()
+    page.locator(".CodeMirror .cm-string", has_text="'x'").wait_for()
     run_code(page, "1/0")
     error = last_cell(page).locator(".out-error")
     error.wait_for()
