@@ -99,6 +99,7 @@ ROUTES: list[Route] = [
 UNKNOWN_API = Route("/api/{rest}", NotFoundHandler)
 # The web console's static files (handlers/console.py): a page, not part of the API, so
 # not in ROUTES (nor OpenAPI); open, as every API call the page makes needs the key.
+CONSOLE_ROUTE_LABEL = "/console"  # its requests' route label in the metrics
 CONSOLE_ROUTES: list[tuple[str, type[RequestHandler], dict[str, Any]]] = [
     (r"/()", ConsoleHandler, {"path": str(CONSOLE_DIR), "default_filename": "index.html"}),
     (r"/console/(.+)", ConsoleHandler, {"path": str(CONSOLE_DIR)}),

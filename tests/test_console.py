@@ -142,6 +142,9 @@ def test_page_is_served_with_a_strict_policy(server):
     # The page needs no key; the API behind it does.
     assert server.request("GET", "/api/sessions")[0] == 401
     assert server.request("GET", "/console/../pyproject.toml")[0] in (403, 404)
+    # Counted under one route label of their own, not as unmatched requests.
+    _, metrics = server.request("GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert 'route="/console",status="200"' in metrics.decode()
 
 
 def test_wrong_key_says_so_and_the_right_one_is_kept_in_session_storage(browser, server):
