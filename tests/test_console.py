@@ -176,10 +176,12 @@ def test_create_a_session_run_print_and_a_plot(browser, server):
     page.goto("/")
     page.select_option("#new-language", "python")
     page.fill("#new-id", "console-created")
-    page.click("#create-session")
+    page.press("#new-id", "Enter")  # keyboard only, from here to the first output
     page.wait_for_url(re.compile(r"#/session/console-created"))
     page.locator("#socket-state", has_text="live").wait_for()
-    run_code(page, "print(1)")
+    page.locator(".CodeMirror-focused").wait_for()  # the editor has the focus
+    page.keyboard.type("print(1)")
+    page.keyboard.press("Shift+Enter")
     cell = last_cell(page)
     cell.locator(".cell-status", has_text="done").wait_for()
     assert cell.locator(".out-stdout").inner_text().strip() == "1"
