@@ -200,6 +200,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DOCKER_PIDS", 256, "Process (and thread) limit of a Docker kernel.", int),
     Setting("ERA_DOCKER_EGRESS_NETWORK", "era-egress", "Docker network for sessions with internet access; "
             "without it, host networking (see Known limits)."),
+    Setting("ERA_STORAGE_URL", "", "Storage proxy: the URL `era_storage` in a session sends to (its "
+            "`ERA_STORAGE_URL`); unset, sessions get only their token (`ERA_STORAGE_TOKEN`). A sandbox without "
+            "network reaches no URL yet (README: Storage proxy).", str),
+    Setting("ERA_STORAGE_MAX_VALUE", 1024**2, "Storage proxy: largest KV value (with its metadata) in bytes.",
+            _size),
+    Setting("ERA_STORAGE_MAX_OBJECT", 32 * 1024**2, "Storage proxy: largest R2 object in bytes (it travels as "
+            "base64 in JSON, so `ERA_MAX_BODY` must allow 4/3 of it).", _size),
+    Setting("ERA_STORAGE_SQL_TIMEOUT", 5.0, "Storage proxy: seconds one D1 statement may run before it is "
+            "cancelled (422).", _interval),
+    Setting("ERA_STORAGE_SQL_MAX_BYTES", 256 * 1024**2, "Storage proxy: largest D1 database file; a write past it "
+            "fails (413). Set through SQLite's `max_page_count`, which callers cannot change.", _size),
+    Setting("ERA_STORAGE_SQL_MAX_ROWS", 10_000, "Storage proxy: most rows one D1 query returns (past it, 413: add "
+            "a LIMIT).", _count),
+    Setting("ERA_STORAGE_SQL_CONCURRENCY", 4, "Storage proxy: D1 statements running at once (each in a thread).",
+            _count),
     Setting("ERA_LOG_LEVEL", "INFO", "Log level of the server and engine."),
 )
 

@@ -3,7 +3,8 @@
 OpenAPI, the metrics' route labels, the auth test and the error-shape test all walk
 ``ROUTES``, so a new route cannot skip them. Templates use ``{id}`` (a session id),
 ``{run_id}``, ``{schedule_id}``, ``{path}`` (a file path, may contain ``/``) and ``{name}``
-(a kernelspec), ``{pid}`` (a process in a session). Each handler is
+(a kernelspec), ``{pid}`` (a process in a session), ``{namespace}``/``{database}``/``{bucket}``
+(storage names) and ``{key}`` (a storage key, may contain ``/``). Each handler is
 given ``services`` and its route's ``auth`` through ``initialize``; ``RouteHandler.check_key``
 enforces it, for HTTP and WebSocket routes alike.
 """
@@ -22,6 +23,8 @@ from .handlers.commands import (CommandsHandler, ProcessesHandler, ProcessHandle
 from .handlers.files import FileHandler, FilesHandler
 from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunEventsHandler, RunHandler, RunRecordHandler, StreamHandler
+from .handlers.storage import (D1ExecHandler, D1QueryHandler, KvHandler, KvListHandler, R2Handler, R2ListHandler,
+                               ResourcesHandler)
 from .handlers.schedules import ScheduleHandler, SchedulesHandler
 from .handlers.vm import VmHandler, VmListHandler, VmRunHandler, VmsHandler, VmStopHandler
 from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
@@ -45,6 +48,14 @@ ROUTES: list[Route] = [
     Route("/metrics", MetricsHandler),  # outside /api, but it names sessions' counts and load: keyed
     Route("/api/openapi.json", OpenApiHandler),
     Route("/api/resources/stats", StatsHandler),
+    # ERA's storage proxy (handlers/storage.py): what era_storage in a session calls.
+    Route("/api/resources/list", ResourcesHandler),
+    Route("/api/storage/kv/{namespace}", KvListHandler),
+    Route("/api/storage/kv/{namespace}/{key}", KvHandler),
+    Route("/api/storage/d1/{database}/query", D1QueryHandler),
+    Route("/api/storage/d1/{database}/exec", D1ExecHandler),
+    Route("/api/storage/r2/{bucket}", R2ListHandler),
+    Route("/api/storage/r2/{bucket}/{key}", R2Handler),
     Route("/api/execute", ExecuteHandler),
     Route("/api/sessions", SessionsHandler),
     Route("/api/sessions/{id}", SessionHandler),
@@ -99,7 +110,8 @@ UNKNOWN_API = Route("/api/{rest}", NotFoundHandler)
 UNKNOWN = Route("", NotFoundHandler, auth=False)
 
 PARAM_PATTERNS = {"id": "([^/]+)", "run_id": "([^/]+)", "schedule_id": "([^/]+)", "path": "(.+)", "name": "([^/]+)",
-                  "pid": "([^/]+)", "rest": "(.*)"}
+                  "pid": "([^/]+)", "rest": "(.*)", "namespace": "([^/]+)", "database": "([^/]+)",
+                  "bucket": "([^/]+)", "key": "(.+)"}
 
 
 def route_pattern(template: str) -> str:

@@ -12,6 +12,9 @@ from typing import Any, Literal, Optional
 from era_kernel.models import ErrorInfo, RunResult
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from .storage_schemas import (D1Body, D1Exec, D1Query, KvList, KvPut, KvValue, R2List, R2Object, R2Put,  # noqa: F401
+                              R2Stored, ResourceList, StorageSuccess)
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -296,6 +299,11 @@ class Stats(_Open):
     memory: Optional[dict[str, Any]] = None
     uptime_s: Optional[float] = None
     server: dict[str, Any]
+    # ERA's storage registry stats, in the same document.
+    total: Optional[int] = Field(None, description="storage resources (KV entries, objects, D1 tables)")
+    by_type: Optional[dict[str, int]] = None
+    by_namespace: Optional[dict[str, int]] = None
+    total_size: Optional[int] = Field(None, description="bytes of KV values and objects")
 
 
 class OpenAPI(_Open):

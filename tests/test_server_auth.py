@@ -20,7 +20,9 @@ ROUTE_METHODS = [(r.template, m.upper()) for r in ROUTES for m in r.handler.API]
 HANDLERS = {r.template: r.handler for r in ROUTES}
 OPEN = {r.template for r in ROUTES if not r.auth}
 HARMLESS = {("/api/sessions", "DELETE"): {"ids": ["absent-session"]}, ("/api/sessions", "POST"): {"id": "bad id!"}}
-WRONG = ["", "Bearer", "Bearer wrong", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", f"Basic {KEY}", KEY]
+# The last: a forged storage session token (the storage routes take a session's token too).
+WRONG = ["", "Bearer", "Bearer wrong", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", f"Basic {KEY}", KEY,
+         "Bearer era_st.auth-s.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"]
 
 
 @pytest.fixture(scope="module")

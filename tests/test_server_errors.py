@@ -42,6 +42,9 @@ BAD_FIELDS = {
     "BulkDelete": [{"ids": "x"}, {"prefix": 5}],
     "code": [{"code": 5}, {"nocode": "x"}],
     "StartKernel": [{"name": 5}, {"env": "x"}, {"env": []}],
+    "KvPut": [{}, {"value": 5}, {"value": "x", "metadata": []}],
+    "D1Body": [{}, {"sql": 5}, {"sql": " "}, {"sql": "SELECT ?", "params": "x"}, {"sql": "SELECT ?", "params": [{}]}],
+    "R2Put": [{}, {"content": 5}, {"content": "not base64!"}, {"content": "", "metadata": {"a": 1}}],
     "ScheduleRequest": [{}, {"cron": 5}, {"cron": "61 * * * *"}, {"cron": "* * * * *", "timezone": "Mars/Base"},
                         {"cron": "* * * * *", "code": "1", "timezone": 3}, {"cron": "* * * * *"}],
 }

@@ -29,6 +29,7 @@ from ..kernel import EventSink, InputHandler, SessionKernel
 from ..languages import get_language
 from ..listing import SessionPage, read_page, record_chunks
 from ..setup import SetupManager
+from ..storage import Storage
 from ..store.base import SessionExists, store_for_url
 from ..commands.service import CommandService
 from .callbacks import CallbackSender
@@ -65,10 +66,12 @@ class SessionManager:
         self.events.watch(lambda ev: isinstance(ev, KERNEL_GONE) and self.gateway_runs.kernel_gone(
             ev.session_id, f"kernel {type(ev).__name__.removeprefix('Kernel').lower()}: {ev.reason}"))
         self.files = SessionFiles(self.settings)
+        self.storage = Storage(self.settings, lambda: self.files.store.objects)  # ERA's storage proxy
         # Package setups into shared environments, archived in the workspace store (built lazily).
         self.setups = SetupManager(self.settings, lambda: self.files.store)
         self.table = KernelTable(self.settings["ERA_MAX_KERNELS"], self.events)
         self.launcher = KernelLauncher(self.settings, self.setups, self.files, self.table, self.events)
+        self.launcher.session_env = self.storage.session_env  # era_storage's token (and URL) in each kernel
         pool_keys = parse_pool_keys(self.settings["ERA_POOL_KERNELS"], self.settings["ERA_PROVISIONER"])
         for language, _ in pool_keys:
             get_language(language)  # a typo in ERA_POOL_KERNELS fails at start, not at the first request
@@ -101,6 +104,7 @@ class SessionManager:
         await self.files.start()
         await self.store.open()
         self._opened = True
+        await self.storage.start()
         await self.callbacks.start()  # before recovery: runs a restart cut off have callbacks too
         if serve:
             await recover(self.settings, self.store, self.files, self._start_setup)
@@ -138,6 +142,7 @@ class SessionManager:
         await self.journal.settle()
         await self.session_log.settle()
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
+        await self.storage.close()
         if self._opened:
             await self.store.close()
             self._opened = False

@@ -83,10 +83,15 @@ class HealthHandler(BaseHandler):
 
 
 class StatsHandler(BaseHandler):
-    API = {"get": Op("Counts and usage: sessions, live kernels, memory, pool", response="Stats", errors=())}
+    API = {"get": Op("Counts and usage: sessions, live kernels, memory, pool; ERA's storage registry stats",
+                     response="Stats", errors=())}
 
     async def get(self) -> None:
         stats = dict(await self.engine.stats())
+        # ERA's storage registry stats ({total, by_type, by_namespace, total_size}): same document.
+        from era_kernel.storage import DEFAULT_OWNER
+
+        stats.update(await self.engine.storage.registry.stats(DEFAULT_OWNER))
         stats["server"] = {
             "uptime_s": round(time.monotonic() - self.services.started, 3),
             "websocket_clients": sum(len(hub.sockets) for hub in self.services.hubs.values()),

@@ -1,0 +1,55 @@
+"""ERA's storage proxy, engine side: KV (``kv``), SQL databases (``d1``), objects
+(``r2``), the resource registry (``registry``) and session tokens (``tokens``).
+
+Every call names the owner it acts for. Today there is one API key, so one owner,
+``DEFAULT_OWNER``; a session's calls act for the owner of the key that created it (the
+same one, until tenants exist). The server (``server/handlers/storage.py``) turns a
+request's credential into an owner; nothing below trusts a name from the request for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from ..config import Settings
+from .d1 import D1
+from .kv import KV
+from .metadb import MetaDB
+from .r2 import R2
+from .registry import Registry
+from .tokens import SessionTokens
+
+DEFAULT_OWNER = "default"
+
+
+class Storage:
+    def __init__(self, settings: Settings, objects: Callable[[], Any]):
+        root = settings.data_dir / "storage"
+        self.db = MetaDB(root / "storage.db")
+        self.kv = KV(self.db, settings["ERA_STORAGE_MAX_VALUE"])
+        self.d1 = D1(root / "d1", max_bytes=settings["ERA_STORAGE_SQL_MAX_BYTES"],
+                     timeout=settings["ERA_STORAGE_SQL_TIMEOUT"], max_rows=settings["ERA_STORAGE_SQL_MAX_ROWS"],
+                     concurrency=settings["ERA_STORAGE_SQL_CONCURRENCY"])
+        self.r2 = R2(self.db, objects, settings["ERA_STORAGE_MAX_OBJECT"])
+        self.registry = Registry(self.db, self.d1)
+        self.tokens = SessionTokens(settings.data_dir)
+        self.url = settings["ERA_STORAGE_URL"]
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.tokens._key)  # the secret file, off the event loop
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    def session_env(self, session_id: str) -> dict[str, str]:
+        """What ``era_storage`` in the session reads: its token, and where to send it
+        (``ERA_STORAGE_URL``, when the server says where sessions reach it)."""
+        env = {"ERA_STORAGE_TOKEN": self.tokens.token(session_id)}
+        if self.url:
+            env["ERA_STORAGE_URL"] = self.url
+        return env
+
+    def owner_of_session(self, record: Any) -> str:
+        """Whose storage a session's calls reach: its creator's (one owner until tenants)."""
+        return DEFAULT_OWNER
