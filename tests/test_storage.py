@@ -370,3 +370,20 @@ console.log(JSON.stringify({ kv: await s.kv.get('fromnode', 'k'), rows, obj: (aw
 """)
     doc = json.loads(out)
     assert doc == {"kv": "v2", "rows": [{"a": 7}], "obj": "text"}
+
+
+@pytest.mark.parametrize("language, code", [
+    ("python", "import era_storage, os; print(era_storage.kv.set.__qualname__, os.environ['ERA_STORAGE_TOKEN'][:7])"),
+    ("node", "console.log(typeof require('era_storage').d1.query, process.env.ERA_STORAGE_TOKEN.slice(0, 7))"),
+])
+def test_docker_sessions_see_the_sdk_and_their_token(server, language, code):
+    """The SDK directory is bound read-only into containers too (no network: import only)."""
+    from tests.conftest import require_docker
+
+    require_docker()
+    sid = f"st-docker-{language}"
+    call(server, "POST", "/api/sessions", {"id": sid, "language": language, "provisioner": "docker"}, expect=201)
+    try:
+        assert run(server, sid, code).split() == ["KVStorage.set" if language == "python" else "function", "era_st."]
+    finally:
+        call(server, "DELETE", f"/api/sessions/{sid}")
