@@ -67,7 +67,8 @@ def error(srv, method, path, body=None, status=400, headers=AUTH):
 def test_kv_round_trip_list_pages_and_delete(server):
     keys = ["user:1", "user:2", "user/3 with spaces", "user:ünï", "other"]
     for i, key in enumerate(keys):
-        doc = call(server, "PUT", f"/api/storage/kv/app1/{quote(key, safe='')}", {"value": f"v{i}", "metadata": {"i": i}})
+        doc = call(server, "PUT", f"/api/storage/kv/app1/{quote(key, safe='')}",
+                   {"value": f"v{i}", "metadata": {"i": i}})
         assert doc == {"success": True}
     assert call(server, "GET", "/api/storage/kv/app1/user%3A%C3%BCn%C3%AF") == {"value": "v3", "metadata": {"i": 3}}
     call(server, "PUT", "/api/storage/kv/app1/user:1", {"value": "new"})  # overwrite, metadata dropped
@@ -130,7 +131,8 @@ def test_d1_exec_and_query_with_params(server):
     assert "one statement" in error(server, "POST", "/api/storage/d1/shop/exec",
                                     {"sql": "SELECT 1; DROP TABLE users"})["error"]
     # Each database is its own file: another name sees none of these tables.
-    assert "no such table" in error(server, "POST", "/api/storage/d1/other/query", {"sql": "SELECT * FROM users"})["error"]
+    missing = error(server, "POST", "/api/storage/d1/other/query", {"sql": "SELECT * FROM users"})
+    assert "no such table" in missing["error"]
 
 
 def test_d1_runaway_query_is_cancelled(server):
@@ -267,7 +269,8 @@ const s = require('era_storage');
   await s.r2.put('sdkjsb', 'f/1.bin', Buffer.from([0, 1, 98]));
   out.obj = Array.from(await s.r2.get('sdkjsb', 'f/1.bin'));
   out.objects = (await s.r2.list('sdkjsb')).map((o) => o.key);
-  out.deleted = [await s.kv.delete('sdkjs', 'k1'), await s.r2.delete('sdkjsb', 'f/1.bin'), await s.kv.get('sdkjs', 'k1')];
+  out.deleted = [await s.kv.delete('sdkjs', 'k1'), await s.r2.delete('sdkjsb', 'f/1.bin'),
+                 await s.kv.get('sdkjs', 'k1')];
   try { await s.d1.exec('sdkjsdb', "ATTACH 'x' AS y"); } catch (e) { out.refused = e.status; }
   console.log(JSON.stringify(out));
 })().catch((e) => { console.error(e); process.exit(1); });
@@ -366,7 +369,8 @@ await s.d1.exec('nodedb', 'CREATE TABLE IF NOT EXISTS t (a)');
 await s.d1.exec('nodedb', 'INSERT INTO t VALUES (?)', [7]);
 const rows = await s.d1.query('nodedb', 'SELECT a FROM t');
 await s.r2.put('nodeb', 'o', 'text');
-console.log(JSON.stringify({ kv: await s.kv.get('fromnode', 'k'), rows, obj: (await s.r2.get('nodeb', 'o')).toString() }));
+const obj = (await s.r2.get('nodeb', 'o')).toString();
+console.log(JSON.stringify({ kv: await s.kv.get('fromnode', 'k'), rows, obj }));
 """)
     doc = json.loads(out)
     assert doc == {"kv": "v2", "rows": [{"a": 7}], "obj": "text"}

@@ -66,7 +66,7 @@ class SessionManager:
         self.events.watch(lambda ev: isinstance(ev, KERNEL_GONE) and self.gateway_runs.kernel_gone(
             ev.session_id, f"kernel {type(ev).__name__.removeprefix('Kernel').lower()}: {ev.reason}"))
         self.files = SessionFiles(self.settings)
-        self.storage = Storage(self.settings, lambda: self.files.store.objects)  # ERA's storage proxy
+        self.storage = Storage(self.settings, lambda: self.files.store.objects, self.store.get_session)  # ERA's
         # Package setups into shared environments, archived in the workspace store (built lazily).
         self.setups = SetupManager(self.settings, lambda: self.files.store)
         self.table = KernelTable(self.settings["ERA_MAX_KERNELS"], self.events)

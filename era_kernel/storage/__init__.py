@@ -10,7 +10,7 @@ request's credential into an owner; nothing below trusts a name from the request
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from ..config import Settings
 from .d1 import D1
@@ -24,7 +24,9 @@ DEFAULT_OWNER = "default"
 
 
 class Storage:
-    def __init__(self, settings: Settings, objects: Callable[[], Any]):
+    def __init__(self, settings: Settings, objects: Callable[[], Any],
+                 session_row: Callable[[str], Awaitable[dict[str, Any] | None]]):
+        self._session_row = session_row  # the metadata store's record of a session, or None
         root = settings.data_dir / "storage"
         self.db = MetaDB(root / "storage.db")
         self.kv = KV(self.db, settings["ERA_STORAGE_MAX_VALUE"])
@@ -53,3 +55,9 @@ class Storage:
     def owner_of_session(self, record: Any) -> str:
         """Whose storage a session's calls reach: its creator's (one owner until tenants)."""
         return DEFAULT_OWNER
+
+    async def owner_for_token(self, token: str) -> str | None:
+        """The owner a session token acts for; None when it is forged or its session is gone."""
+        session_id = self.tokens.session_of(token)
+        row = await self._session_row(session_id) if session_id else None
+        return self.owner_of_session(row) if row is not None else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from era_kernel.errors import BadRequest, NotFound, Unauthorized
+from era_kernel.errors import BadRequest, Unauthorized
 from era_kernel.storage import DEFAULT_OWNER
 from era_kernel.storage.tokens import PREFIX as TOKEN_PREFIX
 
@@ -41,15 +41,9 @@ class StorageHandler(BaseHandler):
     async def admit(self) -> None:
         await super().admit()
         if self._session_token is not None:
-            storage = self.engine.storage
-            session_id = storage.tokens.session_of(self._session_token)
-            try:
-                record = await self.engine.get(session_id) if session_id else None
-            except NotFound:
-                record = None
-            if record is None:
+            self.owner = await self.engine.storage.owner_for_token(self._session_token)
+            if self.owner is None:
                 raise Unauthorized("invalid storage token: not one of this server's sessions")
-            self.owner = storage.owner_of_session(record)
 
     @property
     def storage(self) -> Any:
