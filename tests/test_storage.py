@@ -333,10 +333,13 @@ s.d1.exec("sessdb", "CREATE TABLE IF NOT EXISTS t (a)")
 s.d1.exec("sessdb", "INSERT INTO t VALUES (?)", ["row"])
 s.r2.put("sessb", "o", b"bytes")
 print(json.dumps({"token": os.environ["ERA_STORAGE_TOKEN"], "has_key": "ERA_API_KEY" in os.environ,
+                  "sees_secret": os.path.exists(%r),
                   "kv": s.kv.get("fromsession", "k"), "rows": s.d1.query("sessdb", "SELECT a FROM t"),
                   "obj": s.r2.get("sessb", "o").decode()}))
-"""))
-    assert out["has_key"] is False and out["token"].startswith(f"era_st.{net_session}.")
+""" % str(Path(server.env["ERA_DATA_DIR"]) / "storage-secret")))
+    assert (Path(server.env["ERA_DATA_DIR"]) / "storage-secret").is_file()
+    assert out["has_key"] is False and out["sees_secret"] is False  # the data directory is masked
+    assert out["token"].startswith(f"era_st.{net_session}.")
     assert out["kv"] == "v1" and out["rows"] == [{"a": "row"}] and out["obj"] == "bytes"
     # The session acted for its owner: what it wrote is the API key's storage too.
     assert call(server, "GET", "/api/storage/kv/fromsession/k")["value"] == "v1"
