@@ -394,3 +394,10 @@ def test_docker_sessions_see_the_sdk_and_their_token(server, language, code):
         assert run(server, sid, code).split() == ["KVStorage.set" if language == "python" else "function", "era_st."]
     finally:
         call(server, "DELETE", f"/api/sessions/{sid}")
+
+
+def test_commands_in_a_session_get_the_sdk_and_the_token(server, net_session):
+    call(server, "PUT", "/api/storage/kv/fromapi/k", {"value": "by the key"})
+    doc = call(server, "POST", f"/api/sessions/{net_session}/commands",
+               {"cmd": ["python3", "-c", "import era_storage as s; print(s.kv.get('fromapi', 'k'))"]})
+    assert (doc["exit_code"], doc["stdout"].strip()) == (0, "by the key"), doc

@@ -67,6 +67,7 @@ class CommandService:
                  setup_wait: Callable[[str, float], Awaitable[None]], watch: Callable[[Callable], Any],
                  sync: Callable[[Any], Awaitable[str | None]]) -> None:
         self.settings = settings
+        self.session_env: Callable[[str], dict[str, str]] = lambda session_id: {}  # the engine's (storage token)
         self._record, self._kernel, self._workspace, self._setup_wait = record, kernel, workspace, setup_wait
         self._sync = sync
         self.sessions: dict[str, _Session] = {}
@@ -177,7 +178,7 @@ class CommandService:
         # kernel process's own environment (the supervisor's): so `env` in a command, `!env`
         # in the kernel and `env` in the Bash kernel agree.
         return {"ERA_SESSION": "true", "ERA_SESSION_ID": record.id, "ERA_LANGUAGE": record.language,
-                **record.env, **extra}
+                **self.session_env(record.id), **record.env, **extra}
 
     async def run(self, sid: str, body: Any, *, on_output: Callable[[dict[str, Any]], None] | None = None,
                   on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

@@ -132,8 +132,9 @@ class KernelLauncher:
             self.settings, record.provisioner, workspace, uid=uid,
             allow_network=record.allow_internet if allow_network is None else allow_network,
             env={"ERA_SESSION": "true", "ERA_SESSION_ID": record.id, "ERA_LANGUAGE": record.language,
-                 **extras["env"], **record.env, **(env or {})},
-            labels={"era.session": record.id}, readonly=tuple(extras["readonly"]), **self.own_limits(record.limits),
+                 **sdk_env(extras["env"]), **self.session_env(record.id), **record.env, **(env or {})},
+            labels={"era.session": record.id}, readonly=(*extras["readonly"], *SDK_DIRS),
+            **self.own_limits(record.limits),
             tmp_dir=self.files.tmp_path(workspace))
         return await run_command(record.provisioner, options, argv, language=record.language, timeout=timeout,
                                  max_output=max_output, on_output=on_output)

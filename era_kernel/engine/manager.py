@@ -90,6 +90,7 @@ class SessionManager:
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
                                        sync=self.files.sync)
+        self.commands.session_env = self.storage.session_env
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
