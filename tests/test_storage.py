@@ -401,3 +401,38 @@ def test_commands_in_a_session_get_the_sdk_and_the_token(server, net_session):
     doc = call(server, "POST", f"/api/sessions/{net_session}/commands",
                {"cmd": ["python3", "-c", "import era_storage as s; print(s.kv.get('fromapi', 'k'))"]})
     assert (doc["exit_code"], doc["stdout"].strip()) == (0, "by the key"), doc
+
+
+# ---- owners (one today; tenants later): nothing crosses from one to another -------------------
+async def test_owners_never_see_each_others_storage(tmp_path):
+    from era_kernel.config import Settings
+    from era_kernel.errors import NotFound
+    from era_kernel.storage import Storage
+    from era_kernel.workspaces.store import WorkspaceStore
+
+    settings = Settings.from_env({"ERA_DATA_DIR": str(tmp_path / "data")})
+    objects = WorkspaceStore.from_url(f"file://{tmp_path}/store", durable=False).objects
+
+    async def no_session(_sid):
+        return None
+
+    storage = Storage(settings, lambda: objects, no_session)
+    await storage.start()
+    try:
+        await storage.kv.put("alice", "ns", "k", "secret")
+        await storage.r2.put("alice", "b", "o", b"bytes")
+        await storage.d1.execute("alice", "db", "CREATE TABLE t (a)", [], rows=False)
+        with pytest.raises(NotFound):
+            await storage.kv.get("bob", "ns", "k")
+        with pytest.raises(NotFound):
+            await storage.r2.get("bob", "b", "o")
+        assert (await storage.kv.list("bob", "ns"))["keys"] == []
+        assert (await storage.r2.list("bob", "b"))["objects"] == []
+        with pytest.raises(Exception, match="no such table"):
+            await storage.d1.execute("bob", "db", "SELECT * FROM t", [], rows=True)
+        assert (await storage.registry.list("bob"))["total"] == 0
+        assert (await storage.registry.stats("bob"))["total"] == 0
+        assert (await storage.registry.stats("alice"))["by_type"] == {"kv": 1, "d1": 1, "r2": 1, "do": 0}
+        assert await storage.owner_for_token(storage.tokens.token("some-session")) is None  # no such session
+    finally:
+        await storage.close()
