@@ -161,6 +161,22 @@ def test_d1_reads_its_own_schema(server):
     assert [r["name"] for r in rows] == ["a"]
 
 
+def test_d1_calls_never_inherit_state_from_earlier_calls(server):
+    """Connections are reused between calls: what one statement leaves on its connection
+    (temp objects, a pragma set, an open transaction) must not reach the next call."""
+    url = "/api/storage/d1/fresh/"
+    call(server, "POST", url + "exec", {"sql": "CREATE TABLE IF NOT EXISTS t (a)"})
+    for _ in range(3):  # whichever pooled connection answers
+        call(server, "POST", url + "exec", {"sql": "CREATE TEMP TABLE scratch (x)"})
+        call(server, "POST", url + "exec", {"sql": "PRAGMA foreign_keys = ON"})
+        call(server, "POST", url + "exec", {"sql": "BEGIN IMMEDIATE"})
+        assert call(server, "POST", url + "query", {"sql": "PRAGMA foreign_keys"})["results"] == [{"foreign_keys": 0}]
+        # No transaction was left open holding the write lock: a write goes through at once.
+        assert call(server, "POST", url + "exec", {"sql": "INSERT INTO t VALUES (1)"})["meta"]["changes"] == 1
+    tables = call(server, "POST", url + "query", {"sql": "SELECT name FROM sqlite_temp_master"})["results"]
+    assert tables == []
+
+
 def test_d1_database_size_is_capped(server):
     call(server, "POST", "/api/storage/d1/full/exec", {"sql": "CREATE TABLE b (x BLOB)"})
     statuses = []

@@ -32,7 +32,7 @@ class Storage:
         self.kv = KV(self.db, settings["ERA_STORAGE_MAX_VALUE"])
         self.d1 = D1(root / "d1", max_bytes=settings["ERA_STORAGE_SQL_MAX_BYTES"],
                      timeout=settings["ERA_STORAGE_SQL_TIMEOUT"], max_rows=settings["ERA_STORAGE_SQL_MAX_ROWS"],
-                     concurrency=settings["ERA_STORAGE_SQL_CONCURRENCY"])
+                     concurrency=settings["ERA_STORAGE_SQL_CONCURRENCY"], durable=settings["ERA_WORKSPACE_FSYNC"])
         self.r2 = R2(self.db, objects, settings["ERA_STORAGE_MAX_OBJECT"])
         self.registry = Registry(self.db, self.d1)
         self.tokens = SessionTokens(settings.data_dir)
@@ -43,6 +43,7 @@ class Storage:
 
     async def close(self) -> None:
         await self.db.close()
+        await asyncio.to_thread(self.d1.close)
 
     def session_env(self, session_id: str) -> dict[str, str]:
         """What ``era_storage`` in the session reads: its token, and where to send it

@@ -9,8 +9,9 @@ What keeps a caller inside its own database is SQLite's own machinery, not parsi
 - ``PRAGMA max_page_count`` (set by us before the authorizer is installed) caps the
   file's size: a write past it fails with SQLITE_FULL (413);
 - a progress handler cancels a statement past ``ERA_STORAGE_SQL_TIMEOUT`` (422).
-Each call opens its own connection in a worker thread (cheap for SQLite; no state
-leaks between calls); ``ERA_STORAGE_SQL_CONCURRENCY`` calls run at once at most.
+Statements run in worker threads, ``ERA_STORAGE_SQL_CONCURRENCY`` at once at most, on
+connections kept open between calls; one a statement left state on (a temp object, a
+pragma set, an open transaction) is closed instead of reused, so no call inherits another's.
 The database name only ever becomes a file name (``names.check_name``).
 """
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from .names import check_name
 MAX_SQL_TEXT = 100_000  # characters of one statement
 MAX_SQL_VALUE = 16 * 1024**2  # bytes of one string or blob a statement may build
 PROGRESS_STEPS = 10_000  # VM instructions between two looks at the clock
+MAX_IDLE = 16  # connections kept open between calls, all databases together
 SUFFIX = ".sqlite3"
 
 # Pragmas allowed, by what their argument may be: a table or index name (they only read),
@@ -46,7 +50,13 @@ class StatementTimeout(Unprocessable):
     """A statement ran past its time and was cancelled."""
 
 
-def _authorizer(action: int, arg1: str | None, arg2: str | None, _db: str | None, _trigger: str | None) -> int:
+# What leaves state on a connection that the next call (reusing it) must not inherit.
+STATEFUL_ACTIONS = frozenset({sqlite3.SQLITE_CREATE_TEMP_INDEX, sqlite3.SQLITE_CREATE_TEMP_TABLE,
+                              sqlite3.SQLITE_CREATE_TEMP_TRIGGER, sqlite3.SQLITE_CREATE_TEMP_VIEW,
+                              sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT})
+
+
+def _verdict(action: int, arg1: str | None, arg2: str | None) -> int:
     if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
         return sqlite3.SQLITE_DENY
     if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in DENIED_FUNCTIONS:
@@ -56,6 +66,22 @@ def _authorizer(action: int, arg1: str | None, arg2: str | None, _db: str | None
         if not (name in NAMED_PRAGMAS or name in SETTABLE_PRAGMAS or (name in READ_PRAGMAS and arg2 is None)):
             return sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_OK
+
+
+class _Held:
+    """An open connection and whether a statement left state on it (then it is closed
+    after the call, never reused)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.dirty = False
+
+    def authorize(self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _trigger: str | None) -> int:
+        verdict = _verdict(action, arg1, arg2)
+        if action in STATEFUL_ACTIONS or (action == sqlite3.SQLITE_PRAGMA and arg2 is not None and
+                                          (arg1 or "").lower() in SETTABLE_PRAGMAS):
+            self.dirty = True
+        return verdict
 
 
 def check_params(params: Any) -> list[Any]:
@@ -78,8 +104,12 @@ def _cell(value: Any) -> Any:
 
 
 class D1:
-    def __init__(self, root: Path, *, max_bytes: int, timeout: float, max_rows: int, concurrency: int):
+    def __init__(self, root: Path, *, max_bytes: int, timeout: float, max_rows: int, concurrency: int,
+                 durable: bool = True):
         self.root = root
+        self.durable = durable  # synchronous=FULL (survives power loss) or NORMAL (survives crashes)
+        self._idle: OrderedDict[Path, list[_Held]] = OrderedDict()  # open connections between calls
+        self._idle_lock = threading.Lock()
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.max_rows = max_rows
@@ -98,22 +128,58 @@ class D1:
         async with self._slots:
             return await asyncio.to_thread(self._run, path, sql, values, rows)
 
-    def _open(self, path: Path) -> sqlite3.Connection:
+    def _open(self, path: Path) -> _Held:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=self.timeout)
         conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.execute(f"PRAGMA max_page_count={max(1, self.max_bytes // page_size)}")  # an int we computed
         conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_TEXT * 4)
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_SQL_VALUE)
-        conn.set_authorizer(_authorizer)  # from here on, the caller's SQL
-        return conn
+        held = _Held(conn)
+        conn.set_authorizer(held.authorize)  # from here on, the caller's SQL
+        return held
+
+    # Connections are kept open between calls: opening one and closing it (a WAL
+    # checkpoint and its fsyncs) would cost several times the statement itself.
+    def _take(self, path: Path) -> _Held:
+        with self._idle_lock:
+            idle = self._idle.get(path)
+            if idle:
+                return idle.pop()
+        return self._open(path)
+
+    def _give(self, path: Path, held: _Held) -> None:
+        conn = held.conn
+        if held.dirty or conn.in_transaction:  # temp objects, a pragma set, an open transaction
+            conn.close()  # rolls back whatever it left open
+            return
+        closing = []
+        with self._idle_lock:
+            self._idle.setdefault(path, []).append(held)
+            self._idle.move_to_end(path)
+            while sum(len(v) for v in self._idle.values()) > MAX_IDLE:
+                oldest = next(iter(self._idle))
+                closing.append(self._idle[oldest].pop(0))
+                if not self._idle[oldest]:
+                    del self._idle[oldest]
+        for extra in closing:
+            extra.conn.close()
+
+    def close(self) -> None:
+        with self._idle_lock:
+            idle, self._idle = self._idle, OrderedDict()
+        for held in (h for conns in idle.values() for h in conns):
+            held.conn.close()
 
     def _run(self, path: Path, sql: str, params: list[Any], want_rows: bool) -> dict[str, Any]:
         started = time.monotonic()
         deadline = started + self.timeout
-        conn = self._open(path)
+        held = self._take(path)
+        conn = held.conn
+        before = conn.total_changes
         conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, PROGRESS_STEPS)
         try:
             try:
@@ -128,15 +194,17 @@ class D1:
                     results = [dict(zip(names, map(_cell, row))) for row in fetched]
                 else:
                     cur.fetchall()  # run it to the end (an exec of a SELECT still executes)
-                changes = conn.total_changes
-                last_row_id = cur.lastrowid
+                cur.close()
+                changes = conn.total_changes - before
+                last_row_id = cur.lastrowid if changes else None
             except sqlite3.Error as exc:
                 raise self._error(exc, time.monotonic() > deadline) from None
-            conn.set_authorizer(None)
+            finally:
+                conn.set_progress_handler(None, 0)
             pages, page_size = (conn.execute("PRAGMA page_count").fetchone()[0],
                                 conn.execute("PRAGMA page_size").fetchone()[0])
         finally:
-            conn.close()
+            self._give(path, held)
         meta = {"duration": round((time.monotonic() - started) * 1000, 3), "changes": changes,
                 "last_row_id": last_row_id, "changed_db": changes > 0,
                 "rows_read": len(results) if results is not None else 0, "rows_written": changes,
