@@ -103,8 +103,8 @@ SETTINGS: tuple[Setting, ...] = (
             "within. A walk holds one descriptor per level (1-512).", _depth),
     Setting("ERA_WORKSPACE_MAX_ENTRIES", 100_000, "Most entries (files, directories, links) one walk of a "
             "workspace visits; past it the same operations answer 413.", int),
-    Setting("ERA_WORKSPACE_FSYNC", True, "fsync snapshots on file:// stores, and every D1 commit of the storage "
-            "proxy (survives power loss, not only crashes).", _bool),
+    Setting("ERA_WORKSPACE_FSYNC", True, "fsync snapshots on file:// stores, and every commit of the storage "
+            "proxy's databases (survives power loss, not only crashes).", _bool),
     Setting("ERA_WORKSPACE_VOLUMES", "auto", "Each workspace its own filesystem of `ERA_WORKSPACE_MAX_BYTES` (a "
             "sparse ext4 image under `$ERA_DATA_DIR/volumes`, loop-mounted), so a session cannot fill the host's disk: "
             "`auto` (when the server can: root, `mkfs.ext4`, loop devices; otherwise logged once), `on` (required: "

@@ -28,7 +28,7 @@ class Storage:
                  session_row: Callable[[str], Awaitable[dict[str, Any] | None]]):
         self._session_row = session_row  # the metadata store's record of a session, or None
         root = settings.data_dir / "storage"
-        self.db = MetaDB(root / "storage.db")
+        self.db = MetaDB(root / "storage.db", durable=settings["ERA_WORKSPACE_FSYNC"])
         self.kv = KV(self.db, settings["ERA_STORAGE_MAX_VALUE"])
         self.d1 = D1(root / "d1", max_bytes=settings["ERA_STORAGE_SQL_MAX_BYTES"],
                      timeout=settings["ERA_STORAGE_SQL_TIMEOUT"], max_rows=settings["ERA_STORAGE_SQL_MAX_ROWS"],

@@ -37,8 +37,9 @@ CREATE TABLE IF NOT EXISTS objects (
 
 
 class MetaDB:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, durable: bool = True):
         self.path = path
+        self.durable = durable  # fsync each commit (ERA_WORKSPACE_FSYNC), else only WAL checkpoints
         self._conn: sqlite3.Connection | None = None
         self._thread = SerialThread("era-storage-db")
 
@@ -48,6 +49,7 @@ class MetaDB:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
             conn.executescript(SCHEMA)
             self._conn = conn
         return self._conn
