@@ -162,7 +162,8 @@ async def test_a_terminal_on_an_unknown_session_is_a_json_404(server):
 def test_processes_of_a_killed_server_are_gone_and_reaped(provisioner):
     """SECURITY.md case 10 for commands: a server SIGKILLed with a background process
     running leaves nothing once it is started again (they lived in its kernels' sandboxes,
-    which die with it or are reaped at start)."""
+    which die with it or are reaped at start). The new server still lists the process, as
+    killed with its server, and serves what it printed before (the journal)."""
     import signal
 
     from tests.support.era_server import ServerProcess
@@ -174,8 +175,11 @@ def test_processes_of_a_killed_server_are_gone_and_reaped(provisioner):
     srv = ServerProcess().start()
     try:
         sid = srv.json("POST", "/api/sessions", {"provisioner": provisioner}, expect=201)["id"]
-        srv.json("POST", f"/api/sessions/{sid}/commands", {"cmd": ["sleep", "4243"], "background": True},
-                 expect=202)
+        bg = srv.json("POST", f"/api/sessions/{sid}/commands",
+                      {"cmd": "echo before-the-kill; sleep 4243", "shell": True, "background": True}, expect=202)
+        out = srv.json("GET", f"/api/sessions/{sid}/processes/{bg['pid']}/output?wait=10")
+        assert out["events"][0]["content"] == "before-the-kill\n", out
+        time.sleep(0.2)  # past the journal's group-commit window (20 ms): a SIGKILL may lose only that
         assert kernel_processes("sleep 4243")
         srv.stop(signal.SIGKILL)
         srv.start()  # its start reaps what a dead owner left (containers, cgroups)
@@ -184,6 +188,11 @@ def test_processes_of_a_killed_server_are_gone_and_reaped(provisioner):
                 break
             time.sleep(0.1)
         assert not kernel_processes("sleep 4243")
-        assert srv.json("GET", f"/api/sessions/{sid}/processes")["count"] == 0  # a new process knows of none
+        (listed,) = srv.json("GET", f"/api/sessions/{sid}/processes")["processes"]
+        assert (listed["pid"], listed["state"], listed["exit_code"]) == (bg["pid"], "killed", None), listed
+        assert "server" in listed["reason"]
+        out = srv.json("GET", f"/api/sessions/{sid}/processes/{bg['pid']}/output")
+        assert [e["type"] for e in out["events"]] == ["stdout", "exit"] and out["state"] == "killed", out
+        srv.json("POST", f"/api/sessions/{sid}/processes/{bg['pid']}/signal", {"signal": "TERM"}, expect=409)
     finally:
         srv.cleanup()

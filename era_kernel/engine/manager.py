@@ -30,6 +30,7 @@ from ..languages import get_language
 from ..listing import SessionPage, read_page, record_chunks
 from ..setup import SetupManager
 from ..store.base import SessionExists, store_for_url
+from ..commands.history import ProcessHistory
 from ..commands.service import CommandService
 from .callbacks import CallbackSender
 from .events import KERNEL_GONE, EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
@@ -86,7 +87,7 @@ class SessionManager:
         # Commands, background processes and terminals in a session's kernel's sandbox (commands/).
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
-                                       sync=self.files.sync)
+                                       sync=self.files.sync, history=ProcessHistory(self.journal, self.store))
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
@@ -133,10 +134,12 @@ class SessionManager:
         for sid in list(self.table.live()):  # after a restart, each session still says why its kernel went
             self.events.publish(KernelStopped(sid, "server shutdown"))
         await asyncio.gather(*(self.table.stop(sid) for sid in self.table.sessions()), return_exceptions=True)
+        await self.commands.shutdown()  # their processes' ends are recorded (commands/history.py)
         await self.runner.settle()
         await self.callbacks.stop()  # after the last runs ended, before the store closes
         await self.journal.settle()
         await self.session_log.settle()
+        await self.commands.history.settle()
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
         if self._opened:
             await self.store.close()
@@ -148,6 +151,7 @@ class SessionManager:
         await self.runner.settle()
         await self.journal.settle()
         await self.session_log.settle()
+        await self.commands.history.settle()
 
     # ---- what callers may look at ------------------------------------------------------------
     @property
