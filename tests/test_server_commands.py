@@ -109,6 +109,29 @@ async def test_the_session_websocket_runs_commands(server):
     assert sorted(streamed) == [("stderr", "two\n"), ("stdout", "one\n")], seen
     assert seen[-1]["id"] == "c1" and seen[-1]["result"]["exit_code"] == 0
     conn.close()
+    # Each message is one the OpenAPI document describes (x-websocket), both ways.
+    spec = server.json("GET", "/api/openapi.json")
+    ws = spec["paths"]["/api/sessions/{id}/ws"]["get"]["x-websocket"]
+    described = {m: {s.rsplit("/", 1)[-1] for s in _refs(ws[m])} for m in ("client-messages", "server-messages")}
+    assert "WsCommand" in described["client-messages"], described
+    assert {"OutputEvent", "WsCommandResult"} <= described["server-messages"], described
+    from pydantic import TypeAdapter
+
+    from server import schemas
+
+    union = TypeAdapter(schemas.OutputEvent | schemas.WsCommandResult)
+    for message in seen:
+        if message.get("command") or message["type"] == "command_result":
+            assert union.validate_python(message)
+    TypeAdapter(schemas.WsCommand).validate_python({"type": "command", "id": "c1", "cmd": ["bash"]})
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["$ref"]] if "$ref" in node else []) + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
 
 
 async def _read_until(conn, needle: bytes, seen: bytearray, timeout: float = 15) -> None:
@@ -132,6 +155,30 @@ async def test_a_terminal_types_reads_resizes_and_exits(server):
         if await asyncio.wait_for(conn.read_message(), 15) is None:
             break
     assert conn.close_code == 1000
+
+
+async def test_several_terminals_in_one_session_are_separate_shells(server):
+    first = await websocket_connect(f"{server.ws_base}/api/sessions/{SID}/terminal")
+    second = await websocket_connect(f"{server.ws_base}/api/sessions/{SID}/terminal")
+    seen_first, seen_second = bytearray(), bytearray()
+    first.write_message(b"X=first; echo shell-$$-$X\r", binary=True)
+    second.write_message(b"echo shell-$$-${X:-unset}\r", binary=True)
+    await _read_until(first, b"-first\r", seen_first)
+    await _read_until(second, b"-unset\r", seen_second)
+    pids = [bytes(s).rsplit(b"shell-", 1)[1].split(b"-")[0] for s in (seen_first, seen_second)]
+    assert pids[0] != pids[1] and all(p.isdigit() for p in pids), pids  # two shells
+    assert b"-unset" not in seen_first and b"-first\r" not in seen_second  # neither saw the other's output
+    first.close()  # hangs up the first shell only
+    for _ in range(50):
+        listed = server.json("GET", f"/api/sessions/{SID}/processes")["processes"]
+        terminals = {p["pid"]: p["state"] for p in listed if p["kind"] == "terminal"}
+        if terminals.get(int(pids[0])) != "running":
+            break
+        await asyncio.sleep(0.1)
+    assert terminals.get(int(pids[0])) != "running" and terminals[int(pids[1])] == "running", terminals
+    second.write_message(b"echo still-$((1+1))\r", binary=True)
+    await _read_until(second, b"still-2", seen_second)
+    second.close()
 
 
 async def test_closing_a_terminal_hangs_up_its_shell(server):
