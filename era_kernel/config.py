@@ -116,6 +116,12 @@ SETTINGS: tuple[Setting, ...] = (
             _bool),
     Setting("ERA_ALLOW_PUBLIC_DEFAULT", False, "`allowPublicAccess` of a session created without it. ERA's default "
             "is true; ours is off, so a session's ports need the API key unless asked (README: ERA defaults).", _bool),
+    Setting("ERA_PROXY_HOST", "", "Host form of `/proxy`: a host name template with `{port}` and `{id}` (e.g. "
+            "`{port}-{id}.sandbox.example`, a wildcard DNS name pointing at this server) so each session port is an "
+            "origin of its own; `GET .../host` then answers with it. Empty: the path form `/proxy/{id}/{port}/` only.",
+            str),
+    Setting("ERA_PROXY_MAX_BODY", 1024**3, "Largest request body relayed through `/proxy` (streamed, never held).",
+            _size),
     Setting("ERA_DEFAULT_TIMEOUT", 30.0, "Default run timeout in seconds for new sessions.", float),
     Setting("ERA_OUTPUT_LIMIT", 10 * 1024**2, "Per-run output cap in bytes; past it output is dropped and `truncated` set.", _size),
     Setting("ERA_KERNEL_MESSAGE_LIMIT", 256 * 1024**2,

@@ -31,6 +31,7 @@ from ..listing import SessionPage, read_page, record_chunks
 from ..setup import SetupManager
 from ..store.base import SessionExists, store_for_url
 from ..commands.service import CommandService
+from ..ports.service import PortService
 from .callbacks import CallbackSender
 from .events import KERNEL_GONE, EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
 from .files import POOL_ROOT, SessionFiles
@@ -87,6 +88,8 @@ class SessionManager:
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
                                        sync=self.files.sync)
+        # A session's ports reached from outside, and ERA's relay mode (ports/).
+        self.ports = PortService(record=self._record, kernel=self.jupyter_kernel, run=self.run)
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
