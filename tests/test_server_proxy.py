@@ -27,6 +27,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 PROXY_HOST = "{port}-{id}.ports.test"
 HTTP_PORT, APP_PORT, NOBODY_PORT = 8001, 8002, 8999
 PROVISIONERS = ["local", "docker"]
+PROXY_MAX_BODY = 32 * 1024**2
 
 # Started in a run: a plain http.server on HTTP_PORT (serving the workspace) and a tornado
 # app on APP_PORT, each in a thread of the kernel; the run returns once both listen.
@@ -89,7 +90,8 @@ print('listening')
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(env={"ERA_API_KEY": KEY, "ERA_PROXY_HOST": PROXY_HOST}).start()
+    srv = ServerProcess(env={"ERA_API_KEY": KEY, "ERA_PROXY_HOST": PROXY_HOST,
+                             "ERA_PROXY_MAX_BODY": str(PROXY_MAX_BODY)}).start()
     yield srv
     srv.cleanup()
 
@@ -275,3 +277,20 @@ def test_relay_mode_runs_the_stored_code_with_eras_variables(server, sid):
     assert (status, body, headers["Content-Type"].split(";")[0]) == (200, b"plain words\n", "text/plain")
     status, body = server.request("GET", f"/proxy/{relay}/{NOBODY_PORT}/fail", None, AUTH)
     assert status == 500 and b"relay failed on purpose" in body
+
+
+def test_a_body_declared_over_the_proxy_limit_is_413(server, sid):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), 10) as conn:
+        conn.sendall(f"POST /proxy/{sid}/{APP_PORT}/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Length: {PROXY_MAX_BODY + 1}\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert_error_shape(413, body, 413)

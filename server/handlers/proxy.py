@@ -32,16 +32,17 @@ from tornado.web import stream_request_body
 from ..apidoc import Op
 from ..auth import bearer_token, token_matches
 from ..errors import Forbidden
-from .base import BaseHandler, RouteHandler, wait_ready
+from .base import BaseHandler, RouteHandler, check_declared_size, wait_ready
 
 SANDBOX_CSP = "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
 HEADER_LIMIT = 64 * 1024
-PROXY_METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
+PROXY_METHODS = ("get", "post", "put", "patch", "delete")  # documented; HEAD and OPTIONS are relayed too
 _ANY = Op("Relay the request to 127.0.0.1:{port} inside the session's sandbox (HTTP or WebSocket); ERA's relay "
           "mode runs the stored code when nothing listens", body="bytes", response="bytes",
           errors=(400, 403, 404, 413, 422, 502, 503), tags=("proxy",),
-          description="Without allowPublicAccess the API key is needed (403 otherwise). The path form answers with "
-                      "`Content-Security-Policy: sandbox ...` (no allow-same-origin).")
+          description="HEAD and OPTIONS are relayed too. Without allowPublicAccess the API key is needed (403 "
+                      "otherwise). The path form answers with `Content-Security-Policy: sandbox ...` (no "
+                      "allow-same-origin). Bodies past ERA_PROXY_MAX_BODY: 413.")
 
 
 @functools.lru_cache(maxsize=4)
@@ -144,8 +145,10 @@ class ProxyHandler(RouteHandler):
                                              f"(PATCH /api/sessions/{record.id})"})
 
     async def prepare(self) -> None:
-        self.request.connection.set_max_body_size(int(self.services.settings["ERA_PROXY_MAX_BODY"]))
+        limit = int(self.services.settings["ERA_PROXY_MAX_BODY"])
+        self.request.connection.set_max_body_size(limit)  # past it, mid-stream, tornado hangs up
         try:
+            check_declared_size(self, limit)
             await wait_ready(self.services)
             sid, port, path = self.target = self._parse_target()
             record = await self.engine.ports.record(sid)
@@ -164,8 +167,8 @@ class ProxyHandler(RouteHandler):
         except Exception as exc:
             if isinstance(exc, StreamClosedError):
                 exc = Unreachable("the session's port closed the connection before the request was sent")
-            if not isinstance(exc, EraError) or self.request.headers.get("Upgrade"):
-                raise
+            if not isinstance(exc, EraError) or isinstance(exc, TooLarge) or self.request.headers.get("Upgrade"):
+                raise  # (a body over the limit is not worth draining: answered now, then tornado hangs up)
             self.refusal = exc  # answered once the body is drained (see BaseHandler's docstring)
 
     def _upstream_head(self) -> tuple[str, httputil.HTTPHeaders]:
