@@ -294,3 +294,14 @@ def test_a_body_declared_over_the_proxy_limit_is_413(server, sid):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), answer[:300]
     assert_error_shape(413, body, 413)
+
+
+def test_a_session_on_the_servers_own_network_is_not_proxied(server, sessions):
+    # Internet access as root shares the host's network namespace (bubblewrap without
+    # --unshare-net): its 127.0.0.1 is the server's, which /proxy must never open up.
+    sid = "px-net"
+    if server.request("GET", f"/api/sessions/{sid}", None, AUTH)[0] == 404:
+        server.json("POST", "/api/sessions", {"id": sid, "allowInternetAccess": True}, AUTH, expect=201)
+    status, body = server.request("GET", f"/proxy/{sid}/{server.port}/health", None, AUTH)
+    doc = assert_error_shape(status, body, 422)
+    assert "server's network" in doc["error"]

@@ -23,7 +23,7 @@ import re
 from typing import Any
 
 from era_kernel.errors import BadRequest, EraError, NotFound, TooLarge, Unreachable
-from era_kernel.ports.service import HOP_BY_HOP, RelayRequest, check_port
+from era_kernel.ports.service import HOP_BY_HOP, RELAY_BODY_MAX, RelayRequest, check_port
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.iostream import IOStream, StreamClosedError
@@ -212,7 +212,7 @@ class ProxyHandler(RouteHandler):
             return self.upstream.write(chunk)  # awaited by tornado: the app's pace is the client's
         if self.relay_body is not None:
             self.relay_size += len(chunk)
-            if self.relay_size <= 1024**2 + 1:
+            if self.relay_size <= RELAY_BODY_MAX:
                 self.relay_body.append(chunk)
         return None
 
@@ -247,9 +247,9 @@ class ProxyHandler(RouteHandler):
             self.set_header("Content-Security-Policy", SANDBOX_CSP)
 
     async def _relay(self) -> None:
-        if self.relay_size > 1024**2:
-            raise TooLarge("a relayed request body may be at most 1048576 bytes (it is passed in ERA_HTTP_BODY); "
-                           "start a server in the session for larger ones")
+        if self.relay_size > RELAY_BODY_MAX:
+            raise TooLarge(f"a relayed request body may be at most {RELAY_BODY_MAX} bytes (it is passed in "
+                           "ERA_HTTP_BODY); start a server in the session for larger ones")
         sid, port, path = self.target
         headers = {name: value for name, value in self.request.headers.get_all()
                    if not (name.lower() == "authorization" and self.services.api_key is not None)}
