@@ -139,11 +139,12 @@ def test_an_http_server_in_a_run_answers_while_the_session_reaches_nothing(serve
 
 
 def test_method_path_query_and_headers_go_through_but_our_key_does_not(server, sid):
-    status, body = server.request("GET", f"/proxy/{sid}/{APP_PORT}/echo/a/b?x=1&y=%20z",
-                                  None, {**AUTH, "X-App": "yes"})
+    status, headers, body = server.request_full("GET", f"/proxy/{sid}/{APP_PORT}/echo/a/b%20c%3Fd?x=1&y=%20z",
+                                                None, {**AUTH, "X-App": "yes"})
     seen = json.loads(body)
     assert status == 200, body
-    assert (seen["path"], seen["query"]) == ("/echo/a/b", "x=1&y=%20z")
+    assert (seen["path"], seen["query"]) == ("/echo/a/b%20c%3Fd", "x=1&y=%20z")  # as sent, still encoded
+    assert len(headers.get_all("Date")) == 1  # the app's, not the app's and ours
     assert seen["headers"]["X-App"] == "yes" and seen["headers"]["X-Forwarded-Prefix"] == f"/proxy/{sid}/{APP_PORT}"
     assert "Authorization" not in seen["headers"] and KEY not in body.decode()
     # The bare form reaches the app's "/" (here, the directory listing of http.server).

@@ -129,11 +129,12 @@ class ProxyHandler(RouteHandler):
 
     # ---- before the body ----------------------------------------------------------------
     def _parse_target(self) -> tuple[str, int, str]:
-        args = [a for a in self.path_args]
-        sid, port = args[0], args[1]
-        rest = args[2] if len(args) > 2 and args[2] is not None else ""
-        self.prefix = f"/proxy/{sid}/{port}"
-        return sid, check_port(port), "/" + rest
+        sid, port = self.path_args[0], self.path_args[1]
+        # The app gets the path as the client sent it, still percent-encoded (tornado's
+        # path arguments are decoded: an encoded '?' or space would change the request).
+        parts = self.request.path.split("/", 4)  # '', 'proxy', id, port, rest
+        self.prefix = "/".join(parts[:4])
+        return sid, check_port(port), "/" + (parts[4] if len(parts) > 4 else "")
 
     def _authorize(self, record: Any) -> None:
         key = self.services.api_key
@@ -173,9 +174,7 @@ class ProxyHandler(RouteHandler):
 
     def _upstream_head(self) -> tuple[str, httputil.HTTPHeaders]:
         sid, port, path = self.target
-        uri = path if self.HOST_FORM else path + (f"?{self.request.query}" if self.request.query else "")
-        if self.HOST_FORM:
-            uri = self.request.uri or "/"
+        uri = path + (f"?{self.request.query}" if self.request.query else "")
         headers = httputil.HTTPHeaders()
         upgrade = bool(self.request.headers.get("Upgrade"))
         key = self.services.api_key
@@ -240,9 +239,13 @@ class ProxyHandler(RouteHandler):
     def upstream_headers(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
         self.set_status(start_line.code, start_line.reason or None)
         self.clear_header("Content-Type")
+        seen: set[str] = set()
         for name, value in headers.get_all():
-            if name.lower() not in HOP_BY_HOP:
-                self.add_header(name, value)
+            if name.lower() in HOP_BY_HOP:
+                continue
+            # The first value replaces ours (tornado's Date); more of one name (Set-Cookie) add up.
+            (self.add_header if name.lower() in seen else self.set_header)(name, value)
+            seen.add(name.lower())
         if not self.HOST_FORM:
             self.set_header("Content-Security-Policy", SANDBOX_CSP)
 
