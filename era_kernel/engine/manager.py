@@ -89,7 +89,8 @@ class SessionManager:
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
                                        sync=self.files.sync)
         # A session's ports reached from outside, and ERA's relay mode (ports/).
-        self.ports = PortService(record=self._record, kernel=self.jupyter_kernel, run=self.run)
+        self.ports = PortService(record=self._record, kernel=self.jupyter_kernel, run=self.run,
+                                 touch=lambda sid: self.jupyter_activity(sid, touch=True))
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False

@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -33,6 +34,7 @@ from . import netns
 log = logging.getLogger("era.ports")
 
 CONNECT_TIMEOUT = 5.0
+ACTIVITY_EVERY = 10.0  # seconds: traffic through a port counts as the session's activity at most this often
 RELAY_BODY_MAX = 1024**2  # ERA_HTTP_BODY is an environment variable: its children inherit it
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "proxy-connection"})
@@ -65,13 +67,26 @@ class RelayResponse:
 
 class PortService:
     """Handed by the engine: ``record(sid)`` (NotFound), ``kernel(sid)`` (the live kernel,
-    started when there is none) and ``run(sid, body)`` (a run's result)."""
+    started when there is none), ``run(sid, body)`` (a run's result) and ``touch(sid)``
+    (activity now, for culling)."""
 
     def __init__(self, *, record: Callable[[str], Awaitable[Any]], kernel: Callable[[str], Awaitable[Any]],
-                 run: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
-        self._record, self._kernel, self._run = record, kernel, run
+                 run: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]],
+                 touch: Callable[[str], Any]) -> None:
+        self._record, self._kernel, self._run, self._touch = record, kernel, run, touch
+        self._touched: dict[str, float] = {}
         # kernel -> its network namespace's path; a new kernel is a new sandbox (and key).
         self._namespaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def traffic(self, sid: str) -> None:
+        """Bytes went through one of the session's ports: a kernel whose app is in use
+        (a long WebSocket, a stream) is not idle, so the culler leaves it be."""
+        now = time.monotonic()
+        if now - self._touched.get(sid, 0.0) >= ACTIVITY_EVERY:
+            if len(self._touched) > 10_000:
+                self._touched.clear()
+            self._touched[sid] = now
+            self._touch(sid)
 
     async def record(self, sid: str) -> Any:
         return await self._record(sid)

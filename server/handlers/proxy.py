@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from typing import Any
+from typing import Any, Callable
 
 from era_kernel.errors import BadRequest, EraError, NotFound, TooLarge, Unreachable
 from era_kernel.ports.service import HOP_BY_HOP, RELAY_BODY_MAX, RelayRequest, check_port
@@ -94,6 +94,7 @@ class _Response(httputil.HTTPMessageDelegate):
         self.handler.upstream_headers(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Any:
+        self.handler.engine.ports.traffic(self.handler.target[0])
         self.handler.write(chunk)
         return self.handler.flush()  # awaited by the connection: a slow client slows the app, nothing piles up
 
@@ -282,14 +283,16 @@ class ProxyHandler(RouteHandler):
         upstream = IOStream(sock)
         client = self.detach()
         client.set_nodelay(True)
-        self.services.spawn(_splice(client, upstream, head))
+        sid = self.target[0]
+        self.services.spawn(_splice(client, upstream, head, lambda: self.engine.ports.traffic(sid)))
 
 
-async def _splice(client: IOStream, upstream: IOStream, head: bytes) -> None:
+async def _splice(client: IOStream, upstream: IOStream, head: bytes, traffic: Callable[[], None]) -> None:
     async def copy(src: IOStream, dst: IOStream) -> None:
         try:
             while True:
                 chunk = await src.read_bytes(256 * 1024, partial=True)
+                traffic()
                 await dst.write(chunk)
         except StreamClosedError:
             pass
