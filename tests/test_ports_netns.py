@@ -97,5 +97,10 @@ async def test_the_servers_threads_stay_in_their_namespace(namespace):
     assert os.readlink("/proc/thread-self/ns/net") == ours
     seen = await asyncio.gather(*(asyncio.to_thread(os.readlink, "/proc/thread-self/ns/net") for _ in range(8)))
     assert set(seen) == {ours}
+    # The one thread that enters namespaces is back in ours between sockets.
+    import threading
+
+    workers = [t for t in threading.enumerate() if t.name == "era-netns"]
+    assert workers and all(os.readlink(f"/proc/self/task/{t.native_id}/ns/net") == ours for t in workers)
     with pytest.raises(netns.NamespaceError):
         netns.make_socket("/proc/999999999/ns/net")

@@ -111,11 +111,12 @@ class PortService:
             self._namespaces[kernel] = path
         return path
 
-    async def connect(self, sid: str, port: int) -> socket.socket | None:
+    async def connect(self, sid: str, port: int, record: Any = None) -> socket.socket | None:
         """A connected socket to the session's ``127.0.0.1:port``; None when nothing listens
         there but the session has stored code (relay mode: ``relay``). Unreachable (502)
-        when nothing listens and there is no stored code."""
-        record = await self._record(sid)
+        when nothing listens and there is no stored code. ``record``: the session's, when
+        the caller has it already."""
+        record = record if record is not None else await self._record(sid)
         port = check_port(port)
         path = await self.namespace(sid)
         try:

@@ -155,7 +155,7 @@ class ProxyHandler(RouteHandler):
             sid, port, path = self.target = self._parse_target()
             record = await self.engine.ports.record(sid)
             self._authorize(record)
-            sock = await self.engine.ports.connect(sid, port)
+            sock = await self.engine.ports.connect(sid, port, record)
             if self.request.headers.get("Upgrade"):
                 if sock is None:
                     raise BadRequest("nothing listens on this port, and a relay (the stored code) answers plain "
