@@ -230,6 +230,10 @@ class ProxyHandler(RouteHandler):
         except StreamClosedError:
             if not self._headers_written:
                 raise Unreachable("the session's port closed the connection before answering") from None
+        except httputil.HTTPInputError as exc:  # the app's answer is not HTTP we can relay
+            if not self._headers_written:
+                raise Unreachable(f"the session's port did not answer with valid HTTP: {str(exc)[:200]}") from None
+            self.request.connection.close()  # halfway through: the client must see it cut, not complete
         finally:
             self.upstream.close()
         if not self._finished:
@@ -247,8 +251,8 @@ class ProxyHandler(RouteHandler):
             # The first value replaces ours (tornado's Date); more of one name (Set-Cookie) add up.
             (self.add_header if name.lower() in seen else self.set_header)(name, value)
             seen.add(name.lower())
-        if not self.HOST_FORM:
-            self.set_header("Content-Security-Policy", SANDBOX_CSP)
+        if not self.HOST_FORM:  # beside the app's own policy, if any: browsers enforce both
+            self.add_header("Content-Security-Policy", SANDBOX_CSP)
 
     async def _relay(self) -> None:
         if self.relay_size > RELAY_BODY_MAX:
@@ -268,7 +272,7 @@ class ProxyHandler(RouteHandler):
                 continue  # a header the code made up that HTTP cannot carry
         self.set_header("Content-Type", answer.content_type)
         if not self.HOST_FORM:
-            self.set_header("Content-Security-Policy", SANDBOX_CSP)
+            self.add_header("Content-Security-Policy", SANDBOX_CSP)
         self.finish(answer.body)
 
     def on_connection_close(self) -> None:
