@@ -186,10 +186,24 @@ async def _sandbox_pid(kernel: Any) -> int:
         else:
             def inspect() -> int | None:
                 state = provisioner.client.api.inspect_container(provisioner.container_id)["State"]
-                return state.get("Pid") or None
+                pid = state.get("Pid") or None
+                # State.Pid is a pid in dockerd's pid namespace: only when that is ours (dockerd
+                # on this host, the server not in a pid namespace of its own) is /proc/<pid>
+                # the container's process and not some other one's. Its cgroup names it.
+                try:
+                    with open(f"/proc/{pid}/cgroup") as fh:
+                        ours = provisioner.container_id in fh.read()
+                except OSError:
+                    ours = False
+                if pid is not None and not ours:
+                    raise KernelFailed("the kernel container's process is not visible to the server (dockerd on "
+                                       "another host or in another pid namespace): its ports cannot be reached")
+                return pid
 
             try:
                 pid = await asyncio.to_thread(inspect)
+            except KernelFailed:
+                raise
             except Exception as exc:  # docker.errors.APIError: the container went
                 raise KernelFailed(f"cannot find the session's kernel container: {exc}") from None
     else:
