@@ -133,6 +133,20 @@ class PortService:
                                                f"with PUT /api/sessions/{sid}/code to answer requests as a relay"}
                               ) from None
 
+    async def listen(self, sid: str, port: int = 0, host: str = "127.0.0.1") -> socket.socket:
+        """A listening socket at ``host:port`` inside the session's sandbox network (its kernel
+        started when it has none): code in the session connects to it there, the server
+        accepts from its event loop. It belongs to the sandbox of the kernel live now; a
+        new kernel is a new sandbox (listen again then), and the socket keeps the old
+        namespace alive until it is closed."""
+        await self._record(sid)
+        path = await self.namespace(sid)
+        try:
+            return await netns.listen(path, port, host)
+        except netns.NamespaceError as exc:
+            self._namespaces.clear()
+            raise KernelFailed(f"cannot reach the session's sandbox: {exc.strerror}") from None
+
     async def relay(self, sid: str, request: RelayRequest) -> RelayResponse:
         """ERA's relay mode: the stored code, run with the request in ``ERA_HTTP_*``."""
         if len(request.body) > RELAY_BODY_MAX:
