@@ -243,6 +243,8 @@ def test_nothing_listening_is_a_502_with_a_hint_and_bad_ports_a_400(server, sid)
         assert_error_shape(*server.request("GET", f"/proxy/{sid}/{port}/", None, AUTH), 400)
         assert_error_shape(*server.request("GET", f"/api/sessions/{sid}/host?port={port}", None, AUTH), 400)
     assert_error_shape(*server.request("GET", f"/proxy/absent-session/{APP_PORT}/", None, AUTH), 404)
+    # Without the key an unknown session looks like a private one: ids cannot be probed.
+    assert_error_shape(*server.request("GET", f"/proxy/absent-session/{APP_PORT}/"), 403)
 
 
 RELAY = """

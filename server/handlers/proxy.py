@@ -137,14 +137,27 @@ class ProxyHandler(RouteHandler):
         self.prefix = "/".join(parts[:4])
         return sid, check_port(port), "/" + (parts[4] if len(parts) > 4 else "")
 
-    def _authorize(self, record: Any) -> None:
+    def _has_key(self) -> bool:
         key = self.services.api_key
-        if record.allow_public or key is None:
-            return
-        if not token_matches(bearer_token(self.request.headers.get("Authorization")), key):
-            raise Forbidden("this session does not allow public access to its ports",
-                            details={"hint": "send 'Authorization: Bearer <key>', or set allowPublicAccess: true "
-                                             f"(PATCH /api/sessions/{record.id})"})
+        return key is None or token_matches(bearer_token(self.request.headers.get("Authorization")), key)
+
+    def _refuse(self, sid: str) -> Forbidden:
+        return Forbidden("this session does not allow public access to its ports",
+                         details={"hint": "send 'Authorization: Bearer <key>', or set allowPublicAccess: true "
+                                          f"(PATCH /api/sessions/{sid})"})
+
+    async def _authorized_record(self, sid: str) -> Any:
+        """The session's record, if this request may reach its ports. Without the key an
+        unknown session is refused as a private one is, so ids cannot be probed."""
+        try:
+            record = await self.engine.ports.record(sid)
+        except NotFound:
+            if not self._has_key():
+                raise self._refuse(sid) from None
+            raise
+        if not record.allow_public and not self._has_key():
+            raise self._refuse(sid)
+        return record
 
     async def prepare(self) -> None:
         limit = int(self.services.settings["ERA_PROXY_MAX_BODY"])
@@ -153,8 +166,7 @@ class ProxyHandler(RouteHandler):
             check_declared_size(self, limit)
             await wait_ready(self.services)
             sid, port, path = self.target = self._parse_target()
-            record = await self.engine.ports.record(sid)
-            self._authorize(record)
+            record = await self._authorized_record(sid)
             sock = await self.engine.ports.connect(sid, port, record)
             if self.request.headers.get("Upgrade"):
                 if sock is None:
@@ -170,7 +182,7 @@ class ProxyHandler(RouteHandler):
             if isinstance(exc, StreamClosedError):
                 exc = Unreachable("the session's port closed the connection before the request was sent")
             if not isinstance(exc, EraError) or isinstance(exc, TooLarge) or self.request.headers.get("Upgrade"):
-                raise  # (a body over the limit is not worth draining: answered now, then tornado hangs up)
+                raise exc  # (a body over the limit is not worth draining: answered now, then tornado hangs up)
             self.refusal = exc  # answered once the body is drained (see BaseHandler's docstring)
 
     def _upstream_head(self) -> tuple[str, httputil.HTTPHeaders]:
