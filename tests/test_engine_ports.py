@@ -18,8 +18,8 @@ async def test_a_listener_inside_the_sandbox_and_a_connection_into_it(engine):
     listener = await engine.ports.listen(sid)
     port = listener.getsockname()[1]
     try:
-        code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), 5)\ns.sendall(b'from the session')\n"
-                "print(s.recv(100).decode())")
+        code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), 5)\n"
+                "s.sendall(b'from the session')\nprint(s.recv(100).decode())")
         run = asyncio.ensure_future(engine.run(sid, {"code": code, "timeout": 30}))
         conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 20)
         with conn:
