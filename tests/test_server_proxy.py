@@ -280,6 +280,8 @@ def test_relay_mode_runs_the_stored_code_with_eras_variables(server, sid):
     assert (status, body, headers["Content-Type"].split(";")[0]) == (200, b"plain words\n", "text/plain")
     status, body = server.request("GET", f"/proxy/{relay}/{NOBODY_PORT}/fail", None, AUTH)
     assert status == 500 and b"relay failed on purpose" in body
+    # The body travels in an environment variable: past 1 MiB it is refused, not truncated.
+    assert_error_shape(*server.request("POST", f"/proxy/{relay}/{NOBODY_PORT}/big", b"x" * (1024**2 + 1), AUTH), 413)
 
 
 def test_a_body_declared_over_the_proxy_limit_is_413(server, sid):
