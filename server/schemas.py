@@ -172,6 +172,14 @@ class CodeStored(BaseModel):
     updated_at: str
 
 
+class HostAnswer(BaseModel):
+    """GET /api/sessions/{id}/host?port=N (ERA's shape)."""
+    url: str = Field(description="where the port is reached: /proxy/{id}/{port}/ on this server, or the "
+                                 "ERA_PROXY_HOST form")
+    session_id: str
+    port: int
+
+
 class RunRecord(_Open):
     """A finished run in the history. A run cut off before it ran (cancelled while
     queued, or interrupted by a restart) has no result fields, only its status and reason."""

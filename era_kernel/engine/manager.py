@@ -32,6 +32,7 @@ from ..setup import SetupManager
 from ..store.base import SessionExists, store_for_url
 from ..commands.history import ProcessHistory
 from ..commands.service import CommandService
+from ..ports.service import PortService
 from .callbacks import CallbackSender
 from .events import KERNEL_GONE, EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
 from .files import POOL_ROOT, SessionFiles
@@ -88,6 +89,9 @@ class SessionManager:
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
                                        sync=self.files.sync, history=ProcessHistory(self.journal, self.store))
+        # A session's ports reached from outside, and ERA's relay mode (ports/).
+        self.ports = PortService(record=self._record, kernel=self.jupyter_kernel, run=self.run,
+                                 touch=lambda sid: self.jupyter_activity(sid, touch=True))
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False

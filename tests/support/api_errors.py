@@ -23,4 +23,4 @@ def assert_error_shape(status: int, body: bytes, expected: int | tuple[int, ...]
 
 def sample_path(template: str, session_id: str = "absent-session", file_path: str = "f.txt") -> str:
     return template.replace("{id}", session_id).replace("{path}", file_path).replace("{schedule_id}", "sch_absent").replace(
-        "{pid}", "999999")
+        "{pid}", "999999").replace("{port}", "8000").replace("{proxy_path}", "x")
