@@ -66,6 +66,19 @@ def _interval(value: str) -> float:
     return seconds
 
 
+def _proxy_host(value: str) -> str:
+    """A host name template for /proxy's host form: both placeholders, nothing else odd."""
+    value = value.strip()
+    if not value:
+        return ""
+    import re
+
+    if value.count("{port}") != 1 or value.count("{id}") != 1 or not re.fullmatch(
+            r"[A-Za-z0-9.{}_-]+(:\d{1,5})?", value) or re.sub(r"\{(port|id)\}", "", value).count("{"):
+        raise ValueError("expected a host name with {port} and {id} once each, e.g. {port}-{id}.sandbox.example")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         value = value.strip().lower()
@@ -116,6 +129,12 @@ SETTINGS: tuple[Setting, ...] = (
             _bool),
     Setting("ERA_ALLOW_PUBLIC_DEFAULT", False, "`allowPublicAccess` of a session created without it. ERA's default "
             "is true; ours is off, so a session's ports need the API key unless asked (README: ERA defaults).", _bool),
+    Setting("ERA_PROXY_HOST", "", "Host form of `/proxy`: a host name template with `{port}` and `{id}` (e.g. "
+            "`{port}-{id}.sandbox.example`, a wildcard DNS name pointing at this server) so each session port is an "
+            "origin of its own; `GET .../host` then answers with it. Empty: the path form `/proxy/{id}/{port}/` only.",
+            _proxy_host),
+    Setting("ERA_PROXY_MAX_BODY", 1024**3, "Largest request body relayed through `/proxy` (streamed, never held).",
+            _size),
     Setting("ERA_DEFAULT_TIMEOUT", 30.0, "Default run timeout in seconds for new sessions.", float),
     Setting("ERA_OUTPUT_LIMIT", 10 * 1024**2, "Per-run output cap in bytes; past it output is dropped and `truncated` set.", _size),
     Setting("ERA_KERNEL_MESSAGE_LIMIT", 256 * 1024**2,

@@ -17,6 +17,7 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.web import Application, RequestHandler
 
+from .handlers.proxy import ProxyHostHandler, proxy_host_pattern
 from .logs import log, log_request, setup_logging
 from .metrics import HttpMetrics
 from .routes import ROUTES, UNKNOWN, handler_args, make_routes
@@ -34,7 +35,7 @@ def make_app(services: Services) -> Application:
         log_request(handler)
         http_metrics.observe(handler)
 
-    return Application(
+    app = Application(
         make_routes(services),
         default_handler_class=UNKNOWN.handler,
         default_handler_args=handler_args(services, UNKNOWN),
@@ -47,6 +48,12 @@ def make_app(services: Services) -> Application:
         compress_response=False,
         serve_traceback=False,
     )
+    # The host form of /proxy (ERA_PROXY_HOST): every path of a session port's own host
+    # name goes to that port, none to the API (tornado tries host rules before the rest).
+    host_pattern = proxy_host_pattern(services.settings["ERA_PROXY_HOST"])
+    if host_pattern is not None:
+        app.add_handlers(host_pattern.pattern, [(r"/.*", ProxyHostHandler, handler_args(services, UNKNOWN))])
+    return app
 
 
 def is_loopback(host: str) -> bool:

@@ -21,6 +21,7 @@ from .handlers.base import NotFoundHandler
 from .handlers.commands import (CommandsHandler, ProcessesHandler, ProcessHandler, ProcessOutputHandler,
                                 ProcessSignalHandler, ProcessStdinHandler, ProcessStreamHandler, TerminalSocket)
 from .handlers.files import FileHandler, FilesHandler
+from .handlers.proxy import HostHandler, ProxyHandler, ProxyRootHandler
 from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunEventsHandler, RunHandler, RunRecordHandler, StreamHandler
 from .handlers.storage import (D1ExecHandler, D1QueryHandler, KvHandler, KvListHandler, R2Handler, R2ListHandler,
@@ -84,6 +85,11 @@ ROUTES: list[Route] = [
     Route("/api/sessions/{id}/processes/{pid}/stdin", ProcessStdinHandler),
     Route("/api/sessions/{id}/processes/{pid}/signal", ProcessSignalHandler),
     Route("/api/sessions/{id}/terminal", TerminalSocket),
+    # A session's ports from outside (handlers/proxy.py). Keyed unless the session allows
+    # public access; without the key such a session answers ERA's 403, not 401.
+    Route("/api/sessions/{id}/host", HostHandler),
+    Route("/proxy/{id}/{port}", ProxyRootHandler),
+    Route("/proxy/{id}/{port}/{proxy_path}", ProxyHandler),
     # ERA's local-agent routes (handlers/vm.py): a VM is a session.
     Route("/api/vm", VmsHandler),
     Route("/api/vms", VmListHandler),
@@ -110,8 +116,8 @@ UNKNOWN_API = Route("/api/{rest}", NotFoundHandler)
 UNKNOWN = Route("", NotFoundHandler, auth=False)
 
 PARAM_PATTERNS = {"id": "([^/]+)", "run_id": "([^/]+)", "schedule_id": "([^/]+)", "path": "(.+)", "name": "([^/]+)",
-                  "pid": "([^/]+)", "rest": "(.*)", "namespace": "([^/]+)", "database": "([^/]+)",
-                  "bucket": "([^/]+)", "key": "(.+)"}
+                  "pid": "([^/]+)", "rest": "(.*)", "port": "([^/]+)", "proxy_path": "(.*)",
+                  "namespace": "([^/]+)", "database": "([^/]+)", "bucket": "([^/]+)", "key": "(.+)"}
 
 
 def route_pattern(template: str) -> str:

@@ -31,7 +31,9 @@ from ..listing import SessionPage, read_page, record_chunks
 from ..setup import SetupManager
 from ..storage import Storage
 from ..store.base import SessionExists, store_for_url
+from ..commands.history import ProcessHistory
 from ..commands.service import CommandService
+from ..ports.service import PortService
 from .callbacks import CallbackSender
 from .events import KERNEL_GONE, EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
 from .files import POOL_ROOT, SessionFiles
@@ -71,7 +73,6 @@ class SessionManager:
         self.setups = SetupManager(self.settings, lambda: self.files.store)
         self.table = KernelTable(self.settings["ERA_MAX_KERNELS"], self.events)
         self.launcher = KernelLauncher(self.settings, self.setups, self.files, self.table, self.events)
-        self.launcher.session_env = self.storage.session_env  # era_storage's token (and URL) in each kernel
         pool_keys = parse_pool_keys(self.settings["ERA_POOL_KERNELS"], self.settings["ERA_PROVISIONER"])
         for language, _ in pool_keys:
             get_language(language)  # a typo in ERA_POOL_KERNELS fails at start, not at the first request
@@ -89,8 +90,11 @@ class SessionManager:
         # Commands, background processes and terminals in a session's kernel's sandbox (commands/).
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
-                                       sync=self.files.sync)
-        self.commands.session_env = self.storage.session_env
+                                       sync=self.files.sync, history=ProcessHistory(self.journal, self.store))
+        # A session's ports reached from outside, and ERA's relay mode (ports/).
+        self.ports = PortService(record=self._record, kernel=self.jupyter_kernel, run=self.run,
+                                 touch=lambda sid: self.jupyter_activity(sid, touch=True))
+        self.launcher.session_env = self.commands.session_env = self.storage.session_env
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
@@ -138,10 +142,12 @@ class SessionManager:
         for sid in list(self.table.live()):  # after a restart, each session still says why its kernel went
             self.events.publish(KernelStopped(sid, "server shutdown"))
         await asyncio.gather(*(self.table.stop(sid) for sid in self.table.sessions()), return_exceptions=True)
+        await self.commands.shutdown()  # their processes' ends are recorded (commands/history.py)
         await self.runner.settle()
         await self.callbacks.stop()  # after the last runs ended, before the store closes
         await self.journal.settle()
         await self.session_log.settle()
+        await self.commands.history.settle()
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
         await self.storage.close()
         if self._opened:
@@ -154,6 +160,7 @@ class SessionManager:
         await self.runner.settle()
         await self.journal.settle()
         await self.session_log.settle()
+        await self.commands.history.settle()
 
     # ---- what callers may look at ------------------------------------------------------------
     @property

@@ -23,5 +23,6 @@ def assert_error_shape(status: int, body: bytes, expected: int | tuple[int, ...]
 
 def sample_path(template: str, session_id: str = "absent-session", file_path: str = "f.txt") -> str:
     return template.replace("{id}", session_id).replace("{path}", file_path).replace("{schedule_id}", "sch_absent").replace(
-        "{pid}", "999999").replace("{namespace}", "walk-ns").replace("{database}", "walk-db").replace(
-        "{bucket}", "walk-bucket").replace("{key}", "walk-key")
+        "{pid}", "999999").replace("{port}", "8000").replace("{proxy_path}", "x").replace(
+        "{namespace}", "walk-ns").replace("{database}", "walk-db").replace("{bucket}", "walk-bucket").replace(
+        "{key}", "walk-key")
