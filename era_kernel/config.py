@@ -50,6 +50,14 @@ def _size(value: str) -> int:
     return int(text)
 
 
+def _port(value: str) -> int:
+    """A TCP port, or 0 for none."""
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be a port from 1 to 65535, or 0 for none")
+    return number
+
+
 def _count(value: str) -> int:
     """A cap that must let at least one through (0 would refuse every listing or socket)."""
     number = int(value)
@@ -219,9 +227,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DOCKER_PIDS", 256, "Process (and thread) limit of a Docker kernel.", int),
     Setting("ERA_DOCKER_EGRESS_NETWORK", "era-egress", "Docker network for sessions with internet access; "
             "without it, host networking (see Known limits)."),
+    Setting("ERA_STORAGE_PORT", 80, "Storage proxy: the port of the listener the server opens inside each "
+            "session's sandbox network (127.0.0.1; ERA's SDK default `http://localhost`), serving the storage routes "
+            "for that session only; 0: none. Needs root, as the ports proxy does.", _port),
     Setting("ERA_STORAGE_URL", "", "Storage proxy: the URL `era_storage` in a session sends to (its "
-            "`ERA_STORAGE_URL`); unset, sessions get only their token (`ERA_STORAGE_TOKEN`). A sandbox without "
-            "network reaches no URL yet (README: Storage proxy).", str),
+            "`ERA_STORAGE_URL`); default `http://127.0.0.1:$ERA_STORAGE_PORT`, the in-sandbox listener. Set it for "
+            "sandboxes that share the host's network (README: Storage proxy).", str),
     Setting("ERA_STORAGE_MAX_VALUE", 1024**2, "Storage proxy: largest KV value (with its metadata) in bytes.",
             _size),
     Setting("ERA_STORAGE_MAX_OBJECT", 32 * 1024**2, "Storage proxy: largest R2 object in bytes (it travels as "

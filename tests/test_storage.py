@@ -20,7 +20,6 @@ import pytest
 from era_kernel import sdk
 from tests.support.api_errors import assert_error_shape
 from tests.support.era_server import ServerProcess
-from tests.support.loopback import free_port
 from tests.support.s3 import CREDENTIALS, moto_endpoint
 
 KEY = "storage-test-key-0b7e"
@@ -34,11 +33,9 @@ BUCKET = "era-storage-tests"
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    # ERA_STORAGE_URL: a session allowed the network (local sandbox as root: the host's
-    # network) reaches this server there; sessions without network cannot (see README).
-    srv = ServerProcess(env={"ERA_API_KEY": KEY, "ERA_STORAGE_URL": f"http://127.0.0.1:{port}", **LIMITS},
-                        port=port).start()
+    # Sessions without network reach the storage routes through the listener the server
+    # opens in their sandbox (ERA_STORAGE_PORT, default 80); see net_session for the others.
+    srv = ServerProcess(env={"ERA_API_KEY": KEY, **LIMITS}).start()
     yield srv
     srv.cleanup()
 
@@ -335,9 +332,10 @@ def run(server, sid, code):
 @pytest.fixture(scope="module")
 def net_session(server):
     """A Python session allowed the network: the local sandbox (as root) then shares the
-    host's, where ERA_STORAGE_URL points (until a listener inside the sandbox exists)."""
-    call(server, "POST", "/api/sessions", {"id": "st-net", "language": "python", "allowInternetAccess": True},
-         expect=201)
+    host's, so it has no listener of its own; it reaches the server's address, given as
+    ERA_STORAGE_URL in its env, with its token."""
+    call(server, "POST", "/api/sessions", {"id": "st-net", "language": "python", "allowInternetAccess": True,
+                                           "env": {"ERA_STORAGE_URL": server.base}}, expect=201)
     return "st-net"
 
 
@@ -369,6 +367,39 @@ print(json.dumps({"token": os.environ["ERA_STORAGE_TOKEN"], "has_key": "ERA_API_
     assert_error_shape(*server.request("GET", f"/api/sessions/{net_session}", None, token), 401)
 
 
+def test_session_without_network_reaches_storage_through_its_listener(server):
+    """No network, no token, ERA's default URL (http://localhost): the listener in the
+    sandbox answers for this session's owner, and nothing else of the host is reachable."""
+    call(server, "POST", "/api/sessions", {"id": "st-nonet", "language": "python"}, expect=201)
+    out = json.loads(run(server, "st-nonet", f"""
+import json, os, socket
+del os.environ["ERA_STORAGE_TOKEN"], os.environ["ERA_STORAGE_URL"]  # as ERA's own SDK: no auth, localhost
+import era_storage as s
+s.kv.set("nonet", "k", "through the listener")
+s.d1.exec("nonetdb", "CREATE TABLE IF NOT EXISTS t (a)")
+try:
+    socket.create_connection(("127.0.0.1", {server.port}), timeout=2)
+    reached = True
+except OSError:
+    reached = False
+print(json.dumps({{"kv": s.kv.get("nonet", "k"), "server_port_reached": reached,
+                  "keys": [k["name"] for k in s.kv.list("nonet")]}}))
+"""))
+    assert out == {"kv": "through the listener", "server_port_reached": False, "keys": ["k"]}
+    assert call(server, "GET", "/api/storage/kv/nonet/k")["value"] == "through the listener"  # the owner's
+    # The listener serves the storage routes only.
+    out = run(server, "st-nonet", """
+import urllib.request, urllib.error
+for path in ("/api/sessions", "/api/resources/stats", "/health"):
+    try:
+        urllib.request.urlopen("http://127.0.0.1" + path, timeout=5)
+        print(path, 200)
+    except urllib.error.HTTPError as exc:
+        print(path, exc.code)
+""")
+    assert out.split() == ["/api/sessions", "404", "/api/resources/stats", "404", "/health", "404"]
+
+
 def test_token_of_a_deleted_session_stops_working(server):
     call(server, "POST", "/api/sessions", {"id": "st-gone", "language": "python"}, expect=201)
     token = run(server, "st-gone", "import os; print(os.environ['ERA_STORAGE_TOKEN'])").strip()
@@ -379,8 +410,7 @@ def test_token_of_a_deleted_session_stops_working(server):
 
 
 def test_node_session_imports_era_storage(server):
-    call(server, "POST", "/api/sessions", {"id": "st-node", "language": "node", "allowInternetAccess": True},
-         expect=201)
+    call(server, "POST", "/api/sessions", {"id": "st-node", "language": "node"}, expect=201)  # no network
     out = run(server, "st-node", """
 const s = require('era_storage');
 await s.kv.set('fromnode', 'k', 'v2');
@@ -396,18 +426,20 @@ console.log(JSON.stringify({ kv: await s.kv.get('fromnode', 'k'), rows, obj }));
 
 
 @pytest.mark.parametrize("language, code", [
-    ("python", "import era_storage, os; print(era_storage.kv.set.__qualname__, os.environ['ERA_STORAGE_TOKEN'][:7])"),
-    ("node", "console.log(typeof require('era_storage').d1.query, process.env.ERA_STORAGE_TOKEN.slice(0, 7))"),
+    ("python", "import era_storage as s; s.kv.set('docker', 'py', 'ok'); print(s.kv.get('docker', 'py'))"),
+    ("node", "const s = require('era_storage'); await s.kv.set('docker', 'js', 'ok'); "
+             "console.log(await s.kv.get('docker', 'js'))"),
 ])
-def test_docker_sessions_see_the_sdk_and_their_token(server, language, code):
-    """The SDK directory is bound read-only into containers too (no network: import only)."""
+def test_docker_sessions_round_trip_through_their_listener(server, language, code):
+    """The SDK directory is bound read-only into containers too, and the listener is opened
+    in the container's network namespace (network none)."""
     from tests.conftest import require_docker
 
     require_docker()
     sid = f"st-docker-{language}"
     call(server, "POST", "/api/sessions", {"id": sid, "language": language, "provisioner": "docker"}, expect=201)
     try:
-        assert run(server, sid, code).split() == ["KVStorage.set" if language == "python" else "function", "era_st."]
+        assert run(server, sid, code).strip() == "ok"
     finally:
         call(server, "DELETE", f"/api/sessions/{sid}")
 

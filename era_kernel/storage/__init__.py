@@ -36,7 +36,9 @@ class Storage:
         self.r2 = R2(self.db, objects, settings["ERA_STORAGE_MAX_OBJECT"])
         self.registry = Registry(self.db, self.d1)
         self.tokens = SessionTokens(settings.data_dir)
-        self.url = settings["ERA_STORAGE_URL"]
+        port = settings["ERA_STORAGE_PORT"]
+        # Where a session's era_storage sends: the setting, else the server's listener in its sandbox.
+        self.url = settings["ERA_STORAGE_URL"] or (f"http://127.0.0.1:{port}" if port else "")
 
     async def start(self) -> None:
         await asyncio.to_thread(self.tokens._key)  # the secret file, off the event loop
@@ -46,8 +48,7 @@ class Storage:
         await asyncio.to_thread(self.d1.close)
 
     def session_env(self, session_id: str) -> dict[str, str]:
-        """What ``era_storage`` in the session reads: its token, and where to send it
-        (``ERA_STORAGE_URL``, when the server says where sessions reach it)."""
+        """What ``era_storage`` in the session reads: its token, and where to send it."""
         env = {"ERA_STORAGE_TOKEN": self.tokens.token(session_id)}
         if self.url:
             env["ERA_STORAGE_URL"] = self.url
@@ -57,8 +58,12 @@ class Storage:
         """Whose storage a session's calls reach: its creator's (one owner until tenants)."""
         return DEFAULT_OWNER
 
+    async def owner_for_session(self, session_id: str) -> str | None:
+        """The owner a session acts for; None when it is gone."""
+        row = await self._session_row(session_id)
+        return self.owner_of_session(row) if row is not None else None
+
     async def owner_for_token(self, token: str) -> str | None:
         """The owner a session token acts for; None when it is forged or its session is gone."""
         session_id = self.tokens.session_of(token)
-        row = await self._session_row(session_id) if session_id else None
-        return self.owner_of_session(row) if row is not None else None
+        return await self.owner_for_session(session_id) if session_id else None

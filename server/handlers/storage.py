@@ -4,8 +4,10 @@ call ``engine.storage``, answer in ERA's shapes. See ``era_kernel/storage``.
 Who is calling decides whose storage is reached (the owner), never a name in the
 request: the API key acts for its owner; code in a session shows a session token
 (``Authorization: Bearer era_st.<session>.<mac>``, what ``era_storage`` sends from
-``ERA_STORAGE_TOKEN``) and acts for the owner of that session. The server's key never
-has to enter a session.
+``ERA_STORAGE_TOKEN``) and acts for the owner of that session; or it comes through the
+listener the server opens inside the session's sandbox (``storage_listeners.py``), which
+only that session can reach, and acts for its owner. The server's key never has to enter
+a session.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ class StorageHandler(BaseHandler):
     owner: str | None = None
     _session_token: str | None = None
 
+    def initialize(self, services: Any, auth: bool, session_id: str | None = None) -> None:
+        """``session_id``: served on that session's in-sandbox listener (storage_listeners.py),
+        where the connection itself says who calls."""
+        super().initialize(services, auth)
+        self.listener_session = session_id
+        if session_id is not None:
+            self.session_id = session_id  # logged with the request
+
     def check_key(self) -> None:
+        if self.listener_session is not None:
+            return  # only that session's sandbox can reach its listener
         token = bearer_token(self.request.headers.get("Authorization"))
         if token is not None and token.startswith(TOKEN_PREFIX + "."):
             self._session_token = token  # checked in admit: the engine knows the sessions
@@ -40,7 +52,11 @@ class StorageHandler(BaseHandler):
 
     async def admit(self) -> None:
         await super().admit()
-        if self._session_token is not None:
+        if self.listener_session is not None:
+            self.owner = await self.engine.storage.owner_for_session(self.listener_session)
+            if self.owner is None:
+                raise Unauthorized("this session no longer exists")
+        elif self._session_token is not None:
             self.owner = await self.engine.storage.owner_for_token(self._session_token)
             if self.owner is None:
                 raise Unauthorized("invalid storage token: not one of this server's sessions")

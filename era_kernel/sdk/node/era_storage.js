@@ -18,6 +18,8 @@ class StorageError extends Error {
   }
 }
 
+const CONNECT_RETRIES = [50, 100, 200, 400, 800, null]; // ms between attempts on a refused connection
+
 function url(parts, query) {
   const base = (process.env.ERA_STORAGE_URL || 'http://localhost').replace(/\/+$/, '');
   let out = base + '/api/' + parts.map((p) => encodeURIComponent(String(p))).join('/');
@@ -56,7 +58,18 @@ async function call(method, target, body, what) {
   }
   const token = process.env.ERA_STORAGE_TOKEN || process.env.ERA_API_KEY;
   if (token) headers.Authorization = `Bearer ${token}`;
-  const { status, text } = await send(method, target, headers, payload);
+  let answer;
+  for (const delay of CONNECT_RETRIES) {
+    try {
+      answer = await send(method, target, headers, payload);
+      break;
+    } catch (e) {
+      // Right after a kernel starts, the listener in its sandbox may be a moment away.
+      if (e.code !== 'ECONNREFUSED' || delay === null) throw e;
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+  const { status, text } = answer;
   let doc;
   try { doc = text ? JSON.parse(text) : null; } catch (e) { doc = { error: text.slice(0, 500) }; }
   if (status < 200 || status >= 300) {

@@ -12,13 +12,15 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from typing import Any, Dict, List, Optional
-from urllib.error import HTTPError
+from urllib.error import HTTPError, URLError
 from urllib.parse import quote, urlencode
 from urllib.request import Request, urlopen
 
 __all__ = ["kv", "d1", "r2", "StorageError", "KVStorage", "D1Storage", "R2Storage"]
 TIMEOUT = 60.0
+CONNECT_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, None)  # seconds between attempts on a refused connection
 
 
 class StorageError(Exception):
@@ -45,8 +47,15 @@ def _call(method: str, url: str, body: Any = None, what: str = "storage call") -
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urlopen(req, timeout=TIMEOUT) as response:
-            return json.loads(response.read() or b"null")
+        for delay in CONNECT_RETRIES:
+            try:
+                with urlopen(req, timeout=TIMEOUT) as response:
+                    return json.loads(response.read() or b"null")
+            except URLError as exc:
+                # Right after a kernel starts, the listener in its sandbox may be a moment away.
+                if isinstance(exc, HTTPError) or not isinstance(exc.reason, ConnectionRefusedError) or delay is None:
+                    raise
+                time.sleep(delay)
     except HTTPError as exc:
         raw = exc.read()
         try:
