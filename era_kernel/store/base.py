@@ -2,7 +2,7 @@
 
 Small on purpose, so another database can follow SQLite. The store knows nothing of
 kernels or files; it keeps documents. Backends are chosen by URL scheme
-(``sqlite:///path``, ``sqlite://:memory:``) through the ``era_kernel.stores`` entry-point
+(``sqlite:///path``, ``sqlite://:memory:``, ``postgresql://...``) through the ``era_kernel.stores`` entry-point
 group, built-ins registered the same way as third parties.
 """
 
@@ -202,4 +202,8 @@ def store_for_url(url: str) -> MetadataStore:
         from .sqlite import SQLiteStore
 
         return SQLiteStore(url)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
     raise ValueError(f"no metadata store for URL scheme {scheme!r}")

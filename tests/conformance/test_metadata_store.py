@@ -37,37 +37,38 @@ class Backend:
 
 
 @contextlib.contextmanager
-def sqlite_file(tmp_path) -> Iterator[Backend]:
+def sqlite_file(tmp_path, request) -> Iterator[Backend]:
     yield Backend(f"sqlite:///{tmp_path / 'meta' / 'era.db'}", persistent=True)
 
 
 @contextlib.contextmanager
-def sqlite_memory(tmp_path) -> Iterator[Backend]:
+def sqlite_memory(tmp_path, request) -> Iterator[Backend]:
     yield Backend("sqlite://:memory:", persistent=False)
 
 
+@contextlib.contextmanager
+def postgres(tmp_path, request) -> Iterator[Backend]:
+    """A schema of its own on the test session's throwaway cluster (tests/conftest.py)."""
+    cluster = request.getfixturevalue("postgres_cluster")
+    schema, url = cluster.new_schema()
+    try:
+        yield Backend(url, persistent=True)
+    finally:
+        cluster.drop_schema(schema)
+
+
 # The backends: a new one is one more entry here (a context manager yielding a Backend on
-# a fresh, empty database, which it cleans up after). PostgreSQL, once its store exists:
-#
-#     @contextlib.contextmanager
-#     def postgres(tmp_path):
-#         url = os.environ.get("ERA_TEST_POSTGRES_URL")  # e.g. postgresql://era@127.0.0.1/era_test
-#         if not url:
-#             message = "ERA_TEST_POSTGRES_URL is not set"
-#             pytest.fail(message) if os.environ.get("ERA_REQUIRE_POSTGRES") == "1" else pytest.skip(message)
-#         ...create a schema (or database) unique to this test, yield
-#         Backend(<url selecting it>, persistent=True), then drop it...
-#
-#     and pytest.param(postgres, id="postgres") below.
+# a fresh, empty database, which it cleans up after).
 BACKENDS = [
     pytest.param(sqlite_file, id="sqlite-file"),
     pytest.param(sqlite_memory, id="sqlite-memory"),
+    pytest.param(postgres, id="postgres"),
 ]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, tmp_path) -> Iterator[Backend]:
-    with request.param(tmp_path) as b:
+    with request.param(tmp_path, request) as b:
         yield b
 
 

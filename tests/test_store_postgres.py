@@ -1,0 +1,74 @@
+"""The real server on the PostgreSQL store: what a session leaves in the store outlives the
+server process. (What the store itself promises is checked on every backend by
+tests/conformance/test_metadata_store*.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from .support.era_server import ServerProcess
+
+
+def test_a_session_and_its_history_outlive_a_server_restart_on_postgres(postgres_cluster):
+    schema, url = postgres_cluster.new_schema()
+    first = ServerProcess(env={"ERA_STORE_URL": url, "ERA_POOL_SIZE": "0"}).start()
+    data_dir = first.env["ERA_DATA_DIR"]
+    second = None
+    try:
+        doc = first.json("POST", "/api/sessions", {"language": "python", "data": {"k": "v"}}, expect=201)
+        sid = doc["id"]
+        ran = first.json("POST", f"/api/sessions/{sid}/run", {"code": "x = 41\nprint(x + 1)"})
+        assert ran["stdout"] == "42\n", ran
+        history = first.json("GET", f"/api/sessions/{sid}/runs")
+        assert first.stop() == 0
+        # The metadata went to PostgreSQL, not to a SQLite file beside the workspaces.
+        assert not (Path(data_dir) / "era.db").exists()
+
+        second = ServerProcess(env={"ERA_STORE_URL": url, "ERA_POOL_SIZE": "0", "ERA_DATA_DIR": data_dir}).start()
+        again = second.json("GET", f"/api/sessions/{sid}")
+        assert again["id"] == sid and again["data"] == {"k": "v"} and again["language"] == "python"
+        assert second.json("GET", f"/api/sessions/{sid}/runs") == history
+        (record,) = history["runs"]
+        run_id = record["run_id"]
+        assert second.json("GET", f"/api/sessions/{sid}/runs/{run_id}")["status"] == "completed"
+        events = second.json("GET", f"/api/sessions/{sid}/runs/{run_id}/events")
+        # The journal: the run's output, event by event.
+        assert [e["content"] for e in events["events"] if e["type"] == "stdout"] == ["42\n"], events
+        # The session carries on: a new kernel, the same session, one more run in its history.
+        assert second.json("POST", f"/api/sessions/{sid}/run", {"code": "print('after')"})["stdout"] == "after\n"
+        runs = second.json("GET", f"/api/sessions/{sid}/runs")["runs"]
+        assert [r["run_id"] for r in runs][0] == run_id and len(runs) == 2
+        assert [s["id"] for s in second.json("GET", "/api/sessions")["sessions"]] == [sid]
+    finally:
+        if second is not None:
+            second.cleanup()
+        first.cleanup()
+        postgres_cluster.drop_schema(schema)
+
+
+async def test_the_schema_is_migrated_once_and_a_newer_one_is_refused(postgres_cluster):
+    import psycopg
+
+    from era_kernel.store.postgres import MIGRATIONS, PostgresStore
+
+    schema, url = postgres_cluster.new_schema()
+    try:
+        # Replicas starting together on an empty database: one migrates, the other waits.
+        stores = [PostgresStore(url) for _ in range(3)]
+        await asyncio.gather(*(s.open() for s in stores))
+        assert [await s.schema_version() for s in stores] == [len(MIGRATIONS)] * 3
+        await stores[0].insert_session({"id": "x", "created_at": "2026-01-01T00:00:00Z"})
+        for s in stores:
+            await s.close()
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            rows = await (await conn.execute("SELECT version FROM era_schema_migrations ORDER BY version")).fetchall()
+            assert [r[0] for r in rows] == list(range(1, len(MIGRATIONS) + 1))
+            await conn.execute("INSERT INTO era_schema_migrations (version) VALUES (%s)", (len(MIGRATIONS) + 1,))
+        newer = PostgresStore(url)
+        with pytest.raises(RuntimeError, match="newer than this ERA"):
+            await newer.open()
+    finally:
+        postgres_cluster.drop_schema(schema)
