@@ -65,7 +65,9 @@ def _data(settings: Settings) -> Check:
         probe.unlink()
     except OSError as exc:
         return ("data", "FAIL", f"{settings.data_dir} is not writable: {exc}")
-    return ("data", "OK", f"{settings.data_dir} (store {settings['ERA_STORE_URL']})")
+    from .store.base import url_without_password
+
+    return ("data", "OK", f"{settings.data_dir} (store {url_without_password(settings['ERA_STORE_URL'])})")
 
 
 def _volumes(settings: Settings) -> Check:

@@ -45,6 +45,7 @@ class Services:
         self._unwatch: Callable[[], None] = lambda: None
         self.openapi: dict | None = None  # built on first request
         self.version = "unknown"
+        self.address: str | None = None  # where this server listens, for the replica registry (app._serve)
 
     def spawn(self, coro) -> asyncio.Task:
         """A background task that outlives the request or socket that started it."""
@@ -76,6 +77,7 @@ class Services:
         t0 = time.monotonic()
         sessions, self.version = await asyncio.to_thread(_import_engine)
         engine = sessions.SessionManager(self.settings)
+        engine.replica.address = engine.replica.address or self.address
         await engine.start()
         self._unwatch = engine.watch(self.on_lifecycle)
         self.engine = engine

@@ -5,16 +5,33 @@ tests/conformance/test_metadata_store*.py.)"""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
+from era_kernel.store.postgres import PostgresStore
+
 from .support.era_server import ServerProcess
+
+
+def replicas(url: str) -> list[dict]:
+    """The replica registry, read as another server would: through a store of its own."""
+    async def read() -> list[dict]:
+        store = PostgresStore(url)
+        await store.open()
+        try:
+            return await store.list_replicas()
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 def test_a_session_and_its_history_outlive_a_server_restart_on_postgres(postgres_cluster):
     schema, url = postgres_cluster.new_schema()
-    first = ServerProcess(env={"ERA_STORE_URL": url, "ERA_POOL_SIZE": "0"}).start()
+    env = {"ERA_STORE_URL": url, "ERA_POOL_SIZE": "0", "ERA_REPLICA_HEARTBEAT": "0.2", "ERA_MAX_KERNELS": "7"}
+    first = ServerProcess(env=env).start()
     data_dir = first.env["ERA_DATA_DIR"]
     second = None
     try:
@@ -23,11 +40,23 @@ def test_a_session_and_its_history_outlive_a_server_restart_on_postgres(postgres
         ran = first.json("POST", f"/api/sessions/{sid}/run", {"code": "x = 41\nprint(x + 1)"})
         assert ran["stdout"] == "42\n", ran
         history = first.json("GET", f"/api/sessions/{sid}/runs")
+        # The server is in the replica registry: where it listens, what it holds, a live heartbeat.
+        (registered,) = replicas(url)
+        assert registered["address"] == first.base and registered["capacity"] == {"max_kernels": 7}
+        # Heartbeats follow: a newer stamp, a fresh age and the load now (the session's kernel).
+        deadline = time.monotonic() + 10
+        while (beat := replicas(url)[0])["heartbeat_at"] == registered["heartbeat_at"] or beat["live_kernels"] != 1:
+            assert time.monotonic() < deadline, ("no heartbeat", beat)
+            time.sleep(0.1)
+        assert beat["id"] == registered["id"] and beat["heartbeat_age"] < 5
         assert first.stop() == 0
+        assert replicas(url) == []  # a clean stop leaves the registry
         # The metadata went to PostgreSQL, not to a SQLite file beside the workspaces.
         assert not (Path(data_dir) / "era.db").exists()
 
-        second = ServerProcess(env={"ERA_STORE_URL": url, "ERA_POOL_SIZE": "0", "ERA_DATA_DIR": data_dir}).start()
+        second = ServerProcess(env={**env, "ERA_DATA_DIR": data_dir}).start()
+        (again_registered,) = replicas(url)
+        assert again_registered["address"] == second.base and again_registered["id"] != registered["id"]
         again = second.json("GET", f"/api/sessions/{sid}")
         assert again["id"] == sid and again["data"] == {"k": "v"} and again["language"] == "python"
         assert second.json("GET", f"/api/sessions/{sid}/runs") == history
@@ -52,7 +81,7 @@ def test_a_session_and_its_history_outlive_a_server_restart_on_postgres(postgres
 async def test_the_schema_is_migrated_once_and_a_newer_one_is_refused(postgres_cluster):
     import psycopg
 
-    from era_kernel.store.postgres import MIGRATIONS, PostgresStore
+    from era_kernel.store.postgres import MIGRATIONS
 
     schema, url = postgres_cluster.new_schema()
     try:
@@ -72,3 +101,12 @@ async def test_the_schema_is_migrated_once_and_a_newer_one_is_refused(postgres_c
             await newer.open()
     finally:
         postgres_cluster.drop_schema(schema)
+
+
+def test_a_store_url_is_reported_without_its_password():
+    from era_kernel.store.base import url_without_password
+
+    assert url_without_password("postgresql://era:s3cr@t@db:5432/era?sslmode=require") == \
+        "postgresql://era:***@db:5432/era?sslmode=require"
+    assert url_without_password("postgresql://era@/era?host=/run/postgresql") == "postgresql://era@/era?host=/run/postgresql"
+    assert url_without_password("sqlite:///var/lib/era/era.db") == "sqlite:///var/lib/era/era.db"

@@ -18,7 +18,7 @@ import asyncio
 import json
 from typing import Any, Awaitable, Callable, TypeVar
 
-from .base import SESSION_EVENTS_KEPT, MetadataStore, SessionExists
+from .base import SESSION_EVENTS_KEPT, MetadataStore, SessionExists, heartbeat_fields
 
 T = TypeVar("T")
 
@@ -70,6 +70,15 @@ MIGRATIONS: list[str] = [
         slot TEXT NOT NULL,
         run_id TEXT,
         PRIMARY KEY (schedule_id, slot)
+    );
+    """,
+    # 2: the replicas sharing this store (MetadataStore.put_replica)
+    """
+    CREATE TABLE replicas (
+        n BIGINT GENERATED ALWAYS AS IDENTITY,
+        id TEXT PRIMARY KEY,
+        heartbeat_at DOUBLE PRECISION NOT NULL,
+        doc TEXT NOT NULL
     );
     """,
 ]
@@ -386,3 +395,30 @@ class PostgresStore(MetadataStore):
             return inserted
 
         return await self._write(claim, tx=True)
+
+    # ---- replicas ----------------------------------------------------------------------------
+    # Heartbeats are stamped and aged by the database server's clock, the one all share.
+    _NOW = "extract(epoch from clock_timestamp())::double precision"
+
+    async def put_replica(self, replica: dict[str, Any]) -> dict[str, Any]:
+        doc = json.dumps(replica)
+
+        async def put(conn: Any) -> dict[str, Any]:
+            row = await self._one(conn, f"INSERT INTO replicas (id, heartbeat_at, doc) VALUES (%s, {self._NOW}, %s) "
+                                  "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, "
+                                  "doc = excluded.doc RETURNING heartbeat_at", (replica["id"], doc))
+            return dict(json.loads(doc), **heartbeat_fields(row[0], row[0]))
+
+        return await self._write(put)
+
+    async def list_replicas(self) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: self._all(
+            c, f"SELECT doc, heartbeat_at, {self._NOW} FROM replicas ORDER BY n"))
+        return [dict(json.loads(doc), **heartbeat_fields(at, now)) for doc, at, now in rows]
+
+    async def delete_replica(self, replica_id: str) -> bool:
+        async def delete(conn: Any) -> bool:
+            cur = await conn.execute("DELETE FROM replicas WHERE id = %s", (replica_id,))
+            return cur.rowcount > 0
+
+        return await self._write(delete)
