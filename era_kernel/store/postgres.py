@@ -83,6 +83,21 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
+# Applies %(changes)s (a JSON object) to the document of session %(sid)s: its top-level
+# fields replaced or added, the rest kept (json, not jsonb: values keep their exact text,
+# NUL escapes included). Returns the new (seq, doc), or no row when the session is gone. An
+# UPDATE that meets another server's change to the row re-reads it before merging.
+_MERGE = """
+UPDATE sessions SET doc = (
+    SELECT COALESCE(json_object_agg(key, value ORDER BY pos), '{}'::json)::text FROM (
+        SELECT DISTINCT ON (key) key, value, pos FROM (
+            SELECT key, value, pos, 1 AS pri FROM json_each(sessions.doc::json) WITH ORDINALITY AS d(key, value, pos)
+            UNION ALL
+            SELECT key, value, pos + 1000000000, 0 FROM json_each(%(changes)s::json) WITH ORDINALITY AS c(key, value, pos)
+        ) entries ORDER BY key, pri
+    ) merged)
+WHERE id = %(sid)s RETURNING seq, doc"""
+
 
 class PostgresStore(MetadataStore):
     def __init__(self, url: str):
@@ -211,6 +226,30 @@ class PostgresStore(MetadataStore):
     async def count_sessions(self) -> int:
         return (await self._read(lambda c: self._one(c, "SELECT COUNT(*) FROM sessions")))[0]
 
+    async def _changed(self, conn: Any, session_id: str, changes: dict[str, Any] | None, before: str = "",
+                       params: dict[str, Any] | None = None, fallback: Callable[[Any], Awaitable[Any]] | None = None,
+                       ) -> dict[str, Any] | None:
+        """Apply ``changes`` to the session's document in ONE statement (``before``: data-
+        modifying CTEs to run with it, e.g. the run record), and return the new record.
+
+        One statement, in autocommit, is one round trip instead of five (BEGIN, SELECT ...
+        FOR UPDATE, UPDATE, COMMIT): the engine writes a session change with most runs.
+        The merge runs in the database (``_MERGE``); a value PostgreSQL's json type refuses
+        (NaN from Python's encoder) makes it fail as a whole, and then ``fallback`` (the
+        CTEs' work again) and the merge happen in Python, in a transaction."""
+        from psycopg.errors import DataError
+
+        params = dict(params or {}, sid=session_id,
+                      changes=json.dumps({k: v for k, v in (changes or {}).items() if k != "seq"}))
+        try:
+            row = await self._one(conn, before + _MERGE, params)
+        except DataError:
+            async with conn.transaction():
+                if fallback is not None:
+                    await fallback(conn)
+                return await self._update(conn, session_id, changes or {})
+        return dict(json.loads(row[1]), seq=row[0]) if row else None
+
     @staticmethod
     async def _update(conn: Any, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
         # FOR UPDATE: another server writing the same session waits, so no change is lost.
@@ -225,7 +264,7 @@ class PostgresStore(MetadataStore):
 
     async def update_session(self, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
         changes = json.loads(json.dumps(changes))  # the caller's to change once this returns
-        return await self._write(lambda c: self._update(c, session_id, changes), tx=True)
+        return await self._write(lambda c: self._changed(c, session_id, changes))
 
     async def delete_session(self, session_id: str) -> bool:
         # Runs, journal, events, schedules and firings go by ON DELETE CASCADE.
@@ -238,18 +277,22 @@ class PostgresStore(MetadataStore):
     # ---- runs --------------------------------------------------------------------------------
     def put_run(self, session_id: str, run: dict[str, Any],
                 session_changes: dict[str, Any] | None = None) -> "asyncio.Future[None]":
-        async def put(conn: Any) -> None:
-            # Dropped, not refused, when the session is gone (INSERT ... SELECT finds no row):
-            # a run recorded in the background after a delete has nowhere to go.
-            await conn.execute(
-                "INSERT INTO runs (run_id, session_id, status, doc) SELECT %s, %s, %s, %s "
-                "WHERE EXISTS (SELECT 1 FROM sessions WHERE id = %s) "
-                "ON CONFLICT (session_id, run_id) DO UPDATE SET status = excluded.status, doc = excluded.doc",
-                (run["run_id"], session_id, run.get("status", "completed"), json.dumps(run), session_id))
-            if session_changes:
-                await self._update(conn, session_id, session_changes)
+        # Dropped, not refused, when the session is gone (INSERT ... SELECT finds no row): a
+        # run recorded in the background after a delete has nowhere to go.
+        insert = ("INSERT INTO runs (run_id, session_id, status, doc) SELECT %(run_id)s, %(sid)s, %(status)s, "
+                  "%(doc)s WHERE EXISTS (SELECT 1 FROM sessions WHERE id = %(sid)s) ON CONFLICT (session_id, run_id) "
+                  "DO UPDATE SET status = excluded.status, doc = excluded.doc")
 
-        return self._submit(True, put, tx=bool(session_changes))  # queued now: see MetadataStore.put_run
+        async def put(conn: Any) -> None:
+            params = {"run_id": run["run_id"], "sid": session_id, "status": run.get("status", "completed"),
+                      "doc": json.dumps(run)}
+            if not session_changes:
+                await conn.execute(insert, params)
+            else:
+                await self._changed(conn, session_id, session_changes, f"WITH run AS ({insert}) ", params,
+                                    lambda c: c.execute(insert, params))
+
+        return self._submit(True, put)  # queued now: see MetadataStore.put_run
 
     async def get_run(self, session_id: str, run_id: str) -> dict[str, Any] | None:
         row = await self._read(lambda c: self._one(
@@ -300,21 +343,24 @@ class PostgresStore(MetadataStore):
                           session_changes: dict[str, Any] | None = None) -> "asyncio.Future[None]":
         doc = json.dumps(event)
 
-        async def add(conn: Any) -> None:
-            # One statement: the insert (dropped when the session is gone: nothing is kept
-            # for a later one of its id) and the bound. The delete does not see the row
-            # being inserted, so it keeps one fewer of the older rows; its subquery walks
-            # the session's index from the newest row, costing the bound, not the history.
-            await conn.execute(
-                "WITH added AS (INSERT INTO session_events (session_id, doc) SELECT %(s)s, %(d)s "
-                "WHERE EXISTS (SELECT 1 FROM sessions WHERE id = %(s)s) RETURNING n) "
-                "DELETE FROM session_events WHERE session_id = %(s)s AND EXISTS (SELECT 1 FROM added) AND n <= "
-                "(SELECT n FROM session_events WHERE session_id = %(s)s ORDER BY n DESC LIMIT 1 OFFSET %(k)s)",
-                {"s": session_id, "d": doc, "k": SESSION_EVENTS_KEPT - 1})
-            if session_changes:
-                await self._update(conn, session_id, session_changes)
+        # One statement: the insert (dropped when the session is gone: nothing is kept for a
+        # later one of its id) and the bound. The delete does not see the row being
+        # inserted, so it keeps one fewer of the older rows; its subquery walks the
+        # session's index from the newest row, costing the bound, not the history.
+        added = ("WITH added AS (INSERT INTO session_events (session_id, doc) SELECT %(sid)s, %(doc)s "
+                 "WHERE EXISTS (SELECT 1 FROM sessions WHERE id = %(sid)s) RETURNING n), trimmed AS ("
+                 "DELETE FROM session_events WHERE session_id = %(sid)s AND EXISTS (SELECT 1 FROM added) AND n <= "
+                 "(SELECT n FROM session_events WHERE session_id = %(sid)s ORDER BY n DESC LIMIT 1 OFFSET %(k)s)) ")
+        params = {"sid": session_id, "doc": doc, "k": SESSION_EVENTS_KEPT - 1}
 
-        return self._submit(True, add, tx=bool(session_changes))  # queued now: see MetadataStore.add_session_event
+        async def add(conn: Any) -> None:
+            if not session_changes:
+                await conn.execute(added + "SELECT 1", params)
+            else:
+                await self._changed(conn, session_id, session_changes, added, params,
+                                    lambda c: c.execute(added + "SELECT 1", params))
+
+        return self._submit(True, add)  # queued now: see MetadataStore.add_session_event
 
     async def list_session_events(self, session_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._read(lambda c: self._all(

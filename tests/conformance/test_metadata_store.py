@@ -398,6 +398,22 @@ async def test_json_values_round_trip_exactly(store):
     assert_exactly((await store.get_session("j"))["data"], AWKWARD)
 
 
+async def test_non_finite_floats_in_a_session_survive_every_kind_of_update(store):
+    """Python's json writes NaN and Infinity (code in a session can leave them in its data);
+    a store keeps what it is given, through each way a session is changed."""
+    import math
+
+    await store.insert_session(rec("nan"))
+    updated = await store.update_session("nan", {"data": {"x": float("nan"), "inf": float("inf")}})
+    assert math.isnan(updated["data"]["x"]) and updated["data"]["inf"] == float("inf")
+    await store.add_run("nan", run(1), {"last_run_at": TS})  # a change on top of a stored NaN
+    await store.add_session_event("nan", {"type": "kernel_started"}, {"kernel": {"last_exit": float("-inf")}})
+    got = await store.get_session("nan")
+    assert math.isnan(got["data"]["x"]) and got["last_run_at"] == TS and got["kernel"]["last_exit"] == float("-inf")
+    await store.update_session("nan", {"data": {"x": 1}})
+    assert (await store.get_session("nan"))["data"] == {"x": 1} and await store.list_runs("nan") == [run(1)]
+
+
 # ---- delete -------------------------------------------------------------------------------------
 async def test_delete_says_whether_it_existed(store):
     await store.insert_session(rec("d"))
