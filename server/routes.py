@@ -21,7 +21,7 @@ from .handlers.commands import (CommandsHandler, ProcessesHandler, ProcessHandle
                                 ProcessSignalHandler, ProcessStdinHandler, ProcessStreamHandler, TerminalSocket)
 from .handlers.files import FileHandler, FilesHandler
 from .handlers.proxy import HostHandler, ProxyHandler, ProxyRootHandler
-from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
+from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, ReplicasHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunEventsHandler, RunHandler, RunRecordHandler, StreamHandler
 from .handlers.schedules import ScheduleHandler, SchedulesHandler
 from .handlers.vm import VmHandler, VmListHandler, VmRunHandler, VmsHandler, VmStopHandler
@@ -46,6 +46,7 @@ ROUTES: list[Route] = [
     Route("/metrics", MetricsHandler),  # outside /api, but it names sessions' counts and load: keyed
     Route("/api/openapi.json", OpenApiHandler),
     Route("/api/resources/stats", StatsHandler),
+    Route("/api/replicas", ReplicasHandler),
     Route("/api/execute", ExecuteHandler),
     Route("/api/sessions", SessionsHandler),
     Route("/api/sessions/{id}", SessionHandler),

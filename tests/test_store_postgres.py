@@ -49,6 +49,10 @@ def test_a_session_and_its_history_outlive_a_server_restart_on_postgres(postgres
             assert time.monotonic() < deadline, ("no heartbeat", beat)
             time.sleep(0.1)
         assert beat["id"] == registered["id"] and beat["heartbeat_age"] < 5
+        # The same through the API, from the server that answered.
+        listed = first.json("GET", "/api/replicas")
+        assert listed["replica"] == registered["id"] == first.json("GET", "/api/resources/stats")["replica"]
+        assert [r["address"] for r in listed["replicas"]] == [first.base]
         assert first.stop() == 0
         assert replicas(url) == []  # a clean stop leaves the registry
         # The metadata went to PostgreSQL, not to a SQLite file beside the workspaces.

@@ -543,7 +543,11 @@ class SessionManager:
         return await self.upkeep.cull()
 
     async def stats(self) -> dict[str, Any]:
-        return await self.upkeep.stats()
+        return {**await self.upkeep.stats(), "replica": self.replica.id}
+
+    async def replicas(self) -> dict[str, Any]:
+        """The servers registered in the store (this one among them), with their heartbeats."""
+        return {"replica": self.replica.id, "replicas": await self.store.list_replicas()}
 
     # ---- files -------------------------------------------------------------------------------
     async def list_files(self, session_id: str) -> list[dict[str, Any]]:
