@@ -5,6 +5,7 @@ tests/conformance/test_metadata_store*.py.)"""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -114,3 +115,27 @@ def test_a_store_url_is_reported_without_its_password():
         "postgresql://era:***@db:5432/era?sslmode=require"
     assert url_without_password("postgresql://era@/era?host=/run/postgresql") == "postgresql://era@/era?host=/run/postgresql"
     assert url_without_password("sqlite:///var/lib/era/era.db") == "sqlite:///var/lib/era/era.db"
+
+
+def test_doctor_checks_the_postgres_store(postgres_cluster):
+    import subprocess
+    import sys
+
+    from era_kernel.store.postgres import MIGRATIONS
+
+    def doctor(url: str) -> str:
+        env = dict(os.environ, ERA_STORE_URL=url)
+        done = subprocess.run([sys.executable, "-m", "era_kernel.cli", "doctor"], env=env, capture_output=True,
+                              text=True, timeout=60)
+        return next(line for line in done.stdout.splitlines() if line.split()[1:2] == ["store:"])
+
+    schema, url = postgres_cluster.new_schema()
+    try:
+        assert "no schema yet" in doctor(url)
+        replicas(url)  # a store opened (and closed) on it: the schema is made
+        assert f"schema {len(MIGRATIONS)} of {len(MIGRATIONS)}" in doctor(url)
+    finally:
+        postgres_cluster.drop_schema(schema)
+    unreachable = postgres_cluster.url(database="absent").replace("era@", "era:hunter2@")
+    line = doctor(unreachable)
+    assert line.startswith("FAIL") and "absent" in line and "hunter2" not in line
