@@ -1,11 +1,10 @@
-"""The real server on the PostgreSQL store: what a session leaves in the store outlives the
-server process. (What the store itself promises is checked on every backend by
-tests/conformance/test_metadata_store*.py.)"""
+"""The PostgreSQL store beyond the conformance suite (which checks what every backend
+promises, tests/conformance/test_metadata_store*.py): the real server on it, whose sessions
+outlive the process and which registers itself as a replica; migrations; doctor."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -118,24 +117,19 @@ def test_a_store_url_is_reported_without_its_password():
 
 
 def test_doctor_checks_the_postgres_store(postgres_cluster):
-    import subprocess
-    import sys
-
+    from era_kernel.config import Settings
+    from era_kernel.doctor import _store  # the check `era doctor` prints as its "store" line
     from era_kernel.store.postgres import MIGRATIONS
 
-    def doctor(url: str) -> str:
-        env = dict(os.environ, ERA_STORE_URL=url)
-        done = subprocess.run([sys.executable, "-m", "era_kernel.cli", "doctor"], env=env, capture_output=True,
-                              text=True, timeout=60)
-        return next(line for line in done.stdout.splitlines() if line.split()[1:2] == ["store:"])
+    def doctor(url: str) -> tuple[str, str, str]:
+        return _store(Settings.from_env({}, store_url=url))
 
     schema, url = postgres_cluster.new_schema()
     try:
-        assert "no schema yet" in doctor(url)
+        assert doctor(url)[:2] == ("store", "OK") and "no schema yet" in doctor(url)[2]
         replicas(url)  # a store opened (and closed) on it: the schema is made
-        assert f"schema {len(MIGRATIONS)} of {len(MIGRATIONS)}" in doctor(url)
+        assert f"schema {len(MIGRATIONS)} of {len(MIGRATIONS)}" in doctor(url)[2]
     finally:
         postgres_cluster.drop_schema(schema)
-    unreachable = postgres_cluster.url(database="absent").replace("era@", "era:hunter2@")
-    line = doctor(unreachable)
-    assert line.startswith("FAIL") and "absent" in line and "hunter2" not in line
+    name, status, detail = doctor(postgres_cluster.url(database="absent").replace("era@", "era:hunter2@"))
+    assert status == "FAIL" and '"absent" does not exist' in detail and "hunter2" not in detail
