@@ -15,12 +15,18 @@ from era_kernel.store.postgres import PostgresStore
 from .support.era_server import ServerProcess
 
 
-def replicas(url: str) -> list[dict]:
-    """The replica registry, read as another server would: through a store of its own."""
+def replicas(url: str, ghost: dict | None = None) -> list[dict]:
+    """The replica registry, read as another server would: through a store of its own.
+    With ``ghost``, first registered as a replica whose heartbeat is two days old."""
     async def read() -> list[dict]:
         store = PostgresStore(url)
         await store.open()
         try:
+            if ghost is not None:
+                await store.put_replica(ghost)
+                async with store._pool.connection() as conn:  # the store has no way to age a heartbeat
+                    await conn.execute("UPDATE replicas SET heartbeat_at = heartbeat_at - 2 * 86400 WHERE id = %s",
+                                       (ghost["id"],))
             return await store.list_replicas()
         finally:
             await store.close()
@@ -30,6 +36,8 @@ def replicas(url: str) -> list[dict]:
 
 def test_a_session_and_its_history_outlive_a_server_restart_on_postgres(postgres_cluster):
     schema, url = postgres_cluster.new_schema()
+    # A replica that crashed two days ago (its heartbeat never renewed): forgotten at the next start.
+    replicas(url, ghost={"id": "ghost", "address": "http://127.0.0.1:9", "capacity": {}, "live_kernels": 0})
     env = {"ERA_STORE_URL": url, "ERA_POOL_SIZE": "0", "ERA_REPLICA_HEARTBEAT": "0.2", "ERA_MAX_KERNELS": "7"}
     first = ServerProcess(env=env).start()
     data_dir = first.env["ERA_DATA_DIR"]

@@ -4,6 +4,8 @@ Servers sharing one store find each other there: each registers its id, the addr
 others reach it at and its capacity when it starts, refreshes that (with its current
 load) every ``ERA_REPLICA_HEARTBEAT`` seconds, and removes it when it stops cleanly. A
 replica that died leaves a heartbeat that only ages: deciding it is gone is the reader's.
+Registrations nobody has renewed for ``forgotten_after`` seconds are removed when a server
+starts, so the ones of crashed processes (a new id at each start) do not pile up.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ..store.base import MetadataStore
 from .results import utc_now
 
 log = logging.getLogger("era.replicas")
+
+FORGET_AFTER_S = 24 * 3600  # a replica silent this long (and 100 heartbeats) is forgotten
 
 
 def default_replica_id() -> str:
@@ -40,8 +44,17 @@ class ReplicaRegistration:
         return {"id": self.id, "address": self.address, "started_at": self.started_at,
                 "capacity": {"max_kernels": self.settings["ERA_MAX_KERNELS"]}, **self.load()}
 
+    @property
+    def forgotten_after(self) -> float:
+        return max(FORGET_AFTER_S, 100 * self.settings["ERA_REPLICA_HEARTBEAT"])
+
     async def start(self) -> None:
         """Register (a store that refuses fails the start), then keep the heartbeat."""
+        for replica in await self.store.list_replicas():
+            if replica["heartbeat_age"] > self.forgotten_after:
+                log.info("forgetting replica %s (silent for %.0f s)", replica["id"], replica["heartbeat_age"],
+                         extra={"event": "replica_forgotten"})
+                await self.store.delete_replica(replica["id"])
         await self.store.put_replica(self.document())
         self._task = asyncio.create_task(self._beat(), name="era-replica-heartbeat")
 
