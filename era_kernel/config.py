@@ -111,7 +111,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DATA_DIR", _default_data_dir, "Where the store, workspaces and logs live."),
     Setting("ERA_RUNTIME_DIR", "", "Short directory for kernel IPC sockets and their owner records; default one "
             "per data directory, so servers on one machine never touch each other's kernels."),
-    Setting("ERA_STORE_URL", "", "Metadata store URL; default `sqlite:///$ERA_DATA_DIR/era.db`."),
+    Setting("ERA_STORE_URL", "", "Metadata store URL: `sqlite:///path`, or `postgresql://user@host/db` (any libpq "
+            "URL; needs the `postgres` extra); default `sqlite:///$ERA_DATA_DIR/era.db`."),
+    Setting("ERA_REPLICA_ID", "", "This server's id in the store's replica registry; default `<hostname>-<random>`, "
+            "new at each start."),
+    Setting("ERA_REPLICA_ADDRESS", "", "URL other replicas reach this server at, kept in the replica registry; "
+            "default `http://<ERA_HOST>:<bound port>`."),
+    Setting("ERA_REPLICA_HEARTBEAT", 5.0, "Seconds between this server's heartbeats in the replica registry.",
+            _interval),
     Setting("ERA_WORKSPACE_URL", "", "fsspec URL of the workspace store; default `file://$ERA_DATA_DIR/workspaces`."),
     Setting("ERA_WORKSPACE_OPTIONS", "", "JSON storage options passed to fsspec (e.g. S3 endpoint and keys)."),
     Setting("ERA_WORKSPACE_MAX_FILE", 64 * 1024**2, "Largest file written through the files API.", _size),

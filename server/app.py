@@ -88,6 +88,7 @@ def serve(settings: Any, listener: socket.socket, responder: Any, boot: dict[str
 
 async def _serve(settings: Any, listener: socket.socket, responder: Any, boot: dict[str, Any]) -> int:
     services = Services(settings)
+    services.address = listening_address(listener)
     server = HTTPServer(make_app(services), max_body_size=services.drain_limit, idle_connection_timeout=300)
     handoff = responder.stop()
     server.add_sockets([listener])
@@ -142,6 +143,17 @@ async def _shutdown(services: Services, server: HTTPServer, starting: asyncio.Fu
     except asyncio.TimeoutError:
         pass
     log.info("stopped", extra={"event": "stopped", "duration_ms": round((time.monotonic() - t0) * 1000, 1)})
+
+
+def listening_address(listener: socket.socket) -> str:
+    """The URL this server is reached at, as other replicas see it: a wildcard bind is
+    named by the host's name."""
+    host, port = listener.getsockname()[:2]
+    if ipaddress.ip_address(host).is_unspecified:
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def _log_listening(listener: socket.socket, responder: Any, boot: dict[str, Any]) -> None:

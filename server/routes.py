@@ -22,7 +22,7 @@ from .handlers.commands import (CommandsHandler, ProcessesHandler, ProcessHandle
                                 ProcessSignalHandler, ProcessStdinHandler, ProcessStreamHandler, TerminalSocket)
 from .handlers.files import FileHandler, FilesHandler
 from .handlers.proxy import HostHandler, ProxyHandler, ProxyRootHandler
-from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
+from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, ReplicasHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunEventsHandler, RunHandler, RunRecordHandler, StreamHandler
 from .handlers.storage import (D1ExecHandler, D1QueryHandler, KvHandler, KvListHandler, R2Handler, R2ListHandler,
                                ResourcesHandler)
@@ -57,6 +57,7 @@ ROUTES: list[Route] = [
     Route("/api/storage/d1/{database}/exec", D1ExecHandler),
     Route("/api/storage/r2/{bucket}", R2ListHandler),
     Route("/api/storage/r2/{bucket}/{key}", R2Handler),
+    Route("/api/replicas", ReplicasHandler),
     Route("/api/execute", ExecuteHandler),
     Route("/api/sessions", SessionsHandler),
     Route("/api/sessions/{id}", SessionHandler),

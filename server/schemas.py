@@ -306,12 +306,29 @@ class Stats(_Open):
     kernels: Optional[list[KernelStat]] = None
     memory: Optional[dict[str, Any]] = None
     uptime_s: Optional[float] = None
+    replica: Optional[str] = Field(None, description="this server's id in the replica registry (GET /api/replicas)")
     server: dict[str, Any]
     # ERA's storage registry stats, in the same document.
     total: Optional[int] = Field(None, description="storage resources (KV entries, objects, D1 tables)")
     by_type: Optional[dict[str, int]] = None
     by_namespace: Optional[dict[str, int]] = None
     total_size: Optional[int] = Field(None, description="bytes of KV values and objects")
+
+
+class Replica(_Open):
+    id: str
+    address: Optional[str] = Field(description="URL the other replicas reach this one at (ERA_REPLICA_ADDRESS)")
+    started_at: str
+    capacity: dict[str, Any] = Field(description="max_kernels: its kernel limit")
+    live_kernels: int
+    heartbeat_at: str = Field(description="its last heartbeat, by the store's clock")
+    heartbeat_age: float = Field(description="seconds since that heartbeat, by the store's clock; a replica "
+                                             "that died stops renewing it")
+
+
+class ReplicaList(BaseModel):
+    replica: str = Field(description="the id of the server that answered")
+    replicas: list[Replica]
 
 
 class OpenAPI(_Open):

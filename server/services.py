@@ -47,6 +47,7 @@ class Services:
         self.storage_listeners: Any = None  # storage_listeners.StorageListeners, with ERA_STORAGE_PORT
         self._unwatch_storage: Callable[[], None] = lambda: None
         self.version = "unknown"
+        self.address: str | None = None  # where this server listens, for the replica registry (app._serve)
 
     def spawn(self, coro) -> asyncio.Task:
         """A background task that outlives the request or socket that started it."""
@@ -78,6 +79,7 @@ class Services:
         t0 = time.monotonic()
         sessions, self.version = await asyncio.to_thread(_import_engine)
         engine = sessions.SessionManager(self.settings)
+        engine.replica.address = engine.replica.address or self.address
         await engine.start()
         self._unwatch = engine.watch(self.on_lifecycle)
         if self.settings["ERA_STORAGE_PORT"]:

@@ -49,6 +49,7 @@ from .results import notebook_from_runs, utc_now
 from .runner import SessionRunner
 from .session_log import SessionLog
 from .schedules import Scheduler
+from .replicas import ReplicaRegistration
 from .upkeep import Upkeep
 
 log = logging.getLogger("era.sessions")
@@ -87,6 +88,8 @@ class SessionManager:
         self.queue.on_finished.append(self.callbacks.run_finished)
         self.upkeep = Upkeep(self.settings, self.store, self.table, self.pool, self.events, self._delete)
         self.scheduler = Scheduler(self.settings, self.store, self.run)  # fires through the run path below
+        # This server in the store's replica registry (a server sets .address once bound).
+        self.replica = ReplicaRegistration(self.settings, self.store, lambda: {"live_kernels": self.table.slots.used})
         # Commands, background processes and terminals in a session's kernel's sandbox (commands/).
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
@@ -121,6 +124,7 @@ class SessionManager:
             self.pool.start()
             self.upkeep.start()
             self.scheduler.start()  # after the recovery: a requeued firing counts as its schedule's previous run
+            await self.replica.start()
 
     def _make_dirs(self) -> None:
         for path in (self.settings.data_dir / "sessions", self.settings.data_dir / POOL_ROOT,
@@ -131,7 +135,8 @@ class SessionManager:
 
     async def shutdown(self) -> None:
         """Interrupt running code, stop every kernel, close the store."""
-        await self.scheduler.stop()  # first: nothing fires into an engine that is stopping
+        await self.replica.stop()  # first: no replica looks for this one any more
+        await self.scheduler.stop()  # nothing fires into an engine that is stopping
         await self.setups.shutdown()
         await self.upkeep.stop()
         await self.queue.shutdown()
@@ -543,7 +548,11 @@ class SessionManager:
         return await self.upkeep.cull()
 
     async def stats(self) -> dict[str, Any]:
-        return await self.upkeep.stats()
+        return {**await self.upkeep.stats(), "replica": self.replica.id}
+
+    async def replicas(self) -> dict[str, Any]:
+        """The servers registered in the store (this one among them), with their heartbeats."""
+        return {"replica": self.replica.id, "replicas": await self.store.list_replicas()}
 
     # ---- files -------------------------------------------------------------------------------
     async def list_files(self, session_id: str) -> list[dict[str, Any]]:

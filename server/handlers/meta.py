@@ -100,6 +100,18 @@ class StatsHandler(BaseHandler):
         self.send_json(stats)
 
 
+class ReplicasHandler(BaseHandler):
+    API = {"get": Op("The servers sharing this store: ids, addresses, capacity, heartbeats", response="ReplicaList",
+                     errors=(),
+                     description="Every server registered in the metadata store's replica registry, first "
+                                 "registered first, with the id of the one that answered. A server registers when "
+                                 "it starts, renews its heartbeat every `ERA_REPLICA_HEARTBEAT` seconds and leaves "
+                                 "when it stops cleanly; one that died keeps an ageing heartbeat.")}
+
+    async def get(self) -> None:
+        self.send_json(await self.engine.replicas())
+
+
 class MetricsHandler(BaseHandler):
     API = {"get": Op("Prometheus metrics (text format 0.0.4)", response="text", errors=(),
                      description="Sessions, kernels by state, kernel slots, pool fill, culls, kernel and server "
