@@ -50,6 +50,14 @@ def _size(value: str) -> int:
     return int(text)
 
 
+def _port(value: str) -> int:
+    """A TCP port, or 0 for none."""
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be a port from 1 to 65535, or 0 for none")
+    return number
+
+
 def _count(value: str) -> int:
     """A cap that must let at least one through (0 would refuse every listing or socket)."""
     number = int(value)
@@ -64,6 +72,19 @@ def _interval(value: str) -> float:
     if not seconds > 0:
         raise ValueError("must be a number of seconds greater than 0")
     return seconds
+
+
+def _proxy_host(value: str) -> str:
+    """A host name template for /proxy's host form: both placeholders, nothing else odd."""
+    value = value.strip()
+    if not value:
+        return ""
+    import re
+
+    if value.count("{port}") != 1 or value.count("{id}") != 1 or not re.fullmatch(
+            r"[A-Za-z0-9.{}_-]+(:\d{1,5})?", value) or re.sub(r"\{(port|id)\}", "", value).count("{"):
+        raise ValueError("expected a host name with {port} and {id} once each, e.g. {port}-{id}.sandbox.example")
+    return value
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -90,7 +111,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DATA_DIR", _default_data_dir, "Where the store, workspaces and logs live."),
     Setting("ERA_RUNTIME_DIR", "", "Short directory for kernel IPC sockets and their owner records; default one "
             "per data directory, so servers on one machine never touch each other's kernels."),
-    Setting("ERA_STORE_URL", "", "Metadata store URL; default `sqlite:///$ERA_DATA_DIR/era.db`."),
+    Setting("ERA_STORE_URL", "", "Metadata store URL: `sqlite:///path`, or `postgresql://user@host/db` (any libpq "
+            "URL; needs the `postgres` extra); default `sqlite:///$ERA_DATA_DIR/era.db`."),
+    Setting("ERA_REPLICA_ID", "", "This server's id in the store's replica registry; default `<hostname>-<random>`, "
+            "new at each start."),
+    Setting("ERA_REPLICA_ADDRESS", "", "URL other replicas reach this server at, kept in the replica registry; "
+            "default `http://<ERA_HOST>:<bound port>`."),
+    Setting("ERA_REPLICA_HEARTBEAT", 5.0, "Seconds between this server's heartbeats in the replica registry.",
+            _interval),
     Setting("ERA_WORKSPACE_URL", "", "fsspec URL of the workspace store; default `file://$ERA_DATA_DIR/workspaces`."),
     Setting("ERA_WORKSPACE_OPTIONS", "", "JSON storage options passed to fsspec (e.g. S3 endpoint and keys)."),
     Setting("ERA_WORKSPACE_MAX_FILE", 64 * 1024**2, "Largest file written through the files API.", _size),
@@ -103,8 +131,8 @@ SETTINGS: tuple[Setting, ...] = (
             "within. A walk holds one descriptor per level (1-512).", _depth),
     Setting("ERA_WORKSPACE_MAX_ENTRIES", 100_000, "Most entries (files, directories, links) one walk of a "
             "workspace visits; past it the same operations answer 413.", int),
-    Setting("ERA_WORKSPACE_FSYNC", True, "fsync snapshots on file:// stores (survives power loss, not only crashes).",
-            _bool),
+    Setting("ERA_WORKSPACE_FSYNC", True, "fsync snapshots on file:// stores, and every commit of the storage "
+            "proxy's databases (survives power loss, not only crashes).", _bool),
     Setting("ERA_WORKSPACE_VOLUMES", "auto", "Each workspace its own filesystem of `ERA_WORKSPACE_MAX_BYTES` (a "
             "sparse ext4 image under `$ERA_DATA_DIR/volumes`, loop-mounted), so a session cannot fill the host's disk: "
             "`auto` (when the server can: root, `mkfs.ext4`, loop devices; otherwise logged once), `on` (required: "
@@ -116,6 +144,12 @@ SETTINGS: tuple[Setting, ...] = (
             _bool),
     Setting("ERA_ALLOW_PUBLIC_DEFAULT", False, "`allowPublicAccess` of a session created without it. ERA's default "
             "is true; ours is off, so a session's ports need the API key unless asked (README: ERA defaults).", _bool),
+    Setting("ERA_PROXY_HOST", "", "Host form of `/proxy`: a host name template with `{port}` and `{id}` (e.g. "
+            "`{port}-{id}.sandbox.example`, a wildcard DNS name pointing at this server) so each session port is an "
+            "origin of its own; `GET .../host` then answers with it. Empty: the path form `/proxy/{id}/{port}/` only.",
+            _proxy_host),
+    Setting("ERA_PROXY_MAX_BODY", 1024**3, "Largest request body relayed through `/proxy` (streamed, never held).",
+            _size),
     Setting("ERA_DEFAULT_TIMEOUT", 30.0, "Default run timeout in seconds for new sessions.", float),
     Setting("ERA_OUTPUT_LIMIT", 10 * 1024**2, "Per-run output cap in bytes; past it output is dropped and `truncated` set.", _size),
     Setting("ERA_KERNEL_MESSAGE_LIMIT", 256 * 1024**2,
@@ -200,6 +234,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DOCKER_PIDS", 256, "Process (and thread) limit of a Docker kernel.", int),
     Setting("ERA_DOCKER_EGRESS_NETWORK", "era-egress", "Docker network for sessions with internet access; "
             "without it, host networking (see Known limits)."),
+    Setting("ERA_STORAGE_PORT", 80, "Storage proxy: the port of the listener the server opens inside each "
+            "session's sandbox network (127.0.0.1; ERA's SDK default `http://localhost`), serving the storage routes "
+            "for that session only; 0: none. Needs root, as the ports proxy does.", _port),
+    Setting("ERA_STORAGE_URL", "", "Storage proxy: the URL `era_storage` in a session sends to (its "
+            "`ERA_STORAGE_URL`); default `http://127.0.0.1:$ERA_STORAGE_PORT`, the in-sandbox listener. Set it for "
+            "sandboxes that share the host's network (README: Storage proxy).", str),
+    Setting("ERA_STORAGE_MAX_VALUE", 1024**2, "Storage proxy: largest KV value (with its metadata) in bytes.",
+            _size),
+    Setting("ERA_STORAGE_MAX_OBJECT", 32 * 1024**2, "Storage proxy: largest R2 object in bytes (it travels as "
+            "base64 in JSON, so `ERA_MAX_BODY` must allow 4/3 of it).", _size),
+    Setting("ERA_STORAGE_SQL_TIMEOUT", 5.0, "Storage proxy: seconds one D1 statement may run before it is "
+            "cancelled (422).", _interval),
+    Setting("ERA_STORAGE_SQL_MAX_BYTES", 256 * 1024**2, "Storage proxy: largest D1 database file; a write past it "
+            "fails (413). Set through SQLite's `max_page_count`, which callers cannot change.", _size),
+    Setting("ERA_STORAGE_SQL_MAX_ROWS", 10_000, "Storage proxy: most rows one D1 query returns (past it, 413: add "
+            "a LIMIT).", _count),
+    Setting("ERA_STORAGE_SQL_CONCURRENCY", 4, "Storage proxy: D1 statements running at once (each in a thread).",
+            _count),
     Setting("ERA_LOG_LEVEL", "INFO", "Log level of the server and engine."),
 )
 

@@ -65,7 +65,34 @@ def _data(settings: Settings) -> Check:
         probe.unlink()
     except OSError as exc:
         return ("data", "FAIL", f"{settings.data_dir} is not writable: {exc}")
-    return ("data", "OK", f"{settings.data_dir} (store {settings['ERA_STORE_URL']})")
+    from .store.base import url_without_password
+
+    return ("data", "OK", f"{settings.data_dir} (store {url_without_password(settings['ERA_STORE_URL'])})")
+
+
+def _store(settings: Settings) -> Check | None:
+    """A PostgreSQL store: reachable, which server, which schema (SQLite is the data check's)."""
+    url = settings["ERA_STORE_URL"]
+    if not url.startswith(("postgresql:", "postgres:")):
+        return None
+    from .store.base import url_without_password
+    from .store.postgres import MIGRATIONS
+
+    try:
+        import psycopg
+    except ImportError:
+        return ("store", "FAIL", "ERA_STORE_URL is PostgreSQL but psycopg is not installed: "
+                                 "pip install 'era-kernel[postgres]'")
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            server = conn.info.server_version
+            schema = None
+            if conn.execute("SELECT to_regclass('era_schema_migrations')").fetchone()[0] is not None:
+                schema = conn.execute("SELECT MAX(version) FROM era_schema_migrations").fetchone()[0]
+    except psycopg.Error as exc:
+        return ("store", "FAIL", f"{url_without_password(url)}: {' '.join(str(exc).split())}")
+    version = f"schema {schema} of {len(MIGRATIONS)}" if schema else "no schema yet (made at start)"
+    return ("store", "OK", f"PostgreSQL {server // 10000}.{server % 10000}, {version}")
 
 
 def _volumes(settings: Settings) -> Check:
@@ -113,5 +140,7 @@ def run_checks(settings: Settings | None = None) -> Iterator[Check]:
     yield _cgroups(settings)
     yield _runtime(settings)
     yield _data(settings)
+    if (store := _store(settings)) is not None:
+        yield store
     yield _volumes(settings)
     yield _docker()

@@ -79,3 +79,8 @@ class Unavailable(EraError):
 
 
 KernelFailed = Unavailable
+
+
+class Unreachable(EraError):
+    """What the request was to be relayed to does not answer (nothing listens on a
+    session's port): a gateway's failure, not the caller's nor the server's."""

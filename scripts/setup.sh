@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test,bench]"  # the tests check the bench report writers too
+[ "${1:-}" = "--test" ] && extras="[test,bench,postgres]"  # the tests check the bench report writers too
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -18,6 +18,10 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
     command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    # The PostgreSQL store's tests start a throwaway cluster (tests/support/postgres.py).
+    if [ "${1:-}" = "--test" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+        missing+=(postgresql)
+    fi
     # The web console's tests drive Debian's chromium through Playwright (tests/test_console.py).
     if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
     if [ "${#missing[@]}" -gt 0 ]; then

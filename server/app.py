@@ -17,6 +17,7 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.web import Application, RequestHandler
 
+from .handlers.proxy import ProxyHostHandler, proxy_host_pattern
 from .logs import log, log_request, setup_logging
 from .metrics import HttpMetrics
 from .handlers.console import ConsoleHandler
@@ -36,7 +37,7 @@ def make_app(services: Services) -> Application:
         log_request(handler)
         http_metrics.observe(handler)
 
-    return Application(
+    app = Application(
         make_routes(services),
         default_handler_class=UNKNOWN.handler,
         default_handler_args=handler_args(services, UNKNOWN),
@@ -49,6 +50,12 @@ def make_app(services: Services) -> Application:
         compress_response=False,
         serve_traceback=False,
     )
+    # The host form of /proxy (ERA_PROXY_HOST): every path of a session port's own host
+    # name goes to that port, none to the API (tornado tries host rules before the rest).
+    host_pattern = proxy_host_pattern(services.settings["ERA_PROXY_HOST"])
+    if host_pattern is not None:
+        app.add_handlers(host_pattern.pattern, [(r"/.*", ProxyHostHandler, handler_args(services, UNKNOWN))])
+    return app
 
 
 def is_loopback(host: str) -> bool:
@@ -83,6 +90,7 @@ def serve(settings: Any, listener: socket.socket, responder: Any, boot: dict[str
 
 async def _serve(settings: Any, listener: socket.socket, responder: Any, boot: dict[str, Any]) -> int:
     services = Services(settings)
+    services.address = listening_address(listener)
     server = HTTPServer(make_app(services), max_body_size=services.drain_limit, idle_connection_timeout=300)
     handoff = responder.stop()
     server.add_sockets([listener])
@@ -137,6 +145,17 @@ async def _shutdown(services: Services, server: HTTPServer, starting: asyncio.Fu
     except asyncio.TimeoutError:
         pass
     log.info("stopped", extra={"event": "stopped", "duration_ms": round((time.monotonic() - t0) * 1000, 1)})
+
+
+def listening_address(listener: socket.socket) -> str:
+    """The URL this server is reached at, as other replicas see it: a wildcard bind is
+    named by the host's name."""
+    host, port = listener.getsockname()[:2]
+    if ipaddress.ip_address(host).is_unspecified:
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def _log_listening(listener: socket.socket, responder: Any, boot: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from era_kernel.errors import (Busy, Conflict, EraError, Invalid, NotFound, SetupPending, TooLarge, Unauthorized,
-                               Unavailable, Unprocessable)
+                               Unavailable, Unprocessable, Unreachable)
 from tornado.web import HTTPError
 
 log = logging.getLogger("era.server")
@@ -66,6 +66,7 @@ STATUS: dict[type[BaseException], int] = {
     # resource included, and its Retry-After is the remedy. Not a 503: the server is well.
     Busy: 429,
     Unavailable: 503,
+    Unreachable: 502,  # /proxy: nothing listens on the session's port
     EraError: 500,
 }
 

@@ -28,6 +28,13 @@ PARAMETERS = {
                                                 "the WebSocket's id or the stream's X-Era-Run-Id"},
     "schedule_id": {"type": "string", "description": "schedule id, `sch_<ms>_<8 hex>`"},
     "pid": {"type": "string", "description": "a process's pid in the session's sandbox (from .../processes)"},
+    "port": {"type": "string", "description": "a TCP port inside the session's sandbox, 1-65535"},
+    "proxy_path": {"type": "string", "description": "the path relayed to the app (may be empty, may contain '/')"},
+    "namespace": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$", "description": "KV namespace"},
+    "database": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$", "description": "D1 database"},
+    "bucket": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$", "description": "R2 bucket"},
+    "key": {"type": "string", "description": "KV or object key, percent-encoded; any text without control "
+            "characters, may contain '/'"},
 }
 
 

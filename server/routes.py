@@ -3,7 +3,8 @@
 OpenAPI, the metrics' route labels, the auth test and the error-shape test all walk
 ``ROUTES``, so a new route cannot skip them. Templates use ``{id}`` (a session id),
 ``{run_id}``, ``{schedule_id}``, ``{path}`` (a file path, may contain ``/``) and ``{name}``
-(a kernelspec), ``{pid}`` (a process in a session). Each handler is
+(a kernelspec), ``{pid}`` (a process in a session), ``{namespace}``/``{database}``/``{bucket}``
+(storage names) and ``{key}`` (a storage key, may contain ``/``). Each handler is
 given ``services`` and its route's ``auth`` through ``initialize``; ``RouteHandler.check_key``
 enforces it, for HTTP and WebSocket routes alike.
 """
@@ -21,8 +22,11 @@ from .handlers.console import CONSOLE_DIR, ConsoleHandler
 from .handlers.commands import (CommandsHandler, ProcessesHandler, ProcessHandler, ProcessOutputHandler,
                                 ProcessSignalHandler, ProcessStdinHandler, ProcessStreamHandler, TerminalSocket)
 from .handlers.files import FileHandler, FilesHandler
-from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, StatsHandler
+from .handlers.proxy import HostHandler, ProxyHandler, ProxyRootHandler
+from .handlers.meta import HealthHandler, MetricsHandler, OpenApiHandler, ReplicasHandler, StatsHandler
 from .handlers.runs import ExecuteHandler, RunEventsHandler, RunHandler, RunRecordHandler, StreamHandler
+from .handlers.storage import (D1ExecHandler, D1QueryHandler, KvHandler, KvListHandler, R2Handler, R2ListHandler,
+                               ResourcesHandler)
 from .handlers.schedules import ScheduleHandler, SchedulesHandler
 from .handlers.vm import VmHandler, VmListHandler, VmRunHandler, VmsHandler, VmStopHandler
 from .handlers.sessions import (CodeHandler, DuplicateHandler, InterruptHandler, NotebookHandler,
@@ -46,6 +50,15 @@ ROUTES: list[Route] = [
     Route("/metrics", MetricsHandler),  # outside /api, but it names sessions' counts and load: keyed
     Route("/api/openapi.json", OpenApiHandler),
     Route("/api/resources/stats", StatsHandler),
+    # ERA's storage proxy (handlers/storage.py): what era_storage in a session calls.
+    Route("/api/resources/list", ResourcesHandler),
+    Route("/api/storage/kv/{namespace}", KvListHandler),
+    Route("/api/storage/kv/{namespace}/{key}", KvHandler),
+    Route("/api/storage/d1/{database}/query", D1QueryHandler),
+    Route("/api/storage/d1/{database}/exec", D1ExecHandler),
+    Route("/api/storage/r2/{bucket}", R2ListHandler),
+    Route("/api/storage/r2/{bucket}/{key}", R2Handler),
+    Route("/api/replicas", ReplicasHandler),
     Route("/api/execute", ExecuteHandler),
     Route("/api/sessions", SessionsHandler),
     Route("/api/sessions/{id}", SessionHandler),
@@ -74,6 +87,11 @@ ROUTES: list[Route] = [
     Route("/api/sessions/{id}/processes/{pid}/stdin", ProcessStdinHandler),
     Route("/api/sessions/{id}/processes/{pid}/signal", ProcessSignalHandler),
     Route("/api/sessions/{id}/terminal", TerminalSocket),
+    # A session's ports from outside (handlers/proxy.py). Keyed unless the session allows
+    # public access; without the key such a session answers ERA's 403, not 401.
+    Route("/api/sessions/{id}/host", HostHandler),
+    Route("/proxy/{id}/{port}", ProxyRootHandler),
+    Route("/proxy/{id}/{port}/{proxy_path}", ProxyHandler),
     # ERA's local-agent routes (handlers/vm.py): a VM is a session.
     Route("/api/vm", VmsHandler),
     Route("/api/vms", VmListHandler),
@@ -107,7 +125,8 @@ CONSOLE_ROUTES: list[tuple[str, type[RequestHandler], dict[str, Any]]] = [
 UNKNOWN = Route("", NotFoundHandler, auth=False)
 
 PARAM_PATTERNS = {"id": "([^/]+)", "run_id": "([^/]+)", "schedule_id": "([^/]+)", "path": "(.+)", "name": "([^/]+)",
-                  "pid": "([^/]+)", "rest": "(.*)"}
+                  "pid": "([^/]+)", "rest": "(.*)", "port": "([^/]+)", "proxy_path": "(.*)",
+                  "namespace": "([^/]+)", "database": "([^/]+)", "bucket": "([^/]+)", "key": "(.+)"}
 
 
 def route_pattern(template: str) -> str:

@@ -12,6 +12,9 @@ from typing import Any, Literal, Optional
 from era_kernel.models import ErrorInfo, RunResult
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from .storage_schemas import (D1Body, D1Exec, D1Query, KvList, KvPut, KvValue, R2List, R2Object, R2Put,  # noqa: F401
+                              R2Stored, ResourceList, StorageSuccess)
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -172,6 +175,14 @@ class CodeStored(BaseModel):
     updated_at: str
 
 
+class HostAnswer(BaseModel):
+    """GET /api/sessions/{id}/host?port=N (ERA's shape)."""
+    url: str = Field(description="where the port is reached: /proxy/{id}/{port}/ on this server, or the "
+                                 "ERA_PROXY_HOST form")
+    session_id: str
+    port: int
+
+
 class RunRecord(_Open):
     """A finished run in the history. A run cut off before it ran (cancelled while
     queued, or interrupted by a restart) has no result fields, only its status and reason."""
@@ -295,7 +306,29 @@ class Stats(_Open):
     kernels: Optional[list[KernelStat]] = None
     memory: Optional[dict[str, Any]] = None
     uptime_s: Optional[float] = None
+    replica: Optional[str] = Field(None, description="this server's id in the replica registry (GET /api/replicas)")
     server: dict[str, Any]
+    # ERA's storage registry stats, in the same document.
+    total: Optional[int] = Field(None, description="storage resources (KV entries, objects, D1 tables)")
+    by_type: Optional[dict[str, int]] = None
+    by_namespace: Optional[dict[str, int]] = None
+    total_size: Optional[int] = Field(None, description="bytes of KV values and objects")
+
+
+class Replica(_Open):
+    id: str
+    address: Optional[str] = Field(description="URL the other replicas reach this one at (ERA_REPLICA_ADDRESS)")
+    started_at: str
+    capacity: dict[str, Any] = Field(description="max_kernels: its kernel limit")
+    live_kernels: int
+    heartbeat_at: str = Field(description="its last heartbeat, by the store's clock")
+    heartbeat_age: float = Field(description="seconds since that heartbeat, by the store's clock; a replica "
+                                             "that died stops renewing it")
+
+
+class ReplicaList(BaseModel):
+    replica: str = Field(description="the id of the server that answered")
+    replicas: list[Replica]
 
 
 class OpenAPI(_Open):
@@ -339,7 +372,9 @@ class KernelList(RootModel[list[KernelModel]]):
 class OutputEvent(BaseModel):
     type: Literal["stdout", "stderr"]
     content: str
-    id: Optional[str] = Field(None, description="run id (WebSocket)")
+    id: Optional[str] = Field(None, description="run id (WebSocket); a `command` message's id when `command`")
+    command: Optional[bool] = Field(None, description="WebSocket: output of a `command` message, not of a run")
+    pid: Optional[int] = Field(None, description="a command's pid in the session's sandbox")
 
 
 class DisplayEvent(BaseModel):
@@ -390,6 +425,12 @@ class WsResult(BaseModel):
     result: RunResult
 
 
+class WsCommandResult(BaseModel):
+    type: Literal["command_result"]
+    id: Optional[str]
+    result: "CommandResult"
+
+
 class WsProtocolError(BaseModel):
     type: Literal["error"]
     id: Optional[str]
@@ -415,9 +456,23 @@ class WsInputReply(BaseModel):
     value: str
 
 
+class WsCommand(BaseModel):
+    """A foreground command beside the kernel (``POST .../commands``'s body, no
+    ``background``): its output comes to this socket only, then ``command_result``."""
+    type: Literal["command"]
+    id: Optional[str] = Field(None, description="echoed on its output events and its command_result")
+    cmd: Any = Field(description="argv list, or a program name; with `shell`, a script for `bash -c`")
+    args: list[str] = Field(default_factory=list)
+    shell: bool = False
+    cwd: Optional[str] = None
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout: Optional[float] = None
+    stdin: Optional[str] = None
+
+
 STREAM_EVENTS = (OutputEvent, DisplayEvent, ErrorEvent, DoneEvent)
-WS_SERVER_MESSAGES = STREAM_EVENTS + (InputRequestEvent, StatusEvent, WsResult, WsProtocolError)
-WS_CLIENT_MESSAGES = (WsRun, WsInterrupt, WsInputReply)
+WS_SERVER_MESSAGES = STREAM_EVENTS + (InputRequestEvent, StatusEvent, WsResult, WsCommandResult, WsProtocolError)
+WS_CLIENT_MESSAGES = (WsRun, WsInterrupt, WsInputReply, WsCommand)
 
 
 # ---- ERA's local-agent routes (handlers/vm.py) -----------------------------------------------
@@ -485,7 +540,8 @@ class ProcessInfo(BaseModel):
     exit_code: Optional[int]
     ended: Optional[str]
     reason: Optional[str] = Field(description="why it ended, when it did not exit by itself")
-    output_seq: int = Field(description="seq of its last output event")
+    output_seq: Optional[int] = Field(None, description="seq of its last output event (absent for a process of an "
+                                                        "earlier server process: page its output)")
 
 
 class ProcessList(BaseModel):

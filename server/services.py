@@ -44,7 +44,10 @@ class Services:
         self.tasks: set[asyncio.Task] = set()  # runs that outlive their request or socket
         self._unwatch: Callable[[], None] = lambda: None
         self.openapi: dict | None = None  # built on first request
+        self.storage_listeners: Any = None  # storage_listeners.StorageListeners, with ERA_STORAGE_PORT
+        self._unwatch_storage: Callable[[], None] = lambda: None
         self.version = "unknown"
+        self.address: str | None = None  # where this server listens, for the replica registry (app._serve)
 
     def spawn(self, coro) -> asyncio.Task:
         """A background task that outlives the request or socket that started it."""
@@ -76,8 +79,14 @@ class Services:
         t0 = time.monotonic()
         sessions, self.version = await asyncio.to_thread(_import_engine)
         engine = sessions.SessionManager(self.settings)
+        engine.replica.address = engine.replica.address or self.address
         await engine.start()
         self._unwatch = engine.watch(self.on_lifecycle)
+        if self.settings["ERA_STORAGE_PORT"]:
+            from .storage_listeners import StorageListeners
+
+            self.storage_listeners = StorageListeners(self, self.settings["ERA_STORAGE_PORT"])
+            self._unwatch_storage = engine.watch(self.storage_listeners.on_lifecycle)
         self.engine = engine
         if self.state == "starting":
             self.state = "ready"
@@ -87,6 +96,9 @@ class Services:
     async def shutdown_engine(self) -> None:
         if self.engine is not None:
             self._unwatch()  # the sockets were closed already (app._shutdown)
+            if self.storage_listeners is not None:
+                self._unwatch_storage()
+                self.storage_listeners.close_all()
             await self.engine.shutdown()
 
 

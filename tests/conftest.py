@@ -35,6 +35,28 @@ def require_docker() -> None:
         pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """One throwaway PostgreSQL cluster for the whole test session (tests/support/postgres.py).
+    Skipped without PostgreSQL's server binaries or psycopg; fails under ERA_REQUIRE_POSTGRES=1."""
+    from .support.postgres import PostgresCluster, find_bin_dir
+
+    try:
+        import psycopg  # noqa: F401
+
+        bin_dir = find_bin_dir()
+        if bin_dir is None:
+            raise RuntimeError("PostgreSQL's server (initdb) is not installed (apt-get install postgresql)")
+        cluster = PostgresCluster(bin_dir).start()
+    except Exception as exc:
+        message = f"PostgreSQL unavailable: {exc}"
+        if os.environ.get("ERA_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def era_settings(request, tmp_path):
     """Engine settings in throwaway directories. Parametrize indirectly with a

@@ -250,6 +250,48 @@ async def test_a_kernel_restart_ends_background_processes_and_says_why(engine):
     assert r["stdout"] == "again\n"
 
 
+async def test_background_processes_outlive_their_server_in_the_record(era_settings):
+    """A restarted server still lists the background processes of the one before, says
+    how each ended (one exited, one went with the server), and serves their output from
+    the journal; an ended one refuses stdin and signals (409)."""
+    from era_kernel.engine.manager import SessionManager
+
+    first = SessionManager(era_settings)
+    await first.start()
+    try:
+        sid = (await first.create({"language": "python"}))["id"]
+        done = await _cmd(first, sid, "echo finished; echo oops >&2; exit 4", background=True)
+        await asyncio.wait_for((await first.commands.process(sid, done["pid"])).done.wait(), 15)
+        long = await _cmd(first, sid, "for i in 1 2 3; do echo line-$i; done; sleep 419", background=True)
+        page = await first.commands.output(sid, long["pid"], 0, wait=5)
+        while "line-3" not in "".join(e.get("content", "") for e in page["events"]):
+            page = await first.commands.output(sid, long["pid"], 0, wait=5)
+    finally:
+        await first.shutdown()
+    assert await _settles_to(lambda: _sandbox_count("sleep 419"), 0) == 0
+    second = SessionManager(era_settings)
+    await second.start()
+    try:
+        listed = {p["pid"]: p for p in await second.commands.list(sid)}
+        assert (listed[done["pid"]]["state"], listed[done["pid"]]["exit_code"]) == ("exited", 4), listed
+        assert listed[long["pid"]]["state"] == "killed", listed
+        out = await second.commands.output(sid, done["pid"], 0)
+        text = {s: "".join(e["content"] for e in out["events"] if e["type"] == s) for s in ("stdout", "stderr")}
+        assert text == {"stdout": "finished\n", "stderr": "oops\n"}, out
+        assert out["events"][-1]["type"] == "exit" and out["exit_code"] == 4
+        out = await second.commands.output(sid, long["pid"], 0)
+        assert "".join(e.get("content", "") for e in out["events"]) == "line-1\nline-2\nline-3\n", out
+        # after= pages as before the restart
+        tail = await second.commands.output(sid, long["pid"], out["events"][0]["seq"])
+        assert tail["events"] == out["events"][1:]
+        with pytest.raises(Conflict):
+            await second.commands.send_signal(sid, long["pid"], {"signal": "TERM"})
+        events = [e["type"] for e in await second.session_events(sid)]
+        assert events.count("process_started") == 2 and events.count("process_ended") == 2, events
+    finally:
+        await second.shutdown()
+
+
 def _containers(sid: str) -> int:
     from era_kernel.provisioning.docker import shared_docker_client
 

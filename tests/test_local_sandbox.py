@@ -318,3 +318,51 @@ def test_mount_points_in_a_sessions_tmp_never_follow_what_the_session_planted(tm
             path = path.parent
     assert list(outside.iterdir()) == [] and (tmp / "mine" / "kept.txt").read_text() == "x"
     assert os.path.isfile("/etc/passwd") and not os.path.exists("/srv/not-under-tmp")
+
+
+async def test_commands_work_without_a_sandbox_and_as_the_kernel_runs(era_settings):
+    """ERA_SANDBOX=none (no bubblewrap): commands still run beside the kernel, as the
+    kernel's uid, in its workspace, with no_new_privs, and background ones are signalled.
+    A data directory its uid cannot reach (under pytest's 0700 one, as under /root) is a
+    clear error at kernel start, not a bare EACCES from inside the kernel."""
+    from era_kernel.engine.manager import SessionManager
+    from era_kernel.errors import KernelFailed
+
+    from .conftest import kernel_processes, short_tmpdir
+
+    if os.geteuid() != 0:
+        pytest.skip("kernels of their own uid need root")
+    engine = SessionManager(era_settings.replace(ERA_SANDBOX="none"))
+    await engine.start()
+    try:
+        sid = (await engine.create({"language": "python"}))["id"]
+        with pytest.raises(KernelFailed, match="ERA_SANDBOX=none.*cannot pass through"):
+            await engine.run(sid, {"code": "1"})
+    finally:
+        await engine.shutdown()
+    data = short_tmpdir("erd")
+    data.chmod(0o711)
+    engine = SessionManager(era_settings.replace(ERA_SANDBOX="none", ERA_DATA_DIR=str(data / "data")))
+    await engine.start()
+    try:
+        sid = (await engine.create({"language": "python"}))["id"]
+        assert engine.kernels.get(sid) is None or not engine.kernels[sid].km.provisioner.sandboxed
+        kernel_uid = (await engine.run(sid, {"code": "import os; print(os.getuid())"}))["stdout"].strip()
+        assert not engine.kernels[sid].km.provisioner.sandboxed
+        r = await engine.commands.run(sid, {"cmd": "id -u; pwd; grep NoNewPrivs /proc/self/status", "shell": True})
+        record = await engine._record(sid)
+        assert r["stdout"].split("\n")[:3] == [kernel_uid, str(engine.files.path(record).resolve()),
+                                               "NoNewPrivs:\t1"], r
+        bg = await engine.commands.run(sid, {"cmd": ["sleep", "423"], "background": True})
+        await engine.commands.send_signal(sid, bg["pid"], {"signal": "TERM"})
+        process = await engine.commands.process(sid, bg["pid"])
+        await asyncio.wait_for(process.done.wait(), 10)
+        assert (process.state, process.exit_code) == ("exited", 143)
+    finally:
+        await engine.shutdown()
+        shutil.rmtree(data, ignore_errors=True)
+    for _ in range(100):
+        if not kernel_processes("sleep 423"):
+            break
+        await asyncio.sleep(0.1)
+    assert not kernel_processes("sleep 423")

@@ -109,6 +109,29 @@ async def test_the_session_websocket_runs_commands(server):
     assert sorted(streamed) == [("stderr", "two\n"), ("stdout", "one\n")], seen
     assert seen[-1]["id"] == "c1" and seen[-1]["result"]["exit_code"] == 0
     conn.close()
+    # Each message is one the OpenAPI document describes (x-websocket), both ways.
+    spec = server.json("GET", "/api/openapi.json")
+    ws = spec["paths"]["/api/sessions/{id}/ws"]["get"]["x-websocket"]
+    described = {m: {s.rsplit("/", 1)[-1] for s in _refs(ws[m])} for m in ("client-messages", "server-messages")}
+    assert "WsCommand" in described["client-messages"], described
+    assert {"OutputEvent", "WsCommandResult"} <= described["server-messages"], described
+    from pydantic import TypeAdapter
+
+    from server import schemas
+
+    union = TypeAdapter(schemas.OutputEvent | schemas.WsCommandResult)
+    for message in seen:
+        if message.get("command") or message["type"] == "command_result":
+            assert union.validate_python(message)
+    TypeAdapter(schemas.WsCommand).validate_python({"type": "command", "id": "c1", "cmd": ["bash"]})
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["$ref"]] if "$ref" in node else []) + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
 
 
 async def _read_until(conn, needle: bytes, seen: bytearray, timeout: float = 15) -> None:
@@ -132,6 +155,30 @@ async def test_a_terminal_types_reads_resizes_and_exits(server):
         if await asyncio.wait_for(conn.read_message(), 15) is None:
             break
     assert conn.close_code == 1000
+
+
+async def test_several_terminals_in_one_session_are_separate_shells(server):
+    first = await websocket_connect(f"{server.ws_base}/api/sessions/{SID}/terminal")
+    second = await websocket_connect(f"{server.ws_base}/api/sessions/{SID}/terminal")
+    seen_first, seen_second = bytearray(), bytearray()
+    first.write_message(b"X=first; echo shell-$$-$X\r", binary=True)
+    second.write_message(b"echo shell-$$-${X:-unset}\r", binary=True)
+    await _read_until(first, b"-first\r", seen_first)
+    await _read_until(second, b"-unset\r", seen_second)
+    pids = [bytes(s).rsplit(b"shell-", 1)[1].split(b"-")[0] for s in (seen_first, seen_second)]
+    assert pids[0] != pids[1] and all(p.isdigit() for p in pids), pids  # two shells
+    assert b"-unset" not in seen_first and b"-first\r" not in seen_second  # neither saw the other's output
+    first.close()  # hangs up the first shell only
+    for _ in range(50):
+        listed = server.json("GET", f"/api/sessions/{SID}/processes")["processes"]
+        terminals = {p["pid"]: p["state"] for p in listed if p["kind"] == "terminal"}
+        if terminals.get(int(pids[0])) != "running":
+            break
+        await asyncio.sleep(0.1)
+    assert terminals.get(int(pids[0])) != "running" and terminals[int(pids[1])] == "running", terminals
+    second.write_message(b"echo still-$((1+1))\r", binary=True)
+    await _read_until(second, b"still-2", seen_second)
+    second.close()
 
 
 async def test_closing_a_terminal_hangs_up_its_shell(server):
@@ -162,7 +209,8 @@ async def test_a_terminal_on_an_unknown_session_is_a_json_404(server):
 def test_processes_of_a_killed_server_are_gone_and_reaped(provisioner):
     """SECURITY.md case 10 for commands: a server SIGKILLed with a background process
     running leaves nothing once it is started again (they lived in its kernels' sandboxes,
-    which die with it or are reaped at start)."""
+    which die with it or are reaped at start). The new server still lists the process, as
+    killed with its server, and serves what it printed before (the journal)."""
     import signal
 
     from tests.support.era_server import ServerProcess
@@ -174,8 +222,11 @@ def test_processes_of_a_killed_server_are_gone_and_reaped(provisioner):
     srv = ServerProcess().start()
     try:
         sid = srv.json("POST", "/api/sessions", {"provisioner": provisioner}, expect=201)["id"]
-        srv.json("POST", f"/api/sessions/{sid}/commands", {"cmd": ["sleep", "4243"], "background": True},
-                 expect=202)
+        bg = srv.json("POST", f"/api/sessions/{sid}/commands",
+                      {"cmd": "echo before-the-kill; sleep 4243", "shell": True, "background": True}, expect=202)
+        out = srv.json("GET", f"/api/sessions/{sid}/processes/{bg['pid']}/output?wait=10")
+        assert out["events"][0]["content"] == "before-the-kill\n", out
+        time.sleep(0.2)  # past the journal's group-commit window (20 ms): a SIGKILL may lose only that
         assert kernel_processes("sleep 4243")
         srv.stop(signal.SIGKILL)
         srv.start()  # its start reaps what a dead owner left (containers, cgroups)
@@ -184,6 +235,11 @@ def test_processes_of_a_killed_server_are_gone_and_reaped(provisioner):
                 break
             time.sleep(0.1)
         assert not kernel_processes("sleep 4243")
-        assert srv.json("GET", f"/api/sessions/{sid}/processes")["count"] == 0  # a new process knows of none
+        (listed,) = srv.json("GET", f"/api/sessions/{sid}/processes")["processes"]
+        assert (listed["pid"], listed["state"], listed["exit_code"]) == (bg["pid"], "killed", None), listed
+        assert "server" in listed["reason"]
+        out = srv.json("GET", f"/api/sessions/{sid}/processes/{bg['pid']}/output")
+        assert [e["type"] for e in out["events"]] == ["stdout", "exit"] and out["state"] == "killed", out
+        srv.json("POST", f"/api/sessions/{sid}/processes/{bg['pid']}/signal", {"signal": "TERM"}, expect=409)
     finally:
         srv.cleanup()

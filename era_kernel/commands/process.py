@@ -34,6 +34,7 @@ class Process:
         self.reason: str | None = None  # why it ended when it did not exit by itself
         self.ended_at: str | None = None
         self.limit = limit
+        self.journal_id: str | None = None  # where its record and output are kept (history.py)
         self.events: deque[dict[str, Any]] = deque()
         self.held = 0  # characters in self.events
         self.seq = 0

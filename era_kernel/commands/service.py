@@ -31,6 +31,7 @@ from ..errors import BadRequest, Busy, Conflict, KernelFailed, NotFound, SetupPe
 from ..kernel.outputs import format_duration
 from ..provisioning.commands import TIMEOUT_EXIT, _Capture
 from .channel import SupervisorChannel, open_channel
+from .history import ProcessHistory
 from .process import Listener, Process
 
 log = logging.getLogger("era.commands")
@@ -60,15 +61,18 @@ class CommandService:
     (its directory on the host), ``setup_wait(sid, timeout)``, ``watch`` (lifecycle
     events: a deleted session's processes are forgotten) and ``sync(record)`` (a
     persistent session's workspace pushed to the store, as after a run; an error sentence
-    or None)."""
+    or None). ``history``: where background processes' records and output are kept
+    beyond this server (history.py); None keeps them in memory only."""
 
     def __init__(self, settings: Any, *, record: Callable[[str], Awaitable[Any]],
                  kernel: Callable[[str], Awaitable[Any]], workspace: Callable[[Any], Any],
                  setup_wait: Callable[[str, float], Awaitable[None]], watch: Callable[[Callable], Any],
-                 sync: Callable[[Any], Awaitable[str | None]]) -> None:
+                 sync: Callable[[Any], Awaitable[str | None]], history: ProcessHistory | None = None) -> None:
         self.settings = settings
+        self.session_env: Callable[[str], dict[str, str]] = lambda session_id: {}  # the engine's (storage token)
         self._record, self._kernel, self._workspace, self._setup_wait = record, kernel, workspace, setup_wait
         self._sync = sync
+        self.history = history
         self.sessions: dict[str, _Session] = {}
         watch(self._lifecycle)
 
@@ -122,7 +126,7 @@ class CommandService:
 
     async def _spawn(self, sid: str, argv: list[str], *, kind: str, cwd: str, env: dict[str, str],
                      stdin: bytes | None, keep_stdin: bool, limit: int, pty: tuple[int, int] | None = None,
-                     listener: Listener | None = None) -> tuple[Process, SupervisorChannel]:
+                     listener: Listener | None = None, kept: bool = False) -> tuple[Process, SupervisorChannel]:
         channel = await self._channel(sid)
         state = self.sessions[sid]
         if sum(p.running for p in state.processes.values()) >= MAX_LIVE:
@@ -132,6 +136,8 @@ class CommandService:
         process = Process(key, argv, kind, limit)
         if listener is not None:
             process.listeners.append(listener)
+        if kept and self.history is not None:
+            self.history.follow(sid, process)  # listening before it can print
         state.processes[key] = process
         self._forget_ended(state)
 
@@ -177,7 +183,7 @@ class CommandService:
         # kernel process's own environment (the supervisor's): so `env` in a command, `!env`
         # in the kernel and `env` in the Bash kernel agree.
         return {"ERA_SESSION": "true", "ERA_SESSION_ID": record.id, "ERA_LANGUAGE": record.language,
-                **record.env, **extra}
+                **self.session_env(record.id), **record.env, **extra}
 
     async def run(self, sid: str, body: Any, *, on_output: Callable[[dict[str, Any]], None] | None = None,
                   on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -194,8 +200,10 @@ class CommandService:
         argv, cwd = self._argv(req), self._cwd(record, req.cwd)
         env = self._env(record, req.env)
         if req.background:
+            if self.history is not None:
+                await self.history.ready(sid)
             process, _ = await self._spawn(sid, argv, kind="background", cwd=cwd, env=env, stdin=stdin,
-                                           keep_stdin=True, limit=BACKGROUND_OUTPUT)
+                                           keep_stdin=True, limit=BACKGROUND_OUTPUT, kept=True)
             if record.persistent:
                 asyncio.ensure_future(self._sync_when_done(record, process))
             return process.document()
@@ -283,21 +291,34 @@ class CommandService:
 
     # ---- following processes --------------------------------------------------------------
     async def list(self, sid: str) -> list[dict[str, Any]]:
+        """Processes of earlier servers (kept, history.py) first, then this server's."""
         await self._record(sid)
         state = self.sessions.get(sid)
-        return [p.document() for p in state.processes.values()] if state else []
+        held = list(state.processes.values()) if state else []
+        earlier = await self._earlier(sid, held)
+        return [{k: v for k, v in d.items() if k != "journal_id"} for d in earlier] + [p.document() for p in held]
+
+    async def _earlier(self, sid: str, held: list[Process]) -> list[dict[str, Any]]:
+        if self.history is None:
+            return []
+        return await self.history.earlier(sid, {p.journal_id for p in held if p.journal_id})
 
     async def process(self, sid: str, pid: Any) -> Process:
-        """The session's process with this pid (the newest, if a pid came round again)."""
+        """The session's process with this pid (the newest, if a pid came round again):
+        this server's, else one an earlier server kept (ended; its output from the store)."""
         await self._record(sid)
         if isinstance(pid, str):
             if not pid.isdigit() or len(pid) > 9:
                 raise NotFound(f"no process {pid[:20]!r} in this session")
             pid = int(pid)
         state = self.sessions.get(sid)
-        for process in reversed(list(state.processes.values()) if state else []):
+        held = list(state.processes.values()) if state else []
+        for process in reversed(held):
             if process.pid == pid:
                 return process
+        for doc in reversed(await self._earlier(sid, held)):
+            if doc["pid"] == pid:
+                return await self.history.restore(sid, doc)
         raise NotFound(f"no process {pid} in this session (GET .../processes lists them)")
 
     async def output(self, sid: str, pid: Any, after: int = 0, *, limit: int = 1000,

@@ -27,7 +27,7 @@ log = logging.getLogger("era.journal")
 FLUSH_SECONDS = 0.02
 BATCH = 512
 EVENT_OVERHEAD = 64  # bytes counted per event beyond its content: many tiny prints add up
-BOUNDED = frozenset({"stdout", "stderr", "display", "error", "setup"})
+BOUNDED = frozenset({"stdout", "stderr", "display", "error", "setup", "process_stdout", "process_stderr"})
 
 
 class RunJournal:
@@ -63,7 +63,7 @@ class RunJournal:
                 if kept >= self.limit:
                     return event  # past the run's bound: live only
                 self._run_bytes[run_id] = kept + EVENT_OVERHEAD + _size(event)
-            elif event.get("type") == "done":
+            elif event.get("type") in ("done", "process_exit"):  # a run's, or a background process's end
                 self._run_bytes.pop(run_id, None)
         numbered = dict(event, seq=last + 1)
         self._seq[session_id] = last + 1

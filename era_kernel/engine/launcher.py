@@ -17,8 +17,9 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
+from .. import sdk
 from ..config import Settings
 from ..errors import KernelFailed
 from ..kernel import SessionKernel
@@ -43,6 +44,19 @@ POOL_UID_FILE = "pool-uids"
 POOL_UID_BLOCK = 1000
 
 
+SDK_DIRS = (str(sdk.PYTHON_DIR), str(sdk.NODE_DIR))  # era_storage: bound read-only into every sandbox
+
+
+def sdk_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the SDK directories last on PYTHONPATH and NODE_PATH (a package the
+    session installed under the same name wins), so ``import era_storage`` /
+    ``require('era_storage')`` work in every kernel."""
+    out = dict(env)
+    for name, directory in (("PYTHONPATH", SDK_DIRS[0]), ("NODE_PATH", SDK_DIRS[1])):
+        out[name] = ":".join(p for p in (env.get(name), directory) if p)
+    return out
+
+
 class KernelLauncher:
     def __init__(self, settings: Settings, setups: "SetupManager", files: "SessionFiles", table: KernelTable,
                  events: EngineEvents) -> None:
@@ -53,12 +67,14 @@ class KernelLauncher:
         self.events = events
         self.spec_manager = EraKernelSpecManager()
         self._pool_uids: list[int] = []
+        # Variables a session's kernel gets for its id (its storage token: set by the manager).
+        self.session_env: Callable[[str], dict[str, str]] = lambda session_id: {}
 
     # ---- building --------------------------------------------------------------------------
     def startup_cells(self, request: KernelRequest, workspace: Path) -> list[str]:
         language = get_language(request.language)
         env = {"ERA_SESSION": "true", "ERA_SESSION_ID": request.session_id or "", "ERA_LANGUAGE": request.language,
-               **request.env}
+               **(self.session_env(request.session_id) if request.session_id else {}), **request.env}
         # The working directory as the kernel sees it: containers mount it at /workspace.
         cwd = CONTAINER_WORKSPACE if request.provisioner == "docker" else str(workspace)
         return language.startup_cells(cwd, env, request.startup)
@@ -84,10 +100,10 @@ class KernelLauncher:
         if labels is None:
             labels = {"era.session": request.session_id} if request.session_id else {}
         # In the process environment, not a startup cell: the kernel reads it when it starts.
-        env = {**extras["env"], **({"ERA_TYPECHECK": "1"} if request.typecheck else {})}
+        env = {**sdk_env(extras["env"]), **({"ERA_TYPECHECK": "1"} if request.typecheck else {})}
         launch = LaunchOptions.from_settings(
             self.settings, request.provisioner, workspace, uid=uid, allow_network=request.allow_internet, env=env,
-            labels=labels, readonly=tuple(extras["readonly"]), **self.own_limits(request.limits),
+            labels=labels, readonly=(*extras["readonly"], *SDK_DIRS), **self.own_limits(request.limits),
             tmp_dir=self.files.tmp_path(workspace))  # the directory's /tmp, which outlives the kernel
         startup = extras["startup"] + self.startup_cells(request, workspace) if cells else []
         return SessionKernel(self.spec_manager, language.kernelspec_name(request.provisioner), launch, startup,
@@ -116,8 +132,9 @@ class KernelLauncher:
             self.settings, record.provisioner, workspace, uid=uid,
             allow_network=record.allow_internet if allow_network is None else allow_network,
             env={"ERA_SESSION": "true", "ERA_SESSION_ID": record.id, "ERA_LANGUAGE": record.language,
-                 **extras["env"], **record.env, **(env or {})},
-            labels={"era.session": record.id}, readonly=tuple(extras["readonly"]), **self.own_limits(record.limits),
+                 **sdk_env(extras["env"]), **self.session_env(record.id), **record.env, **(env or {})},
+            labels={"era.session": record.id}, readonly=(*extras["readonly"], *SDK_DIRS),
+            **self.own_limits(record.limits),
             tmp_dir=self.files.tmp_path(workspace))
         return await run_command(record.provisioner, options, argv, language=record.language, timeout=timeout,
                                  max_output=max_output, on_output=on_output)

@@ -29,8 +29,11 @@ from ..kernel import EventSink, InputHandler, SessionKernel
 from ..languages import get_language
 from ..listing import SessionPage, read_page, record_chunks
 from ..setup import SetupManager
+from ..storage import Storage
 from ..store.base import SessionExists, store_for_url
+from ..commands.history import ProcessHistory
 from ..commands.service import CommandService
+from ..ports.service import PortService
 from .callbacks import CallbackSender
 from .events import KERNEL_GONE, EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
 from .files import POOL_ROOT, SessionFiles
@@ -46,6 +49,7 @@ from .results import notebook_from_runs, utc_now
 from .runner import SessionRunner
 from .session_log import SessionLog
 from .schedules import Scheduler
+from .replicas import ReplicaRegistration
 from .upkeep import Upkeep
 
 log = logging.getLogger("era.sessions")
@@ -65,6 +69,7 @@ class SessionManager:
         self.events.watch(lambda ev: isinstance(ev, KERNEL_GONE) and self.gateway_runs.kernel_gone(
             ev.session_id, f"kernel {type(ev).__name__.removeprefix('Kernel').lower()}: {ev.reason}"))
         self.files = SessionFiles(self.settings)
+        self.storage = Storage(self.settings, lambda: self.files.store.objects, self.store.get_session)  # ERA's
         # Package setups into shared environments, archived in the workspace store (built lazily).
         self.setups = SetupManager(self.settings, lambda: self.files.store)
         self.table = KernelTable(self.settings["ERA_MAX_KERNELS"], self.events)
@@ -83,10 +88,16 @@ class SessionManager:
         self.queue.on_finished.append(self.callbacks.run_finished)
         self.upkeep = Upkeep(self.settings, self.store, self.table, self.pool, self.events, self._delete)
         self.scheduler = Scheduler(self.settings, self.store, self.run)  # fires through the run path below
+        # This server in the store's replica registry (a server sets .address once bound).
+        self.replica = ReplicaRegistration(self.settings, self.store, lambda: {"live_kernels": self.table.slots.used})
         # Commands, background processes and terminals in a session's kernel's sandbox (commands/).
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
-                                       sync=self.files.sync)
+                                       sync=self.files.sync, history=ProcessHistory(self.journal, self.store))
+        # A session's ports reached from outside, and ERA's relay mode (ports/).
+        self.ports = PortService(record=self._record, kernel=self.jupyter_kernel, run=self.run,
+                                 touch=lambda sid: self.jupyter_activity(sid, touch=True))
+        self.launcher.session_env = self.commands.session_env = self.storage.session_env
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
@@ -101,6 +112,7 @@ class SessionManager:
         await self.files.start()
         await self.store.open()
         self._opened = True
+        await self.storage.start()
         await self.callbacks.start()  # before recovery: runs a restart cut off have callbacks too
         if serve:
             await recover(self.settings, self.store, self.files, self._start_setup)
@@ -112,6 +124,7 @@ class SessionManager:
             self.pool.start()
             self.upkeep.start()
             self.scheduler.start()  # after the recovery: a requeued firing counts as its schedule's previous run
+            await self.replica.start()
 
     def _make_dirs(self) -> None:
         for path in (self.settings.data_dir / "sessions", self.settings.data_dir / POOL_ROOT,
@@ -122,7 +135,8 @@ class SessionManager:
 
     async def shutdown(self) -> None:
         """Interrupt running code, stop every kernel, close the store."""
-        await self.scheduler.stop()  # first: nothing fires into an engine that is stopping
+        await self.replica.stop()  # first: no replica looks for this one any more
+        await self.scheduler.stop()  # nothing fires into an engine that is stopping
         await self.setups.shutdown()
         await self.upkeep.stop()
         await self.queue.shutdown()
@@ -133,11 +147,14 @@ class SessionManager:
         for sid in list(self.table.live()):  # after a restart, each session still says why its kernel went
             self.events.publish(KernelStopped(sid, "server shutdown"))
         await asyncio.gather(*(self.table.stop(sid) for sid in self.table.sessions()), return_exceptions=True)
+        await self.commands.shutdown()  # their processes' ends are recorded (commands/history.py)
         await self.runner.settle()
         await self.callbacks.stop()  # after the last runs ended, before the store closes
         await self.journal.settle()
         await self.session_log.settle()
+        await self.commands.history.settle()
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
+        await self.storage.close()
         if self._opened:
             await self.store.close()
             self._opened = False
@@ -148,6 +165,7 @@ class SessionManager:
         await self.runner.settle()
         await self.journal.settle()
         await self.session_log.settle()
+        await self.commands.history.settle()
 
     # ---- what callers may look at ------------------------------------------------------------
     @property
@@ -530,7 +548,11 @@ class SessionManager:
         return await self.upkeep.cull()
 
     async def stats(self) -> dict[str, Any]:
-        return await self.upkeep.stats()
+        return {**await self.upkeep.stats(), "replica": self.replica.id}
+
+    async def replicas(self) -> dict[str, Any]:
+        """The servers registered in the store (this one among them), with their heartbeats."""
+        return {"replica": self.replica.id, "replicas": await self.store.list_replicas()}
 
     # ---- files -------------------------------------------------------------------------------
     async def list_files(self, session_id: str) -> list[dict[str, Any]]:

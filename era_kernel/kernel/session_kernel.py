@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +35,8 @@ EventSink = Callable[[dict[str, Any]], None]
 Listener = Callable[[str, dict[str, Any]], None]  # (channel name, message), every message
 InputHandler = Callable[[str, bool], Awaitable[str]]
 
+# What bubblewrap says when a mount it was binding went away under it (see start()).
+MOUNT_RACE = re.compile(r"bwrap: Can't (bind mount|remount)")
 ALIVE_POLL = 0.5  # seconds between liveness checks while a run waits for output
 # A dying kernel drops its connections too: a cut only counts if the kernel outlives this.
 CUT_GRACE = 0.5
@@ -98,6 +101,19 @@ class SessionKernel:
     # ---- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         """Start the kernel, wait until it answers, run the startup cells."""
+        try:
+            await self._start_once()
+        except KernelFailed as exc:
+            if not MOUNT_RACE.search(exc.message):
+                raise
+            # bubblewrap binds the host's mounts recursively, then remounts each read-only:
+            # another session's workspace volume unmounted in between fails that walk,
+            # though nothing is wrong with this kernel. Once more: the walk is quick.
+            log.info("kernel %s: bubblewrap raced an unmount while binding the host's mounts; starting it again",
+                     self.kernel_name)
+            await self._start_once()
+
+    async def _start_once(self) -> None:
         self.state = KernelState.STARTING
         km = EraKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=self.spec_manager)
         self.km = km

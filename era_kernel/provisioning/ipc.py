@@ -30,6 +30,11 @@ def kernels_root(runtime_dir: str | os.PathLike) -> Path:
     # Search-only for others: a sandboxed kernel running as its own uid must traverse
     # to its own directory (bubblewrap copies this mode) but cannot list its siblings.
     os.chmod(root, 0o711)
+    # The runtime directory too (a 0700 one from mkdtemp, say): an unsandboxed kernel
+    # (ERA_SANDBOX=none) runs as its session's uid and reaches its directory through it.
+    mode = os.stat(runtime_dir).st_mode
+    if mode & 0o011 != 0o011 and os.geteuid() == os.stat(runtime_dir).st_uid:
+        os.chmod(runtime_dir, (mode & 0o7777) | 0o011)
     return root
 
 

@@ -291,6 +291,8 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
             self.sandboxed = True
         else:
             _warn_unsandboxed()
+            if uid != os.getuid():
+                await asyncio.to_thread(_check_reachable, uid, [workspace, self.kernel_dir])
             # Without bubblewrap, at least die with the server.
             argv = die_with_parent() + argv
         # bubblewrap sets no resource limits: prlimit does, before anything else runs.
@@ -435,9 +437,25 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         pass
 
 
+def _check_reachable(uid: int, paths: list[Path]) -> None:
+    """Unsandboxed, a kernel of its own uid sees the host's paths as they are: every
+    directory above its workspace and its kernel directory must let others through
+    (search permission), or it dies at start with a bare EACCES. Say which one instead.
+    (bubblewrap binds both at their paths, so a sandboxed kernel needs none of this.)"""
+    for path in paths:
+        for parent in [*reversed(path.parents)]:
+            st = os.stat(parent)
+            if st.st_uid != uid and not st.st_mode & 0o001:
+                raise KernelFailed(f"ERA_SANDBOX=none: kernels run as their session's own uid ({uid}), which cannot "
+                                   f"pass through {parent} (mode {st.st_mode & 0o777:o}) to reach {path}; put "
+                                   "ERA_DATA_DIR and ERA_RUNTIME_DIR under directories others may traverse "
+                                   "(e.g. /var/lib/era), or install bubblewrap")
+
+
 def _warn_unsandboxed() -> None:
     global _UNSANDBOXED_WARNED
     if not _UNSANDBOXED_WARNED:
         _UNSANDBOXED_WARNED = True
-        log.warning("bubblewrap (bwrap) not found or ERA_SANDBOX=none: local kernels run UNSANDBOXED as user %s; "
-                    "install bubblewrap for filesystem and network isolation", getpass.getuser())
+        who = "each session's own uid" if os.geteuid() == 0 else f"user {getpass.getuser()}"
+        log.warning("bubblewrap (bwrap) not found or ERA_SANDBOX=none: local kernels run UNSANDBOXED (as %s, "
+                    "with the host's filesystem view and network); install bubblewrap for isolation", who)

@@ -2,7 +2,7 @@
 
 Small on purpose, so another database can follow SQLite. The store knows nothing of
 kernels or files; it keeps documents. Backends are chosen by URL scheme
-(``sqlite:///path``, ``sqlite://:memory:``) through the ``era_kernel.stores`` entry-point
+(``sqlite:///path``, ``sqlite://:memory:``, ``postgresql://...``) through the ``era_kernel.stores`` entry-point
 group, built-ins registered the same way as third parties.
 """
 
@@ -189,6 +189,51 @@ class MetadataStore(abc.ABC):
         grows with every event and is never reused, so a client pages with the last one
         it saw). Called for ``GET /api/sessions/{id}/events``."""
 
+    # ---- replicas ---------------------------------------------------------------------------
+    # Servers sharing one store register themselves: a document ``{id, address, capacity,
+    # ...}`` (the address other replicas reach it at), refreshed by a heartbeat. The store
+    # stamps each put with its own clock, so replicas whose clocks differ still agree on
+    # which heartbeats are old.
+
+    @abc.abstractmethod
+    async def put_replica(self, replica: dict[str, Any]) -> dict[str, Any]:
+        """Register the replica ``replica["id"]`` or refresh it (its document replaced,
+        its place in the listing kept), stamping its heartbeat now; returns it as
+        ``list_replicas`` would. Called by a server when it starts and at each heartbeat."""
+
+    @abc.abstractmethod
+    async def list_replicas(self) -> list[dict[str, Any]]:
+        """Every registered replica, first registered first: its document plus
+        ``heartbeat_at`` and ``heartbeat_age`` (``heartbeat_fields``). Whether an old
+        heartbeat means a dead replica is the caller's to decide."""
+
+    @abc.abstractmethod
+    async def delete_replica(self, replica_id: str) -> bool:
+        """Remove the replica's registration; True when it existed. Called by a server
+        that stops cleanly."""
+
+
+def heartbeat_fields(heartbeat_at: float, now: float) -> dict[str, Any]:
+    """A replica's heartbeat as ``list_replicas`` gives it: the time of its last
+    ``put_replica`` (UTC, ISO, like every time the engine writes) and its age in seconds,
+    both by the store's clock (the one clock every replica shares)."""
+    from datetime import datetime, timezone
+
+    stamp = datetime.fromtimestamp(heartbeat_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return {"heartbeat_at": stamp, "heartbeat_age": max(0.0, now - heartbeat_at)}
+
+
+def url_without_password(url: str) -> str:
+    """The store URL fit for a log or a report: a password in it (``postgresql://u:pw@h``)
+    replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
 
 def store_for_url(url: str) -> MetadataStore:
     """Build the backend registered for the URL's scheme."""
@@ -202,4 +247,8 @@ def store_for_url(url: str) -> MetadataStore:
         from .sqlite import SQLiteStore
 
         return SQLiteStore(url)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
     raise ValueError(f"no metadata store for URL scheme {scheme!r}")

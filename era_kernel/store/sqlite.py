@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..serial_thread import SerialThread
-from .base import SESSION_EVENTS_KEPT, MetadataStore, SessionExists
+from .base import SESSION_EVENTS_KEPT, MetadataStore, SessionExists, heartbeat_fields
 
 T = TypeVar("T")
 
@@ -80,6 +81,15 @@ MIGRATIONS: list[str] = [
         slot TEXT NOT NULL,
         run_id TEXT,
         PRIMARY KEY (schedule_id, slot)
+    );
+    """,
+    # 3: the replicas sharing this store (MetadataStore.put_replica)
+    """
+    CREATE TABLE replicas (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        heartbeat_at REAL NOT NULL,
+        doc TEXT NOT NULL
     );
     """,
 ]
@@ -328,3 +338,25 @@ class SQLiteStore(MetadataStore):
             return inserted
 
         return await self._call(claim)
+
+    # ---- replicas ------------------------------------------------------------------------------
+    # One machine, one clock: the store's clock is this process's.
+    async def put_replica(self, replica: dict[str, Any]) -> dict[str, Any]:
+        doc = json.dumps(replica)
+
+        def put(db: sqlite3.Connection) -> dict[str, Any]:
+            now = time.time()
+            db.execute("INSERT INTO replicas (id, heartbeat_at, doc) VALUES (?, ?, ?) "
+                       "ON CONFLICT(id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, doc = excluded.doc",
+                       (replica["id"], now, doc))
+            return dict(json.loads(doc), **heartbeat_fields(now, now))
+
+        return await self._call(put)
+
+    async def list_replicas(self) -> list[dict[str, Any]]:
+        rows = await self._call(lambda db: db.execute("SELECT doc, heartbeat_at FROM replicas ORDER BY n").fetchall())
+        now = time.time()
+        return [dict(json.loads(doc), **heartbeat_fields(at, now)) for doc, at in rows]
+
+    async def delete_replica(self, replica_id: str) -> bool:
+        return await self._call(lambda db: db.execute("DELETE FROM replicas WHERE id = ?", (replica_id,)).rowcount > 0)

@@ -114,7 +114,8 @@ class ProcessesHandler(BaseHandler):
                      response="ProcessList", errors=(401, 404, 503),
                      description="Each: `pid` (in the sandbox), `cmd`, `kind` (command, background, terminal), "
                                  "`started`, `state` (running, exited, killed, failed), `exit_code`, `ended`, "
-                                 "`reason`. Ended ones are kept (the last 100) until the session is deleted.")}
+                                 "`reason`. Ended ones are kept (the last 100) until the session is deleted; background "
+                                 "processes of an earlier server process are listed too (from the store).")}
 
     async def get(self, sid: str) -> None:
         processes = await self.engine.commands.list(sid)
@@ -138,7 +139,8 @@ class ProcessOutputHandler(BaseHandler):
                             "limit": "events at most (1-10000, default 1000)"},
                      description="`events`: `stdout`/`stderr` {seq, content} and last `exit` {seq, exit_code, "
                                  "state}; `next`: the seq to ask after next; `dropped`: true when events after "
-                                 "`after` fell out of the ring (1 MiB of output per process).")}
+                                 "`after` fell out of the ring (1 MiB of output per process). A background process of an "
+                                 "earlier server process is read back from the run journal.")}
 
     async def get(self, sid: str, pid: str) -> None:
         after = self.int_query("after", 0, 0, 2**62)

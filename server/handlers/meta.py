@@ -83,16 +83,33 @@ class HealthHandler(BaseHandler):
 
 
 class StatsHandler(BaseHandler):
-    API = {"get": Op("Counts and usage: sessions, live kernels, memory, pool", response="Stats", errors=())}
+    API = {"get": Op("Counts and usage: sessions, live kernels, memory, pool; ERA's storage registry stats",
+                     response="Stats", errors=())}
 
     async def get(self) -> None:
         stats = dict(await self.engine.stats())
+        # ERA's storage registry stats ({total, by_type, by_namespace, total_size}): same document.
+        from era_kernel.storage import DEFAULT_OWNER
+
+        stats.update(await self.engine.storage.registry.stats(DEFAULT_OWNER))
         stats["server"] = {
             "uptime_s": round(time.monotonic() - self.services.started, 3),
             "websocket_clients": sum(len(hub.sockets) for hub in self.services.hubs.values()),
             "background_runs": len(self.services.tasks),
         }
         self.send_json(stats)
+
+
+class ReplicasHandler(BaseHandler):
+    API = {"get": Op("The servers sharing this store: ids, addresses, capacity, heartbeats", response="ReplicaList",
+                     errors=(),
+                     description="Every server registered in the metadata store's replica registry, first "
+                                 "registered first, with the id of the one that answered. A server registers when "
+                                 "it starts, renews its heartbeat every `ERA_REPLICA_HEARTBEAT` seconds and leaves "
+                                 "when it stops cleanly; one that died keeps an ageing heartbeat.")}
+
+    async def get(self) -> None:
+        self.send_json(await self.engine.replicas())
 
 
 class MetricsHandler(BaseHandler):

@@ -37,37 +37,38 @@ class Backend:
 
 
 @contextlib.contextmanager
-def sqlite_file(tmp_path) -> Iterator[Backend]:
+def sqlite_file(tmp_path, request) -> Iterator[Backend]:
     yield Backend(f"sqlite:///{tmp_path / 'meta' / 'era.db'}", persistent=True)
 
 
 @contextlib.contextmanager
-def sqlite_memory(tmp_path) -> Iterator[Backend]:
+def sqlite_memory(tmp_path, request) -> Iterator[Backend]:
     yield Backend("sqlite://:memory:", persistent=False)
 
 
+@contextlib.contextmanager
+def postgres(tmp_path, request) -> Iterator[Backend]:
+    """A schema of its own on the test session's throwaway cluster (tests/conftest.py)."""
+    cluster = request.getfixturevalue("postgres_cluster")
+    schema, url = cluster.new_schema()
+    try:
+        yield Backend(url, persistent=True)
+    finally:
+        cluster.drop_schema(schema)
+
+
 # The backends: a new one is one more entry here (a context manager yielding a Backend on
-# a fresh, empty database, which it cleans up after). PostgreSQL, once its store exists:
-#
-#     @contextlib.contextmanager
-#     def postgres(tmp_path):
-#         url = os.environ.get("ERA_TEST_POSTGRES_URL")  # e.g. postgresql://era@127.0.0.1/era_test
-#         if not url:
-#             message = "ERA_TEST_POSTGRES_URL is not set"
-#             pytest.fail(message) if os.environ.get("ERA_REQUIRE_POSTGRES") == "1" else pytest.skip(message)
-#         ...create a schema (or database) unique to this test, yield
-#         Backend(<url selecting it>, persistent=True), then drop it...
-#
-#     and pytest.param(postgres, id="postgres") below.
+# a fresh, empty database, which it cleans up after).
 BACKENDS = [
     pytest.param(sqlite_file, id="sqlite-file"),
     pytest.param(sqlite_memory, id="sqlite-memory"),
+    pytest.param(postgres, id="postgres"),
 ]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, tmp_path) -> Iterator[Backend]:
-    with request.param(tmp_path) as b:
+    with request.param(tmp_path, request) as b:
         yield b
 
 
@@ -395,6 +396,22 @@ async def test_json_values_round_trip_exactly(store):
     await store.add_run("j", run(1, outputs=[AWKWARD], stdout=AWKWARD["unicode"]), {"data": AWKWARD})
     assert_exactly(await store.list_runs("j"), [run(1, outputs=[AWKWARD], stdout=AWKWARD["unicode"])])
     assert_exactly((await store.get_session("j"))["data"], AWKWARD)
+
+
+async def test_non_finite_floats_in_a_session_survive_every_kind_of_update(store):
+    """Python's json writes NaN and Infinity (code in a session can leave them in its data);
+    a store keeps what it is given, through each way a session is changed."""
+    import math
+
+    await store.insert_session(rec("nan"))
+    updated = await store.update_session("nan", {"data": {"x": float("nan"), "inf": float("inf")}})
+    assert math.isnan(updated["data"]["x"]) and updated["data"]["inf"] == float("inf")
+    await store.add_run("nan", run(1), {"last_run_at": TS})  # a change on top of a stored NaN
+    await store.add_session_event("nan", {"type": "kernel_started"}, {"kernel": {"last_exit": float("-inf")}})
+    got = await store.get_session("nan")
+    assert math.isnan(got["data"]["x"]) and got["last_run_at"] == TS and got["kernel"]["last_exit"] == float("-inf")
+    await store.update_session("nan", {"data": {"x": 1}})
+    assert (await store.get_session("nan"))["data"] == {"x": 1} and await store.list_runs("nan") == [run(1)]
 
 
 # ---- delete -------------------------------------------------------------------------------------

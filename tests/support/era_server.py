@@ -38,8 +38,9 @@ class ServerProcess:
         self.tmp = tempfile.TemporaryDirectory(prefix="era-srv-")
         # Short runtime dir: kernel IPC socket paths must fit in 107 bytes.
         self.runtime = tempfile.mkdtemp(prefix="e", dir="/tmp")
-        self.env = dict(os.environ, ERA_DATA_DIR=str(Path(self.tmp.name) / "data"), ERA_RUNTIME_DIR=self.runtime,
-                        ERA_LOG_LEVEL=log_level, **(env or {}))
+        # ``env`` wins, ERA_DATA_DIR included (a restarted server on the same data directory).
+        self.env = {**os.environ, "ERA_DATA_DIR": str(Path(self.tmp.name) / "data"), "ERA_RUNTIME_DIR": self.runtime,
+                    "ERA_LOG_LEVEL": log_level, **(env or {})}
         for name in ("ERA_API_KEY", "ERA_ALLOWED_ORIGINS", "ERA_MAX_BODY"):
             if env is None or name not in env:
                 self.env.pop(name, None)
