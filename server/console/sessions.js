@@ -119,7 +119,7 @@ export class SessionsPage {
     return el("tr", { "data-session-id": s.id },
       el("td", {}, el("a", { href: `#/session/${encodeURIComponent(s.id)}`, text: s.id })),
       el("td", { text: s.language }),
-      el("td", { text: kernel ? kernel.provisioner : "–" }),
+      el("td", { text: (kernel && kernel.provisioner) || s.provisioner || "–" }),
       el("td", {}, el("span", { class: `state state-${state}`, text: state })),
       el("td", { text: kernel ? bytes(kernel.memory_bytes) : "–" }),
       el("td", { text: ago(s.last_run_at) }),
