@@ -200,6 +200,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DOCKER_PIDS", 256, "Process (and thread) limit of a Docker kernel.", int),
     Setting("ERA_DOCKER_EGRESS_NETWORK", "era-egress", "Docker network for sessions with internet access; "
             "without it, host networking (see Known limits)."),
+    Setting("ERA_DOCKER_GVISOR_RUNTIME", "runsc", "Docker runtime of `\"isolation\": \"gvisor\"` sessions with no "
+            "network (gVisor's runsc with `--network=none`; `scripts/bootstrap-docker.sh` registers it)."),
+    Setting("ERA_DOCKER_GVISOR_NET_RUNTIME", "runsc-net", "Docker runtime of gVisor sessions with internet access "
+            "and of their setup steps (runsc with `--network=host`: gVisor passes sockets through to the "
+            "container's own network namespace, the egress network's or the host's as for runc)."),
     Setting("ERA_LOG_LEVEL", "INFO", "Log level of the server and engine."),
 )
 
