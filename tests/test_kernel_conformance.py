@@ -122,6 +122,12 @@ class EraKernelTests(jkt.KernelTests):
     __test__ = False  # only the per-kernelspec subclasses below run
     language = ""
     provisioner = ""
+    REPLY_TIMEOUT = 60.0  # seconds: the suite waits for a shell reply forever by default
+
+    def get_non_kernel_info_reply(self, timeout: float | None = None):
+        # A kernel that never answers (seen once: Deno's is_complete on a loaded machine)
+        # must fail its test, not hang the whole run.
+        return super().get_non_kernel_info_reply(timeout=timeout or self.REPLY_TIMEOUT)
 
     @classmethod
     def setUpClass(cls) -> None:
