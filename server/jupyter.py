@@ -40,6 +40,7 @@ from era_kernel.languages import KERNEL_KINDS
 from tornado.web import Finish
 
 from .apidoc import Op
+from .tenancy import check_new_session
 from .gateway_replay import ReplayBuffer, replay_for
 from .handlers.base import BaseHandler, dumps, json_default, parse_json
 from .handlers.sockets import BoundedSocket
@@ -129,6 +130,9 @@ def is_gateway_kernel(doc: dict[str, Any]) -> bool:
     return isinstance(doc.get("metadata"), dict) and doc["metadata"].get("jupyter_kernel") is True
 
 
+KERNEL_NOT_FOUND = "kernel {id} not found"
+
+
 async def kernel_doc(engine: Any, kernel_id: str) -> dict[str, Any]:
     """The session behind a gateway kernel; 404 for unknown ids and for ordinary sessions."""
     try:
@@ -136,7 +140,7 @@ async def kernel_doc(engine: Any, kernel_id: str) -> dict[str, Any]:
     except NotFound:
         doc = None
     if doc is None or not is_gateway_kernel(doc):
-        raise NotFound(f"kernel {kernel_id[:128]} not found")
+        raise NotFound(KERNEL_NOT_FOUND.format(id=kernel_id[:128]))
     return doc
 
 
@@ -200,7 +204,7 @@ class KernelsHandler(BaseHandler):
         # Every page: Jupyter's list has no paging, and a kernel model is small.
         models, cursor = [], None
         while True:
-            page = await self.engine.list(cursor=cursor)
+            page = await self.engine.list(cursor=cursor, owner=self.owner_filter)
             models += [kernel_model(self.services, d) for d in page if is_gateway_kernel(d)]
             if page.next_cursor is None:
                 break
@@ -218,10 +222,11 @@ class KernelsHandler(BaseHandler):
         if name not in specs:
             raise NotFound(f"kernelspec {str(name)[:128]} not found (available: {', '.join(specs)})")
         language, provisioner = KERNEL_KINDS[name]
+        await check_new_session(self.services, self.tenant)
         # jupyter_server routes only UUID-shaped kernel ids (\w+-\w+-\w+-\w+-\w+); a UUID is a valid session id.
         doc = await self.engine.create({"id": str(uuid.uuid4()), "language": language, "provisioner": provisioner,
                                         "metadata": {"jupyter_kernel": True, "kernelspec": name},
-                                        "env": kernel_env(body.get("env"))})
+                                        "env": kernel_env(body.get("env"))}, owner=self.tenant.owner)
         self.session_id = sid = doc["id"]
         try:
             await self.engine.jupyter_kernel(sid)  # a kernel that cannot start is this request's error
@@ -237,6 +242,7 @@ class KernelsHandler(BaseHandler):
 
 class KernelHandler(BaseHandler):
     SESSION_ROUTE = True
+    NOT_FOUND = KERNEL_NOT_FOUND
     API = {
         "get": Op("Jupyter: one kernel", response="KernelModel", errors=(404,), tags=TAGS),
         "delete": Op("Jupyter: shut a kernel down (its session is deleted)", status=204, errors=(404,), tags=TAGS),
@@ -254,6 +260,7 @@ class KernelHandler(BaseHandler):
 
 class KernelInterruptHandler(BaseHandler):
     SESSION_ROUTE = True
+    NOT_FOUND = KERNEL_NOT_FOUND
     API = {"post": Op("Jupyter: interrupt a kernel", status=204, errors=(404,), tags=TAGS)}
 
     async def post(self, kid: str) -> None:
@@ -265,6 +272,7 @@ class KernelInterruptHandler(BaseHandler):
 
 class KernelRestartHandler(BaseHandler):
     SESSION_ROUTE = True
+    NOT_FOUND = KERNEL_NOT_FOUND
     API = {"post": Op("Jupyter: restart a kernel (answers once it is up again)", response="KernelModel",
                       errors=(404, 429, 503), tags=TAGS)}
 
@@ -353,6 +361,7 @@ def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
 
 
 class KernelChannels(BoundedSocket):
+    NOT_FOUND = KERNEL_NOT_FOUND
     GONE_REASON = "kernel deleted"
     API = {"get": Op("Jupyter: the kernel's messaging channels (WebSocket, Jupyter's JSON format)",
                      response="jupyter-websocket", errors=(400, 401, 403, 404, 429, 503), tags=TAGS,

@@ -76,6 +76,7 @@ class SessionRecord:
     uid: int | None = None  # the pooled kernel's uid, when it claimed one
     seq: int | None = None  # the store's, once inserted
     last_exit: dict[str, Any] | None = None  # how its last kernel ended: a session event (session_log.py)
+    owner: str | None = None  # the tenant that made it (tenants.py); None: made before tenants, the admin's
 
     # ---- the store's rows ----------------------------------------------------------------
     @classmethod
@@ -106,7 +107,7 @@ class SessionRecord:
         return KernelRequest(self.language, self.provisioner, self.allow_internet, dict(self.env), self.startup,
                              self.setup, self.id, self.typecheck, self.limits)
 
-    def duplicate(self, new_id: str | None) -> "SessionRecord":
+    def duplicate(self, new_id: str | None, owner: str | None = None) -> "SessionRecord":
         """A new session with this one's settings, data, metadata and stored program (not
         its history, directory, uid or setup outcome: its setup runs again, from cache)."""
         return SessionRecord(
@@ -114,7 +115,8 @@ class SessionRecord:
             created_at=utc_now(), persistent=self.persistent, metadata=dict(self.metadata), data=dict(self.data),
             setup=self.setup, setup_status="pending" if self.setup else None, default_timeout=self.default_timeout,
             allow_internet=self.allow_internet, allow_public=self.allow_public, typecheck=self.typecheck,
-            limits=self.limits, env=dict(self.env), startup=self.startup, code=self.code, max_age=self.max_age)
+            limits=self.limits, env=dict(self.env), startup=self.startup, code=self.code, max_age=self.max_age,
+            owner=owner if owner is not None else self.owner)
 
 
 def session_uid(record: SessionRecord) -> int:

@@ -89,9 +89,8 @@ class StatsHandler(BaseHandler):
     async def get(self) -> None:
         stats = dict(await self.engine.stats())
         # ERA's storage registry stats ({total, by_type, by_namespace, total_size}): same document.
-        from era_kernel.storage import DEFAULT_OWNER
 
-        stats.update(await self.engine.storage.registry.stats(DEFAULT_OWNER))
+        stats.update(await self.engine.storage.registry.stats(self.tenant.owner))
         stats["server"] = {
             "uptime_s": round(time.monotonic() - self.services.started, 3),
             "websocket_clients": sum(len(hub.sockets) for hub in self.services.hubs.values()),

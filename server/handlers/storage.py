@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 from era_kernel.errors import BadRequest, Unauthorized
-from era_kernel.storage import DEFAULT_OWNER
 from era_kernel.storage.tokens import PREFIX as TOKEN_PREFIX
 
 from ..apidoc import Op
 from ..auth import bearer_token
+from ..tenancy import check_storage
 from .base import BaseHandler
 
 LIST_QUERY = {"prefix": "only keys starting with this", "limit": "1-1000, default 100",
@@ -40,15 +40,15 @@ class StorageHandler(BaseHandler):
         if session_id is not None:
             self.session_id = session_id  # logged with the request
 
-    def check_key(self) -> None:
+    async def check_key(self) -> None:
         if self.listener_session is not None:
             return  # only that session's sandbox can reach its listener
         token = bearer_token(self.request.headers.get("Authorization"))
         if token is not None and token.startswith(TOKEN_PREFIX + "."):
             self._session_token = token  # checked in admit: the engine knows the sessions
             return
-        super().check_key()
-        self.owner = DEFAULT_OWNER
+        await super().check_key()
+        self.owner = self.tenant.owner  # the key's own namespaces (an admin key's too: no crossing)
 
     async def admit(self) -> None:
         await super().admit()
@@ -64,6 +64,10 @@ class StorageHandler(BaseHandler):
     @property
     def storage(self) -> Any:
         return self.engine.storage
+
+    async def check_room(self) -> None:
+        """Before a write: the owner's key has room under its ``storage_bytes``."""
+        await check_storage(self.services, self.owner)
 
     def body_object(self) -> dict[str, Any]:
         body = self.json_body()
@@ -95,6 +99,7 @@ class KvHandler(StorageHandler):
         body = self.body_object()
         if "value" not in body:
             raise BadRequest("value is required", field="value")
+        await self.check_room()
         self.send_json(await self.storage.kv.put(self.owner, namespace, key, body["value"], body.get("metadata")))
 
     async def delete(self, namespace: str, key: str) -> None:
@@ -106,6 +111,7 @@ class D1Handler(StorageHandler):
 
     async def post(self, database: str) -> None:
         body = self.body_object()
+        await self.check_room()
         self.send_json(await self.storage.d1.execute(self.owner, database, body.get("sql"), body.get("params"),
                                                      rows=self.ROWS))
 
@@ -145,6 +151,7 @@ class R2Handler(StorageHandler):
     async def put(self, bucket: str, key: str) -> None:
         body = self.body_object()
         data = self.storage.r2.decode(body.get("content"))
+        await self.check_room()
         self.send_json(await self.storage.r2.put(self.owner, bucket, key, data, body.get("metadata"),
                                                  body.get("httpMetadata")))
 

@@ -1,0 +1,98 @@
+"""A request's tenant (era_kernel/tenants.py): who its key is, whether it may see a
+session, and the key's limits. Called from ``RouteHandler`` (handlers/base.py), so every
+route, HTTP or WebSocket, goes through the same three functions.
+
+Another tenant's session is answered exactly as a missing one is (404, the engine's
+``session <id> not found``), never a 403 that would confirm it exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from era_kernel.errors import NotFound, OverLimit, Unauthorized
+from era_kernel.tenants import ADMIN, Tenant, split_key
+from era_kernel.validation import is_session_id
+
+from .auth import token_matches
+
+UNAUTHORIZED = "missing or invalid API key; send 'Authorization: Bearer <key>'"
+
+
+async def authenticate(services: Any, *tokens: str | None) -> Tenant:
+    """The tenant of the request's key (header and ``?token=`` candidates); 401 when none
+    is valid. ``ERA_API_KEY`` needs no store; a tenant key waits for the engine."""
+    from .handlers.base import wait_ready
+
+    key = services.api_key
+    # Every candidate is compared, so timing does not tell which one was present.
+    if key is not None and sum(token_matches(t, key) for t in tokens if t is not None):
+        return ADMIN
+    if key is not None and not any(split_key(t) for t in tokens):
+        raise Unauthorized(UNAUTHORIZED)  # neither ours nor a tenant's: no store needed
+    await wait_ready(services)
+    return await services.keys.authenticate(*tokens)
+
+
+SESSION_NOT_FOUND = "session {id} not found"  # the engine's words for a missing session
+
+
+def not_found(session_id: str, template: str = SESSION_NOT_FOUND) -> NotFound:
+    return NotFound(template.format(id=session_id[:128]))
+
+
+async def check_owner(services: Any, tenant: Tenant, session_id: str, template: str = SESSION_NOT_FOUND) -> None:
+    """404 when the session is another tenant's (the admin sees all). A missing session
+    is left to the handler, which answers its own 404: ``template`` is its words (the
+    gateway's say "kernel"), so both bodies are the same."""
+    if tenant.admin or not is_session_id(session_id):
+        return
+    row = await services.engine.store.get_session(session_id)
+    if row is not None and row.get("owner") != tenant.owner:
+        raise not_found(session_id, template)
+
+
+def owner_filter(tenant: Tenant) -> str | None:
+    """What listings and bulk deletes are narrowed to: None (every session) for the admin."""
+    return None if tenant.admin else tenant.owner
+
+
+async def check_new_session(services: Any, tenant: Tenant) -> None:
+    """Before a create or duplicate: room under ``sessions`` and ``kernels`` (a new
+    session starts a kernel)."""
+    limits = tenant.limits
+    if "sessions" in limits:
+        count = await services.engine.store.count_sessions(owner=tenant.owner)
+        if count >= limits["sessions"]:
+            raise OverLimit("sessions", limits["sessions"], f"this key's limit of {limits['sessions']} sessions is "
+                            "reached (sessions): delete one first", retry_after=60)
+    await check_kernel(services, tenant, None)
+
+
+async def check_kernel(services: Any, tenant: Tenant, session_id: str | None) -> None:
+    """Before work that starts a kernel (a create; a run on a session without a live one):
+    room under ``kernels``."""
+    limit = tenant.limits.get("kernels")
+    if limit is None or (session_id is not None and session_id in services.engine.kernels):
+        return
+    if await services.engine.live_kernels(tenant.owner) >= limit:
+        raise OverLimit("kernels", limit, f"this key's limit of {limit} live kernels is reached (kernels): stop "
+                        "one (POST /api/vm/{id}/stop) or wait for idle ones to be culled", retry_after=5)
+
+
+async def check_run(services: Any, tenant: Tenant, session_id: str | None) -> None:
+    """Before a run: ``runs_per_minute``, then ``kernels`` when it has to start one."""
+    services.run_rate.take(tenant)
+    await check_kernel(services, tenant, session_id)
+
+
+async def check_storage(services: Any, owner: str) -> None:
+    """Before a storage write: ``storage_bytes`` of the owner's key (what the owner keeps
+    in KV, objects and databases), whether the key or a session's token calls."""
+    limit = (await services.keys.limits_of(owner)).get("storage_bytes")
+    if limit is None:
+        return
+    used = await services.engine.storage.usage(owner)
+    if used >= limit:
+        raise OverLimit("storage_bytes", limit, f"this key's limit of {limit} storage bytes is reached "
+                        f"(storage_bytes; {used} used): delete some first", retry_after=60)
