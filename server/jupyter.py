@@ -40,7 +40,7 @@ from era_kernel.languages import KERNEL_KINDS
 from tornado.web import Finish
 
 from .apidoc import Op
-from .tenancy import check_new_session
+from .tenancy import new_session
 from .gateway_replay import ReplayBuffer, replay_for
 from .handlers.base import BaseHandler, dumps, json_default, parse_json
 from .handlers.sockets import BoundedSocket
@@ -222,11 +222,11 @@ class KernelsHandler(BaseHandler):
         if name not in specs:
             raise NotFound(f"kernelspec {str(name)[:128]} not found (available: {', '.join(specs)})")
         language, provisioner = KERNEL_KINDS[name]
-        await check_new_session(self.services, self.tenant)
         # jupyter_server routes only UUID-shaped kernel ids (\w+-\w+-\w+-\w+-\w+); a UUID is a valid session id.
-        doc = await self.engine.create({"id": str(uuid.uuid4()), "language": language, "provisioner": provisioner,
-                                        "metadata": {"jupyter_kernel": True, "kernelspec": name},
-                                        "env": kernel_env(body.get("env"))}, owner=self.tenant.owner)
+        async with new_session(self.services, self.tenant):
+            doc = await self.engine.create({"id": str(uuid.uuid4()), "language": language, "provisioner": provisioner,
+                                            "metadata": {"jupyter_kernel": True, "kernelspec": name},
+                                            "env": kernel_env(body.get("env"))}, owner=self.tenant.owner)
         self.session_id = sid = doc["id"]
         try:
             await self.engine.jupyter_kernel(sid)  # a kernel that cannot start is this request's error
@@ -512,6 +512,11 @@ class KernelChannels(BoundedSocket):
         while len(self._requests) > MAX_TRACKED_REQUESTS:
             self._requests.popitem(last=False)
         if channel == "shell" and msg["header"]["msg_type"] == "execute_request":
+            try:
+                self.services.run_rate.take(self.tenant)  # a cell is a run: runs_per_minute
+            except EraError as err:
+                self._refuse(channel, msg, err, why="this cell is refused")
+                return
             try:  # a cell becomes a run record (engine/gateway_runs.py); the relay goes on whatever happens
                 await engine.gateway_execute(self.session_id, kernel, msg)
             except Exception:
@@ -530,11 +535,12 @@ class KernelChannels(BoundedSocket):
         note = era_message("stream", request["header"], {"name": "stderr", "text": text})
         self._send("iopub", encode("iopub", note), note)
 
-    def _refuse(self, channel: str, request: dict[str, Any], err: EraError) -> None:
+    def _refuse(self, channel: str, request: dict[str, Any], err: EraError,
+                why: str = "no kernel to run this on") -> None:
         """No kernel for the request (the kernel limit, a start that failed): answer it as a
         kernel would answer a failed one (stderr, an error reply, idle), so the client's
         cell ends with the reason instead of waiting for a reply that never comes."""
-        text = f"[ERA] no kernel to run this on: {err.message}\n"
+        text = f"[ERA] {why}: {err.message}\n"
         if self._lost is not None:
             text += f"[ERA] the previous kernel went away: {self._lost.get('message') or self._lost.get('reason')}\n"
         self._tell(request, text)

@@ -8,7 +8,9 @@ Another tenant's session is answered exactly as a missing one is (404, the engin
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+from typing import Any, AsyncIterator
 
 from era_kernel.errors import NotFound, OverLimit, Unauthorized
 from era_kernel.tenants import ADMIN, Tenant, split_key
@@ -19,9 +21,11 @@ from .auth import token_matches
 UNAUTHORIZED = "missing or invalid API key; send 'Authorization: Bearer <key>'"
 
 
-async def authenticate(services: Any, *tokens: str | None) -> Tenant:
+async def authenticate(services: Any, *tokens: str | None, waits: bool = True) -> Tenant:
     """The tenant of the request's key (header and ``?token=`` candidates); 401 when none
-    is valid. ``ERA_API_KEY`` needs no store; a tenant key waits for the engine."""
+    is valid. ``ERA_API_KEY`` needs no store; a tenant key waits for the engine. A route
+    that answers before the engine is ready (``waits`` False: /metrics) on a server
+    without ERA_API_KEY stays open until then, as it was before tenants."""
     from .handlers.base import wait_ready
 
     key = services.api_key
@@ -30,6 +34,8 @@ async def authenticate(services: Any, *tokens: str | None) -> Tenant:
         return ADMIN
     if key is not None and not any(split_key(t) for t in tokens):
         raise Unauthorized(UNAUTHORIZED)  # neither ours nor a tenant's: no store needed
+    if not waits and key is None and services.keys is None and not any(split_key(t) for t in tokens):
+        return ADMIN
     await wait_ready(services)
     return await services.keys.authenticate(*tokens)
 
@@ -55,6 +61,22 @@ async def check_owner(services: Any, tenant: Tenant, session_id: str, template: 
 def owner_filter(tenant: Tenant) -> str | None:
     """What listings and bulk deletes are narrowed to: None (every session) for the admin."""
     return None if tenant.admin else tenant.owner
+
+
+_CREATING: dict[str, asyncio.Lock] = {}
+
+
+@contextlib.asynccontextmanager
+async def new_session(services: Any, tenant: Tenant) -> AsyncIterator[None]:
+    """Around a create or duplicate: the limits checked, then the session made, one at a
+    time per limited tenant, so 200 creates at once cannot all pass the same count."""
+    if not {"sessions", "kernels"} & tenant.limits.keys():
+        yield
+        return
+    lock = _CREATING.setdefault(tenant.owner, asyncio.Lock())
+    async with lock:
+        await check_new_session(services, tenant)
+        yield
 
 
 async def check_new_session(services: Any, tenant: Tenant) -> None:

@@ -264,3 +264,9 @@ def test_cli_create_list_revoke_round_trip_and_bad_input(server):
         out = era_keys(server, "create", "--name", "n", *bad)
         assert out.returncode == 2 and bad[0] in out.stderr, out.stderr
     assert os.path.isdir(server.env["ERA_DATA_DIR"])
+
+
+def test_server_wide_routes_need_an_admin_key(server):
+    for path in ("/metrics", "/api/replicas"):
+        assert_error_shape(*server.request("GET", path, None, server.keys["alice"]), 403)
+        assert server.request("GET", path, None, ADMIN)[0] == 200

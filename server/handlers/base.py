@@ -25,7 +25,7 @@ from era_kernel.tenants import ADMIN, Tenant
 
 from .. import tenancy
 from ..auth import bearer_token
-from ..errors import JsonErrors, NotReady
+from ..errors import Forbidden, JsonErrors, NotReady
 from ..services import Services
 
 READY_WAIT_SECONDS = 5.0  # requests arriving while the engine starts wait this long, then 503
@@ -151,7 +151,8 @@ class RouteHandler(JsonErrors, RequestHandler):
 
     async def check_key(self) -> None:
         if self.auth:
-            self.tenant = await tenancy.authenticate(self.services, *self.tokens())
+            waits = getattr(self, "WAITS_FOR_ENGINE", True)
+            self.tenant = await tenancy.authenticate(self.services, *self.tokens(), waits=waits)
 
     async def check_owner(self, session_id: str) -> None:
         """404, as for a missing session, when it is another tenant's."""
@@ -175,6 +176,7 @@ class BaseHandler(RouteHandler):
 
     API: dict[str, Op] = {}
     SESSION_ROUTE = False  # first path argument is a session id (logged with the request)
+    ADMIN_ONLY = False  # about every tenant (server-wide counts): a tenant's key is refused (403)
     WAITS_FOR_ENGINE = True  # held (then 503) while the engine starts
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -207,6 +209,8 @@ class BaseHandler(RouteHandler):
         self.request.connection.set_max_body_size(self.services.drain_limit)
         try:
             await self.check_key()
+            if self.ADMIN_ONLY and not self.tenant.admin:
+                raise Forbidden("this route is about every tenant: it needs an admin key")
             await self.admit()
             if self.SESSION_ROUTE and self.path_args and self.WAITS_FOR_ENGINE:
                 await self.check_owner(self.path_args[0])

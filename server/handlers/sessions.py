@@ -7,7 +7,7 @@ from era_kernel.engine.results import utc_now
 from era_kernel.errors import BadRequest
 
 from ..apidoc import Op
-from ..tenancy import check_kernel, check_new_session
+from ..tenancy import check_kernel, new_session
 from .base import BaseHandler, dumps
 
 SESSION_ERRORS = (400, 404)
@@ -44,8 +44,8 @@ class SessionsHandler(BaseHandler):
 
     async def post(self) -> None:
         body = self.json_body()
-        await check_new_session(self.services, self.tenant)
-        doc = await self.engine.create(body, owner=self.tenant.owner)
+        async with new_session(self.services, self.tenant):
+            doc = await self.engine.create(body, owner=self.tenant.owner)
         self.session_id = doc.get("id")
         self.set_header("Location", f"/api/sessions/{doc.get('id')}")
         self.send_json(doc, 201)
@@ -96,8 +96,8 @@ class DuplicateHandler(BaseHandler):
 
     async def post(self, sid: str) -> None:
         body = self.json_body()
-        await check_new_session(self.services, self.tenant)
-        doc = await self.engine.duplicate(sid, body, owner=self.tenant.owner)
+        async with new_session(self.services, self.tenant):
+            doc = await self.engine.duplicate(sid, body, owner=self.tenant.owner)
         self.set_header("Location", f"/api/sessions/{doc.get('id')}")
         self.send_json(doc, 201)
 

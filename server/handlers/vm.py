@@ -16,7 +16,7 @@ from typing import Any
 from era_kernel.errors import BadRequest
 
 from ..apidoc import Op
-from ..tenancy import check_new_session, check_run
+from ..tenancy import check_run, new_session
 from .base import BaseHandler
 
 VM_ERRORS = (400, 404)
@@ -84,8 +84,8 @@ class VmsHandler(BaseHandler):
 
     async def post(self) -> None:
         body = session_body(self.json_body())
-        await check_new_session(self.services, self.tenant)
-        doc = await self.engine.create(body, owner=self.tenant.owner)
+        async with new_session(self.services, self.tenant):
+            doc = await self.engine.create(body, owner=self.tenant.owner)
         self.session_id = doc["id"]
         self.send_json(await framed(self, doc), 201)
 
