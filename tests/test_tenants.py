@@ -270,3 +270,11 @@ def test_server_wide_routes_need_an_admin_key(server):
     for path in ("/metrics", "/api/replicas"):
         assert_error_shape(*server.request("GET", path, None, server.keys["alice"]), 403)
         assert server.request("GET", path, None, ADMIN)[0] == 200
+
+
+def test_no_tenant_key_reaches_the_logs(server, alices):
+    secrets = [h["Authorization"].split(".")[2] for h in server.keys.values()]
+    server.request("GET", f"/api/sessions/{alices}/ws?token={server.keys['bob']['Authorization'].split()[1]}")
+    time.sleep(0.2)  # the access line of that request
+    logged = "\n".join(server.lines)
+    assert not [s for s in secrets if s in logged]
