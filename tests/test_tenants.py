@@ -294,3 +294,21 @@ def test_no_tenant_key_reaches_the_logs(server, alices):
     time.sleep(0.2)  # the access line of that request
     logged = "\n".join(server.lines)
     assert not [s for s in secrets if s in logged]
+
+
+@pytest.mark.parametrize("limits, field", [({"sessions": -1}, "sessions"), ({"kernels": True}, "kernels"),
+                                           ({"storage_bytes": 1.5}, "storage_bytes"), ({"runs": 3}, "runs"),
+                                           ({"runs_per_minute": 10**16}, "runs_per_minute"), ([1], "limits")])
+def test_key_names_and_limits_are_checked_naming_the_field(limits, field):
+    from era_kernel.errors import BadRequest
+    from era_kernel.tenants import check_limits, check_name
+
+    with pytest.raises(BadRequest) as info:
+        check_limits(limits)
+    assert info.value.field == field
+    for name in ("", "a b", "-x", "x" * 65, "é", "0123456789ab", 7, None):
+        with pytest.raises(BadRequest) as info:
+            check_name(name)
+        assert info.value.field == "name"
+    assert check_limits({"sessions": 0, "kernels": None}) == {"sessions": 0}
+    assert check_name("alice.team-1_x") == "alice.team-1_x"
