@@ -312,3 +312,23 @@ def test_key_names_and_limits_are_checked_naming_the_field(limits, field):
         assert info.value.field == "name"
     assert check_limits({"sessions": 0, "kernels": None}) == {"sessions": 0}
     assert check_name("alice.team-1_x") == "alice.team-1_x"
+
+
+async def test_websocket_runs_count_against_runs_per_minute(server):
+    erin = make_key(server, "erin", "--runs-per-minute", "1")
+    server.json("POST", "/api/sessions", {"id": "erin-s"}, erin, expect=201)
+    try:
+        conn = await websocket_connect(HTTPRequest(f"{server.ws_base}/api/sessions/erin-s/ws", headers=erin))
+        json.loads(await conn.read_message())  # hello
+        conn.write_message(json.dumps({"type": "run", "id": "r1", "code": "print(1)"}))
+        conn.write_message(json.dumps({"type": "run", "id": "r2", "code": "print(2)"}))
+        refused = None
+        while refused is None:
+            msg = json.loads(await conn.read_message())
+            if msg["type"] == "error":
+                refused = msg
+        assert refused["id"] == "r2" and refused["status_code"] == 429
+        assert refused["details"]["limit"] == "runs_per_minute"
+        conn.close()
+    finally:
+        server.request("DELETE", "/api/sessions/erin-s", None, erin)
