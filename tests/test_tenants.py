@@ -9,6 +9,7 @@ same body (the id aside), never a 403 that would confirm it exists.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -332,3 +333,53 @@ async def test_websocket_runs_count_against_runs_per_minute(server):
         conn.close()
     finally:
         server.request("DELETE", "/api/sessions/erin-s", None, erin)
+
+
+def test_concurrent_creates_cannot_pass_the_sessions_limit(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    frank = make_key(server, "frank", "--sessions", "3")
+    with ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(lambda i: server.request("POST", "/api/sessions", {"id": f"frank-{i}"}, frank)[0],
+                                 range(20)))
+    try:
+        assert sorted(statuses) == [201] * 3 + [429] * 17, statuses
+        assert server.json("GET", "/api/sessions", headers=frank)["count"] == 3
+    finally:
+        server.json("DELETE", "/api/sessions", None, frank)
+
+
+def test_an_admin_key_sees_every_tenants_sessions(server, alices):
+    root = make_key(server, "root", "--admin")
+    assert server.json("GET", f"/api/sessions/{alices}", headers=root)["id"] == alices
+    assert alices in {s["id"] for s in server.json("GET", "/api/sessions", headers=root)["sessions"]}
+    assert server.request("GET", "/metrics", None, root)[0] == 200
+
+
+async def test_keys_on_a_server_without_era_api_key(tmp_path):
+    """Open until the first key exists; then a key is needed. A revoke holds within the
+    cache's second, whichever process revoked."""
+    from era_kernel.errors import Unauthorized
+    from era_kernel.store.base import store_for_url
+    from era_kernel.tenants import ADMIN as OPEN, CACHE_SECONDS, Keys
+
+    url = f"sqlite:///{tmp_path / 'era.db'}"
+    store, other = store_for_url(url), store_for_url(url)
+    await store.open()
+    await other.open()
+    try:
+        keys = Keys(store)
+        assert await keys.authenticate(None) is OPEN
+        _, key = await Keys(other).create("gina", {"kernels": 2})
+        await asyncio.sleep(CACHE_SECONDS + 0.1)  # the "no keys yet" answer may be a second old
+        with pytest.raises(Unauthorized):
+            await keys.authenticate(None)
+        tenant = await keys.authenticate(None, key)
+        assert (tenant.name, tenant.limits, tenant.admin) == ("gina", {"kernels": 2}, False)
+        await Keys(other).revoke("gina")
+        await asyncio.sleep(CACHE_SECONDS + 0.1)
+        with pytest.raises(Unauthorized):
+            await keys.authenticate(key)
+    finally:
+        await store.close()
+        await other.close()
