@@ -252,6 +252,11 @@ SETTINGS: tuple[Setting, ...] = (
             "a LIMIT).", _count),
     Setting("ERA_STORAGE_SQL_CONCURRENCY", 4, "Storage proxy: D1 statements running at once (each in a thread).",
             _count),
+    Setting("ERA_DOCKER_GVISOR_RUNTIME", "runsc", "Docker runtime of `\"isolation\": \"gvisor\"` sessions with no "
+            "network (gVisor's runsc with `--network=none`; `scripts/bootstrap-docker.sh` registers it)."),
+    Setting("ERA_DOCKER_GVISOR_NET_RUNTIME", "runsc-net", "Docker runtime of gVisor sessions with internet access "
+            "and of their setup steps (runsc with `--network=host`: gVisor passes sockets through to the "
+            "container's own network namespace, the egress network's or the host's as for runc)."),
     Setting("ERA_LOG_LEVEL", "INFO", "Log level of the server and engine."),
 )
 

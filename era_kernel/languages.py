@@ -203,11 +203,17 @@ PROVISIONERS = ("local", "docker")
 # Every kernelspec of ours -> (language, provisioner): era-python -> (python, docker).
 KERNEL_KINDS: dict[str, tuple[str, str]] = {lang.kernelspec_name(prov): (name, prov)
                                             for name, lang in LANGUAGES.items() for prov in PROVISIONERS}
+# Kernelspecs of Docker kernels under gVisor (their provisioner config says
+# "isolation": "gvisor") -> language. Kept apart from KERNEL_KINDS, whose inverse must
+# stay one name per (language, provisioner).
+GVISOR_KERNELSPECS: dict[str, str] = {"era-python-gvisor": "python"}
 
 
 def kernel_kind(kernelspec_name: str) -> tuple[str, str]:
     """``era-node-local`` -> ``("node", "local")``: the inverse of ``kernelspec_name``
     (a name that is not ours: itself and an empty provisioner)."""
+    if kernelspec_name in GVISOR_KERNELSPECS:
+        return GVISOR_KERNELSPECS[kernelspec_name], "docker"
     return KERNEL_KINDS.get(kernelspec_name, (kernelspec_name, ""))
 
 

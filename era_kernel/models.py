@@ -101,6 +101,9 @@ class CreateSession(_Strict):
     limits: Optional[Limits] = Field(None, description="the session's own memory and CPUs, below the server's")
     env: dict[str, str] = Field(default_factory=dict)
     provisioner: Optional[Literal["local", "docker"]] = None
+    isolation: Optional[Literal["runc", "gvisor"]] = Field(None, description="Docker sessions: `gvisor` runs the "
+                                                           "kernel under gVisor's runsc (its own kernel in user "
+                                                           "space); default `runc`")
     startup: Optional[str] = Field(None, description="code run after the startup cells at every kernel start")
     max_age: Optional[float] = Field(None, description="seconds after creation the session is deleted "
                                      "(default `ERA_SESSION_MAX_AGE`; absent = never)")
@@ -166,6 +169,7 @@ class ExecuteRequest(RunRequest):
     language: str = "python"
     files: dict[str, str] = Field(default_factory=dict, description="path -> text content written before the run")
     provisioner: Optional[Literal["local", "docker"]] = None
+    isolation: Optional[Literal["runc", "gvisor"]] = Field(None, description="Docker runs: `gvisor` for gVisor")
     allowInternetAccess: Optional[bool] = None
 
     _check_lang = field_validator("language", mode="before")(normalize_language)

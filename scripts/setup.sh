@@ -22,6 +22,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     if [ "${1:-}" = "--test" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
         missing+=(postgresql)
     fi
+    # The web console's tests drive Debian's chromium through Playwright (tests/test_console.py).
+    if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive

@@ -19,6 +19,7 @@ class Op:
     # Response: a model name, "bytes" (download), "sse", "websocket", "jupyter-websocket"
     # (server/jupyter.py), "text" (Prometheus text format), or None (no body).
     response: str | None = None
+    media_type: str = "application/json"  # of a model response (the notebook's is application/x-ipynb+json)
     status: int = 200
     also: tuple[tuple[int, str], ...] = ()  # other successful answers: (status, model name)
     errors: tuple[int, ...] = (400,)

@@ -20,7 +20,8 @@ from tornado.web import Application, RequestHandler
 from .handlers.proxy import ProxyHostHandler, proxy_host_pattern
 from .logs import log, log_request, setup_logging
 from .metrics import HttpMetrics
-from .routes import ROUTES, UNKNOWN, handler_args, make_routes
+from .handlers.console import ConsoleHandler
+from .routes import CONSOLE_ROUTE_LABEL, ROUTES, UNKNOWN, handler_args, make_routes
 from .services import Services
 
 SHUTDOWN_TIMEOUT_SECONDS = 30.0
@@ -29,7 +30,8 @@ WS_PING_SECONDS = 30.0
 
 def make_app(services: Services) -> Application:
     # Counted where each request is logged; labelled by route template, never by path.
-    http_metrics = HttpMetrics({route.handler: route.template for route in ROUTES})
+    http_metrics = HttpMetrics({**{route.handler: route.template for route in ROUTES},
+                                ConsoleHandler: CONSOLE_ROUTE_LABEL})
 
     def log_function(handler: RequestHandler) -> None:
         log_request(handler)

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from era_kernel.errors import BadRequest, EraError, NotFound
-from era_kernel.languages import KERNEL_KINDS
+from era_kernel.languages import GVISOR_KERNELSPECS, KERNEL_KINDS
 from tornado.web import Finish
 
 from .apidoc import Op
@@ -100,7 +100,8 @@ async def usable_specs(engine: Any) -> dict[str, dict[str, Any]]:
     docker = await docker_languages()
     shipped = await engine.kernelspecs()
     specs = {}
-    for name, (language, provisioner) in sorted(KERNEL_KINDS.items()):
+    kinds = {**KERNEL_KINDS, **{name: (language, "docker") for name, language in GVISOR_KERNELSPECS.items()}}
+    for name, (language, provisioner) in sorted(kinds.items()):
         if name not in shipped or (provisioner == "docker" and language not in docker):
             continue
         specs[name] = {"name": name, "spec": shipped[name], "resources": {}}
@@ -148,9 +149,10 @@ def kernel_model(services: Services, doc: dict[str, Any]) -> dict[str, Any]:
     sid = doc["id"]
     state = (doc.get("kernel") or {}).get("state", "none")
     kinds = {v: k for k, v in KERNEL_KINDS.items()}
+    name = kinds.get((doc["language"], doc.get("provisioner")), doc["metadata"].get("kernelspec", ""))
     model = {
         "id": sid,
-        "name": kinds.get((doc["language"], doc.get("provisioner")), doc["metadata"].get("kernelspec", "")),
+        "name": doc["metadata"].get("kernelspec", name) if doc.get("isolation") == "gvisor" else name,
         "last_activity": _jupyter_time(services.engine.jupyter_activity(sid), doc.get("last_run_at")
                                        or doc.get("created_at")),
         "execution_state": {"none": "idle"}.get(state, state),
@@ -221,11 +223,14 @@ class KernelsHandler(BaseHandler):
         name = body.get("name") or default_spec(self.services.settings, specs)
         if name not in specs:
             raise NotFound(f"kernelspec {str(name)[:128]} not found (available: {', '.join(specs)})")
-        language, provisioner = KERNEL_KINDS[name]
+        if name in GVISOR_KERNELSPECS:
+            language, provisioner, isolation = GVISOR_KERNELSPECS[name], "docker", {"isolation": "gvisor"}
+        else:
+            (language, provisioner), isolation = KERNEL_KINDS[name], {}
         # jupyter_server routes only UUID-shaped kernel ids (\w+-\w+-\w+-\w+-\w+); a UUID is a valid session id.
         async with new_session(self.services, self.tenant):
             doc = await self.engine.create({"id": str(uuid.uuid4()), "language": language, "provisioner": provisioner,
-                                            "metadata": {"jupyter_kernel": True, "kernelspec": name},
+                                            **isolation, "metadata": {"jupyter_kernel": True, "kernelspec": name},
                                             "env": kernel_env(body.get("env"))}, owner=self.tenant.owner)
         self.session_id = sid = doc["id"]
         try:

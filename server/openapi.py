@@ -125,7 +125,7 @@ def build_openapi(routes) -> dict[str, Any]:
                                                     "(binary frames for messages with buffers)"}
         elif op.response:
             responses[str(op.status)] = {"description": description, "content": {
-                "application/json": {"schema": ref(_model(op.response), "serialization")}}}
+                op.media_type: {"schema": ref(_model(op.response), "serialization")}}}
         else:
             responses[str(op.status)] = {"description": description}
         for status, model in op.also:

@@ -18,6 +18,7 @@ from typing import Any
 from tornado.web import RequestHandler
 
 from .handlers.base import NotFoundHandler
+from .handlers.console import CONSOLE_DIR, ConsoleHandler
 from .handlers.commands import (CommandsHandler, ProcessesHandler, ProcessHandler, ProcessOutputHandler,
                                 ProcessSignalHandler, ProcessStdinHandler, ProcessStreamHandler, TerminalSocket)
 from .handlers.files import FileHandler, FilesHandler
@@ -114,6 +115,13 @@ ROUTES: list[Route] = [
 # the key comes first, so a client without it cannot probe which routes exist; anywhere
 # else the 404 is plain.
 UNKNOWN_API = Route("/api/{rest}", NotFoundHandler)
+# The web console's static files (handlers/console.py): a page, not part of the API, so
+# not in ROUTES (nor OpenAPI); open, as every API call the page makes needs the key.
+CONSOLE_ROUTE_LABEL = "/console"  # its requests' route label in the metrics
+CONSOLE_ROUTES: list[tuple[str, type[RequestHandler], dict[str, Any]]] = [
+    (r"/()", ConsoleHandler, {"path": str(CONSOLE_DIR), "default_filename": "index.html"}),
+    (r"/console/(.+)", ConsoleHandler, {"path": str(CONSOLE_DIR)}),
+]
 UNKNOWN = Route("", NotFoundHandler, auth=False)
 
 PARAM_PATTERNS = {"id": "([^/]+)", "run_id": "([^/]+)", "schedule_id": "([^/]+)", "path": "(.+)", "name": "([^/]+)",
@@ -131,5 +139,5 @@ def handler_args(services: Services, route: Route) -> dict[str, Any]:
 
 
 def make_routes(services: Services) -> list[tuple[str, type[RequestHandler], dict[str, Any]]]:
-    return [(route_pattern(route.template), route.handler, handler_args(services, route))
-            for route in [*ROUTES, UNKNOWN_API]]
+    return [*CONSOLE_ROUTES, *((route_pattern(route.template), route.handler, handler_args(services, route))
+                               for route in [*ROUTES, UNKNOWN_API])]

@@ -101,6 +101,8 @@ class SessionDocument(_Open):
     allowInternetAccess: bool
     allowPublicAccess: bool = Field(description="`/proxy/{id}/...` answers without the API key")
     typecheck: bool = Field(description="typescript sessions: cells are type-checked")
+    isolation: Optional[Literal["runc", "gvisor"]] = Field(None, description="Docker sessions: the kernel's runtime "
+                                                           "(`gvisor`: gVisor's runsc); null for local sessions")
     setup: Optional[dict[str, Any]] = Field(description="the setup asked for, in canonical form")
     setup_status: Optional[Literal["pending", "running", "completed", "failed"]]
     setup_result: Optional[SetupResult]

@@ -305,6 +305,7 @@ class SessionSocket(BoundedSocket):
         """The journal from ``after``, then what came live meanwhile, each event once."""
         engine = self.services.engine
         sent_live = self.first_live.get(run_id)  # from it on, this socket has had them live
+        replayed = after  # the last seq this replay sent: held live events after it go out
         try:
             await engine.get_run(self.session_id, run_id)
             while sent_live is None or after + 1 < sent_live:
@@ -312,6 +313,7 @@ class SessionSocket(BoundedSocket):
                 for event in events:
                     if sent_live is None or event["seq"] < sent_live:
                         self.send_json(as_message(event, self.hub.client_ids if self.hub else {}))
+                        replayed = event["seq"]
                 if events:
                     after = events[-1]["seq"]
                 if len(events) < 1000:
@@ -321,8 +323,10 @@ class SessionSocket(BoundedSocket):
         except EraError as err:
             self.send_protocol_error(err, run_id)
         finally:
+            # Not ``after``: the journal read may reach past events held here (journaled and
+            # delivered while it ran) that it did not send, being at or past ``sent_live``.
             for message in self.replaying.pop(run_id, []):
-                if message.get("seq") is None or message["seq"] > after:
+                if message.get("seq") is None or message["seq"] > replayed:
                     self.send_json(message)
 
     async def _interrupt(self) -> None:

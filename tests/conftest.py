@@ -57,6 +57,26 @@ def postgres_cluster():
     cluster.stop()
 
 
+def require_gvisor() -> None:
+    """require_docker, and the engine has gVisor's runtime (scripts/bootstrap-docker.sh
+    registers it); skip without it, fail under ERA_REQUIRE_GVISOR=1."""
+    require_docker()
+    try:
+        from era_kernel.config import Settings
+        from era_kernel.provisioning.docker import shared_docker_client
+
+        runtimes = shared_docker_client().info().get("Runtimes") or {}
+        wanted = [Settings.from_env({})[name] for name in ("ERA_DOCKER_GVISOR_RUNTIME", "ERA_DOCKER_GVISOR_NET_RUNTIME")]
+        missing = [name for name in wanted if name not in runtimes]
+        if missing:
+            raise RuntimeError(f"the Docker engine has no runtime {', '.join(missing)} (scripts/bootstrap-docker.sh)")
+    except Exception as exc:
+        message = f"gVisor unavailable: {exc}"
+        if os.environ.get("ERA_REQUIRE_GVISOR") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture
 def era_settings(request, tmp_path):
     """Engine settings in throwaway directories. Parametrize indirectly with a

@@ -108,7 +108,7 @@ def test_methods_a_route_does_not_have_are_405(server, template):
             assert set(headers["Allow"].split(", ")) == {m.upper() for m in handler.API}
 
 
-@pytest.mark.parametrize("method, path", [("GET", "/"), ("GET", "/nope"), ("GET", "/api/nope"),
+@pytest.mark.parametrize("method, path", [("GET", "/console/nope.js"), ("GET", "/nope"), ("GET", "/api/nope"),
                                           ("POST", "/api/sessions/x/unknown"), ("GET", "/api/sessions/x/files/"),
                                           ("DELETE", "/api/sessions/x/y/z"), ("GET", "/health/x")])
 def test_unknown_routes_are_json_404(server, method, path):

@@ -11,7 +11,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from era_server.routes import ROUTES
+from era_server.routes import CONSOLE_ROUTE_LABEL, ROUTES
 from tests.conftest import require_docker, short_tmpdir
 from tests.support.era_server import ServerProcess
 
@@ -164,7 +164,7 @@ def test_http_counters_increment_and_are_labelled_by_route_template(server):
 
 
 def test_no_session_id_in_any_label(server):
-    templates = {r.template for r in ROUTES} | {"unmatched"}
+    templates = {r.template for r in ROUTES} | {"unmatched", CONSOLE_ROUTE_LABEL}
     for family in scrape(server).values():
         for sample in family.samples:
             for name, label in sample.labels.items():

@@ -191,6 +191,44 @@ async def test_a_websocket_subscribe_replays_a_run_then_follows_it_live(server):
     assert "".join(m["content"] for m in seen if m["type"] == "stdout") == "".join(f"{i}\n" for i in range(20))
 
 
+async def test_a_subscribe_sent_after_a_runs_first_live_event_loses_nothing_that_came_during_its_replay(server):
+    # What the web console does on a run another client started: it sees the run's first
+    # event live, then subscribes from 0 to fill in what came before. An event journaled
+    # and sent live while that replay reads the journal (here the input() prompt, which is
+    # journaled at once) must still come, once. The subscribe goes at several moments
+    # after the first event, so that some replay overlaps the prompt.
+    watcher = await websocket_connect(f"{server.ws_base}/api/sessions/{SID}/ws")
+    runner = await websocket_connect(f"{server.ws_base}/api/sessions/{SID}/ws")
+    await watcher.read_message()  # hello
+    await runner.read_message()
+
+    async def next_of(run_tag: str) -> dict:
+        while True:
+            try:
+                message = json.loads(await asyncio.wait_for(watcher.read_message(), 10))
+            except asyncio.TimeoutError:
+                raise AssertionError(f"run {run_tag}: an event of it never came") from None
+            if message.get("id") == run_tag:
+                return message
+
+    for attempt in range(16):
+        tag = f"asks-{attempt}"
+        runner.write_message(json.dumps({"type": "run", "id": tag, "code": "print('hi', input('name? '))"}))
+        seen = [await next_of(tag)]
+        await asyncio.sleep(attempt * 0.002)
+        watcher.write_message(json.dumps({"type": "subscribe", "run_id": seen[0]["run_id"], "after": 0}))
+        while seen[-1]["type"] != "input_request":
+            seen.append(await next_of(tag))
+        watcher.write_message(json.dumps({"type": "input_reply", "value": "era"}))
+        while seen[-1]["type"] != "done":
+            seen.append(await next_of(tag))
+        seqs = [m["seq"] for m in seen]
+        assert len(seqs) == len(set(seqs)), f"every event once ({attempt})"
+        assert "".join(m["content"] for m in seen if m["type"] == "stdout") == "hi era\n"
+    watcher.close()
+    runner.close()
+
+
 async def test_a_websocket_opened_with_run_id_and_after_replays_in_order_before_going_live(server):
     run = background(server, "import time\nfor i in range(20):\n    print(i, flush=True)\n    time.sleep(0.05)")
     time.sleep(0.5)

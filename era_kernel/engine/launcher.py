@@ -104,6 +104,7 @@ class KernelLauncher:
         launch = LaunchOptions.from_settings(
             self.settings, request.provisioner, workspace, uid=uid, allow_network=request.allow_internet, env=env,
             labels=labels, readonly=(*extras["readonly"], *SDK_DIRS), **self.own_limits(request.limits),
+            isolation=request.isolation or "runc",
             tmp_dir=self.files.tmp_path(workspace))  # the directory's /tmp, which outlives the kernel
         startup = extras["startup"] + self.startup_cells(request, workspace) if cells else []
         return SessionKernel(self.spec_manager, language.kernelspec_name(request.provisioner), launch, startup,
@@ -135,7 +136,7 @@ class KernelLauncher:
                  **sdk_env(extras["env"]), **self.session_env(record.id), **record.env, **(env or {})},
             labels={"era.session": record.id}, readonly=(*extras["readonly"], *SDK_DIRS),
             **self.own_limits(record.limits),
-            tmp_dir=self.files.tmp_path(workspace))
+            isolation=record.isolation or "runc", tmp_dir=self.files.tmp_path(workspace))
         return await run_command(record.provisioner, options, argv, language=record.language, timeout=timeout,
                                  max_output=max_output, on_output=on_output)
 
@@ -153,7 +154,8 @@ class KernelLauncher:
                 log.warning("session %s: %s", record.id, note)
 
         return _ReadySandbox(self.files, record, self.settings, record.provisioner, record.language, workspace,
-                             self.files.tmp_path(workspace), uid, write_file=write_file, finished=finished)
+                             self.files.tmp_path(workspace), uid, write_file=write_file, finished=finished,
+                             isolation=record.isolation)
 
     # ---- sessions ------------------------------------------------------------------------
     def start_in_background(self, record: SessionRecord, lease: Lease, warm: WarmKernel | None = None) -> None:

@@ -44,7 +44,7 @@ from .journal import RunJournal
 from .pool import KernelPool, WarmKernel, parse_pool_keys
 from .queue import RunQueue
 from .recovery import recover
-from .records import SessionRecord, new_session_id, session_uid
+from .records import SessionRecord, check_isolation, new_session_id, session_uid
 from .results import notebook_from_runs, utc_now
 from .runner import SessionRunner
 from .session_log import SessionLog
@@ -206,7 +206,7 @@ class SessionManager:
             "file_count": file_count, "total_size_bytes": total, "metadata": record.metadata, "data": record.data,
             "default_timeout": record.default_timeout, "allowInternetAccess": record.allow_internet,
             "allowPublicAccess": record.allow_public, "typecheck": record.typecheck, "limits": record.limits,
-            "setup": record.setup,
+            "isolation": record.isolation or ("runc" if record.provisioner == "docker" else None), "setup": record.setup,
             "setup_status": record.setup_status, "setup_result": record.setup_result,
             "kernel": {"state": str(self.table.state(record.id)), "last_exit": record.last_exit},
         }
@@ -237,7 +237,7 @@ class SessionManager:
             allow_internet=self._default(req.allowInternetAccess, "ERA_ALLOW_INTERNET_DEFAULT"),
             allow_public=self._default(req.allowPublicAccess, "ERA_ALLOW_PUBLIC_DEFAULT"), typecheck=req.typecheck,
             limits=self._limits(req.limits, provisioner), env=req.env, startup=req.startup, max_age=req.max_age,
-            owner=owner)
+            isolation=check_isolation(req.isolation, provisioner), owner=owner)
         return await self._insert(record)
 
     def _limits(self, limits: models.Limits | None, provisioner: str) -> dict[str, Any] | None:
@@ -312,8 +312,8 @@ class SessionManager:
 
     def _take_warm(self, record: SessionRecord) -> WarmKernel | None:
         """A pooled kernel for this record, when one of its kind is ready. Sessions with a
-        package setup or network access need a kernel launched for them, so never pool."""
-        if record.setup or record.allow_internet or record.typecheck or record.limits:
+        package setup, network access or gVisor need a kernel launched for them, so never pool."""
+        if record.setup or record.allow_internet or record.typecheck or record.limits or record.isolation:
             return None
         return self.pool.take((record.language, record.provisioner))
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import BadRequest
 from .results import utc_now
 
 UID_BASE = 100_000  # sessions' sandbox uids when running as root: UID_BASE + the record's seq
@@ -48,6 +49,16 @@ class KernelRequest:
     session_id: str | None = None
     typecheck: bool = False  # TypeScript: type-check each cell (ERA_TYPECHECK=1 in the kernel's environment)
     limits: dict[str, Any] | None = None  # {memory_mib, cpu_count}: the session's own, below the server's
+    isolation: str | None = None  # Docker: "gvisor" runs it under runsc; None: the engine's runc
+
+
+def check_isolation(isolation: str | None, provisioner: str) -> str | None:
+    """A request's ``isolation`` for its provisioner: gVisor is a Docker runtime, so a
+    local session cannot have it (nor ``runc``, which would claim a wall it has not)."""
+    if isolation is not None and provisioner != "docker":
+        raise BadRequest(f"isolation {isolation!r} needs the docker provisioner (this session's is {provisioner!r})",
+                         field="isolation")
+    return None if isolation == "runc" else isolation
 
 
 @dataclass
@@ -76,6 +87,7 @@ class SessionRecord:
     uid: int | None = None  # the pooled kernel's uid, when it claimed one
     seq: int | None = None  # the store's, once inserted
     last_exit: dict[str, Any] | None = None  # how its last kernel ended: a session event (session_log.py)
+    isolation: str | None = None  # "gvisor" (Docker's runsc); None: the engine's default runtime
     owner: str | None = None  # the tenant that made it (tenants.py); None: made before tenants, the admin's
 
     # ---- the store's rows ----------------------------------------------------------------
@@ -105,7 +117,7 @@ class SessionRecord:
 
     def kernel_request(self) -> KernelRequest:
         return KernelRequest(self.language, self.provisioner, self.allow_internet, dict(self.env), self.startup,
-                             self.setup, self.id, self.typecheck, self.limits)
+                             self.setup, self.id, self.typecheck, self.limits, self.isolation)
 
     def duplicate(self, new_id: str | None, owner: str | None = None) -> "SessionRecord":
         """A new session with this one's settings, data, metadata and stored program (not
@@ -116,7 +128,7 @@ class SessionRecord:
             setup=self.setup, setup_status="pending" if self.setup else None, default_timeout=self.default_timeout,
             allow_internet=self.allow_internet, allow_public=self.allow_public, typecheck=self.typecheck,
             limits=self.limits, env=dict(self.env), startup=self.startup, code=self.code, max_age=self.max_age,
-            owner=owner if owner is not None else self.owner)
+            isolation=self.isolation, owner=owner if owner is not None else self.owner)
 
 
 def session_uid(record: SessionRecord) -> int:

@@ -30,7 +30,7 @@ from .events import EngineEvents, KernelDied
 from .kernels import KernelTable, Lease
 from .launcher import KernelLauncher
 from .pool import KernelPool
-from .records import EphemeralUids, KernelRequest, SessionRecord, session_uid
+from .records import EphemeralUids, KernelRequest, SessionRecord, check_isolation, session_uid
 from .tickets import RunTicket
 from .results import death_details, death_reason, done_event, new_run_id, run_result, utc_now
 
@@ -181,8 +181,11 @@ class SessionRunner:
         language = get_language(req.language)
         allow_internet = (self.settings["ERA_ALLOW_INTERNET_DEFAULT"] if req.allowInternetAccess is None
                           else req.allowInternetAccess)
-        request = KernelRequest(req.language, req.provisioner or self.settings["ERA_PROVISIONER"], bool(allow_internet))
-        warm = self.pool.take((request.language, request.provisioner)) if not request.allow_internet else None
+        provisioner = req.provisioner or self.settings["ERA_PROVISIONER"]
+        request = KernelRequest(req.language, provisioner, bool(allow_internet),
+                                isolation=check_isolation(req.isolation, provisioner))
+        warm = (self.pool.take((request.language, request.provisioner))
+                if not (request.allow_internet or request.isolation) else None)
         kernel: SessionKernel | None = None
         if warm is not None:
             uid, ws, kernel, lease = warm.uid, self.files.workspace(warm.workdir), warm.kernel, warm.lease

@@ -32,6 +32,9 @@ from ..validation import env_problem
 if TYPE_CHECKING:
     from ..config import Settings
 
+# A Docker kernel's wall: the engine's default OCI runtime, or gVisor's runsc (README, "gVisor").
+ISOLATIONS = ("runc", "gvisor")
+
 
 @dataclass(frozen=True)
 class LaunchOptions:
@@ -61,6 +64,10 @@ class LaunchOptions:
     image_prefix: str = "era"  # era-docker: images are <prefix>/<language>:latest unless `image` is given
     image: str | None = None
     egress_network: str = "era-egress"  # era-docker: the network of sessions with internet access
+    # era-docker: "runc" (the engine's default runtime) or "gvisor" (the runtimes below:
+    # the first without network, the second with the container's network passed through).
+    isolation: str = "runc"
+    gvisor_runtimes: tuple[str, str] = ("runsc", "runsc-net")
 
     def __post_init__(self) -> None:
         _check(self)
@@ -77,7 +84,8 @@ class LaunchOptions:
             memory=s["ERA_DOCKER_MEMORY"] if docker else s["ERA_KERNEL_MEMORY"],
             pids=s["ERA_DOCKER_PIDS"] if docker else s["ERA_KERNEL_PIDS"], cpus=s["ERA_DOCKER_CPUS"],
             sandbox=s["ERA_SANDBOX"], tmp_size=s["ERA_KERNEL_TMP_SIZE"], cgroups=s["ERA_KERNEL_CGROUPS"],
-            image_prefix=s["ERA_DOCKER_IMAGE_PREFIX"], egress_network=s["ERA_DOCKER_EGRESS_NETWORK"])
+            image_prefix=s["ERA_DOCKER_IMAGE_PREFIX"], egress_network=s["ERA_DOCKER_EGRESS_NETWORK"],
+            gvisor_runtimes=(s["ERA_DOCKER_GVISOR_RUNTIME"], s["ERA_DOCKER_GVISOR_NET_RUNTIME"]))
         return cls(**{**fields, **session})
 
     @classmethod
@@ -102,7 +110,7 @@ class LaunchOptions:
         for name in ("workspace", "runtime_dir", "tmp_dir"):
             if changes.get(name) is not None:
                 changes[name] = Path(changes[name])
-        for name in ("readonly", "hidden"):
+        for name in ("readonly", "hidden", "gvisor_runtimes"):
             if isinstance(changes.get(name), list):
                 changes[name] = tuple(changes[name])
         return dataclasses.replace(options, **changes)
@@ -146,6 +154,9 @@ def _check(options: LaunchOptions) -> None:
         raise BadRequest("sandbox must be auto, bwrap or none", field="sandbox")
     if options.cgroups not in ("auto", "on", "off"):
         raise BadRequest("cgroups must be auto, on or off", field="cgroups")
+    if options.isolation not in ISOLATIONS:
+        raise BadRequest(f"isolation must be one of {', '.join(ISOLATIONS)}", field="isolation")
+
 
 
 class EraProvisioner(KernelProvisionerBase):

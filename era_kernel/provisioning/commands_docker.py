@@ -4,7 +4,8 @@ Configured as the session's kernel container is (``docker.py``): the session's u
 read-only root, no capabilities, ``no-new-privileges``, an init, memory, CPU and process
 limits, the workspace at ``/workspace`` (the working directory), the session's ``/tmp``
 (or a tmpfs), the read-only directories at their host paths; network ``none`` unless
-``allow_network`` (then the egress network, else the host's, as for kernels). Labelled
+``allow_network`` (then the egress network, else the host's, as for kernels); gVisor's runtime for a
+session with ``"isolation": "gvisor"`` (``docker.oci_runtime``). Labelled
 ``era.managed`` with this process as owner, so a crashed server's leftovers are reaped
 with its kernels. stdout and stderr are followed apart from the container's log.
 """
@@ -25,6 +26,7 @@ from ..images.reference import validate_image_ref, validate_language
 from .base import LaunchOptions
 from .docker import (CONTAINER_WORKSPACE, DEFAULT_UID, LABEL_MANAGED, LABEL_OWNER, LABEL_OWNER_START, _check_readonly,
                      remove_container, shared_docker_client)
+from .gvisor import oci_runtime, process_limits, runtime_error, security_options
 from .owner import me
 
 if TYPE_CHECKING:
@@ -57,7 +59,9 @@ def _spec(client: Any, options: LaunchOptions, argv: list[str], language: str) -
     if options.tmp_dir is not None:
         mounts.append(Mount(target="/tmp", source=str(options.tmp_dir), type="bind", read_only=False))
     owner = me()
-    return dict(
+    network = _network(client, options)
+    runtime = oci_runtime(options, network)
+    return dict(**({"runtime": runtime} if runtime else {}),
         image=image, entrypoint=argv[:1], command=argv[1:], name=f"era-cmd-{secrets.token_hex(6)}",
         hostname="era", user=f"{uid}:{gid}", working_dir=CONTAINER_WORKSPACE,
         environment={"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", **options.env},
@@ -65,9 +69,9 @@ def _spec(client: Any, options: LaunchOptions, argv: list[str], language: str) -
                 LABEL_OWNER_START: str(owner[1])},
         mounts=mounts,
         tmpfs=None if options.tmp_dir is not None else {"/tmp": f"rw,nosuid,nodev,mode=1777,size={TMP_SIZE}"},
-        read_only=True, network_mode=_network(client, options), cap_drop=["ALL"],
-        security_opt=["no-new-privileges"], init=True, mem_limit=options.memory, memswap_limit=options.memory,
-        nano_cpus=int(options.cpus * 1e9), pids_limit=options.pids,
+        read_only=True, network_mode=network, cap_drop=["ALL"],
+        security_opt=security_options(options), init=True, mem_limit=options.memory, memswap_limit=options.memory,
+        nano_cpus=int(options.cpus * 1e9), **process_limits(options),
         log_config=LogConfig(type="json-file", config={"max-size": "8m", "max-file": "1"}), detach=True)
 
 
@@ -84,7 +88,8 @@ async def run_in_container(options: LaunchOptions, argv: list[str], *, language:
         raise KernelFailed(f"image for {language} not found; build it with `era images build --language {language}`") \
             from None
     except docker.errors.APIError as exc:
-        raise KernelFailed(f"cannot create the command's container: {exc.explanation or exc}") from None
+        raise KernelFailed(runtime_error(oci_runtime(options, "none"), exc)
+                           or f"cannot create the command's container: {exc.explanation or exc}") from None
     loop = asyncio.get_running_loop()
     try:
         try:

@@ -6,7 +6,7 @@ is run inside the container (name the interpreter as the image sees it, e.g. ``p
 and prefer ``"interrupt_mode": "message"``). The ERA engine adds per-session options
 through the ``era`` keyword of ``KernelManager.start_kernel``: ``workspace``,
 ``runtime_dir``, ``allow_network``, ``memory``, ``pids``, ``cpus``, ``env``, ``uid``,
-``image``, ``labels``, ``readonly``. Without them, defaults come from this provisioner's traitlets
+``image``, ``labels``, ``readonly``, ``isolation``. Without them, defaults come from this provisioner's traitlets
 config (``metadata.kernel_provisioner.config`` in kernel.json), then from
 ``Settings.from_env()`` read at launch (``ERA_DOCKER_MEMORY``, ``ERA_DOCKER_CPUS``,
 ``ERA_DOCKER_PIDS``, ``ERA_DOCKER_EGRESS_NETWORK``, ``ERA_DOCKER_IMAGE_PREFIX``), then
@@ -33,7 +33,13 @@ The container, exactly (nothing in it comes from a request except validated valu
   ``no-new-privileges``, Docker's default seccomp profile, an init process (so signals
   reach the kernel and zombies are reaped);
 - memory (swap included) 512 MiB, 1 CPU, 256 processes unless configured;
-- environment: the image's, plus only what we pass (never the server's own variables).
+- environment: the image's, plus only what we pass (never the server's own variables);
+- ``isolation`` ``gvisor``: the same container under gVisor's runsc runtime (its own
+  kernel in user space between the code and the host's), the runtime named by
+  ``gvisor_runtimes`` for its network (see ``oci_runtime``). The IPC sockets still
+  cross: runsc is registered with ``--host-uds=create``, so a socket the kernel binds in
+  the bind-mounted IPC directory is a host socket the server connects to; and
+  ``--oci-seccomp``, with our profile (``GVISOR_SECCOMP``) instead of Docker's default.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from ..errors import BadRequest, KernelFailed
 from ..validation import env_problem
 from ..images.reference import validate_image_ref, validate_language
 from .base import EraProvisioner, LaunchOptions
+from .gvisor import oci_runtime, process_limits, runtime_error, security_options
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
                   seal_kernel_dir, write_connection_file)
 from .owner import me
@@ -140,6 +147,7 @@ class EraDockerProvisioner(EraProvisioner):
                                    "server runs as root, else the server's own uid (it must own the IPC directory)")
     tmp_size = Unicode("256m", config=True, help="size of the /tmp tmpfs (counts against the memory limit)")
     runtime = Unicode("", config=True, help="OCI runtime, e.g. runsc for gVisor; default the engine's")
+    isolation = Unicode("", config=True, help="runc or gvisor (a kernelspec's choice, as a session's isolation)")
 
     container_id: str | None = None
     kernel_dir: Path | None = None
@@ -212,17 +220,18 @@ class EraDockerProvisioner(EraProvisioner):
             read_only=True,
             network_mode=network,
             cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
+            security_opt=security_options(options),
             init=True,
             mem_limit=options.memory,
             memswap_limit=options.memory,  # no swap beyond the limit
             nano_cpus=int(options.cpus * 1e9),
-            pids_limit=options.pids,
+            **process_limits(options),
             log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
             detach=True,
         )
-        if self.runtime:
-            self._container_spec["runtime"] = self.runtime
+        runtime = self.runtime or oci_runtime(options, network)
+        if runtime:
+            self._container_spec["runtime"] = runtime
         self.connection_info = host_connection_info(info, self.kernel_dir)
         self._exit_code, self._waited, self.oom_killed = None, False, False
         return {"cmd": argv, **kwargs}
@@ -230,7 +239,8 @@ class EraDockerProvisioner(EraProvisioner):
     def _configured(self) -> dict[str, Any]:
         """The kernelspec's provisioner config, as launch options (a plain Jupyter launch's)."""
         return {"image": self.image or None, "memory": self.memory_limit, "cpus": self.cpus, "pids": self.pids_limit,
-                "allow_network": self.allow_network or None, "egress_network": self.egress_network}
+                "allow_network": self.allow_network or None, "egress_network": self.egress_network,
+                "isolation": self.isolation}
 
     def _prepare(self, options: LaunchOptions, uid: int, gid: int) -> tuple[Path, list[str], Path]:
         """Blocking (pre_launch runs it in a thread): check the directories to mount, make
@@ -307,7 +317,8 @@ class EraDockerProvisioner(EraProvisioner):
             raise KernelFailed(f"image {spec['image']} not found; build it with `era images build`") from None
         except docker.errors.APIError as exc:
             self._discard_kernel_dir()
-            raise KernelFailed(f"cannot create the kernel container: {exc.explanation or exc}") from None
+            raise KernelFailed(runtime_error(spec.get("runtime"), exc)
+                               or f"cannot create the kernel container: {exc.explanation or exc}") from None
         try:
             await asyncio.to_thread(container.start)
         except docker.errors.APIError as exc:

@@ -45,7 +45,7 @@ class CommandSandbox:
 
     def __init__(self, settings: "Settings", provisioner: str, language: str, workspace: Path, tmp_dir: Path | None,
                  uid: int, *, write_file: Callable[[str, bytes], Awaitable[Any]] | None = None,
-                 finished: Callable[[], Awaitable[Any]] | None = None):
+                 finished: Callable[[], Awaitable[Any]] | None = None, isolation: str | None = None):
         self.settings = settings
         self.provisioner = provisioner
         self.language = language
@@ -54,6 +54,7 @@ class CommandSandbox:
         self.uid = uid
         self._write_file = write_file
         self._finished = finished
+        self.isolation = isolation or "runc"  # a gVisor session's setup steps run under gVisor too
 
     async def run(self, argv: list[str], *, timeout: float, allow_network: bool, env: dict[str, str],
                   readonly: list[str] = (), on_output: OutputSink | None = None,
@@ -63,7 +64,7 @@ class CommandSandbox:
 
         options = LaunchOptions.from_settings(
             self.settings, self.provisioner, self.workspace, uid=self.uid, allow_network=allow_network, env=env,
-            readonly=tuple(readonly), tmp_dir=self.tmp_dir).replace(
+            readonly=tuple(readonly), tmp_dir=self.tmp_dir, isolation=self.isolation).replace(
             memory=int(setting(self.settings, "ERA_SETUP_MEMORY", DEFAULT_MEMORY)),
             pids=int(setting(self.settings, "ERA_SETUP_PIDS", DEFAULT_PIDS)))
         return await run_command(self.provisioner, options, argv, language=self.language, timeout=timeout,

@@ -170,6 +170,7 @@ class SessionEventsHandler(BaseHandler):
 class NotebookHandler(BaseHandler):
     SESSION_ROUTE = True
     API = {"get": Op("The run history as a Jupyter notebook (nbformat 4)", response="Notebook",
+                     media_type="application/x-ipynb+json",
                      errors=SESSION_ERRORS)}
 
     async def get(self, sid: str) -> None:

@@ -57,7 +57,7 @@ def session_body(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", field="body")
     mode = body.get("network_mode", "none")
-    if mode not in NETWORK_MODES:
+    if not isinstance(mode, str) or mode not in NETWORK_MODES:  # a list or object is unhashable: not a 500
         raise BadRequest(f"network_mode must be one of {', '.join(NETWORK_MODES)} (got {str(mode)[:40]!r})",
                          field="network_mode")
     language = body.get("language", "python")

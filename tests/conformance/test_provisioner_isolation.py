@@ -97,16 +97,20 @@ for path in ('/usr/era-probe', '/etc/era-probe', '/era-probe'):
         open(path, 'w'); out[path] = 'writable'
     except OSError as e:
         out[path] = e.errno
+out['root'] = [l.split()[3].split(',')[0] for l in open('/proc/mounts') if l.split()[1] == '/']
 print(json.dumps(out))
 """
     found = await k.json(code)
     assert found.pop("cwd") == backend.workspace_seen(k.workspace)
-    assert found == {p: errno.EROFS for p in found}, found
+    root = found.pop("root")
+    assert found == {p: backend.read_only_errno for p in found}, found
+    if backend.read_only_errno != errno.EROFS:  # the permission check came first: the mount must say it too
+        assert root[-1:] == ["ro"], root
     made = k.workspace / "made-inside.txt"
     assert made.read_text() == "hi" and made.stat().st_uid == k.uid
 
 
-async def test_readonly_directories_are_readable_not_writable(shared):
+async def test_readonly_directories_are_readable_not_writable(backend, shared):
     code = f"""
 import json, sys
 sys.path.insert(0, {str(shared.readonly)!r})
@@ -115,9 +119,13 @@ try:
     open({str(shared.readonly / 'new.py')!r}, 'w'); wrote = 'writable'
 except OSError as e:
     wrote = e.errno
-print(json.dumps([mod.VALUE, wrote]))
+mount = [l.split()[3].split(',')[0] for l in open('/proc/mounts') if l.split()[1] == {str(shared.readonly)!r}]
+print(json.dumps([mod.VALUE, wrote, mount]))
 """
-    assert await shared.kernel.json(code) == ["from the package directory", errno.EROFS]
+    value, wrote, mount = await shared.kernel.json(code)
+    assert [value, wrote] == ["from the package directory", backend.read_only_errno]
+    if backend.read_only_errno != errno.EROFS:  # the permission check came first: the mount must say it too
+        assert mount[-1:] == ["ro"], mount
     assert not (shared.readonly / "new.py").exists()
 
 
@@ -165,13 +173,17 @@ for pid in os.listdir('/proc'):
             status = dict(l.split(':', 1) for l in open(f'/proc/{pid}/status').read().splitlines() if ':' in l)
         except OSError:
             continue
-        procs[pid] = {k: status[k].strip() for k in ('Name', 'Uid', 'Gid', 'NoNewPrivs', 'CapEff', 'CapPrm', 'CapBnd')}
-import subprocess
+        procs[pid] = {k: status[k].strip() for k in ('Name', 'Uid', 'Gid', 'NoNewPrivs', 'CapEff', 'CapPrm', 'CapBnd')
+                      if k in status}
+import ctypes, subprocess
+# gVisor's /proc/<pid>/status has no NoNewPrivs line: ask the kernel for our own (children
+# inherit it across fork and exec).
+no_new_privs = ctypes.CDLL(None, use_errno=True).prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS
 tools = {t: subprocess.run(argv, capture_output=True).returncode for t, argv in
          {'mount': ['mount', '-t', 'tmpfs', 'x', '/mnt'], 'unshare': ['unshare', '--user', '--map-root-user', 'true'],
           'sudo_su': ['su', '-c', 'true']}.items()}
 print(json.dumps({'procs': procs, 'uid': os.getuid(), 'gid': os.getgid(), 'euid': os.geteuid(),
-                  'self': str(os.getpid()), 'tools': tools}))
+                  'self': str(os.getpid()), 'tools': tools, 'no_new_privs': no_new_privs}))
 """
 
 
@@ -189,8 +201,9 @@ async def test_runs_as_the_given_uid_with_no_privileges(shared):
     assert all(code != 0 for code in probe["tools"].values()), probe["tools"]
     ours = {pid: s for pid, s in probe["procs"].items() if s["Uid"].split() == [str(k.uid)] * 4}
     assert probe["self"] in ours and "sleep" in {s["Name"] for s in ours.values()}, probe["procs"]
+    assert probe["no_new_privs"] == 1
     for pid, status in probe["procs"].items():
-        assert status["NoNewPrivs"] == "1", (pid, status)
+        assert status.get("NoNewPrivs", "1") == "1", (pid, status)
         assert status["CapEff"] == "0000000000000000", (pid, status)
         assert status["CapPrm"] == "0000000000000000", (pid, status)
         if status["Name"] not in k.backend.root_helpers:
