@@ -25,7 +25,7 @@ from .base import BaseHandler
 LIST_QUERY = {"prefix": "only keys starting with this", "limit": "1-1000, default 100",
               "cursor": "from a previous listing: go on after its last key"}
 TOKEN_NOTE = ("Authorised by the API key, or by a session's storage token (`ERA_STORAGE_TOKEN` in the session), "
-              "which acts for the owner of that session.")
+              "which acts for the owner of that session. Writes past the owner's key's `storage_bytes`: 429.")
 
 
 class StorageHandler(BaseHandler):
@@ -89,7 +89,7 @@ class KvListHandler(StorageHandler):
 
 class KvHandler(StorageHandler):
     API = {"get": Op("Read a KV value", response="KvValue", errors=(400, 404), description=TOKEN_NOTE),
-           "put": Op("Write a KV value", body="KvPut", response="StorageSuccess", errors=(400, 413)),
+           "put": Op("Write a KV value", body="KvPut", response="StorageSuccess", errors=(400, 413, 429)),
            "delete": Op("Delete a KV key (a missing key succeeds too)", response="StorageSuccess")}
 
     async def get(self, namespace: str, key: str) -> None:
@@ -119,7 +119,7 @@ class D1Handler(StorageHandler):
 class D1QueryHandler(D1Handler):
     ROWS = True
     API = {"post": Op("Run one SQL statement and return its rows", body="D1Body", response="D1Query",
-                      errors=(400, 413, 422),
+                      errors=(400, 413, 422, 429),
                       description="One SQLite database per name. 422 when the statement runs past "
                                   "ERA_STORAGE_SQL_TIMEOUT (it is cancelled); 413 past ERA_STORAGE_SQL_MAX_BYTES or "
                                   "ERA_STORAGE_SQL_MAX_ROWS; 400 for ATTACH/DETACH, VACUUM, extensions and pragmas "
@@ -128,7 +128,7 @@ class D1QueryHandler(D1Handler):
 
 class D1ExecHandler(D1Handler):
     API = {"post": Op("Run one SQL statement (no rows returned)", body="D1Body", response="D1Exec",
-                      errors=(400, 413, 422), description="As `query`, without `results`.")}
+                      errors=(400, 413, 422, 429), description="As `query`, without `results`.")}
 
 
 class R2ListHandler(StorageHandler):
@@ -140,7 +140,7 @@ class R2ListHandler(StorageHandler):
 
 class R2Handler(StorageHandler):
     API = {"get": Op("Read an object (base64 `content`)", response="R2Object", errors=(400, 404)),
-           "put": Op("Write an object (base64 `content`)", body="R2Put", response="R2Stored", errors=(400, 413),
+           "put": Op("Write an object (base64 `content`)", body="R2Put", response="R2Stored", errors=(400, 413, 429),
                      description="Kept on the workspace store (ERA_WORKSPACE_URL: S3 when the server uses S3). "
                                  + TOKEN_NOTE),
            "delete": Op("Delete an object (a missing one succeeds too)", response="StorageSuccess")}
