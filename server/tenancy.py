@@ -13,6 +13,7 @@ import contextlib
 from typing import Any, AsyncIterator
 
 from era_kernel.errors import NotFound, OverLimit, Unauthorized
+from era_kernel.listing import record_chunks
 from era_kernel.tenants import ADMIN, Tenant, split_key
 from era_kernel.validation import is_session_id
 
@@ -97,9 +98,17 @@ async def check_kernel(services: Any, tenant: Tenant, session_id: str | None) ->
     limit = tenant.limits.get("kernels")
     if limit is None or (session_id is not None and session_id in services.engine.kernels):
         return
-    if await services.engine.live_kernels(tenant.owner) >= limit:
+    if await live_kernels(services.engine, tenant.owner) >= limit:
         raise OverLimit("kernels", limit, f"this key's limit of {limit} live kernels is reached (kernels): stop "
                         "one (POST /api/vm/{id}/stop) or wait for idle ones to be culled", retry_after=5)
+
+
+async def live_kernels(engine: Any, owner: str) -> int:
+    """How many of the tenant's sessions have a live (or starting) kernel."""
+    live, count = engine.kernels, 0
+    async for rows in record_chunks(engine.store, owner=owner):
+        count += sum(1 for r in rows if r["id"] in live)
+    return count
 
 
 async def check_run(services: Any, tenant: Tenant, session_id: str | None) -> None:

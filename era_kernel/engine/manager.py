@@ -341,14 +341,6 @@ class SessionManager:
         return await read_page(self.store, self._document, limit=limit, cursor=cursor, owner=owner,
                                cap=self.settings["ERA_LIST_MAX"], max_bytes=self.settings["ERA_LIST_MAX_BYTES"])
 
-    async def live_kernels(self, owner: str) -> int:
-        """How many of the tenant's sessions have a live (or starting) kernel."""
-        live = self.kernels
-        count = 0
-        async for rows in record_chunks(self.store, owner=owner):
-            count += sum(1 for r in rows if r["id"] in live)
-        return count
-
     async def patch(self, session_id: str, body: Any) -> dict[str, Any]:
         await self._record(session_id)
         req = models.parse(models.PatchSession, body)
