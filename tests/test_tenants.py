@@ -383,3 +383,24 @@ async def test_keys_on_a_server_without_era_api_key(tmp_path):
     finally:
         await store.close()
         await other.close()
+
+
+def test_keys_on_a_postgresql_store(postgres_cluster):
+    """The same door on the store several replicas share: ``era keys`` writes there, the
+    server reads there, a revoke holds within a second."""
+    schema, url = postgres_cluster.new_schema()
+    srv = ServerProcess(env={"ERA_API_KEY": ADMIN_KEY, "ERA_STORE_URL": url, "ERA_POOL_SIZE": "0"}).start()
+    try:
+        hana, ivan = make_key(srv, "hana"), make_key(srv, "ivan")
+        srv.json("POST", "/api/sessions", {"id": "hana-s"}, hana, expect=201)
+        missing_like(srv, "GET", "/api/sessions/hana-s", "hana-s", ivan)
+        assert srv.json("GET", "/api/sessions", headers=ivan)["sessions"] == []
+        assert [s["id"] for s in srv.json("GET", "/api/sessions", headers=ADMIN)["sessions"]] == ["hana-s"]
+        assert era_keys(srv, "revoke", "hana").returncode == 0
+        revoked_at = time.monotonic()
+        while srv.request("GET", "/api/sessions", None, hana)[0] != 401:
+            assert time.monotonic() - revoked_at < 1.5, "the revoked key still works"
+            time.sleep(0.05)
+    finally:
+        srv.cleanup()
+        postgres_cluster.drop_schema(schema)
