@@ -49,13 +49,15 @@ def not_found(session_id: str, template: str = SESSION_NOT_FOUND) -> NotFound:
 
 
 async def check_owner(services: Any, tenant: Tenant, session_id: str, template: str = SESSION_NOT_FOUND) -> None:
-    """404 when the session is another tenant's (the admin sees all). A missing session
-    is left to the handler, which answers its own 404: ``template`` is its words (the
-    gateway's say "kernel"), so both bodies are the same."""
-    if tenant.admin or not is_session_id(session_id):
+    """404 for a tenant when the session is not its own, missing or another's alike (the
+    admin sees all), before anything else of the request is looked at: were a missing
+    session left to the handler, a bad body would answer 400 for it and 404 for another
+    tenant's, telling them apart. ``template`` is the route's words for a missing one (the
+    gateway's say "kernel"), so the body is the handler's own."""
+    if tenant.admin:
         return
-    row = await services.engine.store.get_session(session_id)
-    if row is not None and row.get("owner") != tenant.owner:
+    row = await services.engine.store.get_session(session_id) if is_session_id(session_id) else None
+    if row is None or row.get("owner") != tenant.owner:
         raise not_found(session_id, template)
 
 

@@ -86,6 +86,8 @@ SESSION_ROUTES = [
     ("GET", "/api/sessions/{sid}/files/secret.txt", None),
     ("PUT", "/api/sessions/{sid}/files/planted.txt", "x"),
     ("POST", "/api/sessions/{sid}/run", {"code": "print(1)"}),
+    ("POST", "/api/sessions/{sid}/run", {"code": 5, "timeout": "x"}),  # a bad body must not tell them apart
+    ("PATCH", "/api/sessions/{sid}", {"metadata": "not an object"}),
     ("POST", "/api/sessions/{sid}/stream", {"code": "print(1)"}),
     ("GET", "/api/sessions/{sid}/runs", None),
     ("POST", "/api/sessions/{sid}/commands", {"command": "id"}),

@@ -18,12 +18,11 @@ from pathlib import PurePath
 from typing import Any
 
 from era_kernel.errors import BadRequest, NotFound, TooLarge
+from era_kernel.tenants import ADMIN, Tenant
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from ..apidoc import Op
-from era_kernel.tenants import ADMIN, Tenant
-
 from .. import tenancy
+from ..apidoc import Op
 from ..auth import bearer_token
 from ..errors import Forbidden, JsonErrors, NotReady
 from ..services import Services
