@@ -1,4 +1,4 @@
-"""The ``era`` command: run, serve, mcp, doctor, kernelspecs, images.
+"""The ``era`` command: run, serve, mcp, doctor, kernelspecs, images, setup, keys.
 
 Imports stay inside the subcommands: ``era serve`` must bind its port within 100 ms,
 before jupyter_client and the store are imported.
@@ -148,6 +148,9 @@ def build_parser(with_images: bool = True):
     from .setup.cli import add_setup_parser
 
     add_setup_parser(sub)
+    from .keys_cli import add_keys_parser
+
+    add_keys_parser(sub)
     return parser
 
 
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         from era_server import main as serve_main
 
         return serve_main(argv[1:]) or 0
-    args = build_parser().parse_args(argv)
+    # Only `era images` needs the Docker SDK, which costs a second to import.
+    args = build_parser(with_images=argv[:1] == ["images"] or not argv or argv[0].startswith("-")).parse_args(argv)
     return args.func(args)
 
 

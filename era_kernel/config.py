@@ -218,13 +218,15 @@ SETTINGS: tuple[Setting, ...] = (
             "(honours `SSL_CERT_FILE`)."),
     Setting("ERA_HOST", "127.0.0.1", "Address `era serve` binds."),
     Setting("ERA_PORT", 8787, "Port `era serve` binds.", int),
-    Setting("ERA_API_KEY", "", "When set, every /api route and WebSocket needs `Authorization: Bearer <key>`."),
+    Setting("ERA_API_KEY", "", "When set, every /api route and WebSocket needs `Authorization: Bearer <key>`. "
+            "The admin key: sees every session; tenants' keys come from `era keys create` (see Tenants)."),
     Setting("ERA_ALLOWED_ORIGINS", "", "Comma-separated WebSocket Origins allowed (exact match)."),
     Setting("ERA_MAX_BODY", 64 * 1024**2, "Largest HTTP request body in bytes.", _size),
     Setting("ERA_MAX_SOCKETS_PER_SESSION", 16, "Open WebSockets on one session (`/ws` and Jupyter `channels` "
             "together); past it the upgrade answers 429.", _count),
-    Setting("ERA_MAX_SOCKETS_PER_CLIENT", 64, "Open WebSockets of one client: one API key (with `ERA_API_KEY` "
-            "set, all its holders share this), else one remote address; past it the upgrade answers 429.", _count),
+    Setting("ERA_MAX_SOCKETS_PER_CLIENT", 64, "Open WebSockets of one client: one API key (each tenant's key "
+            "apart; with `ERA_API_KEY` set, all its holders share this), else one remote address; past it the upgrade "
+            "answers 429.", _count),
     Setting("ERA_GATEWAY_REPLAY_MAX_BYTES", 64 * 1024**2, "Jupyter kernel gateway: what a kernel sends while no "
             "client is connected to its `channels` is kept (up to this many bytes and 10,000 messages, the oldest "
             "dropped first) and replayed to the next connection with the same `session_id`; 0 keeps nothing.", _size),

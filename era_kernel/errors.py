@@ -74,6 +74,15 @@ class Busy(EraError):
 TooManyKernels = Busy
 
 
+class OverLimit(Busy):
+    """A tenant is at one of its key's limits (sessions, kernels, storage_bytes,
+    runs_per_minute); the message and the answer's ``details.limit`` name it, ``details.max``
+    is its value. Retry once it has room again."""
+
+    def __init__(self, limit: str, maximum: int, message: str, retry_after: float = 1.0):
+        super().__init__(message, retry_after=retry_after, details={"details": {"limit": limit, "max": maximum}})
+
+
 class Unavailable(EraError):
     """The kernel could not be started, or died in a way the run cannot report."""
 

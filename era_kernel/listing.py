@@ -54,7 +54,8 @@ def decode_cursor(cursor: Any) -> int:
 
 
 async def read_page(store: MetadataStore, document: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]], *,
-                    limit: int | None, cursor: str | None, cap: int, max_bytes: int) -> SessionPage:
+                    limit: int | None, cursor: str | None, cap: int, max_bytes: int,
+                    owner: str | None = None) -> SessionPage:
     """Up to ``limit`` (1 to ``cap``; None: ``cap``) documents of the records after the
     cursor's, cut once their JSON passes ``max_bytes`` (never before the first, so paging
     always moves on). A bad limit or cursor is a 400."""
@@ -66,7 +67,7 @@ async def read_page(store: MetadataStore, document: Callable[[dict[str, Any]], A
     page, size = SessionPage(), 0
     while True:
         want = min(CHUNK, limit - len(page)) + 1  # one more than needed: is there a next page?
-        records = await store.list_sessions(limit=want, after=after)
+        records = await store.list_sessions(limit=want, after=after, owner=owner)
         for record in records:
             # Cut before this record; `after` is then the seq of the page's last document.
             if len(page) == limit:
@@ -84,12 +85,12 @@ async def read_page(store: MetadataStore, document: Callable[[dict[str, Any]], A
             return page
 
 
-async def record_chunks(store: MetadataStore) -> AsyncIterator[list[dict[str, Any]]]:
+async def record_chunks(store: MetadataStore, owner: str | None = None) -> AsyncIterator[list[dict[str, Any]]]:
     """Every record, oldest first, ``CHUNK`` at a time (passes over all sessions: start,
     bulk delete, culling), so a pass never holds the whole table."""
     after = None
     while True:
-        records = await store.list_sessions(limit=CHUNK, after=after)
+        records = await store.list_sessions(limit=CHUNK, after=after, owner=owner)
         if records:
             yield records
         if len(records) < CHUNK:

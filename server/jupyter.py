@@ -40,6 +40,7 @@ from era_kernel.languages import GVISOR_KERNELSPECS, KERNEL_KINDS
 from tornado.web import Finish
 
 from .apidoc import Op
+from .tenancy import new_session
 from .gateway_replay import ReplayBuffer, replay_for
 from .handlers.base import BaseHandler, dumps, json_default, parse_json
 from .handlers.sockets import BoundedSocket
@@ -130,6 +131,9 @@ def is_gateway_kernel(doc: dict[str, Any]) -> bool:
     return isinstance(doc.get("metadata"), dict) and doc["metadata"].get("jupyter_kernel") is True
 
 
+KERNEL_NOT_FOUND = "kernel {id} not found"
+
+
 async def kernel_doc(engine: Any, kernel_id: str) -> dict[str, Any]:
     """The session behind a gateway kernel; 404 for unknown ids and for ordinary sessions."""
     try:
@@ -137,7 +141,7 @@ async def kernel_doc(engine: Any, kernel_id: str) -> dict[str, Any]:
     except NotFound:
         doc = None
     if doc is None or not is_gateway_kernel(doc):
-        raise NotFound(f"kernel {kernel_id[:128]} not found")
+        raise NotFound(KERNEL_NOT_FOUND.format(id=kernel_id[:128]))
     return doc
 
 
@@ -202,7 +206,7 @@ class KernelsHandler(BaseHandler):
         # Every page: Jupyter's list has no paging, and a kernel model is small.
         models, cursor = [], None
         while True:
-            page = await self.engine.list(cursor=cursor)
+            page = await self.engine.list(cursor=cursor, owner=self.owner_filter)
             models += [kernel_model(self.services, d) for d in page if is_gateway_kernel(d)]
             if page.next_cursor is None:
                 break
@@ -224,9 +228,10 @@ class KernelsHandler(BaseHandler):
         else:
             (language, provisioner), isolation = KERNEL_KINDS[name], {}
         # jupyter_server routes only UUID-shaped kernel ids (\w+-\w+-\w+-\w+-\w+); a UUID is a valid session id.
-        doc = await self.engine.create({"id": str(uuid.uuid4()), "language": language, "provisioner": provisioner,
-                                        **isolation, "metadata": {"jupyter_kernel": True, "kernelspec": name},
-                                        "env": kernel_env(body.get("env"))})
+        async with new_session(self.services, self.tenant):
+            doc = await self.engine.create({"id": str(uuid.uuid4()), "language": language, "provisioner": provisioner,
+                                            **isolation, "metadata": {"jupyter_kernel": True, "kernelspec": name},
+                                            "env": kernel_env(body.get("env"))}, owner=self.tenant.owner)
         self.session_id = sid = doc["id"]
         try:
             await self.engine.jupyter_kernel(sid)  # a kernel that cannot start is this request's error
@@ -242,6 +247,7 @@ class KernelsHandler(BaseHandler):
 
 class KernelHandler(BaseHandler):
     SESSION_ROUTE = True
+    NOT_FOUND = KERNEL_NOT_FOUND
     API = {
         "get": Op("Jupyter: one kernel", response="KernelModel", errors=(404,), tags=TAGS),
         "delete": Op("Jupyter: shut a kernel down (its session is deleted)", status=204, errors=(404,), tags=TAGS),
@@ -259,6 +265,7 @@ class KernelHandler(BaseHandler):
 
 class KernelInterruptHandler(BaseHandler):
     SESSION_ROUTE = True
+    NOT_FOUND = KERNEL_NOT_FOUND
     API = {"post": Op("Jupyter: interrupt a kernel", status=204, errors=(404,), tags=TAGS)}
 
     async def post(self, kid: str) -> None:
@@ -270,6 +277,7 @@ class KernelInterruptHandler(BaseHandler):
 
 class KernelRestartHandler(BaseHandler):
     SESSION_ROUTE = True
+    NOT_FOUND = KERNEL_NOT_FOUND
     API = {"post": Op("Jupyter: restart a kernel (answers once it is up again)", response="KernelModel",
                       errors=(404, 429, 503), tags=TAGS)}
 
@@ -358,6 +366,7 @@ def check_client_message(msg: Any) -> tuple[str, dict[str, Any]]:
 
 
 class KernelChannels(BoundedSocket):
+    NOT_FOUND = KERNEL_NOT_FOUND
     GONE_REASON = "kernel deleted"
     API = {"get": Op("Jupyter: the kernel's messaging channels (WebSocket, Jupyter's JSON format)",
                      response="jupyter-websocket", errors=(400, 401, 403, 404, 429, 503), tags=TAGS,
@@ -508,6 +517,11 @@ class KernelChannels(BoundedSocket):
         while len(self._requests) > MAX_TRACKED_REQUESTS:
             self._requests.popitem(last=False)
         if channel == "shell" and msg["header"]["msg_type"] == "execute_request":
+            try:
+                self.services.run_rate.take(self.tenant)  # a cell is a run: runs_per_minute
+            except EraError as err:
+                self._refuse(channel, msg, err, why="this cell is refused")
+                return
             try:  # a cell becomes a run record (engine/gateway_runs.py); the relay goes on whatever happens
                 await engine.gateway_execute(self.session_id, kernel, msg)
             except Exception:
@@ -526,11 +540,12 @@ class KernelChannels(BoundedSocket):
         note = era_message("stream", request["header"], {"name": "stderr", "text": text})
         self._send("iopub", encode("iopub", note), note)
 
-    def _refuse(self, channel: str, request: dict[str, Any], err: EraError) -> None:
+    def _refuse(self, channel: str, request: dict[str, Any], err: EraError,
+                why: str = "no kernel to run this on") -> None:
         """No kernel for the request (the kernel limit, a start that failed): answer it as a
         kernel would answer a failed one (stderr, an error reply, idle), so the client's
         cell ends with the reason instead of waiting for a reply that never comes."""
-        text = f"[ERA] no kernel to run this on: {err.message}\n"
+        text = f"[ERA] {why}: {err.message}\n"
         if self._lost is not None:
             text += f"[ERA] the previous kernel went away: {self._lost.get('message') or self._lost.get('reason')}\n"
         self._tell(request, text)

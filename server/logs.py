@@ -23,6 +23,8 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 _PATTERNS = [
     (re.compile(r"(?i)(bearer\s+)[^\s\"',;]+"), r"\1[redacted]"),
     (re.compile(r"(?i)((?:token|api[_-]?key|access_token|password|secret)=)[^&\s\"',;]+"), r"\1[redacted]"),
+    # A tenant's key wherever it appears: its public id kept (which key), its secret never.
+    (re.compile(r"(era_k\.[0-9a-f]{12}\.)[A-Za-z0-9_-]+"), r"\1[redacted]"),
 ]
 
 

@@ -48,6 +48,8 @@ class Services:
         self._unwatch_storage: Callable[[], None] = lambda: None
         self.version = "unknown"
         self.address: str | None = None  # where this server listens, for the replica registry (app._serve)
+        self.keys: Any = None  # era_kernel.tenants.Keys, on the engine's store, once it is ready
+        self.run_rate: Any = None  # era_kernel.tenants.RunRate: runs per minute per tenant
 
     def spawn(self, coro) -> asyncio.Task:
         """A background task that outlives the request or socket that started it."""
@@ -82,6 +84,9 @@ class Services:
         engine.replica.address = engine.replica.address or self.address
         await engine.start()
         self._unwatch = engine.watch(self.on_lifecycle)
+        from era_kernel.tenants import Keys, RunRate
+
+        self.keys, self.run_rate = Keys(engine.store, self.api_key), RunRate()
         if self.settings["ERA_STORAGE_PORT"]:
             from .storage_listeners import StorageListeners
 

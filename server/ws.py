@@ -219,6 +219,7 @@ class SessionSocket(BoundedSocket):
         if "background" in msg:
             raise BadRequest("a WebSocket run streams on its socket; send 'background' runs to POST .../run",
                              field="background")
+        self.services.run_rate.take(self.tenant)  # runs_per_minute: a 429 error frame for this id
         hub.runs_in_flight.add(client_id)
         hub.client_ids[run_id] = client_id
         self.services.spawn(self._run(hub, self.session_id, run_id, client_id, body))

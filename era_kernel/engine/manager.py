@@ -222,7 +222,8 @@ class SessionManager:
                 raise TooLarge(f"field '{name}' is {size} bytes; the limit is {limit} ({setting})", field=name)
 
     # ---- sessions -----------------------------------------------------------------------------
-    async def create(self, body: Any) -> dict[str, Any]:
+    async def create(self, body: Any, owner: str | None = None) -> dict[str, Any]:
+        """``owner``: the tenant making it (tenants.py); its record keeps it."""
         req = models.parse(models.CreateSession, body)
         get_language(req.language)
         self._check_sizes({"metadata": req.metadata, "data": req.data})
@@ -236,7 +237,7 @@ class SessionManager:
             allow_internet=self._default(req.allowInternetAccess, "ERA_ALLOW_INTERNET_DEFAULT"),
             allow_public=self._default(req.allowPublicAccess, "ERA_ALLOW_PUBLIC_DEFAULT"), typecheck=req.typecheck,
             limits=self._limits(req.limits, provisioner), env=req.env, startup=req.startup, max_age=req.max_age,
-            isolation=check_isolation(req.isolation, provisioner))
+            isolation=check_isolation(req.isolation, provisioner), owner=owner)
         return await self._insert(record)
 
     def _limits(self, limits: models.Limits | None, provisioner: str) -> dict[str, Any] | None:
@@ -332,11 +333,12 @@ class SessionManager:
     async def get(self, session_id: str) -> dict[str, Any]:
         return await self._document(await self._record(session_id))
 
-    async def list(self, limit: int | None = None, cursor: str | None = None) -> SessionPage:
+    async def list(self, limit: int | None = None, cursor: str | None = None, owner: str | None = None) -> SessionPage:
         """One page of session documents, oldest first: after ``cursor`` (a page's
         ``next_cursor``), at most ``limit`` (default and most ``ERA_LIST_MAX``) and about
-        ``ERA_LIST_MAX_BYTES`` of JSON; ``next_cursor`` is None on the last page."""
-        return await read_page(self.store, self._document, limit=limit, cursor=cursor,
+        ``ERA_LIST_MAX_BYTES`` of JSON; ``next_cursor`` is None on the last page. With
+        ``owner``, only that tenant's sessions."""
+        return await read_page(self.store, self._document, limit=limit, cursor=cursor, owner=owner,
                                cap=self.settings["ERA_LIST_MAX"], max_bytes=self.settings["ERA_LIST_MAX_BYTES"])
 
     async def patch(self, session_id: str, body: Any) -> dict[str, Any]:
@@ -377,10 +379,12 @@ class SessionManager:
         self.journal.forget(session_id)
         self._workdirs.pop(session_id, None)
 
-    async def delete_many(self, ids: list[str] | None = None, prefix: str | None = None) -> list[str]:
+    async def delete_many(self, ids: list[str] | None = None, prefix: str | None = None,
+                          owner: str | None = None) -> list[str]:
+        """With ``owner``, only that tenant's sessions are candidates."""
         wanted = set(ids) if ids is not None else None
         targets: list[str] = []
-        async for rows in record_chunks(self.store):
+        async for rows in record_chunks(self.store, owner=owner):
             targets += [r["id"] for r in rows
                         if (wanted is None or r["id"] in wanted) and (prefix is None or r["id"].startswith(prefix))]
         for sid in targets:
@@ -390,12 +394,12 @@ class SessionManager:
                 pass
         return targets
 
-    async def duplicate(self, session_id: str, body: Any = None) -> dict[str, Any]:
+    async def duplicate(self, session_id: str, body: Any = None, owner: str | None = None) -> dict[str, Any]:
         source = await self._record(session_id)
         req = models.parse(models.DuplicateRequest, body)
         # Stored under a larger limit: not copied past today's.
         self._check_sizes({"metadata": source.metadata, "data": source.data})
-        return await self._insert(source.duplicate(req.id), copy_from=source)
+        return await self._insert(source.duplicate(req.id, owner), copy_from=source)
 
     async def interrupt(self, session_id: str) -> None:
         await self._record(session_id)

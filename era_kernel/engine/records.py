@@ -88,6 +88,7 @@ class SessionRecord:
     seq: int | None = None  # the store's, once inserted
     last_exit: dict[str, Any] | None = None  # how its last kernel ended: a session event (session_log.py)
     isolation: str | None = None  # "gvisor" (Docker's runsc); None: the engine's default runtime
+    owner: str | None = None  # the tenant that made it (tenants.py); None: made before tenants, the admin's
 
     # ---- the store's rows ----------------------------------------------------------------
     @classmethod
@@ -118,7 +119,7 @@ class SessionRecord:
         return KernelRequest(self.language, self.provisioner, self.allow_internet, dict(self.env), self.startup,
                              self.setup, self.id, self.typecheck, self.limits, self.isolation)
 
-    def duplicate(self, new_id: str | None) -> "SessionRecord":
+    def duplicate(self, new_id: str | None, owner: str | None = None) -> "SessionRecord":
         """A new session with this one's settings, data, metadata and stored program (not
         its history, directory, uid or setup outcome: its setup runs again, from cache)."""
         return SessionRecord(
@@ -127,7 +128,7 @@ class SessionRecord:
             setup=self.setup, setup_status="pending" if self.setup else None, default_timeout=self.default_timeout,
             allow_internet=self.allow_internet, allow_public=self.allow_public, typecheck=self.typecheck,
             limits=self.limits, env=dict(self.env), startup=self.startup, code=self.code, max_age=self.max_age,
-            isolation=self.isolation)
+            isolation=self.isolation, owner=owner if owner is not None else self.owner)
 
 
 def session_uid(record: SessionRecord) -> int:

@@ -1,9 +1,9 @@
 """ERA's storage proxy, engine side: KV (``kv``), SQL databases (``d1``), objects
 (``r2``), the resource registry (``registry``) and session tokens (``tokens``).
 
-Every call names the owner it acts for. Today there is one API key, so one owner,
-``DEFAULT_OWNER``; a session's calls act for the owner of the key that created it (the
-same one, until tenants exist). The server (``server/handlers/storage.py``) turns a
+Every call names the owner it acts for: the tenant of the API key (``era_kernel/tenants.py``;
+``DEFAULT_OWNER`` for ``ERA_API_KEY``); a session's calls act for the owner of the key
+that created it (its record's ``owner``). The server (``server/handlers/storage.py``) turns a
 request's credential into an owner; nothing below trusts a name from the request for it.
 """
 
@@ -55,8 +55,21 @@ class Storage:
         return env
 
     def owner_of_session(self, record: Any) -> str:
-        """Whose storage a session's calls reach: its creator's (one owner until tenants)."""
-        return DEFAULT_OWNER
+        """Whose storage a session's calls reach: its creator's (sessions made before
+        tenants are the admin's)."""
+        return (record or {}).get("owner") or DEFAULT_OWNER
+
+    async def usage(self, owner: str) -> int:
+        """Bytes ``owner`` keeps: KV values, objects and SQL databases (a tenant's
+        ``storage_bytes`` limit is checked against it before each write)."""
+        rows = await self.db.call(lambda c: c.execute(
+            "SELECT (SELECT COALESCE(SUM(size), 0) FROM kv WHERE owner = ?1) + "
+            "(SELECT COALESCE(SUM(size), 0) FROM objects WHERE owner = ?1)", (owner,)).fetchone())
+        return int(rows[0]) + await asyncio.to_thread(self._d1_bytes, owner)
+
+    def _d1_bytes(self, owner: str) -> int:
+        directory = self.d1.root / owner
+        return sum(p.stat().st_size for p in directory.iterdir() if p.is_file()) if directory.is_dir() else 0
 
     async def owner_for_session(self, session_id: str) -> str | None:
         """The owner a session acts for; None when it is gone."""

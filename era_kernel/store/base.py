@@ -20,6 +20,10 @@ class SessionExists(Exception):
     """``insert_session`` found the id taken."""
 
 
+class KeyExists(Exception):
+    """``insert_api_key`` found the id taken, or the name held by a key not revoked."""
+
+
 class MetadataStore(abc.ABC):
     """Async store of session records and run records (plain dicts of JSON values).
 
@@ -45,19 +49,23 @@ class MetadataStore(abc.ABC):
         """The record, or None."""
 
     @abc.abstractmethod
-    async def list_sessions(self, limit: int | None = None, after: int | None = None) -> list[dict[str, Any]]:
+    async def list_sessions(self, limit: int | None = None, after: int | None = None,
+                            owner: str | None = None) -> list[dict[str, Any]]:
         """Records in ``seq`` order (oldest first) whose ``seq`` is greater than ``after``,
-        at most ``limit`` of them (None: no bound). Each record carries its ``seq``.
+        at most ``limit`` of them (None: no bound). Each record carries its ``seq``. With
+        ``owner``, only the records whose ``owner`` field equals it (a tenant's sessions;
+        records without the field match no owner).
 
         The engine pages with it: one page per ``SessionManager.list`` (``GET
         /api/sessions``; ``after`` comes from the client's cursor), and chunk by chunk in
         its passes over every session (start, bulk delete, culling). A backend answers
         from an index on ``seq``, never by reading the rows before ``after``."""
 
-    async def count_sessions(self) -> int:
-        """How many sessions there are (stats, /health, /metrics ask on every call).
+    async def count_sessions(self, owner: str | None = None) -> int:
+        """How many sessions there are (stats, /health, /metrics ask on every call), or
+        how many ``owner`` has (a tenant's session limit, checked at each create).
         Derived from ``list_sessions``; a backend overrides it when it can count cheaply."""
-        return len(await self.list_sessions())
+        return len(await self.list_sessions(owner=owner))
 
     @abc.abstractmethod
     async def update_session(self, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
@@ -211,6 +219,40 @@ class MetadataStore(abc.ABC):
     async def delete_replica(self, replica_id: str) -> bool:
         """Remove the replica's registration; True when it existed. Called by a server
         that stops cleanly."""
+
+
+    # ---- API keys (era_kernel/tenants.py) --------------------------------------------------------
+    # A key is a document ``{id, name, hash, created_at, admin, limits}``: ``id`` the public
+    # prefix of the key a client sends, ``hash`` the digest of its secret part (the key
+    # itself is never stored). Revoked keys stay listed, with ``revoked_at``.
+
+    @abc.abstractmethod
+    async def insert_api_key(self, key: dict[str, Any]) -> dict[str, Any]:
+        """Store a new key; returns it as ``get_api_key`` would (``revoked_at`` None).
+        Raises ``KeyExists`` when its id is taken or a key not revoked has its name (a
+        revoked key's name may be used again). Called by ``era keys create``."""
+
+    @abc.abstractmethod
+    async def get_api_key(self, key_id: str) -> dict[str, Any] | None:
+        """The key with this id, revoked or not, or None. Called to authenticate a
+        request (at most once a second per key: tenants.py caches for that long)."""
+
+    @abc.abstractmethod
+    async def list_api_keys(self) -> list[dict[str, Any]]:
+        """Every key, revoked ones included, oldest first."""
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, name_or_id: str) -> dict[str, Any] | None:
+        """Revoke the key not yet revoked whose id or name this is, stamping
+        ``revoked_at`` (UTC, ISO); returns it, or None when there is no such key (an
+        already revoked one included). Called by ``era keys revoke``."""
+
+
+def utc_stamp() -> str:
+    """Now, as the engine writes times: ``2026-01-01T00:00:00.000Z``."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def heartbeat_fields(heartbeat_at: float, now: float) -> dict[str, Any]:

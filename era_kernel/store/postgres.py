@@ -18,7 +18,7 @@ import asyncio
 import json
 from typing import Any, Awaitable, Callable, TypeVar
 
-from .base import SESSION_EVENTS_KEPT, MetadataStore, SessionExists, heartbeat_fields
+from .base import SESSION_EVENTS_KEPT, KeyExists, MetadataStore, SessionExists, heartbeat_fields, utc_stamp
 
 T = TypeVar("T")
 
@@ -80,6 +80,17 @@ MIGRATIONS: list[str] = [
         heartbeat_at DOUBLE PRECISION NOT NULL,
         doc TEXT NOT NULL
     );
+    """,
+    # 3: tenants' API keys (MetadataStore.insert_api_key); a name is unique among live keys
+    """
+    CREATE TABLE api_keys (
+        n BIGINT GENERATED ALWAYS AS IDENTITY,
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        revoked_at TEXT,
+        doc TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
     """,
 ]
 
@@ -216,15 +227,19 @@ class PostgresStore(MetadataStore):
         row = await self._read(lambda c: self._one(c, "SELECT seq, doc FROM sessions WHERE id = %s", (session_id,)))
         return dict(json.loads(row[1]), seq=row[0]) if row else None
 
-    async def list_sessions(self, limit: int | None = None, after: int | None = None) -> list[dict[str, Any]]:
+    async def list_sessions(self, limit: int | None = None, after: int | None = None,
+                            owner: str | None = None) -> list[dict[str, Any]]:
         # LIMIT NULL is no limit; the primary key on seq makes it a range scan.
         rows = await self._read(lambda c: self._all(
-            c, "SELECT seq, doc FROM sessions WHERE seq > %s ORDER BY seq LIMIT %s",
-            (-1 if after is None else after, limit)))
+            c, "SELECT seq, doc FROM sessions WHERE seq > %(after)s AND (%(owner)s::text IS NULL OR "
+               "doc::json->>'owner' = %(owner)s) ORDER BY seq LIMIT %(limit)s",
+            {"after": -1 if after is None else after, "owner": owner, "limit": limit}))
         return [dict(json.loads(doc), seq=seq) for seq, doc in rows]
 
-    async def count_sessions(self) -> int:
-        return (await self._read(lambda c: self._one(c, "SELECT COUNT(*) FROM sessions")))[0]
+    async def count_sessions(self, owner: str | None = None) -> int:
+        return (await self._read(lambda c: self._one(
+            c, "SELECT COUNT(*) FROM sessions WHERE %(owner)s::text IS NULL OR doc::json->>'owner' = %(owner)s",
+            {"owner": owner})))[0]
 
     async def _changed(self, conn: Any, session_id: str, changes: dict[str, Any] | None, before: str = "",
                        params: dict[str, Any] | None = None, fallback: Callable[[Any], Awaitable[Any]] | None = None,
@@ -468,3 +483,38 @@ class PostgresStore(MetadataStore):
             return cur.rowcount > 0
 
         return await self._write(delete)
+
+    # ---- API keys ----------------------------------------------------------------------------
+    @staticmethod
+    def _key(row: Any) -> dict[str, Any]:
+        return dict(json.loads(row[0]), revoked_at=row[1])
+
+    async def insert_api_key(self, key: dict[str, Any]) -> dict[str, Any]:
+        doc = json.dumps({k: v for k, v in key.items() if k != "revoked_at"})
+
+        async def insert(conn: Any) -> dict[str, Any]:
+            # ON CONFLICT DO NOTHING covers both constraints (id, live name): nothing to roll back.
+            row = await self._one(conn, "INSERT INTO api_keys (id, name, doc) VALUES (%s, %s, %s) "
+                                  "ON CONFLICT DO NOTHING RETURNING doc, revoked_at", (key["id"], key["name"], doc))
+            if row is None:
+                raise KeyExists(key["name"])
+            return self._key(row)
+
+        return await self._write(insert)
+
+    async def get_api_key(self, key_id: str) -> dict[str, Any] | None:
+        row = await self._read(lambda c: self._one(c, "SELECT doc, revoked_at FROM api_keys WHERE id = %s", (key_id,)))
+        return self._key(row) if row else None
+
+    async def list_api_keys(self) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: self._all(c, "SELECT doc, revoked_at FROM api_keys ORDER BY n"))
+        return [self._key(row) for row in rows]
+
+    async def revoke_api_key(self, name_or_id: str) -> dict[str, Any] | None:
+        async def revoke(conn: Any) -> dict[str, Any] | None:
+            row = await self._one(conn, "UPDATE api_keys SET revoked_at = %(at)s WHERE revoked_at IS NULL AND "
+                                  "(id = %(k)s OR name = %(k)s) RETURNING doc, revoked_at",
+                                  {"at": utc_stamp(), "k": name_or_id})
+            return self._key(row) if row else None
+
+        return await self._write(revoke)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..serial_thread import SerialThread
-from .base import SESSION_EVENTS_KEPT, MetadataStore, SessionExists, heartbeat_fields
+from .base import SESSION_EVENTS_KEPT, KeyExists, MetadataStore, SessionExists, heartbeat_fields, utc_stamp
 
 T = TypeVar("T")
 
@@ -92,6 +92,17 @@ MIGRATIONS: list[str] = [
         doc TEXT NOT NULL
     );
     """,
+    # 4: tenants' API keys (MetadataStore.insert_api_key); a name is unique among live keys
+    """
+    CREATE TABLE api_keys (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        revoked_at TEXT,
+        doc TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
+    """,
 ]
 
 
@@ -163,16 +174,19 @@ class SQLiteStore(MetadataStore):
         row = await self._call(lambda db: db.execute("SELECT doc FROM sessions WHERE id = ?", (session_id,)).fetchone())
         return json.loads(row[0]) if row else None
 
-    async def list_sessions(self, limit: int | None = None, after: int | None = None) -> list[dict[str, Any]]:
+    async def list_sessions(self, limit: int | None = None, after: int | None = None,
+                            owner: str | None = None) -> list[dict[str, Any]]:
         # seq is the INTEGER PRIMARY KEY (the rowid): a range scan, whatever `after` is.
         # LIMIT -1 is SQLite's "no limit"; seq starts at 1.
         rows = await self._call(lambda db: db.execute(
-            "SELECT seq, doc FROM sessions WHERE seq > ? ORDER BY seq LIMIT ?",
-            (-1 if after is None else after, -1 if limit is None else limit)).fetchall())
+            "SELECT seq, doc FROM sessions WHERE seq > ?1 AND (?2 IS NULL OR json_extract(doc, '$.owner') = ?2) "
+            "ORDER BY seq LIMIT ?3", (-1 if after is None else after, owner, -1 if limit is None else limit)).fetchall())
         return [dict(json.loads(doc), seq=seq) for seq, doc in rows]
 
-    async def count_sessions(self) -> int:
-        return await self._call(lambda db: db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+    async def count_sessions(self, owner: str | None = None) -> int:
+        return await self._call(lambda db: db.execute(
+            "SELECT COUNT(*) FROM sessions WHERE ?1 IS NULL OR json_extract(doc, '$.owner') = ?1",
+            (owner,)).fetchone()[0])
 
     @staticmethod
     def _update(db: sqlite3.Connection, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
@@ -360,3 +374,37 @@ class SQLiteStore(MetadataStore):
 
     async def delete_replica(self, replica_id: str) -> bool:
         return await self._call(lambda db: db.execute("DELETE FROM replicas WHERE id = ?", (replica_id,)).rowcount > 0)
+
+    # ---- API keys ----------------------------------------------------------------------------
+    @staticmethod
+    def _key(row: tuple[str, str | None]) -> dict[str, Any]:
+        return dict(json.loads(row[0]), revoked_at=row[1])
+
+    async def insert_api_key(self, key: dict[str, Any]) -> dict[str, Any]:
+        doc = json.dumps({k: v for k, v in key.items() if k != "revoked_at"})
+
+        def insert(db: sqlite3.Connection) -> dict[str, Any]:
+            try:
+                db.execute("INSERT INTO api_keys (id, name, doc) VALUES (?, ?, ?)", (key["id"], key["name"], doc))
+            except sqlite3.IntegrityError:
+                raise KeyExists(key["name"]) from None
+            return self._key((doc, None))
+
+        return await self._call(insert)
+
+    async def get_api_key(self, key_id: str) -> dict[str, Any] | None:
+        row = await self._call(lambda db: db.execute(
+            "SELECT doc, revoked_at FROM api_keys WHERE id = ?", (key_id,)).fetchone())
+        return self._key(row) if row else None
+
+    async def list_api_keys(self) -> list[dict[str, Any]]:
+        rows = await self._call(lambda db: db.execute("SELECT doc, revoked_at FROM api_keys ORDER BY n").fetchall())
+        return [self._key(row) for row in rows]
+
+    async def revoke_api_key(self, name_or_id: str) -> dict[str, Any] | None:
+        def revoke(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute("UPDATE api_keys SET revoked_at = ?1 WHERE revoked_at IS NULL AND (id = ?2 OR name = ?2) "
+                             "RETURNING doc, revoked_at", (utc_stamp(), name_or_id)).fetchone()
+            return self._key(row) if row else None
+
+        return await self._call(revoke)

@@ -18,11 +18,13 @@ from pathlib import PurePath
 from typing import Any
 
 from era_kernel.errors import BadRequest, NotFound, TooLarge
+from era_kernel.tenants import ADMIN, Tenant
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
+from .. import tenancy
 from ..apidoc import Op
-from ..auth import require_api_key
-from ..errors import JsonErrors, NotReady
+from ..auth import bearer_token
+from ..errors import Forbidden, JsonErrors, NotReady
 from ..services import Services
 
 READY_WAIT_SECONDS = 5.0  # requests arriving while the engine starts wait this long, then 503
@@ -129,18 +131,35 @@ def check_declared_size(handler: RequestHandler, limit: int) -> None:
 class RouteHandler(JsonErrors, RequestHandler):
     """Every handler of the app, HTTP or WebSocket. The route table (``routes.py``) gives it
     ``services`` and ``auth``, whether its route needs the API key; ``check_key`` is the
-    one place that requirement is enforced, first thing in every ``prepare``."""
+    one place that requirement is enforced, first thing in every ``prepare``. It also
+    finds the request's ``tenant`` (server/tenancy.py); ``check_owner`` then hides other
+    tenants' sessions."""
 
     QUERY_TOKEN = False  # the key may also come as ``?token=`` (WebSocket clients without headers)
+    NOT_FOUND = tenancy.SESSION_NOT_FOUND  # how the route words a missing session (another tenant's too)
 
     def initialize(self, services: Services, auth: bool) -> None:
         self.services = services
         self.auth = auth
+        self.tenant: Tenant = ADMIN
 
-    def check_key(self) -> None:
+    def tokens(self) -> tuple[str | None, str | None]:
+        """The key candidates: the Authorization header, and ``?token=`` where allowed."""
+        query_token = self.get_query_argument("token", None) if self.QUERY_TOKEN else None
+        return bearer_token(self.request.headers.get("Authorization")), query_token
+
+    async def check_key(self) -> None:
         if self.auth:
-            query_token = self.get_query_argument("token", None) if self.QUERY_TOKEN else None
-            require_api_key(self.services.api_key, self.request.headers.get("Authorization"), query_token)
+            waits = getattr(self, "WAITS_FOR_ENGINE", True)
+            self.tenant = await tenancy.authenticate(self.services, *self.tokens(), waits=waits)
+
+    async def check_owner(self, session_id: str) -> None:
+        """404, as for a missing session, when it is another tenant's."""
+        await tenancy.check_owner(self.services, self.tenant, session_id, self.NOT_FOUND)
+
+    @property
+    def owner_filter(self) -> str | None:
+        return tenancy.owner_filter(self.tenant)
 
 
 @stream_request_body
@@ -156,6 +175,7 @@ class BaseHandler(RouteHandler):
 
     API: dict[str, Op] = {}
     SESSION_ROUTE = False  # first path argument is a session id (logged with the request)
+    ADMIN_ONLY = False  # about every tenant (server-wide counts): a tenant's key is refused (403)
     WAITS_FOR_ENGINE = True  # held (then 503) while the engine starts
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -187,8 +207,12 @@ class BaseHandler(RouteHandler):
             self.session_id = self.path_args[0][:128]
         self.request.connection.set_max_body_size(self.services.drain_limit)
         try:
-            self.check_key()
+            await self.check_key()
+            if self.ADMIN_ONLY and not self.tenant.admin:
+                raise Forbidden("this route is about every tenant: it needs an admin key")
             await self.admit()
+            if self.SESSION_ROUTE and self.path_args and self.WAITS_FOR_ENGINE:
+                await self.check_owner(self.path_args[0])
         except Exception as exc:
             declared = self.request.headers.get("Content-Length", "0")
             if declared.isdigit() and int(declared) > self.services.drain_limit:

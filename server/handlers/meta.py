@@ -89,9 +89,8 @@ class StatsHandler(BaseHandler):
     async def get(self) -> None:
         stats = dict(await self.engine.stats())
         # ERA's storage registry stats ({total, by_type, by_namespace, total_size}): same document.
-        from era_kernel.storage import DEFAULT_OWNER
 
-        stats.update(await self.engine.storage.registry.stats(DEFAULT_OWNER))
+        stats.update(await self.engine.storage.registry.stats(self.tenant.owner))
         stats["server"] = {
             "uptime_s": round(time.monotonic() - self.services.started, 3),
             "websocket_clients": sum(len(hub.sockets) for hub in self.services.hubs.values()),
@@ -101,8 +100,9 @@ class StatsHandler(BaseHandler):
 
 
 class ReplicasHandler(BaseHandler):
+    ADMIN_ONLY = True
     API = {"get": Op("The servers sharing this store: ids, addresses, capacity, heartbeats", response="ReplicaList",
-                     errors=(),
+                     errors=(403,),
                      description="Every server registered in the metadata store's replica registry, first "
                                  "registered first, with the id of the one that answered. A server registers when "
                                  "it starts, renews its heartbeat every `ERA_REPLICA_HEARTBEAT` seconds and leaves "
@@ -113,7 +113,8 @@ class ReplicasHandler(BaseHandler):
 
 
 class MetricsHandler(BaseHandler):
-    API = {"get": Op("Prometheus metrics (text format 0.0.4)", response="text", errors=(),
+    ADMIN_ONLY = True
+    API = {"get": Op("Prometheus metrics (text format 0.0.4)", response="text", errors=(403,),
                      description="Sessions, kernels by state, kernel slots, pool fill, culls, kernel and server "
                                  "memory, uptime, and HTTP requests by method, route template and status with "
                                  "their latency. Needs the API key when one is set; answers before the engine "

@@ -22,7 +22,8 @@ import functools
 import re
 from typing import Any, Callable
 
-from era_kernel.errors import BadRequest, EraError, NotFound, TooLarge, Unreachable
+from era_kernel.errors import BadRequest, EraError, NotFound, TooLarge, Unauthorized, Unreachable
+from era_kernel.tenants import split_key
 from era_kernel.ports.service import HOP_BY_HOP, RELAY_BODY_MAX, RelayRequest, check_port
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
@@ -32,6 +33,7 @@ from tornado.web import stream_request_body
 from ..apidoc import Op
 from ..auth import bearer_token, token_matches
 from ..errors import Forbidden
+from ..tenancy import authenticate, not_found
 from .base import BaseHandler, RouteHandler, check_declared_size, wait_ready
 
 SANDBOX_CSP = "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
@@ -122,7 +124,7 @@ class ProxyHandler(RouteHandler):
     def engine(self) -> Any:
         return self.services.engine
 
-    def check_key(self) -> None:
+    async def check_key(self) -> None:
         pass  # the session decides (allowPublicAccess): see _authorize
 
     def set_default_headers(self) -> None:
@@ -137,9 +139,18 @@ class ProxyHandler(RouteHandler):
         self.prefix = "/".join(parts[:4])
         return sid, check_port(port), "/" + (parts[4] if len(parts) > 4 else "")
 
-    def _has_key(self) -> bool:
+    async def _tenant(self) -> Any:
+        """The tenant of the request's key, or None without a valid one."""
+        try:
+            return await authenticate(self.services, bearer_token(self.request.headers.get("Authorization")))
+        except Unauthorized:
+            return None
+
+    def _ours(self, value: str) -> bool:
+        """An Authorization header carrying one of our keys (never passed to the app)."""
+        token = bearer_token(value)
         key = self.services.api_key
-        return key is None or token_matches(bearer_token(self.request.headers.get("Authorization")), key)
+        return token is not None and ((key is not None and token_matches(token, key)) or split_key(token) is not None)
 
     def _refuse(self, sid: str) -> Forbidden:
         return Forbidden("this session does not allow public access to its ports",
@@ -149,14 +160,19 @@ class ProxyHandler(RouteHandler):
     async def _authorized_record(self, sid: str) -> Any:
         """The session's record, if this request may reach its ports. Without the key an
         unknown session is refused as a private one is, so ids cannot be probed."""
+        tenant = await self._tenant()
         try:
             record = await self.engine.ports.record(sid)
         except NotFound:
-            if not self._has_key():
+            if tenant is None:
                 raise self._refuse(sid) from None
             raise
-        if not record.allow_public and not self._has_key():
+        if record.allow_public:
+            return record
+        if tenant is None:
             raise self._refuse(sid)
+        if not tenant.admin and record.owner != tenant.owner:
+            raise not_found(sid)  # another tenant's private session: as a missing one
         return record
 
     async def prepare(self) -> None:
@@ -190,12 +206,11 @@ class ProxyHandler(RouteHandler):
         uri = path + (f"?{self.request.query}" if self.request.query else "")
         headers = httputil.HTTPHeaders()
         upgrade = bool(self.request.headers.get("Upgrade"))
-        key = self.services.api_key
         for name, value in self.request.headers.get_all():
             lower = name.lower()
             if lower in HOP_BY_HOP and not (upgrade and lower in ("upgrade", "connection")):
                 continue
-            if lower == "authorization" and key is not None and token_matches(bearer_token(value), key):
+            if lower == "authorization" and self._ours(value):
                 continue  # our key is ours: never the app's
             if lower == "expect":
                 continue  # our server already said 100 Continue to the client; the body simply follows
@@ -272,7 +287,7 @@ class ProxyHandler(RouteHandler):
                            "ERA_HTTP_BODY); start a server in the session for larger ones")
         sid, port, path = self.target
         headers = {name: value for name, value in self.request.headers.get_all()
-                   if not (name.lower() == "authorization" and self.services.api_key is not None)}
+                   if not (name.lower() == "authorization" and self._ours(value))}
         answer = await self.engine.ports.relay(sid, RelayRequest(
             method=self.request.method or "GET", path=path, query=self.request.query, headers=headers,
             body=b"".join(self.relay_body or []), url=public_url(self, sid, port)))

@@ -17,6 +17,7 @@ from era_kernel.errors import BadRequest, EraError
 from tornado.iostream import StreamClosedError
 
 from ..apidoc import Op
+from ..tenancy import check_run
 from ..errors import NotReady, http_status
 from ..logs import log_run
 from .base import BaseHandler, dumps
@@ -32,7 +33,9 @@ class ExecuteHandler(BaseHandler):
                       errors=(400, 413, 422, 429, 503))}
 
     async def post(self) -> None:
-        result = await self.engine.execute(self.json_body())
+        body = self.json_body()
+        await check_run(self.services, self.tenant, None)
+        result = await self.engine.execute(body)
         log_run(None, result, "execute")
         self.send_json(result)
 
@@ -49,6 +52,7 @@ class RunHandler(BaseHandler):
 
     async def post(self, sid: str) -> None:
         body = self.json_body()
+        await check_run(self.services, self.tenant, sid)
         result = await self.engine.run(sid, body)
         if isinstance(body, dict) and body.get("background") is True:
             self.send_json(result, status=202)  # accepted: {run_id, status, position}
@@ -105,6 +109,7 @@ class StreamHandler(SseHandler):
         from era_kernel.engine.results import new_run_id  # loaded with the engine
 
         body = self.json_body()
+        await check_run(self.services, self.tenant, sid)  # an ordinary JSON 429, before the stream
         queue: asyncio.Queue = asyncio.Queue()
         self._queue = queue
         started = time.monotonic()

@@ -7,6 +7,7 @@ from era_kernel.engine.results import utc_now
 from era_kernel.errors import BadRequest
 
 from ..apidoc import Op
+from ..tenancy import check_kernel, new_session
 from .base import BaseHandler, dumps
 
 SESSION_ERRORS = (400, 404)
@@ -33,7 +34,7 @@ class SessionsHandler(BaseHandler):
     async def get(self) -> None:
         limit = self.int_query("limit", None, 1, self.services.settings["ERA_LIST_MAX"])
         cursor = self.query("cursor")
-        page = await self.engine.list(limit=limit, cursor=cursor)
+        page = await self.engine.list(limit=limit, cursor=cursor, owner=self.owner_filter)
         body = {"sessions": page, "count": len(page)}
         if limit is not None or cursor is not None:  # a paging client: always tell it where to go on
             body["next_cursor"] = page.next_cursor
@@ -42,7 +43,9 @@ class SessionsHandler(BaseHandler):
         self.send_json(body)
 
     async def post(self) -> None:
-        doc = await self.engine.create(self.json_body())
+        body = self.json_body()
+        async with new_session(self.services, self.tenant):
+            doc = await self.engine.create(body, owner=self.tenant.owner)
         self.session_id = doc.get("id")
         self.set_header("Location", f"/api/sessions/{doc.get('id')}")
         self.send_json(doc, 201)
@@ -54,7 +57,8 @@ class SessionsHandler(BaseHandler):
         prefix = self.query("prefix")
         if prefix is not None and req.prefix is not None and prefix != req.prefix:
             raise BadRequest("'prefix' given in both the query and the body, with different values", field="prefix")
-        deleted = await self.engine.delete_many(ids=req.ids, prefix=prefix if prefix is not None else req.prefix)
+        deleted = await self.engine.delete_many(ids=req.ids, prefix=prefix if prefix is not None else req.prefix,
+                                                owner=self.owner_filter)
         # ERA's answer, and ours before it (`deleted`, `count`) for older clients.
         self.send_json({"success": True, "deleted_count": len(deleted), "deleted_sessions": deleted,
                         "deleted_at": utc_now(), "deleted": deleted, "count": len(deleted)})
@@ -91,7 +95,9 @@ class DuplicateHandler(BaseHandler):
                       errors=(400, 404, 409, 413, 429))}
 
     async def post(self, sid: str) -> None:
-        doc = await self.engine.duplicate(sid, self.json_body())
+        body = self.json_body()
+        async with new_session(self.services, self.tenant):
+            doc = await self.engine.duplicate(sid, body, owner=self.tenant.owner)
         self.set_header("Location", f"/api/sessions/{doc.get('id')}")
         self.send_json(doc, 201)
 
@@ -190,5 +196,6 @@ class RestartHandler(BaseHandler):
                       errors=(400, 404, 429))}
 
     async def post(self, sid: str) -> None:
+        await check_kernel(self.services, self.tenant, None)
         await self.engine.restart(sid)
         self.send_json({"session_id": sid, "restarted": True})

@@ -32,7 +32,9 @@ def client_key(handler: RouteHandler, services: Services) -> str:
     """Whom a socket counts against for ERA_MAX_SOCKETS_PER_CLIENT: the API key when the
     server has one (the check already passed, so it is that key), else the peer address
     (the TCP peer: headers such as X-Forwarded-For are the client's to forge)."""
-    return "api-key" if services.api_key is not None else f"addr:{handler.request.remote_ip}"
+    if services.api_key is None and handler.tenant.key_id is None:
+        return f"addr:{handler.request.remote_ip}"
+    return handler.tenant.owner  # each tenant's sockets count apart
 
 
 class BoundedSocket(RouteHandler, WebSocketHandler):
@@ -57,7 +59,7 @@ class BoundedSocket(RouteHandler, WebSocketHandler):
         sid = self.path_args[0]
         self.session_id = sid[:128]
         request, services = self.request, self.services
-        self.check_key()
+        await self.check_key()
         if request.method != "GET":
             raise HTTPError(405)
         check_declared_size(self, services.max_body)
@@ -65,6 +67,7 @@ class BoundedSocket(RouteHandler, WebSocketHandler):
             raise BadRequest("this route takes a WebSocket upgrade ('Upgrade: websocket')")
         require_origin(request.headers.get("Origin"), request.headers.get("Host"), services.allowed_origins)
         await wait_ready(services)
+        await self.check_owner(sid)
         return sid
 
     def check_origin(self, origin: str) -> bool:

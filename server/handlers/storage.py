@@ -15,17 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 from era_kernel.errors import BadRequest, Unauthorized
-from era_kernel.storage import DEFAULT_OWNER
 from era_kernel.storage.tokens import PREFIX as TOKEN_PREFIX
 
 from ..apidoc import Op
 from ..auth import bearer_token
+from ..tenancy import check_storage
 from .base import BaseHandler
 
 LIST_QUERY = {"prefix": "only keys starting with this", "limit": "1-1000, default 100",
               "cursor": "from a previous listing: go on after its last key"}
 TOKEN_NOTE = ("Authorised by the API key, or by a session's storage token (`ERA_STORAGE_TOKEN` in the session), "
-              "which acts for the owner of that session.")
+              "which acts for the owner of that session. Writes past the owner's key's `storage_bytes`: 429.")
 
 
 class StorageHandler(BaseHandler):
@@ -40,15 +40,15 @@ class StorageHandler(BaseHandler):
         if session_id is not None:
             self.session_id = session_id  # logged with the request
 
-    def check_key(self) -> None:
+    async def check_key(self) -> None:
         if self.listener_session is not None:
             return  # only that session's sandbox can reach its listener
         token = bearer_token(self.request.headers.get("Authorization"))
         if token is not None and token.startswith(TOKEN_PREFIX + "."):
             self._session_token = token  # checked in admit: the engine knows the sessions
             return
-        super().check_key()
-        self.owner = DEFAULT_OWNER
+        await super().check_key()
+        self.owner = self.tenant.owner  # the key's own namespaces (an admin key's too: no crossing)
 
     async def admit(self) -> None:
         await super().admit()
@@ -64,6 +64,10 @@ class StorageHandler(BaseHandler):
     @property
     def storage(self) -> Any:
         return self.engine.storage
+
+    async def check_room(self) -> None:
+        """Before a write: the owner's key has room under its ``storage_bytes``."""
+        await check_storage(self.services, self.owner)
 
     def body_object(self) -> dict[str, Any]:
         body = self.json_body()
@@ -85,7 +89,7 @@ class KvListHandler(StorageHandler):
 
 class KvHandler(StorageHandler):
     API = {"get": Op("Read a KV value", response="KvValue", errors=(400, 404), description=TOKEN_NOTE),
-           "put": Op("Write a KV value", body="KvPut", response="StorageSuccess", errors=(400, 413)),
+           "put": Op("Write a KV value", body="KvPut", response="StorageSuccess", errors=(400, 413, 429)),
            "delete": Op("Delete a KV key (a missing key succeeds too)", response="StorageSuccess")}
 
     async def get(self, namespace: str, key: str) -> None:
@@ -95,6 +99,7 @@ class KvHandler(StorageHandler):
         body = self.body_object()
         if "value" not in body:
             raise BadRequest("value is required", field="value")
+        await self.check_room()
         self.send_json(await self.storage.kv.put(self.owner, namespace, key, body["value"], body.get("metadata")))
 
     async def delete(self, namespace: str, key: str) -> None:
@@ -106,6 +111,7 @@ class D1Handler(StorageHandler):
 
     async def post(self, database: str) -> None:
         body = self.body_object()
+        await self.check_room()
         self.send_json(await self.storage.d1.execute(self.owner, database, body.get("sql"), body.get("params"),
                                                      rows=self.ROWS))
 
@@ -113,7 +119,7 @@ class D1Handler(StorageHandler):
 class D1QueryHandler(D1Handler):
     ROWS = True
     API = {"post": Op("Run one SQL statement and return its rows", body="D1Body", response="D1Query",
-                      errors=(400, 413, 422),
+                      errors=(400, 413, 422, 429),
                       description="One SQLite database per name. 422 when the statement runs past "
                                   "ERA_STORAGE_SQL_TIMEOUT (it is cancelled); 413 past ERA_STORAGE_SQL_MAX_BYTES or "
                                   "ERA_STORAGE_SQL_MAX_ROWS; 400 for ATTACH/DETACH, VACUUM, extensions and pragmas "
@@ -122,7 +128,7 @@ class D1QueryHandler(D1Handler):
 
 class D1ExecHandler(D1Handler):
     API = {"post": Op("Run one SQL statement (no rows returned)", body="D1Body", response="D1Exec",
-                      errors=(400, 413, 422), description="As `query`, without `results`.")}
+                      errors=(400, 413, 422, 429), description="As `query`, without `results`.")}
 
 
 class R2ListHandler(StorageHandler):
@@ -134,7 +140,7 @@ class R2ListHandler(StorageHandler):
 
 class R2Handler(StorageHandler):
     API = {"get": Op("Read an object (base64 `content`)", response="R2Object", errors=(400, 404)),
-           "put": Op("Write an object (base64 `content`)", body="R2Put", response="R2Stored", errors=(400, 413),
+           "put": Op("Write an object (base64 `content`)", body="R2Put", response="R2Stored", errors=(400, 413, 429),
                      description="Kept on the workspace store (ERA_WORKSPACE_URL: S3 when the server uses S3). "
                                  + TOKEN_NOTE),
            "delete": Op("Delete an object (a missing one succeeds too)", response="StorageSuccess")}
@@ -145,6 +151,7 @@ class R2Handler(StorageHandler):
     async def put(self, bucket: str, key: str) -> None:
         body = self.body_object()
         data = self.storage.r2.decode(body.get("content"))
+        await self.check_room()
         self.send_json(await self.storage.r2.put(self.owner, bucket, key, data, body.get("metadata"),
                                                  body.get("httpMetadata")))
 

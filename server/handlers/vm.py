@@ -16,6 +16,7 @@ from typing import Any
 from era_kernel.errors import BadRequest
 
 from ..apidoc import Op
+from ..tenancy import check_run, new_session
 from .base import BaseHandler
 
 VM_ERRORS = (400, 404)
@@ -82,7 +83,9 @@ class VmsHandler(BaseHandler):
     }
 
     async def post(self) -> None:
-        doc = await self.engine.create(session_body(self.json_body()))
+        body = session_body(self.json_body())
+        async with new_session(self.services, self.tenant):
+            doc = await self.engine.create(body, owner=self.tenant.owner)
         self.session_id = doc["id"]
         self.send_json(await framed(self, doc), 201)
 
@@ -91,7 +94,7 @@ class VmListHandler(BaseHandler):
     API = {"get": Op("List VMs (ERA's local agent): every session, in ERA's VM shape", response="VmList")}
 
     async def get(self) -> None:
-        page = await self.engine.list()
+        page = await self.engine.list(owner=self.owner_filter)
         # Once per provisioner, not per session: it asks the host (in a thread) what holds.
         enforced = {p: await self.engine.limits_enforced(p) for p in {doc.get("provisioner", "local") for doc in page}}
         vms = [{key: vm[key] for key in ("id", "language", "status", "cpu_count", "memory_mib", "created_at")}
@@ -138,4 +141,5 @@ class VmRunHandler(BaseHandler):
         body = self.json_body()
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object with a 'command' field", field="command")
+        await check_run(self.services, self.tenant, sid)
         self.send_json(await self.engine.run_command(sid, body))
