@@ -45,6 +45,7 @@ MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+PR_SET_DUMPABLE = 4
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 24, 38, 22
 PR_SET_MM, PR_SET_MM_ARG_START, PR_SET_MM_ARG_END = 35, 8, 9
 SECCOMP_MODE_FILTER = 2
@@ -264,10 +265,15 @@ def set_cmdline(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------- the sequence
 
 
-def become_kernel(request: dict[str, Any], output_fd: int) -> None:
+def become_kernel(request_fd: int, output_fd: int) -> None:
     """In the forked child (pid 1 of its pid namespace, root). Never returns."""
     status = 127
     try:
+        import json
+
+        os.lseek(request_fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(request_fd), "rb") as fh:
+            request = json.loads(fh.read())
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         null = os.open("/dev/null", os.O_RDONLY)
@@ -290,6 +296,9 @@ def become_kernel(request: dict[str, Any], output_fd: int) -> None:
             loopback_up()
         set_cmdline(request["cmdline"])
         drop_privileges(request["uid"], request["gid"])
+        # Changing uid without an exec left us undumpable: /proc/self would stay root's and
+        # the kernel could not, say, lower its own oom_score_adj as an exec'd one can.
+        prctl(PR_SET_DUMPABLE, 1)
         install_seccomp()
         os.chdir(request["cwd"])
         kernel = os.fork()

@@ -10,9 +10,11 @@ fork launcher accepts names it), started by the server on the first fork launch
 (``Zygote.shared``). It dies with the server (``PR_SET_PDEATHSIG``, and when its socket
 closes); its kernels die with it.
 
-Protocol, over a ``SOCK_SEQPACKET`` pair (one message a datagram): the server sends a
-JSON request (``forked.become_kernel``'s fields) with the kernel's output descriptor
-attached; the zygote answers ``{"pid": <host pid>}`` with a pidfd of the child attached,
+Protocol, over a ``SOCK_SEQPACKET`` pair (one message a datagram): the server sends
+``{"fork": true}`` with two descriptors attached, a memfd holding the JSON request
+(``forked.become_kernel``'s fields; only the child reads it, so the zygote's memory,
+which every later kernel inherits, never holds a session's data) and the kernel's
+output; the zygote answers ``{"pid": <host pid>}`` with a pidfd of the child attached,
 or ``{"error": ...}``; and, unasked, ``{"exit": pid, "status": code}`` when a child ends.
 """
 
@@ -84,7 +86,8 @@ def _serve(sock: socket.socket) -> None:
             if not data:
                 return  # the server closed its end: it is gone
             try:
-                request = json.loads(data)
+                if len(fds) != 2:
+                    raise ValueError("a fork request carries the request and the output descriptors")
                 pid = -1
                 forked.unshare(forked.CLONE_NEWPID)  # our next child is pid 1 of a new namespace
                 try:
@@ -100,7 +103,7 @@ def _serve(sock: socket.socket) -> None:
             if pid == 0:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                forked.become_kernel(request, fds[0])  # never returns
+                forked.become_kernel(fds[0], fds[1])  # never returns
             children.add(pid)
             for fd in fds:
                 os.close(fd)
@@ -189,6 +192,7 @@ class Zygote:
             raise ZygoteFailed(f"the fork launcher's zygote did not start: {exc}") from None
         if not hello:
             raise ZygoteFailed(f"the fork launcher's zygote did not start (exit status {self.process.wait()})")
+        self.sock.settimeout(None)  # blocking from now on: a zygote that dies closes its end
         log.info("fork launcher: zygote %s ready in %.2f s", self.process.pid, time.monotonic() - started)
 
     @classmethod
@@ -202,30 +206,39 @@ class Zygote:
 
     def fork(self, request: dict, output_fd: int) -> tuple[int, int]:
         """Blocking: a new kernel process; returns (host pid, pidfd)."""
-        with self._lock:
-            socket.send_fds(self.sock, [json.dumps(request).encode()], [output_fd])
-            while True:
-                data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
-                if not data:
-                    raise ZygoteFailed("the fork launcher's zygote is gone")
-                answer = json.loads(data)
-                if "exit" in answer:
-                    self.exits[answer["exit"]] = answer["status"]
-                    continue
-                if "error" in answer:
-                    raise ZygoteFailed(answer["error"])
-                return answer["pid"], fds[0]
+        # The request travels in a memfd the child reads: the zygote's own memory, which every
+        # later kernel inherits, never holds a byte of another session's (its environment).
+        memfd = os.memfd_create("era-fork-request", os.MFD_CLOEXEC)
+        try:
+            os.write(memfd, json.dumps(request).encode())
+            with self._lock:
+                socket.send_fds(self.sock, [b'{"fork": true}'], [memfd, output_fd])
+                return self._answer()
+        finally:
+            os.close(memfd)
+
+    def _answer(self) -> tuple[int, int]:
+        """The zygote's answer to a fork (exit reports that come first are kept)."""
+        while True:
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+            if not data:
+                raise ZygoteFailed("the fork launcher's zygote is gone")
+            answer = json.loads(data)
+            if "exit" in answer:
+                self.exits[answer["exit"]] = answer["status"]
+                continue
+            if "error" in answer:
+                raise ZygoteFailed(answer["error"])
+            return answer["pid"], fds[0]
 
     def drain(self) -> None:
         """Read the exit reports that arrived (non-blocking; skipped while a fork is asked)."""
         if not self._lock.acquire(blocking=False):
             return
         try:
-            while True:
+            while select.select([self.sock], [], [], 0)[0]:
                 try:
                     data = self.sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    return
                 except OSError:
                     return
                 if not data:
