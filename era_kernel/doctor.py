@@ -38,6 +38,7 @@ def _launcher(settings: Settings) -> Check:
 
     try:
         zygote = Zygote(sys.executable)
+        zygote.wait_ready()
     except (ZygoteFailed, OSError) as exc:
         return ("launcher", "FAIL", f"ERA_LOCAL_LAUNCHER=fork: {exc}")
     zygote.sock.close()

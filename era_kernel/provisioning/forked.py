@@ -278,14 +278,15 @@ def become_kernel(request_fd: int, output_fd: int) -> None:
         os.dup2(output_fd, 2)
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
-        os.closerange(3, 65536)  # the zygote's socket to the server, its wakeup pipe: not ours
+        import resource
+
+        # The zygote's socket to the server, its wakeup pipe: not ours.
+        os.closerange(3, max(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
         for path in request["cgroups"]:
             with open(os.path.join(path, "cgroup.procs"), "w") as fh:
                 fh.write("0")
-        import resource
-
         resource.setrlimit(resource.RLIMIT_AS, (request["rlimit_as"],) * 2)
         resource.setrlimit(resource.RLIMIT_NPROC, (request["rlimit_nproc"],) * 2)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -343,7 +344,10 @@ def _run_kernel(request: dict[str, Any]) -> None:
             signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.argv = [request["cmdline"][0], *request["argv"]]
+        import importlib.util
+
+        spec = importlib.util.find_spec("ipykernel_launcher")
+        sys.argv = [spec.origin if spec and spec.origin else "ipykernel_launcher", *request["argv"]]
         sys.path[0] = request["cwd"]  # `-m` puts the working directory first
         from ipykernel import kernelapp
 

@@ -371,8 +371,9 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         request, self._fork_request = self._fork_request, None
         assert self._output is not None
 
+        zygote = Zygote.shared()  # here, on the loop's thread (its death signal is per thread)
+
         def fork() -> ForkedProcess:
-            zygote = Zygote.shared()
             pid, pidfd = zygote.fork(request, self._output.write_fd)
             return ForkedProcess(zygote, pid, pidfd)
 

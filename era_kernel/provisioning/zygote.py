@@ -176,7 +176,7 @@ class Zygote:
                "LANG": os.environ.get("LANG", "C.UTF-8"),
                # debugpy warns once at import about frozen modules: in the zygote it would reach no kernel's log
                "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
-        started = time.monotonic()
+        self._started = time.monotonic()
         try:
             self.process = subprocess.Popen(
                 [python, "-m", "era_kernel.provisioning.zygote", str(theirs.fileno()), str(os.getpid())],
@@ -184,7 +184,17 @@ class Zygote:
         finally:
             theirs.close()
         self._lock = threading.Lock()
+        self._ready = False
         self.exits: dict[int, int] = {}
+
+    def wait_ready(self) -> None:
+        """Blocking: until the zygote has imported everything (once; later calls return)."""
+        with self._lock:
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        if self._ready:
+            return
         self.sock.settimeout(60)
         try:
             hello = self.sock.recv(MAX_MESSAGE)
@@ -193,11 +203,14 @@ class Zygote:
         if not hello:
             raise ZygoteFailed(f"the fork launcher's zygote did not start (exit status {self.process.wait()})")
         self.sock.settimeout(None)  # blocking from now on: a zygote that dies closes its end
-        log.info("fork launcher: zygote %s ready in %.2f s", self.process.pid, time.monotonic() - started)
+        self._ready = True
+        log.info("fork launcher: zygote %s ready in %.2f s", self.process.pid, time.monotonic() - self._started)
 
     @classmethod
     def shared(cls, python: str = sys.executable) -> "Zygote":
-        """Blocking: the zygote of ``python``, started (or restarted, if it died) here."""
+        """The zygote of ``python``, started (or restarted, if it died) here. Call it on the
+        server's long-lived thread (the event loop's): the zygote's death signal is armed
+        for the thread that started it, and a worker thread may end before the server."""
         with cls._shared_lock:
             found = cls._shared.get(python)
             if found is None or found.process.poll() is not None:
@@ -212,6 +225,7 @@ class Zygote:
         try:
             os.write(memfd, json.dumps(request).encode())
             with self._lock:
+                self._wait_ready()
                 socket.send_fds(self.sock, [b'{"fork": true}'], [memfd, output_fd])
                 return self._answer()
         finally:
