@@ -121,9 +121,12 @@ def kernel_memory(server_pid: int) -> dict[str, float]:
 
 
 # ---- one configuration -------------------------------------------------------------------------
+EXTRA_ENV: dict[str, str] = {}  # --env: settings for every server of the run
+
+
 async def local_row(launcher: str, clients: int, cold: int) -> dict[str, object]:
     row: dict[str, object] = {"name": f"local, {launcher} launcher"}
-    server = EraServer(env={"ERA_LOCAL_LAUNCHER": launcher})
+    server = EraServer(env={**EXTRA_ENV, "ERA_LOCAL_LAUNCHER": launcher})
     try:
         server.start(ready_timeout=120)
         await asyncio.sleep(3)  # the pool's first kernels
@@ -134,7 +137,7 @@ async def local_row(launcher: str, clients: int, cold: int) -> dict[str, object]
         await delete_all(server.port, "b", clients)
     finally:
         server.stop()
-    server = EraServer(env={"ERA_LOCAL_LAUNCHER": launcher, "ERA_POOL_SIZE": "0"})
+    server = EraServer(env={**EXTRA_ENV, "ERA_LOCAL_LAUNCHER": launcher, "ERA_POOL_SIZE": "0"})
     try:
         server.start(ready_timeout=120)
         samples = []
@@ -147,7 +150,7 @@ async def local_row(launcher: str, clients: int, cold: int) -> dict[str, object]
 
 
 async def docker_row(clients: int) -> dict[str, object]:
-    server = EraServer(env={"ERA_PROVISIONER": "docker", "ERA_POOL_KERNELS": "python:docker"})
+    server = EraServer(env={**EXTRA_ENV, "ERA_PROVISIONER": "docker", "ERA_POOL_KERNELS": "python:docker"})
     try:
         server.start(ready_timeout=180)
         await asyncio.sleep(3)
@@ -171,7 +174,9 @@ async def main() -> None:
     parser.add_argument("--cold", type=int, default=5, help="cold starts with the pool off (default 5)")
     parser.add_argument("--no-docker", action="store_true")
     parser.add_argument("--launchers", default="bwrap,fork")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a setting for every server")
     args = parser.parse_args()
+    EXTRA_ENV.update(item.split("=", 1) for item in args.env)
     rows = []
     for launcher in args.launchers.split(","):
         log(f"local, {launcher} launcher: {args.local} clients")
@@ -180,7 +185,8 @@ async def main() -> None:
         log(f"docker: {args.docker} clients")
         rows.append(await docker_row(args.docker))
     load = os.getloadavg()
-    print(f"\nBurst: clients at once, each create + first print(1) (ms). cores {os.cpu_count()}, "
+    settings = f" ({', '.join(args.env)})" if args.env else ""
+    print(f"\nBurst{settings}: clients at once, each create + first print(1) (ms). cores {os.cpu_count()}, "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n")
     print("| configuration | clients | p50 | max | cold start, pool off (p50) | idle kernel PSS | zygote PSS |")
     print("|---|---|---|---|---|---|---|")
