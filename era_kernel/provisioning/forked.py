@@ -155,7 +155,7 @@ def build_root(plan: dict[str, Any]) -> None:
     for path in plan["writable"]:
         _makedirs(new + path)
         mount(old + path, new + path, None, MS_BIND | MS_REC)
-    _build_dev(old, new + "/dev")
+    _build_dev(old, new + "/dev", plan["dev_size"])
     umount(new + "/proc")  # the host's, with its submounts
     mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.chdir(new)
@@ -164,10 +164,11 @@ def build_root(plan: dict[str, Any]) -> None:
     os.chdir("/")
 
 
-def _build_dev(old: str, dev: str) -> None:
+def _build_dev(old: str, dev: str, size: int) -> None:
     """bubblewrap's ``--dev``: a tmpfs with the harmless device nodes bound from the host,
-    a private devpts, /dev/shm, and the fd links."""
-    mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=0755,size=64k")
+    a private devpts, /dev/shm (POSIX shared memory and semaphores: bounded like /tmp),
+    and the fd links."""
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID, f"mode=0755,size={size}")
     for name in DEV_NODES:
         if os.path.exists(f"{old}/dev/{name}"):
             os.close(os.open(f"{dev}/{name}", os.O_CREAT | os.O_WRONLY, 0o666))

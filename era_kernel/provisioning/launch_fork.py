@@ -71,7 +71,7 @@ def request(options: LaunchOptions, argv: list[str], *, env: dict[str, str], uid
     return {
         "argv": argv[3:], "cmdline": argv, "env": env, "cwd": str(workspace), "uid": uid, "gid": gid,
         "cgroups": cgroup_dirs, "rlimit_as": address_space, "rlimit_nproc": options.pids,
-        "allow_network": options.allow_network, "masks": masks,
+        "allow_network": options.allow_network, "masks": masks, "dev_size": options.tmp_size,
         "tmp_dir": str(options.tmp_dir) if options.tmp_dir is not None else None,
         "readonly": readonly, "writable": [str(kernel_dir), str(workspace)],
     }

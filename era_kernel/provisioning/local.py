@@ -342,9 +342,9 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         hidden = sorted({*options.hidden, str(options.runtime_dir)})
         package_dir = str(Path(__file__).resolve().parents[1])
         readonly = sorted({sys.prefix, sys.base_prefix, package_dir, *options.readonly})
-        if options.tmp_dir is not None:
+        if options.tmp_dir is not None:  # the masks' mount points too: a data directory may lie under /tmp
             await asyncio.to_thread(prepare_tmp_mountpoints, options.tmp_dir,
-                                    [str(self.kernel_dir), str(workspace), *readonly])
+                                    [str(self.kernel_dir), str(workspace), *readonly, *hidden])
         cgroup_dirs: list[str] = []
         if cgroup_support is not None:
             group = cgroups.KernelCgroup.for_kernel(self.kernel_dir.name, cgroup_support)
