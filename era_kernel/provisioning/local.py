@@ -289,9 +289,9 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
             # which an editable install imports from the source tree: that may be masked too.
             package_dir = str(Path(__file__).resolve().parents[1])
             readonly = sorted({sys.prefix, sys.base_prefix, package_dir, *options.readonly})
-            if options.tmp_dir is not None:
+            if options.tmp_dir is not None:  # the masks' mount points too: a data directory may lie under /tmp
                 await asyncio.to_thread(prepare_tmp_mountpoints, options.tmp_dir,
-                                        [str(self.kernel_dir), str(workspace), *readonly])
+                                        [str(self.kernel_dir), str(workspace), *readonly, *hidden])
             self._seccomp_fd = filter_fd()
             argv = bwrap_argv(argv, workspace=workspace, kernel_dir=self.kernel_dir, hidden=hidden,
                               allow_network=options.allow_network, readonly=readonly, seccomp_fd=self._seccomp_fd,
