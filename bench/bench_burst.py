@@ -7,7 +7,8 @@ data directory), as a new user would meet it.
 
 Rows, side by side: the local provisioner with the bubblewrap launcher and with the fork
 launcher (``ERA_LOCAL_LAUNCHER``), and Docker. Also, per local launcher: a cold start
-with the pool off (``ERA_POOL_SIZE=0``: create + first run, one client at a time) and the
+with the pool off (``ERA_POOL_SIZE=0``: create + first run, one client at a time), the
+warm run round trip afterwards (the same kernel either way: nothing may be slower) and the
 memory of an idle kernel (PSS from ``/proc/<pid>/smaps_rollup``, summed over the
 kernel's processes; the fork launcher's zygote, whose pages the kernels share, apart).
 The machine's load average is printed with the results: other work on it slows every row.
@@ -51,6 +52,22 @@ async def one_client(port: int, sid: str, provisioner: str | None) -> float:
 
 async def burst(port: int, clients: int, prefix: str, provisioner: str | None = None) -> list[float]:
     return list(await asyncio.gather(*(one_client(port, f"{prefix}{i}", provisioner) for i in range(clients))))
+
+
+async def warm_runs(port: int, sid: str, count: int) -> list[float]:
+    """Run round trips on a session whose kernel is up (nothing slower: the kernel is the same)."""
+    http = Http(port)
+    samples = []
+    try:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            status, answer = await http.request("POST", f"/api/sessions/{sid}/run", {"code": CODE})
+            samples.append(time.perf_counter() - t0)
+            if status != 200 or answer.get("stdout") != WANT:
+                raise AssertionError(f"run: HTTP {status} {answer}")
+    finally:
+        http.close()
+    return samples[5:]
 
 
 async def delete_all(port: int, prefix: str, count: int) -> None:
@@ -134,6 +151,7 @@ async def local_row(launcher: str, clients: int, cold: int) -> dict[str, object]
         row.update(p50=pct(times, 50), max=max(times) * 1000)
         await asyncio.sleep(2)
         row.update(kernel_memory(server.proc.pid))
+        row["warm_p50"] = pct(await warm_runs(server.port, "b0", 40), 50)
         await delete_all(server.port, "b", clients)
     finally:
         server.stop()
@@ -188,11 +206,12 @@ async def main() -> None:
     settings = f" ({', '.join(args.env)})" if args.env else ""
     print(f"\nBurst{settings}: clients at once, each create + first print(1) (ms). cores {os.cpu_count()}, "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n")
-    print("| configuration | clients | p50 | max | cold start, pool off (p50) | idle kernel PSS | zygote PSS |")
-    print("|---|---|---|---|---|---|---|")
+    print("| configuration | clients | p50 | max | cold start, pool off (p50) | warm run (p50) | idle kernel PSS | "
+          "zygote PSS |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         clients = args.docker if row["name"] == "docker" else args.local
-        print(f"| {row['name']} | {clients} | {fmt(row['p50'])} | {fmt(row['max'])} | {fmt(row.get('cold_p50'))} | "
+        print(f"| {row['name']} | {clients} | {fmt(row['p50'])} | {fmt(row['max'])} | {fmt(row.get('cold_p50'))} | {fmt(row.get('warm_p50'))} | "
               f"{fmt(row.get('pss_mib'), ' MiB')} | {fmt(row.get('zygote_mib') or None, ' MiB')} |")
 
 
