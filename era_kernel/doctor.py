@@ -25,6 +25,28 @@ def _bwrap() -> Check:
     return ("sandbox", "OK", f"bubblewrap at {path}; kernels run sandboxed")
 
 
+def _launcher(settings: Settings) -> Check:
+    """How local Python kernels start (ERA_LOCAL_LAUNCHER); for ``fork``, a zygote is
+    started for real and asked nothing: it must come up (imports, no threads)."""
+    if settings["ERA_LOCAL_LAUNCHER"] != "fork":
+        return ("launcher", "OK", "bwrap: each local kernel is a new interpreter in bubblewrap "
+                                  "(ERA_LOCAL_LAUNCHER=fork forks Python kernels from a zygote)")
+    if os.getuid() != 0:
+        return ("launcher", "WARN", "ERA_LOCAL_LAUNCHER=fork needs root (it builds the sandbox itself): "
+                                    "kernels start in bubblewrap instead")
+    from .provisioning.zygote import Zygote, ZygoteFailed
+
+    try:
+        zygote = Zygote(sys.executable)
+        zygote.wait_ready()
+    except (ZygoteFailed, OSError) as exc:
+        return ("launcher", "FAIL", f"ERA_LOCAL_LAUNCHER=fork: {exc}")
+    zygote.sock.close()
+    zygote.process.wait(timeout=10)
+    return ("launcher", "OK", f"fork: Python kernels are forked from a zygote of {sys.executable} (other "
+                              "kernels, and Python kernels with a setup environment, start in bubblewrap)")
+
+
 def _limits() -> Check:
     for tool in ("prlimit", "setpriv"):
         if not shutil.which(tool):
@@ -136,6 +158,7 @@ def run_checks(settings: Settings | None = None) -> Iterator[Check]:
     settings = settings or Settings.from_env()
     yield _kernel()
     yield _bwrap()
+    yield _launcher(settings)
     yield _limits()
     yield _cgroups(settings)
     yield _runtime(settings)

@@ -55,6 +55,7 @@ class LaunchOptions:
     pids: int = 256
     cpus: float = 1.0  # era-docker
     sandbox: str = "auto"  # era-local: auto | bwrap | none
+    launcher: str = "bwrap"  # era-local: bwrap | fork (Python kernels forked from a zygote: launch_fork.py)
     tmp_size: int = 256 * 1024**2  # era-local: the sandbox's private /tmp (a tmpfs), when tmp_dir is None
     # The session's own /tmp: a host directory bound at /tmp (read-write), which outlives
     # the kernel (restarts keep it); None: a private tmpfs per kernel (pooled kernels, a
@@ -83,8 +84,9 @@ class LaunchOptions:
             workspace=Path(workspace), runtime_dir=Path(s.runtime_dir), hidden=(str(s.data_dir), str(s.runtime_dir)),
             memory=s["ERA_DOCKER_MEMORY"] if docker else s["ERA_KERNEL_MEMORY"],
             pids=s["ERA_DOCKER_PIDS"] if docker else s["ERA_KERNEL_PIDS"], cpus=s["ERA_DOCKER_CPUS"],
-            sandbox=s["ERA_SANDBOX"], tmp_size=s["ERA_KERNEL_TMP_SIZE"], cgroups=s["ERA_KERNEL_CGROUPS"],
-            image_prefix=s["ERA_DOCKER_IMAGE_PREFIX"], egress_network=s["ERA_DOCKER_EGRESS_NETWORK"],
+            sandbox=s["ERA_SANDBOX"], launcher=s["ERA_LOCAL_LAUNCHER"], tmp_size=s["ERA_KERNEL_TMP_SIZE"],
+            cgroups=s["ERA_KERNEL_CGROUPS"], image_prefix=s["ERA_DOCKER_IMAGE_PREFIX"],
+            egress_network=s["ERA_DOCKER_EGRESS_NETWORK"],
             gvisor_runtimes=(s["ERA_DOCKER_GVISOR_RUNTIME"], s["ERA_DOCKER_GVISOR_NET_RUNTIME"]))
         return cls(**{**fields, **session})
 
@@ -152,6 +154,8 @@ def _check(options: LaunchOptions) -> None:
         raise BadRequest("tmp_dir must be an absolute directory path", field="tmp_dir")
     if options.sandbox not in ("auto", "bwrap", "none"):
         raise BadRequest("sandbox must be auto, bwrap or none", field="sandbox")
+    if options.launcher not in ("bwrap", "fork"):
+        raise BadRequest("launcher must be bwrap or fork", field="launcher")
     if options.cgroups not in ("auto", "on", "off"):
         raise BadRequest("cgroups must be auto, on or off", field="cgroups")
     if options.isolation not in ISOLATIONS:

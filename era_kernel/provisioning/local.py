@@ -40,11 +40,12 @@ from jupyter_client.provisioning import KernelProvisionerBase, LocalProvisioner
 from traitlets import Bool, Int, Unicode
 
 from ..errors import KernelFailed
-from . import cgroups
+from . import cgroups, launch_fork
 from .base import EraProvisioner, LaunchOptions
 from .privileges import die_with_parent, drop_privileges
 from .output_tail import OutputTail
 from .seccomp import filter_fd
+from .zygote import ForkedProcess, Zygote, ZygoteFailed
 from .ipc import (format_argv, host_connection_info, ipc_connection_info, make_kernel_dir, remove_kernel_dir,
                   seal_kernel_dir, write_connection_file, write_pid_record)
 
@@ -222,6 +223,7 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
     _cgroup: cgroups.KernelCgroup | None = None
     _info: dict[str, Any] = {}
     _seccomp_fd: int | None = None
+    _fork_request: dict[str, Any] | None = None
 
     def kernel_log(self, limit: int = 2000) -> str:
         """The tail of the kernel process's own stdout/stderr. Called by ERA's SessionKernel
@@ -273,6 +275,12 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
 
         argv = format_argv(self.kernel_spec.argv + list(extra_arguments), connection_file=str(connection_file),
                            resource_dir=self.kernel_spec.resource_dir or "", prefix=sys.prefix)
+        self._fork_request = None
+        fork_refused = launch_fork.why_not(options, argv)
+        if fork_refused is None:
+            return await self._pre_fork(options, argv, kwargs, uid, gid, home, workspace, cgroup_support)
+        if options.launcher == "fork":
+            log.debug("fork launcher not used for %s: %s", self.kernel_spec.display_name, fork_refused)
         if os.getuid() == 0 and uid != 0:
             argv = drop_privileges(uid, gid) + argv
         if mode == "bwrap":
@@ -281,9 +289,9 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
             # which an editable install imports from the source tree: that may be masked too.
             package_dir = str(Path(__file__).resolve().parents[1])
             readonly = sorted({sys.prefix, sys.base_prefix, package_dir, *options.readonly})
-            if options.tmp_dir is not None:
+            if options.tmp_dir is not None:  # the masks' mount points too: a data directory may lie under /tmp
                 await asyncio.to_thread(prepare_tmp_mountpoints, options.tmp_dir,
-                                        [str(self.kernel_dir), str(workspace), *readonly])
+                                        [str(self.kernel_dir), str(workspace), *readonly, *hidden])
             self._seccomp_fd = filter_fd()
             argv = bwrap_argv(argv, workspace=workspace, kernel_dir=self.kernel_dir, hidden=hidden,
                               allow_network=options.allow_network, readonly=readonly, seccomp_fd=self._seccomp_fd,
@@ -326,6 +334,57 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         self.connection_info = host_connection_info(info, self.kernel_dir)
         return await KernelProvisionerBase.pre_launch(self, cmd=argv, **kwargs)
 
+    async def _pre_fork(self, options: LaunchOptions, argv: list[str], kwargs: dict[str, Any], uid: int, gid: int,
+                        home: Path, workspace: Path, cgroup_support: cgroups.Support | None) -> dict[str, Any]:
+        """pre_launch of the fork launcher (launch_fork.py): the same IPC directory, cgroup,
+        environment and output tail as a bubblewrap launch, and the zygote's request
+        instead of a command line."""
+        hidden = sorted({*options.hidden, str(options.runtime_dir)})
+        package_dir = str(Path(__file__).resolve().parents[1])
+        readonly = sorted({sys.prefix, sys.base_prefix, package_dir, *options.readonly})
+        if options.tmp_dir is not None:  # the masks' mount points too: a data directory may lie under /tmp
+            await asyncio.to_thread(prepare_tmp_mountpoints, options.tmp_dir,
+                                    [str(self.kernel_dir), str(workspace), *readonly, *hidden])
+        cgroup_dirs: list[str] = []
+        if cgroup_support is not None:
+            group = cgroups.KernelCgroup.for_kernel(self.kernel_dir.name, cgroup_support)
+            try:
+                await cgroups.make(group, options.memory, options.pids)
+            except OSError as exc:
+                raise KernelFailed(f"cannot make the kernel's cgroup {group.memory_dir}: {exc}") from None
+            self._cgroup = group
+            cgroup_dirs = [str(d) for d in group.dirs]
+        env = kernel_env(kwargs.pop("env", None), options.env, home)
+        address_space = max(options.memory, options.address_space, self.address_space_limit)
+        self._fork_request = launch_fork.request(
+            options, argv, env=env, uid=uid, gid=gid, workspace=workspace, kernel_dir=self.kernel_dir, hidden=hidden,
+            readonly=readonly, cgroup_dirs=cgroup_dirs, address_space=address_space)
+        if self._output is not None:
+            self._output.close()
+        self._output = OutputTail()
+        self.sandboxed = True
+        self.connection_info = host_connection_info(self._info, self.kernel_dir)
+        kwargs.update(env=env, cwd=str(workspace))
+        return await KernelProvisionerBase.pre_launch(self, cmd=argv, **kwargs)
+
+    async def _launch_forked(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        request, self._fork_request = self._fork_request, None
+        assert self._output is not None
+
+        zygote = Zygote.shared()  # here, on the loop's thread (its death signal is per thread)
+
+        def fork() -> ForkedProcess:
+            pid, pidfd = zygote.fork(request, self._output.write_fd)
+            return ForkedProcess(zygote, pid, pidfd)
+
+        try:
+            self.process = await asyncio.to_thread(fork)
+        except ZygoteFailed as exc:
+            raise KernelFailed(str(exc)) from None
+        self.pid, self.pgid = self.process.pid, None
+        self.cwd = kwargs.get("cwd")
+        return self.connection_info
+
     def _configured(self) -> dict[str, Any]:
         """The kernelspec's provisioner config, as launch options (a plain Jupyter launch's)."""
         return {"sandbox": self.sandbox, "memory": self.memory_limit, "pids": self.pids_limit,
@@ -351,7 +410,10 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
         """Called by the KernelManager to start the process; returns IPC connection info."""
         try:
-            info = await super().launch_kernel(cmd, **kwargs)
+            if self._fork_request is not None:
+                info = await self._launch_forked(kwargs)
+            else:
+                info = await super().launch_kernel(cmd, **kwargs)
         except BaseException:
             await self._remove_cgroup()  # a Jupyter app may not call cleanup after a failed launch
             raise
@@ -373,7 +435,10 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         the kernel goes to the kernel's own process; SIGKILL and SIGTERM end the whole
         sandbox, as jupyter_client means them to."""
         if self.sandboxed and self.process is not None and signum not in (0, signal.SIGKILL, signal.SIGTERM):
-            pid = await asyncio.to_thread(self._kernel_pid)
+            if isinstance(self.process, ForkedProcess):
+                pid = await asyncio.to_thread(self.process.kernel_pid)
+            else:
+                pid = await asyncio.to_thread(self._kernel_pid)
             if pid is not None:
                 try:
                     os.kill(pid, signum)
@@ -414,6 +479,8 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         """Called by the KernelManager after the kernel stopped: stop reading its output,
         remove sockets and home, unless this is a restart, which reuses them."""
         await super().cleanup(restart=restart)
+        if isinstance(self.process, ForkedProcess):
+            self.process.close()
         if self._output is not None:
             self._output.close()  # its tail stays readable for kernel_log()
         await self._remove_cgroup()  # kills what is left of the session (children outside the sandbox)

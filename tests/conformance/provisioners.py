@@ -63,9 +63,12 @@ class Backend:
     # Promises this provisioner breaks today: {check: the bug}. The check is marked
     # xfail(strict=True), so fixing the bug fails the suite until the entry goes.
     bugs: dict[str, str] = {}
-    # Launch options of every kernel on this backend, as a session's (and the
-    # kernelspec's provisioner config of a plain Jupyter launch).
+    # Launch options of every kernel on this backend, as a session's (a launch mode of
+    # the provisioner); what a plain Jupyter launch gets instead: its kernelspec's
+    # provisioner config and settings read from the environment.
     launch: dict[str, Any] = {}
+    spec_config: dict[str, Any] = {}
+    plain_env: dict[str, str] = {}
     # What writing outside the workspace (to /usr, /etc, /) fails with.
     read_only_errno: int = errno.EROFS
     # Host processes of the provisioner's own among a kernel's ``processes`` (they do not
@@ -112,6 +115,9 @@ class Backend:
         """Why the memory limit cannot bound the session as a whole here (None: it does)."""
         return None
 
+    def check_launched(self, km: Any) -> None:
+        """The kernel was launched the way this backend means (not by a fallback)."""
+
 
 def _cgroup_dirs(pid: int) -> list[str]:
     """The process's memory and pids cgroup directories, read from /proc (not from our code)."""
@@ -141,13 +147,16 @@ class Local(Backend):
     def workspace_seen(self, workspace: Path) -> str:
         return str(workspace.resolve())
 
+    def _pids(self, kernel: "Kernel") -> list[int]:
+        return kernel_processes(str(kernel.kernel_dir))  # bubblewrap and the kernel: argv names the directory
+
     def _own_cgroup(self, kernel: "Kernel") -> list[str]:
         mine = set(_cgroup_dirs(os.getpid()))
-        pids = kernel_processes(str(kernel.kernel_dir))
+        pids = self._pids(kernel)
         return [d for d in (_cgroup_dirs(pids[0]) if pids else []) if d not in mine]
 
     def processes(self, kernel: "Kernel") -> set[tuple[int, str]]:
-        pids = set(kernel_processes(str(kernel.kernel_dir)))  # bubblewrap and the kernel: argv names the directory
+        pids = set(self._pids(kernel))
         for group in self._own_cgroup(kernel):  # and what they started, found in their cgroup
             with contextlib.suppress(OSError):
                 pids.update(int(p) for p in Path(group, "cgroup.procs").read_text().split())
@@ -163,6 +172,44 @@ class Local(Backend):
 
         found = cgroups.support()  # without a cgroup, limits hold per process only (local.py)
         return None if found else f"no kernel cgroups here: {found.reason}"
+
+
+class LocalFork(Local):
+    """era-local with ERA_LOCAL_LAUNCHER=fork: Python kernels forked from a zygote, the
+    sandbox built in process (era_kernel/provisioning/forked.py); its init runs as the
+    session's uid, so no root helper."""
+
+    root_helpers = frozenset()
+    launch = {"launcher": "fork"}
+    plain_env = {"ERA_LOCAL_LAUNCHER": "fork"}
+
+    def require(self) -> None:
+        if os.getuid() != 0:
+            pytest.skip("the fork launcher needs root (it builds the sandbox itself)")
+
+    def _pids(self, kernel: "Kernel") -> list[int]:
+        """The sandbox's init and its descendants (their command line is the zygote's:
+        the kernel directory is not in it)."""
+        process = kernel.provisioner.process
+        if process is None:
+            return []
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                    children.setdefault(ppid, []).append(int(entry))
+        found, stack = [], [process.pid]
+        while stack:
+            pid = stack.pop()
+            found.append(pid)
+            stack.extend(children.get(pid, ()))
+        return found
+
+    def check_launched(self, km: Any) -> None:
+        from era_kernel.provisioning.zygote import ForkedProcess
+
+        assert isinstance(km.provisioner.process, ForkedProcess), "not forked: the launch fell back to bubblewrap"
 
 
 class Docker(Backend):
@@ -214,6 +261,7 @@ class GVisor(Docker):
     kernel), so a kernel's processes are found as the container's processes on the host:
     its cgroup's."""
     launch = {"isolation": "gvisor"}
+    spec_config = {"isolation": "gvisor"}
     # gVisor checks the directory's permissions before the mount's read-only flag (the
     # tests then read /proc/mounts: the mount says "ro").
     read_only_errno = errno.EACCES
@@ -242,6 +290,7 @@ class GVisor(Docker):
 # The provisioners: a new one is one more entry here (a Backend above).
 PROVISIONERS = [
     pytest.param(Local(), id="era-local"),
+    pytest.param(LocalFork(), id="era-local-fork"),
     pytest.param(Docker(), id="era-docker"),
     pytest.param(GVisor(), id="era-docker-gvisor"),
 ]
@@ -281,7 +330,7 @@ class Place:
             spec_dir.mkdir(parents=True)
             spec = {"argv": argv, "display_name": name, "language": "python", "interrupt_mode": "message",
                     "metadata": {"kernel_provisioner": {"provisioner_name": self.backend.entry_point,
-                                                        "config": dict(self.backend.launch)}}}
+                                                        "config": dict(self.backend.spec_config)}}}
             (spec_dir / "kernel.json").write_text(json.dumps(spec))
         return KernelSpecManager(kernel_dirs=[str(self.root / "specs")])
 
@@ -378,6 +427,7 @@ async def kernel(place: Place, **options: Any) -> AsyncIterator[Kernel]:
         **{**place.backend.launch, **options})
     km = EraKernelManager(kernel_name="era-python", kernel_spec_manager=place.python_kernelspec())
     await km.start_kernel(era=era)
+    place.backend.check_launched(km)
     kc = km.client()
     kc.start_channels()
     try:

@@ -284,6 +284,8 @@ async def test_plain_jupyter_launch(backend, place, monkeypatch):
     """No ``era`` options (a plain Jupyter application: a working directory and its own
     environment): settings from the process environment, the secrets in it kept out."""
     monkeypatch.setenv("ERA_RUNTIME_DIR", str(place.runtime_dir))
+    for key, value in backend.plain_env.items():
+        monkeypatch.setenv(key, value)
     uid = new_uid()
     workspace = place.workspace(uid)
     if os.getuid() == 0:
@@ -291,6 +293,7 @@ async def test_plain_jupyter_launch(backend, place, monkeypatch):
     with server_secrets():
         km = EraKernelManager(kernel_name="era-python", kernel_spec_manager=place.python_kernelspec())
         await km.start_kernel(cwd=str(workspace), env=dict(os.environ))
+    backend.check_launched(km)
     kc = km.client()
     kc.start_channels()
     try:

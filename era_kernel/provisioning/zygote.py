@@ -1,0 +1,342 @@
+"""The zygote: a long-lived process (root, like the server) that has imported what a
+Python kernel imports (ipykernel, IPython, ZeroMQ, Tornado, jupyter_client) and holds no
+thread, socket or ZeroMQ context, and forks one child per kernel (``forked.py`` makes
+the child a sandboxed kernel). A kernel start then costs a fork and ipykernel's own
+setup instead of a new interpreter importing everything (about 0.75 CPU-seconds here),
+and the kernels share the zygote's pages copy-on-write.
+
+One zygote per interpreter (``sys.executable`` of the server: the kernelspec argv the
+fork launcher accepts names it), started by the server on the first fork launch
+(``Zygote.shared``). It dies with the server (``PR_SET_PDEATHSIG``, and when its socket
+closes); its kernels die with it.
+
+Protocol, over a ``SOCK_SEQPACKET`` pair (one message a datagram): the server sends
+``{"fork": true}`` with two descriptors attached, a memfd holding the JSON request
+(``forked.become_kernel``'s fields; only the child reads it, so the zygote's memory,
+which every later kernel inherits, never holds a session's data) and the kernel's
+output; the zygote answers ``{"pid": <host pid>}`` with a pidfd of the child attached,
+or ``{"error": ...}``; and, unasked, ``{"exit": pid, "status": code}`` when a child ends.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger("era.provisioning.zygote")
+MAX_MESSAGE = 1 << 20
+PRELOAD = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.iostream",
+           "ipykernel.heartbeat", "ipykernel.comm", "IPython.core.interactiveshell", "IPython.core.completer",
+           "IPython.core.history", "jupyter_client.session", "zmq", "zmq.eventloop.zmqstream", "tornado.ioloop",
+           "asyncio", "sqlite3", "json", "hmac", "uuid", "traitlets", "ctypes", "resource", "fcntl",
+           "era_kernel.provisioning.forked", "era_kernel.provisioning.seccomp",
+           # what IPKernelApp.initialize imports (debugpy's pydevd is the most of it)
+           "ipykernel.debugger", "IPython.core.debugger", "IPython.core.completerlib", "IPython.core.oinspect",
+           "IPython.extensions.storemagic", "IPython.utils.wildcard", "pdb", "tornado.gen", "tornado.locks",
+           "tornado.queues", "tornado.platform.asyncio", "http.server", "xmlrpc.client", "pydoc", "gzip",
+           "unicodedata", "stringprep", "encodings.idna", "faulthandler", "sysconfig")
+
+
+# ---------------------------------------------------------------------------- the zygote process
+
+
+def _serve(sock: socket.socket) -> None:
+    from . import forked
+
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: set[int] = set()
+    while True:
+        ready, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in ready:
+            while True:
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    break
+            while children:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                children.discard(pid)
+                code = os.waitstatus_to_exitcode(status)
+                try:  # never blocks: a report the server has not read room for is lost (status unknown)
+                    sock.send(json.dumps({"exit": pid, "status": code}).encode(), socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+        if sock in ready:
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
+            except OSError:
+                return
+            if not data:
+                return  # the server closed its end: it is gone
+            try:
+                if len(fds) != 2:
+                    raise ValueError("a fork request carries the request and the output descriptors")
+                pid = -1
+                forked.unshare(forked.CLONE_NEWPID)  # our next child is pid 1 of a new namespace
+                try:
+                    pid = os.fork()
+                finally:
+                    if pid != 0:
+                        forked.setns(own_pidns, forked.CLONE_NEWPID)  # and the ones after it are ours again
+            except BaseException as exc:  # noqa: BLE001
+                for fd in fds:
+                    os.close(fd)
+                sock.send(json.dumps({"error": f"fork failed: {exc}"}).encode())
+                continue
+            if pid == 0:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                forked.become_kernel(fds[0], fds[1])  # never returns
+            children.add(pid)
+            for fd in fds:
+                os.close(fd)
+            pidfd = os.pidfd_open(pid)
+            try:
+                socket.send_fds(sock, [json.dumps({"pid": pid}).encode()], [pidfd])
+            finally:
+                os.close(pidfd)
+
+
+def _warm_up() -> None:
+    """Fill the caches traitlets builds on an application's first command line (its
+    argument parser's trait tables: about 40 ms a kernel otherwise)."""
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+
+        from ..languages import PYTHON_KERNEL_FIXES, PYTHON_KERNEL_TUNING
+
+        IPKernelApp().parse_command_line(["-f", "/nonexistent.json", *PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES])
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
+
+
+def main() -> None:
+    """``python -m era_kernel.provisioning.zygote <socket fd> <server pid>``."""
+    fd, server = int(sys.argv[1]), int(sys.argv[2])
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the server
+    if os.getppid() != server:
+        os._exit(1)  # it died before that took effect
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    _warm_up()
+    if threading.active_count() != 1:
+        sys.stderr.write(f"zygote: preloading started threads: {threading.enumerate()}\n")
+        os._exit(1)
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the preloaded objects stay out of later collections: their pages stay shared
+    sock = socket.socket(fileno=fd)
+    sock.send(b'{"ready": true}')
+    _serve(sock)
+
+
+# ---------------------------------------------------------------------------- the server's side
+
+
+class ZygoteFailed(RuntimeError):
+    pass
+
+
+class Zygote:
+    """The server's handle on one zygote. Blocking methods: callers run them in a thread."""
+
+    _shared: dict[str, "Zygote"] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, python: str = sys.executable):
+        self.python = python
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Read once at interpreter start, so the zygote's own: what every kernel gets (local.kernel_env).
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1", "MALLOC_ARENA_MAX": "2",
+               "LANG": os.environ.get("LANG", "C.UTF-8"),
+               # debugpy warns once at import about frozen modules: in the zygote it would reach no kernel's log
+               "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+        self._started = time.monotonic()
+        try:
+            self.process = subprocess.Popen(
+                [python, "-m", "era_kernel.provisioning.zygote", str(theirs.fileno()), str(os.getpid())],
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True)
+        finally:
+            theirs.close()
+        self._lock = threading.Lock()
+        self._ready = False
+        self.exits: dict[int, int] = {}
+
+    def wait_ready(self) -> None:
+        """Blocking: until the zygote has imported everything (once; later calls return)."""
+        with self._lock:
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        if self._ready:
+            return
+        self.sock.settimeout(60)
+        try:
+            hello = self.sock.recv(MAX_MESSAGE)
+        except OSError as exc:
+            raise ZygoteFailed(f"the fork launcher's zygote did not start: {exc}") from None
+        if not hello:
+            raise ZygoteFailed(f"the fork launcher's zygote did not start (exit status {self.process.wait()})")
+        self.sock.settimeout(None)  # blocking from now on: a zygote that dies closes its end
+        self._ready = True
+        log.info("fork launcher: zygote %s ready in %.2f s", self.process.pid, time.monotonic() - self._started)
+
+    @classmethod
+    def shared(cls, python: str = sys.executable) -> "Zygote":
+        """The zygote of ``python``, started (or restarted, if it died) here. Call it on the
+        server's long-lived thread (the event loop's): the zygote's death signal is armed
+        for the thread that started it, and a worker thread may end before the server."""
+        with cls._shared_lock:
+            found = cls._shared.get(python)
+            if found is None or found.process.poll() is not None:
+                found = cls._shared[python] = cls(python)
+            return found
+
+    def fork(self, request: dict, output_fd: int) -> tuple[int, int]:
+        """Blocking: a new kernel process; returns (host pid, pidfd)."""
+        # The request travels in a memfd the child reads: the zygote's own memory, which every
+        # later kernel inherits, never holds a byte of another session's (its environment).
+        memfd = os.memfd_create("era-fork-request", os.MFD_CLOEXEC)
+        try:
+            os.write(memfd, json.dumps(request).encode())
+            with self._lock:
+                self._wait_ready()
+                socket.send_fds(self.sock, [b'{"fork": true}'], [memfd, output_fd])
+                return self._answer()
+        finally:
+            os.close(memfd)
+
+    def _answer(self) -> tuple[int, int]:
+        """The zygote's answer to a fork (exit reports that come first are kept)."""
+        while True:
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+            if not data:
+                raise ZygoteFailed("the fork launcher's zygote is gone")
+            answer = json.loads(data)
+            if "exit" in answer:
+                self.exits[answer["exit"]] = answer["status"]
+                continue
+            if "error" in answer:
+                raise ZygoteFailed(answer["error"])
+            return answer["pid"], fds[0]
+
+    def drain(self) -> None:
+        """Read the exit reports that arrived (non-blocking; skipped while a fork is asked)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            while select.select([self.sock], [], [], 0)[0]:
+                try:
+                    data = self.sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
+                except OSError:
+                    return
+                if not data:
+                    return
+                answer = json.loads(data)
+                if "exit" in answer:
+                    self.exits[answer["exit"]] = answer["status"]
+        finally:
+            self._lock.release()
+
+
+class ForkedProcess:
+    """A forked kernel as jupyter_client's LocalProvisioner uses a ``Popen``: ``pid`` (the
+    sandbox's init, whose end ends the sandbox), ``poll``, ``wait``, ``send_signal``,
+    ``kill``, ``terminate``. Signals go through a pidfd: never to a reused pid."""
+
+    stdin = stdout = stderr = None
+
+    def __init__(self, zygote: Zygote, pid: int, pidfd: int):
+        self.zygote, self.pid, self.pidfd = zygote, pid, pidfd
+        self.returncode: int | None = None
+
+    def _ended(self, timeout: float = 0) -> bool:
+        if self.pidfd < 0:
+            return True
+        return bool(select.select([self.pidfd], [], [], timeout)[0])
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        if not self._ended():
+            return None
+        # Ended: the status comes from the zygote, which reaps it (a moment later).
+        for _ in range(20):
+            self.zygote.drain()
+            if self.pid in self.zygote.exits:
+                self.returncode = self.zygote.exits.pop(self.pid)
+                break
+            time.sleep(0.002)
+        else:
+            self.returncode = -signal.SIGKILL
+        self.close()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise subprocess.TimeoutExpired("forked kernel", timeout)
+            self._ended(min(remaining, 0.1) if remaining is not None else 0.1)
+        return self.returncode  # type: ignore[return-value]
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is not None or self.pidfd < 0:
+            return
+        signal.pidfd_send_signal(self.pidfd, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kernel_pid(self) -> int | None:
+        """The kernel's own process: pid 2 of the sandbox's namespace, a child of init."""
+        try:
+            children = open(f"/proc/{self.pid}/task/{self.pid}/children").read().split()
+        except OSError:
+            return None
+        for child in children:
+            try:
+                for line in open(f"/proc/{child}/status"):
+                    if line.startswith("NSpid:") and line.split()[-1] == "2":
+                        return int(child)
+            except OSError:
+                continue
+        return None
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+if __name__ == "__main__":
+    main()

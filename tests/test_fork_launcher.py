@@ -1,0 +1,77 @@
+"""The fork launcher (ERA_LOCAL_LAUNCHER=fork) as a server's user meets it: sessions (a
+pooled kernel and launched ones) run in forked kernels with their environment; a run's
+timeout, an interrupt, a restart and a kernel that exits behave as with bubblewrap. The
+provisioner-level promises (isolation, limits, clean-up) are the conformance suite's
+``era-local-fork`` backend (tests/conformance/provisioners.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from tests.support.era_server import ServerProcess
+
+ENV = {"ERA_LOCAL_LAUNCHER": "fork", "ERA_POOL_SIZE": "1", "ERA_INTERRUPT_GRACE": "5"}
+
+# Where the kernel runs: under bubblewrap its pid 1 is bwrap; forked, the sandbox's own init.
+PROBE = ("import json, os\nprint(json.dumps({'init': open('/proc/1/cmdline', 'rb').read().split(b'\\0')[0].decode(), "
+         "'uid': os.getuid(), 'greeting': os.environ.get('GREETING'), 'cwd': os.getcwd(), 'pid': os.getpid()}))")
+
+
+@pytest.fixture(scope="module")
+def server():
+    if os.getuid() != 0:
+        pytest.skip("the fork launcher needs root")
+    srv = ServerProcess(env=ENV).start()
+    yield srv
+    srv.cleanup()
+
+
+def probe(server, sid: str) -> dict:
+    answer = server.json("POST", f"/api/sessions/{sid}/run", {"code": PROBE})
+    assert answer.get("stdout"), answer
+    return json.loads(answer["stdout"])
+
+
+def test_sessions_run_in_forked_kernels_with_their_environment(server):
+    server.json("POST", "/api/sessions", {"id": "fk-pooled"}, expect=201)  # takes the pooled kernel
+    server.json("POST", "/api/sessions", {"id": "fk-env", "env": {"GREETING": "hello"}}, expect=201)
+    for sid, greeting in (("fk-pooled", None), ("fk-env", "hello")):
+        found = probe(server, sid)
+        assert not found["init"].endswith("bwrap"), found
+        assert found["uid"] != 0 and found["greeting"] == greeting and found["pid"] == 2, found
+    assert any("zygote" in line for line in server.lines), "the server never started a zygote"
+
+
+def test_timeout_interrupt_and_restart(server):
+    sid = "fk-control"
+    server.json("POST", "/api/sessions", {"id": sid}, expect=201)
+    server.json("POST", f"/api/sessions/{sid}/run", {"code": "kept = 41"})
+    started = time.monotonic()
+    timed_out = server.json("POST", f"/api/sessions/{sid}/run",
+                            {"code": "import time\ntime.sleep(60)", "timeout": 1}, expect=None)
+    assert time.monotonic() - started < 15, "the run's timeout did not stop it"
+    assert "KeyboardInterrupt" in json.dumps(timed_out) or "timeout" in json.dumps(timed_out).lower(), timed_out
+    assert server.json("POST", f"/api/sessions/{sid}/run", {"code": "print(kept + 1)"})["stdout"] == "42\n"
+    server.json("POST", f"/api/sessions/{sid}/restart", expect=None)
+    after = server.json("POST", f"/api/sessions/{sid}/run", {"code": "print('kept' in dir())"})
+    assert after["stdout"] == "False\n", after
+    assert not probe(server, sid)["init"].endswith("bwrap")
+
+
+def test_a_kernel_that_exits_is_reported_with_its_status_and_replaced(server):
+    sid = "fk-exit"
+    server.json("POST", "/api/sessions", {"id": sid}, expect=201)
+    server.json("POST", f"/api/sessions/{sid}/run", {"code": "import os; os._exit(3)"}, expect=None)
+    deadline = time.monotonic() + 20
+    while True:
+        events = server.json("GET", f"/api/sessions/{sid}/events")["events"]
+        died = [e for e in events if e["type"] == "kernel_died"]
+        if died or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert died and died[-1].get("exit_status") == 3, events
+    assert server.json("POST", f"/api/sessions/{sid}/run", {"code": "print('again')"})["stdout"] == "again\n"
