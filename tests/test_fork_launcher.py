@@ -17,8 +17,9 @@ from tests.support.era_server import ServerProcess
 ENV = {"ERA_LOCAL_LAUNCHER": "fork", "ERA_POOL_SIZE": "1", "ERA_INTERRUPT_GRACE": "5"}
 
 # Where the kernel runs: under bubblewrap its pid 1 is bwrap; forked, the sandbox's own init.
-PROBE = ("import json, os\nprint(json.dumps({'init': open('/proc/1/cmdline', 'rb').read().split(b'\\0')[0].decode(), "
-         "'uid': os.getuid(), 'greeting': os.environ.get('GREETING'), 'cwd': os.getcwd(), 'pid': os.getpid()}))")
+PROBE = ("import json, os, era_storage\nprint(json.dumps({'init': open('/proc/1/cmdline', 'rb').read().split(b'\\0')[0]"
+         ".decode(), 'uid': os.getuid(), 'greeting': os.environ.get('GREETING'), 'cwd': os.getcwd(), "
+         "'pid': os.getpid()}))")  # era_storage: every kernel has the SDK, forked ones too
 
 
 @pytest.fixture(scope="module")

@@ -350,6 +350,9 @@ def _run_kernel(request: dict[str, Any]) -> None:
         spec = importlib.util.find_spec("ipykernel_launcher")
         sys.argv = [spec.origin if spec and spec.origin else "ipykernel_launcher", *request["argv"]]
         sys.path[0] = request["cwd"]  # `-m` puts the working directory first
+        # PYTHONPATH is read at interpreter start, long past for a fork: the launcher lets
+        # through only our SDK directory there (launch_fork._sdk_only), added here instead.
+        sys.path.extend(p for p in os.environ.get("PYTHONPATH", "").split(":") if p and p not in sys.path)
         from ipykernel import kernelapp
 
         kernelapp.launch_new_instance(argv=request["argv"])

@@ -43,9 +43,18 @@ def why_not(options: LaunchOptions, argv: list[str]) -> str | None:
         return "ERA_SANDBOX=none"
     if len(argv) < 3 or argv[1:3] != ["-m", "ipykernel_launcher"] or not _same_python(argv[0]):
         return "not this interpreter's ipykernel"
-    if any(key in options.env for key in _START_ONLY):
+    if any(key in options.env for key in _START_ONLY if not (key == "PYTHONPATH" and _sdk_only(options.env[key]))):
         return "the session's environment changes the interpreter's start"
     return None
+
+
+def _sdk_only(pythonpath: str) -> bool:
+    """``PYTHONPATH`` holds nothing but our SDK directory (``era_storage``, which every
+    kernel gets, engine/launcher.py): plain modules, no ipykernel or IPython of their
+    own, so the forked child adds them to ``sys.path`` itself (forked.py)."""
+    from ..sdk import PYTHON_DIR
+
+    return all(os.path.realpath(p) == os.path.realpath(PYTHON_DIR) for p in pythonpath.split(":") if p)
 
 
 def _same_python(path: str) -> bool:
