@@ -43,7 +43,7 @@ def why_not(options: LaunchOptions, argv: list[str]) -> str | None:
         return "ERA_SANDBOX=none"
     if len(argv) < 3 or argv[1:3] != ["-m", "ipykernel_launcher"] or not _same_python(argv[0]):
         return "not this interpreter's ipykernel"
-    if any(key in options.env for key in _START_ONLY if not (key == "PYTHONPATH" and _sdk_only(options.env[key]))):
+    if any(key in options.env for key in _START_ONLY if not (key == "PYTHONPATH" and _sdk_only(options.env.get(key, "")))):
         return "the session's environment changes the interpreter's start"
     return None
 
