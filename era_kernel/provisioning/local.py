@@ -309,12 +309,7 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         if cgroup_support is not None:
             # A fresh group per launch (a restart's too: the previous one went at cleanup),
             # entered before prlimit runs, so nothing of the kernel ever runs outside it.
-            group = cgroups.KernelCgroup.for_kernel(self.kernel_dir.name, cgroup_support)
-            try:
-                await cgroups.make(group, options.memory, options.pids)
-            except OSError as exc:
-                raise KernelFailed(f"cannot make the kernel's cgroup {group.memory_dir}: {exc}") from None
-            self._cgroup = group
+            group = await self._make_cgroup(options, cgroup_support)
             argv = cgroups.wrap_argv(group, argv)
 
         env = kernel_env(kwargs.pop("env", None), options.env, home)
@@ -334,6 +329,16 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         self.connection_info = host_connection_info(info, self.kernel_dir)
         return await KernelProvisionerBase.pre_launch(self, cmd=argv, **kwargs)
 
+    async def _make_cgroup(self, options: LaunchOptions, support: cgroups.Support) -> cgroups.KernelCgroup:
+        """A fresh cgroup for this launch (either launcher), kept for cleanup."""
+        group = cgroups.KernelCgroup.for_kernel(self.kernel_dir.name, support)
+        try:
+            await cgroups.make(group, options.memory, options.pids)
+        except OSError as exc:
+            raise KernelFailed(f"cannot make the kernel's cgroup {group.memory_dir}: {exc}") from None
+        self._cgroup = group
+        return group
+
     async def _pre_fork(self, options: LaunchOptions, argv: list[str], kwargs: dict[str, Any], uid: int, gid: int,
                         home: Path, workspace: Path, cgroup_support: cgroups.Support | None) -> dict[str, Any]:
         """pre_launch of the fork launcher (launch_fork.py): the same IPC directory, cgroup,
@@ -347,12 +352,7 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
                                     [str(self.kernel_dir), str(workspace), *readonly, *hidden])
         cgroup_dirs: list[str] = []
         if cgroup_support is not None:
-            group = cgroups.KernelCgroup.for_kernel(self.kernel_dir.name, cgroup_support)
-            try:
-                await cgroups.make(group, options.memory, options.pids)
-            except OSError as exc:
-                raise KernelFailed(f"cannot make the kernel's cgroup {group.memory_dir}: {exc}") from None
-            self._cgroup = group
+            group = await self._make_cgroup(options, cgroup_support)
             cgroup_dirs = [str(d) for d in group.dirs]
         env = kernel_env(kwargs.pop("env", None), options.env, home)
         address_space = max(options.memory, options.address_space, self.address_space_limit)
