@@ -32,6 +32,25 @@ def decode_cursor(cursor: str | None) -> str | None:
         raise BadRequest("invalid cursor: pass back the one a listing returned", field="cursor") from None
 
 
+async def list_page(db: MetaDB, table: str, columns: str, scope_column: str, owner: str, scope: str,
+                    prefix: str, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """One listing page of ``table`` (KV's or R2's): rows of ``owner``'s ``scope`` whose
+    key starts with ``prefix`` and sorts after the ``cursor``, in key order; and whether
+    more follow. ``table``, ``columns`` and ``scope_column`` are ours, never a caller's."""
+    after = decode_cursor(cursor)
+    limit = max(1, min(int(limit), MAX_LIST))
+    sql = (f"SELECT {columns} FROM {table} WHERE owner = ? AND {scope_column} = ? AND key >= ? "
+           "AND substr(key, 1, length(?)) = ?")
+    params: list[Any] = [owner, scope, prefix, prefix, prefix]
+    if after is not None:
+        sql += " AND key > ?"
+        params.append(after)
+    sql += " ORDER BY key LIMIT ?"
+    params.append(limit + 1)
+    found = await db.call(lambda c: rows(c, sql, tuple(params)))
+    return found[:limit], len(found) > limit
+
+
 class KV:
     def __init__(self, db: MetaDB, max_value: int):
         self.db = db
@@ -83,18 +102,8 @@ class KV:
                    cursor: str | None = None) -> dict[str, Any]:
         check_name(namespace, "namespace")
         prefix = check_prefix(prefix)
-        after = decode_cursor(cursor)
-        limit = max(1, min(int(limit), MAX_LIST))
-        sql = ("SELECT key, metadata FROM kv WHERE owner = ? AND namespace = ? AND key >= ? "
-               "AND substr(key, 1, length(?)) = ?")
-        params: list[Any] = [owner, namespace, prefix, prefix, prefix]
-        if after is not None:
-            sql += " AND key > ?"
-            params.append(after)
-        sql += " ORDER BY key LIMIT ?"
-        params.append(limit + 1)
-        found = await self.db.call(lambda c: rows(c, sql, tuple(params)))
-        page, more = found[:limit], len(found) > limit
+        page, more = await list_page(self.db, "kv", "key, metadata", "namespace", owner, namespace, prefix, limit,
+                                     cursor)
         doc: dict[str, Any] = {
             "keys": [{"name": r["key"], "metadata": json.loads(r["metadata"]) if r["metadata"] else None}
                      for r in page],

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from ..errors import BadRequest, NotFound, TooLarge
-from .kv import MAX_LIST, decode_cursor, encode_cursor
+from .kv import encode_cursor, list_page
 from .metadb import MetaDB, now, rows
 from .names import check_key, check_name, check_prefix
 
@@ -110,18 +110,8 @@ class R2:
                    cursor: str | None = None) -> dict[str, Any]:
         check_name(bucket, "bucket")
         prefix = check_prefix(prefix)
-        after = decode_cursor(cursor)
-        limit = max(1, min(int(limit), MAX_LIST))
-        sql = ("SELECT key, size, updated_at FROM objects WHERE owner = ? AND bucket = ? AND key >= ? "
-               "AND substr(key, 1, length(?)) = ?")
-        params: list[Any] = [owner, bucket, prefix, prefix, prefix]
-        if after is not None:
-            sql += " AND key > ?"
-            params.append(after)
-        sql += " ORDER BY key LIMIT ?"
-        params.append(limit + 1)
-        found = await self.db.call(lambda c: rows(c, sql, tuple(params)))
-        page, more = found[:limit], len(found) > limit
+        page, more = await list_page(self.db, "objects", "key, size, updated_at", "bucket", owner, bucket, prefix,
+                                     limit, cursor)
         doc: dict[str, Any] = {"objects": [{"key": r["key"], "size": r["size"], "uploaded": iso(r["updated_at"])}
                                            for r in page],
                                "truncated": more}
