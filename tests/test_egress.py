@@ -22,7 +22,7 @@ import pytest
 from tests.support.era_server import ServerProcess
 from tests.support.egress_net import Internet, Resolver
 
-from .conftest import require_docker
+from .conftest import require_docker, require_gvisor
 
 POLICY = {"allow": ["*.example.org", "203.0.113.0/24"], "deny": ["evil.example.org"]}
 PROVISIONERS = ["local", "docker"]
@@ -196,4 +196,19 @@ def test_docker_with_internet_and_no_bridge_goes_through_the_proxy(server, inter
             f"try:\n    socket.create_connection(('127.0.0.1', {server.port}), 2); print('reached')\n"
             "except OSError:\n    print('no')\n")
     result = run(server, "eg-docker-true", code)
+    assert result["stdout"] == "403\nno\n", result
+
+
+def test_a_gvisor_session_reaches_allowed_names_through_the_proxy_only(server, internet):
+    require_gvisor()
+    server.json("POST", "/api/sessions", {"id": "eg-gvisor", "provisioner": "docker", "isolation": "gvisor",
+                                          "allowInternetAccess": POLICY}, expect=201)
+    result = run(server, "eg-gvisor", fetch("http://files.example.org/hello"), timeout=90)
+    assert result["stdout"].startswith("hello from the test internet"), result
+    code = ("import socket, urllib.request, urllib.error\n"
+            "try:\n    urllib.request.urlopen('http://evil.example.org/', timeout=5); print('reached')\n"
+            "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+            f"try:\n    socket.create_connection(('{internet.address}', 80), 2); print('reached')\n"
+            "except OSError:\n    print('no')\n")
+    result = run(server, "eg-gvisor", code)
     assert result["stdout"] == "403\nno\n", result

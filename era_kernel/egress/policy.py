@@ -94,6 +94,12 @@ def name_matches(name: str, pattern: str) -> bool:
 _host_own: tuple[float, frozenset[Address]] = (0.0, frozenset())
 
 
+def cached_host_addresses() -> frozenset[Address] | None:
+    """``host_addresses()`` when its cache is fresh (no system call: fine on the loop)."""
+    at, cached = _host_own
+    return cached if time.monotonic() - at < HOST_OWN_TTL else None
+
+
 def host_addresses() -> frozenset[Address]:
     """Blocking (cheap): the addresses of the host's own interfaces, cached a few seconds.
     A service of the host listening on its public address is still the host's."""

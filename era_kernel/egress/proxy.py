@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from .policy import EgressPolicy, host_addresses, host_pattern
+from .policy import EgressPolicy, cached_host_addresses, host_addresses, host_pattern
 
 log = logging.getLogger("era.egress")
 
@@ -197,7 +197,9 @@ class EgressProxy:
                 raise Refused(502, target.name, f"cannot resolve: {exc}") from None
         else:
             addresses = [target.name]
-        own = await asyncio.to_thread(host_addresses)
+        own = cached_host_addresses()
+        if own is None:
+            own = await asyncio.to_thread(host_addresses)
         checked = []
         for text in addresses:
             address = ipaddress.ip_address(text.split("%", 1)[0])

@@ -90,6 +90,15 @@ class KernelLauncher:
             return EgressPolicy.allow_all()
         return None
 
+    def _gvisor_egress(self, policy: EgressPolicy | None) -> dict[str, Any]:
+        """gVisor with the proxy: network ``none`` still, but the runtime that passes
+        sockets through to the container's namespace, where the proxy's listener is (the
+        bare one's own network stack has a loopback of its own that no listener reaches)."""
+        if policy is None:
+            return {}
+        networked = self.settings["ERA_DOCKER_GVISOR_NET_RUNTIME"]
+        return {"gvisor_runtimes": (networked, networked)}
+
     async def _docker_network_exists(self, name: str) -> bool:
         at, found = self._docker_networks.get(name, (0.0, False))
         if time.monotonic() - at < 30.0:
@@ -173,7 +182,7 @@ class KernelLauncher:
             self.settings, request.provisioner, workspace, uid=uid,
             allow_network=request.allow_internet is True and policy is None, env=env,
             labels=labels, readonly=(*extras["readonly"], *SDK_DIRS), **self.own_limits(request.limits),
-            isolation=request.isolation or "runc",
+            isolation=request.isolation or "runc", **self._gvisor_egress(policy),
             tmp_dir=self.files.tmp_path(workspace))  # the directory's /tmp, which outlives the kernel
         startup = extras["startup"] + self.startup_cells(request, workspace) if cells else []
         kernel = SessionKernel(self.spec_manager, language.kernelspec_name(request.provisioner), launch, startup,
