@@ -212,3 +212,32 @@ def test_a_gvisor_session_reaches_allowed_names_through_the_proxy_only(server, i
             "except OSError:\n    print('no')\n")
     result = run(server, "eg-gvisor", code)
     assert result["stdout"] == "403\nno\n", result
+
+
+def test_commands_beside_the_kernel_go_through_the_proxy_too(server, sid):
+    # The commands' supervisor runs in the kernel's sandbox with its environment: the
+    # proxy's variables and its listener are there.
+    allowed = server.json("POST", f"/api/sessions/{sid}/commands",
+                          {"cmd": ["python3", "-c", fetch("http://files.example.org/hello")], "timeout": 30})
+    assert allowed["exit_code"] == 0 and allowed["stdout"].startswith("hello from the test internet"), allowed
+    denied = server.json("POST", f"/api/sessions/{sid}/commands",
+                         {"cmd": ["python3", "-c", fetch("http://evil.example.org/hello")], "timeout": 30})
+    assert denied["exit_code"] != 0 and "refused by policy" in denied["stderr"], denied
+
+
+def test_a_restarted_kernel_gets_the_proxy_and_a_patched_policy_applies(server):
+    sid = "eg-patch"
+    server.json("POST", "/api/sessions", {"id": sid, "allowInternetAccess": POLICY}, expect=201)
+    assert run(server, sid, fetch("http://files.example.org/hello"))["exit_code"] == 0
+    server.request("POST", f"/api/sessions/{sid}/restart")
+    result = run(server, sid, fetch("http://files.example.org/hello"))
+    assert result["stdout"].startswith("hello from the test internet"), result
+    # A new policy takes effect from the next kernel (the patch stops the current one).
+    server.json("PATCH", f"/api/sessions/{sid}", {"allowInternetAccess": {"allow": ["other.example.org"]}})
+    assert server.json("GET", f"/api/sessions/{sid}")["allowInternetAccess"] == {"allow": ["other.example.org"], "deny": []}
+    result = run(server, sid, fetch("http://files.example.org/hello"))
+    assert "files.example.org is not in the allow list" in json.dumps(result), result
+    # And false: no proxy at all, nothing reached.
+    server.json("PATCH", f"/api/sessions/{sid}", {"allowInternetAccess": False})
+    result = run(server, sid, "import os\nprint(os.environ.get('HTTP_PROXY'))\n" + fetch("http://files.example.org/x"))
+    assert result["stdout"].startswith("None\n") and result["exit_code"] != 0, result

@@ -40,24 +40,28 @@ class EgressGate:
         self.port = port
         self.proxy = EgressProxy(dns_resolver(resolver) if resolver else system_resolve, self._denied)
         self._record_event = record_event
-        self.servers: dict[str, asyncio.AbstractServer] = {}
+        self.servers: dict[str, tuple[asyncio.AbstractServer, Any]] = {}  # sid -> (listener, its kernel)
 
     def _denied(self, sid: str, name: str, port: int, reason: str) -> None:
         if self._record_event is not None:
             self._record_event(sid, {"type": "egress_denied", "reason": reason, "host": name, "port": port,
                                      "message": f"connection to {name} refused by policy: {reason}"})
 
-    async def attach(self, sid: str, ns_path: str, policy: EgressPolicy) -> None:
-        """Open the session's proxy listener inside the namespace ``ns_path``."""
+    async def attach(self, sid: str, ns_path: str, policy: EgressPolicy, kernel: Any = None) -> None:
+        """Open the session's proxy listener inside the namespace ``ns_path`` (of ``kernel``'s sandbox)."""
         self.detach(sid)
         sock = await netns.listen(ns_path, self.port)
         server = await asyncio.start_server(self.proxy.serve(sid, policy), sock=sock, limit=64 * 1024)
-        self.servers[sid] = server
+        self.servers[sid] = (server, kernel)
 
-    def detach(self, sid: str) -> None:
-        server = self.servers.pop(sid, None)
-        if server is not None:
-            server.close()  # the listener; tunnels under way end with their peers
+    def detach(self, sid: str, keep: Any = None) -> None:
+        """Close the session's listener, unless it is the one of ``keep`` (the kernel live
+        now: an event about the old kernel may come after a new one attached)."""
+        entry = self.servers.get(sid)
+        if entry is None or (keep is not None and entry[1] is keep):
+            return
+        del self.servers[sid]
+        entry[0].close()  # the listener; tunnels under way end with their peers
 
     def close_all(self) -> None:
         for sid in list(self.servers):

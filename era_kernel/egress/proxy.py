@@ -13,9 +13,9 @@ An HTTP proxy on asyncio, served on a listener inside the session's network name
 - plain HTTP in absolute form (``GET http://host/path``), checked the same way, sent on
   in origin form with ``Connection: close``.
 
-A refusal answers ``403`` whose reason phrase and body say
-``era: connection to NAME refused by policy: REASON`` (what urllib, requests, pip and
-curl show in their error), and is reported with the name and reason (``on_denied``: the
+A refusal answers ``403`` whose reason phrase (what urllib, requests, pip and curl show
+in their error) and body say
+``era: connection to NAME refused by policy: REASON``, and is reported with the name and reason (``on_denied``: the
 session's events). What it cannot see, it cannot allow: raw TCP or UDP to an address
 (the sandbox has no route), DNS lookups from the sandbox (the proxy resolves).
 """
@@ -170,9 +170,8 @@ class EgressProxy:
         except Refused as refused:
             if refused.status == 403:
                 self.denied(sid, refused.name, refused.reason, target_text)
-                return await _answer(writer, 403, f"era: connection to {refused.name} refused by policy: "
-                                                  f"{refused.reason}",
-                                     phrase=f"era: connection to {refused.name} refused by policy")
+                said = f"era: connection to {refused.name} refused by policy: {refused.reason}"
+                return await _answer(writer, 403, said, phrase=said[:400])  # the phrase is what errors show
             return await _answer(writer, refused.status, f"era: {refused.name}: {refused.reason}")
         await _pipe(reader, writer, *upstream)
 

@@ -141,7 +141,7 @@ class KernelLauncher:
             if await asyncio.to_thread(netns.same_namespace_as_ours, path):
                 raise KernelFailed("the kernel's sandbox shares the server's network: the egress policy cannot "
                                    "be enforced")
-            await self.egress.attach(sid, path, policy)
+            await self.egress.attach(sid, path, policy, kernel)
         except OSError as exc:
             raise KernelFailed(f"cannot open the egress proxy in the session's sandbox: {exc}") from None
 

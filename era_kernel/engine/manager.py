@@ -104,7 +104,7 @@ class SessionManager:
                                  self.session_log.note)
         self.launcher.egress = self.egress
         self.events.watch(lambda ev: isinstance(ev, (*KERNEL_GONE, SessionDeleted)) and self.egress.detach(
-            ev.session_id))
+            ev.session_id, keep=self.table.kernel(ev.session_id)))
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
