@@ -31,6 +31,7 @@ def proxy_env(port: int) -> dict[str, str]:
     no_proxy = "localhost,127.0.0.1,::1"
     return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
             "ALL_PROXY": url, "all_proxy": url, "NO_PROXY": no_proxy, "no_proxy": no_proxy,
+            "NODE_USE_ENV_PROXY": "1",  # Node 24+: its fetch and http then use them too (older: npm only)
             "ERA_EGRESS_PROXY": url}
 
 
