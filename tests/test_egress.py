@@ -241,3 +241,17 @@ def test_a_restarted_kernel_gets_the_proxy_and_a_patched_policy_applies(server):
     server.json("PATCH", f"/api/sessions/{sid}", {"allowInternetAccess": False})
     result = run(server, sid, "import os\nprint(os.environ.get('HTTP_PROXY'))\n" + fetch("http://files.example.org/x"))
     assert result["stdout"].startswith("None\n") and result["exit_code"] != 0, result
+
+
+def test_a_host_header_naming_another_host_is_not_passed_on(server, sid):
+    # The upstream sees the checked name, never a virtual host the policy did not see.
+    code = """
+import socket
+s = socket.create_connection(("127.0.0.1", 3128), 5)
+s.sendall(b"GET http://files.example.org/hello HTTP/1.1\\r\\nHost: evil.example.org\\r\\n\\r\\n")
+answer = b""
+while chunk := s.recv(65536):
+    answer += chunk
+print(answer.split(b"\\r\\n\\r\\n", 1)[1].decode(), end="")
+"""
+    assert run(server, sid, code)["stdout"] == "hello from the test internet\nhost: files.example.org\n"

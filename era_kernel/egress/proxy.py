@@ -34,7 +34,7 @@ from .policy import EgressPolicy, cached_host_addresses, host_addresses, host_pa
 
 log = logging.getLogger("era.egress")
 
-HEAD_LIMIT = 64 * 1024
+MAX_CONNECTIONS = 256  # open at once per session: past it 503, so no session exhausts the server's descriptors
 CHUNK = 256 * 1024
 HEAD_TIMEOUT = 30.0
 HELLO_TIMEOUT = 10.0
@@ -46,9 +46,9 @@ OnDenied = Callable[[str, str, int, str], None]  # (session id, name, port, reas
 
 
 class Refused(Exception):
-    def __init__(self, status: int, name: str, reason: str) -> None:
+    def __init__(self, status: int, name: str, reason: str, port: int = 0) -> None:
         super().__init__(reason)
-        self.status, self.name, self.reason = status, name, reason
+        self.status, self.name, self.reason, self.port = status, name, reason, port
 
 
 async def system_resolve(name: str, port: int) -> list[str]:
@@ -119,16 +119,27 @@ class EgressProxy:
     def __init__(self, resolve: Resolve = system_resolve, on_denied: OnDenied | None = None) -> None:
         self.resolve = resolve
         self.on_denied = on_denied
+        self.open_connections: dict[str, int] = {}
 
     def serve(self, session_id: str, policy: EgressPolicy) -> Callable:
         """An ``asyncio.start_server`` client handler for one session's listener."""
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            count = self.open_connections.get(session_id, 0)
+            if count >= MAX_CONNECTIONS:
+                await _answer(writer, 503, f"era: this session has {count} connections open through the egress "
+                                           "proxy already; close some")
+                writer.close()
+                return
+            self.open_connections[session_id] = count + 1
             try:
                 await self.handle(session_id, policy, reader, writer)
             except Exception as exc:  # a client that went away mid-way: nothing to tell anyone
                 log.debug("egress: session %s: %s", session_id, exc)
             finally:
                 writer.close()
+                left = self.open_connections.pop(session_id, 1) - 1
+                if left:
+                    self.open_connections[session_id] = left
         return handle
 
     async def handle(self, sid: str, policy: EgressPolicy, reader: asyncio.StreamReader,
@@ -148,7 +159,7 @@ class EgressProxy:
                 upstream = await self.open(sid, policy, target)
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 await writer.drain()
-                first = await self._client_hello(sid, policy, target, reader, upstream)
+                first = await self._client_hello(sid, target, reader)
                 if first is None:
                     upstream[1].close()
                     return
@@ -163,24 +174,27 @@ class EgressProxy:
                 path = url.path or "/"
                 if url.query:
                     path += "?" + url.query
+                # Host is the checked name's: another one would reach a virtual host the
+                # policy never saw on the allowed address (as a foreign SNI would).
                 kept = [line for line in lines[1:] if line and line.split(":", 1)[0].strip().lower()
-                        not in PROXY_HEADERS]
-                request = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""])
+                        not in PROXY_HEADERS | {"host"}]
+                host = url.netloc.rpartition("@")[2]
+                request = "\r\n".join([f"{method} {path} {version}", f"Host: {host}", *kept, "Connection: close",
+                                        "", ""])
                 upstream[1].write(request.encode("latin-1"))
         except Refused as refused:
             if refused.status == 403:
-                self.denied(sid, refused.name, refused.reason, target_text)
+                self.denied(sid, refused.name, refused.reason, refused.port)
                 said = f"era: connection to {refused.name} refused by policy: {refused.reason}"
                 return await _answer(writer, 403, said, phrase=said[:400])  # the phrase is what errors show
             return await _answer(writer, refused.status, f"era: {refused.name}: {refused.reason}")
         await _pipe(reader, writer, *upstream)
 
-    def denied(self, sid: str, name: str, reason: str, target: str) -> None:
-        log.info("egress: session %s: connection to %s refused by policy: %s", sid, name, reason,
+    def denied(self, sid: str, name: str, reason: str, port: int) -> None:
+        log.info("egress: session %s: connection to %s:%s refused by policy: %s", sid, name, port, reason,
                  extra={"event": "egress_denied", "session_id": sid})
         if self.on_denied is not None:
-            port = target.rpartition(":")[2]
-            self.on_denied(sid, name, int(port) if port.isdigit() else 0, reason)
+            self.on_denied(sid, name, port, reason)
 
     async def open(self, sid: str, policy: EgressPolicy,
                    target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -189,7 +203,7 @@ class EgressProxy:
         if not target.literal:
             why = policy.check_name(target.name)
             if why:
-                raise Refused(403, target.name, why)
+                raise Refused(403, target.name, why, target.port)
             try:
                 addresses = await self.resolve(target.name, target.port)
             except OSError as exc:
@@ -204,7 +218,7 @@ class EgressProxy:
             address = ipaddress.ip_address(text.split("%", 1)[0])
             why = policy.check_address(address, None if target.literal else target.name, own)
             if why:  # one refused address refuses the name: which one a connection gets is not ours to pick
-                raise Refused(403, target.name, why)
+                raise Refused(403, target.name, why, target.port)
             checked.append(str(address))
         last: Exception | None = None
         for address in checked:  # the checked address itself: never the name again
@@ -215,8 +229,7 @@ class EgressProxy:
                 last = exc
         raise Refused(502, target.name, f"cannot connect: {last or 'no address'}")
 
-    async def _client_hello(self, sid: str, policy: EgressPolicy, target: Target, reader: asyncio.StreamReader,
-                            upstream: tuple) -> bytes | None:
+    async def _client_hello(self, sid: str, target: Target, reader: asyncio.StreamReader) -> bytes | None:
         """The tunnel's first bytes, to send on; None when its TLS SNI names another host."""
         try:
             first = await asyncio.wait_for(reader.read(1), HELLO_TIMEOUT)
@@ -230,15 +243,11 @@ class EgressProxy:
         except (asyncio.IncompleteReadError, asyncio.TimeoutError):
             return None
         sni = client_hello_sni(body)
+        # A literal address was allowed by its range, whatever name a TLS client gives it.
         if sni is not None and not target.literal and sni.lower().rstrip(".") != target.name:
             self.denied(sid, target.name, f"the TLS server name {sni!r} is not the CONNECT host {target.name}",
-                        f"{target.name}:{target.port}")
+                        target.port)
             return None
-        if sni is not None and target.literal:
-            why = policy.check_name(sni.lower())
-            if why and not policy.allow_nets:
-                self.denied(sid, target.name, why, f"{target.name}:{target.port}")
-                return None
         return first + header + body
 
 
@@ -268,7 +277,8 @@ def client_hello_sni(record: bytes) -> str | None:
 
 
 async def _answer(writer: asyncio.StreamWriter, status: int, body: str, phrase: str | None = None) -> None:
-    phrase = (phrase or {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}.get(status, "Error"))
+    phrase = (phrase or {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway",
+                         503: "Service Unavailable"}.get(status, "Error"))
     phrase = phrase.replace("\r", " ").replace("\n", " ")
     data = (body + "\n").encode()
     writer.write(f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
