@@ -234,7 +234,8 @@ def test_a_restarted_kernel_gets_the_proxy_and_a_patched_policy_applies(server):
     assert result["stdout"].startswith("hello from the test internet"), result
     # A new policy takes effect from the next kernel (the patch stops the current one).
     server.json("PATCH", f"/api/sessions/{sid}", {"allowInternetAccess": {"allow": ["other.example.org"]}})
-    assert server.json("GET", f"/api/sessions/{sid}")["allowInternetAccess"] == {"allow": ["other.example.org"], "deny": []}
+    doc = server.json("GET", f"/api/sessions/{sid}")
+    assert doc["allowInternetAccess"] == {"allow": ["other.example.org"], "deny": []}
     result = run(server, sid, fetch("http://files.example.org/hello"))
     assert "files.example.org is not in the allow list" in json.dumps(result), result
     # And false: no proxy at all, nothing reached.

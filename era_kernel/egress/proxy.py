@@ -153,6 +153,11 @@ class EgressProxy:
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return await _answer(writer, 400, "era: not an HTTP proxy request")
         method, target_text, version = parts
+        await self._forward(sid, policy, method, target_text, version, lines, reader, writer)
+
+    async def _forward(self, sid: str, policy: EgressPolicy, method: str, target_text: str, version: str,
+                       lines: list[str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
             if method == "CONNECT":
                 target = parse_authority(target_text, 443)
@@ -161,7 +166,6 @@ class EgressProxy:
                 await writer.drain()
                 first = await self._client_hello(sid, target, reader)
                 if first is None:
-                    upstream[1].close()
                     return
                 upstream[1].write(first)
             else:
@@ -182,13 +186,16 @@ class EgressProxy:
                 request = "\r\n".join([f"{method} {path} {version}", f"Host: {host}", *kept, "Connection: close",
                                         "", ""])
                 upstream[1].write(request.encode("latin-1"))
+            await _pipe(reader, writer, *upstream)
         except Refused as refused:
             if refused.status == 403:
                 self.denied(sid, refused.name, refused.reason, refused.port)
                 said = f"era: connection to {refused.name} refused by policy: {refused.reason}"
                 return await _answer(writer, 403, said, phrase=said[:400])  # the phrase is what errors show
             return await _answer(writer, refused.status, f"era: {refused.name}: {refused.reason}")
-        await _pipe(reader, writer, *upstream)
+        finally:
+            if upstream is not None:  # also when the client went away before the relay began
+                upstream[1].close()
 
     def denied(self, sid: str, name: str, reason: str, port: int) -> None:
         log.info("egress: session %s: connection to %s:%s refused by policy: %s", sid, name, port, reason,
