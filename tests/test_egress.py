@@ -256,3 +256,13 @@ while chunk := s.recv(65536):
 print(answer.split(b"\\r\\n\\r\\n", 1)[1].decode(), end="")
 """
     assert run(server, sid, code)["stdout"] == "hello from the test internet\nhost: files.example.org\n"
+
+
+def test_a_one_shot_run_with_a_policy_goes_through_the_proxy(server):
+    for url, ok in (("http://files.example.org/hello", True), ("http://evil.example.org/hello", False)):
+        result = server.json("POST", "/api/execute", {"code": fetch(url), "allowInternetAccess": POLICY,
+                                                      "timeout": 30})
+        if ok:
+            assert result["stdout"].startswith("hello from the test internet"), result
+        else:
+            assert result["exit_code"] != 0 and "refused by policy" in json.dumps(result), result

@@ -22,6 +22,8 @@ from .proxy import EgressProxy, dns_resolver, system_resolve
 
 log = logging.getLogger("era.egress")
 
+ONESHOT_PREFIX = "oneshot-"  # listeners of one-shot runs (/api/execute) are keyed by this, not a session id
+
 
 def proxy_env(port: int) -> dict[str, str]:
     """The kernel's variables that send HTTP(S) clients (pip, npm, curl, requests, urllib,
@@ -44,7 +46,7 @@ class EgressGate:
         self.servers: dict[str, tuple[asyncio.AbstractServer, Any]] = {}  # sid -> (listener, its kernel)
 
     def _denied(self, sid: str, name: str, port: int, reason: str) -> None:
-        if self._record_event is not None:
+        if self._record_event is not None and not sid.startswith(ONESHOT_PREFIX):  # a one-shot run has no log
             self._record_event(sid, {"type": "egress_denied", "reason": reason, "host": name, "port": port,
                                      "message": f"connection to {name} refused by policy: {reason}"})
 

@@ -109,14 +109,13 @@ class KernelLauncher:
         def look() -> bool:
             import docker
 
-            client = docker.from_env()
+            from ..provisioning.docker import shared_docker_client
+
             try:
-                client.networks.get(name)
+                shared_docker_client().networks.get(name)
                 return True
             except docker.errors.NotFound:
                 return False
-            finally:
-                client.close()
 
         try:
             found = await asyncio.to_thread(look)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .. import models
 from ..config import Settings
+from ..egress.gate import ONESHOT_PREFIX
 from ..errors import BadRequest, NotFound, SetupPending, TooLarge
 from ..kernel import EventSink, ExecOutcome, InputHandler, SessionKernel
 from ..languages import Language, get_language
@@ -188,7 +189,7 @@ class SessionRunner:
         warm = (self.pool.take((request.language, request.provisioner))
                 if not (request.allow_internet or request.isolation) else None)
         kernel: SessionKernel | None = None
-        egress_id = f"oneshot-{secrets.token_hex(6)}"  # its egress listener's key (no session to log to)
+        egress_id = f"{ONESHOT_PREFIX}{secrets.token_hex(6)}"  # its egress listener's key (no session to log to)
         if warm is not None:
             uid, ws, kernel, lease = warm.uid, self.files.workspace(warm.workdir), warm.kernel, warm.lease
         else:
