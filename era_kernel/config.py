@@ -50,6 +50,25 @@ def _size(value: str) -> int:
     return int(text)
 
 
+def _resolver(value: str) -> str:
+    """``ERA_EGRESS_RESOLVER``: empty, or a DNS server's address with an optional port."""
+    import ipaddress
+
+    text = value.strip()
+    if not text:
+        return ""
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or "53"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    ipaddress.ip_address(host)  # ValueError: not an address (a name would need a resolver of its own)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("the port must be 1 to 65535")
+    return text
+
+
 def _port(value: str) -> int:
     """A TCP port, or 0 for none."""
     number = int(value)
@@ -244,7 +263,7 @@ SETTINGS: tuple[Setting, ...] = (
             "session whose `allowInternetAccess` is a policy (127.0.0.1; the kernel's `HTTP_PROXY`/`HTTPS_PROXY`). "
             "Needs root, as the ports proxy does (README: Egress policy).", _port),
     Setting("ERA_EGRESS_RESOLVER", "", "Egress proxy: the DNS server (`host:port`, `[v6]:port`) it resolves names "
-            "with; empty: the host's resolver.", str),
+            "with; empty: the host's resolver.", _resolver),
     Setting("ERA_EGRESS_DOCKER_FALLBACK", "proxy", "Docker sessions with `allowInternetAccess: true` when "
             "ERA_DOCKER_EGRESS_NETWORK does not exist (an engine with no bridge): `proxy` (the egress proxy, "
             "allowing every public address) or `host` (host networking: see Known limits).",
