@@ -69,6 +69,14 @@ def _resolver(value: str) -> str:
     return text
 
 
+def _cidrs(value: str) -> str:
+    """``ERA_EGRESS_DENY``: checked at start (ValueError naming the bad entry)."""
+    from .egress.policy import operator_denied
+
+    operator_denied(value)
+    return value
+
+
 def _port(value: str) -> int:
     """A TCP port, or 0 for none."""
     number = int(value)
@@ -264,6 +272,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Needs root, as the ports proxy does (README: Egress policy).", _port),
     Setting("ERA_EGRESS_RESOLVER", "", "Egress proxy: the DNS server (`host:port`, `[v6]:port`) it resolves names "
             "with; empty: the host's resolver.", _resolver),
+    Setting("ERA_EGRESS_DENY", "", "Egress proxy: comma-separated CIDRs it refuses whatever a policy says, beside "
+            "the built-in ranges and the host's interface addresses (e.g. the public address the host is reached at "
+            "through NAT, or a neighbouring service's range).", _cidrs),
     Setting("ERA_EGRESS_DOCKER_FALLBACK", "proxy", "Docker sessions with `allowInternetAccess: true` when "
             "ERA_DOCKER_EGRESS_NETWORK does not exist (an engine with no bridge): `proxy` (the egress proxy, "
             "allowing every public address) or `host` (host networking: see Known limits).",

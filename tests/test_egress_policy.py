@@ -102,3 +102,23 @@ def test_the_sni_of_a_real_client_hello_is_read():
     assert record[0] == 0x16
     assert client_hello_sni(record[5:5 + int.from_bytes(record[3:5], "big")]) == "files.example.org"
     assert client_hello_sni(b"\x01\x00") is None
+
+
+def test_the_operators_ranges_are_refused_before_any_connection():
+    import asyncio
+
+    from era_kernel.config import Settings
+    from era_kernel.egress.policy import operator_denied
+    from era_kernel.egress.proxy import EgressProxy, Refused, Target
+
+    with pytest.raises(ValueError, match="'nope'"):
+        Settings.from_env({"ERA_EGRESS_DENY": "198.51.100.0/24, nope"})
+    denied = []
+
+    async def resolve(name, port):
+        return ["198.51.100.7"]
+
+    proxy = EgressProxy(resolve, lambda *a: denied.append(a), operator_denied("198.51.100.0/24"))
+    with pytest.raises(Refused) as err:
+        asyncio.run(proxy.open("s", EgressPolicy.allow_all(), Target("x.example.org", 443, False)))
+    assert err.value.status == 403 and "ERA_EGRESS_DENY" in err.value.reason

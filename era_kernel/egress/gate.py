@@ -17,7 +17,7 @@ import logging
 from typing import Any, Callable
 
 from ..ports import netns
-from .policy import EgressPolicy
+from .policy import EgressPolicy, operator_denied
 from .proxy import EgressProxy, dns_resolver, system_resolve
 
 log = logging.getLogger("era.egress")
@@ -39,9 +39,10 @@ def proxy_env(port: int) -> dict[str, str]:
 
 class EgressGate:
     def __init__(self, port: int, resolver: str | None = None,
-                 record_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 record_event: Callable[[str, dict[str, Any]], None] | None = None, denied: str = "") -> None:
         self.port = port
-        self.proxy = EgressProxy(dns_resolver(resolver) if resolver else system_resolve, self._denied)
+        self.proxy = EgressProxy(dns_resolver(resolver) if resolver else system_resolve, self._denied,
+                                 operator_denied(denied))
         self._record_event = record_event
         self.servers: dict[str, tuple[asyncio.AbstractServer, Any]] = {}  # sid -> (listener, its kernel)
 

@@ -122,14 +122,29 @@ def host_addresses() -> frozenset[Address]:
     return _host_own[1]
 
 
-def always_denied(address: Address, own: Iterable[Address] = ()) -> str | None:
-    """Why ``address`` is never reached (None: it may be, if the policy allows it)."""
+def operator_denied(text: str) -> tuple[Network, ...]:
+    """``ERA_EGRESS_DENY``: comma-separated CIDRs (ValueError naming a bad one)."""
+    nets = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"ERA_EGRESS_DENY: {entry!r} is not a CIDR") from None
+    return tuple(nets)
+
+
+def always_denied(address: Address, own: Iterable[Address] = (), extra: Iterable[Network] = ()) -> str | None:
+    """Why ``address`` is never reached (None: it may be, if the policy allows it):
+    the built-in ranges, the host's own addresses (``own``), the operator's (``extra``)."""
     address = unmapped(address)
     for net, why in ALWAYS_DENIED:
         if address.version == net.version and address in net:
             return f"{address} is {why}, always denied"
     if address in own:
         return f"{address} is an address of the server's host, always denied"
+    for net in extra:
+        if address.version == net.version and address in net:
+            return f"{address} is in {net}, denied by the server (ERA_EGRESS_DENY)"
     return None
 
 
@@ -156,11 +171,12 @@ class EgressPolicy:
             return None  # an allowed name, or one whose addresses may be in an allowed range
         return f"{name} is not in the allow list"
 
-    def check_address(self, address: Address, name: str | None, own: Iterable[Address] = ()) -> str | None:
+    def check_address(self, address: Address, name: str | None, own: Iterable[Address] = (),
+                      extra: Iterable[Network] = ()) -> str | None:
         """Why connecting to ``address`` (which ``name`` resolved to; None: the address was
         given literally) is refused, or None when it is allowed."""
         address = unmapped(address)
-        why = always_denied(address, own)
+        why = always_denied(address, own, extra)
         if why:
             return why
         for net in self.deny_nets:

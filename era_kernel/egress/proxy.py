@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from .policy import EgressPolicy, cached_host_addresses, host_addresses, host_pattern
+from .policy import EgressPolicy, Network, cached_host_addresses, host_addresses, host_pattern
 
 log = logging.getLogger("era.egress")
 
@@ -116,9 +116,11 @@ def parse_authority(text: str, default_port: int) -> Target:
 
 
 class EgressProxy:
-    def __init__(self, resolve: Resolve = system_resolve, on_denied: OnDenied | None = None) -> None:
+    def __init__(self, resolve: Resolve = system_resolve, on_denied: OnDenied | None = None,
+                 denied: tuple[Network, ...] = ()) -> None:
         self.resolve = resolve
         self.on_denied = on_denied
+        self.denied_nets = denied  # ERA_EGRESS_DENY
         self.open_connections: dict[str, int] = {}
 
     def serve(self, session_id: str, policy: EgressPolicy) -> Callable:
@@ -223,7 +225,7 @@ class EgressProxy:
         checked = []
         for text in addresses:
             address = ipaddress.ip_address(text.split("%", 1)[0])
-            why = policy.check_address(address, None if target.literal else target.name, own)
+            why = policy.check_address(address, None if target.literal else target.name, own, self.denied_nets)
             if why:  # one refused address refuses the name: which one a connection gets is not ours to pick
                 raise Refused(403, target.name, why, target.port)
             checked.append(str(address))

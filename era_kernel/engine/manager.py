@@ -101,7 +101,8 @@ class SessionManager:
         self.launcher.session_env = self.commands.session_env = self.storage.session_env
         # The egress proxy: the only way out of sessions with an egress policy (egress/).
         self.egress = self.launcher.egress = EgressGate(self.settings["ERA_EGRESS_PORT"],
-                                                        self.settings["ERA_EGRESS_RESOLVER"], self.session_log.note)
+                                                        self.settings["ERA_EGRESS_RESOLVER"], self.session_log.note,
+                                                        self.settings["ERA_EGRESS_DENY"])
         self.events.watch(lambda ev: isinstance(ev, (*KERNEL_GONE, SessionDeleted)) and self.egress.detach(
             ev.session_id, keep=self.table.kernel(ev.session_id)))
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
