@@ -50,6 +50,33 @@ def _size(value: str) -> int:
     return int(text)
 
 
+def _resolver(value: str) -> str:
+    """``ERA_EGRESS_RESOLVER``: empty, or a DNS server's address with an optional port."""
+    import ipaddress
+
+    text = value.strip()
+    if not text:
+        return ""
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or "53"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    ipaddress.ip_address(host)  # ValueError: not an address (a name would need a resolver of its own)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("the port must be 1 to 65535")
+    return text
+
+
+def _cidrs(value: str) -> str:
+    """``ERA_EGRESS_DENY``: checked at start (ValueError naming the bad entry)."""
+    from .egress.policy import operator_denied
+
+    operator_denied(value)
+    return value
+
+
 def _port(value: str) -> int:
     """A TCP port, or 0 for none."""
     number = int(value)
@@ -239,7 +266,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DOCKER_CPUS", 1.0, "CPUs of a Docker kernel.", float),
     Setting("ERA_DOCKER_PIDS", 256, "Process (and thread) limit of a Docker kernel.", int),
     Setting("ERA_DOCKER_EGRESS_NETWORK", "era-egress", "Docker network for sessions with internet access; "
-            "without it, host networking (see Known limits)."),
+            "without it, the egress proxy (ERA_EGRESS_DOCKER_FALLBACK)."),
+    Setting("ERA_EGRESS_PORT", 3128, "Egress proxy: the port of its listener inside the sandbox network of each "
+            "session whose `allowInternetAccess` is a policy (127.0.0.1; the kernel's `HTTP_PROXY`/`HTTPS_PROXY`). "
+            "Needs root, as the ports proxy does (README: Egress policy).", _port),
+    Setting("ERA_EGRESS_RESOLVER", "", "Egress proxy: the DNS server (`host:port`, `[v6]:port`) it resolves names "
+            "with; empty: the host's resolver.", _resolver),
+    Setting("ERA_EGRESS_DENY", "", "Egress proxy: comma-separated CIDRs it refuses whatever a policy says, beside "
+            "the built-in ranges and the host's interface addresses (e.g. the public address the host is reached at "
+            "through NAT, or a neighbouring service's range).", _cidrs),
+    Setting("ERA_EGRESS_DOCKER_FALLBACK", "proxy", "Docker sessions with `allowInternetAccess: true` when "
+            "ERA_DOCKER_EGRESS_NETWORK does not exist (an engine with no bridge): `proxy` (the egress proxy, "
+            "allowing every public address) or `host` (host networking: see Known limits).",
+            lambda v: v if v in ("proxy", "host") else (_ for _ in ()).throw(ValueError("must be proxy or host"))),
     Setting("ERA_STORAGE_PORT", 80, "Storage proxy: the port of the listener the server opens inside each "
             "session's sandbox network (127.0.0.1; ERA's SDK default `http://localhost`), serving the storage routes "
             "for that session only; 0: none. Needs root, as the ports proxy does.", _port),

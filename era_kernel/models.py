@@ -6,10 +6,12 @@ tests get the same errors), and the server builds ``/api/openapi.json`` from the
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WithJsonSchema,
+                      field_validator)
 
+from .egress.policy import parse_policy
 from .errors import BadRequest
 from .languages import LANGUAGES as _LANGUAGES
 # The API's rules, in one place (some re-exported).
@@ -83,6 +85,27 @@ class Limits(_Strict):
         return float(v) if v is not None else v
 
 
+_ENTRIES = {"type": "array", "maxItems": 256, "items": {"type": "string"}}
+EGRESS_POLICY_SCHEMA = {
+    "type": "object", "title": "EgressPolicy", "additionalProperties": False, "required": ["allow"],
+    "description": "Where the session's code may connect out, through the egress proxy (README: Egress policy). "
+                   "Entries: host patterns (`example.org`, `*.example.org`, `*`) and CIDRs (`203.0.113.0/24`). "
+                   "Loopback, private, link-local and the host's own addresses are always denied; allowing one of "
+                   "those ranges is a 400.",
+    "properties": {"allow": {**_ENTRIES, "minItems": 1, "description": "names and ranges that may be reached"},
+                   "deny": {**_ENTRIES, "description": "names and ranges refused even when allowed"}}}
+EgressPolicyDoc = Annotated[dict[str, Any], WithJsonSchema(EGRESS_POLICY_SCHEMA)]
+InternetAccess = Optional[Union[bool, EgressPolicyDoc]]
+
+
+def internet_access(value: Any) -> Any:
+    """``allowInternetAccess``: a boolean, or an egress policy checked now (each bad entry
+    named; a range that is always denied refused) and kept as given."""
+    if isinstance(value, dict):
+        return parse_policy(value).source
+    return value
+
+
 class CreateSession(_Strict):
     id: Optional[str] = Field(None, validation_alias=AliasChoices("id", "session_id"),
                               description="custom id; auto `sess_<ms>_<random>` when absent")
@@ -92,8 +115,10 @@ class CreateSession(_Strict):
     data: dict[str, Any] = Field(default_factory=dict, description="reaches the code as .session_data.json")
     setup: Optional[SetupSpec] = None
     default_timeout: Optional[float] = Field(None, description="seconds, > 0")
-    allowInternetAccess: Optional[bool] = Field(None, description="outbound network for the session's code "
-                                                "(default `ERA_ALLOW_INTERNET_DEFAULT`, off)")
+    allowInternetAccess: InternetAccess = Field(None, description="outbound network for the session's code "
+                                                "(default `ERA_ALLOW_INTERNET_DEFAULT`, off): `true`, `false`, or "
+                                                "an egress policy `{\"allow\": [...], \"deny\": [...]}` of host "
+                                                "patterns and CIDRs (README: Egress policy)")
     allowPublicAccess: Optional[bool] = Field(None, description="`/proxy/{id}/...` answers without the API key "
                                               "(default `ERA_ALLOW_PUBLIC_DEFAULT`, off)")
     typecheck: bool = Field(False, description="typescript: type-check each cell and refuse it on a type error "
@@ -109,6 +134,7 @@ class CreateSession(_Strict):
                                      "(default `ERA_SESSION_MAX_AGE`; absent = never)")
 
     _check_id = field_validator("id")(lambda v: None if v is None else check_session_id(v))
+    _check_internet = field_validator("allowInternetAccess", mode="before")(lambda v: internet_access(v))
     _check_lang = field_validator("language", mode="before")(normalize_language)
     _check_env = field_validator("env")(check_env)
 
@@ -122,10 +148,12 @@ class PatchSession(_Strict):
     metadata: Optional[dict[str, Any]] = None
     data: Optional[dict[str, Any]] = None
     default_timeout: Optional[float] = None
-    allowInternetAccess: Optional[bool] = None
+    allowInternetAccess: InternetAccess = None
     allowPublicAccess: Optional[bool] = None
     typecheck: Optional[bool] = None
     env: Optional[dict[str, str]] = None
+
+    _check_internet = field_validator("allowInternetAccess", mode="before")(lambda v: internet_access(v))
 
     @field_validator("default_timeout", mode="before")
     @classmethod
@@ -170,7 +198,9 @@ class ExecuteRequest(RunRequest):
     files: dict[str, str] = Field(default_factory=dict, description="path -> text content written before the run")
     provisioner: Optional[Literal["local", "docker"]] = None
     isolation: Optional[Literal["runc", "gvisor"]] = Field(None, description="Docker runs: `gvisor` for gVisor")
-    allowInternetAccess: Optional[bool] = None
+    allowInternetAccess: InternetAccess = None
+
+    _check_internet = field_validator("allowInternetAccess", mode="before")(lambda v: internet_access(v))
 
     _check_lang = field_validator("language", mode="before")(normalize_language)
 

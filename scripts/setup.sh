@@ -18,6 +18,9 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
     command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    # The egress tests build their "internet" in a network namespace with a self-signed certificate.
+    if [ "${1:-}" = "--test" ] && ! command -v ip >/dev/null 2>&1; then missing+=(iproute2); fi
+    if [ "${1:-}" = "--test" ] && ! command -v openssl >/dev/null 2>&1; then missing+=(openssl); fi
     # The PostgreSQL store's tests start a throwaway cluster (tests/support/postgres.py).
     if [ "${1:-}" = "--test" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
         missing+=(postgresql)

@@ -7,9 +7,9 @@ them. Imported by ``openapi`` only, never on the request path.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
-from era_kernel.models import ErrorInfo, RunResult
+from era_kernel.models import EgressPolicyDoc, ErrorInfo, RunResult
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from .storage_schemas import (D1Body, D1Exec, D1Query, KvList, KvPut, KvValue, R2List, R2Object, R2Put,  # noqa: F401
@@ -98,7 +98,8 @@ class SessionDocument(_Open):
     metadata: dict[str, Any]
     data: dict[str, Any]
     default_timeout: float
-    allowInternetAccess: bool
+    allowInternetAccess: Union[bool, EgressPolicyDoc] = Field(description="`true`, `false`, or the session's egress "
+                                                              "policy")
     allowPublicAccess: bool = Field(description="`/proxy/{id}/...` answers without the API key")
     typecheck: bool = Field(description="typescript sessions: cells are type-checked")
     isolation: Optional[Literal["runc", "gvisor"]] = Field(None, description="Docker sessions: the kernel's runtime "

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import sdk
 from ..config import Settings
+from ..egress.gate import EgressGate, proxy_env
+from ..egress.policy import EgressPolicy, session_policy
 from ..errors import KernelFailed
 from ..kernel import SessionKernel
 from ..kernelspecs import EraKernelSpecManager
@@ -69,6 +71,78 @@ class KernelLauncher:
         self._pool_uids: list[int] = []
         # Variables a session's kernel gets for its id (its storage token: set by the manager).
         self.session_env: Callable[[str], dict[str, str]] = lambda session_id: {}
+        # The egress proxy's listeners in sandboxes (egress/gate.py; set by the manager).
+        self.egress: EgressGate | None = None
+        self._docker_networks: dict[str, tuple[float, bool]] = {}
+
+    # ---- network -----------------------------------------------------------------------------
+    async def egress_policy(self, request: KernelRequest) -> EgressPolicy | None:
+        """The policy the egress proxy enforces for this kernel; None when its network is
+        none at all or the provisioner's own (``allowInternetAccess: true`` locally, or
+        on a Docker engine that has the egress network). A Docker engine without that
+        network (no bridge, as in CI) gets the proxy with an allow-all policy instead of
+        host networking, unless ERA_EGRESS_DOCKER_FALLBACK says ``host``."""
+        if isinstance(request.allow_internet, dict):
+            return session_policy(request.allow_internet)
+        if (request.allow_internet is True and request.provisioner == "docker"
+                and self.settings["ERA_EGRESS_DOCKER_FALLBACK"] == "proxy"
+                and not await self._docker_network_exists(self.settings["ERA_DOCKER_EGRESS_NETWORK"])):
+            return EgressPolicy.allow_all()
+        return None
+
+    def _gvisor_egress(self, policy: EgressPolicy | None) -> dict[str, Any]:
+        """gVisor with the proxy: network ``none`` still, but the runtime that passes
+        sockets through to the container's namespace, where the proxy's listener is (the
+        bare one's own network stack has a loopback of its own that no listener reaches)."""
+        if policy is None:
+            return {}
+        networked = self.settings["ERA_DOCKER_GVISOR_NET_RUNTIME"]
+        return {"gvisor_runtimes": (networked, networked)}
+
+    async def _docker_network_exists(self, name: str) -> bool:
+        at, found = self._docker_networks.get(name, (0.0, False))
+        if time.monotonic() - at < 30.0:
+            return found
+        if not name:
+            return False
+
+        def look() -> bool:
+            import docker
+
+            from ..provisioning.docker import shared_docker_client
+
+            try:
+                shared_docker_client().networks.get(name)
+                return True
+            except docker.errors.NotFound:
+                return False
+
+        try:
+            found = await asyncio.to_thread(look)
+        except Exception as exc:  # the engine unreachable: the kernel's start reports that itself
+            log.info("cannot look up Docker network %r: %s", name, exc)
+            return False
+        self._docker_networks[name] = (time.monotonic(), found)
+        return found
+
+    async def attach_egress(self, sid: str, kernel: SessionKernel) -> None:
+        """Open the proxy's listener in the started kernel's sandbox, before any run can use it."""
+        policy = getattr(kernel, "egress_policy", None)
+        if policy is None:
+            return
+        if self.egress is None:
+            raise KernelFailed("this session's network goes through the egress proxy, which this engine lacks")
+        from ..ports import netns
+        from ..ports.service import _sandbox_pid
+
+        path = f"/proc/{await _sandbox_pid(kernel)}/ns/net"
+        try:
+            if await asyncio.to_thread(netns.same_namespace_as_ours, path):
+                raise KernelFailed("the kernel's sandbox shares the server's network: the egress policy cannot "
+                                   "be enforced")
+            await self.egress.attach(sid, path, policy, kernel)
+        except OSError as exc:
+            raise KernelFailed(f"cannot open the egress proxy in the session's sandbox: {exc}") from None
 
     # ---- building --------------------------------------------------------------------------
     def startup_cells(self, request: KernelRequest, workspace: Path) -> list[str]:
@@ -99,18 +173,23 @@ class KernelLauncher:
         extras = await self.setups.launch_extras(request.language, request.provisioner, request.setup)
         if labels is None:
             labels = {"era.session": request.session_id} if request.session_id else {}
+        policy = await self.egress_policy(request)
         # In the process environment, not a startup cell: the kernel reads it when it starts.
-        env = {**sdk_env(extras["env"]), **({"ERA_TYPECHECK": "1"} if request.typecheck else {})}
+        env = {**sdk_env(extras["env"]), **({"ERA_TYPECHECK": "1"} if request.typecheck else {}),
+               **(proxy_env(self.settings["ERA_EGRESS_PORT"]) if policy is not None else {})}
         launch = LaunchOptions.from_settings(
-            self.settings, request.provisioner, workspace, uid=uid, allow_network=request.allow_internet, env=env,
+            self.settings, request.provisioner, workspace, uid=uid,
+            allow_network=request.allow_internet is True and policy is None, env=env,
             labels=labels, readonly=(*extras["readonly"], *SDK_DIRS), **self.own_limits(request.limits),
-            isolation=request.isolation or "runc",
+            isolation=request.isolation or "runc", **self._gvisor_egress(policy),
             tmp_dir=self.files.tmp_path(workspace))  # the directory's /tmp, which outlives the kernel
         startup = extras["startup"] + self.startup_cells(request, workspace) if cells else []
-        return SessionKernel(self.spec_manager, language.kernelspec_name(request.provisioner), launch, startup,
-                             start_timeout=self.settings["ERA_KERNEL_START_TIMEOUT"],
-                             max_message=max(self.settings["ERA_KERNEL_MESSAGE_LIMIT"],
-                                             2 * self.settings["ERA_OUTPUT_LIMIT"]))
+        kernel = SessionKernel(self.spec_manager, language.kernelspec_name(request.provisioner), launch, startup,
+                               start_timeout=self.settings["ERA_KERNEL_START_TIMEOUT"],
+                               max_message=max(self.settings["ERA_KERNEL_MESSAGE_LIMIT"],
+                                               2 * self.settings["ERA_OUTPUT_LIMIT"]))
+        kernel.egress_policy = policy  # attach_egress opens its listener once the sandbox exists
+        return kernel
 
     # ---- commands in a session's sandbox ---------------------------------------------------
     async def run_command(self, record: SessionRecord, argv: list[str], *, timeout: float,
@@ -131,7 +210,8 @@ class KernelLauncher:
         extras = await self.setups.launch_extras(record.language, record.provisioner, record.setup)
         options = LaunchOptions.from_settings(
             self.settings, record.provisioner, workspace, uid=uid,
-            allow_network=record.allow_internet if allow_network is None else allow_network,
+            # A policy session's commands get no network: only its kernel has the proxy.
+            allow_network=record.allow_internet is True if allow_network is None else allow_network,
             env={"ERA_SESSION": "true", "ERA_SESSION_ID": record.id, "ERA_LANGUAGE": record.language,
                  **sdk_env(extras["env"]), **self.session_env(record.id), **record.env, **(env or {})},
             labels={"era.session": record.id}, readonly=(*extras["readonly"], *SDK_DIRS),
@@ -219,6 +299,7 @@ class KernelLauncher:
             self.events.emit(sid, {"type": "status", "state": "starting"})
             began = time.monotonic()
             await kernel.start()
+            await self.attach_egress(sid, kernel)
         except BaseException as exc:
             await self.table.start_failed(sid, lease)
             if isinstance(exc, KernelFailed):

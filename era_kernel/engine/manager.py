@@ -33,6 +33,7 @@ from ..storage import Storage
 from ..store.base import SessionExists, store_for_url
 from ..commands.history import ProcessHistory
 from ..commands.service import CommandService
+from ..egress.gate import EgressGate
 from ..ports.service import PortService
 from .callbacks import CallbackSender
 from .events import KERNEL_GONE, EngineEvents, KernelStopped, LifecycleEvent, RunEvent, SessionDeleted, SetupFinished
@@ -98,6 +99,12 @@ class SessionManager:
         self.ports = PortService(record=self._record, kernel=self.jupyter_kernel, run=self.run,
                                  touch=lambda sid: self.jupyter_activity(sid, touch=True))
         self.launcher.session_env = self.commands.session_env = self.storage.session_env
+        # The egress proxy: the only way out of sessions with an egress policy (egress/).
+        self.egress = self.launcher.egress = EgressGate(self.settings["ERA_EGRESS_PORT"],
+                                                        self.settings["ERA_EGRESS_RESOLVER"], self.session_log.note,
+                                                        self.settings["ERA_EGRESS_DENY"])
+        self.events.watch(lambda ev: isinstance(ev, (*KERNEL_GONE, SessionDeleted)) and self.egress.detach(
+            ev.session_id, keep=self.table.kernel(ev.session_id)))
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
         self._opened = False
         self._serving = False
@@ -154,6 +161,7 @@ class SessionManager:
         await self.session_log.settle()
         await self.commands.history.settle()
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
+        self.egress.close_all()
         await self.storage.close()
         if self._opened:
             await self.store.close()

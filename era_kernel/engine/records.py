@@ -42,7 +42,7 @@ class KernelRequest:
 
     language: str
     provisioner: str
-    allow_internet: bool = False
+    allow_internet: bool | dict[str, Any] = False  # a dict: an egress policy (egress/policy.py)
     env: dict[str, str] = field(default_factory=dict)
     startup: str | None = None
     setup: dict[str, Any] | None = None
@@ -74,7 +74,7 @@ class SessionRecord:
     setup_status: str | None = None  # pending | running | completed | failed
     setup_result: dict[str, Any] | None = None
     default_timeout: float = 30.0
-    allow_internet: bool = False
+    allow_internet: bool | dict[str, Any] = False  # a dict: an egress policy (egress/policy.py)
     allow_public: bool = False  # /proxy/{id}/... needs no API key (ERA's allowPublicAccess)
     typecheck: bool = False
     limits: dict[str, Any] | None = None

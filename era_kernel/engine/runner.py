@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .. import models
 from ..config import Settings
+from ..egress.gate import ONESHOT_PREFIX
 from ..errors import BadRequest, NotFound, SetupPending, TooLarge
 from ..kernel import EventSink, ExecOutcome, InputHandler, SessionKernel
 from ..languages import Language, get_language
@@ -182,11 +183,13 @@ class SessionRunner:
         allow_internet = (self.settings["ERA_ALLOW_INTERNET_DEFAULT"] if req.allowInternetAccess is None
                           else req.allowInternetAccess)
         provisioner = req.provisioner or self.settings["ERA_PROVISIONER"]
-        request = KernelRequest(req.language, provisioner, bool(allow_internet),
+        request = KernelRequest(req.language, provisioner,
+                                allow_internet if isinstance(allow_internet, dict) else bool(allow_internet),
                                 isolation=check_isolation(req.isolation, provisioner))
         warm = (self.pool.take((request.language, request.provisioner))
                 if not (request.allow_internet or request.isolation) else None)
         kernel: SessionKernel | None = None
+        egress_id = f"{ONESHOT_PREFIX}{secrets.token_hex(6)}"  # its egress listener's key (no session to log to)
         if warm is not None:
             uid, ws, kernel, lease = warm.uid, self.files.workspace(warm.workdir), warm.kernel, warm.lease
         else:
@@ -205,6 +208,7 @@ class SessionRunner:
             else:
                 kernel = await self.launcher.new_kernel(request, ws.root, uid)
                 await kernel.start()
+                await self.launcher.attach_egress(egress_id, kernel)
             run_id = new_run_id()
             emit: EventSink | None = (lambda ev: on_event(dict(ev, run_id=run_id))) if on_event else None
             timeout = req.timeout or self.settings["ERA_DEFAULT_TIMEOUT"]
@@ -217,6 +221,8 @@ class SessionRunner:
                 emit(done_event(result))
             return result
         finally:  # the answer does not wait for the kernel's shutdown; shutdown() does
+            if self.launcher.egress is not None:
+                self.launcher.egress.detach(egress_id)
             self.in_background(_discard_oneshot(kernel, ws.root, self.files, lease))
 
     # ---- background work -------------------------------------------------------------------

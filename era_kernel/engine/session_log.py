@@ -124,6 +124,12 @@ class SessionLog:
         self._writes.add(written)
         written.add_done_callback(self._written)
 
+    def note(self, session_id: str, entry: dict[str, Any]) -> None:
+        """A session event that is no lifecycle event (an egress denial: ``egress/gate.py``)."""
+        written = asyncio.ensure_future(self.store.add_session_event(session_id, {**entry, "at": utc_now()}))
+        self._writes.add(written)
+        written.add_done_callback(self._written)
+
     def _written(self, future: asyncio.Future) -> None:
         self._writes.discard(future)
         if not future.cancelled() and future.exception() is not None:

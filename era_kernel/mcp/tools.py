@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..models import EGRESS_POLICY_SCHEMA
+
 ONE_SHOT = ("Runs in a fresh sandbox that is discarded afterwards: nothing (variables, files, installed packages) "
             "survives the call. To keep state across calls, use era_create_session and era_run_in_session instead.")
 LANGUAGES = ["python", "node", "typescript", "go", "deno", "bash"]
 
 TIMEOUT = {"type": "number", "description": "Execution timeout in seconds (default: 30). On timeout the run is "
                                             "interrupted and the result says so."}
-INTERNET = {"type": "boolean", "description": "Allow internet access (default: the server's setting, off unless "
-                                              "its operator allows it)"}
+INTERNET = {"anyOf": [{"type": "boolean"}, EGRESS_POLICY_SCHEMA],
+            "description": "Allow internet access: true, false, or an egress policy {allow: [...], deny: [...]} of "
+                           "host patterns and CIDRs (default: the server's setting, off unless its operator allows "
+                           "it)"}
 SESSION_ID = {"type": "string", "description": "Session ID from era_create_session"}
 
 

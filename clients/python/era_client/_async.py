@@ -66,7 +66,7 @@ class AsyncSessions:
 
     async def create(self, language: str = "python", *, id: str | None = None, persistent: bool | None = None,
                      metadata: dict[str, Any] | None = None, data: Any = None, setup: dict[str, Any] | None = None,
-                     default_timeout: float | None = None, allow_internet_access: bool | None = None,
+                     default_timeout: float | None = None, allow_internet_access: bool | dict[str, Any] | None = None,
                      env: dict[str, str] | None = None, delete_on_exit: bool = True, **extra: Any) -> "AsyncSession":
         body = c.create_body(language, id, persistent, metadata, data, setup, default_timeout,
                              allow_internet_access, env, extra)

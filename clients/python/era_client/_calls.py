@@ -29,7 +29,7 @@ def read_timeout(timeout: float | None, default: float) -> float:
 
 
 def create_body(language: str, id: str | None, persistent: bool | None, metadata: Any, data: Any, setup: Any,
-                default_timeout: float | None, allow_internet_access: bool | None, env: Any,
+                default_timeout: float | None, allow_internet_access: bool | dict[str, Any] | None, env: Any,
                 extra: dict[str, Any]) -> dict[str, Any]:
     return compact(language=language, id=id, persistent=persistent, metadata=metadata, data=data, setup=setup,
                    default_timeout=default_timeout, allowInternetAccess=allow_internet_access, env=env, **extra)

@@ -64,7 +64,7 @@ class Sessions:
 
     def create(self, language: str = "python", *, id: str | None = None, persistent: bool | None = None,
                metadata: dict[str, Any] | None = None, data: Any = None, setup: dict[str, Any] | None = None,
-               default_timeout: float | None = None, allow_internet_access: bool | None = None,
+               default_timeout: float | None = None, allow_internet_access: bool | dict[str, Any] | None = None,
                env: dict[str, str] | None = None, delete_on_exit: bool = True, **extra: Any) -> "Session":
         """A new session. Used as a context manager it is deleted on exit unless
         ``delete_on_exit=False``."""
