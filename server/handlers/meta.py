@@ -19,7 +19,7 @@ log = logging.getLogger("era.server")
 # with the last one computed (or none yet). The detail needs worker threads (a process
 # table scan, a store count), and during a burst of kernel starts every thread is busy
 # launching: waiting for one made /health take seconds (docs/security.md case 2).
-HEALTH_DETAIL_WAIT = 0.2
+HEALTH_DETAIL_WAIT = 0.5
 HEALTH_DETAIL_TIMEOUT = 10.0  # a computation still running past this is given up (logged)
 _health_details: "weakref.WeakKeyDictionary[Services, asyncio.Future]" = weakref.WeakKeyDictionary()
 _last_details: "weakref.WeakKeyDictionary[Services, dict[str, Any]]" = weakref.WeakKeyDictionary()
