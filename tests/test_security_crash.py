@@ -23,7 +23,7 @@ from era_kernel.provisioning.owner import start_time
 from era_kernel.workspaces.loopfs import mounts_under
 from tests.conftest import require_docker
 from tests.support.era_server import ServerProcess
-from tests.test_security_load import cgroup_dirs, kernel_groups
+from tests.support.kernel_cgroups import cgroup_dirs, kernel_groups
 
 LIVE = 20
 DOCKER_RUNNING = 2  # plus one container in `created`: 3 of the 20 on Docker
