@@ -1,8 +1,10 @@
-"""docs/security.md case 10 on a real server: SIGKILLed with 20 live kernels (local ones,
-Docker ones, and a Docker container caught in ``created``), then started again on the
-same data directory. Nothing of the first life is left (kernel processes, containers in
-any state, cgroups, IPC directories, stacked mounts) and every session is listed with
-its data, files and history, and runs.
+"""docs/security.md cases 10 and 7 on real servers.
+
+Case 10: a server SIGKILLed with 20 live kernels (local ones, Docker ones, and a Docker
+container caught in ``created``), then started again on the same data directory.
+Nothing of the first life is left (kernel processes, containers in any state, cgroups,
+IPC directories, stacked mounts) and every session is listed with its data, files and
+history, and runs. Case 7: a kernel SIGKILLed from the host in the middle of a run.
 """
 
 from __future__ import annotations
@@ -176,3 +178,61 @@ async def test_sigkill_with_twenty_live_kernels_then_restart_leaves_nothing_and_
         if client:
             for item in containers_of(client, owner) if "owner" in locals() else []:
                 client.api.remove_container(item["Id"], force=True)
+
+
+def processes_in_group(server_pid: int, group: str) -> list[int]:
+    """Every process in one kernel cgroup of the server (a name from ``kernel_groups``)."""
+    marker = f"/era/{server_pid}.{group}"
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker in Path(f"/proc/{entry}/cgroup").read_text():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_a_kernel_killed_from_the_host_mid_run_is_reported_and_replaced():
+    """docs/security.md case 7 with the kill coming from outside: every process of the
+    session's kernel is SIGKILLed from the host while a run sleeps in it. The caller gets
+    KernelDied within the liveness interval, the next run gets a fresh kernel, and another
+    session keeps its state."""
+    if os.getuid() != 0:
+        pytest.skip("finding a kernel's processes from the host uses its cgroup (root)")
+    server = ServerProcess(env={"ERA_POOL_SIZE": "0", **FORK}).start()
+    try:
+        server.json("POST", "/api/sessions", {"id": "victim"}, expect=201)
+        assert server.json("POST", "/api/sessions/victim/run", {"code": "y = 1"})["exit_code"] == 0
+        (group,) = kernel_groups(server.proc.pid)
+        server.json("POST", "/api/sessions", {"id": "bystander"}, expect=201)
+        assert server.json("POST", "/api/sessions/bystander/run", {"code": "kept = 7"})["exit_code"] == 0
+        answer: dict = {}
+
+        def long_run() -> None:
+            answer["doc"] = server.json("POST", "/api/sessions/victim/run",
+                                        {"code": "import time\ntime.sleep(60)", "timeout": 120}, timeout=90)
+            answer["at"] = time.monotonic()
+
+        thread = threading.Thread(target=long_run)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while server.json("GET", "/api/sessions/victim")["kernel"]["state"] != "busy":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        victims = processes_in_group(server.proc.pid, group)
+        assert victims
+        killed_at = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        thread.join(60)
+        assert answer, "the run never answered"
+        assert answer["at"] - killed_at < 5, f"answered {answer['at'] - killed_at:.1f} s after the kill"
+        assert answer["doc"]["error"]["ename"] == "KernelDied", answer["doc"]
+        again = server.json("POST", "/api/sessions/victim/run", {"code": "print('y' in dir())"})
+        assert again["stdout"] == "False\n", again  # a fresh kernel
+        assert server.json("POST", "/api/sessions/bystander/run", {"code": "print(kept)"})["stdout"] == "7\n"
+        assert server.json("GET", "/health")["status"] == "ok"
+    finally:
+        server.cleanup()
