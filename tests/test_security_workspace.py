@@ -1,11 +1,13 @@
-"""docs/security.md cases 11 and 12 end to end, on one real server: kernel code fills its
-own workspace (ENOSPC inside the session, everyone else unaffected, the session recovers
-once the file is gone), and a session whose workspace is ``abc`` cannot reach its
-sibling ``abcd`` through any file route (``../abcd``, encoded forms, links its code made).
+"""docs/security.md cases 11, 12 and 21 end to end, on one real server: kernel code fills
+its own workspace (ENOSPC inside the session, everyone else unaffected, the session
+recovers once the file is gone); a session whose workspace is ``abc`` cannot reach its
+sibling ``abcd`` through any file route (``../abcd``, encoded forms, links its code
+made); and one session's code cannot signal another's processes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from urllib.parse import quote
@@ -170,3 +172,60 @@ print(os.path.exists('../abcd'), os.path.exists({str(abcd_dir)!r}), os.path.exis
     finally:
         for sid in ("abc", "abcd"):
             server.request("DELETE", f"/api/sessions/{sid}")
+
+
+# ---- case 21: another session's processes cannot be signalled -----------------------------
+def test_a_session_cannot_signal_another_sessions_processes(server):
+    """Session A's code tries SIGKILL on every process of B's kernel, by the host pids
+    (found by B's kernel cgroup) and by the small pids a sandbox sees: each one fails,
+    and B keeps its state."""
+    if os.getuid() != 0:
+        pytest.skip("finding a kernel's processes from the host uses its cgroup (root)")
+    from tests.support.kernel_cgroups import kernel_groups
+
+    try:
+        server.json("POST", "/api/sessions", {"id": "sig-a"}, expect=201)
+        assert run(server, "sig-a", "1")["exit_code"] == 0
+        before = kernel_groups(server.proc.pid)
+        server.json("POST", "/api/sessions", {"id": "sig-b"}, expect=201)
+        assert run(server, "sig-b", "kept = 7")["exit_code"] == 0
+        (group,) = kernel_groups(server.proc.pid) - before
+        marker = f"/era/{server.proc.pid}.{group}"
+        b_pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and _in_cgroup(e, marker)]
+        assert b_pids
+        attempt = run(server, "sig-a", f"""
+import errno, json, os, signal
+results = {{}}
+for pid in {b_pids!r} + list(range(1, 64)):
+    if os.path.exists(f'/proc/{{pid}}'):
+        continue  # a process or thread of A's own sandbox (its pid namespace): not B's
+    try:
+        os.kill(pid, signal.SIGKILL)
+        results[pid] = 'killed'
+    except OSError as exc:
+        results[pid] = errno.errorcode[exc.errno]
+print(json.dumps(results))
+""")
+        assert attempt["exit_code"] == 0, attempt
+        outcomes = json.loads(attempt["stdout"])
+        assert outcomes and set(outcomes.values()) <= {"ESRCH", "EPERM"}, outcomes  # never "killed"
+        assert all(str(pid) in outcomes for pid in b_pids), outcomes  # B's host pids were all tried
+        assert run(server, "sig-b", "print(kept)")["stdout"] == "7\n"
+        assert all(_alive(pid) for pid in b_pids)
+    finally:
+        for sid in ("sig-a", "sig-b"):
+            server.request("DELETE", f"/api/sessions/{sid}")
+
+
+def _in_cgroup(pid: str, marker: str) -> bool:
+    try:
+        return marker in Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
