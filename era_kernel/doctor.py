@@ -144,6 +144,38 @@ def _docker() -> Check:
     return ("docker", "OK", f"engine {version} at {os.environ.get('DOCKER_HOST', 'the default socket')}")
 
 
+def _gvisor(settings: Settings) -> Check | None:
+    """gVisor for ``"isolation": "gvisor"`` sessions: the engine must know both runtimes by
+    the names the settings give, and ``runsc`` must start a sandbox on this machine (the
+    ptrace platform, as bootstrap-docker.sh registers it: it needs no KVM). None when no
+    Docker engine answers: the docker check already says so."""
+    try:
+        import docker
+
+        runtimes = docker.from_env(timeout=3).info().get("Runtimes") or {}
+    except Exception:
+        return None
+    wanted = [settings[name] for name in ("ERA_DOCKER_GVISOR_RUNTIME", "ERA_DOCKER_GVISOR_NET_RUNTIME")]
+    missing = [name for name in wanted if name not in runtimes]
+    if missing:
+        return ("gvisor", "WARN", f"the Docker engine has no runtime {', '.join(missing)}: \"isolation\": "
+                                  "\"gvisor\" sessions cannot start (scripts/bootstrap-docker.sh registers runsc)")
+    runsc = (runtimes[wanted[0]] or {}).get("path") or shutil.which("runsc")
+    if not runsc or not shutil.which(runsc):
+        return ("gvisor", "FAIL", f"runtime {wanted[0]} is registered but its binary ({runsc}) is missing")
+    if os.getuid() != 0:  # `runsc do` needs root; the engine runs it as root anyway
+        return ("gvisor", "OK", f"runtimes {', '.join(wanted)} registered ({runsc}); not started (needs root)")
+    try:
+        probe = subprocess.run([runsc, "--platform=ptrace", "--network=none", "do", "/bin/true"],
+                               capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return ("gvisor", "FAIL", f"{runsc} do /bin/true: {exc}")
+    if probe.returncode != 0:
+        tail = " ".join((probe.stderr or probe.stdout).split())[-300:]
+        return ("gvisor", "FAIL", f"runtimes registered, but {runsc} cannot start a sandbox here: {tail}")
+    return ("gvisor", "OK", f"runtimes {', '.join(wanted)} registered; {runsc} starts a sandbox (ptrace platform)")
+
+
 def _kernel() -> Check:
     try:
         import ipykernel
@@ -167,3 +199,5 @@ def run_checks(settings: Settings | None = None) -> Iterator[Check]:
         yield store
     yield _volumes(settings)
     yield _docker()
+    if (gvisor := _gvisor(settings)) is not None:
+        yield gvisor

@@ -15,8 +15,14 @@ from .base import BaseHandler
 
 log = logging.getLogger("era.server")
 
-HEALTH_DETAIL_TIMEOUT = 2.0  # past this, /health answers without the detail
+# /health is a liveness probe first: it waits this long for a fresh detail, then answers
+# with the last one computed (or none yet). The detail needs worker threads (a process
+# table scan, a store count), and during a burst of kernel starts every thread is busy
+# launching: waiting for one made /health take seconds (docs/security.md case 2).
+HEALTH_DETAIL_WAIT = 0.5
+HEALTH_DETAIL_TIMEOUT = 10.0  # a computation still running past this is given up (logged)
 _health_details: "weakref.WeakKeyDictionary[Services, asyncio.Future]" = weakref.WeakKeyDictionary()
+_last_details: "weakref.WeakKeyDictionary[Services, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 def health_detail(stats: dict[str, Any]) -> dict[str, Any]:
@@ -43,18 +49,29 @@ async def _fresh_health_detail(services: Services) -> dict[str, Any]:
     return health_detail(await services.engine.stats())
 
 
+async def _kept_health_detail(services: Services) -> dict[str, Any]:
+    detail = await asyncio.wait_for(_fresh_health_detail(services), HEALTH_DETAIL_TIMEOUT)
+    _last_details[services] = detail
+    return detail
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("health detail unavailable: %s", type(future.exception()).__name__, extra={"event": "error"})
+
+
 async def shared_health_detail(services: Services) -> dict[str, Any] | None:
     """The detail; probes arriving while one is computed share it (an open route must not
-    multiply engine work by its request rate). None when it fails or takes too long."""
+    multiply engine work by its request rate). When it takes longer than
+    ``HEALTH_DETAIL_WAIT``, the last one computed (None before the first)."""
     future = _health_details.get(services)
     if future is None or future.done():
-        future = _health_details[services] = asyncio.ensure_future(_fresh_health_detail(services))
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if nobody waits
+        future = _health_details[services] = asyncio.ensure_future(_kept_health_detail(services))
+        future.add_done_callback(_retrieved)  # retrieved (and logged) even if nobody waits
     try:
-        return await asyncio.wait_for(asyncio.shield(future), HEALTH_DETAIL_TIMEOUT)
-    except Exception as exc:
-        log.warning("health detail unavailable: %s", type(exc).__name__, extra={"event": "error"})
-        return None
+        return await asyncio.wait_for(asyncio.shield(future), HEALTH_DETAIL_WAIT)
+    except Exception:
+        return _last_details.get(services)
 
 
 class HealthHandler(BaseHandler):
