@@ -50,6 +50,8 @@ from .runner import SessionRunner
 from .session_log import SessionLog
 from .schedules import Scheduler
 from .replicas import ReplicaRegistration
+from .ownership import Ownership
+from .takeover import ownership_hooks
 from .upkeep import Upkeep
 
 log = logging.getLogger("era.sessions")
@@ -90,6 +92,9 @@ class SessionManager:
         self.scheduler = Scheduler(self.settings, self.store, self.run)  # fires through the run path below
         # This server in the store's replica registry (a server sets .address once bound).
         self.replica = ReplicaRegistration(self.settings, self.store, lambda: {"live_kernels": self.table.slots.used})
+        # Which sessions this replica serves, among replicas on one store (ownership.py).
+        self.ownership = Ownership(self.settings, self.store, self.replica, ownership_hooks(self))
+        self.scheduler.serves = (lambda sid: self.ownership.serves(sid)) if self.ownership.enabled else None
         # Commands, background processes and terminals in a session's kernel's sandbox (commands/).
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
@@ -115,8 +120,11 @@ class SessionManager:
         await self.storage.start()
         await self.callbacks.start()  # before recovery: runs a restart cut off have callbacks too
         if serve:
-            await recover(self.settings, self.store, self.files, self._start_setup)
-            requeued = await self.queue.recover(lambda sid: lambda: self._record(sid), self.journal.ready)
+            # Among replicas, each session's unfinished work is its owner's (ownership.py).
+            leases = self.ownership.enabled
+            await recover(self.settings, self.store, self.files, None if leases else self._start_setup)
+            requeued = {} if leases else await self.queue.recover(lambda sid: lambda: self._record(sid),
+                                                                  self.journal.ready)
             if any(requeued.values()):
                 log.info("runs of a previous process: %(interrupted)d interrupted, %(requeued)d queued again",
                          requeued)
@@ -125,6 +133,7 @@ class SessionManager:
             self.upkeep.start()
             self.scheduler.start()  # after the recovery: a requeued firing counts as its schedule's previous run
             await self.replica.start()
+            self.ownership.start()
 
     def _make_dirs(self) -> None:
         for path in (self.settings.data_dir / "sessions", self.settings.data_dir / POOL_ROOT,
@@ -155,6 +164,7 @@ class SessionManager:
         await self.commands.history.settle()
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
         await self.storage.close()
+        await self.ownership.stop()  # last write under the leases: the next request's replica serves at once
         if self._opened:
             await self.store.close()
             self._opened = False
@@ -209,6 +219,7 @@ class SessionManager:
             "isolation": record.isolation or ("runc" if record.provisioner == "docker" else None), "setup": record.setup,
             "setup_status": record.setup_status, "setup_result": record.setup_result,
             "kernel": {"state": str(self.table.state(record.id)), "last_exit": record.last_exit},
+            "owner": (await self.ownership.owners([record.id]))[record.id],  # the replica serving it
         }
 
     def _check_sizes(self, fields: dict[str, Any]) -> None:
@@ -291,6 +302,7 @@ class SessionManager:
                 record.seq = (await self.store.insert_session(record.to_row()))["seq"]
             except SessionExists:
                 raise self._taken(record.id) from None
+            await self.ownership.created(record.id)
             try:
                 await self.files.create(record, session_uid(record), copy_from,
                                         session_uid(copy_from) if copy_from else None)
@@ -371,6 +383,7 @@ class SessionManager:
             raise EraError(f"the files of session {session_id} could not all be removed ({exc.strerror or exc}); "
                            "the session is kept: retry the delete") from None
         await self.store.delete_session(session_id)  # its schedules with it
+        await self.ownership.deleted(session_id)
         self.scheduler.changed()
         self.events.publish(SessionDeleted(session_id, reason))
         self.table.forget(session_id)
@@ -446,6 +459,7 @@ class SessionManager:
         schedule); ``extra``: fields kept on the run record (a schedule's id and slot).
         A ``run_id`` from a client must be new in the session (409 otherwise); ``fresh_id``
         says the caller made it with ``new_run_id`` and the check can be skipped."""
+        await self.ownership.ensure_local(session_id)
         if self.journal.last_seq(session_id) is None:  # the first run in this process
             await self._record(session_id)  # an unknown id is a 404 before anything else
             await self.journal.ready(session_id)
@@ -553,7 +567,8 @@ class SessionManager:
         return await self.upkeep.cull()
 
     async def stats(self) -> dict[str, Any]:
-        return {**await self.upkeep.stats(), "replica": self.replica.id}
+        return {**await self.upkeep.stats(), "replica": self.replica.id, "leases": self.ownership.stats(),
+                "cluster": await self.ownership.cluster_stats()}
 
     async def replicas(self) -> dict[str, Any]:
         """The servers registered in the store (this one among them), with their heartbeats."""
@@ -592,6 +607,7 @@ class SessionManager:
         """The session's live kernel for a raw Jupyter channels connection, started when it
         has none (``start=False``: None then). Counts as activity for culling."""
         record = await self._record(session_id)
+        await self.ownership.ensure_local(session_id)
         kernel = self.table.kernel(session_id)
         ready = kernel is not None and kernel.state != "dead" and self.table.starting(session_id) is None
         if not ready:
