@@ -24,6 +24,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     fi
     # The web console's tests drive Debian's chromium through Playwright (tests/test_console.py).
     if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
+    # The replica tests put Debian's HAProxy in front of several servers (scripts/cluster.sh too).
+    if [ "${1:-}" = "--test" ] && ! command -v haproxy >/dev/null 2>&1; then missing+=(haproxy); fi
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
