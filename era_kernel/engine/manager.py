@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 from .. import models
 from ..config import Settings
-from ..errors import BadRequest, Conflict, EraError, NotFound, TooLarge, Unprocessable
+from ..errors import BadRequest, Conflict, EraError, NotFound, TooLarge
 from ..kernel import EventSink, InputHandler, SessionKernel
 from ..languages import get_language
 from ..listing import SessionPage, read_page, record_chunks
@@ -44,7 +44,7 @@ from .journal import RunJournal
 from .pool import KernelPool, WarmKernel, parse_pool_keys
 from .queue import RunQueue
 from .recovery import recover
-from .records import SessionRecord, check_isolation, new_session_id, session_uid
+from .records import SessionRecord, check_isolation, new_session_id, session_limits, session_uid
 from .results import notebook_from_runs, utc_now
 from .runner import SessionRunner
 from .session_log import SessionLog
@@ -92,9 +92,8 @@ class SessionManager:
         self.scheduler = Scheduler(self.settings, self.store, self.run)  # fires through the run path below
         # This server in the store's replica registry (a server sets .address once bound).
         self.replica = ReplicaRegistration(self.settings, self.store, lambda: {"live_kernels": self.table.slots.used})
-        # Which sessions this replica serves, among replicas on one store (ownership.py).
-        self.ownership = Ownership(self.settings, self.store, self.replica, ownership_hooks(self))
-        self.scheduler.serves = (lambda sid: self.ownership.serves(sid)) if self.ownership.enabled else None
+        self.ownership = Ownership(self.settings, self.store, self.replica, ownership_hooks(self))  # among replicas
+        self.scheduler.serves = self.ownership.serves if self.ownership.enabled else None
         # Commands, background processes and terminals in a session's kernel's sandbox (commands/).
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
@@ -120,11 +119,9 @@ class SessionManager:
         await self.storage.start()
         await self.callbacks.start()  # before recovery: runs a restart cut off have callbacks too
         if serve:
-            # Among replicas, each session's unfinished work is its owner's (ownership.py).
-            leases = self.ownership.enabled
+            leases = self.ownership.enabled  # among replicas, a session's unfinished work is its owner's
             await recover(self.settings, self.store, self.files, None if leases else self._start_setup)
-            requeued = {} if leases else await self.queue.recover(lambda sid: lambda: self._record(sid),
-                                                                  self.journal.ready)
+            requeued = {} if leases else await self.queue.recover(lambda s: lambda: self._record(s), self.journal.ready)
             if any(requeued.values()):
                 log.info("runs of a previous process: %(interrupted)d interrupted, %(requeued)d queued again",
                          requeued)
@@ -247,23 +244,9 @@ class SessionManager:
             default_timeout=req.default_timeout or self.settings["ERA_DEFAULT_TIMEOUT"],
             allow_internet=self._default(req.allowInternetAccess, "ERA_ALLOW_INTERNET_DEFAULT"),
             allow_public=self._default(req.allowPublicAccess, "ERA_ALLOW_PUBLIC_DEFAULT"), typecheck=req.typecheck,
-            limits=self._limits(req.limits, provisioner), env=req.env, startup=req.startup, max_age=req.max_age,
-            isolation=check_isolation(req.isolation, provisioner), owner=owner)
+            limits=session_limits(self.settings, req.limits, provisioner), env=req.env, startup=req.startup,
+            max_age=req.max_age, isolation=check_isolation(req.isolation, provisioner), owner=owner)
         return await self._insert(record)
-
-    def _limits(self, limits: models.Limits | None, provisioner: str) -> dict[str, Any] | None:
-        """A session's own limits, checked against the server's (422 above them)."""
-        if limits is None or (limits.memory_mib is None and limits.cpu_count is None):
-            return None
-        docker = provisioner == "docker"
-        setting = "ERA_DOCKER_MEMORY" if docker else "ERA_KERNEL_MEMORY"
-        if limits.memory_mib is not None and limits.memory_mib * 1024**2 > self.settings[setting]:
-            raise Unprocessable(f"memory_mib {limits.memory_mib} is above this server's limit of "
-                                f"{self.settings[setting] // 1024**2} MiB ({setting})", field="limits.memory_mib")
-        if docker and limits.cpu_count is not None and limits.cpu_count > self.settings["ERA_DOCKER_CPUS"]:
-            raise Unprocessable(f"cpu_count {limits.cpu_count:g} is above this server's limit of "
-                                f"{self.settings['ERA_DOCKER_CPUS']:g} (ERA_DOCKER_CPUS)", field="limits.cpu_count")
-        return limits.model_dump(exclude_none=True)
 
     async def limits_enforced(self, provisioner: str) -> dict[str, bool]:
         """Which of a session's own ``limits`` hold on this provisioner: containers bound
