@@ -32,6 +32,10 @@ log = logging.getLogger("era.forwarding")
 
 FORWARDED_BY = "X-Era-Forwarded-By"  # the replica id that forwarded the request
 CONNECT_TIMEOUT_S = 5.0
+# Forwarded requests in flight at once, per replica: tornado's default (10) would queue a
+# run behind ten long ones (SSE streams, slow runs) and fail it after CONNECT_TIMEOUT_S.
+MAX_FORWARDED = 10_000
+_client: AsyncHTTPClient | None = None
 # Hop-by-hop headers (RFC 9110 7.6.1) and those tornado sets for the relayed answer itself.
 HOP_HEADERS = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Host",
@@ -62,6 +66,18 @@ def _outgoing_headers(handler: Any) -> dict[str, str]:
 
 
 # ---- HTTP --------------------------------------------------------------------------------
+class ClientGone(Exception):
+    """The client of a forwarded request left: the relay from the owner stops."""
+
+
+def http_client() -> AsyncHTTPClient:
+    global _client
+    if _client is None:
+        _client = AsyncHTTPClient(force_instance=True, max_clients=MAX_FORWARDED, max_body_size=2**62,
+                                  max_buffer_size=64 * 1024**2)
+    return _client
+
+
 async def forward_http(handler: Any, address: str) -> None:
     """Send the request to ``address`` and relay the answer as it arrives."""
     request = handler.request
@@ -85,8 +101,9 @@ async def forward_http(handler: Any, address: str) -> None:
             started["done"] = True
 
     def on_chunk(chunk: bytes) -> None:
-        if handler._finished or handler.request.connection.stream is None:
-            return
+        stream = getattr(handler.request.connection, "stream", None)
+        if handler._finished or stream is None or stream.closed():
+            raise ClientGone()  # the owner's answer is dropped with its connection
         handler.write(chunk)
         handler.flush()  # as it comes: an SSE event must not wait for the next one
 
@@ -96,12 +113,16 @@ async def forward_http(handler: Any, address: str) -> None:
                            connect_timeout=CONNECT_TIMEOUT_S, request_timeout=0, decompress_response=False,
                            header_callback=on_header, streaming_callback=on_chunk)
     try:
-        response = await AsyncHTTPClient().fetch(outgoing, raise_error=False)
+        response = await http_client().fetch(outgoing, raise_error=False)
+    except ClientGone:
+        return
     except (OSError, HTTPClientError) as exc:
         response = None
         error: BaseException | None = exc
     else:
         error = response.error if response.code == 599 else None
+    if isinstance(error, ClientGone):
+        return
     if error is not None or response is None:
         if not started["done"]:
             # The owner does not answer (died a moment ago): its lease expires soon.
