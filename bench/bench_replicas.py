@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from era_kernel.store.postgres import PostgresStore  # noqa: E402
 from tests.support.era_server import ServerProcess  # noqa: E402
+from tests.support.loopback import free_port  # noqa: E402
 from tests.support.postgres import PostgresCluster, find_bin_dir  # noqa: E402
 from tests.support.s3 import CREDENTIALS, moto_endpoint  # noqa: E402
 
@@ -72,7 +73,8 @@ class Client:
 
 
 def replica(env: dict[str, str], rid: str) -> ServerProcess:
-    return ServerProcess(env={**env, "ERA_REPLICA_ID": rid}, log_level="WARNING")
+    # WARNING: an INFO access line per request would cost the servers time; so a fixed port.
+    return ServerProcess(env={**env, "ERA_REPLICA_ID": rid}, log_level="WARNING", port=free_port())
 
 
 def start_all(servers: list[ServerProcess]) -> None:

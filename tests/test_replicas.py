@@ -29,6 +29,7 @@ from tornado.websocket import websocket_connect
 from .support.era_server import ServerProcess
 from .support.loopback import free_port, stop_process, wait_answering
 from .support.s3 import CREDENTIALS, moto_endpoint
+from .test_jupyter_gateway import run_over_channels
 
 BUCKET = "era-replicas"
 TTL = 3.0  # ERA_LEASE_TTL: short, so that takeovers happen within the test's time
@@ -203,6 +204,13 @@ def test_a_websocket_and_an_sse_stream_on_a_replica_that_does_not_serve_the_sess
         assert response.code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
         return chunks
 
+    async def over_jupyter_channels() -> dict:
+        conn = await websocket_connect(f"{via.ws_base}/api/kernels/{sid}/channels")
+        try:
+            return await run_over_channels(conn, "print('via the gateway')")
+        finally:
+            conn.close()
+
     seen = asyncio.run(over_websocket())
     stdout = [(t, m["content"]) for t, m in seen if m.get("type") == "stdout"]
     assert [c for _, c in stdout] == ["first\n", "second\n"], seen
@@ -211,6 +219,8 @@ def test_a_websocket_and_an_sse_stream_on_a_replica_that_does_not_serve_the_sess
     first = next(t for t, c in chunks if b"first" in c)
     second = next(t for t, c in chunks if b"second" in c)
     assert second - first > 0.7, chunks
+    gateway = asyncio.run(over_jupyter_channels())
+    assert gateway["stream"] == "via the gateway\n" and gateway["reply"]["status"] == "ok", gateway
 
 
 def test_one_schedule_fires_once_per_slot_with_three_replicas(cluster, sessions):
@@ -329,3 +339,22 @@ def test_fifty_sessions_times_twenty_runs_through_the_balancer_without_an_error(
         list(pool.map(work, sids))
     assert not errors, (len(errors), errors[:5])
     print(f"1000 runs through {len(live)} replicas in {time.monotonic() - t0:.1f} s")
+
+
+def test_a_bulk_delete_through_one_replica_deletes_sessions_every_replica_serves(cluster, sessions):
+    live = [r for r in cluster if r.proc.poll() is None]
+    listing = cluster.balancer.json("GET", "/api/sessions?limit=1000")["sessions"]
+    owners = {s["id"]: s["owner"] for s in listing if s["id"] in sessions}  # as they are now, after the moves
+    doomed = [next(sid for sid, o in owners.items() if o == r.env["ERA_REPLICA_ID"]) for r in live]
+    before = {r.env["ERA_REPLICA_ID"]: r.json("GET", "/api/resources/stats")["leases"]["held"] for r in live}
+    answer = live[0].json("DELETE", "/api/sessions", {"ids": doomed})
+    assert sorted(answer["deleted_sessions"]) == sorted(doomed), answer
+    listed = {s["id"] for s in cluster.balancer.json("GET", "/api/sessions?limit=1000")["sessions"]}
+    assert not listed & set(doomed)
+    # Each owner lets go of its deleted session (and its kernel) at its next lease renewal.
+    deadline = time.monotonic() + TTL + 2
+    for r in live:
+        rid = r.env["ERA_REPLICA_ID"]
+        while r.json("GET", "/api/resources/stats")["leases"]["held"] != before[rid] - 1:
+            assert time.monotonic() < deadline, (rid, r.json("GET", "/api/resources/stats")["leases"])
+            time.sleep(0.2)

@@ -67,7 +67,7 @@ class Ownership:
         return self.replica.id
 
     # ---- where a session is served ------------------------------------------------------
-    async def locate(self, session_id: str) -> str | None:
+    async def locate(self, session_id: str, fresh: bool = False) -> str | None:
         """None when this replica serves the session (it holds the lease, or just took
         it: free, expired, or never held); else the address of the live replica that
         does. Takes the session over, when it has to, before it returns."""
@@ -75,19 +75,21 @@ class Ownership:
             return None
         claim = self._claims.get(session_id)
         if claim is None:
-            claim = self._claims[session_id] = asyncio.ensure_future(self._claim(session_id))
+            claim = self._claims[session_id] = asyncio.ensure_future(self._claim(session_id, fresh))
             claim.add_done_callback(lambda _: self._claims.pop(session_id, None))
         owner = await asyncio.shield(claim)
         if owner is None:
             return None
         return await self.address_of(owner)
 
-    async def _claim(self, session_id: str) -> str | None:
+    async def _claim(self, session_id: str, fresh: bool) -> str | None:
         lease = await self.store.acquire_lease(session_id, self.me, self.ttl)
         if lease["replica"] != self.me:
             return lease["replica"]
         self.store.fence(session_id, lease["token"])
-        if lease["token"] > 1:  # it was someone's before (or ended): its kernel state is gone
+        # It was someone's before (or ended): its kernel's state is gone. Not so for a new
+        # session whose id an earlier, deleted one had (``fresh``: the token is that one's).
+        if lease["token"] > 1 and not fresh:
             self.taken_over += 1
             log.info("session %s taken over from %s (token %d)", session_id, lease["previous"], lease["token"],
                      extra={"event": "session_taken_over", "session_id": session_id})
@@ -124,7 +126,7 @@ class Ownership:
 
     async def created(self, session_id: str) -> None:
         """A session made here is served here from the start."""
-        await self.locate(session_id)
+        await self.locate(session_id, fresh=True)
 
     async def owners(self, session_ids: list[str]) -> dict[str, str | None]:
         """Who serves each session now: a replica id, or None (nobody: its lease is free
