@@ -34,7 +34,7 @@ from .test_jupyter_gateway import run_over_channels
 BUCKET = "era-replicas"
 TTL = 3.0  # ERA_LEASE_TTL: short, so that takeovers happen within the test's time
 # Ten kernels started at once on a loaded 2-core CI machine, their files fetched from S3.
-KERNEL_START_S = 10.0
+KERNEL_START_S = 12.0
 SESSIONS = 30
 DATA_N: dict[str, int] = {}  # session id -> the n in its data
 
@@ -204,8 +204,11 @@ def test_a_websocket_and_an_sse_stream_on_a_replica_that_does_not_serve_the_sess
         assert response.code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
         return chunks
 
+    # A gateway kernel (a session JupyterLab made) on the owner, its channels opened elsewhere.
+    kernel = by_id(cluster, owner).json("POST", "/api/kernels", {"name": "era-python-local"}, expect=201)
+
     async def over_jupyter_channels() -> dict:
-        conn = await websocket_connect(f"{via.ws_base}/api/kernels/{sid}/channels")
+        conn = await websocket_connect(f"{via.ws_base}/api/kernels/{kernel['id']}/channels")
         try:
             return await run_over_channels(conn, "print('via the gateway')")
         finally:
