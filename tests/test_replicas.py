@@ -245,6 +245,16 @@ def test_sessions_of_a_killed_replica_answer_again_through_the_balancer_with_fil
     victim = by_id(cluster, victim_id)
     owned = sorted(sid for sid, owner in sessions.items() if owner == victim_id)
     assert len(owned) >= SESSIONS // 3
+    # One session has a run going and one queued behind it when its replica dies.
+    busy = owned[0]
+    cut = cluster.balancer.json("POST", f"/api/sessions/{busy}/run", {
+        "code": "import time\ntime.sleep(60)", "background": True}, expect=202)["run_id"]
+    queued = cluster.balancer.json("POST", f"/api/sessions/{busy}/run", {
+        "code": "print('queued before the crash')", "background": True}, expect=202)["run_id"]
+    deadline = time.monotonic() + 30
+    while cluster.balancer.json("GET", f"/api/sessions/{busy}/runs/{cut}")["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     os.kill(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait(10)
     t0 = time.monotonic()
@@ -281,6 +291,15 @@ def test_sessions_of_a_killed_replica_answer_again_through_the_balancer_with_fil
     with concurrent.futures.ThreadPoolExecutor(len(owned)) as pool:  # all at once: none waits behind another
         list(pool.map(again, enumerate(owned)))
     print("answered again after SIGKILL (s):", sorted(round(t, 2) for t in took.values()))
+    # The queued run ran on the new owner; the one the crash cut is marked so.
+    cut_record = cluster.balancer.json("GET", f"/api/sessions/{busy}/runs/{cut}")
+    assert cut_record["status"] == "interrupted" and victim_id in cut_record["reason"], cut_record
+    deadline = time.monotonic() + 5  # ran before the run above: its record lands a moment later
+    while (queued_record := cluster.balancer.json("GET", f"/api/sessions/{busy}/runs/{queued}"))["status"] != \
+            "completed":
+        assert time.monotonic() < deadline, queued_record
+        time.sleep(0.1)
+    assert queued_record["stdout"] == "queued before the crash\n", queued_record
     assert max(took.values()) < TTL + KERNEL_START_S, took
 
 

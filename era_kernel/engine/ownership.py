@@ -155,12 +155,29 @@ class Ownership:
             self._task = asyncio.create_task(self._renew_forever(), name="era-lease-heartbeat")
 
     async def _renew_forever(self) -> None:
+        beats = 0
         while True:
             await asyncio.sleep(self.ttl / 3)
+            beats += 1
             try:
                 await self.renew()
+                if beats % 3 == 0:
+                    await self.adopt()
             except Exception:  # a store blip: the next beat tries again (fencing covers the gap)
                 log.warning("lease renewal failed", exc_info=True, extra={"event": "lease_renewal_failed"})
+
+    async def adopt(self) -> list[str]:
+        """Take over the sessions nobody serves that have runs still queued or running
+        (their replica died): their queued runs run here without waiting for a request.
+        Every replica tries, once a lease period; the store gives each session to one."""
+        waiting = {run["session_id"] for run in await self.store.unfinished_runs()} - self.held.keys()
+        if not waiting:
+            return []
+        adopted = []
+        for sid, owner in (await self.owners(sorted(waiting))).items():
+            if owner is None and await self.serves(sid):
+                adopted.append(sid)
+        return adopted
 
     async def renew(self) -> list[str]:
         """Extend every lease held; the ones lost meanwhile are dropped here."""
