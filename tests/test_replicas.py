@@ -222,6 +222,12 @@ def test_a_websocket_and_an_sse_stream_on_a_replica_that_does_not_serve_the_sess
     first = next(t for t, c in chunks if b"first" in c)
     second = next(t for t, c in chunks if b"second" in c)
     assert second - first > 0.7, chunks
+    # Bytes both ways through a replica that does not serve the session: a file up and down.
+    blob = bytes(range(256)) * 4096
+    status, _ = via.request("PUT", f"/api/sessions/{sid}/files/blob.bin", blob)
+    assert status == 200
+    status, headers, body = others(cluster, owner)[1].request_full("GET", f"/api/sessions/{sid}/files/blob.bin")
+    assert status == 200 and body == blob and headers.get("X-Content-Type-Options") == "nosniff"
     gateway = asyncio.run(over_jupyter_channels())
     assert gateway["stream"] == "via the gateway\n" and gateway["reply"]["status"] == "ok", gateway
 
