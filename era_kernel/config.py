@@ -146,6 +146,10 @@ SETTINGS: tuple[Setting, ...] = (
             "default `http://<ERA_HOST>:<bound port>`."),
     Setting("ERA_REPLICA_HEARTBEAT", 5.0, "Seconds between this server's heartbeats in the replica registry.",
             _interval),
+    Setting("ERA_LEASES", "auto", "Session leases between replicas sharing a store (README: Replicas): `on`, `off`, "
+            "or `auto` (on with a PostgreSQL store).", _choice("auto", "on", "off")),
+    Setting("ERA_LEASE_TTL", 10.0, "Seconds a replica's lease on a session lasts unrenewed (renewed every third of "
+            "it): how long a dead replica's sessions wait before another replica takes them over.", _interval),
     Setting("ERA_WORKSPACE_URL", "", "fsspec URL of the workspace store; default `file://$ERA_DATA_DIR/workspaces`."),
     Setting("ERA_WORKSPACE_OPTIONS", "", "JSON storage options passed to fsspec (e.g. S3 endpoint and keys)."),
     Setting("ERA_WORKSPACE_MAX_FILE", 64 * 1024**2, "Largest file written through the files API.", _size),

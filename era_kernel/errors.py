@@ -90,6 +90,11 @@ class Unavailable(EraError):
 KernelFailed = Unavailable
 
 
+class Moved(Unavailable):
+    """Another live replica serves the session, and this call cannot be forwarded there
+    (an engine call made in this process; engine/ownership.py)."""
+
+
 class Unreachable(EraError):
     """What the request was to be relayed to does not answer (nothing listens on a
     session's port): a gateway's failure, not the caller's nor the server's."""

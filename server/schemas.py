@@ -108,6 +108,8 @@ class SessionDocument(_Open):
     setup_status: Optional[Literal["pending", "running", "completed", "failed"]]
     setup_result: Optional[SetupResult]
     kernel: KernelInfo
+    owner: Optional[str] = Field(None, description="the id of the replica serving the session (holding its lease; "
+                                 "GET /api/replicas); null when none does now (the next request's replica takes it)")
 
 
 class SessionList(BaseModel):
@@ -310,6 +312,11 @@ class Stats(_Open):
     memory: Optional[dict[str, Any]] = None
     uptime_s: Optional[float] = None
     replica: Optional[str] = Field(None, description="this server's id in the replica registry (GET /api/replicas)")
+    leases: Optional[dict[str, Any]] = Field(None, description="this replica's session leases: enabled, held, "
+                                             "taken_over (sessions taken over from another replica), ttl_s")
+    cluster: Optional[dict[str, Any]] = Field(None, description="every live replica (`replicas`: id, address, "
+                                              "live_kernels, capacity, heartbeat_age) and their totals "
+                                              "(`live_kernels`, `max_kernels`)")
     server: dict[str, Any]
     # ERA's storage registry stats, in the same document.
     total: Optional[int] = Field(None, description="storage resources (KV entries, objects, D1 tables)")

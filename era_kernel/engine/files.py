@@ -230,6 +230,11 @@ class SessionFiles:
         self._restored.discard(sid)
         self._restore_locks.pop(sid, None)
 
+    def forget_restore(self, session_id: str) -> None:
+        """The session's files may have changed elsewhere (another replica served it): its
+        next kernel start or files call restores it from the workspace store again."""
+        self._restored.discard(session_id)
+
     async def ensure_ready(self, record: SessionRecord, uid: int | None) -> None:
         """Make the session's directory usable: its volume mounted (again, after a server
         stop), and a persistent session's files brought up to its last snapshot, once per

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 from .. import models
 from ..config import Settings
-from ..errors import BadRequest, Conflict, EraError, NotFound, TooLarge, Unprocessable
+from ..errors import BadRequest, Conflict, EraError, NotFound, TooLarge
 from ..kernel import EventSink, InputHandler, SessionKernel
 from ..languages import get_language
 from ..listing import SessionPage, read_page, record_chunks
@@ -45,12 +45,14 @@ from .journal import RunJournal
 from .pool import KernelPool, WarmKernel, parse_pool_keys
 from .queue import RunQueue
 from .recovery import recover
-from .records import SessionRecord, check_isolation, new_session_id, session_uid
+from .records import SessionRecord, check_isolation, new_session_id, session_limits, session_uid
 from .results import notebook_from_runs, utc_now
 from .runner import SessionRunner
 from .session_log import SessionLog
 from .schedules import Scheduler
 from .replicas import ReplicaRegistration
+from .ownership import Ownership
+from .takeover import ownership_hooks
 from .upkeep import Upkeep
 
 log = logging.getLogger("era.sessions")
@@ -91,6 +93,8 @@ class SessionManager:
         self.scheduler = Scheduler(self.settings, self.store, self.run)  # fires through the run path below
         # This server in the store's replica registry (a server sets .address once bound).
         self.replica = ReplicaRegistration(self.settings, self.store, lambda: {"live_kernels": self.table.slots.used})
+        self.ownership = Ownership(self.settings, self.store, self.replica, ownership_hooks(self))  # among replicas
+        self.scheduler.serves = self.ownership.serves if self.ownership.enabled else None
         # Commands, background processes and terminals in a session's kernel's sandbox (commands/).
         self.commands = CommandService(self.settings, record=self._record, kernel=self.jupyter_kernel,
                                        workspace=self.files.path, setup_wait=self.setups.wait, watch=self.events.watch,
@@ -122,8 +126,9 @@ class SessionManager:
         await self.storage.start()
         await self.callbacks.start()  # before recovery: runs a restart cut off have callbacks too
         if serve:
-            await recover(self.settings, self.store, self.files, self._start_setup)
-            requeued = await self.queue.recover(lambda sid: lambda: self._record(sid), self.journal.ready)
+            leases = self.ownership.enabled  # among replicas, a session's unfinished work is its owner's
+            await recover(self.settings, self.store, self.files, None if leases else self._start_setup)
+            requeued = {} if leases else await self.queue.recover(lambda s: lambda: self._record(s), self.journal.ready)
             if any(requeued.values()):
                 log.info("runs of a previous process: %(interrupted)d interrupted, %(requeued)d queued again",
                          requeued)
@@ -132,6 +137,7 @@ class SessionManager:
             self.upkeep.start()
             self.scheduler.start()  # after the recovery: a requeued firing counts as its schedule's previous run
             await self.replica.start()
+            self.ownership.start()
 
     def _make_dirs(self) -> None:
         for path in (self.settings.data_dir / "sessions", self.settings.data_dir / POOL_ROOT,
@@ -163,6 +169,7 @@ class SessionManager:
         await self.files.shutdown()  # no kernel uses a volume any more: unmount them all
         self.egress.close_all()
         await self.storage.close()
+        await self.ownership.stop()  # last write under the leases: the next request's replica serves at once
         if self._opened:
             await self.store.close()
             self._opened = False
@@ -217,6 +224,7 @@ class SessionManager:
             "isolation": record.isolation or ("runc" if record.provisioner == "docker" else None), "setup": record.setup,
             "setup_status": record.setup_status, "setup_result": record.setup_result,
             "kernel": {"state": str(self.table.state(record.id)), "last_exit": record.last_exit},
+            "owner": (await self.ownership.owners([record.id]))[record.id],  # the replica serving it
         }
 
     def _check_sizes(self, fields: dict[str, Any]) -> None:
@@ -244,23 +252,9 @@ class SessionManager:
             default_timeout=req.default_timeout or self.settings["ERA_DEFAULT_TIMEOUT"],
             allow_internet=self._default(req.allowInternetAccess, "ERA_ALLOW_INTERNET_DEFAULT"),
             allow_public=self._default(req.allowPublicAccess, "ERA_ALLOW_PUBLIC_DEFAULT"), typecheck=req.typecheck,
-            limits=self._limits(req.limits, provisioner), env=req.env, startup=req.startup, max_age=req.max_age,
-            isolation=check_isolation(req.isolation, provisioner), owner=owner)
+            limits=session_limits(self.settings, req.limits, provisioner), env=req.env, startup=req.startup,
+            max_age=req.max_age, isolation=check_isolation(req.isolation, provisioner), owner=owner)
         return await self._insert(record)
-
-    def _limits(self, limits: models.Limits | None, provisioner: str) -> dict[str, Any] | None:
-        """A session's own limits, checked against the server's (422 above them)."""
-        if limits is None or (limits.memory_mib is None and limits.cpu_count is None):
-            return None
-        docker = provisioner == "docker"
-        setting = "ERA_DOCKER_MEMORY" if docker else "ERA_KERNEL_MEMORY"
-        if limits.memory_mib is not None and limits.memory_mib * 1024**2 > self.settings[setting]:
-            raise Unprocessable(f"memory_mib {limits.memory_mib} is above this server's limit of "
-                                f"{self.settings[setting] // 1024**2} MiB ({setting})", field="limits.memory_mib")
-        if docker and limits.cpu_count is not None and limits.cpu_count > self.settings["ERA_DOCKER_CPUS"]:
-            raise Unprocessable(f"cpu_count {limits.cpu_count:g} is above this server's limit of "
-                                f"{self.settings['ERA_DOCKER_CPUS']:g} (ERA_DOCKER_CPUS)", field="limits.cpu_count")
-        return limits.model_dump(exclude_none=True)
 
     async def limits_enforced(self, provisioner: str) -> dict[str, bool]:
         """Which of a session's own ``limits`` hold on this provisioner: containers bound
@@ -299,6 +293,7 @@ class SessionManager:
                 record.seq = (await self.store.insert_session(record.to_row()))["seq"]
             except SessionExists:
                 raise self._taken(record.id) from None
+            await self.ownership.created(record.id)
             try:
                 await self.files.create(record, session_uid(record), copy_from,
                                         session_uid(copy_from) if copy_from else None)
@@ -379,6 +374,7 @@ class SessionManager:
             raise EraError(f"the files of session {session_id} could not all be removed ({exc.strerror or exc}); "
                            "the session is kept: retry the delete") from None
         await self.store.delete_session(session_id)  # its schedules with it
+        await self.ownership.deleted(session_id)
         self.scheduler.changed()
         self.events.publish(SessionDeleted(session_id, reason))
         self.table.forget(session_id)
@@ -454,6 +450,7 @@ class SessionManager:
         schedule); ``extra``: fields kept on the run record (a schedule's id and slot).
         A ``run_id`` from a client must be new in the session (409 otherwise); ``fresh_id``
         says the caller made it with ``new_run_id`` and the check can be skipped."""
+        await self.ownership.ensure_local(session_id)
         if self.journal.last_seq(session_id) is None:  # the first run in this process
             await self._record(session_id)  # an unknown id is a 404 before anything else
             await self.journal.ready(session_id)
@@ -561,7 +558,8 @@ class SessionManager:
         return await self.upkeep.cull()
 
     async def stats(self) -> dict[str, Any]:
-        return {**await self.upkeep.stats(), "replica": self.replica.id}
+        return {**await self.upkeep.stats(), "replica": self.replica.id, "leases": self.ownership.stats(),
+                "cluster": await self.ownership.cluster_stats()}
 
     async def replicas(self) -> dict[str, Any]:
         """The servers registered in the store (this one among them), with their heartbeats."""
@@ -600,6 +598,7 @@ class SessionManager:
         """The session's live kernel for a raw Jupyter channels connection, started when it
         has none (``start=False``: None then). Counts as activity for culling."""
         record = await self._record(session_id)
+        await self.ownership.ensure_local(session_id)
         kernel = self.table.kernel(session_id)
         ready = kernel is not None and kernel.state != "dead" and self.table.starting(session_id) is None
         if not ready:

@@ -203,14 +203,17 @@ class RunQueue:
         return await self.get(session_id, run_id)
 
     # ---- restarts --------------------------------------------------------------------------
-    async def recover(self, load_for: Callable[[str], Loader],
-                      ready: Callable[[str], Awaitable[None]]) -> dict[str, int]:
+    async def recover(self, load_for: Callable[[str], Loader], ready: Callable[[str], Awaitable[None]],
+                      session_id: str | None = None, reason: str = "server restarted") -> dict[str, int]:
         """Called once by a starting server, before it serves: runs the previous process
-        left running are ``interrupted`` ("server restarted"); queued ones run again, in
-        their order, each noted ``kernel_state_lost``."""
+        left running are ``interrupted`` (``reason``); queued ones run again, in their
+        order, each noted ``kernel_state_lost``. With ``session_id``, only that session's
+        (a replica taking a session over, engine/takeover.py)."""
         counts = {"interrupted": 0, "requeued": 0}
         for doc in await self.store.unfinished_runs():
             sid = doc["session_id"]
+            if session_id is not None and sid != session_id:
+                continue
             ticket = RunTicket(doc["run_id"], sid, models.parse(models.RunRequest, {
                 "code": doc.get("code"), "timeout": doc.get("timeout"), "env": doc.get("env") or {}}),
                                source=doc.get("source", "rest"), code=doc.get("code"),
@@ -219,7 +222,7 @@ class RunQueue:
                                extra={k: doc[k] for k in ("callback_url", "schedule_id", "slot") if k in doc})
             if doc.get("status") == RUNNING:
                 ticket.status = RUNNING
-                await ticket.ended_early(self.store, INTERRUPTED, "server restarted")
+                await ticket.ended_early(self.store, INTERRUPTED, reason)
                 self._finished(ticket, {})
                 counts["interrupted"] += 1
             else:

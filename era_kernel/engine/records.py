@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BadRequest
+from ..errors import BadRequest, Unprocessable
 from .results import utc_now
 
 UID_BASE = 100_000  # sessions' sandbox uids when running as root: UID_BASE + the record's seq
@@ -59,6 +59,22 @@ def check_isolation(isolation: str | None, provisioner: str) -> str | None:
         raise BadRequest(f"isolation {isolation!r} needs the docker provisioner (this session's is {provisioner!r})",
                          field="isolation")
     return None if isolation == "runc" else isolation
+
+
+def session_limits(settings: Any, limits: Any, provisioner: str) -> dict[str, Any] | None:
+    """A session's own limits (``models.Limits``), checked against the server's (422
+    above them); None when it asks for none."""
+    if limits is None or (limits.memory_mib is None and limits.cpu_count is None):
+        return None
+    docker = provisioner == "docker"
+    setting = "ERA_DOCKER_MEMORY" if docker else "ERA_KERNEL_MEMORY"
+    if limits.memory_mib is not None and limits.memory_mib * 1024**2 > settings[setting]:
+        raise Unprocessable(f"memory_mib {limits.memory_mib} is above this server's limit of "
+                            f"{settings[setting] // 1024**2} MiB ({setting})", field="limits.memory_mib")
+    if docker and limits.cpu_count is not None and limits.cpu_count > settings["ERA_DOCKER_CPUS"]:
+        raise Unprocessable(f"cpu_count {limits.cpu_count:g} is above this server's limit of "
+                            f"{settings['ERA_DOCKER_CPUS']:g} (ERA_DOCKER_CPUS)", field="limits.cpu_count")
+    return limits.model_dump(exclude_none=True)
 
 
 @dataclass

@@ -30,7 +30,10 @@ log = logging.getLogger("era.recovery")
 SetupStarter = Callable[[SessionRecord], Awaitable[None]]
 
 
-async def recover(settings: Settings, store: MetadataStore, files: SessionFiles, start_setup: SetupStarter) -> None:
+async def recover(settings: Settings, store: MetadataStore, files: SessionFiles,
+                  start_setup: SetupStarter | None) -> None:
+    """``start_setup`` None: unfinished setups are not restarted (among replicas, the
+    session's owner's to finish)."""
     reaped = await reap_orphans(settings)
     if reaped:
         log.info("reaped %d orphaned kernel(s) from a previous process", reaped)
@@ -39,7 +42,7 @@ async def recover(settings: Settings, store: MetadataStore, files: SessionFiles,
         for row in rows:
             record = SessionRecord.from_row(row)
             claimed.add(files.path(record))
-            if record.setup and record.setup_status in ("pending", "running"):  # never finished
+            if start_setup and record.setup and record.setup_status in ("pending", "running"):  # never finished
                 await start_setup(record)
     try:
         adopted = await files.volumes.adopt()

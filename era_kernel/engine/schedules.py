@@ -59,6 +59,8 @@ class Scheduler:
         self.settings = settings
         self.store = store
         self._submit = submit
+        # Whether this replica serves a session (engine/ownership.py); None: one server, always.
+        self.serves: Callable[[str], Awaitable[bool]] | None = None
         self._due: dict[str, datetime] = {}  # schedule id -> its next slot (UTC)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -175,6 +177,9 @@ class Scheduler:
 
     async def _fire(self, doc: dict[str, Any], slot: datetime) -> None:
         sid, schedule_id, slot_s = doc["session_id"], doc["id"], slot_text(slot)
+        if self.serves is not None and not await self.serves(sid):
+            self.counts["lost"] += 1  # another replica serves the session: its scheduler fires it
+            return
         # The slot is claimed either way, so one server decides about it: for a new run, or,
         # while the previous firing's run is still queued or running, for that run (the
         # slot is skipped, and the next firing asks about the same run again).

@@ -60,6 +60,12 @@ def session_event(event: LifecycleEvent) -> dict[str, Any] | None:
                           "kernel", details)
         return _entry("kernel_died", event.reason, _died(details, "during a run"), details)
     if isinstance(event, KernelStopped):
+        if event.reason == "taken over":
+            return _entry("kernel_restarted", "taken over",
+                          f"replica {details.get('replica', '?')} took the session over from replica "
+                          f"{details.get('from_replica') or '?'}, whose lease had expired: the kernel's in-memory "
+                          "state is lost; files, data and history are kept, and the next run starts a new kernel",
+                          details)
         if event.reason == "restart":
             return _entry("kernel_restarted", "request", "the kernel was restarted on request", details)
         what = {"settings changed": "the session's env or network access changed (it applies from the next kernel "

@@ -24,6 +24,11 @@ class KeyExists(Exception):
     """``insert_api_key`` found the id taken, or the name held by a key not revoked."""
 
 
+class LeaseLost(Exception):
+    """A write for a session under a fencing token its lease no longer has: another
+    replica took the session over (``MetadataStore.fence``). Nothing was written."""
+
+
 class MetadataStore(abc.ABC):
     """Async store of session records and run records (plain dicts of JSON values).
 
@@ -221,6 +226,59 @@ class MetadataStore(abc.ABC):
         that stops cleanly."""
 
 
+    # ---- session leases (era_kernel/engine/ownership.py) ------------------------------------------
+    # A session's live kernel belongs to one replica at a time: a lease row per session id
+    # ``{session_id, replica, token, expires_in}``. ``token`` (the fencing token) grows by
+    # one each time the lease changes hands and never goes back, also across a session
+    # deleted and made again under its id. Expiry is by the store's clock, like heartbeats.
+
+    @abc.abstractmethod
+    async def acquire_lease(self, session_id: str, replica_id: str, ttl: float) -> dict[str, Any]:
+        """Take or renew the session's lease for ``ttl`` seconds, atomically: free (never
+        held, released, or expired) or held by ``replica_id`` already, it becomes
+        ``replica_id``'s; held by another replica whose lease has not expired, it is left
+        alone. Returns the lease as it now is: ``{session_id, replica, token, expires_in,
+        previous}``; it is the caller's when ``replica`` is ``replica_id``. The token is
+        kept while the same replica holds it (also renewing an expired lease nobody
+        took), and is the last one plus one when it changes hands; ``previous`` is the
+        replica that held it before a change of hands (None otherwise, or when it was free)."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, replica_id: str, tokens: dict[str, int], ttl: float) -> list[str]:
+        """Extend, by ``ttl`` seconds from now, each lease of ``tokens`` (session id ->
+        token) that ``replica_id`` still holds under that token, in one statement; returns
+        the session ids it no longer holds (taken over, or ended). Called by each replica's
+        lease heartbeat."""
+
+    @abc.abstractmethod
+    async def end_lease(self, session_id: str, token: int | None = None) -> bool:
+        """Free the session's lease and raise its token by one, so that writes fenced by
+        the old token are refused; with ``token``, only when the lease still has it.
+        True when a lease was ended. Called by an owner that stops cleanly (its token),
+        and by any replica deleting a session (none)."""
+
+    @abc.abstractmethod
+    async def get_leases(self, session_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The leases of these sessions that exist (free or held, expired or not), by id,
+        each as ``acquire_lease`` returns it (``previous`` None); ``expires_in`` is
+        negative once expired."""
+
+    def fence(self, session_id: str, token: int | None) -> None:
+        """Make this store object's writes for the session (``update_session``,
+        ``put_run``, ``append_events``, ``add_session_event``) conditional on the session's
+        lease still having ``token``, checked in the write's own transaction, which holds
+        the lease row against a change of hands until it commits: a write after the lease
+        changed hands raises (or its future fails with) ``LeaseLost`` and changes nothing.
+        ``None``: unfenced again (the default: a single server takes no leases)."""
+        fences = self.__dict__.setdefault("_fences", {})
+        if token is None:
+            fences.pop(session_id, None)
+        else:
+            fences[session_id] = token
+
+    def fence_of(self, session_id: str) -> int | None:
+        return self.__dict__.get("_fences", {}).get(session_id)
+
     # ---- API keys (era_kernel/tenants.py) --------------------------------------------------------
     # A key is a document ``{id, name, hash, created_at, admin, limits}``: ``id`` the public
     # prefix of the key a client sends, ``hash`` the digest of its secret part (the key
@@ -246,6 +304,21 @@ class MetadataStore(abc.ABC):
         """Revoke the key not yet revoked whose id or name this is, stamping
         ``revoked_at`` (UTC, ISO); returns it, or None when there is no such key (an
         already revoked one included). Called by ``era keys revoke``."""
+
+
+def lease_change(row: tuple[str | None, int, float] | None, replica_id: str, now: float
+                 ) -> tuple[bool, int, str | None]:
+    """``acquire_lease``'s rule on the lease row ``(replica, token, expires_at)`` (None:
+    no row): whether ``replica_id`` gets it, its token then, and the previous holder when
+    it changes hands. One rule for every backend, applied under the row's lock."""
+    if row is None:
+        return True, 1, None
+    replica, token, expires_at = row
+    if replica == replica_id:
+        return True, token, None
+    if replica is None or expires_at <= now:
+        return True, token + 1, replica
+    return False, token, None
 
 
 def utc_stamp() -> str:

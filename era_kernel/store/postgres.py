@@ -18,7 +18,8 @@ import asyncio
 import json
 from typing import Any, Awaitable, Callable, TypeVar
 
-from .base import SESSION_EVENTS_KEPT, KeyExists, MetadataStore, SessionExists, heartbeat_fields, utc_stamp
+from .base import (SESSION_EVENTS_KEPT, KeyExists, LeaseLost, MetadataStore, SessionExists, heartbeat_fields,
+                   lease_change, utc_stamp)
 
 T = TypeVar("T")
 
@@ -92,6 +93,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
     """,
+    # 4: sessions' leases (MetadataStore.acquire_lease); no foreign key: a token outlives
+    # its session, so one made again under the same id never reuses it
+    """
+    CREATE TABLE session_leases (
+        session_id TEXT PRIMARY KEY,
+        replica TEXT,
+        token BIGINT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 
 # Applies %(changes)s (a JSON object) to the document of session %(sid)s: its top-level
@@ -118,12 +129,18 @@ class PostgresStore(MetadataStore):
         self._reads: list[asyncio.Future] = []  # reads made since the last write
 
     # ---- the order ---------------------------------------------------------------------------
-    def _submit(self, write: bool, fn: Callable[[Any], Awaitable[T]], tx: bool = False) -> "asyncio.Future[T]":
+    def _submit(self, write: bool, fn: Callable[[Any], Awaitable[T]], tx: bool = False,
+                fence: str | None = None) -> "asyncio.Future[T]":
         """Run ``fn(connection)`` in call order (see the module doc): in autocommit when it
-        is one statement, in a transaction (``tx``) when it is more."""
+        is one statement, in a transaction (``tx``) when it is more. ``fence``: a write for
+        that session, under the fencing token it has now (``MetadataStore.fence``)."""
         waits = [self._last_write] if self._last_write is not None else []
         if write:
             waits += self._reads
+        token = self.fence_of(fence) if fence is not None else None
+        if token is not None:
+            fn = self._checked(fence, token, fn)
+            tx = True
         task = asyncio.ensure_future(self._apply(waits, fn, tx))
         if write:
             self._last_write, self._reads = task, []
@@ -132,6 +149,18 @@ class PostgresStore(MetadataStore):
             self._reads.append(task)
         # Shielded: a cancelled caller does not cancel the call it made (nor those after).
         return asyncio.shield(task)
+
+    def _checked(self, session_id: str, token: int, fn: Callable[[Any], Awaitable[T]]) -> Callable[[Any], Awaitable[T]]:
+        async def checked(conn: Any) -> T:
+            # FOR SHARE: a change of hands (an UPDATE of this row) waits for this write to
+            # commit, and this check sees any change of hands committed before it.
+            row = await self._one(conn, "SELECT token FROM session_leases WHERE session_id = %s FOR SHARE",
+                                  (session_id,))
+            if row is None or row[0] != token:
+                raise LeaseLost(f"session {session_id}: fencing token {token} is stale")
+            return await fn(conn)
+
+        return checked
 
     async def _apply(self, waits: list[asyncio.Future], fn: Callable[[Any], Awaitable[T]], tx: bool) -> T:
         if waits:
@@ -143,6 +172,12 @@ class PostgresStore(MetadataStore):
                 return await fn(conn)
             async with conn.transaction():
                 return await fn(conn)
+
+    async def _unordered(self, fn: Callable[[Any], Awaitable[T]], tx: bool = False) -> T:
+        """Out of the call order, at once on a pooled connection: for the lease calls, which
+        no other call's outcome depends on, and which must not wait behind a queue of
+        journal writes (a renewal that waits past the lease's expiry loses it)."""
+        return await asyncio.shield(asyncio.ensure_future(self._apply([], fn, tx)))
 
     async def _read(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         return await self._submit(False, fn)
@@ -279,7 +314,7 @@ class PostgresStore(MetadataStore):
 
     async def update_session(self, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
         changes = json.loads(json.dumps(changes))  # the caller's to change once this returns
-        return await self._write(lambda c: self._changed(c, session_id, changes))
+        return await self._submit(True, lambda c: self._changed(c, session_id, changes), fence=session_id)
 
     async def delete_session(self, session_id: str) -> bool:
         # Runs, journal, events, schedules and firings go by ON DELETE CASCADE.
@@ -307,7 +342,7 @@ class PostgresStore(MetadataStore):
                 await self._changed(conn, session_id, session_changes, f"WITH run AS ({insert}) ", params,
                                     lambda c: c.execute(insert, params))
 
-        return self._submit(True, put)  # queued now: see MetadataStore.put_run
+        return self._submit(True, put, fence=session_id)  # queued now: see MetadataStore.put_run
 
     async def get_run(self, session_id: str, run_id: str) -> dict[str, Any] | None:
         row = await self._read(lambda c: self._one(
@@ -335,7 +370,7 @@ class PostgresStore(MetadataStore):
                 (session_id, [e["seq"] for e in events], [e.get("run_id") for e in events],
                  [json.dumps(e) for e in events]))
 
-        return self._submit(True, append)  # queued now: see MetadataStore.append_events
+        return self._submit(True, append, fence=session_id)  # queued now: see MetadataStore.append_events
 
     async def read_events(self, session_id: str, after: int = 0, limit: int = 1000,
                           run_id: str | None = None) -> list[dict[str, Any]]:
@@ -375,7 +410,7 @@ class PostgresStore(MetadataStore):
                 await self._changed(conn, session_id, session_changes, added, params,
                                     lambda c: c.execute(added + "SELECT 1", params))
 
-        return self._submit(True, add)  # queued now: see MetadataStore.add_session_event
+        return self._submit(True, add, fence=session_id)  # queued now: see MetadataStore.add_session_event
 
     async def list_session_events(self, session_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._read(lambda c: self._all(
@@ -483,6 +518,53 @@ class PostgresStore(MetadataStore):
             return cur.rowcount > 0
 
         return await self._write(delete)
+
+    # ---- session leases (expiry by the database server's clock, as heartbeats) ---------------
+    async def acquire_lease(self, session_id: str, replica_id: str, ttl: float) -> dict[str, Any]:
+        async def acquire(conn: Any) -> dict[str, Any]:
+            # A first lease of the id: inserted, or met by another server's insert (then read).
+            await conn.execute("INSERT INTO session_leases VALUES (%s, NULL, 0, 0) ON CONFLICT DO NOTHING",
+                               (session_id,))
+            replica, token, expires_at, now = await self._one(
+                conn, f"SELECT replica, token, expires_at, {self._NOW} FROM session_leases WHERE session_id = %s "
+                "FOR UPDATE", (session_id,))
+            taken, token, previous = lease_change((replica, token, expires_at) if token else None, replica_id, now)
+            if not taken:
+                return {"session_id": session_id, "replica": replica, "token": token, "expires_in": expires_at - now,
+                        "previous": None}
+            await conn.execute("UPDATE session_leases SET replica = %s, token = %s, expires_at = %s "
+                               "WHERE session_id = %s", (replica_id, token, now + ttl, session_id))
+            return {"session_id": session_id, "replica": replica_id, "token": token, "expires_in": ttl,
+                    "previous": previous}
+
+        return await self._unordered(acquire, tx=True)
+
+    async def renew_leases(self, replica_id: str, tokens: dict[str, int], ttl: float) -> list[str]:
+        async def renew(conn: Any) -> list[str]:
+            rows = await self._all(
+                conn, f"UPDATE session_leases l SET expires_at = {self._NOW} + %s FROM unnest(%s::text[], "
+                "%s::bigint[]) AS t(sid, token) WHERE l.session_id = t.sid AND l.token = t.token AND l.replica = %s "
+                "RETURNING l.session_id", (ttl, list(tokens), list(tokens.values()), replica_id))
+            held = {row[0] for row in rows}
+            return [sid for sid in tokens if sid not in held]
+
+        return await self._unordered(renew)
+
+    async def end_lease(self, session_id: str, token: int | None = None) -> bool:
+        async def end(conn: Any) -> bool:
+            cur = await conn.execute("UPDATE session_leases SET replica = NULL, expires_at = 0, token = token + 1 "
+                                     "WHERE session_id = %(sid)s AND (%(token)s::bigint IS NULL OR token = %(token)s)",
+                                     {"sid": session_id, "token": token})
+            return cur.rowcount > 0
+
+        return await self._write(end)
+
+    async def get_leases(self, session_ids: list[str]) -> dict[str, dict[str, Any]]:
+        rows = await self._read(lambda c: self._all(
+            c, f"SELECT session_id, replica, token, expires_at - {self._NOW} FROM session_leases "
+               "WHERE session_id = ANY(%s) AND token > 0", (list(session_ids),)))
+        return {sid: {"session_id": sid, "replica": replica, "token": token, "expires_in": left, "previous": None}
+                for sid, replica, token, left in rows}
 
     # ---- API keys ----------------------------------------------------------------------------
     @staticmethod

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..serial_thread import SerialThread
-from .base import SESSION_EVENTS_KEPT, KeyExists, MetadataStore, SessionExists, heartbeat_fields, utc_stamp
+from .base import (SESSION_EVENTS_KEPT, KeyExists, LeaseLost, MetadataStore, SessionExists, heartbeat_fields,
+                   lease_change, utc_stamp)
 
 T = TypeVar("T")
 
@@ -103,6 +104,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
     """,
+    # 5: sessions' leases (MetadataStore.acquire_lease); no foreign key: a token outlives
+    # its session, so one made again under the same id never reuses it
+    """
+    CREATE TABLE session_leases (
+        session_id TEXT PRIMARY KEY,
+        replica TEXT,
+        token INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -119,9 +130,22 @@ class SQLiteStore(MetadataStore):
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._run(self._with_db, fn)
 
-    def _with_db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _fenced(self, session_id: str, fn: Callable[[sqlite3.Connection], T]) -> "asyncio.Future[T]":
+        """A write for the session, under the fencing token it has now (``fence``)."""
+        return self._run(self._with_db, fn, session_id, self.fence_of(session_id))
+
+    def _with_db(self, fn: Callable[[sqlite3.Connection], T], session_id: str | None = None,
+                 token: int | None = None) -> T:
         assert self._db is not None, "store not opened"
         with self._db:  # one transaction per call
+            if token is not None:
+                # IMMEDIATE: the write lock first, so no other process changes the lease
+                # between this check and the write.
+                self._db.execute("BEGIN IMMEDIATE")
+                row = self._db.execute("SELECT token FROM session_leases WHERE session_id = ?",
+                                       (session_id,)).fetchone()
+                if row is None or row[0] != token:
+                    raise LeaseLost(f"session {session_id}: fencing token {token} is stale")
             return fn(self._db)
 
     async def open(self) -> None:
@@ -199,7 +223,7 @@ class SQLiteStore(MetadataStore):
         return doc
 
     async def update_session(self, session_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
-        return await self._call(lambda db: self._update(db, session_id, changes))
+        return await self._fenced(session_id, lambda db: self._update(db, session_id, changes))
 
     async def delete_session(self, session_id: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
@@ -218,7 +242,7 @@ class SQLiteStore(MetadataStore):
             if session_changes:
                 self._update(db, session_id, session_changes)
 
-        return self._run(self._with_db, put)  # queued now: see MetadataStore.put_run
+        return self._fenced(session_id, put)  # queued now: see MetadataStore.put_run
 
     async def get_run(self, session_id: str, run_id: str) -> dict[str, Any] | None:
         row = await self._call(lambda db: db.execute(
@@ -239,7 +263,7 @@ class SQLiteStore(MetadataStore):
                        "SELECT ?, json_extract(value, '$.seq'), json_extract(value, '$.run_id'), value "
                        "FROM json_each(?)", (session_id, json.dumps(events)))
 
-        return self._run(self._with_db, append)  # queued now: see MetadataStore.append_events
+        return self._fenced(session_id, append)  # queued now: see MetadataStore.append_events
 
     async def read_events(self, session_id: str, after: int = 0, limit: int = 1000,
                           run_id: str | None = None) -> list[dict[str, Any]]:
@@ -269,7 +293,7 @@ class SQLiteStore(MetadataStore):
             if session_changes:
                 self._update(db, session_id, session_changes)
 
-        return self._run(self._with_db, add)  # queued now: see MetadataStore.add_session_event
+        return self._fenced(session_id, add)  # queued now: see MetadataStore.add_session_event
 
     async def list_session_events(self, session_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._call(lambda db: db.execute(
@@ -374,6 +398,52 @@ class SQLiteStore(MetadataStore):
 
     async def delete_replica(self, replica_id: str) -> bool:
         return await self._call(lambda db: db.execute("DELETE FROM replicas WHERE id = ?", (replica_id,)).rowcount > 0)
+
+    # ---- session leases ------------------------------------------------------------------------
+    @staticmethod
+    def _lease(session_id: str, replica: str | None, token: int, expires_at: float, now: float,
+               previous: str | None = None) -> dict[str, Any]:
+        return {"session_id": session_id, "replica": replica, "token": token, "expires_in": expires_at - now,
+                "previous": previous}
+
+    async def acquire_lease(self, session_id: str, replica_id: str, ttl: float) -> dict[str, Any]:
+        def acquire(db: sqlite3.Connection) -> dict[str, Any]:
+            db.execute("BEGIN IMMEDIATE")  # the row read and written under one write lock
+            now = time.time()
+            row = db.execute("SELECT replica, token, expires_at FROM session_leases WHERE session_id = ?",
+                             (session_id,)).fetchone()
+            taken, token, previous = lease_change(row, replica_id, now)
+            if not taken:
+                return self._lease(session_id, row[0], row[1], row[2], now)
+            db.execute("INSERT INTO session_leases (session_id, replica, token, expires_at) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT(session_id) DO UPDATE SET replica = excluded.replica, token = excluded.token, "
+                       "expires_at = excluded.expires_at", (session_id, replica_id, token, now + ttl))
+            return self._lease(session_id, replica_id, token, now + ttl, now, previous)
+
+        return await self._call(acquire)
+
+    async def renew_leases(self, replica_id: str, tokens: dict[str, int], ttl: float) -> list[str]:
+        def renew(db: sqlite3.Connection) -> list[str]:
+            now = time.time()
+            held = {sid for (sid,) in db.execute(
+                "UPDATE session_leases SET expires_at = ?1 FROM json_each(?2) AS t WHERE session_id = t.key "
+                "AND token = t.value AND replica = ?3 RETURNING session_id",
+                (now + ttl, json.dumps(tokens), replica_id)).fetchall()}
+            return [sid for sid in tokens if sid not in held]
+
+        return await self._call(renew)
+
+    async def end_lease(self, session_id: str, token: int | None = None) -> bool:
+        return await self._call(lambda db: db.execute(
+            "UPDATE session_leases SET replica = NULL, expires_at = 0, token = token + 1 "
+            "WHERE session_id = ?1 AND (?2 IS NULL OR token = ?2)", (session_id, token)).rowcount > 0)
+
+    async def get_leases(self, session_ids: list[str]) -> dict[str, dict[str, Any]]:
+        rows = await self._call(lambda db: db.execute(
+            "SELECT session_id, replica, token, expires_at FROM session_leases WHERE session_id IN "
+            "(SELECT value FROM json_each(?))", (json.dumps(session_ids),)).fetchall())
+        now = time.time()
+        return {row[0]: self._lease(*row, now) for row in rows}
 
     # ---- API keys ----------------------------------------------------------------------------
     @staticmethod

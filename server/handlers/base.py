@@ -21,7 +21,7 @@ from era_kernel.errors import BadRequest, NotFound, TooLarge
 from era_kernel.tenants import ADMIN, Tenant
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from .. import tenancy
+from .. import forwarding, tenancy
 from ..apidoc import Op
 from ..auth import bearer_token
 from ..errors import Forbidden, JsonErrors, NotReady
@@ -110,6 +110,8 @@ def _refuse_first(method):
             raise self._refusal
         if self._too_large:
             raise TooLarge(f"request body is larger than the limit of {self.services.max_body} bytes")
+        if self._forward_to is not None:  # another replica serves the session (server/forwarding.py)
+            return forwarding.forward_http(self, self._forward_to)
         return method(self, *args, **kwargs)
 
     return wrapper
@@ -195,6 +197,7 @@ class BaseHandler(RouteHandler):
         self._received = 0
         self._too_large = False
         self._refusal: Exception | None = None
+        self._forward_to: str | None = None  # the owner's address, when another replica serves the session
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")
@@ -213,6 +216,7 @@ class BaseHandler(RouteHandler):
             await self.admit()
             if self.SESSION_ROUTE and self.path_args and self.WAITS_FOR_ENGINE:
                 await self.check_owner(self.path_args[0])
+                self._forward_to = await forwarding.target(self)
         except Exception as exc:
             declared = self.request.headers.get("Content-Length", "0")
             if declared.isdigit() and int(declared) > self.services.drain_limit:

@@ -20,6 +20,7 @@ from tornado.web import Finish, HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from ..auth import require_origin
+from ..forwarding import forwarding_socket
 from ..services import Services
 from .base import RouteHandler, check_declared_size, wait_ready
 
@@ -45,8 +46,13 @@ class BoundedSocket(RouteHandler, WebSocketHandler):
     SESSION_ROUTE = True  # the path's first argument is a session id (logged with the request)
     GONE_REASON = "session deleted"  # the close reason when the session is deleted
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        forwarding_socket(cls)  # a session another replica serves: a tunnel to it instead
+
     def initialize(self, services: Services, auth: bool) -> None:
         super().initialize(services, auth)
+        self._handshake: str | None = None
         self.session_id: str | None = None
         self._closed = False  # the client left, or we closed: nothing more is sent
         self._unflushed = 0  # bytes written, not yet flushed to the client
@@ -55,7 +61,9 @@ class BoundedSocket(RouteHandler, WebSocketHandler):
     # ---- before the upgrade ---------------------------------------------------------------
     async def handshake(self) -> str:
         """The checks every WebSocket route makes, then a wait while the engine starts;
-        returns the session id of the path."""
+        returns the session id of the path. Once per request (forwarding asks first)."""
+        if self._handshake is not None:
+            return self._handshake
         sid = self.path_args[0]
         self.session_id = sid[:128]
         request, services = self.request, self.services
@@ -68,7 +76,12 @@ class BoundedSocket(RouteHandler, WebSocketHandler):
         require_origin(request.headers.get("Origin"), request.headers.get("Host"), services.allowed_origins)
         await wait_ready(services)
         await self.check_owner(sid)
+        self._handshake = sid
         return sid
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        tunnel = self.__dict__.get("_tunnel")  # forwarded: the owner's choice
+        return tunnel.subprotocol if tunnel is not None else super().select_subprotocol(subprotocols)
 
     def check_origin(self, origin: str) -> bool:
         return True  # already checked in handshake(), where a refusal can be a JSON 403
