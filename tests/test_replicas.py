@@ -42,16 +42,6 @@ DATA_N: dict[str, int] = {}  # session id -> the n in its data
 HAPROXY_CFG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
 
 
-def patient_checks(config: str) -> str:
-    """The repository's config, its health checks given more time: on a 2-core CI machine
-    shared with other jobs, three servers starting thirty kernels can take more than the
-    check interval (HAProxy's default check timeout) to answer /health, and HAProxy then
-    takes every replica out at once ("No server is available")."""
-    config = config.replace("    timeout connect 5s\n", "    timeout connect 5s\n    timeout check 10s\n", 1)
-    assert "timeout check" in config and "default-server inter 1s fall 2" in config, config
-    return config.replace("default-server inter 1s fall 2", "default-server inter 1s fall 3", 1)
-
-
 class Balancer:
     """HAProxy on loopback in front of the replicas, talked to as a server is."""
 
@@ -63,10 +53,8 @@ class Balancer:
         env = {**os.environ, "ERA_BALANCER_BIND": f"127.0.0.1:{self.port}",
                **{f"ERA_REPLICA_{n + 1}": f"127.0.0.1:{r.port}" for n, r in enumerate(replicas)}}
         self.log = tempfile.NamedTemporaryFile(prefix="era-haproxy-", suffix=".log")
-        self.cfg = tempfile.NamedTemporaryFile("w", prefix="era-haproxy-", suffix=".cfg")
-        self.cfg.write(patient_checks(HAPROXY_CFG.read_text()))
-        self.cfg.flush()
-        self.proc = subprocess.Popen([haproxy, "-db", "-f", self.cfg.name], env=env, stdout=subprocess.DEVNULL,
+        # The repository's own config, as scripts/cluster.sh runs it.
+        self.proc = subprocess.Popen([haproxy, "-db", "-f", str(HAPROXY_CFG)], env=env, stdout=subprocess.DEVNULL,
                                      stderr=self.log)
         # Up once its health checks took every replica in (rise 2, inter 1 s).
         wait_answering(self._all_up, self.proc, 20, "haproxy", interval=0.2,
@@ -91,7 +79,6 @@ class Balancer:
     def stop(self) -> None:
         stop_process(self.proc)
         self.log.close()
-        self.cfg.close()
 
 
 @pytest.fixture(scope="module")
