@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -266,3 +267,39 @@ def test_a_one_shot_run_with_a_policy_goes_through_the_proxy(server):
             assert result["stdout"].startswith("hello from the test internet"), result
         else:
             assert result["exit_code"] != 0 and "refused by policy" in json.dumps(result), result
+
+
+@pytest.mark.parametrize("provisioner", PROVISIONERS)
+def test_setup_commands_and_vm_commands_of_a_policy_session_go_through_the_proxy(server, internet, provisioner):
+    """Setup commands "have network" (ERA's rule), and a policy session's network is the
+    proxy: they reach allowed names through it and nothing else, as its kernel does; so
+    does a command run beside the kernel (ERA's /api/vm/{id}/run)."""
+    if provisioner == "docker":
+        require_docker()
+    sid = f"eg-setup-{provisioner}"
+    direct = f"python3 -c \"import socket; socket.create_connection(('{internet.address}', 80), 3)\""
+    commands = [f"python3 - > got.txt <<'EOF'\n{fetch('http://files.example.org/hello')}EOF",
+                f"python3 - > denied.txt 2>&1 <<'EOF'\n{fetch('http://metadata.example.org/latest')}EOF\ntrue",
+                f"{direct} > direct.txt 2>&1; true"]
+    server.json("POST", "/api/sessions", {"id": sid, "provisioner": provisioner, "allowInternetAccess": POLICY,
+                                          "setup": {"commands": commands}}, expect=201)
+    try:
+        for _ in range(600):
+            doc = server.json("GET", f"/api/sessions/{sid}")
+            if doc["setup_status"] not in ("pending", "running"):
+                break
+            time.sleep(0.1)
+        assert doc["setup_status"] == "completed", doc
+        read = lambda name: server.request("GET", f"/api/sessions/{sid}/files/{name}")[1].decode()  # noqa: E731
+        assert read("got.txt").startswith("hello from the test internet")
+        assert "refused by policy" in read("denied.txt"), read("denied.txt")
+        assert "Traceback" in read("direct.txt"), read("direct.txt")  # no route but the proxy
+        assert any(e["host"] == "metadata.example.org" for e in denials(server, sid))
+        ran = server.json("POST", f"/api/vm/{sid}/run", {"command": f"python3 - <<'EOF'\n{fetch('http://files.example.org/hello')}EOF",
+                                                        "timeout": 30})
+        assert ran["exit_code"] == 0 and ran["stdout"].startswith("hello from the test internet"), ran
+        ran = server.json("POST", f"/api/vm/{sid}/run", {"command": f"python3 - <<'EOF'\n{fetch('http://evil.example.org/x')}EOF",
+                                                        "timeout": 30})
+        assert ran["exit_code"] != 0 and "refused by policy" in ran["stderr"], ran
+    finally:
+        server.request("DELETE", f"/api/sessions/{sid}")

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+import secrets
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..ports import netns
 from .policy import EgressPolicy, operator_denied
 from .proxy import EgressProxy, dns_resolver, system_resolve
+
+if TYPE_CHECKING:
+    from ..provisioning.commands import EgressHook
 
 log = logging.getLogger("era.egress")
 
@@ -51,21 +55,34 @@ class EgressGate:
             self._record_event(sid, {"type": "egress_denied", "reason": reason, "host": name, "port": port,
                                      "message": f"connection to {name} refused by policy: {reason}"})
 
-    async def attach(self, sid: str, ns_path: str, policy: EgressPolicy, kernel: Any = None) -> None:
-        """Open the session's proxy listener inside the namespace ``ns_path`` (of ``kernel``'s sandbox)."""
-        self.detach(sid)
+    async def attach(self, sid: str, ns_path: str, policy: EgressPolicy, kernel: Any = None,
+                     key: str | None = None) -> None:
+        """Open the session's proxy listener inside the namespace ``ns_path`` (of ``kernel``'s
+        sandbox; ``key``, when it is another sandbox of the session's: a setup command's)."""
+        key = key or sid
+        self.detach(key)
         sock = await netns.listen(ns_path, self.port)
         server = await asyncio.start_server(self.proxy.serve(sid, policy), sock=sock, limit=64 * 1024)
-        self.servers[sid] = (server, kernel)
+        self.servers[key] = (server, kernel)
 
     def detach(self, sid: str, keep: Any = None) -> None:
-        """Close the session's listener, unless it is the one of ``keep`` (the kernel live
-        now: an event about the old kernel may come after a new one attached)."""
+        """Close the session's listener (or the one ``attach`` keyed ``sid``), unless it is
+        the one of ``keep`` (the kernel live now: an event about the old kernel may come
+        after a new one attached)."""
         entry = self.servers.get(sid)
         if entry is None or (keep is not None and entry[1] is keep):
             return
         del self.servers[sid]
         entry[0].close()  # the listener; tunnels under way end with their peers
+
+    def command_hook(self, sid: str, policy: EgressPolicy) -> "EgressHook":
+        """What ``run_command`` needs to put one command of the session (a setup command)
+        behind this proxy under ``policy``: a listener of its own, closed after it."""
+        from ..provisioning.commands import EgressHook
+
+        key = f"command-{sid}-{secrets.token_hex(4)}"
+        return EgressHook(self.port, lambda ns_path: self.attach(sid, ns_path, policy, key=key),
+                          lambda: self.detach(key))
 
     def close_all(self) -> None:
         for sid in list(self.servers):

@@ -28,7 +28,7 @@ from ..kernel import SessionKernel
 from ..kernelspecs import EraKernelSpecManager
 from ..languages import get_language
 from ..provisioning.base import LaunchOptions
-from ..provisioning.commands import DEFAULT_MAX_OUTPUT, CommandResult, OutputSink, run_command
+from ..provisioning.commands import DEFAULT_MAX_OUTPUT, CommandResult, EgressHook, OutputSink, run_command
 from ..setup.session import CommandSandbox
 from .events import EngineEvents, KernelReplaced
 from .kernels import KernelTable, Lease
@@ -76,7 +76,7 @@ class KernelLauncher:
         self._docker_networks: dict[str, tuple[float, bool]] = {}
 
     # ---- network -----------------------------------------------------------------------------
-    async def egress_policy(self, request: KernelRequest) -> EgressPolicy | None:
+    async def egress_policy(self, request: KernelRequest | SessionRecord) -> EgressPolicy | None:
         """The policy the egress proxy enforces for this kernel; None when its network is
         none at all or the provisioner's own (``allowInternetAccess: true`` locally, or
         on a Docker engine that has the egress network). A Docker engine without that
@@ -208,17 +208,33 @@ class KernelLauncher:
         workspace = self.files.path(record)
         await self.files.ensure_ready(record, uid)  # mounted, restored, its /tmp made
         extras = await self.setups.launch_extras(record.language, record.provisioner, record.setup)
+        # Network as the session's: a policy (or Docker without a bridge) is the egress
+        # proxy, under the session's policy, as for its kernel and setup commands.
+        hook = await self.command_egress(record) if allow_network is None or allow_network else None
         options = LaunchOptions.from_settings(
             self.settings, record.provisioner, workspace, uid=uid,
-            # A policy session's commands get no network: only its kernel has the proxy.
             allow_network=record.allow_internet is True if allow_network is None else allow_network,
             env={"ERA_SESSION": "true", "ERA_SESSION_ID": record.id, "ERA_LANGUAGE": record.language,
                  **sdk_env(extras["env"]), **self.session_env(record.id), **record.env, **(env or {})},
             labels={"era.session": record.id}, readonly=(*extras["readonly"], *SDK_DIRS),
             **self.own_limits(record.limits),
             isolation=record.isolation or "runc", tmp_dir=self.files.tmp_path(workspace))
+        if hook is not None:
+            networked = options.gvisor_runtimes[1]  # gVisor's own netstack would not see the listener
+            options = options.replace(env={**options.env, **proxy_env(hook.port)}, gvisor_runtimes=(networked, networked))
         return await run_command(record.provisioner, options, argv, language=record.language, timeout=timeout,
-                                 max_output=max_output, on_output=on_output)
+                                 max_output=max_output, on_output=on_output, egress=hook)
+
+    async def command_egress(self, record: SessionRecord) -> EgressHook | None:
+        """For a command beside the kernel (setup, ``/api/vm/{id}/run``) that may use the
+        network: the egress proxy's hook when the session's network is the proxy (a policy,
+        or Docker without a bridge), else None (the provisioner's own network)."""
+        policy = await self.egress_policy(record)
+        if policy is None:
+            return None
+        if self.egress is None:
+            raise KernelFailed("this session's network goes through the egress proxy, which this engine lacks")
+        return self.egress.command_hook(record.id, policy)
 
     def command_sandbox(self, record: SessionRecord) -> CommandSandbox:
         """Where the session's setup writes its files and runs its commands."""
@@ -233,9 +249,12 @@ class KernelLauncher:
             if note:
                 log.warning("session %s: %s", record.id, note)
 
-        return _ReadySandbox(self.files, record, self.settings, record.provisioner, record.language, workspace,
-                             self.files.tmp_path(workspace), uid, write_file=write_file, finished=finished,
-                             isolation=record.isolation)
+        sandbox = _ReadySandbox(self.files, record, self.settings, record.provisioner, record.language, workspace,
+                                self.files.tmp_path(workspace), uid, write_file=write_file, finished=finished,
+                                isolation=record.isolation)
+
+        sandbox.egress = lambda: self.command_egress(record)  # the kernel's rule for setup commands too
+        return sandbox
 
     # ---- sessions ------------------------------------------------------------------------
     def start_in_background(self, record: SessionRecord, lease: Lease, warm: WarmKernel | None = None) -> None:

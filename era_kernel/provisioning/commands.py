@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from ..errors import BadRequest, KernelFailed
 from . import cgroups
@@ -42,6 +42,59 @@ DEFAULT_MAX_OUTPUT = 1024 * 1024  # per stream
 TIMEOUT_EXIT = 124
 READ_CHUNK = 64 * 1024
 OutputSink = Callable[[str, str], None]  # (stream name "stdout" | "stderr", text as it came)
+
+
+@dataclass
+class EgressHook:
+    """A command whose only way out is the egress proxy (a setup command of a session with
+    an egress policy): its sandbox gets no network; once the sandbox exists, ``attach`` is
+    called with its network namespace (``/proc/<pid>/ns/net``) to open the proxy's
+    listener there at ``127.0.0.1:port``, and the command itself starts only when that
+    listener answers. ``detach`` closes the listener when the command is over."""
+    port: int
+    attach: Callable[[str], Awaitable[None]]
+    detach: Callable[[], None]
+
+
+SANDBOX_WAIT_S = 10.0  # for the sandbox's process to appear, and for the listener inside it
+
+
+def _after_proxy(port: int, argv: list[str]) -> list[str]:
+    """``argv`` started once the proxy's listener answers inside the sandbox (bash's
+    /dev/tcp; it is opened from outside the moment the sandbox exists), else a clear error."""
+    script = ('for ((i = 0; i < 200; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$0") 2>/dev/null && exec "$@"; '
+              'sleep 0.05; done; echo "era: the egress proxy did not open in this sandbox" >&2; exit 125')
+    return ["bash", "-c", script, str(port), *argv]
+
+
+def _process_in_other_netns(root: int, ours: int) -> int | None:
+    """Blocking (/proc): a process under ``root`` in another network namespace than ``ours``
+    (bubblewrap's sandboxed child), or None while there is none yet."""
+    from ..ports.netns import namespace_id
+
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            if namespace_id(f"/proc/{pid}/ns/net") != ours:
+                return pid
+            with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                stack.extend(int(child) for child in fh.read().split())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+async def _attach_local(proc: asyncio.subprocess.Process, egress: EgressHook) -> None:
+    from ..ports.netns import namespace_id
+
+    ours = await asyncio.to_thread(namespace_id, "/proc/self/ns/net")
+    deadline = time.monotonic() + SANDBOX_WAIT_S
+    while (pid := await asyncio.to_thread(_process_in_other_netns, proc.pid, ours)) is None:
+        if proc.returncode is not None or time.monotonic() > deadline:
+            raise KernelFailed("the command's sandbox did not start, so the egress proxy could not be opened in it")
+        await asyncio.sleep(0.01)
+    await egress.attach(f"/proc/{pid}/ns/net")
 
 
 @dataclass
@@ -101,11 +154,12 @@ def _base_env(options: LaunchOptions, path: str) -> dict[str, str]:
 
 async def run_command(provisioner: str, options: LaunchOptions, argv: list[str], *, language: str, timeout: float,
                       max_output: int = DEFAULT_MAX_OUTPUT, on_output: OutputSink | None = None,
-                      docker_client: Any = None) -> CommandResult:
+                      docker_client: Any = None, egress: EgressHook | None = None) -> CommandResult:
     """Run ``argv`` in the sandbox ``options`` describe (``provisioner``: ``local`` or
     ``docker``; ``language`` picks the image on Docker) and return its outcome. Raises
     ``BadRequest`` for an argv that cannot be run, ``KernelFailed`` when the sandbox
-    itself cannot be made (no image, no Docker engine)."""
+    itself cannot be made (no image, no Docker engine). With ``egress``, the sandbox has no
+    network but the egress proxy's listener (see ``EgressHook``)."""
     if not argv or not all(isinstance(a, str) and a and "\0" not in a for a in argv):
         raise BadRequest("the command must be a non-empty list of strings without NUL", field="command")
     if not timeout or timeout <= 0:
@@ -113,15 +167,22 @@ async def run_command(provisioner: str, options: LaunchOptions, argv: list[str],
     started = time.perf_counter()
     out = _Capture("stdout", max_output, on_output)
     err = _Capture("stderr", max_output, on_output)
-    if provisioner == "docker":
-        from .commands_docker import run_in_container
+    if egress is not None:
+        options = options.replace(allow_network=False)
+        argv = _after_proxy(egress.port, argv)
+    try:
+        if provisioner == "docker":
+            from .commands_docker import run_in_container
 
-        code, timed_out, oom = await run_in_container(options, argv, language=language, timeout=timeout,
-                                                      out=out, err=err, client=docker_client)
-    elif provisioner == "local":
-        code, timed_out, oom = await _run_local(options, argv, timeout=timeout, out=out, err=err)
-    else:
-        raise BadRequest(f"unknown provisioner {provisioner!r}", field="provisioner")
+            code, timed_out, oom = await run_in_container(options, argv, language=language, timeout=timeout,
+                                                          out=out, err=err, client=docker_client, egress=egress)
+        elif provisioner == "local":
+            code, timed_out, oom = await _run_local(options, argv, timeout=timeout, out=out, err=err, egress=egress)
+        else:
+            raise BadRequest(f"unknown provisioner {provisioner!r}", field="provisioner")
+    finally:
+        if egress is not None:
+            egress.detach()
     return CommandResult(exit_code=code, stdout=out.text(), stderr=err.text(), timed_out=timed_out,
                          truncated=out.truncated or err.truncated, out_of_memory=oom,
                          duration_ms=round((time.perf_counter() - started) * 1000, 1))
@@ -156,12 +217,15 @@ def _local_argv(options: LaunchOptions, argv: list[str], uid: int, seccomp_fd: i
 
 
 async def _run_local(options: LaunchOptions, argv: list[str], *, timeout: float, out: _Capture,
-                     err: _Capture) -> tuple[int, bool, bool]:
+                     err: _Capture, egress: EgressHook | None = None) -> tuple[int, bool, bool]:
     if options.uid is not None:
         uid = options.uid
     else:
         uid = _NOBODY if os.getuid() == 0 else os.getuid()
     sandboxed = sandbox_mode(options.sandbox) == "bwrap"
+    if egress is not None and not sandboxed:
+        raise KernelFailed("this command's network is the egress proxy, which needs the sandbox's own network "
+                           "namespace: without bubblewrap (ERA_SANDBOX) it cannot be enforced")
     try:
         found = await asyncio.to_thread(cgroups.resolve, options.cgroups)
     except cgroups.CgroupsUnavailable as exc:
@@ -191,6 +255,8 @@ async def _run_local(options: LaunchOptions, argv: list[str], *, timeout: float,
         finally:
             if seccomp_fd is not None:
                 os.close(seccomp_fd)  # the child has its copy
+        if egress is not None:
+            await _attach_local(proc, egress)
 
         async def pump(stream: asyncio.StreamReader, capture: _Capture) -> None:
             while chunk := await stream.read(READ_CHUNK):

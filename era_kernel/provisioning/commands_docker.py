@@ -30,7 +30,7 @@ from .gvisor import oci_runtime, process_limits, runtime_error, security_options
 from .owner import me
 
 if TYPE_CHECKING:
-    from .commands import _Capture
+    from .commands import EgressHook, _Capture
 
 LABEL_COMMAND = "era.command"
 TMP_SIZE = "256m"
@@ -76,7 +76,8 @@ def _spec(client: Any, options: LaunchOptions, argv: list[str], language: str) -
 
 
 async def run_in_container(options: LaunchOptions, argv: list[str], *, language: str, timeout: float,
-                           out: "_Capture", err: "_Capture", client: Any = None) -> tuple[int, bool, bool]:
+                           out: "_Capture", err: "_Capture", client: Any = None,
+                           egress: "EgressHook | None" = None) -> tuple[int, bool, bool]:
     """(exit code, timed out, out of memory) of ``argv`` in a fresh container."""
     from .commands import TIMEOUT_EXIT
 
@@ -99,6 +100,11 @@ async def run_in_container(options: LaunchOptions, argv: list[str], *, language:
             if "executable file not found" in text or "no such file or directory" in text:
                 return 127, False, False  # as a shell says of a missing program
             raise KernelFailed(f"cannot start the command's container: {text}") from None
+        if egress is not None:  # network none: the proxy's listener goes into its namespace
+            state = (await asyncio.to_thread(client.api.inspect_container, container.id))["State"]
+            if not state.get("Pid"):
+                raise KernelFailed("the command's container stopped before the egress proxy could be opened in it")
+            await egress.attach(f"/proc/{state['Pid']}/ns/net")
 
         def follow(stdout: bool, capture: "_Capture") -> None:  # ends when the container exits
             for chunk in client.api.logs(container.id, stdout=stdout, stderr=not stdout, stream=True, follow=True):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..provisioning.base import LaunchOptions
-from ..provisioning.commands import CommandResult, OutputSink, run_command
+from ..provisioning.commands import CommandResult, EgressHook, OutputSink, run_command
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -55,6 +55,10 @@ class CommandSandbox:
         self._write_file = write_file
         self._finished = finished
         self.isolation = isolation or "runc"  # a gVisor session's setup steps run under gVisor too
+        # When the session's network is the egress proxy: a hook per command for run_command
+        # (EgressGate.command_hook), so commands "with network" get the proxy, under the
+        # session's policy, and nothing else. None: network means the provisioner's own.
+        self.egress: Callable[[], Awaitable[EgressHook | None]] | None = None
 
     async def run(self, argv: list[str], *, timeout: float, allow_network: bool, env: dict[str, str],
                   readonly: list[str] = (), on_output: OutputSink | None = None,
@@ -67,8 +71,14 @@ class CommandSandbox:
             readonly=tuple(readonly), tmp_dir=self.tmp_dir, isolation=self.isolation).replace(
             memory=int(setting(self.settings, "ERA_SETUP_MEMORY", DEFAULT_MEMORY)),
             pids=int(setting(self.settings, "ERA_SETUP_PIDS", DEFAULT_PIDS)))
+        hook = await self.egress() if allow_network and self.egress is not None else None
+        if hook is not None:
+            from ..egress.gate import proxy_env
+
+            networked = options.gvisor_runtimes[1]  # gVisor's own netstack would not see the listener
+            options = options.replace(env={**options.env, **proxy_env(hook.port)}, gvisor_runtimes=(networked, networked))
         return await run_command(self.provisioner, options, argv, language=self.language, timeout=timeout,
-                                 on_output=on_output, max_output=max_output)
+                                 on_output=on_output, max_output=max_output, egress=hook)
 
     async def write_file(self, name: str, data: bytes) -> None:
         """Write ``name`` at the top of the workspace as the session's uid (through the
