@@ -34,6 +34,9 @@ import time
 
 log = logging.getLogger("era.provisioning.zygote")
 MAX_MESSAGE = 1 << 20
+# Bytes of padding on the zygote's command line: each forked kernel writes its own
+# command line over it (forked.set_cmdline), so /proc/<pid>/cmdline names the kernel.
+CMDLINE_ROOM = 4096
 PRELOAD = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.iostream",
            "ipykernel.heartbeat", "ipykernel.comm", "IPython.core.interactiveshell", "IPython.core.completer",
            "IPython.core.history", "jupyter_client.session", "zmq", "zmq.eventloop.zmqstream", "tornado.ioloop",
@@ -128,7 +131,8 @@ def _warm_up() -> None:
 
 
 def main() -> None:
-    """``python -m era_kernel.provisioning.zygote <socket fd> <server pid>``."""
+    """``python -m era_kernel.provisioning.zygote <socket fd> <server pid> <padding>`` (the
+    padding: room for each kernel's command line, CMDLINE_ROOM)."""
     fd, server = int(sys.argv[1]), int(sys.argv[2])
     import ctypes
 
@@ -179,7 +183,8 @@ class Zygote:
         self._started = time.monotonic()
         try:
             self.process = subprocess.Popen(
-                [python, "-m", "era_kernel.provisioning.zygote", str(theirs.fileno()), str(os.getpid())],
+                [python, "-m", "era_kernel.provisioning.zygote", str(theirs.fileno()), str(os.getpid()),
+                 " " * CMDLINE_ROOM],
                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True)
         finally:
             theirs.close()
