@@ -260,6 +260,41 @@ def set_cmdline(argv: list[str]) -> None:
     ctypes.memmove(start, raw + b"\0" * (room - len(raw)), room)
 
 
+ENV_ROOM_VAR = "ERA_ENV_ROOM"  # the zygote's first environment entry: room for each kernel's
+
+
+def set_environ(env: dict[str, str]) -> None:
+    """Show the kernel's environment in /proc/<pid>/environ, as an exec'd kernel's shows
+    the one it started with: a session's commands start from it (commands/channel.py).
+    Written in place over the zygote's environment area, whose first entry is padding
+    left for it (``Zygote``: ``ENV_ROOM``); the zygote's own entries after it are zeroed,
+    and the padding's unused rest (spaces, no ``=``) reads as no variable. Only the pages
+    written become the kernel's own. An environment larger than the room is cut at a
+    variable, said in the kernel's log."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end
+    except (OSError, IndexError, ValueError):
+        return
+    area = ctypes.string_at(start, end - start)
+    if not area.startswith(ENV_ROOM_VAR.encode() + b"="):
+        return
+    room = area.index(b"\0")
+    data, left_out = b"", []
+    for key, value in env.items():
+        item = os.fsencode(f"{key}={value}") + b"\0"
+        if len(data) + len(item) > room:
+            left_out.append(key)
+            continue
+        data += item
+    if left_out:
+        os.write(2, f"era fork launcher: /proc/<pid>/environ leaves out {', '.join(left_out)} (too large)\n".encode())
+    ctypes.memset(start + room, 0, len(area) - room)
+    ctypes.memmove(start, data, len(data))
+    if len(data) < room:
+        ctypes.memset(start + len(data), 0, 1)
+
+
 # ---------------------------------------------------------------------------- the sequence
 
 
@@ -294,6 +329,7 @@ def become_kernel(request_fd: int, output_fd: int) -> None:
         if not request["allow_network"]:
             loopback_up()
         set_cmdline(request["cmdline"])
+        set_environ(request["env"])
         drop_privileges(request["uid"], request["gid"])
         # Changing uid without an exec left us undumpable: /proc/self would stay root's and
         # the kernel could not, say, lower its own oom_score_adj as an exec'd one can.
