@@ -170,10 +170,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the engine does not start without them) or `off`.", _choice("auto", "on", "off")),
     Setting("ERA_PROVISIONER", "local", "Default kernel provisioner for new sessions: `local` or `docker`."),
     Setting("ERA_SANDBOX", "auto", "Local sandbox: `auto` (bubblewrap when present), `bwrap` (required) or `none`."),
-    Setting("ERA_LOCAL_LAUNCHER", "bwrap", "How sandboxed local Python kernels start: `bwrap` (a new interpreter in "
-            "bubblewrap) or `fork` (forked from a zygote that has imported ipykernel, with the same isolation built in "
-            "process; needs root; other kernels, and Python kernels of a setup environment, still use bubblewrap). "
-            "README: Fast kernels.", _choice("bwrap", "fork")),
+    Setting("ERA_LOCAL_LAUNCHER", "fork", "How sandboxed local Python kernels start: `fork` (forked from a zygote "
+            "that has imported ipykernel, with the isolation bubblewrap gives built in process; where it cannot apply, "
+            "bubblewrap: a server that is not root, other languages' kernels, Python kernels of a setup environment) or "
+            "`bwrap` (each a new interpreter in bubblewrap). README: Fast kernels.", _choice("bwrap", "fork")),
     Setting("ERA_ALLOW_INTERNET_DEFAULT", False, "`allowInternetAccess` of a session created without it. ERA's "
             "default is true; ours is off, so that code reaches no network unless asked (README: ERA defaults).",
             _bool),

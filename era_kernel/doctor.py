@@ -30,10 +30,11 @@ def _launcher(settings: Settings) -> Check:
     started for real and asked nothing: it must come up (imports, no threads)."""
     if settings["ERA_LOCAL_LAUNCHER"] != "fork":
         return ("launcher", "OK", "bwrap: each local kernel is a new interpreter in bubblewrap "
-                                  "(ERA_LOCAL_LAUNCHER=fork forks Python kernels from a zygote)")
+                                  "(ERA_LOCAL_LAUNCHER=fork, the default, forks Python kernels from a zygote)")
     if os.getuid() != 0:
-        return ("launcher", "WARN", "ERA_LOCAL_LAUNCHER=fork needs root (it builds the sandbox itself): "
-                                    "kernels start in bubblewrap instead")
+        return ("launcher", "OK", "bwrap: the server is not root, and the fork launcher (ERA_LOCAL_LAUNCHER=fork) "
+                                  "needs root to build the sandbox itself; each local kernel is a new interpreter in "
+                                  "bubblewrap")
     from .provisioning.zygote import Zygote, ZygoteFailed
 
     try:

@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -88,7 +89,16 @@ def serve(settings: Any, listener: socket.socket, responder: Any, boot: dict[str
         return 0
 
 
+# Threads for the blocking work asyncio.to_thread hands off (workspace volumes: mkfs, loop
+# devices, mounts; kernel directories; fork requests to the zygote). The default pool is
+# min(32, cores + 4): 6 threads on 2 cores, and a burst of 30 session starts queued on it
+# (a start's steps wait on the kernel or a subprocess more than they compute). Threads are
+# made only as needed. Measured: 30 creates at once, p50 -12%.
+BLOCKING_THREADS = 48
+
+
 async def _serve(settings: Any, listener: socket.socket, responder: Any, boot: dict[str, Any]) -> int:
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="era-io"))
     services = Services(settings)
     services.address = listening_address(listener)
     server = HTTPServer(make_app(services), max_body_size=services.drain_limit, idle_connection_timeout=300)

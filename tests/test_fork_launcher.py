@@ -42,9 +42,22 @@ def test_sessions_run_in_forked_kernels_with_their_environment(server):
     server.json("POST", "/api/sessions", {"id": "fk-env", "env": {"GREETING": "hello"}}, expect=201)
     for sid, greeting in (("fk-pooled", None), ("fk-env", "hello")):
         found = probe(server, sid)
-        assert not found["init"].endswith("bwrap"), found
+        assert found["init"] == "era-fork-init", found
         assert found["uid"] != 0 and found["greeting"] == greeting and found["pid"] == 2, found
     assert any("zygote" in line for line in server.lines), "the server never started a zygote"
+    # On the host, ps (and the orphan reaper, and every search by command line) tells each
+    # forked kernel by its own command line, naming its connection file, and its init apart.
+    argvs = {}
+    for pid in server.descendants():
+        try:
+            argvs[pid] = (open(f"/proc/{pid}/cmdline", "rb").read().decode().rstrip("\0").split("\0"),
+                          open(f"/proc/{pid}/comm").read().strip())
+        except OSError:
+            continue
+    kernels = [a for a, _ in argvs.values() if "ipykernel_launcher" in a and a[a.index("-f") + 1].endswith(
+        "/connection.json")]
+    inits = [a for a, comm in argvs.values() if a[0] == comm == "era-fork-init" and a[2].endswith("/connection.json")]
+    assert len(kernels) >= 2 and sorted(k[k.index("-f") + 1] for k in kernels) == sorted(i[2] for i in inits), argvs
 
 
 def test_timeout_interrupt_and_restart(server):

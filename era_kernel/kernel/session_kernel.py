@@ -24,6 +24,7 @@ from .channel_reader import ChannelReader
 from ..errors import KernelFailed
 from ..provisioning.base import EraProvisioner
 from .outputs import OutputCollector
+from .ready import quick_reconnect, wait_for_ready
 from .wire import EraKernelManager
 
 if TYPE_CHECKING:
@@ -126,9 +127,10 @@ class SessionKernel:
                 import zmq
 
                 kc.context.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+            quick_reconnect(kc.context)
             kc.start_channels()
             self.kc = kc
-            await asyncio.wait_for(kc.wait_for_ready(timeout=self.start_timeout), self.start_timeout + 5)
+            await asyncio.wait_for(wait_for_ready(kc, self.start_timeout), self.start_timeout + 5)
             provisioner = self._era_provisioner()
             if provisioner is not None:
                 await provisioner.seal_ipc()

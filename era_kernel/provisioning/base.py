@@ -55,7 +55,7 @@ class LaunchOptions:
     pids: int = 256
     cpus: float = 1.0  # era-docker
     sandbox: str = "auto"  # era-local: auto | bwrap | none
-    launcher: str = "bwrap"  # era-local: bwrap | fork (Python kernels forked from a zygote: launch_fork.py)
+    launcher: str = "fork"  # era-local: fork (Python kernels forked from a zygote: launch_fork.py) | bwrap
     tmp_size: int = 256 * 1024**2  # era-local: the sandbox's private /tmp (a tmpfs), when tmp_dir is None
     # The session's own /tmp: a host directory bound at /tmp (read-write), which outlives
     # the kernel (restarts keep it); None: a private tmpfs per kernel (pooled kernels, a

@@ -45,9 +45,9 @@ MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-PR_SET_DUMPABLE = 4
+PR_SET_DUMPABLE, PR_SET_NAME = 4, 15
+INIT_NAME = "era-fork-init"  # the sandbox's pid 1, in ps (its command line and name)
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 24, 38, 22
-PR_SET_MM, PR_SET_MM_ARG_START, PR_SET_MM_ARG_END = 35, 8, 9
 SECCOMP_MODE_FILTER = 2
 _SYSCALLS = {"x86_64": {"pivot_root": 155, "mount_setattr": 442, "capset": 126},
              "aarch64": {"pivot_root": 41, "mount_setattr": 442, "capset": 91}}
@@ -239,28 +239,60 @@ def install_seccomp() -> None:
                        ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
 
 
-_CMDLINE: Any = None  # kept alive: /proc/<pid>/cmdline points at it
-
-
 def set_cmdline(argv: list[str]) -> None:
-    """Show the kernel's own command line in /proc/<pid>/cmdline (``ps``, the provisioner's
-    and the tests' process searches name the kernel's connection file), not the zygote's.
-    Needs CAP_SYS_RESOURCE: called before dropping privileges; best effort."""
-    global _CMDLINE
-    raw = b"\0".join(a.encode() for a in argv) + b"\0"
-    _CMDLINE = ctypes.create_string_buffer(raw, len(raw))
-    start = ctypes.addressof(_CMDLINE)
-    end = start + len(raw)
+    """Show the kernel's own command line in /proc/<pid>/cmdline (``ps``, the orphan
+    reaper's check of a recorded pid, the tests' process searches: they name the kernel's
+    connection file), not the zygote's. Written over the zygote's own argv in place, as
+    setproctitle does: ``PR_SET_MM`` would point the kernel at a new buffer but needs
+    CAP_SYS_RESOURCE, which containers commonly drop. The zygote's command line carries
+    padding for this (``Zygote``: ``CMDLINE_ROOM``); a longer command line is cut short
+    (its head names the connection file). The last byte stays NUL: readers then take the
+    area as NUL-separated arguments (the padding reads as empty ones)."""
     try:
-        current_end = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[46])  # arg_end
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end
     except (OSError, IndexError, ValueError):
         return
-    order = [(PR_SET_MM_ARG_END, end), (PR_SET_MM_ARG_START, start)] if start >= current_end else \
-        [(PR_SET_MM_ARG_START, start), (PR_SET_MM_ARG_END, end)]
-    for field, value in order:
-        if _libc.prctl(PR_SET_MM, ctypes.c_ulong(field), ctypes.c_ulong(value), ctypes.c_ulong(0),
-                       ctypes.c_ulong(0)) < 0:
-            return
+    room = end - start
+    if room <= 1:
+        return
+    raw = (b"\0".join(a.encode() for a in argv) + b"\0")[:room - 1]
+    ctypes.memmove(start, raw + b"\0" * (room - len(raw)), room)
+
+
+ENV_ROOM_VAR = "ERA_ENV_ROOM"  # the zygote's first environment entry: room for each kernel's
+
+
+def set_environ(env: dict[str, str]) -> None:
+    """Show the kernel's environment in /proc/<pid>/environ, as an exec'd kernel's shows
+    the one it started with: a session's commands start from it (commands/channel.py).
+    Written in place over the zygote's environment area, whose first entry is padding
+    left for it (``Zygote``: ``ENV_ROOM``); the zygote's own entries after it are zeroed,
+    and the padding's unused rest (spaces, no ``=``) reads as no variable. Only the pages
+    written become the kernel's own. An environment larger than the room is cut at a
+    variable, said in the kernel's log."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end
+    except (OSError, IndexError, ValueError):
+        return
+    area = ctypes.string_at(start, end - start)
+    if not area.startswith(ENV_ROOM_VAR.encode() + b"="):
+        return
+    room = area.index(b"\0")
+    data, left_out = b"", []
+    for key, value in env.items():
+        item = os.fsencode(f"{key}={value}") + b"\0"
+        if len(data) + len(item) > room:
+            left_out.append(key)
+            continue
+        data += item
+    if left_out:
+        os.write(2, f"era fork launcher: /proc/<pid>/environ leaves out {', '.join(left_out)} (too large)\n".encode())
+    ctypes.memset(start + room, 0, len(area) - room)
+    ctypes.memmove(start, data, len(data))
+    if len(data) < room:
+        ctypes.memset(start + len(data), 0, 1)
 
 
 # ---------------------------------------------------------------------------- the sequence
@@ -297,6 +329,7 @@ def become_kernel(request_fd: int, output_fd: int) -> None:
         if not request["allow_network"]:
             loopback_up()
         set_cmdline(request["cmdline"])
+        set_environ(request["env"])
         drop_privileges(request["uid"], request["gid"])
         # Changing uid without an exec left us undumpable: /proc/self would stay root's and
         # the kernel could not, say, lower its own oom_score_adj as an exec'd one can.
@@ -306,6 +339,12 @@ def become_kernel(request_fd: int, output_fd: int) -> None:
         kernel = os.fork()
         if kernel == 0:
             _run_kernel(request)  # never returns
+        # Told apart from its kernel, as bubblewrap's own process is: it names the
+        # connection file too (the orphan reaper checks the recorded pid, this one), but
+        # is not an ipykernel_launcher.
+        set_cmdline([INIT_NAME, *request["argv"][:2]])
+        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(INIT_NAME.encode()), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                    ctypes.c_ulong(0))
         status = _init(kernel)
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the server reads it in the kernel's log
         try:

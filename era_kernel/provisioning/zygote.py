@@ -32,8 +32,16 @@ import sys
 import threading
 import time
 
+from .forked import ENV_ROOM_VAR
+
 log = logging.getLogger("era.provisioning.zygote")
 MAX_MESSAGE = 1 << 20
+# Bytes of padding on the zygote's command line: each forked kernel writes its own
+# command line over it (forked.set_cmdline), so /proc/<pid>/cmdline names the kernel.
+CMDLINE_ROOM = 4096
+# Likewise for each kernel's environment (forked.set_environ); the pages a kernel writes
+# become its own. Under the 64 KiB a session's commands take of it (commands/channel.py).
+ENV_ROOM = 48 * 1024
 PRELOAD = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.iostream",
            "ipykernel.heartbeat", "ipykernel.comm", "IPython.core.interactiveshell", "IPython.core.completer",
            "IPython.core.history", "jupyter_client.session", "zmq", "zmq.eventloop.zmqstream", "tornado.ioloop",
@@ -128,7 +136,8 @@ def _warm_up() -> None:
 
 
 def main() -> None:
-    """``python -m era_kernel.provisioning.zygote <socket fd> <server pid>``."""
+    """``python -m era_kernel.provisioning.zygote <socket fd> <server pid> <padding>`` (the
+    padding: room for each kernel's command line, CMDLINE_ROOM)."""
     fd, server = int(sys.argv[1]), int(sys.argv[2])
     import ctypes
 
@@ -172,14 +181,15 @@ class Zygote:
         self.python = python
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # Read once at interpreter start, so the zygote's own: what every kernel gets (local.kernel_env).
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1", "MALLOC_ARENA_MAX": "2",
+        env = {ENV_ROOM_VAR: " " * ENV_ROOM, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1", "MALLOC_ARENA_MAX": "2",
                "LANG": os.environ.get("LANG", "C.UTF-8"),
                # debugpy warns once at import about frozen modules: in the zygote it would reach no kernel's log
                "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
         self._started = time.monotonic()
         try:
             self.process = subprocess.Popen(
-                [python, "-m", "era_kernel.provisioning.zygote", str(theirs.fileno()), str(os.getpid())],
+                [python, "-m", "era_kernel.provisioning.zygote", str(theirs.fileno()), str(os.getpid()),
+                 " " * CMDLINE_ROOM],
                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True)
         finally:
             theirs.close()

@@ -134,8 +134,18 @@ def _cgroup_dirs(pid: int) -> list[str]:
 
 
 class Local(Backend):
+    """era-local with ERA_LOCAL_LAUNCHER=bwrap: each kernel a new interpreter in bubblewrap
+    (what other languages' kernels, and Python kernels where fork does not apply, get)."""
+
     name, entry_point = "local", "era-local"
     root_helpers = frozenset({"bwrap"})
+    launch = {"launcher": "bwrap"}
+    plain_env = {"ERA_LOCAL_LAUNCHER": "bwrap"}
+
+    def check_launched(self, km: Any) -> None:
+        from era_kernel.provisioning.zygote import ForkedProcess
+
+        assert not isinstance(km.provisioner.process, ForkedProcess), "forked, though the launcher is bwrap"
     def require(self) -> None:
         if shutil.which("bwrap") is None:  # without it era-local runs unsandboxed: nothing here would hold
             message = "bubblewrap not installed (CI installs it and sets ERA_REQUIRE_SANDBOX=1)"
