@@ -22,6 +22,11 @@ from ..kernel import EventSink, InputHandler
 from .results import new_run_id
 from .tickets import CANCELLED, FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, RunTicket
 
+# A cancel's interrupt is sent again this many times, this far apart, while the run still
+# runs: ipykernel ignores SIGINT until it has entered the cell, so one that lands between
+# the engine sending the run and the kernel starting it is lost.
+REINTERRUPTS, REINTERRUPT_EVERY_S = 6, 0.5
+
 if TYPE_CHECKING:
     from ..config import Settings
     from ..store.base import MetadataStore
@@ -46,6 +51,7 @@ class RunQueue:
         self._waiting: dict[str, list[RunTicket]] = {}  # session id -> queued runs, in order
         self._running: dict[str, RunTicket] = {}
         self._tasks: set[asyncio.Task] = set()  # background runs
+        self._reinterrupts: set[asyncio.Task] = set()  # cancels sending their interrupt again
         self.on_finished: list[Finished] = []
 
     # ---- submitting --------------------------------------------------------------------
@@ -197,10 +203,30 @@ class RunQueue:
         ticket.cancel_requested = True
         if ticket.status == RUNNING and ticket.kernel is not None:
             await ticket.kernel.interrupt()
+            self._interrupt_again(ticket)
         elif ticket.task is not None:  # a queued background run
             ticket.task.cancel()
             await asyncio.gather(ticket.task, return_exceptions=True)
         return await self.get(session_id, run_id)
+
+    def _interrupt_again(self, ticket: RunTicket) -> None:
+        kernel = ticket.kernel
+
+        async def again() -> None:
+            for _ in range(REINTERRUPTS):
+                await asyncio.sleep(REINTERRUPT_EVERY_S)
+                # Checked and sent with no await between: the run after this one cannot
+                # have started while this ticket is still running on the same kernel.
+                if ticket.status != RUNNING or ticket.kernel is not kernel:
+                    return
+                try:
+                    await kernel.interrupt()
+                except Exception:  # the kernel went away: the run ends with it
+                    return
+
+        task = asyncio.create_task(again(), name=f"era-reinterrupt-{ticket.run_id}")
+        self._reinterrupts.add(task)
+        task.add_done_callback(self._reinterrupts.discard)
 
     # ---- restarts --------------------------------------------------------------------------
     async def recover(self, load_for: Callable[[str], Loader], ready: Callable[[str], Awaitable[None]],
