@@ -196,7 +196,7 @@ async def main() -> None:
     args = parser.parse_args()
     EXTRA_ENV.update(item.split("=", 1) for item in args.env)
     rows = []
-    for launcher in args.launchers.split(","):
+    for launcher in filter(None, args.launchers.split(",")):  # --launchers "": Docker only
         log(f"local, {launcher} launcher: {args.local} clients")
         rows.append(await local_row(launcher, args.local, args.cold))
     if not args.no_docker:

@@ -369,7 +369,7 @@ async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
 there is none yet): after many
     pooled and cold create/run/delete cycles and one-shot runs, open files, kernel
     processes, IPC directories, workspaces and store rows are back where they started."""
-    engine = SessionManager(era_settings.replace(ERA_POOL_SIZE=1))
+    engine = SessionManager(era_settings.replace(ERA_POOL_SIZE=1, ERA_POOL_MAX=1))  # a fixed pool: the baseline holds
     await engine.start()
 
     def footprint() -> dict[str, int]:
