@@ -112,6 +112,7 @@ class KernelPool:
         self.misses = 0  # requests for a pooled kind that found the pool empty and got no kernel from it
         self.waited = 0  # requests that waited for a kernel the pool was starting
         self._closing = False
+        self._stopping: set[asyncio.Task] = set()  # kernels the pool no longer needs, being stopped
 
     # ---- lifecycle (the engine calls these at its start and shutdown) -------------------
     def start(self) -> None:
@@ -141,7 +142,7 @@ class KernelPool:
                 lease.release()
         for queue in self._ready.values():
             queue.clear()
-        await asyncio.gather(*(self._drop(warm) for warm in waiting), return_exceptions=True)
+        await asyncio.gather(*(self._drop(warm) for warm in waiting), *self._stopping, return_exceptions=True)
 
     # ---- the engine's side --------------------------------------------------------------
     def take(self, key: PoolKey) -> WarmKernel | None:
@@ -304,7 +305,7 @@ class KernelPool:
         while True:
             self._wake[key].clear()
             self._top_up(key)
-            await self._shrink(key)
+            self._shrink(key)
             try:  # woken by a take or a finished start; the timeout retries when slots were all in use
                 await asyncio.wait_for(self._wake[key].wait(), timeout=1.0)
             except TimeoutError:
@@ -351,15 +352,19 @@ class KernelPool:
         self._start_s[key] = 0.7 * self._start_s[key] + 0.3 * (time.monotonic() - began)
         self._deliver(key, task.result())
 
-    async def _shrink(self, key: PoolKey) -> None:
-        """Stop ready kernels beyond the target (the newest first), once demand fell."""
+    def _shrink(self, key: PoolKey) -> None:
+        """Stop ready kernels beyond the target (the newest first), once demand fell; in
+        the background, so refills and waiters are not held up by the stops."""
         excess = []
         queue = self._ready[key]
         while len(queue) + self._starting[key] > self.target(key) and queue and not self._waiters[key]:
             excess.append(queue.pop())
         if excess:
             log.info("pool %s:%s: %d idle kernels stopped (demand fell)", key[0], key[1], len(excess))
-            await asyncio.gather(*(self._drop(warm) for warm in excess), return_exceptions=True)
+        for warm in excess:
+            task = asyncio.create_task(self._drop(warm))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
 
     async def _drop(self, warm: WarmKernel) -> None:
         try:
