@@ -13,8 +13,9 @@ seconds), and under a steady stream, the take rate times the time a kernel takes
 start; at most ``ERA_POOL_MAX``, half the kernel limit, and what the memory left allows
 (``available_memory``). With no take for ``ERA_POOL_IDLE`` seconds it shrinks back to
 ``ERA_POOL_SIZE``. Refills start several kernels at once, but at most ``ERA_POOL_STARTS``
-at a time across pools: on a machine bound by CPU, kernels started a few at a time are
-ready one after another, while many started together are all ready only at the end.
+at a time across pools (by default one per core, and more while the CPU has idle time):
+on a machine bound by CPU, kernels started a few at a time are ready one after another,
+while many started together are all ready only at the end.
 
 A new session that finds no kernel ready waits for one the pool is starting (``claim``)
 rather than starting its own beside it: the pool counts it as demand, and the session
@@ -89,7 +90,12 @@ class KernelPool:
         self.keys = keys if size > 0 else []
         self.size = max(0, size)
         self.max_size = max(self.size, max_size if max_size is not None else self.size)
-        self.starts = max(1, starts or default_starts())  # kernel starts under way at once, all pools together
+        # Kernel starts under way at once, all pools together: ``starts`` when given; else
+        # one per core at least, more while the CPU has idle time (a start that mostly
+        # waits, as a forked kernel's does, leaves the CPU to more of them).
+        self.starts = max(1, starts or default_starts())
+        self._cpu = CpuIdle() if not starts else None
+        self._more = 0  # starts allowed beyond ``starts`` while the CPU is idle enough
         self.idle = idle  # seconds without a take after which a grown pool shrinks back to ``size``
         self.kernel_bytes = kernel_bytes  # what one more warm kernel is taken to cost, against the memory left
         self._memory = memory or available_memory
@@ -306,16 +312,18 @@ class KernelPool:
             self._wake[key].clear()
             self._top_up(key)
             self._shrink(key)
+            busy = bool(self._waiters[key]) and self._cpu is not None  # look at the CPU often meanwhile
             try:  # woken by a take or a finished start; the timeout retries when slots were all in use
-                await asyncio.wait_for(self._wake[key].wait(), timeout=1.0)
+                await asyncio.wait_for(self._wake[key].wait(), timeout=0.2 if busy else 1.0)
             except TimeoutError:
                 pass
 
     def _top_up(self, key: PoolKey) -> None:
         waiters = self._waiters[key]
         failing = time.monotonic() < self._retry_at[key]
+        self._adjust_starts()
         while not failing and (len(self._ready[key]) + self._starting[key]
-                               < self.target(key) + len(waiters)) and len(self._spawns) < self.starts:
+                               < self.target(key) + len(waiters)) and len(self._spawns) < self.starts + self._more:
             lease = self.slots.try_acquire()
             if lease is None:
                 break
@@ -328,6 +336,19 @@ class KernelPool:
         # Callers the pool cannot serve (no slot for them, or failing) start their own now.
         while waiters and (failing or not self._can_serve(key, len(waiters))):
             self._answer(waiters.pop(), None)
+
+    def _adjust_starts(self) -> None:
+        """With ``starts`` automatic: while starts are under way at the limit, allow one
+        more when the CPU was mostly idle since the last look, one fewer when it was busy."""
+        if self._cpu is None:
+            return
+        idle = self._cpu.sample()
+        if idle is None:
+            return
+        if len(self._spawns) >= self.starts + self._more and idle > 0.3:
+            self._more = min(self._more + 1, 3 * self.starts)
+        elif idle < 0.1 or not self._spawns:
+            self._more = max(self._more - 1, 0)
 
     def _spawned(self, key: PoolKey, task: asyncio.Task, began: float) -> None:
         if self._closing:
@@ -377,6 +398,29 @@ def default_starts() -> int:
     """Kernel starts the pool runs at once: one per core, at least two (a start also waits
     on its sandbox or container engine, not only on the CPU)."""
     return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
+
+
+class CpuIdle:
+    """The machine's idle CPU fraction between two looks (``/proc/stat``), at most one
+    look per ``every`` seconds; None between them or where unknown."""
+
+    def __init__(self, every: float = 0.15) -> None:
+        self.every = every
+        self._last: tuple[float, int, int] | None = None
+
+    def sample(self) -> float | None:
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < self.every:
+            return None
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        total, idle = sum(fields[:8]), fields[3] + (fields[4] if len(fields) > 4 else 0)
+        last, self._last = self._last, (now, total, idle)
+        if last is None or total <= last[1]:
+            return None
+        return (idle - last[2]) / (total - last[1])
 
 
 def available_memory() -> int | None:
