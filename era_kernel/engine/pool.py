@@ -345,8 +345,8 @@ class KernelPool:
         idle = self._cpu.sample()
         if idle is None:
             return
-        if len(self._spawns) >= self.starts + self._more and idle > 0.3:
-            self._more = min(self._more + 1, 3 * self.starts)
+        if len(self._spawns) >= self.starts + self._more and idle > 0.3:  # mostly idle: up fast
+            self._more = min(2 * self._more + 1 if idle > 0.5 else self._more + 1, 4 * self.starts)
         elif idle < 0.1 or not self._spawns:
             self._more = max(self._more - 1, 0)
 
