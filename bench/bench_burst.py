@@ -5,6 +5,10 @@ data directory), as a new user would meet it.
 
     .venv/bin/python bench/bench_burst.py [--local 30] [--docker 10] [--cold 5] [--no-docker]
 
+Each row's burst is run twice on the same server: first as a new server meets it (the
+pool at ``ERA_POOL_SIZE``), then again once the pool has grown to the burst it saw
+(``ERA_POOL_MAX``; "ready" is how many kernels were waiting when it began).
+
 Rows, side by side: the local provisioner with the bubblewrap launcher and with the fork
 launcher (``ERA_LOCAL_LAUNCHER``), and Docker. Also, per local launcher: a cold start
 with the pool off (``ERA_POOL_SIZE=0``: create + first run, one client at a time), the
@@ -68,6 +72,33 @@ async def warm_runs(port: int, sid: str, count: int) -> list[float]:
     finally:
         http.close()
     return samples[5:]
+
+
+async def pool_ready(port: int, want: int, timeout: float = 90.0) -> int:
+    """Wait until the server's pools hold ``want`` ready kernels (the pool grows after a
+    burst: ERA_POOL_MAX); returns how many were ready when it stopped waiting."""
+    http = Http(port)
+    ready = 0
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, answer = await http.request("GET", "/api/resources/stats")
+            ready = sum(p["ready"] for p in answer["pool"]["pools"].values()) if status == 200 else 0
+            if ready >= want:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        http.close()
+    return ready
+
+
+async def second_burst(port: int, clients: int, prefix: str, row: dict[str, object],
+                       provisioner: str | None = None) -> None:
+    """The same burst again once the pool has grown to it (a server that has seen one)."""
+    row["ready2"] = await pool_ready(port, clients)
+    times = await burst(port, clients, prefix, provisioner)
+    row.update(p50_2=pct(times, 50), max_2=max(times) * 1000)
+    await delete_all(port, prefix, clients)
 
 
 async def delete_all(port: int, prefix: str, count: int) -> None:
@@ -153,6 +184,7 @@ async def local_row(launcher: str, clients: int, cold: int) -> dict[str, object]
         row.update(kernel_memory(server.proc.pid))
         row["warm_p50"] = pct(await warm_runs(server.port, "b0", 40), 50)
         await delete_all(server.port, "b", clients)
+        await second_burst(server.port, clients, "s", row)
     finally:
         server.stop()
     server = EraServer(env={**EXTRA_ENV, "ERA_LOCAL_LAUNCHER": launcher, "ERA_POOL_SIZE": "0"})
@@ -173,10 +205,12 @@ async def docker_row(clients: int) -> dict[str, object]:
         server.start(ready_timeout=180)
         await asyncio.sleep(3)
         times = await burst(server.port, clients, "d")
+        row: dict[str, object] = {"name": "docker", "p50": pct(times, 50), "max": max(times) * 1000}
         await delete_all(server.port, "d", clients)
+        await second_burst(server.port, clients, "e", row)
     finally:
         server.stop()
-    return {"name": "docker", "p50": pct(times, 50), "max": max(times) * 1000}
+    return row
 
 
 def fmt(value: object, unit: str = "") -> str:
@@ -196,7 +230,7 @@ async def main() -> None:
     args = parser.parse_args()
     EXTRA_ENV.update(item.split("=", 1) for item in args.env)
     rows = []
-    for launcher in args.launchers.split(","):
+    for launcher in filter(None, args.launchers.split(",")):  # --launchers "": Docker only
         log(f"local, {launcher} launcher: {args.local} clients")
         rows.append(await local_row(launcher, args.local, args.cold))
     if not args.no_docker:
@@ -206,13 +240,15 @@ async def main() -> None:
     settings = f" ({', '.join(args.env)})" if args.env else ""
     print(f"\nBurst{settings}: clients at once, each create + first print(1) (ms). cores {os.cpu_count()}, "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n")
-    print("| configuration | clients | p50 | max | cold start, pool off (p50) | warm run (p50) | idle kernel PSS | "
-          "zygote PSS |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| configuration | clients | p50 | max | again, pool grown: p50 | max | ready | cold start, pool off (p50) | "
+          "warm run (p50) | idle kernel PSS | zygote PSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         clients = args.docker if row["name"] == "docker" else args.local
-        print(f"| {row['name']} | {clients} | {fmt(row['p50'])} | {fmt(row['max'])} | {fmt(row.get('cold_p50'))} | {fmt(row.get('warm_p50'))} | "
-              f"{fmt(row.get('pss_mib'), ' MiB')} | {fmt(row.get('zygote_mib') or None, ' MiB')} |")
+        print(f"| {row['name']} | {clients} | {fmt(row['p50'])} | {fmt(row['max'])} | {fmt(row.get('p50_2'))} | "
+              f"{fmt(row.get('max_2'))} | {fmt(row.get('ready2'))} | {fmt(row.get('cold_p50'))} | "
+              f"{fmt(row.get('warm_p50'))} | {fmt(row.get('pss_mib'), ' MiB')} | "
+              f"{fmt(row.get('zygote_mib') or None, ' MiB')} |")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_KERNEL_START_TIMEOUT", 60.0, "Seconds a kernel may take to become ready.", float),
     Setting("ERA_MAX_KERNELS", 100, "Live kernels at once (pooled ones included); past it the least recently used "
             "idle kernel is shut down, and with none idle the request answers 429.", int),
-    Setting("ERA_POOL_SIZE", 2, "Pre-started kernels kept ready per pool; 0 turns pooling off.", int),
+    Setting("ERA_POOL_SIZE", 2, "Pre-started kernels kept ready per pool at least (when idle); 0 turns pooling "
+            "off.", int),
+    Setting("ERA_POOL_MAX", 32, "Most kernels a pool keeps ready or starting after a burst of new sessions "
+            "(it grows to the largest recent burst, or take rate times start time; never past half of "
+            "`ERA_MAX_KERNELS` or into the last 512 MiB of available memory). Set it to `ERA_POOL_SIZE` for a "
+            "fixed pool.", int),
+    Setting("ERA_POOL_STARTS", 0, "Kernel starts the pools run at once (0: one per core, at least 2, and more "
+            "while the CPU has idle time); kernels started a few at a time are ready one after another instead of all "
+            "at the end.", int),
+    Setting("ERA_POOL_IDLE", 120.0, "Seconds without a new session after which a grown pool shrinks back to "
+            "`ERA_POOL_SIZE`.", float),
     Setting("ERA_POOL_KERNELS", "python", "Comma-separated pools warmed at start, `language[:provisioner]` "
             "(provisioner defaults to `ERA_PROVISIONER`), e.g. `python,python:docker`."),
     Setting("ERA_KERNEL_IDLE_TIMEOUT", 1800.0, "Seconds since a session's last run (or creation) after which its "

@@ -369,7 +369,7 @@ async def test_create_run_delete_cycles_return_to_the_baseline(era_settings):
 there is none yet): after many
     pooled and cold create/run/delete cycles and one-shot runs, open files, kernel
     processes, IPC directories, workspaces and store rows are back where they started."""
-    engine = SessionManager(era_settings.replace(ERA_POOL_SIZE=1))
+    engine = SessionManager(era_settings.replace(ERA_POOL_SIZE=1, ERA_POOL_MAX=1))  # a fixed pool: the baseline holds
     await engine.start()
 
     def footprint() -> dict[str, int]:
@@ -491,3 +491,32 @@ async def test_a_kernel_cut_off_between_runs_gives_its_slot_back(era_settings):
         assert culled["dead"] == [second] and engine.slots.used == 0 and not engine.kernels
         assert (await engine.run(first, {"code": "print('back')"}))["stdout"] == "back\n"
         assert engine.slots.used == 1
+
+
+@pytest.mark.parametrize("era_settings", ["docker"], indirect=True)  # local: tests/test_server_pool.py
+async def test_a_burst_beyond_the_pool_waits_on_its_starts_in_order(era_settings):
+    """Three creates at once on a Docker pool of one: each gets a pooled kernel (the ready
+    one, then the next two the pool starts), none starts one of its own; the pool refills
+    to the burst it saw."""
+    settings = era_settings.replace(ERA_POOL_SIZE=1, ERA_POOL_MAX=3, ERA_POOL_STARTS=1,
+                                    ERA_POOL_KERNELS=f"python:{era_settings['ERA_PROVISIONER']}")
+    async with started_engine(settings) as engine:
+        await wait_pool_full(engine)
+        finished: list[str] = []
+
+        async def create_and_run(i: int) -> None:
+            sid = (await engine.create({"id": f"burst{i}"}))["id"]
+            assert (await engine.run(sid, {"code": f"print({i})"}))["stdout"] == f"{i}\n"
+            finished.append(sid)
+
+        creates = []
+        for i in range(3):  # in this order, one event-loop turn apart
+            creates.append(asyncio.create_task(create_and_run(i)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*creates)
+        stats = engine.pool.stats()
+        assert stats["claimed"] == 3 and stats["misses"] == 0 and stats["waited"] == 2, stats
+        assert finished == ["burst0", "burst1", "burst2"]  # one start at a time: served in arrival order
+        await wait_pool_full(engine)
+        assert engine.pool.stats()["pools"][pool_key(engine)]["ready"] == 3
+        assert engine.slots.used == 3 + 3

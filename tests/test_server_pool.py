@@ -84,3 +84,61 @@ def test_max_age_is_validated_and_reported(srv):
     doc = srv.json("POST", "/api/sessions", {"id": "aged", "max_age": 3600}, expect=201)
     assert srv.json("GET", "/api/sessions/aged")["id"] == doc["id"]
     srv.json("DELETE", "/api/sessions/aged", expect=None)
+
+
+@pytest.fixture(scope="module")
+def growing():
+    """A pool of one that may grow to four after a burst, and shrinks after 15 s idle."""
+    server = ServerProcess(env={"ERA_MAX_KERNELS": "12", "ERA_POOL_SIZE": "1", "ERA_POOL_MAX": "4",
+                                "ERA_POOL_IDLE": "15", "ERA_POOL_KERNELS": "python"}).start()
+    yield server
+    server.cleanup()
+
+
+def pool_fill(srv: ServerProcess) -> dict:
+    return stats(srv)["pool"]["pools"]["python:local"]
+
+
+def wait_fill(srv: ServerProcess, done, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fill = pool_fill(srv)
+        if done(fill):
+            return fill
+        time.sleep(0.1)
+    raise AssertionError(f"pool: {stats(srv)['pool']}")
+
+
+def test_a_burst_waits_on_the_pool_which_grows_to_it_then_shrinks_when_idle(growing):
+    srv = growing
+    wait_fill(srv, lambda f: f["ready"] == 1)
+    before = stats(srv)["pool"]
+    answers: dict[str, str] = {}
+
+    def create_and_run(sid: str) -> None:
+        srv.json("POST", "/api/sessions", {"id": sid}, expect=201)
+        answers[sid] = srv.json("POST", f"/api/sessions/{sid}/run", {"code": f"print('{sid}')"})["stdout"]
+
+    sids = [f"burst-{i}" for i in range(4)]
+    threads = [threading.Thread(target=create_and_run, args=(sid,)) for sid in sids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == {sid: f"{sid}\n" for sid in sids}
+    after = stats(srv)["pool"]
+    # Every create got a pooled kernel: the one ready, the rest the next ones the pool
+    # finished starting; none started a kernel of its own beside the pool's.
+    assert after["claimed"] - before["claimed"] == 4 and after["misses"] == before["misses"]
+    assert after["waited"] - before["waited"] >= 1
+    # The pool grew to the burst it saw, and refills to it...
+    assert pool_fill(srv)["target"] == 4
+    fill = wait_fill(srv, lambda f: f["ready"] == 4, timeout=15)
+    assert stats(srv)["kernel_slots"]["used"] == 4 + 4
+    # ...then, with no new session for ERA_POOL_IDLE, shrinks back to ERA_POOL_SIZE.
+    wait_fill(srv, lambda f: f["target"] == 1 and f["ready"] == 1 and f["starting"] == 0, timeout=30)
+    deadline = time.monotonic() + 10
+    while stats(srv)["kernel_slots"]["used"] != 4 + 1:  # the extra kernels' slots come back once they stopped
+        assert time.monotonic() < deadline, stats(srv)
+        time.sleep(0.1)
+    srv.json("DELETE", "/api/sessions?prefix=burst-")

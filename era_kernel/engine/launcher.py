@@ -69,6 +69,7 @@ class KernelLauncher:
         self.events = events
         self.spec_manager = EraKernelSpecManager()
         self._pool_uids: list[int] = []
+        self._pool_uid_lock = asyncio.Lock()
         # Variables a session's kernel gets for its id (its storage token: set by the manager).
         self.session_env: Callable[[str], dict[str, str]] = lambda session_id: {}
         # The egress proxy's listeners in sandboxes (egress/gate.py; set by the manager).
@@ -377,10 +378,11 @@ class KernelLauncher:
     async def _pool_uid(self) -> int:
         if os.getuid() != 0:
             return os.getuid()
-        if not self._pool_uids:
-            self._pool_uids = await asyncio.to_thread(reserve_uids, self.settings.data_dir / POOL_UID_FILE,
-                                                      POOL_UID_BASE, POOL_UID_BLOCK)
-        return self._pool_uids.pop()
+        async with self._pool_uid_lock:  # the pool starts several at once: one reservation at a time
+            if not self._pool_uids:
+                self._pool_uids = await asyncio.to_thread(reserve_uids, self.settings.data_dir / POOL_UID_FILE,
+                                                          POOL_UID_BASE, POOL_UID_BLOCK)
+            return self._pool_uids.pop()
 
 
 class _ReadySandbox(CommandSandbox):

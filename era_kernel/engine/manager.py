@@ -81,7 +81,9 @@ class SessionManager:
         for language, _ in pool_keys:
             get_language(language)  # a typo in ERA_POOL_KERNELS fails at start, not at the first request
         self.pool = KernelPool(pool_keys, self.settings["ERA_POOL_SIZE"], self.table.slots,
-                               self.launcher.spawn_warm, self.launcher.discard_warm)
+                               self.launcher.spawn_warm, self.launcher.discard_warm,
+                               max_size=self.settings["ERA_POOL_MAX"], starts=self.settings["ERA_POOL_STARTS"],
+                               idle=self.settings["ERA_POOL_IDLE"])
         self.table.evict_pooled = self.pool.evict
         self.runner = SessionRunner(self.settings, self.store, self.files, self.setups, self.table, self.launcher,
                                     self.pool, self.events)
@@ -280,7 +282,7 @@ class SessionManager:
     async def _insert(self, record: SessionRecord, copy_from: SessionRecord | None = None) -> dict[str, Any]:
         """Take a kernel (a pooled one, or a slot for a new one), store the record, make
         the workspace; all or nothing."""
-        warm = self._take_warm(record)
+        warm = await self._take_warm(record)
         if warm is not None:  # its directory and uid become the session's
             record.workdir, record.uid, lease = f"{POOL_ROOT}/{warm.workdir.name}", warm.uid, warm.lease
         else:
@@ -313,12 +315,13 @@ class SessionManager:
         self.launcher.start_in_background(record, lease, warm)
         return await self._document(record)
 
-    def _take_warm(self, record: SessionRecord) -> WarmKernel | None:
-        """A pooled kernel for this record, when one of its kind is ready. Sessions with a
+    async def _take_warm(self, record: SessionRecord) -> WarmKernel | None:
+        """A pooled kernel for this record: a ready one, or the next the pool finishes
+        starting (a burst's excess waits on those rather than each starting its own). Sessions with a
         package setup, network access or gVisor need a kernel launched for them, so never pool."""
         if record.setup or record.allow_internet or record.typecheck or record.limits or record.isolation:
             return None
-        return self.pool.take((record.language, record.provisioner))
+        return await self.pool.claim((record.language, record.provisioner), self.settings["ERA_KERNEL_START_TIMEOUT"])
 
     async def _start_setup(self, record: SessionRecord) -> None:
         sid = record.id
