@@ -89,3 +89,27 @@ def test_a_kernel_that_exits_is_reported_with_its_status_and_replaced(server):
         time.sleep(0.2)
     assert died and died[-1].get("exit_status") == 3, events
     assert server.json("POST", f"/api/sessions/{sid}/run", {"code": "print('again')"})["stdout"] == "again\n"
+
+
+def test_a_forked_kernels_end_is_seen_past_a_thousand_descriptors():
+    """The server holds over FD_SETSIZE descriptors with some 60 forked kernels: waiting on
+    a kernel's pidfd must not use select(), which refuses descriptors numbered past 1024
+    (it did, and /api/resources/stats answered 500)."""
+    import resource
+
+    from era_kernel.provisioning.zygote import _readable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        r, w = os.pipe()
+        assert r > 1024
+        assert _readable(r, 0) is False
+        os.write(w, b"x")
+        assert _readable(r, 0.5) is True
+        os.close(r), os.close(w)
+    finally:
+        for fd in held:
+            os.close(fd)

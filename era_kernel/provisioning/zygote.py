@@ -260,7 +260,7 @@ class Zygote:
         if not self._lock.acquire(blocking=False):
             return
         try:
-            while select.select([self.sock], [], [], 0)[0]:
+            while _readable(self.sock.fileno(), 0):
                 try:
                     data = self.sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
                 except OSError:
@@ -272,6 +272,15 @@ class Zygote:
                     self.exits[answer["exit"]] = answer["status"]
         finally:
             self._lock.release()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Is ``fd`` readable within ``timeout`` seconds? ``poll``, not ``select``: the server
+    holds well over FD_SETSIZE (1024) descriptors with some 60 forked kernels, and
+    ``select`` refuses any descriptor numbered past it."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 class ForkedProcess:
@@ -288,7 +297,7 @@ class ForkedProcess:
     def _ended(self, timeout: float = 0) -> bool:
         if self.pidfd < 0:
             return True
-        return bool(select.select([self.pidfd], [], [], timeout)[0])
+        return _readable(self.pidfd, timeout)
 
     def poll(self) -> int | None:
         if self.returncode is not None:
