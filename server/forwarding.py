@@ -43,13 +43,14 @@ HOP_HEADERS = frozenset(h.lower() for h in (
     "Sec-WebSocket-Accept", "Sec-WebSocket-Protocol"))
 
 
-async def target(handler: Any) -> str | None:
-    """The owner's address when another replica serves the request's session, else None
-    (served here: held, or taken over just now)."""
+async def target(handler: Any, session_id: str | None = None) -> str | None:
+    """The owner's address when another replica serves the request's session (the route's
+    first path argument, or ``session_id``), else None (served here: held, or taken over
+    just now)."""
     engine = handler.services.engine
     if engine is None or not engine.ownership.enabled:
         return None
-    address = await engine.ownership.locate(handler.path_args[0][:128])
+    address = await engine.ownership.locate(session_id or handler.path_args[0][:128])
     if address is None:
         return None
     came_from = handler.request.headers.get(FORWARDED_BY)

@@ -219,6 +219,41 @@ def test_a_websocket_and_an_sse_stream_on_a_replica_that_does_not_serve_the_sess
     assert gateway["stream"] == "via the gateway\n" and gateway["reply"]["status"] == "ok", gateway
 
 
+ECHO_APP = """
+import http.server, threading
+class Echo(http.server.BaseHTTPRequestHandler):
+    def answer(self, body):
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.answer(('GET ' + self.path).encode())
+    def do_POST(self):
+        self.answer(self.rfile.read(int(self.headers['Content-Length'])))
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(('127.0.0.1', 8000), Echo)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print('listening')
+"""
+
+
+def test_a_sessions_port_answers_through_a_replica_that_does_not_serve_it(cluster, sessions):
+    """/proxy/{id}/{port}/... reaching another replica goes to the owner's sandbox, both ways."""
+    sid, owner = sorted(sessions.items())[2]
+    started = cluster.balancer.json("POST", f"/api/sessions/{sid}/run", {"code": ECHO_APP}, timeout=60)
+    assert started["stdout"] == "listening\n", started
+    blob = bytes(range(256)) * 2048
+    for via in [*others(cluster, owner), cluster.balancer]:
+        status, headers, body = via.request_full("GET", f"/proxy/{sid}/8000/some/where?q=1")
+        assert (status, body) == (200, b"GET /some/where?q=1"), (status, body)
+        csp = [v for k, v in headers.items() if k.lower() == "content-security-policy"]
+        assert len(csp) == 1 and csp[0].startswith("sandbox"), headers  # the owner's, not added twice
+        status, _, body = via.request_full("POST", f"/proxy/{sid}/8000/echo", blob)
+        assert status == 200 and body == blob
+
+
 def test_one_schedule_fires_once_per_slot_with_three_replicas(cluster, sessions):
     sid, owner = sorted(sessions.items())[2]
     via = cluster.balancer

@@ -8,6 +8,11 @@ the next is read), the response as the app sends it (each chunk flushed). A WebS
 (any ``Upgrade``) is a tunnel: the handshake goes upstream as it came, then bytes are
 copied both ways until either side closes, so the app's own WebSocket server answers it.
 
+Among replicas (README: Replicas), a request for a session another replica serves is
+sent to that replica as it came (its key, its path, its Host), over the same streaming
+connection class or tunnel, and its answer relayed as is: the owner's own proxy reaches
+the sandbox, so the app sees one request, not two.
+
 Who may ask: a session with ``allowPublicAccess`` answers anyone (webhooks, browsers);
 otherwise the API key is needed (403 with ERA's hint). Our key never goes upstream.
 Proxied pages must not run on the API's origin: the path form sends ``Content-Security-
@@ -28,10 +33,12 @@ from era_kernel.ports.service import HOP_BY_HOP, RELAY_BODY_MAX, RelayRequest, c
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.iostream import IOStream, StreamClosedError
+from tornado.tcpclient import TCPClient
 from tornado.web import stream_request_body
 
 from ..apidoc import Op
 from ..auth import bearer_token, token_matches
+from .. import forwarding
 from ..errors import Forbidden
 from ..tenancy import authenticate, not_found
 from .base import BaseHandler, RouteHandler, check_declared_size, wait_ready
@@ -96,7 +103,8 @@ class _Response(httputil.HTTPMessageDelegate):
         self.handler.upstream_headers(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Any:
-        self.handler.engine.ports.traffic(self.handler.target[0])
+        if not self.handler.forwarding:  # (the owner counts its own traffic)
+            self.handler.engine.ports.traffic(self.handler.target[0])
         self.handler.write(chunk)
         return self.handler.flush()  # awaited by the connection: a slow client slows the app, nothing piles up
 
@@ -119,6 +127,7 @@ class ProxyHandler(RouteHandler):
         self.refusal: Exception | None = None
         self.target: tuple[str, int, str] = ("", 0, "/")
         self.prefix = ""
+        self.forwarding = False  # the request goes to the replica serving the session, as it came
 
     @property
     def engine(self) -> Any:
@@ -183,17 +192,21 @@ class ProxyHandler(RouteHandler):
             await wait_ready(self.services)
             sid, port, path = self.target = self._parse_target()
             record = await self._authorized_record(sid)
+            owner = await forwarding.target(self, sid)
+            if owner is not None:
+                await self._forward(owner)
+                return
             sock = await self.engine.ports.connect(sid, port, record)
             if self.request.headers.get("Upgrade"):
                 if sock is None:
                     raise BadRequest("nothing listens on this port, and a relay (the stored code) answers plain "
                                      "HTTP only, not an Upgrade")
-                self._tunnel(sock)
+                self._tunnel(IOStream(sock), *self._upstream_head())
                 return
             if sock is None:
                 self.relay_body = []
                 return
-            await self._open_upstream(sock)
+            await self._open_upstream(IOStream(sock), *self._upstream_head())
         except Exception as exc:
             if isinstance(exc, StreamClosedError):
                 exc = Unreachable("the session's port closed the connection before the request was sent")
@@ -224,12 +237,35 @@ class ProxyHandler(RouteHandler):
             headers["X-Forwarded-Prefix"] = self.prefix
         return uri, headers
 
-    async def _open_upstream(self, sock: Any) -> None:
-        stream = IOStream(sock)
+    async def _forward(self, address: str) -> None:
+        """To the replica serving the session: the request as the client sent it (our key
+        included: that replica checks it again), marked so that it is not forwarded on."""
+        url = httputil.urlparse(address)
+        try:
+            stream = await TCPClient().connect(url.hostname, url.port or 80, timeout=forwarding.CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError, StreamClosedError) as exc:
+            raise Unreachable(f"the replica serving this session ({address}) does not answer ({exc}); retry "
+                              "once its lease has expired") from None
+        self.forwarding = True
+        upgrade = bool(self.request.headers.get("Upgrade"))
+        headers = httputil.HTTPHeaders()
+        for name, value in self.request.headers.get_all():
+            lower = name.lower()
+            if lower in HOP_BY_HOP and not (upgrade and lower in ("upgrade", "connection")):
+                continue
+            if lower == "expect":
+                continue
+            headers.add(name, value)
+        headers[forwarding.FORWARDED_BY] = self.engine.replica.id
+        if upgrade:
+            self._tunnel(stream, self.request.uri, headers)
+        else:
+            await self._open_upstream(stream, self.request.uri, headers)
+
+    async def _open_upstream(self, stream: IOStream, uri: str, headers: httputil.HTTPHeaders) -> None:
         self.upstream = HTTP1Connection(stream, True, HTTP1ConnectionParameters(
             no_keep_alive=True, max_header_size=HEADER_LIMIT, decompress=False,
             max_body_size=2**62))  # what the app answers is the app's: streamed, never held
-        uri, headers = self._upstream_head()
         await self.upstream.write_headers(httputil.RequestStartLine(self.request.method, uri, "HTTP/1.1"), headers)
 
     def data_received(self, chunk: bytes) -> Any:
@@ -278,8 +314,8 @@ class ProxyHandler(RouteHandler):
             # The first value replaces ours (tornado's Date); more of one name (Set-Cookie) add up.
             (self.add_header if name.lower() in seen else self.set_header)(name, value)
             seen.add(name.lower())
-        if not self.HOST_FORM:  # beside the app's own policy, if any: browsers enforce both
-            self.add_header("Content-Security-Policy", SANDBOX_CSP)
+        if not self.HOST_FORM and not self.forwarding:  # beside the app's own policy, if any: browsers enforce both
+            self.add_header("Content-Security-Policy", SANDBOX_CSP)  # (a forwarded answer has the owner's)
 
     async def _relay(self) -> None:
         if self.relay_size > RELAY_BODY_MAX:
@@ -307,15 +343,14 @@ class ProxyHandler(RouteHandler):
             self.upstream.close()  # the client left: so does the app's connection
 
     # ---- WebSocket (any Upgrade) --------------------------------------------------------
-    def _tunnel(self, sock: Any) -> None:
-        uri, headers = self._upstream_head()
+    def _tunnel(self, upstream: IOStream, uri: str, headers: httputil.HTTPHeaders) -> None:
         lines = [f"{self.request.method} {uri} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.get_all()]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        upstream = IOStream(sock)
         client = self.detach()
         client.set_nodelay(True)
         sid = self.target[0]
-        self.services.spawn(_splice(client, upstream, head, lambda: self.engine.ports.traffic(sid)))
+        traffic = (lambda: None) if self.forwarding else (lambda: self.engine.ports.traffic(sid))
+        self.services.spawn(_splice(client, upstream, head, traffic))
 
 
 async def _splice(client: IOStream, upstream: IOStream, head: bytes, traffic: Callable[[], None]) -> None:
