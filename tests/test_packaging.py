@@ -66,3 +66,19 @@ def test_the_wheel_installs_kernelspecs_and_runs_code(wheel_venv, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180)
     assert run.returncode == 3, run.stderr[-3000:]
     assert run.stdout == f"hello from {wheel_venv}\n"
+
+
+def test_every_python_package_of_the_source_is_in_the_wheel_list():
+    """pyproject's explicit package list misses new packages silently: the wheel then
+    fails only where a missing one is imported (era_kernel.egress once broke `era run`)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    names = {"era_kernel": "era_kernel", "server": "era_server"}
+    found = set()
+    for top, name in names.items():
+        for init in (ROOT / top).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / top)
+            if "__pycache__" not in relative.parts:
+                found.add(".".join([name, *relative.parts]))
+    assert found <= listed, sorted(found - listed)

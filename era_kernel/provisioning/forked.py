@@ -331,6 +331,9 @@ def become_kernel(request_fd: int, output_fd: int) -> None:
         set_cmdline(request["cmdline"])
         set_environ(request["env"])
         drop_privileges(request["uid"], request["gid"])
+        # Again: a change of uid clears the parent-death signal, and without it a SIGKILLed
+        # server's zygote went, but its kernels stayed, adopted by the host's init.
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         # Changing uid without an exec left us undumpable: /proc/self would stay root's and
         # the kernel could not, say, lower its own oom_score_adj as an exec'd one can.
         prctl(PR_SET_DUMPABLE, 1)

@@ -65,8 +65,13 @@ def _serve(sock: socket.socket) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children: set[int] = set()
+    # poll, not select: the socket keeps the number it had in the server, which may be past
+    # FD_SETSIZE (a server with some 60 kernels holds over 1024 descriptors).
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [])
+        ready = [fd for fd, _ in poller.poll()]
         if wake_r in ready:
             while True:
                 try:
@@ -86,7 +91,7 @@ def _serve(sock: socket.socket) -> None:
                     sock.send(json.dumps({"exit": pid, "status": code}).encode(), socket.MSG_DONTWAIT)
                 except OSError:
                     pass
-        if sock in ready:
+        if sock.fileno() in ready:
             try:
                 data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
             except OSError:
