@@ -254,6 +254,16 @@ def test_a_sessions_port_answers_through_a_replica_that_does_not_serve_it(cluste
         assert status == 200 and body == blob
 
 
+def test_mcp_tools_for_a_session_work_on_a_replica_that_does_not_serve_it(cluster, sessions):
+    """The MCP tools call the HTTP API of the replica they reached, which forwards."""
+    sid, owner = sorted(sessions.items())[3]
+    for via in others(cluster, owner):
+        answer = via.json("POST", "/mcp/v1", {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "era_run_in_session", "arguments": {"session_id": sid, "code": "print('via mcp')"}}})
+        assert answer["result"]["isError"] is False and "via mcp" in answer["result"]["content"][0]["text"], answer
+    assert by_id(cluster, owner).json("GET", f"/api/sessions/{sid}")["owner"] == owner  # it stayed where it was
+
+
 def test_one_schedule_fires_once_per_slot_with_three_replicas(cluster, sessions):
     sid, owner = sorted(sessions.items())[2]
     via = cluster.balancer
