@@ -392,7 +392,9 @@ there is none yet): after many
             assert r["stdout"] == f"{i}\n"
             await engine.delete(sid)
             assert (await engine.execute({"code": "print('x')"}))["stdout"] == "x\n"
-        assert engine.pool.stats()["claimed"] >= 2 and engine.pool.stats()["misses"] >= 1  # both paths ran
+        # Pooled kernels were used (a create that finds the pool empty now waits for its next
+        # kernel rather than missing; one-shot runs take a ready kernel or start their own).
+        assert engine.pool.stats()["claimed"] >= 2
         await engine.settle()
         await wait_pool_full(engine)
         await asyncio.sleep(0.5)  # kernels stopped just now leave /proc

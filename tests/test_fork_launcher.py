@@ -57,7 +57,8 @@ def test_sessions_run_in_forked_kernels_with_their_environment(server):
     kernels = [a for a, _ in argvs.values() if "ipykernel_launcher" in a and a[a.index("-f") + 1].endswith(
         "/connection.json")]
     inits = [a for a, comm in argvs.values() if a[0] == comm == "era-fork-init" and a[2].endswith("/connection.json")]
-    assert len(kernels) >= 2 and sorted(k[k.index("-f") + 1] for k in kernels) == sorted(i[2] for i in inits), argvs
+    # Every kernel has its init; an init may be ahead of its kernel (the pool refilling meanwhile).
+    assert len(kernels) >= 2 and {k[k.index("-f") + 1] for k in kernels} <= {i[2] for i in inits}, argvs
 
 
 def test_timeout_interrupt_and_restart(server):
