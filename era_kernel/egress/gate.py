@@ -82,7 +82,7 @@ class EgressGate:
 
         key = f"command-{sid}-{secrets.token_hex(4)}"
         return EgressHook(self.port, lambda ns_path: self.attach(sid, ns_path, policy, key=key),
-                          lambda: self.detach(key))
+                          lambda: self.detach(key), proxy_env(self.port))
 
     def close_all(self) -> None:
         for sid in list(self.servers):

@@ -220,9 +220,6 @@ class KernelLauncher:
             labels={"era.session": record.id}, readonly=(*extras["readonly"], *SDK_DIRS),
             **self.own_limits(record.limits),
             isolation=record.isolation or "runc", tmp_dir=self.files.tmp_path(workspace))
-        if hook is not None:
-            networked = options.gvisor_runtimes[1]  # gVisor's own netstack would not see the listener
-            options = options.replace(env={**options.env, **proxy_env(hook.port)}, gvisor_runtimes=(networked, networked))
         return await run_command(record.provisioner, options, argv, language=record.language, timeout=timeout,
                                  max_output=max_output, on_output=on_output, egress=hook)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from queue import Empty
-from typing import Any
+from typing import Any, Callable
 
 FIRST_RETRY_MS = 5
 LAST_RETRY_MS = 100
@@ -59,27 +59,25 @@ async def wait_for_ready(kc: Any, timeout: float) -> None:
             raise RuntimeError(f"Kernel didn't respond in {timeout:g} seconds")
 
 
-async def _reply(kc: Any, msg_id: str, wait: float) -> dict[str, Any] | None:
-    """A kernel_info reply (to this request or an earlier one) within ``wait``."""
+async def _first(channel: Any, match: Callable[[dict[str, Any]], bool], wait: float) -> dict[str, Any] | None:
+    """The first message on ``channel`` that ``match``es within ``wait`` seconds, else None."""
     end = time.monotonic() + wait
     while (left := end - time.monotonic()) > 0:
         try:
-            msg = await kc.shell_channel.get_msg(timeout=left)
+            msg = await channel.get_msg(timeout=left)
         except (Empty, asyncio.TimeoutError):
             return None
-        if msg["msg_type"] == "kernel_info_reply":
+        if match(msg):
             return msg
     return None
 
 
+async def _reply(kc: Any, msg_id: str, wait: float) -> dict[str, Any] | None:
+    """A kernel_info reply (to this request or an earlier one) within ``wait``."""
+    return await _first(kc.shell_channel, lambda msg: msg["msg_type"] == "kernel_info_reply", wait)
+
+
 async def _idle_seen(kc: Any, msg_id: str, wait: float) -> bool:
-    end = time.monotonic() + wait
-    while (left := end - time.monotonic()) > 0:
-        try:
-            msg = await kc.iopub_channel.get_msg(timeout=left)
-        except (Empty, asyncio.TimeoutError):
-            return False
-        if (msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle"
-                and msg["parent_header"].get("msg_id") == msg_id):
-            return True
-    return False
+    return await _first(kc.iopub_channel, lambda msg: (
+        msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle"
+        and msg["parent_header"].get("msg_id") == msg_id), wait) is not None

@@ -50,10 +50,12 @@ class EgressHook:
     an egress policy): its sandbox gets no network; once the sandbox exists, ``attach`` is
     called with its network namespace (``/proc/<pid>/ns/net``) to open the proxy's
     listener there at ``127.0.0.1:port``, and the command itself starts only when that
-    listener answers. ``detach`` closes the listener when the command is over."""
+    listener answers. ``detach`` closes the listener when the command is over. ``env``:
+    the variables that point the command's clients at the listener."""
     port: int
     attach: Callable[[str], Awaitable[None]]
     detach: Callable[[], None]
+    env: dict[str, str]
 
 
 SANDBOX_WAIT_S = 10.0  # for the sandbox's process to appear, and for the listener inside it
@@ -168,7 +170,9 @@ async def run_command(provisioner: str, options: LaunchOptions, argv: list[str],
     out = _Capture("stdout", max_output, on_output)
     err = _Capture("stderr", max_output, on_output)
     if egress is not None:
-        options = options.replace(allow_network=False)
+        networked = options.gvisor_runtimes[1]  # gVisor's own netstack would not see the listener
+        options = options.replace(allow_network=False, env={**options.env, **egress.env},
+                                  gvisor_runtimes=(networked, networked))
         argv = _after_proxy(egress.port, argv)
     try:
         if provisioner == "docker":

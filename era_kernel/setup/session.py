@@ -72,11 +72,6 @@ class CommandSandbox:
             memory=int(setting(self.settings, "ERA_SETUP_MEMORY", DEFAULT_MEMORY)),
             pids=int(setting(self.settings, "ERA_SETUP_PIDS", DEFAULT_PIDS)))
         hook = await self.egress() if allow_network and self.egress is not None else None
-        if hook is not None:
-            from ..egress.gate import proxy_env
-
-            networked = options.gvisor_runtimes[1]  # gVisor's own netstack would not see the listener
-            options = options.replace(env={**options.env, **proxy_env(hook.port)}, gvisor_runtimes=(networked, networked))
         return await run_command(self.provisioner, options, argv, language=self.language, timeout=timeout,
                                  on_output=on_output, max_output=max_output, egress=hook)
 
