@@ -13,6 +13,7 @@ that reason; a server that stops ends them like any running run (``interrupted``
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .events import EngineEvents
     from .journal import RunJournal
 
+REPLY_GRACE = 5.0  # seconds a cell whose kernel went idle waits for its execute_reply
 MAX_OPEN = 100  # cells one session may have recorded and not yet ended; past it, older ones are dropped unrecorded
 
 
@@ -42,6 +44,7 @@ class _Cell:
     started: float = field(default_factory=time.monotonic)
     status: str = "ok"
     replied: bool = False
+    idle: bool = False
     remove: Callable[[], None] = lambda: None
 
 
@@ -81,23 +84,34 @@ class GatewayRuns:
         if cell is None:
             return
         msg_type, content = msg.get("msg_type") or msg["header"]["msg_type"], msg.get("content") or {}
+        # The reply (shell) and the idle status (IOPub) come on different sockets, in
+        # either order: the cell ends when both are in, so its status is the reply's.
         if channel == "shell" and msg_type == "execute_reply":
             cell.replied = True
             cell.status = content.get("status", "ok")
+            if cell.idle:
+                self._finish(session_id, msg_id, cell)
             return
         if channel != "iopub":
             return
         if msg_type == "status" and content.get("execution_state") == "idle":
-            self._finish(session_id, msg_id, cell)
+            cell.idle = True
+            if cell.replied:
+                self._finish(session_id, msg_id, cell)
+            else:  # a reply that never comes (a client that bypassed us) must not keep the cell open
+                asyncio.get_running_loop().call_later(REPLY_GRACE, self._finish, session_id, msg_id, cell)
             return
         event = cell.collector.add(msg_type, content)
         if event is not None:
             self.events.emit(session_id, dict(event, run_id=cell.ticket.run_id))
 
     def _finish(self, session_id: str, msg_id: str, cell: _Cell) -> None:
+        if self._open.get(session_id, {}).get(msg_id) is not cell:
+            return  # ended already (its reply came, or its kernel went away)
         cell.remove()
         self._open.get(session_id, {}).pop(msg_id, None)
-        outcome = ExecOutcome(cell.collector, status=cell.status if cell.replied else "ok",
+        unreplied = "error" if cell.collector.error is not None else "ok"
+        outcome = ExecOutcome(cell.collector, status=cell.status if cell.replied else unreplied,
                               duration=time.monotonic() - cell.started)
         result = run_result(outcome, language=cell.language, timeout=0.0, session_id=session_id, data=None,
                             run_id=cell.ticket.run_id)
