@@ -148,6 +148,21 @@ def test_listings_and_bulk_deletes_hold_only_the_callers_sessions(server, alices
         server.request("DELETE", "/api/sessions/bob-s", None, ADMIN)
 
 
+def test_stats_show_a_tenant_its_own_sessions_and_kernels_only(server, alices):
+    """/api/resources/stats lists live kernels by session id: to a tenant key, only its
+    own (another tenant's ids would confirm sessions that are a 404 to it everywhere else),
+    no pooled kernels, and the cluster's totals without the replicas' addresses."""
+    bob = server.keys["bob"]
+    mine = server.json("GET", "/api/resources/stats", headers=bob)
+    assert alices not in json.dumps(mine), mine
+    assert (mine["sessions"], mine["live_kernels"], mine["kernels"]) == (0, 0, [])
+    assert "replicas" not in mine["cluster"] and "live_kernels" in mine["cluster"]
+    alice = server.json("GET", "/api/resources/stats", headers=server.keys["alice"])
+    assert [k["session_id"] for k in alice["kernels"]] == [alices] and alice["sessions"] == 1
+    admin = server.json("GET", "/api/resources/stats", headers=ADMIN)
+    assert alices in {k["session_id"] for k in admin["kernels"]} and "replicas" in admin["cluster"]
+
+
 async def test_websockets_and_the_terminal_of_another_tenant_are_404(server, alices):
     bob_key = server.keys["bob"]["Authorization"].split()[1]
     alice_key = server.keys["alice"]["Authorization"].split()[1]

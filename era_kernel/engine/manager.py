@@ -560,9 +560,14 @@ class SessionManager:
         """One culling pass (also run every ``ERA_CULL_INTERVAL``)."""
         return await self.upkeep.cull()
 
-    async def stats(self) -> dict[str, Any]:
-        return {**await self.upkeep.stats(), "replica": self.replica.id, "leases": self.ownership.stats(),
-                "cluster": await self.ownership.cluster_stats()}
+    async def stats(self, owner: str | None = None) -> dict[str, Any]:
+        """Counts for /api/resources/stats, /health and /metrics; ``owner``: a tenant's own
+        (its sessions and kernels, and the cluster's totals without the replicas' addresses)."""
+        cluster = await self.ownership.cluster_stats()
+        if owner is not None:
+            cluster = {k: v for k, v in cluster.items() if k != "replicas"}
+        return {**await self.upkeep.stats(owner), "replica": self.replica.id, "leases": self.ownership.stats(),
+                "cluster": cluster}
 
     async def replicas(self) -> dict[str, Any]:
         """The servers registered in the store (this one among them), with their heartbeats."""

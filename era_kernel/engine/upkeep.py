@@ -132,11 +132,17 @@ class Upkeep:
             self.events.publish(KernelCulled(sid, "dead", details))
         return {"expired": plan.expired, "idle": plan.idle, "dead": dead}
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, owner: str | None = None) -> dict[str, Any]:
+        """This server's counts; with ``owner`` (a tenant's key), the sessions and kernels
+        are only that tenant's: another tenant's session ids never show (their sessions
+        are a 404 to it everywhere else), nor do pooled kernels."""
         from ..resources import kernels_memory_bytes, process_rss_bytes
 
         now = time.time()
         listed = [(sid, k) for sid, k in self.table.live().items()] + [(None, w.kernel) for w in self.pool.waiting()]
+        if owner is not None:
+            own = {r["id"] for r in await self.store.list_sessions(owner=owner)}
+            listed = [(sid, k) for sid, k in listed if sid in own]
         memory = await kernels_memory_bytes([k.km for _, k in listed])
         kernels = []
         for (sid, kernel), mem in zip(listed, memory):
@@ -150,7 +156,7 @@ class Upkeep:
         for entry in kernels:
             states[entry["state"]] = states.get(entry["state"], 0) + 1
         return {
-            "sessions": await self.store.count_sessions(),
+            "sessions": await self.store.count_sessions(owner=owner),
             "live_kernels": len(kernels),
             "kernel_states": states,
             "kernel_slots": {"used": self.table.slots.used, "max": self.table.slots.limit},

@@ -104,7 +104,7 @@ class StatsHandler(BaseHandler):
                      response="Stats", errors=())}
 
     async def get(self) -> None:
-        stats = dict(await self.engine.stats())
+        stats = dict(await self.engine.stats(self.owner_filter))
         # ERA's storage registry stats ({total, by_type, by_namespace, total_size}): same document.
 
         stats.update(await self.engine.storage.registry.stats(self.tenant.owner))
