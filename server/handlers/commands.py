@@ -20,12 +20,11 @@ from era_kernel.errors import BadRequest, EraError
 from ..apidoc import Op
 from ..errors import http_status
 from .base import BaseHandler, dumps
-from .runs import KEEPALIVE_SECONDS, SseHandler
+from .sse import END, KEEPALIVE_SECONDS, SseHandler
 from .sockets import BoundedSocket
 
 PROCESS_ERRORS = (400, 401, 404, 409, 503)
 MAX_WAIT_SECONDS = 60.0
-_END = object()
 
 
 def _frame(event: dict[str, Any], with_id: bool = False) -> str:
@@ -66,46 +65,20 @@ class CommandsHandler(SseHandler):
                     sid, body, on_output=queue.put_nowait,
                     on_start=lambda doc: queue.put_nowait({"type": "start", "pid": doc["pid"]}))
             finally:
-                queue.put_nowait(_END)
+                queue.put_nowait(END)
 
         # The command belongs to the server: a client that goes away does not stop it (its timeout does).
         task = self.services.spawn(run())
-        streaming = False
-        while True:
-            try:
-                first = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
-            except asyncio.TimeoutError:
-                first = None
-            items = [first] if first is not None else []
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            frames, end = [], False
-            for item in items:
-                if item is _END:
-                    end = True
-                else:
-                    frames.append(_frame(item))
-            if end:
-                error = task.exception() if not task.cancelled() else EraError("the server is shutting down")
-                if error is not None and not streaming:
-                    raise error  # nothing sent yet: an ordinary JSON error
-                if error is not None:
-                    message = error.message if isinstance(error, EraError) else "internal server error"
-                    frames.append(_frame({"type": "error", "error": message, "status_code": http_status(error)}))
-                else:
-                    result = task.result()
-                    frames.append(_frame({"type": "done", **{k: result[k] for k in (
-                        "exit_code", "duration", "duration_ms", "pid", "timed_out", "truncated")}}))
-            elif first is None:
-                frames.append(": keepalive\n\n")
-            if not streaming:
-                self.start_stream()
-                streaming = True
-            if not await self.send_frames("".join(frames)):
-                return
-            if end:
-                self.finish()
-                return
+
+        def closing(error: BaseException | None) -> list[str]:
+            if error is not None:
+                message = error.message if isinstance(error, EraError) else "internal server error"
+                return [_frame({"type": "error", "error": message, "status_code": http_status(error)})]
+            result = task.result()
+            return [_frame({"type": "done", **{k: result[k] for k in (
+                "exit_code", "duration", "duration_ms", "pid", "timed_out", "truncated")}})]
+
+        await self.relay(queue, task, _frame, closing, EraError("the server is shutting down"))
 
 
 class ProcessesHandler(BaseHandler):

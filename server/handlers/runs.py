@@ -14,18 +14,15 @@ import time
 from typing import Any
 
 from era_kernel.errors import BadRequest, EraError
-from tornado.iostream import StreamClosedError
 
 from ..apidoc import Op
 from ..tenancy import check_run
 from ..errors import NotReady, http_status
 from ..logs import log_run
-from .base import BaseHandler, dumps
+from .base import BaseHandler
+from .sse import END, GONE, KEEPALIVE_SECONDS, SseHandler, sse_frame
 
 SSE_EVENTS = frozenset({"setup", "stdout", "stderr", "display", "error", "done"})
-KEEPALIVE_SECONDS = 15.0  # a comment line keeps proxies from closing a quiet stream
-_END = object()
-_GONE = object()
 
 
 class ExecuteHandler(BaseHandler):
@@ -61,37 +58,6 @@ class RunHandler(BaseHandler):
         self.send_json(result)
 
 
-def sse_frame(event: dict[str, Any]) -> str:
-    # json.dumps never emits a raw newline, so one data line per event is enough. The
-    # id is the event's journal seq: a client that reconnects sends it as Last-Event-ID.
-    seq = event.get("seq")
-    head = f"id: {seq}\n" if seq is not None else ""
-    return f"{head}event: {event['type']}\ndata: {dumps(event)}\n\n"
-
-
-class SseHandler(BaseHandler):
-    """Framing shared by the streams: headers, writes that notice a gone client."""
-
-    def start_stream(self, run_id: str | None = None) -> None:
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache, no-store")
-        self.set_header("X-Accel-Buffering", "no")  # tell reverse proxies not to buffer
-        if run_id is not None:
-            self.set_header("X-Era-Run-Id", run_id)  # where to resume: GET .../runs/{run_id}/events
-        stream = getattr(self.request.connection, "stream", None)
-        if stream is not None:
-            stream.set_nodelay(True)  # small frames go out now, not after Nagle's 40 ms
-
-    async def send_frames(self, text: str) -> bool:
-        try:
-            if text:
-                self.write(text)
-            await self.flush()
-            return True
-        except StreamClosedError:
-            return False
-
-
 class StreamHandler(SseHandler):
     SESSION_ROUTE = True
     API = {"post": Op("Run code, streaming output as Server-Sent Events", body="RunRequest", response="sse",
@@ -116,45 +82,17 @@ class StreamHandler(SseHandler):
         run_id = new_run_id()
         # The run belongs to the server, not to this connection: it survives a disconnect.
         run = self.services.spawn(self._run(sid, body, queue, run_id))
-        streaming = False
         done_sent = False
-        while True:
-            try:
-                first = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
-            except asyncio.TimeoutError:
-                first = None
-            items = [first] if first is not None else []
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            frames: list[str] = []
-            end = gone = False
-            for item in items:
-                if item is _GONE:
-                    gone = True
-                elif item is _END:
-                    end = True
-                elif item.get("type") in SSE_EVENTS:
-                    frames.append(sse_frame(item))
-                    done_sent = done_sent or item["type"] == "done"
-            if gone:
-                return
-            if end:
-                error = run.exception() if not run.cancelled() else NotReady("the server is shutting down")
-                if error is not None and not streaming:
-                    raise error  # nothing sent yet: an ordinary JSON error
-                frames.extend(self._closing_frames(run, error, done_sent, started))
-            elif first is None:
-                frames.append(": keepalive\n\n")
-            if not streaming:
-                # Any activity (the run's first event, even one not forwarded) or a quiet
-                # spell starts the stream: validation is over by then.
-                self.start_stream(run_id)
-                streaming = True
-            if not await self.send_frames("".join(frames)):
-                return
-            if end:
-                self.finish()
-                return
+
+        def frame(item: dict[str, Any]) -> str | None:
+            nonlocal done_sent
+            if item.get("type") not in SSE_EVENTS:
+                return None  # still activity: it starts the stream (validation is over by then)
+            done_sent = done_sent or item["type"] == "done"
+            return sse_frame(item)
+
+        await self.relay(queue, run, frame, lambda error: self._closing_frames(run, error, done_sent, started),
+                         NotReady("the server is shutting down"), run_id)
 
     async def _run(self, sid: str, body: Any, queue: asyncio.Queue, run_id: str) -> dict[str, Any]:
         try:
@@ -166,7 +104,7 @@ class StreamHandler(SseHandler):
             log_run(sid, result, "sse")
             return result
         finally:
-            queue.put_nowait(_END)
+            queue.put_nowait(END)
 
     def _closing_frames(self, run: asyncio.Task, error: BaseException | None, done_sent: bool,
                         started: float) -> list[str]:
@@ -189,7 +127,7 @@ class StreamHandler(SseHandler):
 
     def on_connection_close(self) -> None:
         if self._queue is not None:
-            self._queue.put_nowait(_GONE)
+            self._queue.put_nowait(GONE)
 
 
 # ---- runs as records ----------------------------------------------------------------------
