@@ -29,6 +29,7 @@ from ..kernelspecs import EraKernelSpecManager
 from ..languages import get_language
 from ..provisioning.base import LaunchOptions
 from ..provisioning.commands import DEFAULT_MAX_OUTPUT, CommandResult, EgressHook, OutputSink, run_command
+from ..provisioning.local import sandbox_mode
 from ..setup.session import CommandSandbox
 from .events import EngineEvents, KernelReplaced
 from .kernels import KernelTable, Lease
@@ -75,21 +76,46 @@ class KernelLauncher:
         # The egress proxy's listeners in sandboxes (egress/gate.py; set by the manager).
         self.egress: EgressGate | None = None
         self._docker_networks: dict[str, tuple[float, bool]] = {}
+        self._warned_local_egress = False
 
     # ---- network -----------------------------------------------------------------------------
     async def egress_policy(self, request: KernelRequest | SessionRecord) -> EgressPolicy | None:
         """The policy the egress proxy enforces for this kernel; None when its network is
-        none at all or the provisioner's own (``allowInternetAccess: true`` locally, or
-        on a Docker engine that has the egress network). A Docker engine without that
-        network (no bridge, as in CI) gets the proxy with an allow-all policy instead of
-        host networking, unless ERA_EGRESS_DOCKER_FALLBACK says ``host``."""
+        none at all or the provisioner's own. ``allowInternetAccess: true`` is the proxy
+        with an allow-all policy (every public address; the host, loopback, private and
+        link-local ranges stay refused) on a local sandbox (unless ERA_EGRESS_LOCAL says
+        ``host``) and on a Docker engine without the egress network (no bridge, as in CI;
+        unless ERA_EGRESS_DOCKER_FALLBACK says ``host``); on a Docker engine with that
+        network, it is that network."""
         if isinstance(request.allow_internet, dict):
             return session_policy(request.allow_internet)
-        if (request.allow_internet is True and request.provisioner == "docker"
-                and self.settings["ERA_EGRESS_DOCKER_FALLBACK"] == "proxy"
+        if request.allow_internet is not True:
+            return None
+        if request.provisioner == "local":
+            return EgressPolicy.allow_all() if self._local_egress_is_proxy() else None
+        if (request.provisioner == "docker" and self.settings["ERA_EGRESS_DOCKER_FALLBACK"] == "proxy"
                 and not await self._docker_network_exists(self.settings["ERA_DOCKER_EGRESS_NETWORK"])):
             return EgressPolicy.allow_all()
         return None
+
+    def _local_egress_is_proxy(self) -> bool:
+        """Whether a local session with ``true`` goes through the proxy: ERA_EGRESS_LOCAL
+        says ``proxy`` and the server can open a listener in its sandbox (bubblewrap's
+        namespaces, and root to enter them). Without those, the kernel shares the host's
+        network as it did before (logged once: there is no sandbox, or none we can enter)."""
+        if self.settings["ERA_EGRESS_LOCAL"] != "proxy":
+            return False
+        try:
+            sandboxed = sandbox_mode(self.settings["ERA_SANDBOX"]) == "bwrap"
+        except RuntimeError:  # bwrap required and missing: the kernel's start says so
+            sandboxed = False
+        if sandboxed and os.geteuid() == 0:
+            return True
+        if not self._warned_local_egress:
+            self._warned_local_egress = True
+            log.warning("local sessions with allowInternetAccess: true share the host's network: the egress proxy "
+                        "needs bubblewrap and a server running as root (README: Known limits)")
+        return False
 
     def _gvisor_egress(self, policy: EgressPolicy | None) -> dict[str, Any]:
         """gVisor with the proxy: network ``none`` still, but the runtime that passes
