@@ -12,8 +12,8 @@ gives back the old, documented-unsafe host network.
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 
 import pytest
 
@@ -125,3 +125,18 @@ def test_era_egress_local_host_gives_the_host_network_back():
         assert "server's network" in assert_error_shape(status, body, 422)["error"]
     finally:
         srv.cleanup()
+
+
+def test_era_doctor_says_where_local_sessions_with_internet_go_out():
+    from era_kernel.config import Settings
+    from era_kernel.doctor import _egress
+
+    settings = Settings.from_env({})
+    can = os.geteuid() == 0 and shutil.which("bwrap")  # the proxy needs a sandbox to enter, and root
+    assert _egress(settings)[:2] == ("egress", "OK" if can else "WARN")
+    for changed, why in (({"ERA_EGRESS_LOCAL": "host"}, "ERA_EGRESS_LOCAL=host"),
+                         ({"ERA_SANDBOX": "none"}, "no bubblewrap sandbox")):
+        name, status, detail = _egress(settings.replace(**changed))
+        assert status == "WARN" and "share the host's network" in detail and why in detail, detail
+    with pytest.raises(ValueError):
+        Settings.from_env({"ERA_EGRESS_LOCAL": "bridge"})

@@ -60,6 +60,24 @@ def sdk_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def local_egress_refusal(settings: Settings) -> str | None:
+    """None when a local session with ``allowInternetAccess: true`` goes out through the
+    egress proxy (ERA_EGRESS_LOCAL=proxy, and the server can open a listener in its
+    sandbox: bubblewrap's namespaces, and root to enter them); else why it shares the
+    host's network instead, as it did before there was a proxy (README: Known limits)."""
+    if settings["ERA_EGRESS_LOCAL"] != "proxy":
+        return "ERA_EGRESS_LOCAL=host"
+    try:
+        mode = sandbox_mode(settings["ERA_SANDBOX"])
+    except RuntimeError as exc:  # bwrap required and missing: every local kernel's start says so too
+        return str(exc)
+    if mode != "bwrap":
+        return "no bubblewrap sandbox (ERA_SANDBOX=none, or bwrap not installed)"
+    if os.geteuid() != 0:
+        return "the server is not root, and the egress proxy's listener needs root to enter a sandbox"
+    return None
+
+
 class KernelLauncher:
     def __init__(self, settings: Settings, setups: "SetupManager", files: "SessionFiles", table: KernelTable,
                  events: EngineEvents) -> None:
@@ -99,23 +117,11 @@ class KernelLauncher:
         return None
 
     def _local_egress_is_proxy(self) -> bool:
-        """Whether a local session with ``true`` goes through the proxy: ERA_EGRESS_LOCAL
-        says ``proxy`` and the server can open a listener in its sandbox (bubblewrap's
-        namespaces, and root to enter them). Without those, the kernel shares the host's
-        network as it did before (logged once: there is no sandbox, or none we can enter)."""
-        if self.settings["ERA_EGRESS_LOCAL"] != "proxy":
-            return False
-        try:
-            sandboxed = sandbox_mode(self.settings["ERA_SANDBOX"]) == "bwrap"
-        except RuntimeError:  # bwrap required and missing: the kernel's start says so
-            sandboxed = False
-        if sandboxed and os.geteuid() == 0:
-            return True
-        if not self._warned_local_egress:
+        why = local_egress_refusal(self.settings)
+        if why is not None and not self._warned_local_egress:
             self._warned_local_egress = True
-            log.warning("local sessions with allowInternetAccess: true share the host's network: the egress proxy "
-                        "needs bubblewrap and a server running as root (README: Known limits)")
-        return False
+            log.warning("local sessions with allowInternetAccess: true share the host's network: %s", why)
+        return why is None
 
     def _gvisor_egress(self, policy: EgressPolicy | None) -> dict[str, Any]:
         """gVisor with the proxy: network ``none`` still, but the runtime that passes
