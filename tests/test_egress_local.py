@@ -50,6 +50,10 @@ def test_a_local_session_with_internet_reaches_public_names_through_the_proxy(se
     for url in ("http://files.example.org/hello", "https://files.example.org/hello", "http://evil.example.org/hi"):
         result = run(server, session, fetch(url))
         assert result["exit_code"] == 0 and result["stdout"].startswith("hello from the test internet"), result
+    # A command beside the kernel (its sandbox, its environment) goes the same way.
+    ran = server.json("POST", f"/api/sessions/{session}/commands",
+                      {"cmd": ["python3", "-c", fetch("http://files.example.org/hello")], "timeout": 30})
+    assert ran["exit_code"] == 0 and ran["stdout"].startswith("hello from the test internet"), ran
 
 
 def test_a_local_session_with_internet_reaches_nothing_of_the_host(server, session, internet):  # noqa: F811
