@@ -8,8 +8,9 @@ on a 203.0.113.x documentation address over a veth pair; names from a DNS server
 ours): nothing leaves the machine. One era server (local provisioner), two Python
 sessions, each downloading with urllib inside a run, timed inside the kernel:
 
-- ``direct``: ``allowInternetAccess: true`` (as root, a local session shares the host's
-  network): straight to the address;
+- ``direct``: ``allowInternetAccess: true`` with ``ERA_EGRESS_LOCAL=host`` (the local
+  session shares the host's network; by default ``true`` goes through the proxy too):
+  straight to the address;
 - ``proxy_name``: a policy ``{"allow": ["files.example.org"]}``: through the proxy,
   which resolves the name (our DNS server on loopback), checks it and relays;
 - ``proxy_address``: the same session, the URL by address (policy ``203.0.113.0/24``
@@ -80,7 +81,8 @@ def main() -> int:
     resolver = Resolver({"files.example.org": internet.address})
     server = None
     try:
-        server = ServerProcess(env={"ERA_EGRESS_RESOLVER": resolver.address}, log_level="WARNING",
+        server = ServerProcess(env={"ERA_EGRESS_RESOLVER": resolver.address, "ERA_EGRESS_LOCAL": "host"},
+                               log_level="WARNING",
                                port=free_port()).start()
         server.json("POST", "/api/sessions", {"id": "bench-direct", "allowInternetAccess": True}, expect=201)
         server.json("POST", "/api/sessions", {"id": "bench-proxy", "allowInternetAccess": {

@@ -281,18 +281,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_DOCKER_PIDS", 256, "Process (and thread) limit of a Docker kernel.", int),
     Setting("ERA_DOCKER_EGRESS_NETWORK", "era-egress", "Docker network for sessions with internet access; "
             "without it, the egress proxy (ERA_EGRESS_DOCKER_FALLBACK)."),
-    Setting("ERA_EGRESS_PORT", 3128, "Egress proxy: the port of its listener inside the sandbox network of each "
-            "session whose `allowInternetAccess` is a policy (127.0.0.1; the kernel's `HTTP_PROXY`/`HTTPS_PROXY`). "
-            "Needs root, as the ports proxy does (README: Egress policy).", _port),
+    Setting("ERA_EGRESS_PORT", 3128, "Egress proxy: the port of its listener (127.0.0.1; the kernel's "
+            "`HTTP_PROXY`/`HTTPS_PROXY`) inside the sandbox network of each session it is the way out of: "
+            "`allowInternetAccess` a policy, or `true` (ERA_EGRESS_LOCAL, ERA_EGRESS_DOCKER_FALLBACK). Needs root, as "
+            "the ports proxy does (README: Egress policy).", _port),
     Setting("ERA_EGRESS_RESOLVER", "", "Egress proxy: the DNS server (`host:port`, `[v6]:port`) it resolves names "
             "with; empty: the host's resolver.", _resolver),
     Setting("ERA_EGRESS_DENY", "", "Egress proxy: comma-separated CIDRs it refuses whatever a policy says, beside "
             "the built-in ranges and the host's interface addresses (e.g. the public address the host is reached at "
             "through NAT, or a neighbouring service's range).", _cidrs),
+    Setting("ERA_EGRESS_LOCAL", "proxy", "Local sessions with `allowInternetAccess: true`: `proxy` (their "
+            "sandbox keeps its own network, whose only way out is the egress proxy, allowing every public address; "
+            "needs bubblewrap and root, else as `host`) or `host` (the host's network, its loopback services and "
+            "169.254.169.254 included: unsafe, see Known limits).", _choice("proxy", "host")),
     Setting("ERA_EGRESS_DOCKER_FALLBACK", "proxy", "Docker sessions with `allowInternetAccess: true` when "
-            "ERA_DOCKER_EGRESS_NETWORK does not exist (an engine with no bridge): `proxy` (the egress proxy, "
-            "allowing every public address) or `host` (host networking: see Known limits).",
-            lambda v: v if v in ("proxy", "host") else (_ for _ in ()).throw(ValueError("must be proxy or host"))),
+            "ERA_DOCKER_EGRESS_NETWORK does not exist (an engine with no bridge): `proxy` (their container keeps "
+            "network `none`, whose only way out is the egress proxy, allowing every public address) or `host` (host "
+            "networking, its loopback services and 169.254.169.254 included: unsafe, see Known limits).",
+            _choice("proxy", "host")),
     Setting("ERA_STORAGE_PORT", 80, "Storage proxy: the port of the listener the server opens inside each "
             "session's sandbox network (127.0.0.1; ERA's SDK default `http://localhost`), serving the storage routes "
             "for that session only; 0: none. Needs root, as the ports proxy does.", _port),

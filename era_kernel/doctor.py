@@ -48,6 +48,18 @@ def _launcher(settings: Settings) -> Check:
                               "kernels, and Python kernels with a setup environment, start in bubblewrap)")
 
 
+def _egress(settings: Settings) -> Check:
+    """Where local sessions with ``allowInternetAccess: true`` reach the internet."""
+    from .engine.launcher import local_egress_refusal
+
+    why = local_egress_refusal(settings)
+    if why is None:
+        return ("egress", "OK", "local sessions with internet access go out through the egress proxy (public "
+                                "addresses only; the host, loopback, private and link-local ranges refused)")
+    return ("egress", "WARN", f"local sessions with internet access share the host's network, its loopback services "
+                              f"and 169.254.169.254 included: {why} (README: Known limits)")
+
+
 def _limits() -> Check:
     for tool in ("prlimit", "setpriv"):
         if not shutil.which(tool):
@@ -192,6 +204,7 @@ def run_checks(settings: Settings | None = None) -> Iterator[Check]:
     yield _kernel()
     yield _bwrap()
     yield _launcher(settings)
+    yield _egress(settings)
     yield _limits()
     yield _cgroups(settings)
     yield _runtime(settings)

@@ -9,7 +9,8 @@ name, a name that resolves to loopback, a private range or the metadata address 
 rebinding), the host's own address, and a TLS ClientHello naming another host are
 refused, each logged as a session event, and a run's error says "refused by policy";
 there is no route around the proxy. A Docker session with ``true`` on an engine without
-an egress network goes through the same proxy instead of host networking.
+an egress network goes through the same proxy instead of host networking, and so does a
+local session with ``true`` (tests/test_egress_local.py).
 """
 
 from __future__ import annotations
@@ -269,19 +270,22 @@ def test_a_one_shot_run_with_a_policy_goes_through_the_proxy(server):
             assert result["exit_code"] != 0 and "refused by policy" in json.dumps(result), result
 
 
-@pytest.mark.parametrize("provisioner", PROVISIONERS)
-def test_setup_commands_and_vm_commands_of_a_policy_session_go_through_the_proxy(server, internet, provisioner):
+@pytest.mark.parametrize("provisioner, allow", [("local", "policy"), ("docker", "policy"), ("local", "true")])
+def test_setup_commands_and_vm_commands_of_a_policy_session_go_through_the_proxy(server, internet, provisioner,
+                                                                                 allow):
     """Setup commands "have network" (ERA's rule), and a policy session's network is the
     proxy: they reach allowed names through it and nothing else, as its kernel does; so
-    does a command run beside the kernel (ERA's /api/vm/{id}/run)."""
+    does a command run beside the kernel (ERA's /api/vm/{id}/run). A local session with
+    ``true`` too: its network is the proxy under an allow-all policy (ERA_EGRESS_LOCAL)."""
     if provisioner == "docker":
         require_docker()
-    sid = f"eg-setup-{provisioner}"
+    sid = f"eg-setup-{provisioner}-{allow}"
     direct = f"python3 -c \"import socket; socket.create_connection(('{internet.address}', 80), 3)\""
     commands = [f"python3 - > got.txt <<'EOF'\n{fetch('http://files.example.org/hello')}EOF",
                 f"python3 - > denied.txt 2>&1 <<'EOF'\n{fetch('http://metadata.example.org/latest')}EOF\ntrue",
                 f"{direct} > direct.txt 2>&1; true"]
-    server.json("POST", "/api/sessions", {"id": sid, "provisioner": provisioner, "allowInternetAccess": POLICY,
+    server.json("POST", "/api/sessions", {"id": sid, "provisioner": provisioner,
+                                          "allowInternetAccess": POLICY if allow == "policy" else True,
                                           "setup": {"commands": commands}}, expect=201)
     try:
         for _ in range(600):
@@ -298,7 +302,7 @@ def test_setup_commands_and_vm_commands_of_a_policy_session_go_through_the_proxy
         ran = server.json("POST", f"/api/vm/{sid}/run", {"command": f"python3 - <<'EOF'\n{fetch('http://files.example.org/hello')}EOF",
                                                         "timeout": 30})
         assert ran["exit_code"] == 0 and ran["stdout"].startswith("hello from the test internet"), ran
-        ran = server.json("POST", f"/api/vm/{sid}/run", {"command": f"python3 - <<'EOF'\n{fetch('http://evil.example.org/x')}EOF",
+        ran = server.json("POST", f"/api/vm/{sid}/run", {"command": f"python3 - <<'EOF'\n{fetch('http://metadata.example.org/x')}EOF",
                                                         "timeout": 30})
         assert ran["exit_code"] != 0 and "refused by policy" in ran["stderr"], ran
     finally:

@@ -34,8 +34,10 @@ BUCKET = "era-storage-tests"
 @pytest.fixture(scope="module")
 def server():
     # Sessions without network reach the storage routes through the listener the server
-    # opens in their sandbox (ERA_STORAGE_PORT, default 80); see net_session for the others.
-    srv = ServerProcess(env={"ERA_API_KEY": KEY, **LIMITS}).start()
+    # opens in their sandbox (ERA_STORAGE_PORT, default 80); see net_session for the others,
+    # which ERA_EGRESS_LOCAL=host makes (by default internet access keeps a sandbox network
+    # of its own, with its listener: tests/test_egress_local.py).
+    srv = ServerProcess(env={"ERA_API_KEY": KEY, "ERA_EGRESS_LOCAL": "host", **LIMITS}).start()
     yield srv
     srv.cleanup()
 
@@ -331,9 +333,9 @@ def run(server, sid, code):
 
 @pytest.fixture(scope="module")
 def net_session(server):
-    """A Python session allowed the network: the local sandbox (as root) then shares the
-    host's, so it has no listener of its own; it reaches the server's address, given as
-    ERA_STORAGE_URL in its env, with its token."""
+    """A Python session whose sandbox shares the host's network (internet access with
+    ERA_EGRESS_LOCAL=host), so it has no listener of its own; it reaches the server's
+    address, given as ERA_STORAGE_URL in its env, with its token."""
     call(server, "POST", "/api/sessions", {"id": "st-net", "language": "python", "allowInternetAccess": True,
                                            "env": {"ERA_STORAGE_URL": server.base}}, expect=201)
     return "st-net"

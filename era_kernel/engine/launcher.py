@@ -29,6 +29,7 @@ from ..kernelspecs import EraKernelSpecManager
 from ..languages import get_language
 from ..provisioning.base import LaunchOptions
 from ..provisioning.commands import DEFAULT_MAX_OUTPUT, CommandResult, EgressHook, OutputSink, run_command
+from ..provisioning.local import sandbox_mode
 from ..setup.session import CommandSandbox
 from .events import EngineEvents, KernelReplaced
 from .kernels import KernelTable, Lease
@@ -59,6 +60,24 @@ def sdk_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def local_egress_refusal(settings: Settings) -> str | None:
+    """None when a local session with ``allowInternetAccess: true`` goes out through the
+    egress proxy (ERA_EGRESS_LOCAL=proxy, and the server can open a listener in its
+    sandbox: bubblewrap's namespaces, and root to enter them); else why it shares the
+    host's network instead, as it did before there was a proxy (README: Known limits)."""
+    if settings["ERA_EGRESS_LOCAL"] != "proxy":
+        return "ERA_EGRESS_LOCAL=host"
+    try:
+        mode = sandbox_mode(settings["ERA_SANDBOX"])
+    except RuntimeError as exc:  # bwrap required and missing: every local kernel's start says so too
+        return str(exc)
+    if mode != "bwrap":
+        return "no bubblewrap sandbox (ERA_SANDBOX=none, or bwrap not installed)"
+    if os.geteuid() != 0:
+        return "the server is not root, and the egress proxy's listener needs root to enter a sandbox"
+    return None
+
+
 class KernelLauncher:
     def __init__(self, settings: Settings, setups: "SetupManager", files: "SessionFiles", table: KernelTable,
                  events: EngineEvents) -> None:
@@ -75,21 +94,34 @@ class KernelLauncher:
         # The egress proxy's listeners in sandboxes (egress/gate.py; set by the manager).
         self.egress: EgressGate | None = None
         self._docker_networks: dict[str, tuple[float, bool]] = {}
+        self._warned_local_egress = False
 
     # ---- network -----------------------------------------------------------------------------
     async def egress_policy(self, request: KernelRequest | SessionRecord) -> EgressPolicy | None:
         """The policy the egress proxy enforces for this kernel; None when its network is
-        none at all or the provisioner's own (``allowInternetAccess: true`` locally, or
-        on a Docker engine that has the egress network). A Docker engine without that
-        network (no bridge, as in CI) gets the proxy with an allow-all policy instead of
-        host networking, unless ERA_EGRESS_DOCKER_FALLBACK says ``host``."""
+        none at all or the provisioner's own. ``allowInternetAccess: true`` is the proxy
+        with an allow-all policy (every public address; the host, loopback, private and
+        link-local ranges stay refused) on a local sandbox (unless ERA_EGRESS_LOCAL says
+        ``host``) and on a Docker engine without the egress network (no bridge, as in CI;
+        unless ERA_EGRESS_DOCKER_FALLBACK says ``host``); on a Docker engine with that
+        network, it is that network."""
         if isinstance(request.allow_internet, dict):
             return session_policy(request.allow_internet)
-        if (request.allow_internet is True and request.provisioner == "docker"
-                and self.settings["ERA_EGRESS_DOCKER_FALLBACK"] == "proxy"
+        if request.allow_internet is not True:
+            return None
+        if request.provisioner == "local":
+            return EgressPolicy.allow_all() if self._local_egress_is_proxy() else None
+        if (request.provisioner == "docker" and self.settings["ERA_EGRESS_DOCKER_FALLBACK"] == "proxy"
                 and not await self._docker_network_exists(self.settings["ERA_DOCKER_EGRESS_NETWORK"])):
             return EgressPolicy.allow_all()
         return None
+
+    def _local_egress_is_proxy(self) -> bool:
+        why = local_egress_refusal(self.settings)
+        if why is not None and not self._warned_local_egress:
+            self._warned_local_egress = True
+            log.warning("local sessions with allowInternetAccess: true share the host's network: %s", why)
+        return why is None
 
     def _gvisor_egress(self, policy: EgressPolicy | None) -> dict[str, Any]:
         """gVisor with the proxy: network ``none`` still, but the runtime that passes
