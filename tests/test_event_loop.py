@@ -101,8 +101,11 @@ async def test_a_days_work_never_blocks_the_loop_for_100_ms(era_settings):
             assert [f["path"] for f in await engine.list_files(pooled)]
             copy = (await engine.duplicate(pooled, {}))["id"]
             await engine.restart(cold)
-            run = asyncio.ensure_future(engine.run(cold, {"code": "import time; time.sleep(30)", "timeout": 60}))
-            await asyncio.sleep(1.5)
+            started = asyncio.Event()  # the interrupt must find the cell running, not its kernel starting
+            run = asyncio.ensure_future(engine.run(
+                cold, {"code": "import time; print('sleeping', flush=True); time.sleep(30)", "timeout": 60},
+                on_event=lambda e: e.get("type") == "stdout" and started.set()))
+            await asyncio.wait_for(started.wait(), 60)
             await engine.interrupt(cold)
             assert (await run)["exit_code"] == 1
             assert (await engine.execute({"code": "print(6 * 7)"}))["stdout"] == "42\n"
