@@ -7,8 +7,9 @@ from a DNS server the test runs; never a real outside address).
 A node session with ``allowInternetAccess: true`` fetches a public name through the
 proxy (fetch, http, https), is refused the metadata address with the proxy's answer,
 and still reaches its own 127.0.0.1 directly (``NO_PROXY``); a TypeScript session
-fetches too; a session without the proxy variables keeps Node's own agents; and so
-does a Docker node session with ``true`` on an engine without a bridge.
+fetches too; a session without the proxy variables keeps Node's own agents (and its
+fetch works under the local address-space cap); and a Docker node session with ``true``
+on an engine without a bridge fetches through the proxy too.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def server(resolver):  # noqa: F811
     srv.cleanup()
 
 
+@pytest.fixture(scope="module")
+def node_session(server):
+    return session(server, "nd-true", "node")
+
+
 def session(server, sid, language, provisioner="local", internet_access=True):
     server.json("POST", "/api/sessions", {"id": sid, "language": language, "provisioner": provisioner,
                                           "allowInternetAccess": internet_access}, expect=201)
@@ -65,12 +71,12 @@ def fetches(server, sid):
     assert result["stdout"] == f"http://127.0.0.1:3128|{HELLO}|{HELLO}|200 {HELLO}|200 {HELLO}\n", result
 
 
-def test_a_node_session_with_internet_fetches_through_the_proxy(server):
-    fetches(server, session(server, "nd-true", "node"))
+def test_a_node_session_with_internet_fetches_through_the_proxy(server, node_session):
+    fetches(server, node_session)
 
 
-def test_the_proxy_refuses_the_metadata_address_to_fetch_and_http(server):
-    sid = "nd-true"
+def test_the_proxy_refuses_the_metadata_address_to_fetch_and_http(server, node_session):
+    sid = node_session
     result = run(server, sid, "const answer = await fetch('http://169.254.169.254/latest/meta-data/');\n")
     assert result["exit_code"] != 0, result
     # undici's words: its error's cause, which the kernel's traceback shows
@@ -85,8 +91,9 @@ def test_the_proxy_refuses_the_metadata_address_to_fetch_and_http(server):
     assert len(reasons) == 2 and all("link-local" in reason for reason in reasons), reasons
 
 
-def test_a_node_session_with_internet_reaches_its_own_loopback_directly(server):
-    # NO_PROXY keeps 127.0.0.1 direct: the proxy would refuse loopback (as it does above).
+def test_a_node_session_with_internet_reaches_its_own_loopback_directly(server, node_session):
+    # NO_PROXY keeps 127.0.0.1 direct (the session's own servers, its storage listener):
+    # the proxy would refuse loopback, as it does 169.254.169.254 above.
     code = ("const http = require('http');\n"
             "const app = http.createServer((req, res) => res.end('own server ' + req.url));\n"
             "await new Promise((resolve) => app.listen(0, '127.0.0.1', resolve));\n"
@@ -95,10 +102,15 @@ def test_a_node_session_with_internet_reaches_its_own_loopback_directly(server):
             "const byName = await fetch(`http://localhost:${port}/by-name`);\n"
             + GET + "const got = await get(`http://127.0.0.1:${port}/got`);\n"
             "app.close();\n"
-            "console.log([await direct.text(), await byName.text(), got].join('|'));\n")
-    result = run(server, "nd-true", code)
-    assert result["stdout"] == "own server /fetched|own server /by-name|200 own server /got\n", result
-    assert not [e for e in denials(server, "nd-true") if e["host"] in ("127.0.0.1", "localhost")]
+            "const storage = require('era_storage');  // its listener, 127.0.0.1:80, over http\n"
+            "await storage.kv.set('nd', 'k', 'through the listener');\n"
+            "const stored = await storage.kv.get('nd', 'k');\n"
+            "console.log([await direct.text(), await byName.text(), got, stored].join('|'));\n")
+    result = run(server, node_session, code)
+    assert result["stdout"] == "own server /fetched|own server /by-name|200 own server /got|through the listener\n", \
+        result
+    assert server.json("GET", "/api/storage/kv/nd/k")["value"] == "through the listener"
+    assert not [e for e in denials(server, node_session) if e["host"] in ("127.0.0.1", "localhost")]
 
 
 def test_a_typescript_session_with_internet_fetches_through_the_proxy(server):
@@ -109,12 +121,19 @@ def test_a_typescript_session_with_internet_fetches_through_the_proxy(server):
     assert result["stdout"] == HELLO + "\n", result
 
 
-def test_a_node_session_without_the_proxy_keeps_nodes_own_agents(server):
-    # No proxy variables (no internet access): nothing is patched, nothing of undici loaded.
+def test_a_node_session_without_the_proxy_keeps_nodes_own_agents_and_fetches(server):
+    # No proxy variables (no internet access): nothing is patched, nothing of undici loaded;
+    # and Node's own fetch works under the kernel's address-space cap (its WebAssembly
+    # HTTP parser did not fit before --disable-wasm-trap-handler).
     sid = session(server, "nd-none", "node", internet_access=False)
-    code = ("console.log(process.env.HTTP_PROXY, require('http').Agent.prototype.createConnection === "
-            "require('net').createConnection, globalThis[Symbol.for('undici.globalDispatcher.1')]?.constructor.name);\n")
-    assert run(server, sid, code)["stdout"] == "undefined true undefined\n"
+    code = ("const mine = [process.env.HTTP_PROXY, require('http').Agent.prototype.createConnection === "
+            "require('net').createConnection, globalThis[Symbol.for('undici.globalDispatcher.1')]];\n"
+            "const app = require('http').createServer((req, res) => res.end('own server'));\n"
+            "await new Promise((resolve) => app.listen(0, '127.0.0.1', resolve));\n"
+            "const answer = await fetch(`http://127.0.0.1:${app.address().port}/`);\n"
+            "const text = await answer.text();\napp.close();\n"
+            "console.log(...mine, text);\n")
+    assert run(server, sid, code)["stdout"] == "undefined true undefined own server\n"
 
 
 def test_a_docker_node_session_with_internet_and_no_bridge_fetches_through_the_proxy(server):
