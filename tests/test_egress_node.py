@@ -69,6 +69,7 @@ def fetches(server, sid):
     result = run(server, sid, code)
     assert result["exit_code"] == 0, result
     assert result["stdout"] == f"http://127.0.0.1:3128|{HELLO}|{HELLO}|200 {HELLO}|200 {HELLO}\n", result
+    assert "experimental" not in result["stderr"], result  # undici's warning is not the user's
 
 
 def test_a_node_session_with_internet_fetches_through_the_proxy(server, node_session):
