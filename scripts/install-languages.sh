@@ -4,7 +4,8 @@
 #   - Go from Debian (golang-go), and Node.js and npm from Debian when missing;
 #   - Node.js 20.20 from its npm package when the node on PATH is older than 20.19, which
 #     cannot require() an ES module (Debian 12 has 18): as the era/node image does;
-#   - tslab (JavaScript and TypeScript kernels) and deno from the npm registry, into
+#   - tslab (JavaScript and TypeScript kernels), undici (their fetch through the egress
+#     proxy: era_kernel/kernels/node_proxy.js) and deno from the npm registry, into
 #     a prefix every uid can read (sandboxed kernels run as unprivileged uids, with
 #     /root, /home and /tmp hidden), with their commands linked into /usr/local/bin;
 #   - bash needs nothing: its kernel is era_kernel/kernels/bash_kernel.py.
@@ -21,6 +22,9 @@ BIN_DIR="${ERA_BIN_DIR:-/usr/local/bin}"
 # has changed between releases. The image recipes pin the same versions.
 TSLAB_VERSION=1.0.22
 DENO_VERSION=2.9.6
+# The undici Node 20.20 bundles (process.versions.undici): its fetch takes npm undici's
+# EnvHttpProxyAgent as its dispatcher (node_proxy.js). The node recipe pins the same.
+UNDICI_VERSION=6.24.1
 NODE_VERSION=20.20.2  # as the era/node image (era_kernel/images/recipes/node/install.sh)
 
 say() { printf 'install-languages: %s\n' "$*" >&2; }
@@ -69,6 +73,7 @@ installed_version() {  # version of an npm package under our prefix, or nothing
 wanted=()
 [ "$(installed_version tslab)" = "$TSLAB_VERSION" ] || wanted+=("tslab@${TSLAB_VERSION}")
 [ "$(installed_version deno)" = "$DENO_VERSION" ] || wanted+=("deno@${DENO_VERSION}")
+[ "$(installed_version undici)" = "$UNDICI_VERSION" ] || wanted+=("undici@${UNDICI_VERSION}")
 if [ "${#wanted[@]}" -gt 0 ]; then
     say "installing ${wanted[*]} into ${NODE_PREFIX}"
     mkdir -p "$NODE_PREFIX"
@@ -92,4 +97,5 @@ ln -sfn "${NODE_PREFIX}/bin/tslab" "${BIN_DIR}/tslab"
 ln -sfn "${NODE_PREFIX}/bin/deno" "${BIN_DIR}/deno"
 
 say "go $(go version | awk '{print $3}'), node $(node --version), tslab $(installed_version tslab)," \
+    "undici $(installed_version undici)," \
     "deno $("${BIN_DIR}/deno" --version | awk 'NR==1{print $2}') ready"

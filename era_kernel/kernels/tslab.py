@@ -7,6 +7,12 @@ the tslab package from the ``tslab`` command on PATH (npm's global bin, wherever
 prefix is), then replaces itself with ``node tslab_launcher.js`` (see that file for
 what the launcher changes). No process of ours stays between Jupyter and node, so
 signals and the exit status are node's own.
+
+``NODE_OPTIONS`` gets ``--disable-wasm-trap-handler`` (for the kernel and the node
+processes it starts): WebAssembly's trap handler reserves about 10 GiB of address space
+per memory, more than a local kernel's cap (``ERA_KERNEL_MEMORY``, an ``RLIMIT_AS``), and
+Node's ``fetch`` parses HTTP with WebAssembly (llhttp), so without it every fetch fails
+with "Out of memory: Cannot allocate Wasm memory". Bounds checks instead cost little.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 from pathlib import Path
 
 LAUNCHER = Path(__file__).with_name("tslab_launcher.js")
+NO_WASM_RESERVATION = "--disable-wasm-trap-handler"  # Node 20.15+ (we install 20.19+)
 
 
 def tslab_package_dir() -> Path:
@@ -38,6 +45,9 @@ def main(argv: list[str]) -> None:
     if node is None:
         raise SystemExit("node is not installed, or not on PATH")
     command = [node, str(LAUNCHER), str(tslab_package_dir()), *(["--js"] if js else []), args[1]]
+    options = os.environ.get("NODE_OPTIONS", "")
+    if NO_WASM_RESERVATION not in options.split():
+        os.environ["NODE_OPTIONS"] = f"{options} {NO_WASM_RESERVATION}".strip()
     os.execv(node, command)
 
 

@@ -24,7 +24,10 @@
 //    cells, a cell's last value is an execute_result (tslab printed it to stdout), and a
 //    failed cell's only output is its `error` (tslab also printed it to stderr).
 // Also: NODE_PATH is honoured when a session sets it after the start, by require and
-// by TypeScript's module resolution (which never looks at it on its own).
+// by TypeScript's module resolution (which never looks at it on its own); HTTP_PROXY,
+// HTTPS_PROXY and NO_PROXY by fetch and http/https (node_proxy.js: Node before 24 does
+// not), so a session behind ERA's egress proxy reaches out; and a thrown error's causes
+// (fetch's "fetch failed" says nothing else) are in its traceback.
 "use strict";
 
 const crypto = require("crypto");
@@ -39,6 +42,13 @@ if (!tslabDir || !configPath) {
   process.exit(2);
 }
 const dist = (name) => require(path.join(tslabDir, "dist", name));
+
+// ---- proxy variables, for fetch and http/https --------------------------------------
+// In the kernel's environment from its start (a session behind the egress proxy), or set
+// by a cell later: looked at again before each cell. undici is installed beside tslab.
+const nodeProxy = require(path.join(__dirname, "node_proxy.js"));
+const undiciDir = path.dirname(tslabDir);
+nodeProxy.refresh(undiciDir);
 
 // ---- NODE_PATH, for require and for TypeScript's module resolution ---------------
 // Node reads NODE_PATH once at start; a session sets it later (startup cells), so it is
@@ -134,11 +144,25 @@ function describe(thrown) {
     // the frames below the cell are tslab's and ours, not the user's
     const inner = stack.findIndex((line) => /^\s+at (sigintHandlersWrap|Script\.runInThisContext) /.test(line));
     if (inner > 0) stack = stack.slice(0, inner);
+    stack.push(...causes(thrown));
     // "throw new Error()" has no message; an error always says something (its name)
     return { ename: name, evalue: String(thrown.message) || name, traceback: stack };
   }
   const shown = util.inspect(thrown);
   return { ename: "Error", evalue: `Uncaught ${shown}`, traceback: [`Uncaught ${shown}`] };
+}
+
+// "fetch failed" and the like: what went wrong is in the error's cause (and its cause's)
+function causes(thrown) {
+  const lines = [];
+  const seen = new Set([thrown]);
+  for (let cause = thrown.cause; cause !== undefined && cause !== null && !seen.has(cause) && lines.length < 5;
+    cause = cause instanceof Object ? cause.cause : undefined) {
+    seen.add(cause);
+    const said = cause instanceof Object && "message" in cause ? `${cause.name || "Error"}: ${cause.message}` : util.inspect(cause);
+    lines.push(`Caused by ${said}`);
+  }
+  return lines;
 }
 
 // ---- 3. process.exit during a cell ------------------------------------------------
@@ -187,6 +211,7 @@ jupyter.JupyterHandlerImpl.prototype.handleExecute = async function handleExecut
         }
       };
       refreshNodePath();
+      nodeProxy.refresh(undiciDir);
       process.exit = cellExit;
       try {
         await this.handleExecuteImpl(req, writeStream, writeDisplayData);

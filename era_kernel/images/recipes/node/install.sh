@@ -10,6 +10,9 @@ TSLAB_VERSION=1.0.22  # as scripts/install-languages.sh: tslab_launcher.js adjus
 # image's node is Node.js's own build, from its npm package (the registry is the one
 # source a build step has); Debian's npm stays and runs on it (it comes first on PATH).
 NODE_VERSION=20.20.2
+# The undici Node 20.20 bundles: its fetch takes npm undici's EnvHttpProxyAgent as its
+# dispatcher, so it honours HTTP(S)_PROXY (era_kernel/kernels/node_proxy.js).
+UNDICI_VERSION=6.24.1
 
 echo "era-progress 5 installing Node.js and npm"
 apt-get update -qq
@@ -27,8 +30,9 @@ install -m 0755 "$node_tmp/package/bin/node" /usr/local/bin/node
 rm -rf "$node_tmp"
 [ "$(node --version)" = "v${NODE_VERSION}" ] || { echo "node on PATH is $(node --version), not v${NODE_VERSION}" >&2; exit 1; }
 
-echo "era-progress 45 installing tslab ${TSLAB_VERSION}"
-npm install --global --prefix /opt/era/node --no-fund --no-audit --loglevel=error "tslab@${TSLAB_VERSION}"
+echo "era-progress 45 installing tslab ${TSLAB_VERSION} and undici ${UNDICI_VERSION}"
+npm install --global --prefix /opt/era/node --no-fund --no-audit --loglevel=error \
+    "tslab@${TSLAB_VERSION}" "undici@${UNDICI_VERSION}"
 ln -sfn /opt/era/node/bin/tslab /usr/local/bin/tslab
 
 echo "era-progress 80 cleaning up"
@@ -46,4 +50,5 @@ sh "$RECIPE/kernels/install-into-image.sh"
 
 node --version
 /opt/era/venv/bin/python -c "from era_kernel.kernels.tslab import tslab_package_dir; print('tslab at', tslab_package_dir())"
+node -e "require('/opt/era/node/lib/node_modules/undici').EnvHttpProxyAgent || process.exit(1)"
 echo "era-progress 100 done"

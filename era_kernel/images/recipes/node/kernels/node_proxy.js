@@ -1,0 +1,1 @@
+../../../../kernels/node_proxy.js
