@@ -20,7 +20,8 @@ allowed by name and trusted: it may resolve to a private address (a mirror on th
 operator's network; only for that name, never loopback, link-local or the host's own
 addresses). A URL naming a loopback or private address, or ``localhost``, is allowed at
 exactly that address and port. The tools' own settings (``PIP_INDEX_URL``,
-``PIP_EXTRA_INDEX_URL``, ``npm_config_registry``, ``GOPROXY``, ``GOSUMDB``) go into each
+``PIP_EXTRA_INDEX_URL``, ``PIP_TRUSTED_HOST``, ``npm_config_registry``, ``GOPROXY``,
+``GOSUMDB``) go into each
 build's environment, so a build uses the registries allowed whatever its sandbox's
 ``HOME`` or its image's own configuration says.
 """
@@ -105,8 +106,9 @@ def _tool(argv: list[str], environ: Mapping[str, str]) -> str | None:
 
 
 def pip_config(environ: Mapping[str, str]) -> dict[str, str]:
-    """pip's effective ``index-url``, ``extra-index-url`` and ``find-links`` for ``pip
-    install`` (its variables, then its ``[install]``, then its ``[global]`` section)."""
+    """pip's effective ``index-url``, ``extra-index-url``, ``find-links`` and
+    ``trusted-host`` for ``pip install`` (its variables, then its ``[install]``, then its
+    ``[global]`` section)."""
     out = _tool([sys.executable, "-m", "pip", "config", "list"], environ) or ""
     sections: dict[str, dict[str, str]] = {}
     for line in out.splitlines():
@@ -120,7 +122,7 @@ def pip_config(environ: Mapping[str, str]) -> dict[str, str]:
             continue
         sections.setdefault(section, {})[name] = str(value)
     found = {}
-    for name in ("index-url", "extra-index-url", "find-links"):
+    for name in ("index-url", "extra-index-url", "find-links", "trusted-host"):
         for section in (":env:", "install", "global"):
             if name in sections.get(section, {}):
                 found[name] = sections[section][name]
@@ -143,6 +145,8 @@ def _pip(environ: Mapping[str, str]) -> tuple[list[tuple[str, str]], dict[str, s
     env = {"PIP_INDEX_URL": index}
     if extras:
         env["PIP_EXTRA_INDEX_URL"] = " ".join(extras)
+    if config.get("trusted-host", "").split():  # an index the operator reaches over plain http
+        env["PIP_TRUSTED_HOST"] = " ".join(config["trusted-host"].split())
     return urls, env
 
 

@@ -164,8 +164,9 @@ class DockerRunner:
                 on_line(f"(the step was killed: it went past the setup memory limit of {self.memory} bytes)")
             result = await asyncio.to_thread(self.client.api.wait, container.id)
             code = int(result.get("StatusCode", -1))
-            if code == 127 and f"exec {step.argv[0]} failed" in "\n".join(seen):
-                # The container's init could not run the tool at all.
+            said = "\n".join(seen)
+            if code == 127 and (f"exec {step.argv[0]} failed" in said or f"exec: {step.argv[0]}: not found" in said):
+                # The container's init (or, behind the proxy, its bash) could not run the tool at all.
                 raise SetupFailed(f"{step.argv[0]} is not installed in image {facts.ref}; "
                                   f"{step.kind} setup needs an image that has it")
             return code
