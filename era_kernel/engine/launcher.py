@@ -293,7 +293,7 @@ class KernelLauncher:
         through the egress proxy; ``true`` keeps the provisioner's own network. With
         ERA_SETUP_NETWORK=host (or a server that cannot use the proxy), the session's rule
         alone, as before (network off: the host's)."""
-        registries = await self.setups.registries_policy(record.provisioner)
+        registries = await self.setups.network.policy(record.provisioner)
         if registries is None:
             return await self.command_egress(record)
         policy = await self.egress_policy(record)

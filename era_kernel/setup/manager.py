@@ -37,6 +37,7 @@ from .cache import EnvCache
 from .layout import EnvLayout, python_startup_cell
 from .logs import LineSplitter, LogTail, error_message
 from .runner_local import LocalRunner, setting
+from .network import SetupNetwork
 from .session import SESSION_SITE, CommandSandbox
 from .spec import FORMAT, env_key, normalize, packages, workspace_files
 from .steps import SetupFailed, Toolchain, plan, step_env
@@ -103,12 +104,8 @@ class SetupManager:
         self._images: dict[str, Any] = {}  # language -> ImageFacts last seen (docker)
         self._sessions: dict[str, asyncio.Task] = {}
         self._builds: dict[str, _Build] = {}
-        # Package builds' network (ERA_SETUP_NETWORK): the egress proxy (the engine's gate,
-        # else one made on first use) under the registries' policy, read once.
-        self.network = str(setting(settings, "ERA_SETUP_NETWORK", "proxy"))
-        self.egress: Any = None  # EgressGate
-        self._registries: asyncio.Future | None = None
-        self._host_network_said: set[str] = set()
+        # Where builds and commands may connect: the registries, through the egress proxy.
+        self.network = SetupNetwork(settings, lambda: self.local.sandboxed)
 
     # ---- the engine's interface -----------------------------------------------------------
     @staticmethod
@@ -217,70 +214,6 @@ class SetupManager:
         if builds:
             await asyncio.wait(builds)
 
-    # ---- network: the package registries through the egress proxy -------------------------
-    def prepare_network(self) -> None:
-        """Start reading the operator's registry configuration (pip, npm and Go's, and
-        ERA_SETUP_EGRESS_ALLOW: ``egress/registries.py``) in the background; the engine
-        calls this at server start, and builds wait for it."""
-        if self._registries is None and self.network == "proxy":
-            from ..egress.registries import derive
-
-            self._registries = asyncio.ensure_future(asyncio.to_thread(derive, self.settings))
-
-    async def registries(self) -> Any:
-        """The registries builds reach (``Registries``), or None with ERA_SETUP_NETWORK=host."""
-        if self.network != "proxy":
-            return None
-        self.prepare_network()
-        return await asyncio.shield(self._registries)
-
-    def _no_proxy_here(self, provisioner: str) -> str | None:
-        """Why this server cannot put a setup of ``provisioner`` behind the proxy (None: it can)."""
-        if os.geteuid() != 0:
-            return "the server does not run as root, so it cannot open the egress proxy in a sandbox"
-        if provisioner == "local" and not self.local.sandboxed:
-            return "local setups run without a sandbox (ERA_SANDBOX)"
-        return None
-
-    async def registries_policy(self, provisioner: str) -> Any:
-        """The policy setups of ``provisioner`` reach the registries under (an
-        ``EgressPolicy``), or None when they use the host's network (ERA_SETUP_NETWORK=host,
-        or a server that cannot use the proxy: logged once)."""
-        registries = await self.registries()
-        if registries is None:
-            return None
-        why = self._no_proxy_here(provisioner)
-        if why is not None:
-            if provisioner not in self._host_network_said:
-                self._host_network_said.add(provisioner)
-                log.warning("package setups (%s) use the host's network: %s", provisioner, why)
-            return None
-        return registries.policy
-
-    def _gate(self) -> Any:
-        if self.egress is None:  # no engine (era setup, tests): a proxy of our own
-            from ..egress.gate import EgressGate
-
-            self.egress = EgressGate(self.settings["ERA_EGRESS_PORT"], self.settings["ERA_EGRESS_RESOLVER"], None,
-                                     self.settings["ERA_EGRESS_DENY"])
-        return self.egress
-
-    async def _step_network(self, runtime: Runtime, key: str, emit: LogSink) -> tuple[Any, dict[str, str]]:
-        """A build step's egress hook (None: the host's network) and the variables that
-        send its tools to the registries through it."""
-        policy = await self.registries_policy(runtime.provisioner)
-        if policy is None:
-            return None, {}
-        registries = await self.registries()
-        hook = self._gate().command_hook(f"setup-build-{key}", policy, on_denied=emit)
-        # A build talks to nothing local: every request goes to the proxy (a registry on
-        # the host's loopback too, which only the proxy can reach). pip and npm are also
-        # told in their own settings, which beat their configuration files.
-        env = {name: value for name, value in hook.env.items() if name.lower() != "no_proxy"}
-        env.update(PIP_PROXY=env["HTTPS_PROXY"], npm_config_proxy=env["HTTP_PROXY"],
-                   npm_config_https_proxy=env["HTTPS_PROXY"], npm_config_noproxy="")
-        return hook, {**registries.env_for(runtime.provisioner), **env}
-
     # ---- one session's setup ----------------------------------------------------------------
     async def _session_setup(self, session_id: str, language: str, provisioner: str, uid: int,
                              spec: dict[str, Any], on_log: LogSink | None, on_status: StatusSink | None,
@@ -361,8 +294,7 @@ class SetupManager:
             if ca and runtime.provisioner == "docker":
                 ca = os.path.realpath(ca)  # the container sees its directory, bound read-only
                 readonly.append(os.path.dirname(ca))
-            registries = await self.registries()  # the commands' pip, npm and go use the same registries
-            tools = registries.env_for(runtime.provisioner) if registries is not None else {}
+            tools = await self.network.tools_env(runtime.provisioner)  # the same registries as the build's
             env = {**layout.command_env(runtime.tools.base_path, SESSION_SITE, ca), **tools,
                    **(spec.get("envs") or {})}
             if not key:
@@ -447,11 +379,9 @@ class SetupManager:
             steps = plan(packages(spec), layout, runtime.tools, setup_timeout=self.setup_timeout,
                          command_timeout=self.command_timeout)
             env = step_env(layout, runtime.tools, home=str(home), ca_bundle=self.ca_bundle())
-            registries = await self.registries()
-            if registries is not None and await self.registries_policy(runtime.provisioner) is not None:
-                emit("network: the package registries only, through the egress proxy ("
-                     + ", ".join(registries.policy.allow_names + tuple(map(str, registries.policy.allow_nets))
-                                 + tuple(f"{h}:{p}" for h, p in registries.policy.registry_endpoints)) + ")")
+            where = await self.network.describe(runtime.provisioner)
+            if where:
+                emit(where)
             deadline = time.monotonic() + self.setup_timeout
             for number, step in enumerate(steps, 1):
                 remaining = deadline - time.monotonic()
@@ -465,7 +395,7 @@ class SetupManager:
                     output.add(line)
                     emit(line)
 
-                hook, network_env = await self._step_network(runtime, key, emit)
+                hook, network_env = await self.network.step(runtime.provisioner, key, emit)
                 kwargs = dict(final=final, staging=staging, home=home, uid=uid, env={**env, **network_env},
                               timeout=min(step.timeout, remaining), on_line=on_line, egress=hook)
                 if runtime.image is not None:
