@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Settings
+from ..kernel.session_kernel import MOUNT_RACE
 from ..provisioning import cgroups
 from ..provisioning.commands import EgressHook
 from ..provisioning.commands import _after_proxy as after_proxy  # one way into a sandbox behind the proxy
@@ -109,9 +110,23 @@ class LocalRunner:
         if shutil.which(step.argv[0], path=env.get("PATH")) is None:
             raise SetupFailed(f"{step.argv[0]} is not installed on this server; {step.kind} setup needs it")
         group = await self._cgroup()
+        first: list[str] = []
+
+        def watch(line: str) -> None:
+            if len(first) < 2:
+                first.append(line)
+            on_line(line)
+
         try:
-            return await self._run(step, group, final=final, staging=staging, home=home, uid=uid, env=env,
-                                   timeout=timeout, on_line=on_line, egress=egress)
+            code = await self._run(step, group, final=final, staging=staging, home=home, uid=uid, env=env,
+                                   timeout=timeout, on_line=watch, egress=egress)
+            if code == 1 and len(first) == 1 and MOUNT_RACE.search(first[0]):
+                # bubblewrap raced another sandbox's unmount while binding the host's
+                # mounts (as a kernel start can: session_kernel.py); nothing of the step ran.
+                on_line("era: bubblewrap raced an unmount while making the sandbox; starting the step again")
+                code = await self._run(step, group, final=final, staging=staging, home=home, uid=uid, env=env,
+                                       timeout=timeout, on_line=on_line, egress=egress)
+            return code
         finally:
             if group is not None:
                 kills = group.oom_kills()
