@@ -77,6 +77,14 @@ def _cidrs(value: str) -> str:
     return value
 
 
+def _setup_allow(value: str) -> str:
+    """``ERA_SETUP_EGRESS_ALLOW``: checked at start (ValueError naming the bad entry)."""
+    from .egress.registries import setup_allow
+
+    setup_allow(value)
+    return value
+
+
 def _port(value: str) -> int:
     """A TCP port, or 0 for none."""
     number = int(value)
@@ -261,6 +269,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_SETUP_MAX_BYTES", 2 * 1024**3, "Largest environment a setup may produce; bigger fails.", _size),
     Setting("ERA_SETUP_CA_BUNDLE", "", "CA bundle setups use to reach registries; default OpenSSL's "
             "(honours `SSL_CERT_FILE`)."),
+    Setting("ERA_SETUP_NETWORK", "proxy", "Network of package builds (`setup.pip`/`npm`/`go`): `proxy` (none of "
+            "their own, only the egress proxy, reaching the package registries the server's pip, npm and Go "
+            "configuration names, and ERA_SETUP_EGRESS_ALLOW; needs root, else host networking, logged) or `host` "
+            "(the host's network: see Known limits). README: Packages.", _choice("proxy", "host")),
+    Setting("ERA_SETUP_EGRESS_ALLOW", "", "Comma-separated host patterns and CIDRs package builds may reach beside "
+            "the configured registries (e.g. a VCS host for Go's `direct`, a CDN a mirror redirects to); an exact name "
+            "is trusted as a registry is (it may resolve to a private address).", _setup_allow),
     Setting("ERA_HOST", "127.0.0.1", "Address `era serve` binds."),
     Setting("ERA_PORT", 8787, "Port `era serve` binds.", int),
     Setting("ERA_API_KEY", "", "When set, every /api route and WebSocket needs `Authorization: Bearer <key>`. "

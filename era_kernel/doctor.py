@@ -199,12 +199,28 @@ def _kernel() -> Check:
                             f"jupyter_client {jupyter_client.__version__}")
 
 
+def _setup_network(settings: Settings) -> Check:
+    """Where package builds may connect: the registries the operator's configuration names."""
+    if settings["ERA_SETUP_NETWORK"] != "proxy":
+        return ("setup", "WARN", "package builds use the host's network (ERA_SETUP_NETWORK=host): a package's "
+                                 "install code reaches the host's loopback services and 169.254.169.254")
+    if os.geteuid() != 0:
+        return ("setup", "WARN", "package builds use the host's network: the server is not root, and the egress "
+                                 "proxy's listener needs root to enter a sandbox (README: Known limits)")
+    from .egress.registries import derive
+
+    registries = derive(settings)
+    return ("setup", "OK", "package builds reach only these registries, through the egress proxy: "
+                           + ("; ".join(registries.sources) or "none (pip, npm and go name none)"))
+
+
 def run_checks(settings: Settings | None = None) -> Iterator[Check]:
     settings = settings or Settings.from_env()
     yield _kernel()
     yield _bwrap()
     yield _launcher(settings)
     yield _egress(settings)
+    yield _setup_network(settings)
     yield _limits()
     yield _cgroups(settings)
     yield _runtime(settings)

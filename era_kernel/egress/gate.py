@@ -48,9 +48,14 @@ class EgressGate:
         self.proxy = EgressProxy(dns_resolver(resolver) if resolver else system_resolve, self._denied,
                                  operator_denied(denied))
         self._record_event = record_event
+        self._denial_sinks: dict[str, Callable[[str], None]] = {}  # sid -> where its denials go instead
         self.servers: dict[str, tuple[asyncio.AbstractServer, Any]] = {}  # sid -> (listener, its kernel)
 
     def _denied(self, sid: str, name: str, port: int, reason: str) -> None:
+        sink = self._denial_sinks.get(sid)
+        if sink is not None:  # a shared package build: its log, which every waiting session sees
+            sink(f"era: connection to {name}:{port} refused by policy: {reason}")
+            return
         if self._record_event is not None and not sid.startswith(ONESHOT_PREFIX):  # a one-shot run has no log
             self._record_event(sid, {"type": "egress_denied", "reason": reason, "host": name, "port": port,
                                      "message": f"connection to {name} refused by policy: {reason}"})
@@ -75,14 +80,25 @@ class EgressGate:
         del self.servers[sid]
         entry[0].close()  # the listener; tunnels under way end with their peers
 
-    def command_hook(self, sid: str, policy: EgressPolicy) -> "EgressHook":
+    def command_hook(self, sid: str, policy: EgressPolicy,
+                     on_denied: Callable[[str], None] | None = None) -> "EgressHook":
         """What ``run_command`` needs to put one command of the session (a setup command)
-        behind this proxy under ``policy``: a listener of its own, closed after it."""
+        behind this proxy under ``policy``: a listener of its own, closed after it.
+        ``on_denied``: where its denials go instead of ``sid``'s events (a package build,
+        whose ``sid`` is no session's)."""
         from ..provisioning.commands import EgressHook
 
         key = f"command-{sid}-{secrets.token_hex(4)}"
-        return EgressHook(self.port, lambda ns_path: self.attach(sid, ns_path, policy, key=key),
-                          lambda: self.detach(key), proxy_env(self.port))
+        if on_denied is not None:
+            self._denial_sinks[sid] = on_denied
+
+        def detach() -> None:
+            self.detach(key)
+            if on_denied is not None and self._denial_sinks.get(sid) is on_denied:
+                del self._denial_sinks[sid]
+
+        return EgressHook(self.port, lambda ns_path: self.attach(sid, ns_path, policy, key=key), detach,
+                          proxy_env(self.port))
 
     def close_all(self) -> None:
         for sid in list(self.servers):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Union
 
 from ..errors import BadRequest
@@ -55,6 +55,11 @@ ALWAYS_DENIED: tuple[tuple[Network, str], ...] = tuple((ipaddress.ip_network(net
     ("64:ff9b::/96", "NAT64, which reaches IPv4 addresses behind it"),
     ("2002::/16", "6to4, which reaches IPv4 addresses behind it"),
 ))
+
+# The private ranges a package registry named by the operator's own configuration may
+# resolve to (a mirror on the operator's network): ``EgressPolicy.registry_names``.
+PRIVATE_RANGES: frozenset[Network] = frozenset(ipaddress.ip_network(net) for net in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 HOST_OWN_TTL = 30.0  # seconds the host's interface addresses are cached
@@ -133,11 +138,16 @@ def operator_denied(text: str) -> tuple[Network, ...]:
     return tuple(nets)
 
 
-def always_denied(address: Address, own: Iterable[Address] = (), extra: Iterable[Network] = ()) -> str | None:
+def always_denied(address: Address, own: Iterable[Address] = (), extra: Iterable[Network] = (),
+                  private_ok: bool = False) -> str | None:
     """Why ``address`` is never reached (None: it may be, if the policy allows it):
-    the built-in ranges, the host's own addresses (``own``), the operator's (``extra``)."""
+    the built-in ranges, the host's own addresses (``own``), the operator's (``extra``).
+    ``private_ok``: the private ranges are not refused (a registry's mirror); loopback,
+    link-local and the rest still are."""
     address = unmapped(address)
     for net, why in ALWAYS_DENIED:
+        if private_ok and net in PRIVATE_RANGES:
+            continue
         if address.version == net.version and address in net:
             return f"{address} is {why}, always denied"
     if address in own:
@@ -155,6 +165,13 @@ class EgressPolicy:
     deny_names: tuple[str, ...] = ()
     deny_nets: tuple[Network, ...] = ()
     source: dict[str, Any] = field(default_factory=dict, compare=False)  # as given: what the API shows back
+    # Package registries the operator's own configuration names (egress/registries.py),
+    # for setup builds: a registry name may resolve to a private address (a mirror), and
+    # only for that name are the private ranges not refused; an endpoint (name or address,
+    # port) is a registry URL naming a loopback or private address, or localhost, reached
+    # at exactly that port. Link-local and ERA_EGRESS_DENY stay refused for both.
+    registry_names: tuple[str, ...] = ()
+    registry_endpoints: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def allow_all(cls) -> "EgressPolicy":
@@ -171,12 +188,35 @@ class EgressPolicy:
             return None  # an allowed name, or one whose addresses may be in an allowed range
         return f"{name} is not in the allow list"
 
+    def with_registries(self, registries: "EgressPolicy") -> "EgressPolicy":
+        """This policy (a session's) and the registries' together: what a session's setup
+        commands may reach while its setup runs. The session's own ``deny`` still wins."""
+        return replace(self, allow_names=self.allow_names + registries.allow_names,
+                       allow_nets=self.allow_nets + registries.allow_nets,
+                       deny_names=self.deny_names + registries.deny_names,
+                       deny_nets=self.deny_nets + registries.deny_nets,
+                       registry_names=self.registry_names + registries.registry_names,
+                       registry_endpoints=self.registry_endpoints + registries.registry_endpoints)
+
+    def _registry_endpoint(self, address: Address, name: str | None, port: int | None,
+                           extra: Iterable[Network]) -> bool:
+        """``address`` at ``port`` is a registry endpoint the operator named (a loopback or
+        private address, or localhost), and nothing refuses it even so."""
+        if port is None or ((name if name is not None else str(address)), port) not in self.registry_endpoints:
+            return False
+        if address.is_link_local or any(address.version == net.version and address in net for net in extra):
+            return False
+        return address.is_loopback or any(address.version == net.version and address in net
+                                          for net in PRIVATE_RANGES)
+
     def check_address(self, address: Address, name: str | None, own: Iterable[Address] = (),
-                      extra: Iterable[Network] = ()) -> str | None:
+                      extra: Iterable[Network] = (), port: int | None = None) -> str | None:
         """Why connecting to ``address`` (which ``name`` resolved to; None: the address was
-        given literally) is refused, or None when it is allowed."""
+        given literally) at ``port`` is refused, or None when it is allowed."""
         address = unmapped(address)
-        why = always_denied(address, own, extra)
+        if self.registry_endpoints and self._registry_endpoint(address, name, port, extra):
+            return None
+        why = always_denied(address, own, extra, private_ok=name is not None and name in self.registry_names)
         if why:
             return why
         for net in self.deny_nets:

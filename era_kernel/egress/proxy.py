@@ -225,7 +225,8 @@ class EgressProxy:
         checked = []
         for text in addresses:
             address = ipaddress.ip_address(text.split("%", 1)[0])
-            why = policy.check_address(address, None if target.literal else target.name, own, self.denied_nets)
+            why = policy.check_address(address, None if target.literal else target.name, own, self.denied_nets,
+                                       port=target.port)
             if why:  # one refused address refuses the name: which one a connection gets is not ours to pick
                 raise Refused(403, target.name, why, target.port)
             checked.append(str(address))

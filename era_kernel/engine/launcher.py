@@ -283,8 +283,25 @@ class KernelLauncher:
                                 self.files.tmp_path(workspace), uid, write_file=write_file, finished=finished,
                                 isolation=record.isolation)
 
-        sandbox.egress = lambda: self.command_egress(record)  # the kernel's rule for setup commands too
+        sandbox.egress = lambda: self.setup_command_egress(record)
         return sandbox
+
+    async def setup_command_egress(self, record: SessionRecord) -> EgressHook | None:
+        """A setup command's network: the session's rule (``command_egress``) with the
+        package registries added while setup runs: a policy session's commands reach its
+        policy and the registries, a session without network the registries only, both
+        through the egress proxy; ``true`` keeps the provisioner's own network. With
+        ERA_SETUP_NETWORK=host (or a server that cannot use the proxy), the session's rule
+        alone, as before (network off: the host's)."""
+        registries = await self.setups.network.policy(record.provisioner)
+        if registries is None:
+            return await self.command_egress(record)
+        policy = await self.egress_policy(record)
+        if policy is None and record.allow_internet is True:
+            return None
+        if self.egress is None:
+            raise KernelFailed("this session's setup goes through the egress proxy, which this engine lacks")
+        return self.egress.command_hook(record.id, registries if policy is None else policy.with_registries(registries))
 
     # ---- sessions ------------------------------------------------------------------------
     def start_in_background(self, record: SessionRecord, lease: Lease, warm: WarmKernel | None = None) -> None:

@@ -109,6 +109,7 @@ class SessionManager:
         self.egress = self.launcher.egress = EgressGate(self.settings["ERA_EGRESS_PORT"],
                                                         self.settings["ERA_EGRESS_RESOLVER"], self.session_log.note,
                                                         self.settings["ERA_EGRESS_DENY"])
+        self.setups.network.egress = self.egress  # package builds reach the registries through it too
         self.events.watch(lambda ev: isinstance(ev, (*KERNEL_GONE, SessionDeleted)) and self.egress.detach(
             ev.session_id, keep=self.table.kernel(ev.session_id)))
         self._workdirs: dict[str, str] = {}  # session id -> its directory, when not sessions/<id>
@@ -126,6 +127,7 @@ class SessionManager:
         await self.store.open()
         self._opened = True
         await self.storage.start()
+        self.setups.network.prepare()  # the registries setup builds may reach: read now, in the background
         await self.callbacks.start()  # before recovery: runs a restart cut off have callbacks too
         if serve:
             leases = self.ownership.enabled  # among replicas, a session's unfinished work is its owner's

@@ -182,6 +182,12 @@ async def run_command(provisioner: str, options: LaunchOptions, argv: list[str],
                                                           out=out, err=err, client=docker_client, egress=egress)
         elif provisioner == "local":
             code, timed_out, oom = await _run_local(options, argv, timeout=timeout, out=out, err=err, egress=egress)
+            if code == 1 and not out.parts and _mount_raced("".join(err.parts)):
+                # bubblewrap raced another sandbox's unmount while binding the host's mounts
+                # (as a kernel start can: session_kernel.py); nothing of the command ran.
+                out, err = _Capture("stdout", max_output, on_output), _Capture("stderr", max_output, on_output)
+                code, timed_out, oom = await _run_local(options, argv, timeout=timeout, out=out, err=err,
+                                                        egress=egress)
         else:
             raise BadRequest(f"unknown provisioner {provisioner!r}", field="provisioner")
     finally:
@@ -190,6 +196,13 @@ async def run_command(provisioner: str, options: LaunchOptions, argv: list[str],
     return CommandResult(exit_code=code, stdout=out.text(), stderr=err.text(), timed_out=timed_out,
                          truncated=out.truncated or err.truncated, out_of_memory=oom,
                          duration_ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+def _mount_raced(stderr: str) -> bool:
+    from ..kernel.session_kernel import MOUNT_RACE
+
+    lines = stderr.strip().splitlines()
+    return len(lines) == 1 and bool(MOUNT_RACE.search(lines[0]))
 
 
 def local_path() -> str:

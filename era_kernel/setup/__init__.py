@@ -6,7 +6,9 @@ session's own files and ``commands``, in its own sandbox.
   text forms, ``envs``);
 - ``session``: the session's part, ``CommandSandbox`` (what a command can change);
 - ``steps`` / ``layout``: what runs, and where its output goes in an environment;
-- ``runner_local`` / ``runner_docker``: a step in bubblewrap or in a container, with network;
+- ``runner_local`` / ``runner_docker``: a step in bubblewrap or in a container;
+- ``network``: where builds and commands may connect (the package registries, through
+  the egress proxy);
 - ``cache``: environment directories and their single-object archives in the store;
 - ``manager``: ``SetupManager``, the engine's interface (background setups, live logs,
   status transitions, launch extras for kernels);

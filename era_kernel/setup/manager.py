@@ -5,7 +5,9 @@ the runtime (the local interpreter, or the session's image by id), hashes (langu
 runtime, packages) into an environment key, and then takes the first of
 1. the local environment directory of that key (a second session: instant),
 2. the key's archive in the workspace store (another host built it: one GET),
-3. a build: pip, npm, go in a sandbox with network, sealed, archived to the store,
+3. a build: pip, npm, go in a sandbox whose only network is the egress proxy, to the
+   package registries the operator's configuration names (``egress/registries.py``;
+   ERA_SETUP_NETWORK=host: the host's network), sealed, archived to the store,
    published under the key.
 Sessions asking for the same key at once share one build and all see its log. Then the
 session's own part (``session.py``): the text forms' files into its workspace, and its
@@ -35,6 +37,7 @@ from .cache import EnvCache
 from .layout import EnvLayout, python_startup_cell
 from .logs import LineSplitter, LogTail, error_message
 from .runner_local import LocalRunner, setting
+from .network import SetupNetwork
 from .session import SESSION_SITE, CommandSandbox
 from .spec import FORMAT, env_key, normalize, packages, workspace_files
 from .steps import SetupFailed, Toolchain, plan, step_env
@@ -101,6 +104,8 @@ class SetupManager:
         self._images: dict[str, Any] = {}  # language -> ImageFacts last seen (docker)
         self._sessions: dict[str, asyncio.Task] = {}
         self._builds: dict[str, _Build] = {}
+        # Where builds and commands may connect: the registries, through the egress proxy.
+        self.network = SetupNetwork(settings, lambda: self.local.sandboxed)
 
     # ---- the engine's interface -----------------------------------------------------------
     @staticmethod
@@ -289,7 +294,9 @@ class SetupManager:
             if ca and runtime.provisioner == "docker":
                 ca = os.path.realpath(ca)  # the container sees its directory, bound read-only
                 readonly.append(os.path.dirname(ca))
-            env = {**layout.command_env(runtime.tools.base_path, SESSION_SITE, ca), **(spec.get("envs") or {})}
+            tools = await self.network.tools_env(runtime.provisioner)  # the same registries as the build's
+            env = {**layout.command_env(runtime.tools.base_path, SESSION_SITE, ca), **tools,
+                   **(spec.get("envs") or {})}
             if not key:
                 for name in ("ERA_SETUP_DIR", "NODE_PATH"):
                     env.pop(name, None)
@@ -372,6 +379,9 @@ class SetupManager:
             steps = plan(packages(spec), layout, runtime.tools, setup_timeout=self.setup_timeout,
                          command_timeout=self.command_timeout)
             env = step_env(layout, runtime.tools, home=str(home), ca_bundle=self.ca_bundle())
+            where = await self.network.describe(runtime.provisioner)
+            if where:
+                emit(where)
             deadline = time.monotonic() + self.setup_timeout
             for number, step in enumerate(steps, 1):
                 remaining = deadline - time.monotonic()
@@ -385,11 +395,16 @@ class SetupManager:
                     output.add(line)
                     emit(line)
 
-                kwargs = dict(final=final, staging=staging, home=home, uid=uid, env=env,
-                              timeout=min(step.timeout, remaining), on_line=on_line)
+                hook, network_env = await self.network.step(runtime.provisioner, key, emit)
+                kwargs = dict(final=final, staging=staging, home=home, uid=uid, env={**env, **network_env},
+                              timeout=min(step.timeout, remaining), on_line=on_line, egress=hook)
                 if runtime.image is not None:
                     kwargs["facts"] = runtime.image
-                code = await runner.run(step, **kwargs)
+                try:
+                    code = await runner.run(step, **kwargs)
+                finally:
+                    if hook is not None:
+                        hook.detach()
                 if code != 0:
                     raise SetupFailed(error_message(step.title.removeprefix("$ "), code, output.lines()))
             manifest = {"key": key, "format": FORMAT, "runtime": runtime.identity, "spec": packages(spec), "path": str(final),

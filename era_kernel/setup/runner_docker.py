@@ -1,10 +1,11 @@
-"""Setup steps in short-lived containers from the session's image, with network.
+"""Setup steps in short-lived containers from the session's image.
 
 Each step is one container: the session's image (``<prefix>/<language>:latest``) and uid,
 the same confinement as a kernel container (read-only root, tmpfs /tmp, no
-capabilities, no-new-privileges, memory and process limits, an init) but with a
-network: the operator's egress network when it exists, else the host's (as the
-provisioner does for sessions with internet access). Mounted: the staging directory
+capabilities, no-new-privileges, memory and process limits, an init). Its network:
+``none`` with the egress proxy's listener opened in its namespace when the manager gives
+an ``EgressHook`` (ERA_SETUP_NETWORK=proxy: the package registries only), else the
+operator's egress network when it exists, or the host's. Mounted: the staging directory
 read-write at the environment's final path, a scratch home, and the host's CA bundle
 read-only at its own path. Containers carry the provisioner's ``era.managed`` and owner
 labels, so a crashed server's leftovers are reaped with its kernels.
@@ -25,6 +26,8 @@ from docker.types import LogConfig, Mount
 
 from ..config import Settings
 from ..images.reference import validate_image_ref, validate_language
+from ..provisioning.commands import EgressHook
+from ..provisioning.commands import _after_proxy as after_proxy  # as run_command puts a command behind the proxy
 from ..provisioning.docker import IMAGE_PREFIX, LABEL_MANAGED, LABEL_OWNER, remove_container, shared_docker_client
 from .logs import LineSplitter
 from .runner_local import DEFAULT_MEMORY, DEFAULT_PIDS, setting
@@ -89,28 +92,32 @@ class DockerRunner:
             return "host"
 
     def _spec(self, step: Step, facts: ImageFacts, *, final: Path, staging: Path, home: Path, uid: int,
-              env: dict[str, str]) -> dict[str, Any]:
+              env: dict[str, str], egress: EgressHook | None = None) -> dict[str, Any]:
         gid = uid if os.getuid() == 0 else os.getgid()
         mounts = [Mount(target=str(final), source=str(staging), type="bind", read_only=False),
                   Mount(target=str(home), source=str(home), type="bind", read_only=False)]
         if self.ca_bundle:
             mounts.append(Mount(target=self.ca_bundle, source=os.path.realpath(self.ca_bundle), type="bind",
                                 read_only=True))
+        # Behind the proxy: network none, and the step starts once the proxy's listener
+        # (opened in its namespace when the container runs) answers.
+        argv = after_proxy(egress.port, list(step.argv)) if egress is not None else step.argv
         return dict(
-            image=facts.id, entrypoint=step.argv[:1], command=step.argv[1:],
+            image=facts.id, entrypoint=argv[:1], command=argv[1:],
             name=f"era-setup-{secrets.token_hex(5)}", hostname="era-setup", user=f"{uid}:{gid}",
             working_dir=str(final), environment=env,
             labels={LABEL_MANAGED: "1", LABEL_OWNER: str(os.getpid()), LABEL_SETUP: final.name},
             mounts=mounts, tmpfs={"/tmp": f"rw,nosuid,nodev,mode=1777,size={TMP_SIZE}"}, read_only=True,
-            network_mode=self._network(), cap_drop=["ALL"], security_opt=["no-new-privileges"], init=True,
+            network_mode="none" if egress is not None else self._network(), cap_drop=["ALL"], security_opt=["no-new-privileges"], init=True,
             mem_limit=self.memory, memswap_limit=self.memory, pids_limit=self.pids,
             log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}), detach=True)
 
     async def run(self, step: Step, *, facts: ImageFacts, final: Path, staging: Path, home: Path, uid: int,
-                  env: dict[str, str], timeout: float, on_line: Callable[[str], None]) -> int:
+                  env: dict[str, str], timeout: float, on_line: Callable[[str], None],
+                  egress: EgressHook | None = None) -> int:
         """Run one step in a fresh container; same contract as ``LocalRunner.run``."""
         spec = await asyncio.to_thread(self._spec, step, facts, final=final, staging=staging, home=home,
-                                       uid=uid, env=env)
+                                       uid=uid, env=env, egress=egress)
         try:
             container = await asyncio.to_thread(self.client.containers.create, **spec)
         except docker.errors.ImageNotFound:
@@ -125,6 +132,11 @@ class DockerRunner:
                 if "executable file not found" in text or "no such file or directory" in text:
                     raise SetupFailed(f"{step.argv[0]} is not installed in image {facts.ref}") from None
                 raise SetupFailed(f"cannot start the setup container: {text}") from None
+            if egress is not None:  # network none: the proxy's listener goes into its namespace
+                state = (await asyncio.to_thread(self.client.api.inspect_container, container.id))["State"]
+                if not state.get("Pid"):
+                    raise SetupFailed("the setup container stopped before the egress proxy could be opened in it")
+                await egress.attach(f"/proc/{state['Pid']}/ns/net")
             splitter = LineSplitter()
             loop = asyncio.get_running_loop()
 
@@ -152,8 +164,9 @@ class DockerRunner:
                 on_line(f"(the step was killed: it went past the setup memory limit of {self.memory} bytes)")
             result = await asyncio.to_thread(self.client.api.wait, container.id)
             code = int(result.get("StatusCode", -1))
-            if code == 127 and f"exec {step.argv[0]} failed" in "\n".join(seen):
-                # The container's init could not run the tool at all.
+            said = "\n".join(seen)
+            if code == 127 and (f"exec {step.argv[0]} failed" in said or f"exec: {step.argv[0]}: not found" in said):
+                # The container's init (or, behind the proxy, its bash) could not run the tool at all.
                 raise SetupFailed(f"{step.argv[0]} is not installed in image {facts.ref}; "
                                   f"{step.kind} setup needs an image that has it")
             return code

@@ -1,8 +1,10 @@
-"""Setup steps as local processes, in the same sandbox as a local kernel, with network.
+"""Setup steps as local processes, in the same sandbox as a local kernel.
 
 The command line is built by ``provisioning.local.bwrap_argv`` (one definition of the
 sandbox: read-only host, masked data/runtime/home directories, private /tmp, new pid
-namespace, the seccomp filter) with ``allow_network=True``, plus one change: the
+namespace, the seccomp filter). Its network: none but the egress proxy's listener when
+the manager gives an ``EgressHook`` (ERA_SETUP_NETWORK=proxy: the package registries
+only), else the host's. One change to the kernel's sandbox: the
 staging directory is bound read-write at the environment's final path, so whatever
 records absolute paths records the path kernels will see. ``setpriv`` drops to the
 session's uid. Limits as for kernels: each step runs in a memory and pids cgroup of its
@@ -26,7 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Settings
+from ..kernel.session_kernel import MOUNT_RACE
 from ..provisioning import cgroups
+from ..provisioning.commands import EgressHook
+from ..provisioning.commands import _after_proxy as after_proxy  # one way into a sandbox behind the proxy
+from ..provisioning.commands import _attach_local as attach_local
 from ..provisioning.local import bwrap_argv, sandbox_mode
 from ..provisioning.privileges import die_with_parent, drop_privileges
 from ..provisioning.seccomp import filter_fd
@@ -72,13 +78,15 @@ class LocalRunner:
         return final if self.sandboxed else staging
 
     def command(self, step: Step, *, final: Path, staging: Path, home: Path, uid: int,
-                seccomp_fd: int | None) -> list[str]:
+                seccomp_fd: int | None, egress: EgressHook | None = None) -> list[str]:
         argv = list(step.argv)
+        if egress is not None:  # it starts once the proxy's listener answers in its sandbox
+            argv = after_proxy(egress.port, argv)
         if os.getuid() == 0 and uid != 0:
             argv = drop_privileges(uid, uid) + argv
         if self.sandboxed:
             hidden = [self.settings["ERA_DATA_DIR"], str(self.settings.runtime_dir)]
-            full = bwrap_argv(argv, workspace=staging, kernel_dir=home, hidden=hidden, allow_network=True,
+            full = bwrap_argv(argv, workspace=staging, kernel_dir=home, hidden=hidden, allow_network=egress is None,
                               readonly=sorted({sys.prefix, sys.base_prefix}), seccomp_fd=seccomp_fd,
                               tmp_size=self.memory)
             split = len(full) - len(argv) - 1  # bwrap's options end at the "--" before argv
@@ -91,16 +99,34 @@ class LocalRunner:
         return ["prlimit", f"--as={self.memory}", f"--nproc={self.pids}", "--core=0", "--", *full]
 
     async def run(self, step: Step, *, final: Path, staging: Path, home: Path, uid: int, env: dict[str, str],
-                  timeout: float, on_line: Callable[[str], None]) -> int:
+                  timeout: float, on_line: Callable[[str], None], egress: EgressHook | None = None) -> int:
         """Run one step; its output goes to ``on_line`` as it comes. Returns the exit status
-        (negative: killed by that signal). Raises ``StepTimeout`` past ``timeout``."""
+        (negative: killed by that signal). Raises ``StepTimeout`` past ``timeout``. With
+        ``egress``, the sandbox has no network but the egress proxy's listener (the
+        machinery of ``provisioning/commands.py``; the caller detaches it)."""
+        if egress is not None and not self.sandboxed:
+            raise SetupFailed("this build's network is the egress proxy, which needs a sandbox (ERA_SANDBOX)")
         # The sandbox sees the host's root read-only, so the host's PATH lookup holds there.
         if shutil.which(step.argv[0], path=env.get("PATH")) is None:
             raise SetupFailed(f"{step.argv[0]} is not installed on this server; {step.kind} setup needs it")
         group = await self._cgroup()
+        first: list[str] = []
+
+        def watch(line: str) -> None:
+            if len(first) < 2:
+                first.append(line)
+            on_line(line)
+
         try:
-            return await self._run(step, group, final=final, staging=staging, home=home, uid=uid, env=env,
-                                   timeout=timeout, on_line=on_line)
+            code = await self._run(step, group, final=final, staging=staging, home=home, uid=uid, env=env,
+                                   timeout=timeout, on_line=watch, egress=egress)
+            if code == 1 and len(first) == 1 and MOUNT_RACE.search(first[0]):
+                # bubblewrap raced another sandbox's unmount while binding the host's
+                # mounts (as a kernel start can: session_kernel.py); nothing of the step ran.
+                on_line("era: bubblewrap raced an unmount while making the sandbox; starting the step again")
+                code = await self._run(step, group, final=final, staging=staging, home=home, uid=uid, env=env,
+                                       timeout=timeout, on_line=on_line, egress=egress)
+            return code
         finally:
             if group is not None:
                 kills = group.oom_kills()
@@ -124,10 +150,12 @@ class LocalRunner:
         return group
 
     async def _run(self, step: Step, group: cgroups.KernelCgroup | None, *, final: Path, staging: Path, home: Path,
-                   uid: int, env: dict[str, str], timeout: float, on_line: Callable[[str], None]) -> int:
+                   uid: int, env: dict[str, str], timeout: float, on_line: Callable[[str], None],
+                   egress: EgressHook | None) -> int:
         seccomp_fd = filter_fd() if self.sandboxed else None
         try:
-            argv = self.command(step, final=final, staging=staging, home=home, uid=uid, seccomp_fd=seccomp_fd)
+            argv = self.command(step, final=final, staging=staging, home=home, uid=uid, seccomp_fd=seccomp_fd,
+                                egress=egress)
             if group is not None:
                 argv = cgroups.wrap_argv(group, argv)  # inside before anything of the step runs
             proc = await asyncio.create_subprocess_exec(
@@ -138,6 +166,12 @@ class LocalRunner:
             if seccomp_fd is not None:
                 os.close(seccomp_fd)  # the child has its copy
         splitter = LineSplitter()
+        try:
+            if egress is not None:
+                await attach_local(proc, egress)
+        except BaseException:
+            await _kill(proc)
+            raise
 
         async def pump() -> int:
             assert proc.stdout is not None
@@ -153,11 +187,15 @@ class LocalRunner:
         except asyncio.TimeoutError:
             raise StepTimeout(f"{step.title} timed out after {timeout:g}s") from None
         finally:
-            if proc.returncode is None:
-                # bwrap leads its own process group; killing it kills the sandbox's pid
-                # namespace (--die-with-parent), so nothing of the step survives.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                await proc.wait()
+            await _kill(proc)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        # bwrap leads its own process group; killing it kills the sandbox's pid
+        # namespace (--die-with-parent), so nothing of the step survives.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await proc.wait()

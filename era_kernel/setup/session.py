@@ -4,8 +4,8 @@ Packages are built once per key into a shared environment (``manager.py``); what
 session's commands do is the session's own. So the commands do not run in the build:
 they run after it, one after another, each in the session's sandbox
 (``provisioning/commands.py``): the session's uid, its workspace as the working
-directory, its ``/tmp``, its language's image or the local toolchain, with network (as
-package steps have), ``envs`` in their environment, ``ERA_SETUP_COMMAND_TIMEOUT`` each,
+directory, its ``/tmp``, its language's image or the local toolchain, with network (the
+package registries at least, while setup runs: ``network.py``), ``envs`` in their environment, ``ERA_SETUP_COMMAND_TIMEOUT`` each,
 stopping at the first failure.
 
 What a command can change, and what it cannot:
