@@ -2,7 +2,9 @@
 
 - ``Internet``: a network namespace the test creates, joined to the host by a veth pair
   with documentation addresses (a /30 of 203.0.113.0/24 picked at random, so two runs
-  on one machine do not collide), and in it an HTTP server on port 80 and an HTTPS one
+  on one machine do not collide, never one holding an address this machine's package
+  registries resolve to: some machines reach their mirror inside that range, and a
+  test's route to it would take their traffic), and in it an HTTP server on port 80 and an HTTPS one
   (a throwaway self-signed certificate) on 443: ``/hello`` answers a fixed line,
   ``/blob/<bytes>`` that many bytes.
 - ``Resolver``: a DNS server on the host's loopback (dnspython on a UDP socket, in a
@@ -13,6 +15,8 @@ Both clean up in ``close()`` (call it from a fixture finalizer: it runs on failu
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import os
 import random
 import secrets
@@ -58,12 +62,33 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+@functools.cache
+def _blocks_in_use() -> frozenset[int]:
+    """The /30s of 203.0.113.0/24 (by first address's last byte) holding an address the
+    configured registries (pip, npm, Go: era_kernel/egress/registries.py) resolve to."""
+    from era_kernel.egress.registries import derive
+
+    documentation = ipaddress.ip_network("203.0.113.0/24")
+    names = derive({"ERA_SETUP_EGRESS_ALLOW": ""}).policy.registry_names
+    used = set()
+    for name in names:
+        try:
+            infos = socket.getaddrinfo(name, None, socket.AF_INET)
+        except OSError:
+            continue
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0])
+            if address in documentation:
+                used.add(int(address) - int(documentation.network_address) & ~3)
+    return frozenset(used)
+
+
 class Internet:
     def __init__(self) -> None:
         tag = secrets.token_hex(3)
         self.ns = f"era-egr-{tag}"
         self.host_if, self.ns_if = f"ve{tag}h", f"ve{tag}n"
-        block = random.randrange(2, 62) * 4  # 203.0.113.8 .. .247
+        block = random.choice([b * 4 for b in range(2, 62) if b * 4 not in _blocks_in_use()])  # .8 .. .247
         self.host_address, self.address = f"203.0.113.{block + 1}", f"203.0.113.{block + 2}"
         self.tmp = tempfile.TemporaryDirectory(prefix="era-egr-")
         self.proc: subprocess.Popen | None = None
