@@ -51,7 +51,11 @@ PRELOAD = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "i
            "ipykernel.debugger", "IPython.core.debugger", "IPython.core.completerlib", "IPython.core.oinspect",
            "IPython.extensions.storemagic", "IPython.utils.wildcard", "pdb", "tornado.gen", "tornado.locks",
            "tornado.queues", "tornado.platform.asyncio", "http.server", "xmlrpc.client", "pydoc", "gzip",
-           "unicodedata", "stringprep", "encodings.idna", "faulthandler", "sysconfig")
+           "unicodedata", "stringprep", "encodings.idna", "faulthandler", "sysconfig",
+           # what a kernel imported after the fork, up to its first runs (IPython's logger:
+           # its %logstart; runpy: ipykernel_launcher's): each import writes to pages of
+           # the import system's that every kernel would otherwise copy
+           "IPython.core.logger", "runpy")
 
 
 # ---------------------------------------------------------------------------- the zygote process
@@ -157,6 +161,9 @@ def main() -> None:
         except ImportError:
             pass
     _warm_up()
+    from . import forked
+
+    forked.prepare()
     if threading.active_count() != 1:
         sys.stderr.write(f"zygote: preloading started threads: {threading.enumerate()}\n")
         os._exit(1)
