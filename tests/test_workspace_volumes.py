@@ -113,6 +113,8 @@ async def test_new_volumes_come_from_a_stock_made_ahead_which_refills_and_goes_a
     service = Volumes(tmp_path, 32 * MiB, stock=2)
     stock_dir = service.stock.directory
     await service.start("on")
+    assert not stock_dir.exists() and gone.exists(), "made by a server only (start_stock), not by `era run`"
+    service.start_stock()
 
     async def stocked(count: int) -> set[Path]:
         for _ in range(400):

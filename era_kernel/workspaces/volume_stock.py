@@ -64,7 +64,7 @@ class VolumeStock:
     async def stop(self) -> None:
         """Stop filling and delete the images left (none of them was ever mounted)."""
         if self._task is None:
-            return  # never started (volumes off): nothing was made
+            return  # never started (volumes off, not a server) or stopped already: nothing to delete
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
@@ -131,8 +131,11 @@ class VolumeStock:
             pid, _, started = entry.name.partition("-")
             if entry == self.directory or not (pid.isdigit() and started.isdigit()) or \
                     owner_gone(int(pid), int(started)):
-                _remove(entry)
-        self.directory.mkdir(mode=0o700)
+                try:
+                    _remove(entry)
+                except OSError as exc:  # not ours to fix here; it does not stop our stock
+                    log.warning("could not delete %s from the stock of workspace volumes: %s", entry, exc)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
 
 
 def _remove(path: Path) -> None:

@@ -178,7 +178,11 @@ class Volumes:
         await run_blocking(self._make_roots)
         self.enabled = self.active = True
         self.reason = found.reason
-        if self.stock is not None:
+
+    def start_stock(self) -> None:
+        """Begin making volumes ahead of demand (a server's; ``era run`` makes none). On
+        the event loop; a no-op without volumes or with ``ERA_WORKSPACE_VOLUME_STOCK=0``."""
+        if self.enabled and self.stock is not None:
             self.stock.start()
 
     def _any_image(self) -> bool:
