@@ -61,6 +61,39 @@ def test_sessions_run_in_forked_kernels_with_their_environment(server):
     assert len(kernels) >= 2 and {k[k.index("-f") + 1] for k in kernels} <= {i[2] for i in inits}, argvs
 
 
+def test_the_sandboxs_init_is_as_isolated_as_its_kernel(server):
+    """The kernel builds the sandbox and init joins it (forked.py): init must end in the
+    same namespaces and cgroup as its kernel, with the same uid, no capabilities,
+    no_new_privs and the seccomp filter, never left root on the host's mounts."""
+    server.json("POST", "/api/sessions", {"id": "fk-init"}, expect=201)
+    probe(server, "fk-init")
+
+    def status(pid: int) -> dict[str, str]:
+        fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
+        return {k: fields[k].split() for k in ("Uid", "Gid", "CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")}
+
+    pairs = []
+    for pid in server.descendants():
+        try:
+            if open(f"/proc/{pid}/comm").read().strip() != "era-fork-init":
+                continue
+            kernels = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        except OSError:
+            continue
+        if kernels:
+            pairs.append((pid, int(kernels[0])))
+    assert pairs, "no forked kernel with its init"
+    for init, kernel in pairs:
+        for ns in ("mnt", "net", "ipc", "uts", "cgroup", "pid_for_children"):
+            assert os.readlink(f"/proc/{init}/ns/{ns}") == os.readlink(f"/proc/{kernel}/ns/{ns}"), (ns, init, kernel)
+        assert os.readlink(f"/proc/{init}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert open(f"/proc/{init}/cgroup").read() == open(f"/proc/{kernel}/cgroup").read()
+        theirs, its = status(init), status(kernel)
+        assert theirs == its, (theirs, its)
+        assert its["Uid"][0] != "0" and set(its["CapEff"] + its["CapBnd"]) == {"0000000000000000"}, its
+        assert its["NoNewPrivs"] == ["1"] and its["Seccomp"] == ["2"], its
+
+
 def test_timeout_interrupt_and_restart(server):
     sid = "fk-control"
     server.json("POST", "/api/sessions", {"id": sid}, expect=201)
