@@ -125,6 +125,32 @@ def test_a_kernel_that_exits_is_reported_with_its_status_and_replaced(server):
     assert server.json("POST", f"/api/sessions/{sid}/run", {"code": "print('again')"})["stdout"] == "again\n"
 
 
+def test_the_command_line_parsed_in_the_zygote_configures_a_kernel_as_its_own_parse_would():
+    from ipykernel.kernelapp import IPKernelApp
+
+    from era_kernel.languages import PYTHON_KERNEL_FIXES, PYTHON_KERNEL_TUNING
+    from era_kernel.provisioning import forked
+
+    tail = [*PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES]
+    forked.prepare_command_line(tail)
+    argv = ["-f", "/run/era/k1/connection.json", *tail]
+    usual, shortcut = IPKernelApp(), IPKernelApp()
+    usual.parse_command_line(argv)
+    assert forked.use_parsed_command_line(shortcut, argv)
+    shortcut.parse_command_line(argv)
+    assert shortcut.connection_file == usual.connection_file == "/run/era/k1/connection.json"
+    assert repr(shortcut.config) == repr(usual.config) and repr(shortcut.cli_config) == repr(usual.cli_config)
+    assert (shortcut.argv, shortcut.extra_args) == (usual.argv, usual.extra_args) == (argv, [])
+    assert shortcut.exec_lines == usual.exec_lines and shortcut.exec_lines, "the protocol fixes' cell"
+    # Each kernel its own copy: one kernel's configuration never reaches the next.
+    other = IPKernelApp()
+    assert forked.use_parsed_command_line(other, ["-f", "/run/era/k2/connection.json", *tail])
+    other.parse_command_line(["-f", "/run/era/k2/connection.json", *tail])
+    assert other.connection_file.endswith("k2/connection.json") and shortcut.connection_file.endswith("k1/connection.json")
+    # Another command line is parsed as usual.
+    assert not forked.use_parsed_command_line(IPKernelApp(), ["-f", "/run/era/k3/connection.json", "--debug"])
+
+
 def test_a_forked_kernels_end_is_seen_past_a_thousand_descriptors():
     """The server holds over FD_SETSIZE descriptors with some 60 forked kernels: waiting on
     a kernel's pidfd must not use select(), which refuses descriptors numbered past 1024

@@ -228,6 +228,46 @@ def prepare() -> None:
         _prepared["seccomp"] = (buffer, _SockFprog(len(program) // 8, ctypes.addressof(buffer)))
 
 
+CONNECTION_FILE_PLACEHOLDER = "/era-connection-file.json"
+
+
+def prepare_command_line(tail: list[str]) -> None:
+    """In the zygote: parse a kernel's command line, ``-f <connection file> <tail>``, once
+    (traitlets' parser is about 5 ms of CPU, and writes to 2.6 MiB of the zygote's pages,
+    in every kernel). A kernel whose command line is that one with its own connection
+    file gets the result (``use_parsed_command_line``); any other is parsed as usual."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp()
+    app.parse_command_line(["-f", CONNECTION_FILE_PLACEHOLDER, *tail])
+    if app.cli_config.get("IPKernelApp", {}).get("connection_file") == CONNECTION_FILE_PLACEHOLDER:
+        _prepared["command_line"] = (list(tail), app.cli_config, list(app.extra_args))
+
+
+def use_parsed_command_line(app: Any, argv: list[str]) -> bool:
+    """Make ``app.parse_command_line(argv)`` apply the zygote's parse of the same command
+    line (``prepare_command_line``) with this kernel's connection file, as traitlets'
+    ``Application.parse_command_line`` would have set it; False (parsed as usual) when
+    the command line is another."""
+    found = _prepared.get("command_line")
+    if found is None or len(argv) < 2 or argv[0] != "-f" or argv[2:] != found[0]:
+        return False
+    from copy import deepcopy
+
+    _, config, extra = found
+
+    def parse_command_line(argv: list[str] | None = None) -> None:
+        assert argv is not None
+        app.argv = list(argv)
+        app.cli_config = deepcopy(config)
+        app.cli_config.IPKernelApp.connection_file = argv[1]
+        app.update_config(app.cli_config)
+        app.extra_args = list(extra)
+
+    app.parse_command_line = parse_command_line
+    return True
+
+
 def drop_privileges(uid: int, gid: int) -> None:
     """``setpriv --reuid --regid --clear-groups --no-new-privs --inh-caps=-all
     --bounding-set=-all`` (privileges.drop_privileges), in process."""
@@ -485,9 +525,12 @@ def _run_kernel(request: dict[str, Any]) -> None:
         # PYTHONPATH is read at interpreter start, long past for a fork: the launcher lets
         # through only our SDK directory there (launch_fork._sdk_only), added here instead.
         sys.path.extend(p for p in os.environ.get("PYTHONPATH", "").split(":") if p and p not in sys.path)
-        from ipykernel import kernelapp
+        from ipykernel.kernelapp import IPKernelApp
 
-        kernelapp.launch_new_instance(argv=request["argv"])
+        app = IPKernelApp.instance()  # what ipykernel_launcher's launch_new_instance does
+        use_parsed_command_line(app, request["argv"])
+        app.initialize(request["argv"])
+        app.start()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

@@ -133,13 +133,13 @@ def _serve(sock: socket.socket) -> None:
 
 def _warm_up() -> None:
     """Fill the caches traitlets builds on an application's first command line (its
-    argument parser's trait tables: about 40 ms a kernel otherwise)."""
+    argument parser's trait tables: about 40 ms a kernel otherwise), and parse the
+    kernelspec's command line once for every kernel (``forked.prepare_command_line``)."""
     try:
-        from ipykernel.kernelapp import IPKernelApp
-
         from ..languages import PYTHON_KERNEL_FIXES, PYTHON_KERNEL_TUNING
+        from .forked import prepare_command_line
 
-        IPKernelApp().parse_command_line(["-f", "/nonexistent.json", *PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES])
+        prepare_command_line([*PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES])  # the kernelspec's (kernelspecs/)
     except Exception:  # noqa: BLE001 - an optimisation only
         pass
 
