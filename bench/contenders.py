@@ -48,7 +48,9 @@ class EraServer(ServerProcess):
     to the runs; and its Docker containers removed after it."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
-        super().__init__(env=env, port=free_port(), log_level="WARNING")
+        # Default settings, as a new user meets them: the test harness turns the stock of
+        # workspace volumes off, "" is its default again (``env`` may still set it).
+        super().__init__(env={"ERA_WORKSPACE_VOLUME_STOCK": "", **(env or {})}, port=free_port(), log_level="WARNING")
 
     def cleanup(self) -> None:
         owner = self.proc.pid if self.proc is not None else None

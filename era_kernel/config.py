@@ -176,6 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
             "sparse ext4 image under `$ERA_DATA_DIR/volumes`, loop-mounted), so a session cannot fill the host's disk: "
             "`auto` (when the server can: root, `mkfs.ext4`, loop devices; otherwise logged once), `on` (required: "
             "the engine does not start without them) or `off`.", _choice("auto", "on", "off")),
+    Setting("ERA_WORKSPACE_VOLUME_STOCK", 32, "Empty workspace volumes made ahead of demand, while the server is "
+            "quiet (each ~0.7 MiB on disk), so a new workspace's volume is a rename and a mount instead of a "
+            "`mkfs` on the way of its create (README: Fast kernels); 0: each made when needed.", int),
     Setting("ERA_PROVISIONER", "local", "Default kernel provisioner for new sessions: `local` or `docker`."),
     Setting("ERA_SANDBOX", "auto", "Local sandbox: `auto` (bubblewrap when present), `bwrap` (required) or `none`."),
     Setting("ERA_LOCAL_LAUNCHER", "fork", "How sandboxed local Python kernels start: `fork` (forked from a zygote "

@@ -87,8 +87,9 @@ def era_settings(request, tmp_path):
     runtime = short_tmpdir("ert")
     # No warm pool by default: each test's engine would start kernels nobody uses.
     # tests/test_engine_pool.py turns it on.
+    # Nor a stock of workspace volumes made ahead (test_workspace_volumes.py tests it).
     settings = Settings.from_env({}, data_dir=str(tmp_path / "data"), runtime_dir=str(runtime),
-                                 provisioner=provisioner, pool_size=0)
+                                 provisioner=provisioner, pool_size=0, workspace_volume_stock=0)
     yield settings
     # Workspace volumes an engine did not release (a test that never shut it down, a
     # killed child process): unmounted, their loop devices detached.

@@ -61,6 +61,39 @@ def test_sessions_run_in_forked_kernels_with_their_environment(server):
     assert len(kernels) >= 2 and {k[k.index("-f") + 1] for k in kernels} <= {i[2] for i in inits}, argvs
 
 
+def test_the_sandboxs_init_is_as_isolated_as_its_kernel(server):
+    """The kernel builds the sandbox and init joins it (forked.py): init must end in the
+    same namespaces and cgroup as its kernel, with the same uid, no capabilities,
+    no_new_privs and the seccomp filter, never left root on the host's mounts."""
+    server.json("POST", "/api/sessions", {"id": "fk-init"}, expect=201)
+    probe(server, "fk-init")
+
+    def status(pid: int) -> dict[str, str]:
+        fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
+        return {k: fields[k].split() for k in ("Uid", "Gid", "CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")}
+
+    pairs = []
+    for pid in server.descendants():
+        try:
+            if open(f"/proc/{pid}/comm").read().strip() != "era-fork-init":
+                continue
+            kernels = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        except OSError:
+            continue
+        if kernels:
+            pairs.append((pid, int(kernels[0])))
+    assert pairs, "no forked kernel with its init"
+    for init, kernel in pairs:
+        for ns in ("mnt", "net", "ipc", "uts", "cgroup", "pid_for_children"):
+            assert os.readlink(f"/proc/{init}/ns/{ns}") == os.readlink(f"/proc/{kernel}/ns/{ns}"), (ns, init, kernel)
+        assert os.readlink(f"/proc/{init}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert open(f"/proc/{init}/cgroup").read() == open(f"/proc/{kernel}/cgroup").read()
+        theirs, its = status(init), status(kernel)
+        assert theirs == its, (theirs, its)
+        assert its["Uid"][0] != "0" and set(its["CapEff"] + its["CapBnd"]) == {"0000000000000000"}, its
+        assert its["NoNewPrivs"] == ["1"] and its["Seccomp"] == ["2"], its
+
+
 def test_timeout_interrupt_and_restart(server):
     sid = "fk-control"
     server.json("POST", "/api/sessions", {"id": sid}, expect=201)
@@ -90,6 +123,32 @@ def test_a_kernel_that_exits_is_reported_with_its_status_and_replaced(server):
         time.sleep(0.2)
     assert died and died[-1].get("exit_status") == 3, events
     assert server.json("POST", f"/api/sessions/{sid}/run", {"code": "print('again')"})["stdout"] == "again\n"
+
+
+def test_the_command_line_parsed_in_the_zygote_configures_a_kernel_as_its_own_parse_would():
+    from ipykernel.kernelapp import IPKernelApp
+
+    from era_kernel.languages import PYTHON_KERNEL_FIXES, PYTHON_KERNEL_TUNING
+    from era_kernel.provisioning import forked
+
+    tail = [*PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES]
+    forked.prepare_command_line(tail)
+    argv = ["-f", "/run/era/k1/connection.json", *tail]
+    usual, shortcut = IPKernelApp(), IPKernelApp()
+    usual.parse_command_line(argv)
+    assert forked.use_parsed_command_line(shortcut, argv)
+    shortcut.parse_command_line(argv)
+    assert shortcut.connection_file == usual.connection_file == "/run/era/k1/connection.json"
+    assert repr(shortcut.config) == repr(usual.config) and repr(shortcut.cli_config) == repr(usual.cli_config)
+    assert (shortcut.argv, shortcut.extra_args) == (usual.argv, usual.extra_args) == (argv, [])
+    assert shortcut.exec_lines == usual.exec_lines and shortcut.exec_lines, "the protocol fixes' cell"
+    # Each kernel its own copy: one kernel's configuration never reaches the next.
+    other = IPKernelApp()
+    assert forked.use_parsed_command_line(other, ["-f", "/run/era/k2/connection.json", *tail])
+    other.parse_command_line(["-f", "/run/era/k2/connection.json", *tail])
+    assert other.connection_file.endswith("k2/connection.json") and shortcut.connection_file.endswith("k1/connection.json")
+    # Another command line is parsed as usual.
+    assert not forked.use_parsed_command_line(IPKernelApp(), ["-f", "/run/era/k3/connection.json", "--debug"])
 
 
 def test_a_forked_kernels_end_is_seen_past_a_thousand_descriptors():

@@ -103,6 +103,50 @@ async def test_a_new_volume_is_the_sessions_own_empty_bounded_sparse_filesystem(
     assert "nosuid" in options and "nodev" in options
 
 
+async def test_new_volumes_come_from_a_stock_made_ahead_which_refills_and_goes_at_shutdown(tmp_path):
+    """ERA_WORKSPACE_VOLUME_STOCK: a new workspace's volume is one made ahead (no mkfs on
+    its way), yet the same as one made on demand: the session's own empty bounded
+    filesystem, its own device. A stock left by a previous process is never used."""
+    gone = tmp_path / "volumes" / "stock" / "999999999-1"  # a process that is gone: never one of ours
+    gone.mkdir(parents=True)
+    (gone / "left.img").write_bytes(b"its size may not be ours")
+    service = Volumes(tmp_path, 32 * MiB, stock=2)
+    stock_dir = service.stock.directory
+    await service.start("on")
+    assert not stock_dir.exists() and gone.exists(), "made by a server only (start_stock), not by `era run`"
+    service.start_stock()
+
+    async def stocked(count: int) -> set[Path]:
+        for _ in range(400):
+            if len(service.stock) >= count:
+                break
+            await asyncio.sleep(0.05)
+        assert len(service.stock) == count
+        return set(stock_dir.glob("*.img"))
+
+    try:
+        ready = await stocked(2)
+        assert len(ready) == 2 and not gone.exists()
+        first = await new_dir(service, "s1")
+        assert service.stock.taken == 1 and len(set(stock_dir.glob("*.img")) & ready) == 1, "one taken from the stock"
+        st = os.stat(first)
+        assert (st.st_uid, st.st_mode & 0o777) == (UID, 0o700) and os.listdir(first) == []
+        assert 32 * MiB <= os.statvfs(first).f_bavail * os.statvfs(first).f_frsize <= 32 * MiB * 1.1
+        tmp = service.tmp_of(first)
+        assert (os.stat(tmp).st_uid, os.stat(tmp).st_mode & 0o7777) == (0, 0o1777)
+        assert as_user(first, "open('mine', 'w').write('x')").returncode == 0
+        await stocked(2)  # refilled once no volume was asked for a moment
+        second = await new_dir(service, "s2")
+        assert service.stock.taken == 2 and os.stat(second).st_dev != os.stat(first).st_dev
+        assert os.listdir(second) == [], "each from the stock is a filesystem of its own"
+        await service.remove(first)
+        assert not service.image(first).exists()
+    finally:
+        await service.release_all()
+    assert not stock_dir.exists(), "the stock goes with the server"
+    assert_nothing_left(tmp_path)
+
+
 async def test_writes_past_the_bound_fail_with_enospc_and_the_host_holds_at_most_the_image(volumes):
     path = await new_dir(volumes, "filler")
     before = allocated(volumes.data_dir)

@@ -52,7 +52,8 @@ class SessionFiles:
         # Root's share of each volume, beyond the session's: the data file the server
         # writes before every run must fit when the session's code filled its part.
         reserve = max(1024**2, 2 * settings["ERA_MAX_DATA_BYTES"] + 64 * 1024)
-        self.volumes = Volumes(settings.data_dir, settings["ERA_WORKSPACE_MAX_BYTES"], reserve)
+        self.volumes = Volumes(settings.data_dir, settings["ERA_WORKSPACE_MAX_BYTES"], reserve,
+                               stock=settings["ERA_WORKSPACE_VOLUME_STOCK"])
         self._tmp_ready: set[Path] = set()
 
     async def start(self) -> None:

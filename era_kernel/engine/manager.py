@@ -137,6 +137,7 @@ class SessionManager:
                 log.info("runs of a previous process: %(interrupted)d interrupted, %(requeued)d queued again",
                          requeued)
             self._serving = True
+            self.files.volumes.start_stock()  # workspace volumes made ahead: a server's, like the pool
             self.pool.start()
             self.upkeep.start()
             self.scheduler.start()  # after the recovery: a requeued firing counts as its schedule's previous run

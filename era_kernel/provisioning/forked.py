@@ -4,9 +4,11 @@ process, then ipykernel run in the same interpreter, as ``python -m ipykernel_la
 would run it.
 
 The zygote forks with ``CLONE_NEWPID`` already unshared, so the child is pid 1 of a new
-pid namespace (``init``). As root, it:
-1. joins the kernel's cgroup (the server made it), so all that follows is counted there;
-2. sets the rlimits ``prlimit`` would (RLIMIT_AS, RLIMIT_NPROC, no core dumps);
+pid namespace (``init``). It forks the kernel (pid 2, the process that runs user code)
+at once, and the kernel, still root:
+1. joins the kernel's cgroup (the server made it), init with it, so all that follows is
+   counted there;
+2. sets the rlimits ``prlimit`` would (RLIMIT_AS, RLIMIT_NPROC, no core dumps), on init too;
 3. unshares the mount, ipc, uts and (unless the session has internet access) network
    namespaces, and the cgroup namespace once inside its group;
 4. builds the filesystem view bubblewrap builds: a recursive bind of the host root made
@@ -16,11 +18,12 @@ pid namespace (``init``). As root, it:
    directory read-write, a fresh ``/proc`` for the new pid namespace, a minimal ``/dev``;
    then pivots into it, the host root detached;
 5. brings the loopback interface up (as bubblewrap does);
-6. drops to the session's uid and gid (no supplementary groups, an empty bounding set, no
-   capabilities), sets ``no_new_privs`` and installs the seccomp filter (``seccomp.py``);
-7. forks the kernel (pid 2, the process that runs user code) and stays as a minimal init:
-   reaps orphans, passes termination signals on, exits with the kernel's status (which
-   ends everything in the namespace, as bubblewrap's own pid 1 does).
+6. tells init, which joins those namespaces (through a pidfd of the kernel) and both drop
+   to the session's uid and gid (no supplementary groups, an empty bounding set, no
+   capabilities), set ``no_new_privs`` and install the seccomp filter (``seccomp.py``);
+7. runs ipykernel, while init stays a minimal init: reaps orphans, passes termination
+   signals on, exits with the kernel's status (which ends everything in the namespace,
+   as bubblewrap's own pid 1 does).
 
 ``PR_SET_PDEATHSIG``: init dies with the zygote, the zygote with the server.
 Any failure before the kernel runs is written to stderr (the server's output tail, read
@@ -209,10 +212,68 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
+_prepared: dict[str, Any] = {}
+
+
+def prepare() -> None:
+    """In the zygote, once: what every kernel's setup would otherwise work out again (the
+    host's last capability, the seccomp program), so the forked processes run less code
+    and write fewer of the zygote's pages. Neither depends on a session."""
+    from .seccomp import build_filter
+
+    _prepared["cap_last"] = int(open("/proc/sys/kernel/cap_last_cap").read())
+    program = build_filter()
+    if program is not None:
+        buffer = ctypes.create_string_buffer(program, len(program))
+        _prepared["seccomp"] = (buffer, _SockFprog(len(program) // 8, ctypes.addressof(buffer)))
+
+
+CONNECTION_FILE_PLACEHOLDER = "/era-connection-file.json"
+
+
+def prepare_command_line(tail: list[str]) -> None:
+    """In the zygote: parse a kernel's command line, ``-f <connection file> <tail>``, once
+    (traitlets' parser is about 5 ms of CPU, and writes to 2.6 MiB of the zygote's pages,
+    in every kernel). A kernel whose command line is that one with its own connection
+    file gets the result (``use_parsed_command_line``); any other is parsed as usual."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp()
+    app.parse_command_line(["-f", CONNECTION_FILE_PLACEHOLDER, *tail])
+    if app.cli_config.get("IPKernelApp", {}).get("connection_file") == CONNECTION_FILE_PLACEHOLDER:
+        _prepared["command_line"] = (list(tail), app.cli_config, list(app.extra_args))
+
+
+def use_parsed_command_line(app: Any, argv: list[str]) -> bool:
+    """Make ``app.parse_command_line(argv)`` apply the zygote's parse of the same command
+    line (``prepare_command_line``) with this kernel's connection file, as traitlets'
+    ``Application.parse_command_line`` would have set it; False (parsed as usual) when
+    the command line is another."""
+    found = _prepared.get("command_line")
+    if found is None or len(argv) < 2 or argv[0] != "-f" or argv[2:] != found[0]:
+        return False
+    from copy import deepcopy
+
+    _, config, extra = found
+
+    def parse_command_line(argv: list[str] | None = None) -> None:
+        assert argv is not None
+        app.argv = list(argv)
+        app.cli_config = deepcopy(config)
+        app.cli_config.IPKernelApp.connection_file = argv[1]
+        app.update_config(app.cli_config)
+        app.extra_args = list(extra)
+
+    app.parse_command_line = parse_command_line
+    return True
+
+
 def drop_privileges(uid: int, gid: int) -> None:
     """``setpriv --reuid --regid --clear-groups --no-new-privs --inh-caps=-all
     --bounding-set=-all`` (privileges.drop_privileges), in process."""
-    last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    last = _prepared.get("cap_last")
+    if last is None:
+        last = int(open("/proc/sys/kernel/cap_last_cap").read())
     for cap in range(last + 1):
         prctl(PR_CAPBSET_DROP, cap)
     os.setgroups([])
@@ -228,13 +289,16 @@ class _SockFprog(ctypes.Structure):
 
 
 def install_seccomp() -> None:
-    from .seccomp import build_filter
+    if "seccomp" in _prepared:
+        fprog = _prepared["seccomp"][1]
+    else:
+        from .seccomp import build_filter
 
-    program = build_filter()
-    if program is None:
-        return  # an architecture without a table: as filter_fd(), bubblewrap gets none either
-    buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+        program = build_filter()
+        if program is None:
+            return  # an architecture without a table: as filter_fd(), bubblewrap gets none either
+        buffer = ctypes.create_string_buffer(program, len(program))
+        fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
     _check(_libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog),
                        ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
 
@@ -299,55 +363,47 @@ def set_environ(env: dict[str, str]) -> None:
 
 
 def become_kernel(request_fd: int, output_fd: int) -> None:
-    """In the forked child (pid 1 of its pid namespace, root). Never returns."""
+    """In the forked child (pid 1 of its pid namespace, root): the sandbox's init. Never
+    returns.
+
+    It forks the kernel (pid 2) first thing and leaves the building to it (``_build``);
+    once the kernel has made its namespaces it tells init, which joins them through a
+    pidfd and drops to the same uid, capabilities, ``no_new_privs`` and seccomp filter
+    (``_join``): the two end up exactly as isolated as when init built everything and
+    forked the kernel last. Why this order: every page of the zygote's a process writes
+    becomes its own copy, and a page init wrote is copied again when the kernel writes it
+    too. Run by init, the setup's Python left it about 2.6 MiB of private pages; now it
+    runs in the kernel, which writes most of those pages anyway, and init keeps a few."""
     status = 127
     try:
-        import json
-
-        os.lseek(request_fd, 0, os.SEEK_SET)
-        with os.fdopen(os.dup(request_fd), "rb") as fh:
-            request = json.loads(fh.read())
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         import resource
 
-        # The zygote's socket to the server, its wakeup pipe: not ours.
-        os.closerange(3, max(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # The zygote's socket to the server, its wakeup pipe: not ours; the request is the kernel's.
+        top = max(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        os.closerange(3, request_fd)
+        os.closerange(request_fd + 1, top)
         os.setsid()
-        for path in request["cgroups"]:
-            with open(os.path.join(path, "cgroup.procs"), "w") as fh:
-                fh.write("0")
-        resource.setrlimit(resource.RLIMIT_AS, (request["rlimit_as"],) * 2)
-        resource.setrlimit(resource.RLIMIT_NPROC, (request["rlimit_nproc"],) * 2)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if request["allow_network"] else CLONE_NEWNET)
-        unshare(flags | (CLONE_NEWCGROUP if request["cgroups"] else 0))
-        build_root(request)
-        if not request["allow_network"]:
-            loopback_up()
-        set_cmdline(request["cmdline"])
-        set_environ(request["env"])
-        drop_privileges(request["uid"], request["gid"])
-        # Again: a change of uid clears the parent-death signal, and without it a SIGKILLed
-        # server's zygote went, but its kernels stayed, adopted by the host's init.
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        # Changing uid without an exec left us undumpable: /proc/self would stay root's and
-        # the kernel could not, say, lower its own oom_score_adj as an exec'd one can.
-        prctl(PR_SET_DUMPABLE, 1)
-        install_seccomp()
-        os.chdir(request["cwd"])
+        built_r, built_w = os.pipe()
         kernel = os.fork()
         if kernel == 0:
-            _run_kernel(request)  # never returns
-        # Told apart from its kernel, as bubblewrap's own process is: it names the
-        # connection file too (the orphan reaper checks the recorded pid, this one), but
-        # is not an ipykernel_launcher.
-        set_cmdline([INIT_NAME, *request["argv"][:2]])
-        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(INIT_NAME.encode()), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                    ctypes.c_ulong(0))
+            os.close(built_r)
+            _build(request_fd, built_w)  # never returns
+        # Held from here: the kernel's pid can only be reused once it is reaped, by us.
+        pidfd = os.pidfd_open(kernel)
+        os.close(request_fd)
+        os.close(built_w)
+        note = b""
+        while chunk := os.read(built_r, 4096):
+            note += chunk
+        os.close(built_r)
+        if note:  # empty: the kernel's setup failed before its namespaces (its error is in the log)
+            _join(pidfd, note)
+        os.close(pidfd)
         status = _init(kernel)
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the server reads it in the kernel's log
         try:
@@ -356,6 +412,80 @@ def become_kernel(request_fd: int, output_fd: int) -> None:
             pass
     finally:
         os._exit(status)
+
+
+def _build(request_fd: int, built_w: int) -> None:
+    """pid 2, still root: steps 1-6 of the module docstring for itself and for init (its
+    cgroup, its rlimits; the namespaces and the privileges init takes itself, ``_join``),
+    then the kernel. Never returns; a failure ends it with status 127, and init with it."""
+    status = 127
+    try:
+        import json
+        import resource
+
+        os.lseek(request_fd, 0, os.SEEK_SET)
+        with os.fdopen(request_fd, "rb") as fh:
+            request = json.loads(fh.read())
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        for path in request["cgroups"]:
+            for pid in (b"0", b"1"):  # ourselves, then init (pid 1 of our namespace); one pid a write
+                fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+                try:
+                    os.write(fd, pid)
+                finally:
+                    os.close(fd)
+        limits = ((resource.RLIMIT_AS, request["rlimit_as"]), (resource.RLIMIT_NPROC, request["rlimit_nproc"]),
+                  (resource.RLIMIT_CORE, 0))
+        for which, value in limits:
+            resource.setrlimit(which, (value, value))
+            resource.prlimit(1, which, (value, value))
+        flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if request["allow_network"] else CLONE_NEWNET)
+        flags |= CLONE_NEWCGROUP if request["cgroups"] else 0
+        unshare(flags)
+        build_root(request)
+        if not request["allow_network"]:
+            loopback_up()
+        # Before our privileges go, so nothing the session runs can write to init.
+        os.write(built_w, json.dumps({"flags": flags, "uid": request["uid"], "gid": request["gid"],
+                                      "argv": request["argv"][:2]}).encode())
+        os.close(built_w)
+        set_cmdline(request["cmdline"])
+        set_environ(request["env"])
+        drop_privileges(request["uid"], request["gid"])
+        # Again: a change of uid clears the parent-death signal.
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Changing uid without an exec left us undumpable: /proc/self would stay root's and
+        # the kernel could not, say, lower its own oom_score_adj as an exec'd one can.
+        prctl(PR_SET_DUMPABLE, 1)
+        install_seccomp()
+        os.chdir(request["cwd"])
+    except BaseException as exc:  # noqa: BLE001 - the server reads it in the kernel's log
+        try:
+            os.write(2, f"era fork launcher: kernel setup failed: {exc}\n".encode())
+        except OSError:
+            pass
+        os._exit(status)
+    _run_kernel(request)  # never returns
+
+
+def _join(pidfd: int, note: bytes) -> None:
+    """init, root: into the kernel's namespaces (mount, ipc, uts, network, cgroup: the
+    mount namespace's root and working directory with them), then the kernel's uid and
+    gid, no capabilities, ``no_new_privs``, the seccomp filter. Shown in ps as
+    ``era-fork-init -f <connection file>``: told apart from its kernel, as bubblewrap's
+    own process is (the orphan reaper checks the recorded pid, this one, by it)."""
+    import json
+
+    plan = json.loads(note)
+    setns(pidfd, plan["flags"])
+    os.chdir("/")
+    drop_privileges(plan["uid"], plan["gid"])
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the change of uid
+    prctl(PR_SET_DUMPABLE, 1)  # as the kernel: the same uid's processes, alike
+    install_seccomp()
+    set_cmdline([INIT_NAME, *plan["argv"]])
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(INIT_NAME.encode()), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                ctypes.c_ulong(0))
 
 
 def _init(kernel: int) -> int:
@@ -395,9 +525,12 @@ def _run_kernel(request: dict[str, Any]) -> None:
         # PYTHONPATH is read at interpreter start, long past for a fork: the launcher lets
         # through only our SDK directory there (launch_fork._sdk_only), added here instead.
         sys.path.extend(p for p in os.environ.get("PYTHONPATH", "").split(":") if p and p not in sys.path)
-        from ipykernel import kernelapp
+        from ipykernel.kernelapp import IPKernelApp
 
-        kernelapp.launch_new_instance(argv=request["argv"])
+        app = IPKernelApp.instance()  # what ipykernel_launcher's launch_new_instance does
+        use_parsed_command_line(app, request["argv"])
+        app.initialize(request["argv"])
+        app.start()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

@@ -51,7 +51,11 @@ PRELOAD = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "i
            "ipykernel.debugger", "IPython.core.debugger", "IPython.core.completerlib", "IPython.core.oinspect",
            "IPython.extensions.storemagic", "IPython.utils.wildcard", "pdb", "tornado.gen", "tornado.locks",
            "tornado.queues", "tornado.platform.asyncio", "http.server", "xmlrpc.client", "pydoc", "gzip",
-           "unicodedata", "stringprep", "encodings.idna", "faulthandler", "sysconfig")
+           "unicodedata", "stringprep", "encodings.idna", "faulthandler", "sysconfig",
+           # what a kernel imported after the fork, up to its first runs (IPython's logger:
+           # its %logstart; runpy: ipykernel_launcher's): each import writes to pages of
+           # the import system's that every kernel would otherwise copy
+           "IPython.core.logger", "runpy")
 
 
 # ---------------------------------------------------------------------------- the zygote process
@@ -129,13 +133,13 @@ def _serve(sock: socket.socket) -> None:
 
 def _warm_up() -> None:
     """Fill the caches traitlets builds on an application's first command line (its
-    argument parser's trait tables: about 40 ms a kernel otherwise)."""
+    argument parser's trait tables: about 40 ms a kernel otherwise), and parse the
+    kernelspec's command line once for every kernel (``forked.prepare_command_line``)."""
     try:
-        from ipykernel.kernelapp import IPKernelApp
-
         from ..languages import PYTHON_KERNEL_FIXES, PYTHON_KERNEL_TUNING
+        from .forked import prepare_command_line
 
-        IPKernelApp().parse_command_line(["-f", "/nonexistent.json", *PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES])
+        prepare_command_line([*PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES])  # the kernelspec's (kernelspecs/)
     except Exception:  # noqa: BLE001 - an optimisation only
         pass
 
@@ -157,6 +161,9 @@ def main() -> None:
         except ImportError:
             pass
     _warm_up()
+    from . import forked
+
+    forked.prepare()
     if threading.active_count() != 1:
         sys.stderr.write(f"zygote: preloading started threads: {threading.enumerate()}\n")
         os._exit(1)

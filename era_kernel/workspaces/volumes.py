@@ -43,6 +43,7 @@ from typing import Awaitable, Callable
 from ..provisioning.owner import me
 from ..serial_thread import SerialThread
 from .local import run_blocking
+from .volume_stock import STOCK_DIR, VolumeStock
 from .loopfs import (BLOCK, MIN_IMAGE, VolumeError, _estimate, attach_loop, bind_mount, forget_loop_nodes, human,
                      loop_of,
                      loops_made, make_image, mkfs_tool, mount_ext4, mounts_under, read_superblock,
@@ -135,11 +136,13 @@ class Volumes:
     still handled).
     """
 
-    def __init__(self, data_dir: Path, size: int, reserve: int = 1024**2) -> None:
+    def __init__(self, data_dir: Path, size: int, reserve: int = 1024**2, stock: int = 0) -> None:
         self.data_dir = Path(data_dir)
         self.root = self.data_dir / VOLUMES_ROOT
         self.size = size
         self.reserve = reserve
+        # Images made ahead of demand (``volume_stock.py``); used once volumes are on.
+        self.stock = VolumeStock(self.root / STOCK_DIR, stock, self._stock_image) if stock > 0 else None
         self.enabled = False  # new directories get volumes
         self.active = False  # existing volumes are mounted and removed (also when ``off``)
         self.reason = "not started"
@@ -175,6 +178,12 @@ class Volumes:
         await run_blocking(self._make_roots)
         self.enabled = self.active = True
         self.reason = found.reason
+
+    def start_stock(self) -> None:
+        """Begin making volumes ahead of demand (a server's; ``era run`` makes none). On
+        the event loop; a no-op without volumes or with ``ERA_WORKSPACE_VOLUME_STOCK=0``."""
+        if self.enabled and self.stock is not None:
+            self.stock.start()
 
     def _any_image(self) -> bool:
         return any(next((self.root / name).glob("*" + IMAGE_SUFFIX), None) for name in ROOTS
@@ -236,6 +245,25 @@ class Volumes:
         image = self.image(path)
         image.parent.mkdir(parents=True, exist_ok=True)
         image.unlink(missing_ok=True)  # debris: a new file, never one a loop device may still serve
+        stocked = self.stock.take() if self.stock is not None else None
+        try:
+            if stocked is None:
+                raise FileNotFoundError
+            os.rename(stocked, image)  # made ahead, never mounted: a fresh filesystem like the one below
+            sb = read_superblock(image)
+        except FileNotFoundError:  # none ready (or its directory was deleted meanwhile)
+            sb = self._new_image(image, uid)
+        self._write_meta(path, {"base_blocks": sb.blocks - sb.free_blocks, "layout": LAYOUT})
+        try:
+            self._mount_sync(path, image, fresh=True, uid=uid)
+        except BaseException:
+            self._unmount_sync(path)
+            image.unlink(missing_ok=True)
+            self._meta(path).unlink(missing_ok=True)
+            raise
+
+    def _new_image(self, image: Path, uid: int):
+        """``mkfs`` a fresh image at ``image`` that leaves the session ``size`` bytes."""
         size = self._image_size or _estimate(self.size, self.reserve)
         for _ in range(4):
             sb = make_image(image, size, uid, self.reserve)
@@ -246,14 +274,12 @@ class Volumes:
         else:
             raise VolumeError(errno.ENOSPC, "could not size the workspace image", str(image))
         self._image_size = size
-        self._write_meta(path, {"base_blocks": sb.blocks - sb.free_blocks, "layout": LAYOUT})
-        try:
-            self._mount_sync(path, image, fresh=True, uid=uid)
-        except BaseException:
-            self._unmount_sync(path)
-            image.unlink(missing_ok=True)
-            self._meta(path).unlink(missing_ok=True)
-            raise
+        return sb
+
+    def _stock_image(self, image: Path) -> None:
+        """One image of the stock: root owns its root directory, as every new volume's
+        (``_mount_sync`` gives ``ws/`` the session's uid when it is first mounted)."""
+        self._new_image(image, 0)
 
     def _mount_sync(self, path: Path, image: Path, fresh: bool, uid: int | None = None) -> None:
         split = self._read_meta(path).get("layout") == LAYOUT
@@ -391,6 +417,8 @@ class Volumes:
             except Exception as exc:
                 log.error("cannot release the workspace volume on %s: %s", path, exc)
 
+        if self.stock is not None:
+            await self.stock.stop()
         paths = self.mounted()
         for start in range(0, len(paths), 8):
             await asyncio.gather(*(one(p) for p in paths[start:start + 8]))
