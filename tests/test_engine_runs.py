@@ -191,7 +191,8 @@ async def test_input_is_answered_by_the_handler(engine, session):
 async def test_events_stream_in_order_to_callers_and_subscribers(engine, session):
     seen, mine = [], []
     unsubscribe = engine.subscribe(session, seen.append)
-    r = await engine.run(session, {"code": "print('a'); import sys; print('b', file=sys.stderr); 1/0"},
+    # flush: ipykernel buffers stdout and stderr apart, so unflushed their order is its own
+    r = await engine.run(session, {"code": "print('a', flush=True); import sys; print('b', file=sys.stderr); 1/0"},
                          on_event=mine.append)
     unsubscribe()
     types = [e["type"] for e in mine if e["type"] != "status"]
