@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,6 +22,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from .channel_reader import ChannelReader
 from ..errors import KernelFailed
 from ..provisioning.base import EraProvisioner
+from ..provisioning.local import MOUNT_RACE  # bubblewrap's unmount race (see start())
 from .outputs import OutputCollector
 from .ready import quick_reconnect, wait_for_ready
 from .wire import EraKernelManager
@@ -36,8 +36,6 @@ EventSink = Callable[[dict[str, Any]], None]
 Listener = Callable[[str, dict[str, Any]], None]  # (channel name, message), every message
 InputHandler = Callable[[str, bool], Awaitable[str]]
 
-# What bubblewrap says when a mount it was binding went away under it (see start()).
-MOUNT_RACE = re.compile(r"bwrap: Can't (bind mount|remount)")
 ALIVE_POLL = 0.5  # seconds between liveness checks while a run waits for output
 # A dying kernel drops its connections too: a cut only counts if the kernel outlives this.
 CUT_GRACE = 0.5

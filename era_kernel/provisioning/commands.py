@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable
 from ..errors import BadRequest, KernelFailed
 from . import cgroups
 from .base import LaunchOptions
-from .local import _NOBODY, bwrap_argv, prepare_tmp_mountpoints, sandbox_mode
+from .local import _NOBODY, bwrap_argv, lost_mount_race, prepare_tmp_mountpoints, sandbox_mode
 from .privileges import die_with_parent, drop_privileges
 from .seccomp import filter_fd
 
@@ -61,7 +61,7 @@ class EgressHook:
 SANDBOX_WAIT_S = 10.0  # for the sandbox's process to appear, and for the listener inside it
 
 
-def _after_proxy(port: int, argv: list[str]) -> list[str]:
+def after_proxy(port: int, argv: list[str]) -> list[str]:
     """``argv`` started once the proxy's listener answers inside the sandbox (bash's
     /dev/tcp; it is opened from outside the moment the sandbox exists), else a clear error."""
     script = ('for ((i = 0; i < 200; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$0") 2>/dev/null && exec "$@"; '
@@ -87,7 +87,7 @@ def _process_in_other_netns(root: int, ours: int) -> int | None:
     return None
 
 
-async def _attach_local(proc: asyncio.subprocess.Process, egress: EgressHook) -> None:
+async def attach_local(proc: asyncio.subprocess.Process, egress: EgressHook) -> None:
     from ..ports.netns import namespace_id
 
     ours = await asyncio.to_thread(namespace_id, "/proc/self/ns/net")
@@ -173,7 +173,7 @@ async def run_command(provisioner: str, options: LaunchOptions, argv: list[str],
         networked = options.gvisor_runtimes[1]  # gVisor's own netstack would not see the listener
         options = options.replace(allow_network=False, env={**options.env, **egress.env},
                                   gvisor_runtimes=(networked, networked))
-        argv = _after_proxy(egress.port, argv)
+        argv = after_proxy(egress.port, argv)
     try:
         if provisioner == "docker":
             from .commands_docker import run_in_container
@@ -182,7 +182,7 @@ async def run_command(provisioner: str, options: LaunchOptions, argv: list[str],
                                                           out=out, err=err, client=docker_client, egress=egress)
         elif provisioner == "local":
             code, timed_out, oom = await _run_local(options, argv, timeout=timeout, out=out, err=err, egress=egress)
-            if code == 1 and not out.parts and _mount_raced("".join(err.parts)):
+            if code == 1 and not out.parts and lost_mount_race("".join(err.parts)):
                 # bubblewrap raced another sandbox's unmount while binding the host's mounts
                 # (as a kernel start can: session_kernel.py); nothing of the command ran.
                 out, err = _Capture("stdout", max_output, on_output), _Capture("stderr", max_output, on_output)
@@ -196,13 +196,6 @@ async def run_command(provisioner: str, options: LaunchOptions, argv: list[str],
     return CommandResult(exit_code=code, stdout=out.text(), stderr=err.text(), timed_out=timed_out,
                          truncated=out.truncated or err.truncated, out_of_memory=oom,
                          duration_ms=round((time.perf_counter() - started) * 1000, 1))
-
-
-def _mount_raced(stderr: str) -> bool:
-    from ..kernel.session_kernel import MOUNT_RACE
-
-    lines = stderr.strip().splitlines()
-    return len(lines) == 1 and bool(MOUNT_RACE.search(lines[0]))
 
 
 def local_path() -> str:
@@ -273,7 +266,7 @@ async def _run_local(options: LaunchOptions, argv: list[str], *, timeout: float,
             if seccomp_fd is not None:
                 os.close(seccomp_fd)  # the child has its copy
         if egress is not None:
-            await _attach_local(proc, egress)
+            await attach_local(proc, egress)
 
         async def pump(stream: asyncio.StreamReader, capture: _Capture) -> None:
             while chunk := await stream.read(READ_CHUNK):

@@ -30,6 +30,7 @@ import asyncio
 import getpass
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -87,6 +88,18 @@ def kernel_env(base: dict[str, str] | None, extra: dict[str, str], home: Path) -
 
 
 PLACEHOLDER_SIZE = 1024**2  # masked directories hold only mount points
+
+# What bubblewrap says when a mount it was binding went away under it: ``--ro-bind / /``
+# takes the host's mounts recursively, then remounts each read-only, and another
+# sandbox's volume unmounted in between fails that walk (bubblewrap issue #650). Nothing
+# of the sandboxed command ran by then, so starting it again is safe.
+MOUNT_RACE = re.compile(r"bwrap: Can't (bind mount|remount)")
+
+
+def lost_mount_race(stderr: str) -> bool:
+    """``stderr`` (all a sandboxed command wrote there) is that failure and nothing else."""
+    lines = stderr.strip().splitlines()
+    return len(lines) == 1 and bool(MOUNT_RACE.search(lines[0]))
 
 
 def bwrap_argv(argv: list[str], *, workspace: Path, kernel_dir: Path | None, hidden: list[str], allow_network: bool,

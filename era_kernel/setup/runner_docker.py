@@ -26,8 +26,7 @@ from docker.types import LogConfig, Mount
 
 from ..config import Settings
 from ..images.reference import validate_image_ref, validate_language
-from ..provisioning.commands import EgressHook
-from ..provisioning.commands import _after_proxy as after_proxy  # as run_command puts a command behind the proxy
+from ..provisioning.commands import EgressHook, after_proxy  # as run_command puts a command behind the proxy
 from ..provisioning.docker import IMAGE_PREFIX, LABEL_MANAGED, LABEL_OWNER, remove_container, shared_docker_client
 from .logs import LineSplitter
 from .runner_local import DEFAULT_MEMORY, DEFAULT_PIDS, setting

@@ -28,12 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Settings
-from ..kernel.session_kernel import MOUNT_RACE
 from ..provisioning import cgroups
-from ..provisioning.commands import EgressHook
-from ..provisioning.commands import _after_proxy as after_proxy  # one way into a sandbox behind the proxy
-from ..provisioning.commands import _attach_local as attach_local
-from ..provisioning.local import bwrap_argv, sandbox_mode
+from ..provisioning.commands import EgressHook, after_proxy, attach_local  # one way into a sandbox behind the proxy
+from ..provisioning.local import bwrap_argv, lost_mount_race, sandbox_mode
 from ..provisioning.privileges import die_with_parent, drop_privileges
 from ..provisioning.seccomp import filter_fd
 from .logs import LineSplitter
@@ -120,7 +117,7 @@ class LocalRunner:
         try:
             code = await self._run(step, group, final=final, staging=staging, home=home, uid=uid, env=env,
                                    timeout=timeout, on_line=watch, egress=egress)
-            if code == 1 and len(first) == 1 and MOUNT_RACE.search(first[0]):
+            if code == 1 and lost_mount_race("\n".join(first)):
                 # bubblewrap raced another sandbox's unmount while binding the host's
                 # mounts (as a kernel start can: session_kernel.py); nothing of the step ran.
                 on_line("era: bubblewrap raced an unmount while making the sandbox; starting the step again")

@@ -44,7 +44,7 @@ from ..provisioning.owner import me
 from ..serial_thread import SerialThread
 from .local import run_blocking
 from .volume_stock import STOCK_DIR, VolumeStock
-from .loopfs import (BLOCK, MIN_IMAGE, VolumeError, _estimate, attach_loop, bind_mount, forget_loop_nodes, human,
+from .loopfs import (BLOCK, MIN_IMAGE, Superblock, VolumeError, _estimate, attach_loop, bind_mount, forget_loop_nodes, human,
                      loop_of,
                      loops_made, make_image, mkfs_tool, mount_ext4, mounts_under, read_superblock,
                      release_everything_under, unmount)  # noqa: F401  (release_everything_under: for tests)
@@ -245,13 +245,8 @@ class Volumes:
         image = self.image(path)
         image.parent.mkdir(parents=True, exist_ok=True)
         image.unlink(missing_ok=True)  # debris: a new file, never one a loop device may still serve
-        stocked = self.stock.take() if self.stock is not None else None
-        try:
-            if stocked is None:
-                raise FileNotFoundError
-            os.rename(stocked, image)  # made ahead, never mounted: a fresh filesystem like the one below
-            sb = read_superblock(image)
-        except FileNotFoundError:  # none ready (or its directory was deleted meanwhile)
+        sb = self._take_stocked(image)
+        if sb is None:
             sb = self._new_image(image, uid)
         self._write_meta(path, {"base_blocks": sb.blocks - sb.free_blocks, "layout": LAYOUT})
         try:
@@ -262,7 +257,19 @@ class Volumes:
             self._meta(path).unlink(missing_ok=True)
             raise
 
-    def _new_image(self, image: Path, uid: int):
+    def _take_stocked(self, image: Path) -> Superblock | None:
+        """A stock image (made ahead, never mounted: a fresh filesystem like ``_new_image``'s)
+        renamed to ``image``; None when none is ready (or its directory went meanwhile)."""
+        stocked = self.stock.take() if self.stock is not None else None
+        if stocked is None:
+            return None
+        try:
+            os.rename(stocked, image)
+            return read_superblock(image)
+        except FileNotFoundError:
+            return None
+
+    def _new_image(self, image: Path, uid: int) -> Superblock:
         """``mkfs`` a fresh image at ``image`` that leaves the session ``size`` bytes."""
         size = self._image_size or _estimate(self.size, self.reserve)
         for _ in range(4):
