@@ -90,6 +90,31 @@ def test_sigterm_stops_every_kernel_and_exits_zero():
         server.cleanup()
 
 
+def test_the_servers_threads_do_not_grow_with_its_kernels():
+    """jupyter_client gives each kernel two ZeroMQ contexts and a heartbeat thread (five
+    threads a kernel: 500 with 100 kernels, all taking the GIL in turn); the server's
+    kernels share one context and need no heartbeat (kernel/wire.py)."""
+    server = ServerProcess(env={"ERA_POOL_SIZE": "0"}).start()
+    try:
+        def session(sid: str) -> None:
+            server.json("POST", "/api/sessions", {"id": sid}, expect=201)
+            assert server.json("POST", f"/api/sessions/{sid}/run", {"code": "print('up')"})["stdout"] == "up\n"
+
+        for i in range(2):
+            session(f"threads-{i}")
+        before = len(list(Path(f"/proc/{server.proc.pid}/task").iterdir()))
+        for i in range(2, 8):
+            session(f"threads-{i}")
+        after = len(list(Path(f"/proc/{server.proc.pid}/task").iterdir()))
+        assert after - before < 6, f"{after - before} more threads in the server for 6 more kernels"
+        # And each kernel still answers on its own connection.
+        for i in range(8):
+            assert server.json("POST", f"/api/sessions/threads-{i}/run", {"code": "print(2)"})["stdout"] == "2\n"
+    finally:
+        server.stop()
+        server.cleanup()
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

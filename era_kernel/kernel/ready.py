@@ -8,9 +8,9 @@ exchange: the ``idle`` status whose parent is the request answered.
 
 The client's sockets also connect before the kernel has bound its (IPC) endpoints, and
 ZeroMQ retries a refused connect every ``RECONNECT_IVL`` (100 ms by default): a kernel
-ready in 50 ms was reached up to 100 ms later. ``quick_reconnect`` starts the retries at
-5 ms, backing off to the default 100 ms, so a kernel that stays away costs no more than
-before.
+ready in 50 ms was reached up to 100 ms later. The clients' context (``wire.kernel_context``)
+starts the retries at 5 ms, backing off to the default 100 ms, so a kernel that stays
+away costs no more than before.
 """
 
 from __future__ import annotations
@@ -20,22 +20,12 @@ import time
 from queue import Empty
 from typing import Any, Callable
 
-FIRST_RETRY_MS = 5
-LAST_RETRY_MS = 100
 SHELL_WAIT = 1.0  # per kernel_info request, as jupyter_client's (a request sent again after)
 # For the status after the reply; not seen means IOPub was not connected yet when the
 # kernel published it, and another request is sent: waits of 10 ms, doubling up to 0.2 s
 # (jupyter_client's one wait), since the subscription usually lands a few ms after the
 # kernel's first reply.
 IOPUB_WAITS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.2)
-
-
-def quick_reconnect(context: Any) -> None:
-    """For sockets made from ``context`` from now on (the client's channels)."""
-    import zmq
-
-    context.setsockopt(zmq.RECONNECT_IVL, FIRST_RETRY_MS)
-    context.setsockopt(zmq.RECONNECT_IVL_MAX, LAST_RETRY_MS)
 
 
 async def wait_for_ready(kc: Any, timeout: float) -> None:

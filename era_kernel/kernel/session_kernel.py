@@ -24,8 +24,8 @@ from ..errors import KernelFailed
 from ..provisioning.base import EraProvisioner
 from ..provisioning.local import MOUNT_RACE  # bubblewrap's unmount race (see start())
 from .outputs import OutputCollector
-from .ready import quick_reconnect, wait_for_ready
-from .wire import EraKernelManager
+from .ready import wait_for_ready
+from .wire import EraKernelManager, kernel_context
 
 if TYPE_CHECKING:
     from ..provisioning.base import LaunchOptions
@@ -114,19 +114,13 @@ class SessionKernel:
 
     async def _start_once(self) -> None:
         self.state = KernelState.STARTING
-        km = EraKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=self.spec_manager)
+        context = kernel_context(self.max_message)
+        km = EraKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=self.spec_manager, context=context)
         self.km = km
         try:
             await km.start_kernel(era=self.launch)
-            kc = km.client()
-            if self.max_message:
-                # A kernel sending one huge message (a 1 GiB display) must not make us
-                # allocate it: ZeroMQ drops the connection past this size instead.
-                import zmq
-
-                kc.context.setsockopt(zmq.MAXMSGSIZE, self.max_message)
-            quick_reconnect(kc.context)
-            kc.start_channels()
+            kc = km.client(context=context)
+            kc.start_channels(hb=False)  # liveness is the manager's answer (wire.py)
             self.kc = kc
             await asyncio.wait_for(wait_for_ready(kc, self.start_timeout), self.start_timeout + 5)
             provisioner = self._era_provisioner()
@@ -181,11 +175,10 @@ class SessionKernel:
         for pending in self._pending.values():
             pending.settle()
         if self.kc is not None:
-            # Off the loop: stopping joins the heartbeat thread and terminates the ZeroMQ
-            # context, which waits out a message still queued to a kernel that died
-            # (measured: 140 ms on a kernel that died before its kernel_info reply).
+            # Closes the channels' sockets (linger 0), nothing more: no heartbeat thread to
+            # join, and the context is the process's (wire.kernel_context).
             kc, self.kc = self.kc, None
-            await asyncio.to_thread(kc.stop_channels)
+            kc.stop_channels()
         provisioner = self._era_provisioner()
         km, self.km = self.km, None
         if km is not None:

@@ -1,4 +1,5 @@
-"""The Jupyter wire session ERA's kernel clients use: jupyter_client's, minus date parsing.
+"""The Jupyter wire ERA's kernel clients use: jupyter_client's session minus date
+parsing, and one ZeroMQ context for every kernel.
 
 ``Session.deserialize`` turns every ISO date in a message's header and parent header
 into a ``datetime`` (``extract_dates``, dateutil parsing): two or more per message, about
@@ -6,10 +7,21 @@ into a ``datetime`` (``extract_dates``, dateutil parsing): two or more per messa
 message date, so ``WireSession`` leaves them as the strings the kernel sent. Everything
 else is jupyter_client's: HMAC signature check (and the replay guard), identities,
 buffers, protocol adaptation, and the whole sending side.
+
+jupyter_client gives each kernel two ZeroMQ contexts (its manager's, for the control
+socket, and its client's), each with an I/O thread and a reaper thread, and each client a
+heartbeat thread running an event loop of its own that pings the kernel every second:
+five threads a kernel, started on the way of every kernel start, and with 100 kernels 500
+threads taking the GIL in turn. ``kernel_context`` is one context for all of them (one
+I/O thread serves every kernel's connections); ``SessionKernel`` starts no heartbeat
+channel, since whether a kernel is alive is its manager's answer (the provisioner polls
+the process or container), which is also what ``KernelClient.is_alive`` asks.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import typing as t
 from hmac import compare_digest
 
@@ -19,6 +31,44 @@ from jupyter_client.session import Session
 from traitlets import default
 
 MIN_PARTS = 5  # [HMAC, header, parent_header, metadata, content, *buffers]
+# Reconnect retries of a client socket: from 5 ms, backing off to ZeroMQ's default 100 ms
+# (ready.py: a kernel binds its endpoints after the client has connected).
+FIRST_RETRY_MS = 5
+LAST_RETRY_MS = 100
+# Sockets one context may hold (ZeroMQ's default is 1023): about nine a kernel (four
+# channels, the control socket, two monitors and their pairs), for ERA_MAX_KERNELS and
+# the Jupyter gateway's clients.
+MAX_SOCKETS = 32768
+
+_contexts: dict[tuple[int, int], t.Any] = {}
+_contexts_lock = threading.Lock()
+
+
+def kernel_context(max_message: int = 0) -> t.Any:
+    """The ZeroMQ context (``zmq.asyncio.Context``) of every kernel manager and client of
+    this process that refuses messages over ``max_message`` bytes (0: no limit). Sockets
+    made from it retry a refused connect quickly. One per message limit, since that is a
+    context-wide option (engines in one process may have different limits); one per
+    process, since a ZeroMQ context does not survive a fork. Never terminated: sockets
+    close with a linger of their own (channels 0, the control socket 100 ms), so nothing
+    waits in it for a kernel that is gone."""
+    import zmq
+    import zmq.asyncio
+
+    key = (os.getpid(), max_message)
+    with _contexts_lock:
+        context = _contexts.get(key)
+        if context is None:
+            context = zmq.asyncio.Context()
+            context.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
+            if max_message:
+                # A kernel sending one huge message (a 1 GiB display) must not make us
+                # allocate it: ZeroMQ drops the connection past this size instead.
+                context.setsockopt(zmq.MAXMSGSIZE, max_message)
+            context.setsockopt(zmq.RECONNECT_IVL, FIRST_RETRY_MS)
+            context.setsockopt(zmq.RECONNECT_IVL_MAX, LAST_RETRY_MS)
+            _contexts[key] = context
+        return context
 
 
 class WireSession(Session):
