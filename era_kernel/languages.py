@@ -253,7 +253,7 @@ PYTHON_KERNEL_TUNING: tuple[str, ...] = (
 #   failed run must always say something: its evalue (in the error message and in the
 #   reply, which ipykernel builds apart) is the exception's name. Not for
 #   SystemExit, whose evalue is the exit status ("" is 0, see _py_exit_code).
-_PYTHON_FIXES_CELL = (
+PYTHON_FIXES_CELL = (
     "def _era_fixes(shell):\n"
     "    kernel = shell.kernel\n"
     "    do_history = kernel.do_history\n"
@@ -281,7 +281,7 @@ _PYTHON_FIXES_CELL = (
     "_era_fixes(get_ipython())\n"
     "del _era_fixes"
 )
-PYTHON_KERNEL_FIXES: tuple[str, ...] = (f"--IPKernelApp.exec_lines={_PYTHON_FIXES_CELL}",)
+PYTHON_KERNEL_FIXES: tuple[str, ...] = (f"--IPKernelApp.exec_lines={PYTHON_FIXES_CELL}",)
 
 
 def python_kernel_argv() -> list[str]:
