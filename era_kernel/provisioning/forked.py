@@ -242,6 +242,11 @@ def prepare_command_line(tail: list[str]) -> None:
     app.parse_command_line(["-f", CONNECTION_FILE_PLACEHOLDER, *tail])
     if app.cli_config.get("IPKernelApp", {}).get("connection_file") == CONNECTION_FILE_PLACEHOLDER:
         _prepared["command_line"] = (list(tail), app.cli_config, list(app.extra_args))
+        # Its exec_lines (the protocol fixes, languages.PYTHON_FIXES_CELL) compiled here too:
+        # IPython would put each through its input transformers, compile and run it as a
+        # cell, about 7 ms of every kernel's start (``_run_exec_lines``).
+        _prepared["exec_lines"] = {line: compile(line, "<exec_lines>", "exec")
+                                   for line in app.cli_config.IPKernelApp.get("exec_lines", [])}
 
 
 def use_parsed_command_line(app: Any, argv: list[str]) -> bool:
@@ -265,7 +270,24 @@ def use_parsed_command_line(app: Any, argv: list[str]) -> bool:
         app.extra_args = list(extra)
 
     app.parse_command_line = parse_command_line
+    app._run_exec_lines = lambda: _run_exec_lines(app)
     return True
+
+
+def _run_exec_lines(app: Any) -> None:
+    """``InteractiveShellApp._run_exec_lines`` with the lines the zygote compiled run as
+    compiled (in the user's namespace, outside the history, as IPython runs them); any
+    other line (a profile's own configuration) as IPython runs it."""
+    compiled = _prepared.get("exec_lines", {})
+    for line in app.exec_lines:
+        code = compiled.get(line)
+        try:
+            if code is None:
+                app.shell.run_cell(line, store_history=False)
+            else:
+                exec(code, app.shell.user_ns)  # noqa: S102 - our own kernelspec's line
+        except Exception:  # as IPython: the kernel starts, the log says why
+            app.log.warning("Error in executing line in user namespace: %s", line, exc_info=True)
 
 
 def drop_privileges(uid: int, gid: int) -> None:
