@@ -19,7 +19,7 @@ Phases; everything on 127.0.0.1, every server and kernel started here is stopped
    Kernel Gateway: --prespawn_count kernels, taken from GET /api/kernels (its POST never
    draws from them, and it does not refill them).
 4. memory, then load, one contender at a time: S sessions (kernels) started and run once,
-   their idle RSS (summed over each kernel's process tree) or container memory, then R runs, C in flight.
+   their idle PSS (summed over each kernel's process tree) or container memory, then R runs, C in flight.
 """
 
 from __future__ import annotations
@@ -363,8 +363,9 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         f"load: {p['load_sessions']} sessions (Kernel Gateway: kernels, one WebSocket each), {p['load_runs']} runs "
         f"({p['load_runs'] // p['load_sessions']} per session), {p['load_concurrency']} in flight; each run prints "
         "a unique token, and a non-200, an exception or stdout other than exactly that token is an error.",
-        "memory: idle kernels after one run, RSS summed over each kernel's process tree (psutil; ERA local counts "
-        "its bwrap processes), averaged; ERA Docker: the container's cgroup memory minus inactive file cache, as "
+        "memory: idle kernels after one run, PSS summed over each kernel's process tree (shared pages split among "
+        "their sharers: the fork launcher's kernels share their zygote's; ERA local counts its sandbox's processes), "
+        "averaged; ERA Docker: the container's cgroup memory minus inactive file cache, as "
         "`docker stats` shows it. Counts: " + ", ".join(
             f"{who} {v['kernels']}" for who, v in ((w, tally.values.get(("memory", w))) for w, _ in CONTENDERS) if v),
         f"samples: warm {p['warm_rounds']} rounds after {p['warm_warmup']} warm-up, cold {p['cold_rounds']} and "

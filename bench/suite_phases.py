@@ -16,7 +16,6 @@ from clients import CODE, Http, KgKernel, once
 from contenders import SPEC, EraServer, Gateway, RawKernel, docker_client
 from measure import TIMEOUT, log, pct, settle_cpu
 
-from era_kernel.resources import tree_rss_bytes  # what ERA's own stats report for a local kernel
 
 
 def check_run(status: int, body: Any, want: str, ok: tuple[int, ...] = (200,)) -> None:
@@ -139,16 +138,42 @@ async def kg_cycle(port: int, used: set[str] | None) -> dict[str, float]:
 
 # ---- memory and load -------------------------------------------------------------------------
 def kernel_trees(parent_pid: int) -> list[int]:
-    """Children of ``parent_pid`` whose tree runs an ipykernel: one per kernel (bwrap included)."""
+    """Children of ``parent_pid`` whose tree runs an ipykernel: one per kernel (bwrap
+    included). The fork launcher's zygote is not a kernel: each of its children (a
+    sandbox's init with its kernel) is one."""
     found = []
     for child in psutil.Process(parent_pid).children():
         try:
+            if "era_kernel.provisioning.zygote" in " ".join(child.cmdline()):
+                found.extend(kernel_trees(child.pid))
+                continue
             tree = [child, *child.children(recursive=True)]
             if any("ipykernel" in " ".join(p.cmdline()) for p in tree):
                 found.append(child.pid)
         except psutil.NoSuchProcess:
             pass
     return found
+
+
+def tree_pss_bytes(pid: int) -> int | None:
+    """Summed PSS (``/proc/<pid>/smaps_rollup``) of ``pid`` and its descendants: each
+    page shared by N processes counts 1/N in each, so kernels forked from one zygote are
+    not each charged its whole shared memory, as RSS would charge them; for separate
+    interpreters it is RSS less their share of the shared libraries. None when gone."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total, seen = 0, False
+    for proc in procs:
+        try:
+            with open(f"/proc/{proc.pid}/smaps_rollup") as rollup:
+                total += next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) * 1024
+            seen = True
+        except (OSError, StopIteration):
+            continue  # exited between listing and reading
+    return total if seen else None
 
 
 def container_memory(owner_pid: int, limit: int) -> list[int]:
@@ -230,7 +255,7 @@ async def era_load_and_memory(out: dict, label: str, provisioner: str, server: E
         await settle_cpu(server.proc.pid, timeout=30)
         if provisioner == "local":
             trees = kernel_trees(server.proc.pid)
-            sizes = [tree_rss_bytes(pid) or 0 for pid in trees]
+            sizes = [tree_pss_bytes(pid) or 0 for pid in trees]
         else:
             sizes = await asyncio.to_thread(container_memory, server.proc.pid, p["memory_kernels"] * 2)
         out["memory"] = average_mib(sizes)
@@ -262,7 +287,7 @@ async def kg_load_and_memory(out: dict, gateway: Gateway, p: dict) -> None:
     try:
         await limited([make] * p["load_sessions"], 8)
         await settle_cpu(gateway.proc.pid, timeout=30)
-        sizes = [tree_rss_bytes(pid) or 0 for pid in kernel_trees(gateway.proc.pid)]
+        sizes = [tree_pss_bytes(pid) or 0 for pid in kernel_trees(gateway.proc.pid)]
         out["memory"] = average_mib(sizes)
 
         def issuer() -> tuple[Issuer, Callable[[], None]]:
@@ -284,7 +309,7 @@ async def raw_memory(kernel_dirs: Path, n: int) -> dict:
         for kernel in kernels:
             await kernel.start()
         await settle_cpu(os.getpid(), timeout=20)
-        sizes = [tree_rss_bytes(k.pid) or 0 for k in kernels]
+        sizes = [tree_pss_bytes(k.pid) or 0 for k in kernels]
         return average_mib(sizes)
     finally:
         for kernel in kernels:
