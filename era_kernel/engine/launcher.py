@@ -344,7 +344,7 @@ class KernelLauncher:
                 try:
                     await asyncio.shield(task)
                 except asyncio.CancelledError:
-                    if not task.cancelled():
+                    if not task.cancelled() or _cancelling():
                         raise  # this run itself is being cancelled
                 except Exception:
                     pass  # the background start failed: try once more below, reporting that error
@@ -361,8 +361,8 @@ class KernelLauncher:
             try:
                 return await asyncio.shield(own)  # its failure is this run's error
             except asyncio.CancelledError:
-                if not own.cancelled():
-                    raise  # this run itself is being cancelled: the start goes on
+                if not own.cancelled() or _cancelling():
+                    raise  # this run itself is being cancelled (or interrupted): the start goes on
                 # A restart (or a delete) cancelled it: look again for the kernel that replaced it.
         raise KernelFailed(f"the kernel of session {sid} kept being replaced while this run waited for it; retry")
 
@@ -466,6 +466,12 @@ class _ReadySandbox(CommandSandbox):
         await self._files.ensure_ready(self._record, self.uid)
         self.tmp_dir = self._files.tmp_path(self.workspace)  # known once the volume is mounted
         return await super().run(argv, **kwargs)
+
+
+def _cancelling() -> bool:
+    """This task is being cancelled itself (not only what it waited for)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _started(record: SessionRecord, pooled: bool, start_ms: float | None = None) -> dict[str, object]:
