@@ -313,14 +313,30 @@ class KernelLauncher:
             else:
                 lease.release()
             return
+        self._start_task(record, lease, warm)
+
+    def _start_task(self, record: SessionRecord, lease: Lease, warm: WarmKernel | None = None) -> asyncio.Task:
+        """The start (or claim) of the session's kernel, its slot reserved, as a task the
+        table knows: whoever waits for it may stop waiting (a run interrupted or cancelled
+        meanwhile) without stopping it; a restart or a delete cancels it."""
         start = self._claim(record, warm) if warm is not None else self._start(record, lease)
         task = asyncio.create_task(start, name=f"era-start-{record.id}")
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved"
         self.table.mark_starting(record.id, task)
+        return task
+
+    def ready(self, session_id: str) -> SessionKernel | None:
+        """The session's kernel if it is up (neither starting nor dead): no wait for it."""
+        kernel = self.table.kernel(session_id)
+        if kernel is not None and kernel.state != "dead" and self.table.starting(session_id) is None:
+            return kernel
+        return None
 
     async def ensure(self, record: SessionRecord) -> SessionKernel:
         """The session's live kernel, started now if it has none or its kernel died.
-        Called under the session's run lock."""
+        Called under the session's run lock. A start it begins runs in a task of its own,
+        like a background start: a run that stops waiting for it (``POST .../interrupt``)
+        leaves the kernel coming up for the runs after it."""
         sid = record.id
         for _ in range(3):  # once, plus a race or two with a restart
             task = self.table.starting(sid)
@@ -328,19 +344,26 @@ class KernelLauncher:
                 try:
                     await asyncio.shield(task)
                 except asyncio.CancelledError:
-                    if not task.cancelled():
+                    if not task.cancelled() or _cancelling():
                         raise  # this run itself is being cancelled
                 except Exception:
                     pass  # the background start failed: try once more below, reporting that error
             kernel = self.table.kernel(sid)
-            if kernel is not None and kernel.state != "dead" and self.table.starting(sid) is None:
+            if self.ready(sid) is not None:
                 return kernel
             if kernel is not None:
                 await self.table.stop(sid, kernel=kernel)  # dead: its slot goes back before a new one is taken
             lease = await self.table.admit()
-            if self.table.reserve(sid, lease):
-                return await self._start(record, lease)
-            lease.release()  # a restart started one meanwhile: wait for that one
+            if not self.table.reserve(sid, lease):
+                lease.release()  # a restart started one meanwhile: wait for that one
+                continue
+            own = self._start_task(record, lease)
+            try:
+                return await asyncio.shield(own)  # its failure is this run's error
+            except asyncio.CancelledError:
+                if not own.cancelled() or _cancelling():
+                    raise  # this run itself is being cancelled (or interrupted): the start goes on
+                # A restart (or a delete) cancelled it: look again for the kernel that replaced it.
         raise KernelFailed(f"the kernel of session {sid} kept being replaced while this run waited for it; retry")
 
     async def _discard_claimed(self, warm: WarmKernel) -> None:
@@ -443,6 +466,12 @@ class _ReadySandbox(CommandSandbox):
         await self._files.ensure_ready(self._record, self.uid)
         self.tmp_dir = self._files.tmp_path(self.workspace)  # known once the volume is mounted
         return await super().run(argv, **kwargs)
+
+
+def _cancelling() -> bool:
+    """This task is being cancelled itself (not only what it waited for)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _started(record: SessionRecord, pooled: bool, start_ms: float | None = None) -> dict[str, object]:

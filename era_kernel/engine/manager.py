@@ -412,10 +412,9 @@ class SessionManager:
         return await self._insert(source.duplicate(req.id, owner), copy_from=source)
 
     async def interrupt(self, session_id: str) -> None:
+        """The current run only (RunQueue.interrupt): one waiting for its kernel ends without running."""
         await self._record(session_id)
-        kernel = self.table.kernel(session_id)
-        if kernel is not None:
-            await kernel.interrupt()
+        await self.queue.interrupt(session_id)
 
     async def restart(self, session_id: str) -> None:
         record = await self._record(session_id)

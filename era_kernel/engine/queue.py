@@ -209,6 +209,26 @@ class RunQueue:
             await asyncio.gather(ticket.task, return_exceptions=True)
         return await self.get(session_id, run_id)
 
+    async def interrupt(self, session_id: str) -> None:
+        """``POST .../interrupt``, Jupyter's rule: it stops the session's current run only;
+        the runs queued behind it run next. A current run still waiting for its kernel's
+        start (or package setup) ends ``interrupted`` without running its code, and the
+        start goes on; a running one gets the kernel's interrupt. With no run of ours, a
+        live kernel gets it (a Jupyter client's cell; nothing when idle), but never a
+        kernel that is starting: it would break its startup cells, and the start with them."""
+        ticket = self._running.get(session_id)
+        if ticket is not None and ticket.status == QUEUED:  # its code is not sent yet
+            ticket.interrupt()
+            return
+        if self.table.starting(session_id) is not None:
+            return
+        kernel = self.table.kernel(session_id)
+        if kernel is None:
+            return
+        if ticket is not None and ticket.kernel is kernel:
+            ticket.interrupt_requested = True  # it ends "interrupted" if the interrupt takes
+        await kernel.interrupt()
+
     def _interrupt_again(self, ticket: RunTicket) -> None:
         kernel = ticket.kernel
 

@@ -24,7 +24,7 @@ from .. import models
 from ..config import Settings
 from ..egress.gate import ONESHOT_PREFIX
 from ..errors import BadRequest, NotFound, SetupPending, TooLarge
-from ..kernel import EventSink, ExecOutcome, InputHandler, SessionKernel
+from ..kernel import EventSink, ExecOutcome, InputHandler, OutputCollector, SessionKernel
 from ..languages import Language, get_language
 from ..store.base import MetadataStore
 from .events import EngineEvents, KernelDied
@@ -43,6 +43,7 @@ log = logging.getLogger("era.runs")
 
 DATA_FILE = ".session_data.json"
 ENV_CELL_TIMEOUT = 10.0
+NOT_STARTED = "interrupted before it started (while it waited for its kernel); its code did not run"
 
 
 async def run_cell(kernel: SessionKernel, language: Language, code: str, settings: Settings, *, timeout: float,
@@ -90,10 +91,55 @@ class SessionRunner:
                                               "PUT /api/sessions/{id}/code {\"code\": ...}"})
         ticket.code = code
         timeout = req.timeout or record.default_timeout
-        await self._wait_for_setup(record.id, timeout, on_event)
-        kernel = await self.launcher.ensure(record)
+        kernel = await self._kernel_unless_interrupted(ticket, record, timeout, on_event)
+        if kernel is None:
+            return self._interrupted_before_start(record, ticket, timeout, on_event)
         ticket.kernel = kernel
         return await self._run_locked(record, kernel, ticket, timeout, on_event, on_input)
+
+    async def _kernel_unless_interrupted(self, ticket: "RunTicket", record: SessionRecord, timeout: float,
+                                         on_event: EventSink | None) -> SessionKernel | None:
+        """The session's kernel once package setup is over and the kernel is up; None when
+        ``POST .../interrupt`` reached the run first. Only the wait stops: setup and the
+        kernel's start go on (the launcher's start is a task of its own) for the next run."""
+        kernel = self.launcher.ready(record.id)
+        if kernel is not None and not self.setups.running(record.id):
+            return kernel  # nothing to wait for (the common case: no tasks to race)
+
+        async def ready() -> SessionKernel:
+            await self._wait_for_setup(record.id, timeout, on_event)
+            return await self.launcher.ensure(record)
+
+        preparing = asyncio.ensure_future(ready())
+        interrupted = asyncio.ensure_future(ticket.interrupted.wait())
+        try:
+            await asyncio.wait((preparing, interrupted), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            preparing.cancel()
+            interrupted.cancel()
+            await asyncio.gather(preparing, interrupted, return_exceptions=True)
+        if ticket.interrupt_requested:
+            return None
+        return preparing.result()  # or the error it failed with (setup pending, the start failed)
+
+    def _interrupted_before_start(self, record: SessionRecord, ticket: "RunTicket", timeout: float,
+                                  on_event: EventSink | None) -> dict[str, Any]:
+        """A run interrupted before its code reached the kernel ends as one interrupted in
+        its cell does (KeyboardInterrupt, exit code 1, status ``interrupted``: the same
+        events, record and callback), with a note in the error's ``evalue``; nothing ran."""
+        sid, run_id = record.id, ticket.run_id
+        emit: EventSink = lambda ev: self.events.emit(sid, dict(ev, run_id=run_id), on_event)  # noqa: E731
+        self.in_background(_record_run(sid, run_id, ticket.started(self.store)))
+        collector = OutputCollector(self.settings["ERA_OUTPUT_LIMIT"])
+        emit(collector.add("error", {"ename": "KeyboardInterrupt", "evalue": NOT_STARTED, "traceback": []}))
+        outcome = ExecOutcome(collector, status="error")
+        result = run_result(outcome, language=get_language(record.language), timeout=timeout, session_id=sid,
+                            data=record.data, run_id=run_id)
+        emit(done_event(result))
+        emit({"type": "status", "state": str(self.table.state(sid))})
+        self.events.flush(sid)
+        self.in_background(_record_run(sid, run_id, ticket.finished(self.store, result, outcome)))
+        return result
 
     async def _wait_for_setup(self, session_id: str, timeout: float, on_event: EventSink | None) -> None:
         """A run sent before package setup finishes waits for it, up to its own timeout;
@@ -118,6 +164,8 @@ class SessionRunner:
         if self._data_on_disk.get(sid) != data_json:  # skip the write when the file already says it
             await ws.write(DATA_FILE, data_json.encode(), uid=session_uid(record))
         emit: EventSink = lambda ev: self.events.emit(sid, dict(ev, run_id=run_id), on_event)  # noqa: E731
+        if ticket.interrupt_requested:  # while its data file was written: its code is not sent yet
+            return self._interrupted_before_start(record, ticket, timeout, on_event)
         self.in_background(_record_run(sid, run_id, ticket.started(self.store)))
         self.table.touch(sid)
         emit({"type": "status", "state": "busy"})

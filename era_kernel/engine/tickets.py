@@ -41,6 +41,10 @@ class RunTicket:
     reason: str | None = None
     kernel_state_lost: bool = False  # resubmitted after a restart: a fresh kernel, nothing of before
     cancel_requested: bool = False
+    # POST .../interrupt reached it (RunQueue.interrupt); ``interrupted`` wakes a run still
+    # waiting for its kernel's start or package setup, which then ends without running.
+    interrupt_requested: bool = False
+    interrupted: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     recorded: bool = False  # the store has a record of it (it was queued)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. callback_url, schedule_id: kept on the record
     kernel: "SessionKernel | None" = field(default=None, repr=False)
@@ -57,6 +61,10 @@ class RunTicket:
             doc["kernel_state_lost"] = True
         return doc
 
+    def interrupt(self) -> None:
+        self.interrupt_requested = True
+        self.interrupted.set()
+
     def queued(self, store: "MetadataStore") -> Awaitable[None]:
         self.recorded = True
         return store.put_run(self.session_id, self.record())
@@ -68,7 +76,7 @@ class RunTicket:
     def finished(self, store: "MetadataStore", result: dict[str, Any], outcome: ExecOutcome | None,
                  session_changes: dict[str, Any] | None = None) -> Awaitable[None]:
         """The final record: the run's result with its status and reason."""
-        self.status, self.reason = outcome_status(result, outcome, self.cancel_requested)
+        self.status, self.reason = outcome_status(result, outcome, self.cancel_requested, self.interrupt_requested)
         doc = {**self.record(), **result, "status": self.status, "reason": self.reason, "finished_at": utc_now()}
         return store.put_run(self.session_id, doc, session_changes)
 
@@ -78,10 +86,12 @@ class RunTicket:
         return store.put_run(self.session_id, {**self.record(), "finished_at": utc_now()})
 
 
-def outcome_status(result: dict[str, Any], outcome: ExecOutcome | None, cancelled: bool) -> tuple[str, str | None]:
+def outcome_status(result: dict[str, Any], outcome: ExecOutcome | None, cancelled: bool,
+                   interrupted: bool = False) -> tuple[str, str | None]:
     """(status, reason) of a run that ran: completed when its code ended with exit code 0,
     failed when the code itself ended otherwise (an exception, ``sys.exit(n)``),
-    interrupted when something stopped it (its timeout, the kernel dying, a request)."""
+    interrupted when something stopped it (its timeout, the kernel dying, a request:
+    a cancel, or an interrupt that took, i.e. the code did not end well after it)."""
     if cancelled:
         return INTERRUPTED, "cancelled by request"
     if outcome is not None:
@@ -95,4 +105,6 @@ def outcome_status(result: dict[str, Any], outcome: ExecOutcome | None, cancelle
                 return INTERRUPTED, "killed: out of memory"
             status = outcome.dead_status
             return INTERRUPTED, f"kernel died (exit status {status})" if status is not None else "kernel died"
-    return (COMPLETED, None) if result.get("exit_code") == 0 else (FAILED, None)
+    if result.get("exit_code") == 0:
+        return COMPLETED, None
+    return (INTERRUPTED, "interrupted by request") if interrupted else (FAILED, None)

@@ -182,8 +182,11 @@ class NotebookHandler(BaseHandler):
 
 class InterruptHandler(BaseHandler):
     SESSION_ROUTE = True
-    API = {"post": Op("Interrupt the running code (KeyboardInterrupt / SIGINT)", response="Interrupted",
-                      errors=SESSION_ERRORS)}
+    API = {"post": Op("Interrupt the current run (KeyboardInterrupt / SIGINT)", response="Interrupted",
+                      errors=SESSION_ERRORS,
+                      description="Runs queued behind it run next. A run still waiting for its kernel's start "
+                                  "or package setup ends at once, unrun, as an interrupted cell does; the start "
+                                  "goes on. With no run, nothing happens (a starting kernel is left alone).")}
 
     async def post(self, sid: str) -> None:
         await self.engine.interrupt(sid)
