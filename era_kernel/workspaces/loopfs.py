@@ -96,7 +96,7 @@ def attach_loop(image: Path) -> tuple[str, int]:
     device detaches itself once the fd is closed and nothing mounts it."""
     for _ in range(64):
         with _attach_lock:
-            known = {entry.name for entry in Path("/sys/block").glob("loop*")}
+            known = {name for name in os.listdir("/sys/block") if name.startswith("loop")}  # not Path.glob: 10x dearer
             ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
             try:
                 number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
