@@ -522,3 +522,19 @@ async def test_a_burst_beyond_the_pool_waits_on_its_starts_in_order(era_settings
         await wait_pool_full(engine)
         assert engine.pool.stats()["pools"][pool_key(engine)]["ready"] == 3
         assert engine.slots.used == 3 + 3
+
+
+def test_forked_pools_run_two_starts_per_core_others_one(era_settings):
+    """A forked kernel's start is half waiting, a new interpreter's (bubblewrap, Docker)
+    all CPU: the pools run twice as many starts at once when all their kernels fork."""
+    from era_kernel.engine.pool import default_starts
+
+    forked = SessionManager(era_settings.replace(ERA_POOL_SIZE=2, ERA_POOL_KERNELS="python:local"))
+    mixed = SessionManager(era_settings.replace(ERA_POOL_SIZE=2, ERA_POOL_KERNELS="python:local,python:docker"))
+    bwrap = SessionManager(era_settings.replace(ERA_POOL_SIZE=2, ERA_POOL_KERNELS="python:local",
+                                                ERA_LOCAL_LAUNCHER="bwrap"))
+    fixed = SessionManager(era_settings.replace(ERA_POOL_SIZE=2, ERA_POOL_STARTS=3))
+    if os.getuid() == 0:
+        assert forked.pool.starts == default_starts(2) == max(2, 2 * len(os.sched_getaffinity(0)))
+    assert mixed.pool.starts == bwrap.pool.starts == default_starts(1)
+    assert fixed.pool.starts == 3

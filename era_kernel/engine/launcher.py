@@ -413,6 +413,15 @@ class KernelLauncher:
         return warm.kernel
 
     # ---- the warm pool -------------------------------------------------------------------
+    def pools_fork(self, keys: list[PoolKey]) -> bool:
+        """Are all these pools' kernels forked from the zygote (a root server, the fork
+        launcher, a sandbox, Python on the local provisioner: ``launch_fork.why_not``)?
+        Their starts are half waiting, so the pools run more of them at once
+        (``pool.default_starts``)."""
+        s = self.settings
+        return (bool(keys) and os.getuid() == 0 and s["ERA_LOCAL_LAUNCHER"] == "fork" and s["ERA_SANDBOX"] != "none"
+                and all(key == ("python", "local") for key in keys))
+
     async def spawn_warm(self, key: PoolKey, lease: Lease) -> WarmKernel:
         """Start a kernel for the pool (``lease`` is its slot): its own directory and uid,
         no network, its first cell already paid for."""

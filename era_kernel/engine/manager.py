@@ -83,6 +83,7 @@ class SessionManager:
         self.pool = KernelPool(pool_keys, self.settings["ERA_POOL_SIZE"], self.table.slots,
                                self.launcher.spawn_warm, self.launcher.discard_warm,
                                max_size=self.settings["ERA_POOL_MAX"], starts=self.settings["ERA_POOL_STARTS"],
+                               starts_per_core=2 if self.launcher.pools_fork(pool_keys) else 1,
                                idle=self.settings["ERA_POOL_IDLE"])
         self.table.evict_pooled = self.pool.evict
         self.runner = SessionRunner(self.settings, self.store, self.files, self.setups, self.table, self.launcher,

@@ -13,7 +13,8 @@ seconds), and under a steady stream, the take rate times the time a kernel takes
 start; at most ``ERA_POOL_MAX``, half the kernel limit, and what the memory left allows
 (``available_memory``). With no take for ``ERA_POOL_IDLE`` seconds it shrinks back to
 ``ERA_POOL_SIZE``. Refills start several kernels at once, but at most ``ERA_POOL_STARTS``
-at a time across pools (by default one per core, and more while the CPU has idle time):
+at a time across pools (by default one per core, two when every pool's kernels are forked, and more
+while the CPU has idle time):
 on a machine bound by CPU, kernels started a few at a time are ready one after another,
 while many started together are all ready only at the end.
 
@@ -85,15 +86,15 @@ def parse_pool_keys(spec: str, default_provisioner: str) -> list[PoolKey]:
 
 class KernelPool:
     def __init__(self, keys: list[PoolKey], size: int, slots: KernelSlots, spawn: Spawner, discard: Discarder, *,
-                 max_size: int | None = None, starts: int | None = None, idle: float = 120.0,
+                 max_size: int | None = None, starts: int | None = None, starts_per_core: int = 1, idle: float = 120.0,
                  kernel_bytes: int = 96 * 1024**2, memory: Callable[[], int | None] | None = None):
         self.keys = keys if size > 0 else []
         self.size = max(0, size)
         self.max_size = max(self.size, max_size if max_size is not None else self.size)
         # Kernel starts under way at once, all pools together: ``starts`` when given; else
-        # one per core at least, more while the CPU has idle time (a start that mostly
-        # waits, as a forked kernel's does, leaves the CPU to more of them).
-        self.starts = max(1, starts or default_starts())
+        # ``starts_per_core`` per core (default_starts), more while the CPU has idle time (a
+        # start that mostly waits leaves the CPU to more of them).
+        self.starts = max(1, starts or default_starts(starts_per_core))
         self._cpu = CpuIdle() if not starts else None
         self._more = 0  # starts allowed beyond ``starts`` while the CPU is idle enough
         self.idle = idle  # seconds without a take after which a grown pool shrinks back to ``size``
@@ -394,10 +395,20 @@ class KernelPool:
             warm.lease.release()
 
 
-def default_starts() -> int:
-    """Kernel starts the pool runs at once: one per core, at least two (a start also waits
-    on its sandbox or container engine, not only on the CPU)."""
-    return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
+def default_starts(per_core: int = 1) -> int:
+    """Kernel starts the pool runs at once: ``per_core`` per core, at least two.
+
+    One per core where a start is a new interpreter importing ipykernel (bubblewrap, a
+    container: about 0.75 CPU-seconds, nearly all of the start); two where every pooled
+    kernel is forked (``KernelLauncher.pools_fork``), whose start is about half CPU (0.11
+    CPU-seconds, server included, in 0.17 s; the rest waits on threads, sockets and the
+    sandbox): one per core left the CPU a third idle in a burst, and the ramp above it
+    (``_adjust_starts``) never came while anything else ran on the machine. Measured on
+    2 cores, 30 forked sessions at once on a shared machine: 2 starts 1.9-2.4 s p50,
+    3.4-4.6 s max; 4 starts 1.6-1.8 s, 3.2-3.4 s; 6 and 10 worse again (all ready
+    late); 10 Docker sessions: 2 starts 1.8-2.3 s p50, 4 starts 4.7-5.7 s."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(2, per_core * max(1, cores))
 
 
 class CpuIdle:
