@@ -44,7 +44,7 @@ def _declared_closure() -> list:
                 continue  # the install below then fails on it, naming it
             seen[(name, wanted)] = dist
             todo += [(Requirement(r), wanted) for r in dist.requires or []]
-    return list({id(d): d for d in seen.values()}.values())
+    return list({canonicalize_name(d.metadata["Name"]): d for d in seen.values()}.values())  # once each
 
 
 def _link_installed(dists: list, site_packages: Path) -> None:
