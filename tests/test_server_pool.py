@@ -50,12 +50,15 @@ def test_pooled_execute_and_create_then_429_and_lru_culling(srv):
     results: dict[str, dict] = {}
 
     def long_run(sid: str) -> None:
-        results[sid] = srv.json("POST", f"/api/sessions/{sid}/run", {"code": "import time; time.sleep(3); print('done')"})
+        results[sid] = srv.json("POST", f"/api/sessions/{sid}/run", {"code": "import time; time.sleep(2); print('done')"})
 
     threads = [threading.Thread(target=long_run, args=(sid,)) for sid in (a, b)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while any(srv.json("GET", f"/api/sessions/{sid}")["kernel"]["state"] != "busy" for sid in (a, b)):  # not a fixed 1 s
+        assert time.monotonic() < deadline, "the runs never started"
+        time.sleep(0.05)
     status, headers, body = srv.request_full("POST", "/api/sessions", {"id": "pool-c"})
     assert_error_shape(status, body, 429)
     assert int(headers["Retry-After"]) > 0
