@@ -77,6 +77,32 @@ def require_gvisor() -> None:
         pytest.skip(message)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def registries_read_once_per_configuration():
+    """Every engine reads the operator's pip, npm and Go configuration when it starts
+    (era_kernel/egress/registries.py derive: three tool processes, about a second of CPU,
+    in a thread the test's event loop then waits for when it closes). Hundreds of
+    in-process engines would read the same answer: in this test process it is read once
+    per environment and ERA_SETUP_EGRESS_ALLOW, by the real derive. Tests that call
+    derive themselves (imported by name) and server subprocesses read it afresh."""
+    from era_kernel.egress import registries
+
+    real = registries.derive
+    answers: dict = {}
+
+    def derive_once(settings, environ=None):
+        environ = os.environ if environ is None else environ
+        key = (tuple(sorted((k, v) for k, v in environ.items() if k != "PYTEST_CURRENT_TEST")),  # pytest's, per test
+               str(settings["ERA_SETUP_EGRESS_ALLOW"] or ""))
+        if key not in answers:
+            answers[key] = real(settings, environ)
+        return answers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registries, "derive", derive_once)
+        yield
+
+
 @pytest.fixture
 def era_settings(request, tmp_path):
     """Engine settings in throwaway directories. Parametrize indirectly with a

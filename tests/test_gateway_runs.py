@@ -56,7 +56,11 @@ async def test_a_gateway_cell_whose_kernel_is_restarted_under_it_ends_interrupte
     ws = await websocket_connect(f"{server.ws_base}/api/kernels/{kid}/channels")
     try:
         ws.write_message(json.dumps(execute_request("import time; print('going', flush=True); time.sleep(60)")))
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while True:  # the cell is running: its first line has come (not a fixed second)
+            message = json.loads(await asyncio.wait_for(ws.read_message(), max(deadline - time.monotonic(), 0.1)))
+            if message["msg_type"] == "stream" and "going" in message["content"]["text"]:
+                break
         await asyncio.to_thread(server.json, "POST", f"/api/sessions/{kid}/restart")
         deadline = time.monotonic() + 20
         while not gateway_runs(server, kid):

@@ -128,9 +128,12 @@ def test_kernel_limit_is_429_with_retry_after():
     try:
         first = srv.json("POST", "/api/kernels", {"name": "era-python-local"}, expect=201)
         busy = threading.Thread(target=srv.json, args=("POST", f"/api/sessions/{first['id']}/run",
-                                                       {"code": "import time; time.sleep(3)"}))
+                                                       {"code": "import time; time.sleep(2)"}))
         busy.start()  # a busy kernel is never culled to make room: the answer must be 429
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while srv.json("GET", f"/api/kernels/{first['id']}")["execution_state"] != "busy":  # not a fixed 1 s
+            assert time.monotonic() < deadline, "the cell never started"
+            time.sleep(0.05)
         status, headers, body = srv.request_full("POST", "/api/kernels", {"name": "era-python-local"})
         busy.join()
         assert_error_shape(status, body, 429)

@@ -95,6 +95,27 @@ async def read_quiet(ws, seen: Seen, quiet: float = 1.0) -> None:
         seen.add(raw)
 
 
+async def read_to_barrier(ws, seen: Seen, timeout: float = 30) -> None:
+    """Read everything sent before the reply to a request made now (a kernel_info_request):
+    a replay is sent ahead of every live message of the new connection
+    (server/jupyter.py: live ones queue behind it), so what the connection would ever be
+    replayed has arrived when that reply does. No quiet period to wait out."""
+    barrier = {"header": {"msg_id": uuid.uuid4().hex, "msg_type": "kernel_info_request", "username": "t",
+                          "session": uuid.uuid4().hex, "version": "5.3", "date": ""},
+               "parent_header": {}, "metadata": {}, "channel": "shell", "content": {}}
+    ws.write_message(json.dumps(barrier))
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "no kernel_info_reply"
+        raw = await asyncio.wait_for(ws.read_message(), left)
+        assert raw is not None, "socket closed"
+        seen.add(raw)
+        message = json.loads(raw)
+        if message["msg_type"] == "kernel_info_reply" and message["parent_header"].get("msg_id") == barrier["header"]["msg_id"]:
+            return
+
+
 async def leave(ws, seen: Seen) -> None:
     """Close cleanly, reading what the server sent before it saw the close (a client that
     stopped reading first would lose those frames, and the test could not tell why)."""
@@ -199,7 +220,7 @@ async def test_other_session_discards_the_buffer(server):
 
         ws = await websocket_connect(channels_url(server, kid, other))
         stranger = Seen(first.msg_id)
-        await read_quiet(ws, stranger, quiet=1.5)
+        await read_to_barrier(ws, stranger)
         assert stranger.frames == []
         ws.close()
         await asyncio.sleep(0.3)  # its close is seen (and parks an empty buffer under its own key)
@@ -207,7 +228,7 @@ async def test_other_session_discards_the_buffer(server):
         # The first session comes back too late: the other one's connection discarded its buffer.
         ws = await websocket_connect(channels_url(server, kid, session))
         late = Seen(first.msg_id)
-        await read_quiet(ws, late, quiet=1.5)
+        await read_to_barrier(ws, late)
         assert late.frames == []
         ws.close()
 
@@ -216,7 +237,7 @@ async def test_other_session_discards_the_buffer(server):
         anonymous = await start_and_leave_on(ws, server, kid, COUNTING)
         ws = await websocket_connect(f"{server.ws_base}/api/kernels/{kid}/channels")
         again = Seen(anonymous.msg_id)
-        await read_quiet(ws, again, quiet=1.5)
+        await read_to_barrier(ws, again)
         assert again.frames == []
         ws.close()
     finally:

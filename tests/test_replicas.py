@@ -269,7 +269,15 @@ def test_one_schedule_fires_once_per_slot_with_three_replicas(cluster, sessions)
     via = cluster.balancer
     schedule = via.json("POST", f"/api/sessions/{sid}/schedules", {"cron": "*/2 * * * * *", "code": "print('tick')"},
                         expect=201)
-    time.sleep(7.5)  # three or four slots, each seen by three schedulers (rescans every second)
+    # Until a third slot has fired: by then each earlier slot was seen by all three
+    # schedulers (they rescan every second; slots are two seconds apart), so a double
+    # firing of it would be in the history. (It slept 7.5 s, three or four slots, before.)
+    deadline = time.monotonic() + 30
+    while len({r["slot"] for r in via.json("GET", f"/api/sessions/{sid}/runs")["runs"]
+               if r.get("schedule_id") == schedule["id"]}) < 3:
+        assert time.monotonic() < deadline, "the schedule did not fire three slots"
+        time.sleep(0.2)
+    time.sleep(1.0)  # the third slot's own rescans too
     via.request("DELETE", f"/api/sessions/{sid}/schedules/{schedule['id']}")
     runs = [r for r in via.json("GET", f"/api/sessions/{sid}/runs")["runs"] if r.get("schedule_id") == schedule["id"]]
     slots = [r["slot"] for r in runs]

@@ -50,12 +50,15 @@ def test_pooled_execute_and_create_then_429_and_lru_culling(srv):
     results: dict[str, dict] = {}
 
     def long_run(sid: str) -> None:
-        results[sid] = srv.json("POST", f"/api/sessions/{sid}/run", {"code": "import time; time.sleep(3); print('done')"})
+        results[sid] = srv.json("POST", f"/api/sessions/{sid}/run", {"code": "import time; time.sleep(2); print('done')"})
 
     threads = [threading.Thread(target=long_run, args=(sid,)) for sid in (a, b)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while any(srv.json("GET", f"/api/sessions/{sid}")["kernel"]["state"] != "busy" for sid in (a, b)):  # not a fixed 1 s
+        assert time.monotonic() < deadline, "the runs never started"
+        time.sleep(0.05)
     status, headers, body = srv.request_full("POST", "/api/sessions", {"id": "pool-c"})
     assert_error_shape(status, body, 429)
     assert int(headers["Retry-After"]) > 0
@@ -88,9 +91,11 @@ def test_max_age_is_validated_and_reported(srv):
 
 @pytest.fixture(scope="module")
 def growing():
-    """A pool of one that may grow to four after a burst, and shrinks after 15 s idle."""
+    """A pool of one that may grow to four after a burst, and shrinks after 6 s idle.
+    The idle time only has to outlast the refill to four that the test sees first
+    (about 0.3 s here; it waited 15 s for nothing more before)."""
     server = ServerProcess(env={"ERA_MAX_KERNELS": "12", "ERA_POOL_SIZE": "1", "ERA_POOL_MAX": "4",
-                                "ERA_POOL_IDLE": "15", "ERA_POOL_KERNELS": "python"}).start()
+                                "ERA_POOL_IDLE": "6", "ERA_POOL_KERNELS": "python"}).start()
     yield server
     server.cleanup()
 
