@@ -538,3 +538,6 @@ def test_forked_pools_run_two_starts_per_core_others_one(era_settings):
         assert forked.pool.starts == default_starts(2) == max(2, 2 * len(os.sched_getaffinity(0)))
     assert mixed.pool.starts == bwrap.pool.starts == default_starts(1)
     assert fixed.pool.starts == 3
+    # With nobody waiting (refills behind served sessions), one per core whatever the kernels.
+    assert forked.pool.refill_starts == mixed.pool.refill_starts == default_starts(1)
+    assert fixed.pool.refill_starts == 3

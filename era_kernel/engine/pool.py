@@ -95,6 +95,10 @@ class KernelPool:
         # ``starts_per_core`` per core (default_starts), more while the CPU has idle time (a
         # start that mostly waits leaves the CPU to more of them).
         self.starts = max(1, starts or default_starts(starts_per_core))
+        # With nobody waiting (a refill behind sessions already served), one per core: the
+        # sessions that just took kernels run their first cells meanwhile, and a burst on a
+        # grown pool was answered later with more refills beside it.
+        self.refill_starts = self.starts if starts else min(self.starts, default_starts(1))
         self._cpu = CpuIdle() if not starts else None
         self._more = 0  # starts allowed beyond ``starts`` while the CPU is idle enough
         self.idle = idle  # seconds without a take after which a grown pool shrinks back to ``size``
@@ -324,7 +328,7 @@ class KernelPool:
         failing = time.monotonic() < self._retry_at[key]
         self._adjust_starts()
         while not failing and (len(self._ready[key]) + self._starting[key]
-                               < self.target(key) + len(waiters)) and len(self._spawns) < self.starts + self._more:
+                               < self.target(key) + len(waiters)) and len(self._spawns) < self._start_limit():
             lease = self.slots.try_acquire()
             if lease is None:
                 break
@@ -338,6 +342,12 @@ class KernelPool:
         while waiters and (failing or not self._can_serve(key, len(waiters))):
             self._answer(waiters.pop(), None)
 
+    def _start_limit(self) -> int:
+        """Starts allowed under way now: ``starts`` while a caller waits for a kernel,
+        ``refill_starts`` otherwise, plus what the idle CPU allows (``_adjust_starts``)."""
+        waiting = any(self._waiters.values())
+        return (self.starts if waiting else self.refill_starts) + self._more
+
     def _adjust_starts(self) -> None:
         """With ``starts`` automatic: while starts are under way at the limit, allow one
         more when the CPU was mostly idle since the last look, one fewer when it was busy."""
@@ -346,7 +356,7 @@ class KernelPool:
         idle = self._cpu.sample()
         if idle is None:
             return
-        if len(self._spawns) >= self.starts + self._more and idle > 0.3:  # mostly idle: up fast
+        if len(self._spawns) >= self._start_limit() and idle > 0.3:  # mostly idle: up fast
             self._more = min(2 * self._more + 1 if idle > 0.5 else self._more + 1, 4 * self.starts)
         elif idle < 0.1 or not self._spawns:
             self._more = max(self._more - 1, 0)
