@@ -221,9 +221,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(it grows to the largest recent burst, or take rate times start time; never past half of "
             "`ERA_MAX_KERNELS` or into the last 512 MiB of available memory). Set it to `ERA_POOL_SIZE` for a "
             "fixed pool.", int),
-    Setting("ERA_POOL_STARTS", 0, "Kernel starts the pools run at once (0: one per core, two when the pools' kernels are forked, at least 2, and more "
-            "while the CPU has idle time); kernels started a few at a time are ready one after another instead of all "
-            "at the end.", int),
+    Setting("ERA_POOL_STARTS", 0, "Kernel starts the pools run at once (0: one per core, two while a session "
+            "waits and the pools' kernels are forked, at least 2, and more while the CPU has idle time); kernels started a few at a time "
+            "are ready one after another instead of all at the end.", int),
     Setting("ERA_POOL_IDLE", 120.0, "Seconds without a new session after which a grown pool shrinks back to "
             "`ERA_POOL_SIZE`.", float),
     Setting("ERA_POOL_KERNELS", "python", "Comma-separated pools warmed at start, `language[:provisioner]` "

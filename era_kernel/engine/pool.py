@@ -13,10 +13,10 @@ seconds), and under a steady stream, the take rate times the time a kernel takes
 start; at most ``ERA_POOL_MAX``, half the kernel limit, and what the memory left allows
 (``available_memory``). With no take for ``ERA_POOL_IDLE`` seconds it shrinks back to
 ``ERA_POOL_SIZE``. Refills start several kernels at once, but at most ``ERA_POOL_STARTS``
-at a time across pools (by default one per core, two when every pool's kernels are forked, and more
-while the CPU has idle time):
-on a machine bound by CPU, kernels started a few at a time are ready one after another,
-while many started together are all ready only at the end.
+at a time across pools (by default one per core, two while a caller waits and every
+pool's kernels are forked, and more while the CPU has idle time): on a machine bound by
+CPU, kernels started a few at a time are ready one after another, while many started
+together are all ready only at the end.
 
 A new session that finds no kernel ready waits for one the pool is starting (``claim``)
 rather than starting its own beside it: the pool counts it as demand, and the session
