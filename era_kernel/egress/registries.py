@@ -1,6 +1,6 @@
 """The package registries a setup build may reach: the operator's own configuration, read
-when the server starts (``derive``, called by the engine with its settings), never
-names written in our code.
+once, when the first setup needs them (``derive``, called by the engine with its
+settings), never names written in our code.
 
 A package build (``setup.pip``/``npm``/``go``) has no network but a listener of the
 egress proxy in its sandbox (as a policy session's setup commands have), under the

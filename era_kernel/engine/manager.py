@@ -128,7 +128,6 @@ class SessionManager:
         await self.store.open()
         self._opened = True
         await self.storage.start()
-        self.setups.network.prepare()  # the registries setup builds may reach: read now, in the background
         await self.callbacks.start()  # before recovery: runs a restart cut off have callbacks too
         if serve:
             leases = self.ownership.enabled  # among replicas, a session's unfinished work is its owner's

@@ -3,7 +3,7 @@
 A package build's sandbox (``runner_local.py``, ``runner_docker.py``) gets no network of
 its own, only a listener of the egress proxy (``EgressGate.command_hook``, as a policy
 session's commands), under the registries' policy: what the operator's own pip, npm
-and Go configuration names, read once when the server starts
+and Go configuration names, read once, when the first setup needs them
 (``egress/registries.py``). Its tools are pointed at that listener and at those
 registries. A session's setup commands get the registries too while setup runs
 (``KernelLauncher.setup_command_egress``). ``ERA_SETUP_NETWORK=host``, or a server that
@@ -40,8 +40,10 @@ class SetupNetwork:
         self._said: set[str] = set()
 
     def prepare(self) -> None:
-        """Start reading the operator's registry configuration in the background (the
-        engine calls this at server start); whoever needs it waits for it."""
+        """Start reading the operator's registry configuration in a thread, once; whoever
+        needs it waits for it. Not at server start: its three tool processes (``pip
+        config``, ``npm config``, ``go env``) are about a second of CPU, which a server's
+        first kernels and sessions would wait behind, for setups that may never come."""
         if self._registries is None and self.mode == "proxy":
             from ..egress.registries import derive
 
