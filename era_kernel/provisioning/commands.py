@@ -59,6 +59,7 @@ class EgressHook:
 
 
 SANDBOX_WAIT_S = 10.0  # for the sandbox's process to appear, and for the listener inside it
+SANDBOX_END_WAIT_S = 1.0  # for a sandbox whose namespace could not be entered to end (attach_local)
 
 
 def after_proxy(port: int, argv: list[str]) -> list[str]:
@@ -96,7 +97,20 @@ async def attach_local(proc: asyncio.subprocess.Process, egress: EgressHook) -> 
         if proc.returncode is not None or time.monotonic() > deadline:
             raise KernelFailed("the command's sandbox did not start, so the egress proxy could not be opened in it")
         await asyncio.sleep(0.01)
-    await egress.attach(f"/proc/{pid}/ns/net")
+    try:
+        await egress.attach(f"/proc/{pid}/ns/net")
+    except OSError:
+        # The sandbox may be ending as we enter it: bubblewrap failing while it builds it
+        # (its unmount race, provisioning/local.py) leaves a namespace being torn down,
+        # where even 127.0.0.1 cannot be bound. Then its exit status and output say what
+        # happened, and the caller's retry of that race takes it from there.
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), SANDBOX_END_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+        else:
+            return
+        raise  # the sandbox runs on without the proxy: the caller stops it
 
 
 @dataclass
