@@ -270,3 +270,23 @@ async def test_a_session_filling_its_workspace_gets_enospc_and_nothing_else_suff
         assert r["stdout"] == "room again\n" and "[era]" not in r["stderr"], r
     finally:
         await engine.shutdown()
+
+
+async def test_an_interrupt_before_the_kernel_begins_the_cell_still_reaches_it(engine, session):
+    """ipykernel ignores SIGINT until it handles a request: an interrupt that comes after
+    a run was sent but before the kernel began it (here: another client's cell still
+    running ahead of it in the kernel) must wait for it, not hit the other cell or nothing."""
+    await engine.run(session, {"code": "1"})  # the kernel is up
+    kernel = engine.kernels[session]
+    ahead = kernel.kc.session.msg("execute_request", {"code": "import time; time.sleep(1.5)", "silent": False,
+                                                      "store_history": False, "user_expressions": {},
+                                                      "allow_stdin": False, "stop_on_error": True})
+    kernel.send_raw("shell", ahead)  # a Jupyter client's cell, ahead of ours in the kernel
+    ours = asyncio.ensure_future(engine.run(session, {"code": "import time; time.sleep(30)", "timeout": 60}))
+    while not kernel._pending:  # ours is sent, the kernel still runs the other one
+        await asyncio.sleep(0.005)
+    started = time.monotonic()
+    await engine.interrupt(session)
+    result = await asyncio.wait_for(ours, 20)
+    assert result["error"] and result["error"]["ename"] == "KeyboardInterrupt", result
+    assert time.monotonic() - started < 10

@@ -60,12 +60,16 @@ class ExecOutcome:
     cut: str | None = None  # why the kernel's connection was cut (a message over the limit)
 
 
+ENTER_WAIT_S = 2.0  # interrupt(): how long a cell sent may take to begin in the kernel
+
+
 @dataclass
 class _Pending:
     collector: OutputCollector
     on_event: EventSink | None
     on_input: InputHandler | None
     idle: bool = False
+    entered: bool = False  # the kernel's busy status for it came: it handles the request now
     reply: dict[str, Any] | None = None
     replied: bool = False
     # Resolved once both the reply and the idle status are in (or the kernel stops): one
@@ -215,6 +219,14 @@ class SessionKernel:
         return status
 
     async def interrupt(self) -> None:
+        """Interrupt the cell the kernel runs. ipykernel takes SIGINT only while it handles
+        a request: one sent after we sent a cell but before the kernel began it (its busy
+        status) would be ignored and the cell run on, so it waits for that, up to
+        ``ENTER_WAIT_S``."""
+        deadline = time.monotonic() + ENTER_WAIT_S
+        while (self._pending and not any(p.entered for p in self._pending.values())
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.01)
         if self.km is not None and self.km.has_kernel:
             await self.km.interrupt_kernel()
 
@@ -326,7 +338,9 @@ class SessionKernel:
         content = msg.get("content", {})
         if msg_type == "status":
             state = content.get("execution_state")
-            if state == "idle":
+            if state == "busy":
+                pending.entered = True
+            elif state == "idle":
                 pending.idle = True
                 if pending.replied:
                     pending.settle()
