@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clients import CODE, Http  # noqa: E402
 from contenders import EraServer  # noqa: E402
-from measure import log, pct  # noqa: E402
+from measure import is_zygote, log, pct, pss_kib  # noqa: E402
 
 WANT = "1\n"
 
@@ -132,23 +132,6 @@ def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
     return found
 
 
-def pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _is_zygote(pid: int) -> bool:
-    try:
-        return b"era_kernel.provisioning.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def kernel_memory(server_pid: int) -> dict[str, float]:
     """PSS (MiB) per idle kernel: each direct child of the server (bubblewrap's launch
     chain, or the fork launcher's sandbox init, reparented... to the zygote) with its
@@ -157,7 +140,7 @@ def kernel_memory(server_pid: int) -> dict[str, float]:
     roots: list[int] = []
     zygote_pss = 0.0
     for child in children.get(server_pid, ()):
-        if _is_zygote(child):
+        if is_zygote(child):
             zygote_pss += pss_kib(child) / 1024
             roots += children.get(child, [])
         else:

@@ -7,6 +7,7 @@ import asyncio
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, Hashable
 
 import psutil
@@ -83,3 +84,24 @@ async def settle_cpu(pid: int, quiet: float = 0.05, timeout: float = 60.0) -> No
         if now - before < quiet:
             return
         before = now
+
+
+def pss_kib(pid: int) -> int:
+    """PSS of one process (``/proc/<pid>/smaps_rollup``), KiB; 0 when it is gone. Pages
+    shared by N processes count 1/N in each: forked kernels are not each charged the
+    zygote they share, as RSS would charge them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def is_zygote(pid: int) -> bool:
+    """The fork launcher's zygote: not a kernel; each of its children is one."""
+    try:
+        return b"era_kernel.provisioning.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 import psutil
 from clients import CODE, Http, KgKernel, once
 from contenders import SPEC, EraServer, Gateway, RawKernel, docker_client
-from measure import TIMEOUT, log, pct, settle_cpu
+from measure import TIMEOUT, is_zygote, log, pct, pss_kib, settle_cpu
 
 
 
@@ -144,7 +144,7 @@ def kernel_trees(parent_pid: int) -> list[int]:
     found = []
     for child in psutil.Process(parent_pid).children():
         try:
-            if "era_kernel.provisioning.zygote" in " ".join(child.cmdline()):
+            if is_zygote(child.pid):
                 found.extend(kernel_trees(child.pid))
                 continue
             tree = [child, *child.children(recursive=True)]
@@ -156,24 +156,13 @@ def kernel_trees(parent_pid: int) -> list[int]:
 
 
 def tree_pss_bytes(pid: int) -> int | None:
-    """Summed PSS (``/proc/<pid>/smaps_rollup``) of ``pid`` and its descendants: each
-    page shared by N processes counts 1/N in each, so kernels forked from one zygote are
-    not each charged its whole shared memory, as RSS would charge them; for separate
-    interpreters it is RSS less their share of the shared libraries. None when gone."""
+    """Summed PSS (``measure.pss_kib``) of ``pid`` and its descendants, bytes; None when gone."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return None
-    total, seen = 0, False
-    for proc in procs:
-        try:
-            with open(f"/proc/{proc.pid}/smaps_rollup") as rollup:
-                total += next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) * 1024
-            seen = True
-        except (OSError, StopIteration):
-            continue  # exited between listing and reading
-    return total if seen else None
+    return sum(pss_kib(proc.pid) for proc in procs) * 1024
 
 
 def container_memory(owner_pid: int, limit: int) -> list[int]:
