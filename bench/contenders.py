@@ -49,8 +49,10 @@ class EraServer(ServerProcess):
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         # Default settings, as a new user meets them: the test harness turns the stock of
-        # workspace volumes off, "" is its default again (``env`` may still set it).
-        super().__init__(env={"ERA_WORKSPACE_VOLUME_STOCK": "", **(env or {})}, port=free_port(), log_level="WARNING")
+        # workspace volumes off and keeps a pool of two; "" is the default again (``env``
+        # may still set them).
+        super().__init__(env={"ERA_WORKSPACE_VOLUME_STOCK": "", "ERA_POOL_SIZE": "", **(env or {})},
+                         port=free_port(), log_level="WARNING")
 
     def cleanup(self) -> None:
         owner = self.proc.pid if self.proc is not None else None

@@ -101,6 +101,16 @@ def _count(value: str) -> int:
     return number
 
 
+def _pool_size(value: str) -> int | str:
+    """``ERA_POOL_SIZE``: ``auto`` (the engine decides, ``pool.auto_pool_size``) or a count."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be auto, or a number of kernels (0 turns pooling off)")
+    return number
+
+
 def _interval(value: str) -> float:
     """Seconds a loop sleeps between passes: 0 would make it spin."""
     seconds = float(value)
@@ -215,8 +225,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ERA_KERNEL_START_TIMEOUT", 60.0, "Seconds a kernel may take to become ready.", float),
     Setting("ERA_MAX_KERNELS", 100, "Live kernels at once (pooled ones included); past it the least recently used "
             "idle kernel is shut down, and with none idle the request answers 429.", int),
-    Setting("ERA_POOL_SIZE", 2, "Pre-started kernels kept ready per pool at least (when idle); 0 turns pooling "
-            "off.", int),
+    Setting("ERA_POOL_SIZE", "auto", "Pre-started kernels kept ready per pool at least (when idle): `auto` keeps "
+            "12 where the pools' kernels are forked (`ERA_LOCAL_LAUNCHER=fork`, about 20 MiB and 0.1 CPU-seconds "
+            "each), fewer where memory or half of `ERA_MAX_KERNELS` does not allow them, and 2 otherwise; a number "
+            "keeps that many; 0 turns pooling off.", _pool_size),
     Setting("ERA_POOL_MAX", 32, "Most kernels a pool keeps ready or starting after a burst of new sessions "
             "(it grows to the largest recent burst, or take rate times start time; never past half of "
             "`ERA_MAX_KERNELS` or into the last 512 MiB of available memory). Set it to `ERA_POOL_SIZE` for a "

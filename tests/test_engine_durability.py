@@ -21,7 +21,7 @@ FIRST_LIFE = textwrap.dedent("""
     from era_kernel.engine import SessionManager
 
     async def main():
-        engine = SessionManager(Settings.from_env({}, data_dir=sys.argv[1], runtime_dir=sys.argv[2]))
+        engine = SessionManager(Settings.from_env({}, data_dir=sys.argv[1], runtime_dir=sys.argv[2], pool_size=2))
         await engine.start()
         for i in range(3):
             sid = f"s{i}"

@@ -23,7 +23,7 @@ class Machine:
         self.runtime = short_tmpdir("erp")
         self.settings = Settings.from_env({}, data_dir=str(tmp_path / name), runtime_dir=str(self.runtime),
                                           workspace_url=store_spec[0], workspace_options=store_spec[1],
-                                          store_url=f"sqlite:///{tmp_path / 'shared.db'}")
+                                          store_url=f"sqlite:///{tmp_path / 'shared.db'}", pool_size=2)
         self.engine = SessionManager(self.settings)
 
     async def __aenter__(self) -> SessionManager:

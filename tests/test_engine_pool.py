@@ -541,3 +541,29 @@ def test_forked_pools_run_two_starts_per_core_others_one(era_settings):
     # With nobody waiting (refills behind served sessions), one per core whatever the kernels.
     assert forked.pool.refill_starts == mixed.pool.refill_starts == default_starts(1)
     assert fixed.pool.refill_starts == 3
+
+
+def test_the_automatic_pool_keeps_twelve_forked_kernels_within_the_limit_and_memory(era_settings):
+    """``ERA_POOL_SIZE=auto`` (the default): forked kernels are cheap to keep (about 20 MiB)
+    and a burst is answered by the kernels started before it, so such pools keep 12; pools
+    of new interpreters keep 2; never more than half the kernel limit or what the free
+    memory holds beyond the pool's reserve."""
+    from era_kernel.engine.pool import MEMORY_RESERVE, auto_pool_size
+
+    plenty = lambda: 64 * 1024**3  # noqa: E731
+    assert auto_pool_size(True, 100, memory=plenty) == 12
+    assert auto_pool_size(False, 100, memory=plenty) == 2
+    assert auto_pool_size(True, 10, memory=plenty) == 5  # half the kernel limit
+    assert auto_pool_size(True, 100, kernel_bytes=100, memory=lambda: MEMORY_RESERVE + 700) == 7
+    assert auto_pool_size(True, 100, memory=lambda: MEMORY_RESERVE // 2) == 2  # short of memory: the floor
+    assert auto_pool_size(True, 100, memory=lambda: None) == 12  # memory unknown
+
+    auto = era_settings.replace(ERA_POOL_SIZE="auto", ERA_POOL_KERNELS="python:local")
+    forked = SessionManager(auto)
+    bwrap = SessionManager(auto.replace(ERA_LOCAL_LAUNCHER="bwrap"))
+    docker = SessionManager(auto.replace(ERA_POOL_KERNELS="python:docker"))
+    assert bwrap.pool.size == docker.pool.size == 2
+    if forked.launcher.pools_fork(forked.pool.keys):
+        assert forked.pool.size == auto_pool_size(True, auto["ERA_MAX_KERNELS"])
+    fixed = SessionManager(auto.replace(ERA_POOL_SIZE=3))
+    assert fixed.pool.size == 3

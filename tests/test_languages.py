@@ -158,7 +158,7 @@ class Sessions:
             runtime = short_tmpdir("erl")
             self.runtime_dirs.append(runtime)
             settings = Settings.from_env({}, data_dir=str(self.tmp_root / f"data-{provisioner}"),
-                                         runtime_dir=str(runtime), provisioner=provisioner)
+                                         runtime_dir=str(runtime), provisioner=provisioner, pool_size=2)
             manager = SessionManager(settings)
             await manager.start()
             self.engines[provisioner] = manager

@@ -42,7 +42,7 @@ from .gateway_runs import GatewayRuns
 from .kernels import KernelSlots, KernelTable
 from .launcher import KernelLauncher
 from .journal import RunJournal
-from .pool import KernelPool, WarmKernel, parse_pool_keys
+from .pool import KernelPool, WarmKernel, auto_pool_size, parse_pool_keys
 from .queue import RunQueue
 from .recovery import recover
 from .records import SessionRecord, check_isolation, new_session_id, session_limits, session_uid
@@ -80,7 +80,10 @@ class SessionManager:
         pool_keys = parse_pool_keys(self.settings["ERA_POOL_KERNELS"], self.settings["ERA_PROVISIONER"])
         for language, _ in pool_keys:
             get_language(language)  # a typo in ERA_POOL_KERNELS fails at start, not at the first request
-        self.pool = KernelPool(pool_keys, self.settings["ERA_POOL_SIZE"], self.table.slots,
+        pool_size = self.settings["ERA_POOL_SIZE"]
+        if pool_size == "auto":
+            pool_size = auto_pool_size(self.launcher.pools_fork(pool_keys), self.settings["ERA_MAX_KERNELS"])
+        self.pool = KernelPool(pool_keys, pool_size, self.table.slots,
                                self.launcher.spawn_warm, self.launcher.discard_warm,
                                max_size=self.settings["ERA_POOL_MAX"], starts=self.settings["ERA_POOL_STARTS"],
                                starts_per_core=2 if self.launcher.pools_fork(pool_keys) else 1,

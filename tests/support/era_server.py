@@ -40,9 +40,12 @@ class ServerProcess:
         self.runtime = tempfile.mkdtemp(prefix="e", dir="/tmp")
         # ``env`` wins, ERA_DATA_DIR included (a restarted server on the same data directory).
         # No stock of workspace volumes made ahead (each test server's would be ~0.5 CPU-seconds
-        # of mkfs nobody uses; tests/test_workspace_volumes.py tests it, the benchmarks turn it on).
+        # of mkfs nobody uses; tests/test_workspace_volumes.py tests it, the benchmarks turn it on),
+        # and a pool of two, not the default's twelve forked kernels (1.3 CPU-seconds a server;
+        # tests/test_engine_pool.py tests the default, the benchmarks use it).
         self.env = {**os.environ, "ERA_DATA_DIR": str(Path(self.tmp.name) / "data"), "ERA_RUNTIME_DIR": self.runtime,
-                    "ERA_LOG_LEVEL": log_level, "ERA_WORKSPACE_VOLUME_STOCK": "0", **(env or {})}
+                    "ERA_LOG_LEVEL": log_level, "ERA_WORKSPACE_VOLUME_STOCK": "0", "ERA_POOL_SIZE": "2",
+                    **(env or {})}
         for name in ("ERA_API_KEY", "ERA_ALLOWED_ORIGINS", "ERA_MAX_BODY"):
             if env is None or name not in env:
                 self.env.pop(name, None)
