@@ -1,10 +1,11 @@
 """Memory of kernels and of the server, for stats, /health and /metrics.
 
 A local kernel (``era-local``) is a process tree: prlimit execs bubblewrap, which forks
-its pid-namespace init and then the kernel, which may fork children of its own; its
-memory is the sum of the RSS of that whole tree. A Docker kernel (``era-docker``) is a
+its pid-namespace init and then the kernel, which may fork children of its own (or the
+fork launcher's sandbox init and its kernel); its memory is the sum of the PSS of that
+whole tree (``trees_memory_bytes``). A Docker kernel (``era-docker``) is a
 container: its memory is what its cgroup is charged, less the inactive page cache
-(as ``docker stats`` reports it), with the RSS of its process tree as the fallback.
+(as ``docker stats`` reports it), with its process tree's as the fallback.
 Everything that reads /proc, /sys or talks to Docker runs in a worker thread.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,11 @@ import psutil
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PSS_TTL = 10.0  # seconds a process's PSS reading is reused at most (_pss_bytes)
+PSS_RSS_DRIFT = 256 * 1024  # ... while its RSS moved no more than this
+
+# (pid, start time) -> (when read, PSS bytes, RSS bytes then)
+_pss_cache: dict[tuple[int, int], tuple[float, int, int]] = {}
 
 # container id -> host pid of its init process; checked against the cgroup before use.
 _container_pids: dict[str, int] = {}
@@ -29,29 +36,23 @@ def process_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def tree_rss_bytes(pid: int) -> int | None:
-    """Summed RSS of ``pid`` and all its descendants; None when ``pid`` is gone."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
-    total, seen = 0, False
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-            seen = True
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue  # exited between listing and reading
-    return total if seen else None
+def tree_memory_bytes(pid: int) -> int | None:
+    """Memory of ``pid`` and all its descendants (``trees_memory_bytes``); None when
+    ``pid`` is gone."""
+    return trees_memory_bytes([pid])[pid]
 
 
-def trees_rss_bytes(roots: list[int]) -> dict[int, int | None]:
-    """``tree_rss_bytes`` for many roots from one pass over /proc/*/stat (psutil would
-    read two files and build an object per process; listing children per root would
-    scan /proc once per kernel)."""
+def trees_memory_bytes(roots: list[int]) -> dict[int, int | None]:
+    """The summed PSS of each root's process tree, from one pass over /proc/*/stat (psutil
+    would read two files and build an object per process; listing children per root
+    would scan /proc once per kernel).
+
+    PSS, not RSS: forked kernels share the zygote's pages, and RSS counted them whole in
+    every kernel (12 pooled kernels of about 20 MiB each showed as 1 GiB); PSS splits a
+    shared page among the processes that map it, so the kernels' figures add up to the
+    memory they take. A process whose PSS cannot be read counts its RSS."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    stats: dict[int, tuple[int, int]] = {}  # pid -> (start time, RSS bytes)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -63,26 +64,51 @@ def trees_rss_bytes(roots: list[int]) -> dict[int, int | None]:
         fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
         pid, ppid = int(entry.name), int(fields[1])
         children.setdefault(ppid, []).append(pid)
-        rss[pid] = int(fields[21]) * PAGE_SIZE
+        stats[pid] = (int(fields[19]), int(fields[21]) * PAGE_SIZE)
     totals: dict[int, int | None] = {}
+    now = time.monotonic()
     for root in roots:
-        if root not in rss:
+        if root not in stats:
             totals[root] = None
             continue
         total, stack = 0, [root]
         while stack:
             pid = stack.pop()
-            total += rss.get(pid, 0)
+            if pid in stats:
+                total += _pss_bytes(pid, *stats[pid], now)
             stack.extend(children.get(pid, ()))
         totals[root] = total
+    for key in [key for key, (at, *_) in _pss_cache.items() if now - at > PSS_TTL]:
+        _pss_cache.pop(key, None)
     return totals
+
+
+def _pss_bytes(pid: int, started: int, rss: int, now: float) -> int:
+    """``/proc/<pid>/smaps_rollup``'s Pss: the kernel walks the process's page tables for
+    it (about 0.8 ms for a kernel), and stats, /health and /metrics may ask often, so a
+    reading is reused while the process's RSS (from its stat, cheap) stays within
+    PSS_RSS_DRIFT of what it was, for up to PSS_TTL (its share of pages shared with
+    processes that came or went moves without its RSS). Keyed by start time too, so a
+    reused pid is not taken for the process it replaced."""
+    cached = _pss_cache.get((pid, started))
+    if cached is not None and now - cached[0] <= PSS_TTL and abs(rss - cached[2]) <= PSS_RSS_DRIFT:
+        return cached[1]
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            rollup = f.read()
+        start = rollup.index(b"\nPss:") + 5
+        value = int(rollup[start:rollup.index(b"kB", start)]) * 1024
+    except (OSError, ValueError):
+        return rss  # exited, not ours to read, or a kernel without smaps_rollup (before 4.14)
+    _pss_cache[(pid, started)] = (now, value, rss)
+    return value
 
 
 async def kernels_memory_bytes(kms: list[Any]) -> list[int | None]:
     """``kernel_memory_bytes`` of many kernels at once, for stats: local kernels from one
     pass over the process table, containers from their cgroups."""
     local = {i: _local_pid(km) for i, km in enumerate(kms) if not _container_id(km)}
-    totals = await asyncio.to_thread(trees_rss_bytes, [pid for pid in local.values() if pid]) if local else {}
+    totals = await asyncio.to_thread(trees_memory_bytes, [pid for pid in local.values() if pid]) if local else {}
     out: list[int | None] = []
     for i, km in enumerate(kms):
         if i in local:
@@ -116,7 +142,7 @@ async def kernel_memory_bytes(km: Any) -> int | None:
     process = getattr(provisioner, "process", None)
     if process is None or process.poll() is not None:
         return None
-    return await asyncio.to_thread(tree_rss_bytes, process.pid)
+    return await asyncio.to_thread(tree_memory_bytes, process.pid)
 
 
 def _container_memory(client: Any, container_id: str) -> int | None:
@@ -141,7 +167,7 @@ def _container_memory(client: Any, container_id: str) -> int | None:
     if cgroup is None:
         return None
     usage = _cgroup_usage(cgroup)
-    return usage if usage is not None else tree_rss_bytes(pid)
+    return usage if usage is not None else tree_memory_bytes(pid)
 
 
 def _memory_cgroup(pid: int, container_id: str) -> Path | None:
