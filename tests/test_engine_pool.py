@@ -550,7 +550,9 @@ def test_the_automatic_pool_keeps_twelve_forked_kernels_within_the_limit_and_mem
     memory holds beyond the pool's reserve."""
     from era_kernel.engine.pool import MEMORY_RESERVE, auto_pool_size
 
-    plenty = lambda: 64 * 1024**3  # noqa: E731
+    def plenty() -> int:
+        return 64 * 1024**3
+
     assert auto_pool_size(True, 100, memory=plenty) == 12
     assert auto_pool_size(False, 100, memory=plenty) == 2
     assert auto_pool_size(True, 10, memory=plenty) == 5  # half the kernel limit

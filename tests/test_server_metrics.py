@@ -107,7 +107,8 @@ def _descendants(root: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = open(f"/proc/{entry}/stat", "rb").read()
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
             except OSError:
                 continue
             children.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(int(entry))
@@ -119,9 +120,18 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _rss(pid: int) -> int:
     try:
-        return int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
 
@@ -130,8 +140,7 @@ def test_forked_kernels_memory_adds_up_to_what_they_take(server):
     """Forked kernels share the zygote's pages: their memory is PSS, which splits a shared
     page among the processes mapping it. RSS counted the zygote's pages whole in every
     kernel (2 pooled kernels showed 172 MB, 12 would show 1 GiB, for about 20 MiB each)."""
-    zygotes = [pid for pid in _descendants(server.proc.pid)
-               if b"era_kernel.provisioning.zygote" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    zygotes = [pid for pid in _descendants(server.proc.pid) if b"era_kernel.provisioning.zygote" in _cmdline(pid)]
     if not zygotes:
         assert os.getuid() != 0 or os.environ.get("ERA_REQUIRE_SANDBOX") != "1", "root with a sandbox forks kernels"
         pytest.skip("kernels are not forked here (not root, or no sandbox)")
