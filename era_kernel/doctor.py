@@ -48,6 +48,28 @@ def _launcher(settings: Settings) -> Check:
                               "kernels, and Python kernels with a setup environment, start in bubblewrap)")
 
 
+def _pool(settings: Settings) -> Check:
+    """What the warm pool keeps ready (ERA_POOL_SIZE, ``auto`` by default)."""
+    from .engine.launcher import pools_fork
+    from .engine.pool import auto_pool_size, parse_pool_keys
+
+    try:
+        keys = parse_pool_keys(settings["ERA_POOL_KERNELS"], settings["ERA_PROVISIONER"])
+    except ValueError as exc:
+        return ("pool", "FAIL", str(exc))
+    size = settings["ERA_POOL_SIZE"]
+    if size == 0 or not keys:
+        return ("pool", "OK", "off (ERA_POOL_SIZE=0 or no ERA_POOL_KERNELS): every session starts its own kernel")
+    pools = ", ".join(f"{language}:{provisioner}" for language, provisioner in keys)
+    if size != "auto":
+        return ("pool", "OK", f"{size} kernels kept ready per pool ({pools}; ERA_POOL_SIZE={size})")
+    forked = pools_fork(settings, keys)
+    size = auto_pool_size(forked, settings["ERA_MAX_KERNELS"])
+    why = ("forked kernels, about 20 MiB each" if forked
+           else "kernels that are new interpreters; forked pools keep 12")
+    return ("pool", "OK", f"{size} kernels kept ready per pool ({pools}; ERA_POOL_SIZE=auto: {why})")
+
+
 def _egress(settings: Settings) -> Check:
     """Where local sessions with ``allowInternetAccess: true`` reach the internet."""
     from .engine.launcher import local_egress_refusal
@@ -219,6 +241,7 @@ def run_checks(settings: Settings | None = None) -> Iterator[Check]:
     yield _kernel()
     yield _bwrap()
     yield _launcher(settings)
+    yield _pool(settings)
     yield _egress(settings)
     yield _setup_network(settings)
     yield _limits()

@@ -569,3 +569,19 @@ def test_the_automatic_pool_keeps_twelve_forked_kernels_within_the_limit_and_mem
         assert forked.pool.size == auto_pool_size(True, auto["ERA_MAX_KERNELS"])
     fixed = SessionManager(auto.replace(ERA_POOL_SIZE=3))
     assert fixed.pool.size == 3
+
+
+def test_era_doctor_says_what_the_pool_keeps_ready(era_settings):
+    from era_kernel.doctor import _pool
+    from era_kernel.engine.launcher import pools_fork
+    from era_kernel.engine.pool import auto_pool_size
+
+    auto = era_settings.replace(ERA_POOL_SIZE="auto", ERA_POOL_KERNELS="python:local")
+    name, status, detail = _pool(auto)
+    size = auto_pool_size(pools_fork(auto, [("python", "local")]), auto["ERA_MAX_KERNELS"])
+    assert (name, status) == ("pool", "OK") and detail.startswith(f"{size} kernels kept ready per pool (python:local")
+    assert "ERA_POOL_SIZE=auto" in detail
+    assert _pool(auto.replace(ERA_LOCAL_LAUNCHER="bwrap"))[2].startswith("2 kernels kept ready")
+    assert _pool(auto.replace(ERA_POOL_SIZE=5))[2] == "5 kernels kept ready per pool (python:local; ERA_POOL_SIZE=5)"
+    assert _pool(auto.replace(ERA_POOL_SIZE=0))[2].startswith("off")
+    assert _pool(auto.replace(ERA_POOL_KERNELS="python:nowhere"))[1] == "FAIL"

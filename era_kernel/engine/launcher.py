@@ -60,6 +60,15 @@ def sdk_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def pools_fork(settings: Settings, keys: list[PoolKey]) -> bool:
+    """Are all these pools' kernels forked from the zygote (a root server, the fork
+    launcher, a sandbox, Python on the local provisioner: ``launch_fork.why_not``)?
+    Their starts are half waiting, so the pools run more of them at once
+    (``pool.default_starts``), and they are cheap to keep (``pool.auto_pool_size``)."""
+    return (bool(keys) and os.getuid() == 0 and settings["ERA_LOCAL_LAUNCHER"] == "fork"
+            and settings["ERA_SANDBOX"] != "none" and all(key == ("python", "local") for key in keys))
+
+
 def local_egress_refusal(settings: Settings) -> str | None:
     """None when a local session with ``allowInternetAccess: true`` goes out through the
     egress proxy (ERA_EGRESS_LOCAL=proxy, and the server can open a listener in its
@@ -414,13 +423,7 @@ class KernelLauncher:
 
     # ---- the warm pool -------------------------------------------------------------------
     def pools_fork(self, keys: list[PoolKey]) -> bool:
-        """Are all these pools' kernels forked from the zygote (a root server, the fork
-        launcher, a sandbox, Python on the local provisioner: ``launch_fork.why_not``)?
-        Their starts are half waiting, so the pools run more of them at once
-        (``pool.default_starts``)."""
-        s = self.settings
-        return (bool(keys) and os.getuid() == 0 and s["ERA_LOCAL_LAUNCHER"] == "fork" and s["ERA_SANDBOX"] != "none"
-                and all(key == ("python", "local") for key in keys))
+        return pools_fork(self.settings, keys)
 
     async def spawn_warm(self, key: PoolKey, lease: Lease) -> WarmKernel:
         """Start a kernel for the pool (``lease`` is its slot): its own directory and uid,
