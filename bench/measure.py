@@ -89,14 +89,11 @@ async def settle_cpu(pid: int, quiet: float = 0.05, timeout: float = 60.0) -> No
 def pss_kib(pid: int) -> int:
     """PSS of one process (``/proc/<pid>/smaps_rollup``), KiB; 0 when it is gone. Pages
     shared by N processes count 1/N in each: forked kernels are not each charged the
-    zygote they share, as RSS would charge them."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    zygote they share, as RSS would charge them. The server's own reader
+    (``era_kernel.resources.read_pss_bytes``), uncached."""
+    from era_kernel.resources import read_pss_bytes
+
+    return (read_pss_bytes(pid) or 0) // 1024
 
 
 def is_zygote(pid: int) -> bool:

@@ -93,15 +93,23 @@ def _pss_bytes(pid: int, started: int, rss: int, now: float) -> int:
     cached = _pss_cache.get((pid, started))
     if cached is not None and now - cached[0] <= PSS_TTL and abs(rss - cached[2]) <= PSS_RSS_DRIFT:
         return cached[1]
+    value = read_pss_bytes(pid)
+    if value is None:
+        return rss
+    _pss_cache[(pid, started)] = (now, value, rss)
+    return value
+
+
+def read_pss_bytes(pid: int) -> int | None:
+    """``/proc/<pid>/smaps_rollup``'s Pss, read now (the benchmarks use it too); None when
+    the process exited, is not ours to read, or the kernel has no smaps_rollup (before 4.14)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             rollup = f.read()
         start = rollup.index(b"\nPss:") + 5
-        value = int(rollup[start:rollup.index(b"kB", start)]) * 1024
+        return int(rollup[start:rollup.index(b"kB", start)]) * 1024
     except (OSError, ValueError):
-        return rss  # exited, not ours to read, or a kernel without smaps_rollup (before 4.14)
-    _pss_cache[(pid, started)] = (now, value, rss)
-    return value
+        return None
 
 
 async def kernels_memory_bytes(kms: list[Any]) -> list[int | None]:
