@@ -44,8 +44,15 @@ def _launcher(settings: Settings) -> Check:
         return ("launcher", "FAIL", f"ERA_LOCAL_LAUNCHER=fork: {exc}")
     zygote.sock.close()
     zygote.process.wait(timeout=10)
-    return ("launcher", "OK", f"fork: Python kernels are forked from a zygote of {sys.executable} (other "
-                              "kernels, and Python kernels with a setup environment, start in bubblewrap)")
+    from .provisioning.forked import INIT_PROGRAM
+
+    what = (f"fork: Python kernels are forked from a zygote of {sys.executable} (other kernels, and Python "
+            "kernels with a setup environment, start in bubblewrap)")
+    if not os.access(INIT_PROGRAM, os.X_OK):
+        return ("launcher", "WARN", f"{what}; {INIT_PROGRAM} is missing, so each sandbox's init stays a copy of "
+                                    "the zygote's Python (about 4 MiB more a kernel): run scripts/setup.sh, which "
+                                    "builds it with the C compiler")
+    return ("launcher", "OK", what)
 
 
 def _pool(settings: Settings) -> Check:

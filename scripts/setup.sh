@@ -18,6 +18,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
     command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    # A C compiler for the forked kernels' init (below).
+    if ! command -v cc >/dev/null 2>&1 || [ ! -e /usr/include/stdio.h ]; then missing+=(gcc libc6-dev); fi
     # The egress tests build their "internet" in a network namespace with a self-signed certificate.
     if [ "${1:-}" = "--test" ] && ! command -v ip >/dev/null 2>&1; then missing+=(iproute2); fi
     if [ "${1:-}" = "--test" ] && ! command -v openssl >/dev/null 2>&1; then missing+=(openssl); fi
@@ -48,4 +50,18 @@ fi
 say "installing era-kernel${extras} into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >&2
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" >&2
+# The forked kernels' pid 1 (era_kernel/provisioning/fork_init.c): a static program that
+# keeps a few KiB a kernel, where a copy of the zygote's Python kept some 4 MiB.
+init_src=era_kernel/provisioning/fork_init.c
+if command -v cc >/dev/null 2>&1; then
+    mkdir -p .venv/libexec
+    if cc -O2 -s -static -o .venv/libexec/era-fork-init.new "$init_src" 2>/dev/null \
+        || cc -O2 -s -o .venv/libexec/era-fork-init.new "$init_src" >&2; then
+        mv -f .venv/libexec/era-fork-init.new .venv/libexec/era-fork-init
+    else
+        say "could not build $init_src: forked kernels keep their init in Python (era doctor says so)"
+    fi
+else
+    say "no C compiler: forked kernels keep their init in Python (era doctor says so)"
+fi
 say "done: $(.venv/bin/era --help >/dev/null && echo 'era is at .venv/bin/era')"

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
 
+from era_kernel.resources import read_pss_bytes
 from tests.support.era_server import ServerProcess
 
 ENV = {"ERA_LOCAL_LAUNCHER": "fork", "ERA_POOL_SIZE": "1", "ERA_INTERRUPT_GRACE": "5"}
@@ -100,6 +102,71 @@ def test_the_sandboxs_init_is_as_isolated_as_its_kernel(server):
         assert theirs == its, (theirs, its)
         assert its["Uid"][0] != "0" and set(its["CapEff"] + its["CapBnd"]) == {"0000000000000000"}, its
         assert its["NoNewPrivs"] == ["1"] and its["Seccomp"] == ["2"], its
+        # init is its own small program (fork_init.c), not a copy of the zygote's Python.
+        assert os.readlink(f"/proc/{init}/exe") == os.path.realpath(require_init_program())
+        assert read_pss_bytes(init) < 1024**2, read_pss_bytes(init)
+
+
+def require_init_program() -> str:
+    from era_kernel.provisioning.forked import INIT_PROGRAM
+
+    if not os.access(INIT_PROGRAM, os.X_OK):
+        if os.environ.get("ERA_REQUIRE_SANDBOX"):
+            pytest.fail(f"{INIT_PROGRAM} is missing: scripts/setup.sh builds it")
+        pytest.skip(f"{INIT_PROGRAM} is missing (scripts/setup.sh builds it)")
+    return INIT_PROGRAM
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Has ``pid`` a handler for ``signum`` (its SigCgt mask)?"""
+    with open(f"/proc/{pid}/status") as fh:
+        caught = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (signum - 1)))
+
+
+@pytest.mark.parametrize("init", ["program", "python"])
+def test_the_sandboxs_init_passes_signals_on_and_exits_with_its_kernels_status(init):
+    """init as the sandbox runs it, outside a sandbox: its own program (fork_init.c), or,
+    when that cannot be exec'd, the zygote's Python (forked._init). A termination signal
+    reaches the kernel; init ends with the kernel's status."""
+    from era_kernel.provisioning import forked
+
+    if init == "program":
+        require_init_program()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # init
+        try:
+            os.close(ready_r)
+            kernel = os.fork()
+            if kernel == 0:  # the kernel: ends with status 7 on SIGTERM
+                signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
+                os.write(ready_w, b"k")
+                while True:
+                    signal.pause()
+            os.close(ready_w)
+            program = forked._open_init_program() if init == "program" else os.open("/dev/null", os.O_RDONLY)
+            forked._exec_init(program, kernel, json.dumps({"argv": ["-f", "/k/connection.json"]}).encode())
+            os._exit(forked._init(kernel))  # /dev/null did not exec: init stays Python
+        except BaseException:  # noqa: BLE001
+            os._exit(99)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"k"
+        deadline = time.monotonic() + 10
+        while not handles(pid, signal.SIGTERM):  # before that, SIGTERM would end init itself
+            assert time.monotonic() < deadline, "init never set its handler"
+            time.sleep(0.01)
+        if init == "program":
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                assert fh.read().split(b"\0")[:3] == [b"era-fork-init", b"-f", b"/k/connection.json"]
+            with open(f"/proc/{pid}/comm") as fh:
+                assert fh.read().strip() == "era-fork-init"
+        os.kill(pid, signal.SIGTERM)
+    finally:
+        os.close(ready_r)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7
 
 
 def test_timeout_interrupt_and_restart(server):
@@ -181,3 +248,33 @@ def test_a_forked_kernels_end_is_seen_past_a_thousand_descriptors():
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_the_module_list_taken_in_the_zygote_is_what_ipykernel_would_list():
+    """ipykernel lists the kernel's module files (its debugger steps over them) by reading
+    every module; a forked kernel gets the zygote's list instead, plus what it imported
+    since (forked.list_modules_as_prepared). The two lists must hold the same files."""
+    import sys
+
+    import ipykernel.ipkernel
+
+    from era_kernel.provisioning import forked
+
+    def as_ipykernel_lists(modules) -> list[str]:  # IPythonKernel.__init__, word for word
+        return [m.__file__ for m in modules.copy().values() if hasattr(m, "__file__") and m.__file__]
+
+    forked.prepare_module_files()
+    try:
+        import mailbox  # noqa: F401 - imported "after the fork"
+        reloaded = sys.modules.pop("colorsys", None)
+        import colorsys  # noqa: F401 - removed and imported again: now at the end
+        with forked.list_modules_as_prepared():
+            assert ipykernel.ipkernel.sys is not sys
+            listed = as_ipykernel_lists(ipykernel.ipkernel.sys.modules)
+        assert ipykernel.ipkernel.sys is sys
+        assert sorted(set(listed)) == sorted(set(as_ipykernel_lists(sys.modules)))
+        assert any(path.endswith("mailbox.py") for path in listed)
+    finally:
+        forked._prepared.pop("modules", None)
+        if reloaded is not None:
+            sys.modules["colorsys"] = reloaded

@@ -50,6 +50,8 @@ CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x02000000, 
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 PR_SET_DUMPABLE, PR_SET_NAME = 4, 15
 INIT_NAME = "era-fork-init"  # the sandbox's pid 1, in ps (its command line and name)
+# init's own program (fork_init.c), built by scripts/setup.sh; without it init stays Python.
+INIT_PROGRAM = os.path.join(sys.prefix, "libexec", INIT_NAME)
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 24, 38, 22
 SECCOMP_MODE_FILTER = 2
 _SYSCALLS = {"x86_64": {"pivot_root": 155, "mount_setattr": 442, "capset": 126},
@@ -290,6 +292,80 @@ def _run_exec_lines(app: Any) -> None:
             app.log.warning("Error in executing line in user namespace: %s", line, exc_info=True)
 
 
+class _ModuleFile:
+    """What ipykernel reads of a module to list the kernel's own: its ``__file__``."""
+
+    __slots__ = ("__file__",)
+
+    def __init__(self, path: str):
+        self.__file__ = path
+
+
+def prepare_module_files() -> None:
+    """In the zygote, after its imports: ipykernel's list of the kernel's own module files
+    (``IPythonKernel.__init__``'s ``_kernel_modules``, which its debugger steps over),
+    taken once for every kernel. Each kernel took it by reading every module in
+    ``sys.modules`` (some 1,300), and a read in CPython writes (reference counts): it
+    copied the pages of every module object and file name, about 1.5 MiB of private
+    memory a kernel (``list_modules_as_prepared``)."""
+    files = {name: _ModuleFile(m.__file__) for name, m in sys.modules.copy().items()
+             if getattr(m, "__file__", None)}
+    last = next(reversed(sys.modules))
+    _prepared["modules"] = (files, last, sys.modules[last])
+
+
+class _PreparedModules:
+    """``sys.modules`` as ipykernel reads it to list module files (its ``copy()``): the
+    zygote's list, and the modules the kernel has imported since, found from the end of
+    ``sys.modules`` (a dict keeps the order of insertion) back to the zygote's last.
+    A module the kernel replaced in place in ``sys.modules`` keeps the zygote's file;
+    a removed one stays listed (the list only tells the debugger what to step over)."""
+
+    def __init__(self, prepared: tuple[dict[str, Any], str, Any]):
+        self.files, self.last, self.last_module = prepared
+
+    def copy(self) -> dict[str, Any]:
+        newer = {}
+        for name, module in reversed(sys.modules.items()):
+            if name == self.last and module is self.last_module:
+                break
+            newer[name] = module
+        else:  # the zygote's last module went: the whole of sys.modules, as ipykernel reads it
+            return sys.modules.copy()
+        return {**self.files, **newer}
+
+
+class _SysWithPreparedModules:
+    """``sys``, but for ``modules``: ``_PreparedModules``."""
+
+    def __init__(self, modules: _PreparedModules):
+        self.modules = modules
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sys, name)
+
+
+class list_modules_as_prepared:  # noqa: N801 - used as a context manager, like contextlib's
+    """While in it, ipykernel's kernel lists its module files from the zygote's list
+    (``prepare_module_files``): ``ipykernel.ipkernel``'s ``sys`` is ``_SysWithPreparedModules``.
+    Nothing changes without a prepared list, or when ipykernel's ``sys`` is not ``sys``."""
+
+    def __enter__(self) -> None:
+        self.module = None
+        prepared = _prepared.get("modules")
+        if prepared is None:
+            return
+        import ipykernel.ipkernel as module
+
+        if getattr(module, "sys", None) is sys:
+            self.module = module
+            module.sys = _SysWithPreparedModules(_PreparedModules(prepared))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.module is not None:
+            self.module.sys = sys
+
+
 def drop_privileges(uid: int, gid: int) -> None:
     """``setpriv --reuid --regid --clear-groups --no-new-privs --inh-caps=-all
     --bounding-set=-all`` (privileges.drop_privileges), in process."""
@@ -419,6 +495,7 @@ def become_kernel(request_fd: int, output_fd: int) -> None:
         pidfd = os.pidfd_open(kernel)
         os.close(request_fd)
         os.close(built_w)
+        program = _open_init_program()  # here, while the host's files are still ours to open
         note = b""
         while chunk := os.read(built_r, 4096):
             note += chunk
@@ -426,6 +503,8 @@ def become_kernel(request_fd: int, output_fd: int) -> None:
         if note:  # empty: the kernel's setup failed before its namespaces (its error is in the log)
             _join(pidfd, note)
         os.close(pidfd)
+        if note and program >= 0:
+            _exec_init(program, kernel, note)  # returns only if the exec failed
         status = _init(kernel)
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the server reads it in the kernel's log
         try:
@@ -510,6 +589,33 @@ def _join(pidfd: int, note: bytes) -> None:
                 ctypes.c_ulong(0))
 
 
+def _open_init_program() -> int:
+    """A descriptor of init's own program (``INIT_PROGRAM``), or -1 without one."""
+    try:
+        return os.open(INIT_PROGRAM, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _exec_init(program: int, kernel: int, note: bytes) -> None:
+    """Become init's own program (fork_init.c), which does what ``_init`` does: as a copy
+    of the zygote, init kept some 3.9 MiB of private pages a kernel for a wait loop; the
+    exec drops them all (a few KiB left). The uid, the namespaces, ``no_new_privs``, the
+    seccomp filter and the death signal stay across it (no set-uid, no file
+    capabilities). Through the descriptor opened before joining: the program's path
+    need not be in the sandbox's view. Returns only if the exec failed (said in the
+    kernel's log; init stays Python)."""
+    import json
+
+    argv = [INIT_NAME, *json.loads(note)["argv"]]
+    try:
+        os.execve(program, argv, {"ERA_INIT_KERNEL": str(kernel)})
+    except OSError as exc:
+        os.write(2, f"era fork launcher: {INIT_PROGRAM} did not start ({exc}); init stays in Python\n".encode())
+    finally:
+        os.close(program)
+
+
 def _init(kernel: int) -> int:
     """pid 1: pass termination and interrupt signals to the kernel, reap orphans, and exit
     with the kernel's status."""
@@ -551,7 +657,8 @@ def _run_kernel(request: dict[str, Any]) -> None:
 
         app = IPKernelApp.instance()  # what ipykernel_launcher's launch_new_instance does
         use_parsed_command_line(app, request["argv"])
-        app.initialize(request["argv"])
+        with list_modules_as_prepared():
+            app.initialize(request["argv"])
         app.start()
         code = 0
     except SystemExit as exc:

@@ -174,6 +174,7 @@ def main() -> None:
     from . import forked
 
     forked.prepare()
+    forked.prepare_module_files()  # last: after every import
     if threading.active_count() != 1:
         sys.stderr.write(f"zygote: preloading started threads: {threading.enumerate()}\n")
         os._exit(1)
