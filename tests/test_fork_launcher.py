@@ -47,6 +47,7 @@ def test_sessions_run_in_forked_kernels_with_their_environment(server):
         assert found["init"] == "era-fork-init", found
         assert found["uid"] != 0 and found["greeting"] == greeting and found["pid"] == 2, found
     assert any("zygote" in line for line in server.lines), "the server never started a zygote"
+    assert not [line for line in server.lines if "rehearsing a kernel's start failed" in line]
     # On the host, ps (and the orphan reaper, and every search by command line) tells each
     # forked kernel by its own command line, naming its connection file, and its init apart.
     # Every kernel has its init; an init may be ahead of its kernel, or a moment behind it
@@ -204,14 +205,14 @@ def test_the_command_line_parsed_in_the_zygote_configures_a_kernel_as_its_own_pa
     from ipykernel.kernelapp import IPKernelApp
 
     from era_kernel.languages import PYTHON_KERNEL_FIXES, PYTHON_KERNEL_TUNING
-    from era_kernel.provisioning import forked
+    from era_kernel.provisioning import prepared
 
     tail = [*PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES]
-    forked.prepare_command_line(tail)
+    prepared.prepare_command_line(tail)
     argv = ["-f", "/run/era/k1/connection.json", *tail]
     usual, shortcut = IPKernelApp(), IPKernelApp()
     usual.parse_command_line(argv)
-    assert forked.use_parsed_command_line(shortcut, argv)
+    assert prepared.use_parsed_command_line(shortcut, argv)
     shortcut.parse_command_line(argv)
     assert shortcut.connection_file == usual.connection_file == "/run/era/k1/connection.json"
     assert repr(shortcut.config) == repr(usual.config) and repr(shortcut.cli_config) == repr(usual.cli_config)
@@ -219,11 +220,11 @@ def test_the_command_line_parsed_in_the_zygote_configures_a_kernel_as_its_own_pa
     assert shortcut.exec_lines == usual.exec_lines and shortcut.exec_lines, "the protocol fixes' cell"
     # Each kernel its own copy: one kernel's configuration never reaches the next.
     other = IPKernelApp()
-    assert forked.use_parsed_command_line(other, ["-f", "/run/era/k2/connection.json", *tail])
+    assert prepared.use_parsed_command_line(other, ["-f", "/run/era/k2/connection.json", *tail])
     other.parse_command_line(["-f", "/run/era/k2/connection.json", *tail])
     assert other.connection_file.endswith("k2/connection.json") and shortcut.connection_file.endswith("k1/connection.json")
     # Another command line is parsed as usual.
-    assert not forked.use_parsed_command_line(IPKernelApp(), ["-f", "/run/era/k3/connection.json", "--debug"])
+    assert not prepared.use_parsed_command_line(IPKernelApp(), ["-f", "/run/era/k3/connection.json", "--debug"])
 
 
 def test_a_forked_kernels_end_is_seen_past_a_thousand_descriptors():
@@ -253,28 +254,68 @@ def test_a_forked_kernels_end_is_seen_past_a_thousand_descriptors():
 def test_the_module_list_taken_in_the_zygote_is_what_ipykernel_would_list():
     """ipykernel lists the kernel's module files (its debugger steps over them) by reading
     every module; a forked kernel gets the zygote's list instead, plus what it imported
-    since (forked.list_modules_as_prepared). The two lists must hold the same files."""
+    since (prepared.list_modules_as_prepared). The two lists must hold the same files."""
     import sys
 
     import ipykernel.ipkernel
 
-    from era_kernel.provisioning import forked
+    from era_kernel.provisioning import prepared
 
     def as_ipykernel_lists(modules) -> list[str]:  # IPythonKernel.__init__, word for word
         return [m.__file__ for m in modules.copy().values() if hasattr(m, "__file__") and m.__file__]
 
-    forked.prepare_module_files()
+    prepared.prepare_module_files()
     try:
         import mailbox  # noqa: F401 - imported "after the fork"
         reloaded = sys.modules.pop("colorsys", None)
         import colorsys  # noqa: F401 - removed and imported again: now at the end
-        with forked.list_modules_as_prepared():
+        with prepared.list_modules_as_prepared():
             assert ipykernel.ipkernel.sys is not sys
             listed = as_ipykernel_lists(ipykernel.ipkernel.sys.modules)
         assert ipykernel.ipkernel.sys is sys
         assert sorted(set(listed)) == sorted(set(as_ipykernel_lists(sys.modules)))
         assert any(path.endswith("mailbox.py") for path in listed)
     finally:
-        forked._prepared.pop("modules", None)
+        prepared.PREPARED.pop("modules", None)
         if reloaded is not None:
             sys.modules["colorsys"] = reloaded
+
+
+REHEARSAL_PROBE = """
+import builtins, gc, json, os, signal, sys, threading
+from era_kernel.provisioning import prepared, zygote
+
+def state():
+    return {"fds": sorted(os.listdir("/proc/self/fd")), "threads": threading.active_count(), "path": sys.path,
+            "environ": dict(os.environ), "cwd": os.getcwd(), "builtins": sorted(builtins.__dict__),
+            "signals": {s: repr(signal.getsignal(s)) for s in signal.valid_signals() if signal.getsignal(s) is not None},
+            "std": [repr(getattr(sys, n)) for n in ("stdin", "stdout", "stderr", "displayhook", "excepthook")],
+            "main": repr(sys.modules["__main__"])}
+
+zygote._preload()
+before = state()
+zygote._warm_up()
+after = state()
+from ipykernel.kernelapp import IPKernelApp
+from IPython.core.interactiveshell import InteractiveShell
+print(json.dumps({"changed": {k: [before[k], after[k]] for k in before if before[k] != after[k]},
+                  "rehearsals": prepared.PREPARED.get("rehearsals"),
+                  "left": [type(o).__name__ for o in gc.get_objects() if isinstance(o, (IPKernelApp, InteractiveShell))]}))
+"""
+
+
+def test_a_rehearsed_kernel_start_leaves_the_zygote_as_it_was(tmp_path):
+    """The zygote runs ipykernel's whole start for a throw-away kernel (prepared.
+    rehearse_kernel_start) so its code is warm in the pages every kernel shares; after
+    it, the zygote must hold no thread, descriptor or kernel object of it and have its
+    own streams, signals, environment, paths and builtins back: every kernel inherits them."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", REHEARSAL_PROBE], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={"PATH": os.environ["PATH"], "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {"changed": {}, "rehearsals": 2, "left": []}, found
+    assert "rehearsing" not in done.stderr and "Task was destroyed" not in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []  # its directories went with it

@@ -46,7 +46,7 @@ PRELOAD = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "i
            "ipykernel.heartbeat", "ipykernel.comm", "IPython.core.interactiveshell", "IPython.core.completer",
            "IPython.core.history", "jupyter_client.session", "zmq", "zmq.eventloop.zmqstream", "tornado.ioloop",
            "asyncio", "sqlite3", "json", "hmac", "uuid", "traitlets", "ctypes", "resource", "fcntl",
-           "era_kernel.provisioning.forked", "era_kernel.provisioning.seccomp",
+           "era_kernel.provisioning.forked", "era_kernel.provisioning.prepared", "era_kernel.provisioning.seccomp",
            # what IPKernelApp.initialize imports (debugpy's pydevd is the most of it)
            "ipykernel.debugger", "IPython.core.debugger", "IPython.core.completerlib", "IPython.core.oinspect",
            "IPython.extensions.storemagic", "IPython.utils.wildcard", "pdb", "tornado.gen", "tornado.locks",
@@ -131,27 +131,44 @@ def _serve(sock: socket.socket) -> None:
                 os.close(pidfd)
 
 
+def _preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def _warm_up() -> None:
     """Fill the caches traitlets builds on an application's first command line (its
     argument parser's trait tables: about 40 ms a kernel otherwise), and parse the
-    kernelspec's command line once for every kernel (``forked.prepare_command_line``).
+    kernelspec's command line once for every kernel (``prepared.prepare_command_line``).
 
     Then put a cell through IPython's input transformers, as every kernel does with its
     first cell (the protocol fixes, ``exec_lines``) and a user's: that compiles
     ``tokenize``'s and IPython's regular expressions (``re``'s cache, ``tokenize._compile``),
     which each kernel otherwise compiled for itself (measured: 16-20 ms of a forked
-    kernel's ~115 ms of initialisation, profiled)."""
+    kernel's ~115 ms of initialisation, profiled). Last, rehearse a whole kernel start
+    (``prepared.rehearse_kernel_start``)."""
+    from .prepared import prepare_command_line, rehearse_kernel_start
+
     try:
         from ..languages import PYTHON_FIXES_CELL, PYTHON_KERNEL_FIXES, PYTHON_KERNEL_TUNING
-        from .forked import prepare_command_line
 
-        prepare_command_line([*PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES])  # the kernelspec's (kernelspecs/)
+        tail = [*PYTHON_KERNEL_TUNING, *PYTHON_KERNEL_FIXES]  # the kernelspec's (kernelspecs/)
+        prepare_command_line(tail)
         from IPython.core.inputtransformer2 import TransformerManager
 
         TransformerManager().transform_cell(PYTHON_FIXES_CELL)
         TransformerManager().transform_cell("%time print(1)\n!true\nx?\n")  # magics, shell escapes, help
     except Exception:  # noqa: BLE001 - an optimisation only
-        pass
+        return
+    try:
+        rehearse_kernel_start(tail)
+    except Exception as exc:  # noqa: BLE001 - an optimisation only, but one the server's log should show
+        sys.stderr.write(f"zygote: rehearsing a kernel's start failed ({exc}); kernels start colder\n")
 
 
 def main() -> None:
@@ -163,18 +180,14 @@ def main() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the server
     if os.getppid() != server:
         os._exit(1)  # it died before that took effect
-    import importlib
-
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
+    _preload()
     _warm_up()
     from . import forked
 
     forked.prepare()
-    forked.prepare_module_files()  # last: after every import
+    from .prepared import prepare_module_files
+
+    prepare_module_files()  # last: after every import
     if threading.active_count() != 1:
         sys.stderr.write(f"zygote: preloading started threads: {threading.enumerate()}\n")
         os._exit(1)
