@@ -196,9 +196,12 @@ async def docker_row(clients: int) -> dict[str, object]:
     return row
 
 
-def fmt(value: object, unit: str = "") -> str:
+def fmt(value: object, unit: str = "", decimals: int | None = None) -> str:
     if isinstance(value, float):
-        return "n/a" if value != value else f"{value:.0f}{unit}" if value >= 10 else f"{value:.1f}{unit}"
+        if value != value:
+            return "n/a"
+        decimals = decimals if decimals is not None else 0 if value >= 10 else 1
+        return f"{value:.{decimals}f}{unit}"
     return "n/a" if value is None else str(value)
 
 
@@ -230,7 +233,7 @@ async def main() -> None:
         clients = args.docker if row["name"] == "docker" else args.local
         print(f"| {row['name']} | {clients} | {fmt(row['p50'])} | {fmt(row['max'])} | {fmt(row.get('p50_2'))} | "
               f"{fmt(row.get('max_2'))} | {fmt(row.get('ready2'))} | {fmt(row.get('cold_p50'))} | "
-              f"{fmt(row.get('warm_p50'))} | {fmt(row.get('pss_mib'), ' MiB')} | "
+              f"{fmt(row.get('warm_p50'))} | {fmt(row.get('pss_mib'), ' MiB', 1)} | "  # the goal is 15: a tenth tells
               f"{fmt(row.get('zygote_mib') or None, ' MiB')} |")
 
 
