@@ -190,7 +190,6 @@ class _Rehearsal:
         import builtins
         import faulthandler
         import pdb
-        import shutil  # noqa: F401 - imported before the count of modules below is taken
         import signal
         import tempfile
         import threading
