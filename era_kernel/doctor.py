@@ -72,7 +72,7 @@ def _pool(settings: Settings) -> Check:
         return ("pool", "OK", f"{size} kernels kept ready per pool ({pools}; ERA_POOL_SIZE={size})")
     forked = pools_fork(settings, keys)
     size = auto_pool_size(forked, settings["ERA_MAX_KERNELS"])
-    why = ("forked kernels, about 20 MiB each" if forked
+    why = ("forked kernels, about 17 MiB each" if forked
            else "kernels that are new interpreters; forked pools keep 12")
     return ("pool", "OK", f"{size} kernels kept ready per pool ({pools}; ERA_POOL_SIZE=auto: {why})")
 

@@ -319,3 +319,20 @@ def test_a_rehearsed_kernel_start_leaves_the_zygote_as_it_was(tmp_path):
     assert found == {"changed": {}, "rehearsals": 2, "left": []}, found
     assert "rehearsing" not in done.stderr and "Task was destroyed" not in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []  # its directories went with it
+
+
+def test_era_doctor_warns_when_the_sandboxs_init_program_is_missing(era_settings, monkeypatch):
+    """Without fork_init.c built (scripts/setup.sh), each forked kernel's init stays a
+    copy of the zygote's Python: it works, but costs about 4 MiB a kernel, so doctor says so."""
+    from era_kernel.doctor import _launcher
+    from era_kernel.provisioning import forked
+
+    if os.getuid() != 0:
+        pytest.skip("the fork launcher needs root")
+    fork = era_settings.replace(ERA_LOCAL_LAUNCHER="fork")
+    if os.access(forked.INIT_PROGRAM, os.X_OK):
+        assert _launcher(fork)[1] == "OK"
+    monkeypatch.setattr(forked, "INIT_PROGRAM", "/nonexistent/era-fork-init")
+    name, status, detail = _launcher(fork)
+    assert (name, status) == ("launcher", "WARN") and "/nonexistent/era-fork-init is missing" in detail
+    assert "scripts/setup.sh" in detail
