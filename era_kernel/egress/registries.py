@@ -94,8 +94,10 @@ def _tool(argv: list[str], environ: Mapping[str, str]) -> str | None:
     """Blocking: a tool's output, or None when it is not installed or fails (then its
     registries are simply not allowed: its builds fail saying what they could not reach)."""
     try:
+        # cwd: `python -m pip` puts the working directory first on sys.path, and the
+        # server's may be writable by anybody: a `pip` there would run as the server.
         done = subprocess.run(argv, env=dict(environ), capture_output=True, text=True, timeout=TOOL_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.info("setup registries: %s: %s", argv[0], exc)
         return None

@@ -226,7 +226,10 @@ class Zygote:
             self.process = subprocess.Popen(
                 [python, "-m", "era_kernel.provisioning.zygote", str(theirs.fileno()), str(os.getpid()),
                  " " * CMDLINE_ROOM],
-                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True)
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True,
+                # `-m` puts the working directory first on sys.path, and the server's may be
+                # writable by anybody: a module there would run as root in the zygote.
+                cwd="/")
         finally:
             theirs.close()
         self._lock = threading.Lock()
