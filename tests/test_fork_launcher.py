@@ -147,7 +147,7 @@ def test_the_sandboxs_init_passes_signals_on_and_exits_with_its_kernels_status(i
                     signal.pause()
             os.close(ready_w)
             program = forked._open_init_program() if init == "program" else os.open("/dev/null", os.O_RDONLY)
-            forked._exec_init(program, kernel, json.dumps({"argv": ["-f", "/k/connection.json"]}).encode())
+            forked._exec_init(program, kernel, ["-f", "/k/connection.json"])
             os._exit(forked._init(kernel))  # /dev/null did not exec: init stays Python
         except BaseException:  # noqa: BLE001
             os._exit(99)

@@ -48,7 +48,7 @@ int main(void) {
         if (pid < 0) {
             if (errno == EINTR)
                 continue;
-            return 0;  /* no children left: the kernel was reaped before (cannot happen: it is ours) */
+            return 0;  /* no children left and no kernel named (ERA_INIT_KERNEL unset) */
         }
         if (pid == kernel && kernel > 0)
             return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);

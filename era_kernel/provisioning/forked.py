@@ -365,10 +365,14 @@ def become_kernel(request_fd: int, output_fd: int) -> None:
             note += chunk
         os.close(built_r)
         if note:  # empty: the kernel's setup failed before its namespaces (its error is in the log)
-            _join(pidfd, note)
+            import json
+
+            plan = json.loads(note)
+            _join(pidfd, plan)
+            if program >= 0:
+                _exec_init(program, kernel, plan["argv"])  # returns only if the exec failed
+            _name_init(plan["argv"])
         os.close(pidfd)
-        if note and program >= 0:
-            _exec_init(program, kernel, note)  # returns only if the exec failed
         status = _init(kernel)
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the server reads it in the kernel's log
         try:
@@ -433,22 +437,23 @@ def _build(request_fd: int, built_w: int) -> None:
     _run_kernel(request)  # never returns
 
 
-def _join(pidfd: int, note: bytes) -> None:
+def _join(pidfd: int, plan: dict[str, Any]) -> None:
     """init, root: into the kernel's namespaces (mount, ipc, uts, network, cgroup: the
     mount namespace's root and working directory with them), then the kernel's uid and
-    gid, no capabilities, ``no_new_privs``, the seccomp filter. Shown in ps as
-    ``era-fork-init -f <connection file>``: told apart from its kernel, as bubblewrap's
-    own process is (the orphan reaper checks the recorded pid, this one, by it)."""
-    import json
-
-    plan = json.loads(note)
+    gid, no capabilities, ``no_new_privs``, the seccomp filter."""
     setns(pidfd, plan["flags"])
     os.chdir("/")
     drop_privileges(plan["uid"], plan["gid"])
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the change of uid
     prctl(PR_SET_DUMPABLE, 1)  # as the kernel: the same uid's processes, alike
     install_seccomp()
-    set_cmdline([INIT_NAME, *plan["argv"]])
+
+
+def _name_init(argv: list[str]) -> None:
+    """init that stays Python: shown in ps as ``era-fork-init -f <connection file>``, as
+    its own program is (its argv and name): told apart from its kernel, as bubblewrap's
+    own process is (the orphan reaper checks the recorded pid, this one, by it)."""
+    set_cmdline([INIT_NAME, *argv])
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(INIT_NAME.encode()), ctypes.c_ulong(0), ctypes.c_ulong(0),
                 ctypes.c_ulong(0))
 
@@ -461,7 +466,7 @@ def _open_init_program() -> int:
         return -1
 
 
-def _exec_init(program: int, kernel: int, note: bytes) -> None:
+def _exec_init(program: int, kernel: int, argv: list[str]) -> None:
     """Become init's own program (fork_init.c), which does what ``_init`` does: as a copy
     of the zygote, init kept some 3.9 MiB of private pages a kernel for a wait loop; the
     exec drops them all (a few KiB left). The uid, the namespaces, ``no_new_privs``, the
@@ -469,11 +474,8 @@ def _exec_init(program: int, kernel: int, note: bytes) -> None:
     capabilities). Through the descriptor opened before joining: the program's path
     need not be in the sandbox's view. Returns only if the exec failed (said in the
     kernel's log; init stays Python)."""
-    import json
-
-    argv = [INIT_NAME, *json.loads(note)["argv"]]
     try:
-        os.execve(program, argv, {"ERA_INIT_KERNEL": str(kernel)})
+        os.execve(program, [INIT_NAME, *argv], {"ERA_INIT_KERNEL": str(kernel)})
     except OSError as exc:
         os.write(2, f"era fork launcher: {INIT_PROGRAM} did not start ({exc}); init stays in Python\n".encode())
     finally:
