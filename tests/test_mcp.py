@@ -228,3 +228,29 @@ async def test_embedded_engine_over_stdio(tmp_path):
     finally:
         release_everything_under(tmp_path)  # volumes of a server that was killed rather than stopped
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+async def test_the_embedded_server_never_imports_from_the_callers_working_directory(tmp_path):
+    """An agent host starts `era mcp --embedded` in whatever project it has open; a module
+    planted there (SECURITY.md: untrusted code never reaches the host) must not be imported
+    by the server it starts, which may run as root."""
+    from tests.conftest import short_tmpdir
+    from tests.test_working_directory import plant
+
+    project = tmp_path / "project"
+    marker = plant(project, ["json.py", "uuid.py", "era_kernel/__init__.py"])  # each imported by era_server
+    runtime = short_tmpdir("ew")
+    era = os.path.join(os.path.dirname(sys.executable), "era")  # a console script: its own cwd is not on sys.path
+    env = dict(os.environ, ERA_POOL_SIZE="0", ERA_DATA_DIR=str(tmp_path / "data"), ERA_RUNTIME_DIR=str(runtime))
+    try:
+        with anyio.fail_after(120):
+            params = StdioServerParameters(command=era, args=["mcp", "--embedded"], env=env, cwd=str(project))
+            async with stdio_client(params) as (r, w):
+                async with ClientSession(r, w) as client:
+                    await client.initialize()
+                    result = await client.call_tool("era_python", {"code": "print('from', 'the project')"})
+                    assert not result.is_error and "from the project" in texts(result)
+    finally:
+        release_everything_under(tmp_path)
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert not marker.exists()

@@ -87,7 +87,9 @@ async def embedded_server(extra_env: dict[str, str] | None = None) -> AsyncItera
     # A data directory of its own: two servers must never share a store, and an `era
     # serve` may well be running on ours. Sessions persist there between MCP sessions.
     env["ERA_DATA_DIR"] = os.path.join(os.environ.get("ERA_DATA_DIR") or _default_data_dir(), "mcp-embedded")
-    proc = subprocess.Popen([sys.executable, "-m", "era_server", "--port", "0"], env=env, stdin=subprocess.DEVNULL,
+    # -P: python -m would put the caller's working directory first on sys.path, and an
+    # agent host starts us in whatever project it has open; a json.py there must not run.
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "era_server", "--port", "0"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
     port: list[int] = []
     listening = threading.Event()
