@@ -11,6 +11,8 @@ import asyncio
 import os
 import stat
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -322,11 +324,20 @@ def test_mount_points_in_a_sessions_tmp_never_follow_what_the_session_planted(tm
     assert os.path.isfile("/etc/passwd") and not os.path.exists("/srv/not-under-tmp")
 
 
+def _untraversable_above(path: str) -> str | None:
+    """The first directory above ``path`` that others may not pass through."""
+    for parent in reversed(Path(path).parents):
+        if not parent.stat().st_mode & 0o001:
+            return str(parent)
+    return None
+
+
 async def test_commands_work_without_a_sandbox_and_as_the_kernel_runs(era_settings):
     """ERA_SANDBOX=none (no bubblewrap): commands still run beside the kernel, as the
     kernel's uid, in its workspace, with no_new_privs, and background ones are signalled.
     A data directory its uid cannot reach (under pytest's 0700 one, as under /root) is a
-    clear error at kernel start, not a bare EACCES from inside the kernel."""
+    clear error at kernel start, not a bare EACCES from inside the kernel; so is an
+    interpreter it cannot reach (then the commands cannot be tried)."""
     from era_kernel.engine.manager import SessionManager
     from era_kernel.errors import KernelFailed
 
@@ -349,6 +360,11 @@ async def test_commands_work_without_a_sandbox_and_as_the_kernel_runs(era_settin
     try:
         sid = (await engine.create({"language": "python"}))["id"]
         assert engine.kernels.get(sid) is None or not engine.kernels[sid].km.provisioner.sandboxed
+        blocked = _untraversable_above(sys.base_prefix) or _untraversable_above(sys.prefix)
+        if blocked:  # an interpreter installed under /root (pyenv's), say: named, not a loader's error
+            with pytest.raises(KernelFailed, match=f"cannot pass through {blocked} .*the Python the kernels run"):
+                await engine.run(sid, {"code": "1"})
+            return
         kernel_uid = (await engine.run(sid, {"code": "import os; print(os.getuid())"}))["stdout"].strip()
         assert not engine.kernels[sid].km.provisioner.sandboxed
         r = await engine.commands.run(sid, {"cmd": "id -u; pwd; grep NoNewPrivs /proc/self/status", "shell": True})

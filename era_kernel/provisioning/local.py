@@ -313,7 +313,9 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
         else:
             _warn_unsandboxed()
             if uid != os.getuid():
-                await asyncio.to_thread(_check_reachable, uid, [workspace, self.kernel_dir])
+                # The interpreter too: its library and standard library live under base_prefix.
+                await asyncio.to_thread(_check_reachable, uid, [workspace, self.kernel_dir, Path(sys.base_prefix),
+                                                                Path(sys.prefix)])
             # Without bubblewrap, at least die with the server.
             argv = die_with_parent() + argv
         # bubblewrap sets no resource limits: prlimit does, before anything else runs.
@@ -516,17 +518,22 @@ class EraLocalProvisioner(EraProvisioner, LocalProvisioner):
 
 def _check_reachable(uid: int, paths: list[Path]) -> None:
     """Unsandboxed, a kernel of its own uid sees the host's paths as they are: every
-    directory above its workspace and its kernel directory must let others through
-    (search permission), or it dies at start with a bare EACCES. Say which one instead.
-    (bubblewrap binds both at their paths, so a sandboxed kernel needs none of this.)"""
+    directory above its workspace, its kernel directory and the interpreter's installation
+    must let others through (search permission), or it dies at start with a bare EACCES
+    (or a loader's error). Say which one instead. (bubblewrap binds each at its path, so a
+    sandboxed kernel needs none of this.)"""
     for path in paths:
         for parent in [*reversed(path.parents)]:
             st = os.stat(parent)
             if st.st_uid != uid and not st.st_mode & 0o001:
+                what = ("the Python the kernels run (install one where others may traverse, e.g. under /usr or "
+                        "/opt, and make .venv with it: ERA_PYTHON=... scripts/setup.sh)"
+                        if str(path) in (sys.base_prefix, sys.prefix) else
+                        "ERA_DATA_DIR and ERA_RUNTIME_DIR (put them under directories others may traverse, e.g. "
+                        "/var/lib/era)")
                 raise KernelFailed(f"ERA_SANDBOX=none: kernels run as their session's own uid ({uid}), which cannot "
-                                   f"pass through {parent} (mode {st.st_mode & 0o777:o}) to reach {path}; put "
-                                   "ERA_DATA_DIR and ERA_RUNTIME_DIR under directories others may traverse "
-                                   "(e.g. /var/lib/era), or install bubblewrap")
+                                   f"pass through {parent} (mode {st.st_mode & 0o777:o}) to reach {path}: "
+                                   f"{what}; or install bubblewrap, which shows a kernel only what it needs")
 
 
 def _warn_unsandboxed() -> None:
