@@ -45,14 +45,22 @@ def _launcher(settings: Settings) -> Check:
     zygote.sock.close()
     zygote.process.wait(timeout=10)
     from .provisioning.forked import INIT_PROGRAM
+    from .provisioning.prepared import immortalisable
 
     what = (f"fork: Python kernels are forked from a zygote of {sys.executable} (other kernels, and Python "
             "kernels with a setup environment, start in bubblewrap)")
+    costs = []
     if not os.access(INIT_PROGRAM, os.X_OK):
-        return ("launcher", "WARN", f"{what}; {INIT_PROGRAM} is missing, so each sandbox's init stays a copy of "
-                                    "the zygote's Python (about 4 MiB more a kernel): run scripts/setup.sh, which "
-                                    "builds it with the C compiler")
-    return ("launcher", "OK", what)
+        costs.append(f"{INIT_PROGRAM} is missing, so each sandbox's init stays a copy of the zygote's Python "
+                     "(about 4 MiB more a kernel): run scripts/setup.sh, which builds it with the C compiler")
+    if not immortalisable():
+        costs.append(f"on Python {sys.version.split()[0]} the zygote cannot make its objects immortal (CPython 3.12 "
+                     "and 3.13 can, PEP 683), so each kernel copies about 6 MiB more of its memory: make .venv "
+                     "with one of those (rm -r .venv; ERA_PYTHON=python3.12 bash scripts/setup.sh)")
+    if costs:
+        return ("launcher", "WARN", "; ".join([what, *costs]))
+    return ("launcher", "OK", f"{what}; the zygote's objects are immortal, so kernels read them without copying "
+                              "their pages")
 
 
 def _pool(settings: Settings) -> Check:

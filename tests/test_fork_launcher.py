@@ -170,6 +170,31 @@ def test_the_sandboxs_init_passes_signals_on_and_exits_with_its_kernels_status(i
     assert os.waitstatus_to_exitcode(status) == 7
 
 
+IMMORTALITY = ("import gc, json, sys, weakref\n"
+               "class Mine: pass\n"
+               "mine, freed = Mine(), []\n"
+               "weakref.finalize(mine, freed.append, 'mine')\n"
+               "del mine; gc.collect()\n"
+               "print(json.dumps({'zygote': sys.getrefcount(json.dumps), 'own': sys.getrefcount(Mine), "
+               "'freed': freed}))")
+
+
+def test_the_zygotes_objects_are_immortal_in_a_kernel_and_its_own_are_freed(server):
+    """On CPython 3.12 and 3.13 the zygote makes what it holds immortal before it forks
+    (prepared.immortalize_heap), so a kernel reading it leaves its pages shared; what a
+    kernel makes itself is counted and freed as ever. Elsewhere counts are untouched."""
+    from era_kernel.provisioning.prepared import immortalisable
+
+    server.json("POST", "/api/sessions", {"id": "fk-immortal"}, expect=201)
+    answer = server.json("POST", "/api/sessions/fk-immortal/run", {"code": IMMORTALITY})
+    found = json.loads(answer["stdout"])
+    assert found["freed"] == ["mine"] and found["own"] < 100, found
+    if immortalisable():  # json.dumps: imported by the zygote, read by every kernel
+        assert found["zygote"] >= 0xFFFFFFFF, found
+    else:
+        assert found["zygote"] < 1000, found
+
+
 def test_timeout_interrupt_and_restart(server):
     sid = "fk-control"
     server.json("POST", "/api/sessions", {"id": sid}, expect=201)
@@ -325,14 +350,17 @@ def test_era_doctor_warns_when_the_sandboxs_init_program_is_missing(era_settings
     """Without fork_init.c built (scripts/setup.sh), each forked kernel's init stays a
     copy of the zygote's Python: it works, but costs about 4 MiB a kernel, so doctor says so."""
     from era_kernel.doctor import _launcher
-    from era_kernel.provisioning import forked
+    from era_kernel.provisioning import forked, prepared
 
     if os.getuid() != 0:
         pytest.skip("the fork launcher needs root")
     fork = era_settings.replace(ERA_LOCAL_LAUNCHER="fork")
-    if os.access(forked.INIT_PROGRAM, os.X_OK):
+    if os.access(forked.INIT_PROGRAM, os.X_OK) and prepared.immortalisable():
         assert _launcher(fork)[1] == "OK"
     monkeypatch.setattr(forked, "INIT_PROGRAM", "/nonexistent/era-fork-init")
     name, status, detail = _launcher(fork)
     assert (name, status) == ("launcher", "WARN") and "/nonexistent/era-fork-init is missing" in detail
     assert "scripts/setup.sh" in detail
+    monkeypatch.setattr(prepared, "immortalisable", lambda: False)
+    name, status, detail = _launcher(fork)
+    assert status == "WARN" and "cannot make its objects immortal" in detail and "ERA_PYTHON=python3.12" in detail

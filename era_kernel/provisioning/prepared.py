@@ -8,7 +8,9 @@ and in CPython reading an object writes it (its reference count).
 - ``rehearse_kernel_start``: ipykernel's whole start run once in the zygote, for a
   throw-away kernel, so the code every kernel runs is already warmed up;
 - ``prepare_module_files``: ipykernel's list of the kernel's own module files
-  (``list_modules_as_prepared`` gives it to each kernel).
+  (``list_modules_as_prepared`` gives it to each kernel);
+- ``immortalize_heap``: on CPython 3.12 and 3.13, every object the zygote holds made
+  immortal, last before it forks, so a kernel reading one writes nothing.
 
 Each is an optimisation only: a kernel without it starts as ipykernel starts it.
 """
@@ -304,3 +306,50 @@ class _Rehearsal:
         if threading.active_count() != self.threads or len(os.listdir("/proc/self/task")) != self.tasks or left:
             raise RuntimeError(f"a rehearsed kernel start left threads {threading.enumerate()} and descriptors "
                                f"{left}")
+
+
+# CPython 3.12 and 3.13 (PEP 683): an object whose reference count's low 32 bits are all
+# set is immortal, and Py_INCREF/Py_DECREF leave it unwritten. Other versions, debug
+# builds (two more pointers before the count) and free-threaded ones (a thread id before
+# it) keep their counts.
+_IMMORTAL = 0xFFFFFFFF
+
+
+def immortalisable() -> bool:
+    import sysconfig
+
+    return ((3, 12) <= sys.version_info[:2] <= (3, 13) and not hasattr(sys, "gettotalrefcount")
+            and not sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+def immortalize_heap() -> int:
+    """In the zygote, last before it forks: make every object it holds immortal (PEP 683),
+    so that a kernel reading one no longer writes its reference count, and the page under
+    it stays the zygote's, shared. Instagram's Cinder does the same before it forks its
+    web workers (``gc.immortalize_heap``). Measured here before it: of the 14.4 MiB a
+    forked kernel had copied from the zygote, 8.3 MiB were pages that differ from the
+    zygote's in at most two words or none at all: counts raised and lowered again.
+
+    The zygote's objects are never freed then: none is, in a zygote that only forks. A
+    kernel that drops one keeps its memory (it was shared, not its own). Objects found
+    from the collector's lists and what they refer to; one reachable only through an
+    object already immortal (interned strings, static types) stays as it was.
+    Returns the number made immortal; 0 where this Python has no immortal objects."""
+    if not immortalisable():
+        return 0
+    import ctypes
+    import gc
+
+    count_at = ctypes.c_ssize_t.from_address
+    getrefcount = sys.getrefcount
+    referents = gc.get_referents
+    stack = gc.get_objects()
+    made = 0
+    while stack:
+        obj = stack.pop()
+        if getrefcount(obj) >= _IMMORTAL:
+            continue  # immortal already, or seen
+        count_at(id(obj)).value = _IMMORTAL
+        made += 1
+        stack.extend(referents(obj))
+    return made

@@ -185,7 +185,7 @@ def main() -> None:
     from . import forked
 
     forked.prepare()
-    from .prepared import prepare_module_files
+    from .prepared import immortalize_heap, prepare_module_files
 
     prepare_module_files()  # last: after every import
     if threading.active_count() != 1:
@@ -194,6 +194,7 @@ def main() -> None:
     import gc
 
     gc.collect()
+    immortalize_heap()  # last: nothing is freed after it
     gc.freeze()  # the preloaded objects stay out of later collections: their pages stay shared
     sock = socket.socket(fileno=fd)
     sock.send(b'{"ready": true}')
