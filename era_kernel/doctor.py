@@ -56,7 +56,7 @@ def _launcher(settings: Settings) -> Check:
     if not immortalisable():
         costs.append(f"on Python {sys.version.split()[0]} the zygote cannot make its objects immortal (CPython 3.12 "
                      "and 3.13 can, PEP 683), so each kernel copies about 6 MiB more of its memory: make .venv "
-                     "with one of those (rm -r .venv; ERA_PYTHON=python3.12 bash scripts/setup.sh)")
+                     "with one of those (rm -r .venv; ERA_PYTHON=python3.13 bash scripts/setup.sh)")
     if costs:
         return ("launcher", "WARN", "; ".join([what, *costs]))
     return ("launcher", "OK", f"{what}; the zygote's objects are immortal, so kernels read them without copying "
@@ -80,7 +80,9 @@ def _pool(settings: Settings) -> Check:
         return ("pool", "OK", f"{size} kernels kept ready per pool ({pools}; ERA_POOL_SIZE={size})")
     forked = pools_fork(settings, keys)
     size = auto_pool_size(forked, settings["ERA_MAX_KERNELS"])
-    why = ("forked kernels, about 17 MiB each" if forked
+    from .provisioning.prepared import immortalisable
+
+    why = (f"forked kernels, about {12 if immortalisable() else 17} MiB each" if forked
            else "kernels that are new interpreters; forked pools keep 12")
     return ("pool", "OK", f"{size} kernels kept ready per pool ({pools}; ERA_POOL_SIZE=auto: {why})")
 

@@ -363,4 +363,4 @@ def test_era_doctor_warns_when_the_sandboxs_init_program_is_missing(era_settings
     assert "scripts/setup.sh" in detail
     monkeypatch.setattr(prepared, "immortalisable", lambda: False)
     name, status, detail = _launcher(fork)
-    assert status == "WARN" and "cannot make its objects immortal" in detail and "ERA_PYTHON=python3.12" in detail
+    assert status == "WARN" and "cannot make its objects immortal" in detail and "ERA_PYTHON=python3.13" in detail
