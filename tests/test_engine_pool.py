@@ -88,14 +88,14 @@ async def test_session_claims_a_warm_kernel_with_its_own_startup(pooled):
 @both_provisioners
 async def test_a_pooled_kernel_is_never_handed_to_a_second_user(pooled):
     engine = pooled
-    seen: set[int] = set()
+    seen: list = []  # the kernels themselves: an id() is reused once its object is freed
     mark = secrets.token_hex(4)
     for _ in range(3):
         doc = await engine.create({})
         await engine.run(doc["id"], {"code": "1"})
         kernel = engine.kernels[doc["id"]]
-        assert id(kernel) not in seen
-        seen.add(id(kernel))
+        assert not any(kernel is k for k in seen)
+        seen.append(kernel)
         r = await engine.run(doc["id"], {"code": f"import builtins\nprint(getattr(builtins, 'era_mark', None))\n"
                                                  f"builtins.era_mark = '{mark}'"})
         assert r["stdout"] == "None\n"  # nothing left by an earlier user
@@ -104,7 +104,7 @@ async def test_a_pooled_kernel_is_never_handed_to_a_second_user(pooled):
                                          "provisioner": engine.settings["ERA_PROVISIONER"]})
         assert one_shot["stdout"] == "None\n"
         await wait_pool_full(engine)
-    assert all(id(w.kernel) not in seen for w in engine.pool.waiting())
+    assert not any(w.kernel is k for w in engine.pool.waiting() for k in seen)
 
 
 @both_provisioners

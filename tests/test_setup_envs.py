@@ -35,7 +35,7 @@ from era_kernel.workspaces import Workspace, WorkspaceStore
 from .conftest import kernel_processes, require_docker, short_tmpdir
 
 UID = 100_000 + 4242 if os.getuid() == 0 else os.getuid()
-PIP_SPEC = {"pip": ["requests==2.31.0", "pydantic==2.7.4"],
+PIP_SPEC = {"pip": ["requests==2.32.3", "pydantic==2.10.6"],
             "commands": ["python -c 'import requests, pydantic; print(requests.__version__, pydantic.VERSION)' "
                          "> versions.txt"]}
 NPM_SPEC = {"npm": ["ms", "chalk@4.1.2"]}
@@ -160,10 +160,10 @@ async def test_pip_and_commands_then_the_kernel_imports_the_pinned_versions(sett
     assert result["error"] is None and result["source"] in ("built", "cache", "store")
     assert result["duration"] and result["duration_ms"] > 0 and result["logs"]
     if result["source"] == "built":
-        assert "Successfully installed" in result["logs"] and "requests-2.31.0" in rec.text()
+        assert "Successfully installed" in result["logs"] and "requests-2.32.3" in rec.text()
     root = await env_dir(setups, provisioner, PIP_SPEC)
     # The command ran after pip, in the session's sandbox, with the environment importable.
-    assert (rec.sandbox.workspace / "versions.txt").read_text().split() == ["2.31.0", "2.7.4"]
+    assert (rec.sandbox.workspace / "versions.txt").read_text().split() == ["2.32.3", "2.10.6"]
     assert not (root / "versions.txt").exists()
 
     kernel = await start_kernel(settings, setups, provisioner, PIP_SPEC, tmp_path / "ws")
@@ -180,7 +180,7 @@ async def test_pip_and_commands_then_the_kernel_imports_the_pinned_versions(sett
         await kernel.stop(now=True)
     versions, path, readonly = out.splitlines()
     # The host venv has other versions of both: the environment's must win.
-    assert versions == "2.31.0 2.7.4"
+    assert versions == "2.32.3 2.10.6"
     assert path.startswith(str(root) + "/python/")
     assert readonly.startswith("read-only")
 
@@ -231,7 +231,7 @@ async def test_second_session_with_the_same_spec_reuses_the_environment_at_once(
     first = await run_setup(setups, PIP_SPEC, provisioner)
     assert first.final[0] == "completed"
     # Same packages, other order and spelling: the same environment.
-    same = {"pip": ["Pydantic==2.7.4", "requests == 2.31.0"], "commands": PIP_SPEC["commands"]}
+    same = {"pip": ["Pydantic==2.10.6", "requests == 2.32.3"], "commands": PIP_SPEC["commands"]}
     started = time.perf_counter()
     second = await run_setup(setups, same, provisioner)
     elapsed = time.perf_counter() - started
@@ -245,7 +245,7 @@ async def test_second_session_with_the_same_spec_reuses_the_environment_at_once(
 async def test_a_host_without_the_directory_restores_the_environment_from_the_store(settings, store, tmp_path):
     setups = SetupManager(settings, store)
     try:
-        spec = {"pip": ["requests==2.31.0"]}
+        spec = {"pip": ["requests==2.32.3"]}
         built = await run_setup(setups, spec, "local")
         assert built.final[0] == "completed"
         key = built.final[1]["env"]
@@ -422,7 +422,7 @@ async def test_a_run_can_wait_for_setup_with_a_bound(setups):
 async def test_the_environment_is_named_by_its_key(setups):
     from era_kernel.setup.runner_local import LocalRunner
 
-    spec = setups.normalize({"pip": ["requests==2.31.0"], "commands": ["true"]})
+    spec = setups.normalize({"pip": ["requests==2.32.3"], "commands": ["true"]})
     rec = await run_setup(setups, spec, "local")
     assert rec.final[0] == "completed"
     [root] = (await setups.launch_extras("python", "local", spec))["readonly"]
