@@ -415,8 +415,8 @@ def auto_pool_size(forked: bool, kernel_limit: int, kernel_bytes: int = 96 * 102
     it once at start.
 
     Where every pooled kernel is forked (``KernelLauncher.pools_fork``), 12: such a kernel
-    costs about 12 MiB (PSS; 17 on Python 3.11) and 0.1 CPU-seconds to start, and a burst of new sessions is
-    bound by CPU, so the kernels started before it are what answer it soon. Measured on 2
+    costs about 12 MiB (PSS; 17 on Python 3.11) and 0.1 CPU-seconds to start, and a burst
+    of new sessions is bound by CPU, so the kernels started before it are what answer it soon. Measured on 2
     cores, 30 sessions at once on a fresh server: 2 kept ready 1.15-1.37 s p50, 2.1-2.4 s
     max; 6 0.87-1.09 s; 8 0.85-1.03 s; 12 0.71-0.73 s, 1.76-1.86 s max. No more than half
     the kernel limit (sessions would evict pooled kernels to get a slot), nor than fits in

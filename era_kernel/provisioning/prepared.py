@@ -316,6 +316,8 @@ _IMMORTAL = 0xFFFFFFFF
 
 
 def immortalisable() -> bool:
+    """Whether this interpreter has immortal objects the way ``immortalize_heap`` sets
+    them; ``era doctor`` says what a kernel costs without."""
     import sysconfig
 
     return ((3, 12) <= sys.version_info[:2] <= (3, 13) and not hasattr(sys, "gettotalrefcount")
@@ -326,9 +328,10 @@ def immortalize_heap() -> int:
     """In the zygote, last before it forks: make every object it holds immortal (PEP 683),
     so that a kernel reading one no longer writes its reference count, and the page under
     it stays the zygote's, shared. Instagram's Cinder does the same before it forks its
-    web workers (``gc.immortalize_heap``). Measured here before it: of the 14.4 MiB a
-    forked kernel had copied from the zygote, 8.3 MiB were pages that differ from the
-    zygote's in at most two words or none at all: counts raised and lowered again.
+    web workers (CinderX's ``immortalize_heap``). Measured here before it: of the 14.4 MiB
+    a forked kernel had copied from the zygote, 8.3 MiB were pages that differ from the
+    zygote's in at most two words or none at all: counts raised and lowered again. With
+    it an idle pooled kernel keeps 7.5 MiB private, not 13.5 (3.13 and 3.12 alike).
 
     The zygote's objects are never freed then: none is, in a zygote that only forks. A
     kernel that drops one keeps its memory (it was shared, not its own). Objects found
