@@ -227,8 +227,8 @@ SETTINGS: tuple[Setting, ...] = (
             "idle kernel is shut down, and with none idle the request answers 429.", int),
     Setting("ERA_POOL_SIZE", "auto", "Pre-started kernels kept ready per pool at least (when idle): `auto` keeps "
             "12 where the pools' kernels are forked (`ERA_LOCAL_LAUNCHER=fork`, about 12 MiB, 17 on Python 3.11, "
-            "and 0.1 CPU-seconds each), fewer where memory or half of `ERA_MAX_KERNELS` does not allow them, and 2 "
-            "otherwise; a number keeps that many; 0 turns pooling off.", _pool_size),
+            "and 0.1 CPU-seconds each), fewer where memory or half of `ERA_MAX_KERNELS` does not allow them, and 4 "
+            "otherwise (2 when memory is short); a number keeps that many; 0 turns pooling off.", _pool_size),
     Setting("ERA_POOL_MAX", 32, "Most kernels a pool keeps ready or starting after a burst of new sessions "
             "(it grows to the largest recent burst, or take rate times start time; never past half of "
             "`ERA_MAX_KERNELS` or into the last 512 MiB of available memory). Set it to `ERA_POOL_SIZE` for a "

@@ -83,7 +83,7 @@ def _pool(settings: Settings) -> Check:
     from .provisioning.prepared import immortalisable
 
     why = (f"forked kernels, about {12 if immortalisable() else 17} MiB each" if forked
-           else "kernels that are new interpreters; forked pools keep 12")
+           else "kernels that are new interpreters, 35-50 MiB each; forked pools keep 12")
     return ("pool", "OK", f"{size} kernels kept ready per pool ({pools}; ERA_POOL_SIZE=auto: {why})")
 
 

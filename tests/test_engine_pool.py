@@ -546,15 +546,16 @@ def test_forked_pools_run_two_starts_per_core_others_one(era_settings):
 def test_the_automatic_pool_keeps_twelve_forked_kernels_within_the_limit_and_memory(era_settings):
     """``ERA_POOL_SIZE=auto`` (the default): forked kernels are cheap to keep (about 20 MiB)
     and a burst is answered by the kernels started before it, so such pools keep 12; pools
-    of new interpreters keep 2; never more than half the kernel limit or what the free
-    memory holds beyond the pool's reserve."""
+    of new interpreters keep 4; never more than half the kernel limit or what the free
+    memory holds beyond the pool's reserve, nor fewer than 2."""
     from era_kernel.engine.pool import MEMORY_RESERVE, auto_pool_size
 
     def plenty() -> int:
         return 64 * 1024**3
 
     assert auto_pool_size(True, 100, memory=plenty) == 12
-    assert auto_pool_size(False, 100, memory=plenty) == 2
+    assert auto_pool_size(False, 100, memory=plenty) == 4
+    assert auto_pool_size(False, 100, memory=lambda: MEMORY_RESERVE // 2) == 2
     assert auto_pool_size(True, 10, memory=plenty) == 5  # half the kernel limit
     assert auto_pool_size(True, 100, kernel_bytes=100, memory=lambda: MEMORY_RESERVE + 700) == 7
     assert auto_pool_size(True, 100, memory=lambda: MEMORY_RESERVE // 2) == 2  # short of memory: the floor
@@ -564,7 +565,7 @@ def test_the_automatic_pool_keeps_twelve_forked_kernels_within_the_limit_and_mem
     forked = SessionManager(auto)
     bwrap = SessionManager(auto.replace(ERA_LOCAL_LAUNCHER="bwrap"))
     docker = SessionManager(auto.replace(ERA_POOL_KERNELS="python:docker"))
-    assert bwrap.pool.size == docker.pool.size == 2
+    assert bwrap.pool.size == docker.pool.size == auto_pool_size(False, auto["ERA_MAX_KERNELS"])
     if forked.launcher.pools_fork(forked.pool.keys):
         assert forked.pool.size == auto_pool_size(True, auto["ERA_MAX_KERNELS"])
     fixed = SessionManager(auto.replace(ERA_POOL_SIZE=3))
@@ -581,7 +582,8 @@ def test_era_doctor_says_what_the_pool_keeps_ready(era_settings):
     size = auto_pool_size(pools_fork(auto, [("python", "local")]), auto["ERA_MAX_KERNELS"])
     assert (name, status) == ("pool", "OK") and detail.startswith(f"{size} kernels kept ready per pool (python:local")
     assert "ERA_POOL_SIZE=auto" in detail
-    assert _pool(auto.replace(ERA_LOCAL_LAUNCHER="bwrap"))[2].startswith("2 kernels kept ready")
+    bwrap = auto_pool_size(False, auto["ERA_MAX_KERNELS"])
+    assert _pool(auto.replace(ERA_LOCAL_LAUNCHER="bwrap"))[2].startswith(f"{bwrap} kernels kept ready")
     assert _pool(auto.replace(ERA_POOL_SIZE=5))[2] == "5 kernels kept ready per pool (python:local; ERA_POOL_SIZE=5)"
     assert _pool(auto.replace(ERA_POOL_SIZE=0))[2].startswith("off")
     assert _pool(auto.replace(ERA_POOL_KERNELS="python:nowhere"))[1] == "FAIL"

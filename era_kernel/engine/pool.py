@@ -406,7 +406,8 @@ class KernelPool:
 
 
 FORKED_POOL_SIZE = 12  # ERA_POOL_SIZE=auto where the pools' kernels are forked
-POOL_SIZE = 2  # ERA_POOL_SIZE=auto otherwise
+NEW_INTERPRETER_POOL_SIZE = 4  # ERA_POOL_SIZE=auto otherwise (bubblewrap, Docker)
+POOL_SIZE = 2  # the least ERA_POOL_SIZE=auto keeps, whatever the memory
 
 
 def auto_pool_size(forked: bool, kernel_limit: int, kernel_bytes: int = 96 * 1024**2,
@@ -416,16 +417,16 @@ def auto_pool_size(forked: bool, kernel_limit: int, kernel_bytes: int = 96 * 102
 
     Where every pooled kernel is forked (``KernelLauncher.pools_fork``), 12: such a kernel
     costs about 12 MiB (PSS; 17 on Python 3.11) and 0.1 CPU-seconds to start, and a burst
-    of new sessions is bound by CPU, so the kernels started before it are what answer it soon. Measured on 2
-    cores, 30 sessions at once on a fresh server: 2 kept ready 1.15-1.37 s p50, 2.1-2.4 s
-    max; 6 0.87-1.09 s; 8 0.85-1.03 s; 12 0.71-0.73 s, 1.76-1.86 s max. No more than half
-    the kernel limit (sessions would evict pooled kernels to get a slot), nor than fits in
-    the memory left beyond ``MEMORY_RESERVE`` at ``kernel_bytes`` each, as the pool's
-    growth (``target``); at least ``POOL_SIZE``. Otherwise (new interpreters: bubblewrap,
-    Docker, about 0.75 CPU-seconds and 35-50 MiB each) ``POOL_SIZE``."""
-    if not forked:
-        return POOL_SIZE
-    size = min(FORKED_POOL_SIZE, kernel_limit // 2)
+    of new sessions is bound by CPU, so the kernels started before it are what answer it
+    soon. Measured on 2 cores, 30 sessions at once on a fresh server: 2 kept ready
+    1.15-1.37 s p50, 2.1-2.4 s max; 6 0.87-1.09 s; 8 0.85-1.03 s; 12 0.71-0.73 s,
+    1.76-1.86 s max. Otherwise (new interpreters: bubblewrap, Docker, about 0.75
+    CPU-seconds and 35-50 MiB each) 4: 10 Docker sessions at once waited 1.58-1.67 s p50
+    with 2 kept ready, 0.77-0.93 s with 4. No more than half the kernel limit (sessions
+    would evict pooled kernels to get a slot), nor than fits in the memory left beyond
+    ``MEMORY_RESERVE`` at ``kernel_bytes`` each, as the pool's growth (``target``); at
+    least ``POOL_SIZE``."""
+    size = min(FORKED_POOL_SIZE if forked else NEW_INTERPRETER_POOL_SIZE, kernel_limit // 2)
     free = (memory or available_memory)()
     if free is not None:
         size = min(size, max(0, free - MEMORY_RESERVE) // kernel_bytes)
