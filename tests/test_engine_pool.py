@@ -544,7 +544,7 @@ def test_forked_pools_run_two_starts_per_core_others_one(era_settings):
 
 
 def test_the_automatic_pool_keeps_twelve_forked_kernels_within_the_limit_and_memory(era_settings):
-    """``ERA_POOL_SIZE=auto`` (the default): forked kernels are cheap to keep (about 20 MiB)
+    """``ERA_POOL_SIZE=auto`` (the default): forked kernels are cheap to keep (about 12 MiB, 17 on Python 3.11)
     and a burst is answered by the kernels started before it, so such pools keep 12; pools
     of new interpreters keep 4; never more than half the kernel limit or what the free
     memory holds beyond the pool's reserve, nor fewer than 2."""
